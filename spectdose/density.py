@@ -75,12 +75,13 @@ def hu_to_density(hu: np.ndarray, curve: CalibrationCurve = SCHNEIDER_2000) -> n
 def density_to_hu(density_g_cm3: np.ndarray, curve: CalibrationCurve = SCHNEIDER_2000) -> np.ndarray:
     """Inverse of :func:`hu_to_density` on the curve's range (for generating virtual CTs)."""
     rho = np.asarray(density_g_cm3, dtype=np.float64)
-    d = np.asarray(curve.density_g_cm3)
-    h = np.asarray(curve.hu)
-    # Schneider's curve steps down at 100/101 HU (soft-tissue line to bone line); keep only
-    # breakpoints that raise the running maximum so the inverse is single-valued.
+    # Schneider's curve steps down at 100/101 HU (soft-tissue line to bone line), so it is
+    # not invertible everywhere: sample it finely and keep the points that raise the running
+    # maximum, which takes the lowest HU for each density.
+    hu = np.arange(curve.hu[0], curve.hu[-1] + 0.25, 0.25)
+    d = np.interp(hu, curve.hu, curve.density_g_cm3)
     keep = np.concatenate([[True], d[1:] > np.maximum.accumulate(d)[:-1]])
-    return np.interp(rho, d[keep], h[keep]).astype(np.float32)
+    return np.interp(rho, d[keep], hu[keep]).astype(np.float32)
 
 
 def load_curve(spec: str | Path) -> CalibrationCurve:

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create .venv with the project installed. With --test-tools also install the Debian DICOM
+# peers and validators the tests use (dcmtk, dicom3tools, plastimatch, orthanc, redis).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+
+if [[ "${1:-}" == "--test-tools" ]]; then
+  need=()
+  for pair in dcmtk:/usr/bin/dcmdump dicom3tools:/usr/bin/dciodvfy plastimatch:/usr/bin/plastimatch \
+              orthanc:/usr/sbin/Orthanc redis-server:/usr/bin/redis-server; do
+    [[ -x "${pair#*:}" ]] || need+=("${pair%%:*}")
+  done
+  if (( ${#need[@]} )); then
+    SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+    echo "bootstrap: installing Debian packages: ${need[*]}"
+    $SUDO apt-get update -qq || true
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+fi
+
+stamp=.venv/.installed
+if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+  [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  # torch is pinned to the CPU build on disk; an unpinned torch pulls a multi-GB CUDA build.
+  .venv/bin/python -m pip install -q "torch==2.13.0" -e ".[dev]"
+  touch "$stamp"
+fi

@@ -1,0 +1,364 @@
+"""The one function that runs the stages: study in, RT Dose + dose-rate map + summary out.
+
+The CLI, the Celery worker and tests all call :func:`run`; nothing else chains stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from . import __version__
+from .density import hu_to_density, load_curve
+from .dose import dvk_dose_rate, time_integration_factor_s
+from .errors import InputError
+from .geometry import Volume, register_rigid, resample_to_grid
+from .ingest import CameraCalibration, load_study
+from .kernels import get_kernel
+from .study import Study
+
+__all__ = ["DoseOptions", "DoseResult", "run", "compute_dose_rate", "OUTPUT_NAMES"]
+
+ProgressCallback = Callable[[str, float], None]
+
+OUTPUT_NAMES = {
+    "rtdose": "rtdose.dcm",
+    "doserate": "doserate_pm.dcm",
+    "summary_json": "summary.json",
+    "summary_txt": "summary.txt",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DoseOptions:
+    """Everything that changes the result; its ``key()`` seeds the output UIDs."""
+
+    method: Literal["dvk", "cnn"] = "dvk"
+    time_model: Literal["hanscheid", "physical", "effective"] = "hanscheid"
+    effective_half_life_h: float | None = None
+    administration_datetime: dt.datetime | None = None
+    density_curve: str = "schneider2000"
+    kernel_medium: str = "soft"
+    sensitivity_cps_per_mbq: float | None = None
+    calibrations: tuple[CameraCalibration, ...] = ()
+    calling_ae_title: str | None = None
+    allow_normalised: bool = False
+    spect_series_uid: str | None = None
+    ct_series_uid: str | None = None
+    kernel_cache_dir: Path | None = None
+    device: str | None = None
+
+    def key(self) -> str:
+        """A stable string of the options that change numbers (not paths or devices)."""
+        parts = {
+            "method": self.method,
+            "time_model": self.time_model,
+            "effective_half_life_h": self.effective_half_life_h,
+            "administration": self.administration_datetime.isoformat() if self.administration_datetime else None,
+            "density_curve": self.density_curve,
+            "kernel_medium": self.kernel_medium,
+            "sensitivity": self.sensitivity_cps_per_mbq,
+            "normalised": self.allow_normalised,
+            "version": __version__,
+        }
+        return json.dumps(parts, sort_keys=True)
+
+
+@dataclasses.dataclass
+class DoseResult:
+    study: Study
+    dose_rate_gy_per_s: Volume
+    dose_gy: Volume | None
+    outputs: dict[str, Path]
+    summary: dict
+
+
+def _note(progress: ProgressCallback | None, stage: str, fraction: float) -> None:
+    if progress is not None:
+        progress(stage, fraction)
+
+
+def spect_on_ct_grid(study: Study, warnings: list[str]) -> tuple[Volume, dict]:
+    """Activity concentration on the CT grid; registers when frames of reference differ."""
+    spect, ct = study.spect, study.ct
+    info: dict = {}
+    same_for = (
+        spect.grid.frame_of_reference_uid is not None
+        and spect.grid.frame_of_reference_uid == ct.grid.frame_of_reference_uid
+    )
+    transform = None
+    if not same_for:
+        transform, metric = register_rigid(ct, spect)
+        params = list(transform.GetParameters())
+        info["registration"] = {
+            "method": "rigid (Euler 3D), Mattes mutual information, SimpleITK",
+            "parameters_rad_mm": [round(p, 4) for p in params],
+            "final_metric": round(float(metric), 5),
+        }
+        warnings.append(
+            "SPECT and CT do not share a frame of reference: the SPECT was rigidly registered to the CT "
+            f"(rotation {np.degrees(params[:3]).round(2).tolist()} deg, translation {np.round(params[3:], 1).tolist()} mm); "
+            "check the alignment before clinical use"
+        )
+    on_ct = resample_to_grid(spect, ct.grid, quantity="intensive", interpolation="linear", transform=transform)
+    on_ct.array = np.clip(on_ct.array, 0.0, None).astype(np.float32)
+    total_spect = float(np.clip(spect.array, 0, None).sum(dtype=np.float64) * spect.grid.voxel_volume_ml)
+    total_ct = float(on_ct.array.sum(dtype=np.float64) * ct.grid.voxel_volume_ml)
+    info["activity_in_spect_fov_bq"] = total_spect
+    info["activity_on_ct_grid_bq"] = total_ct
+    if total_spect > 0:
+        info["activity_conserved_pct"] = 100.0 * total_ct / total_spect
+        if abs(total_ct / total_spect - 1.0) > 0.01:
+            warnings.append(
+                f"{100 * (1 - total_ct / total_spect):.1f} % of the SPECT activity lies outside the CT field of view "
+                "and is not in the dose calculation"
+            )
+    return on_ct, info
+
+
+def compute_dose_rate(
+    activity_bq_per_ml: Volume,
+    density_g_cm3: Volume,
+    *,
+    options: DoseOptions,
+) -> tuple[Volume, dict]:
+    """Dose rate (Gy/s) on the activity's grid by the selected method, with provenance."""
+    if options.method not in ("dvk", "cnn"):
+        raise InputError(f"unknown dose method {options.method!r}: use dvk or cnn")
+    if options.method == "cnn":
+        raise InputError("method 'cnn' needs trained DblurDoseNet weights, which this build does not ship yet")
+    grid = activity_bq_per_ml.grid
+    kernel = get_kernel(grid.spacing_mm, medium=options.kernel_medium, cache_dir=options.kernel_cache_dir)
+    rate = dvk_dose_rate(
+        activity_bq_per_ml.array,
+        density_g_cm3.array,
+        kernel.total_mgy_per_mbq_s,
+        grid.voxel_volume_ml,
+        device=options.device,
+    )
+    info = {"kernel": {"shape": list(kernel.total_mgy_per_mbq_s.shape), **kernel.provenance}}
+    return Volume(rate, grid, "Gy/s"), info
+
+
+def _hours_between(start: dt.datetime | None, end: dt.datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return (end - start).total_seconds() / 3600.0
+
+
+def _stats(arr: np.ndarray, mask: np.ndarray) -> dict:
+    vals = arr[mask]
+    if vals.size == 0:
+        return {}
+    return {"mean": float(vals.mean()), "max": float(vals.max()), "d98": float(np.percentile(vals, 2)), "d2": float(np.percentile(vals, 98))}
+
+
+def run(
+    study_path: str | Path,
+    out_dir: str | Path,
+    options: DoseOptions | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+) -> DoseResult:
+    """Read a SPECT/CT study, compute dose rate and absorbed dose, write DICOM + summary."""
+    from .export import write_dose_rate_map, write_rtdose
+
+    options = options or DoseOptions()
+    out_dir = Path(out_dir)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t0
+        now = time.perf_counter()
+        timings[name] = round(now - t0, 3)
+        t0 = now
+
+    _note(progress, "ingest", 0.0)
+    study = load_study(
+        study_path,
+        calibrations=options.calibrations,
+        sensitivity_cps_per_mbq=options.sensitivity_cps_per_mbq,
+        calling_ae_title=options.calling_ae_title,
+        allow_normalised=options.allow_normalised,
+        spect_series_uid=options.spect_series_uid,
+        ct_series_uid=options.ct_series_uid,
+    )
+    warnings = list(study.warnings)
+    lap("ingest")
+
+    # Time integration is checked before the expensive stages so a missing time fails fast.
+    administration = options.administration_datetime or study.administration.administration_datetime
+    hours = _hours_between(administration, study.acquisition_datetime)
+    normalised = study.spect.units != "Bq/ml"
+    integrate = not normalised
+    factor_s = None
+    if integrate:
+        factor_s = time_integration_factor_s(
+            options.time_model, hours, effective_half_life_h=options.effective_half_life_h
+        )
+    else:
+        warnings.append("activity is MBq-normalised: the dose-rate map is per MBq in the field of view; no RT Dose in Gy")
+
+    _note(progress, "resample", 0.1)
+    activity, resample_info = spect_on_ct_grid(study, warnings)
+    lap("resample")
+
+    _note(progress, "density", 0.25)
+    curve = load_curve(options.density_curve)
+    density = Volume(hu_to_density(study.ct.array, curve), study.ct.grid, "g/cm3")
+    lap("density")
+
+    _note(progress, "dose_rate", 0.35)
+    rate, rate_info = compute_dose_rate(activity, density, options=options)
+    lap("dose_rate")
+
+    _note(progress, "export", 0.85)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs: dict[str, Path] = {}
+    rate_mgy_per_h = Volume(rate.array * np.float32(3.6e6), rate.grid, "mGy/h")
+    outputs["doserate"] = write_dose_rate_map(
+        out_dir / OUTPUT_NAMES["doserate"], rate_mgy_per_h, study, method=options.method, options_key=options.key()
+    )
+    dose = None
+    if integrate:
+        dose = Volume(rate.array * np.float32(factor_s), rate.grid, "Gy")
+        outputs["rtdose"] = write_rtdose(
+            out_dir / OUTPUT_NAMES["rtdose"],
+            dose,
+            study,
+            method=options.method,
+            description=f"Lu-177 absorbed dose ({options.method.upper()}, {options.time_model})",
+            options_key=options.key(),
+        )
+    lap("export")
+
+    tissue = density.array >= 0.1
+    summary = {
+        "software": {"name": "spectdose", "version": __version__},
+        "created": dt.datetime.now().isoformat(timespec="seconds"),
+        "method": options.method,
+        "series": {
+            "ct": _series_summary(study.ct_series),
+            "spect": _series_summary(study.spect_series),
+        },
+        "geometry": {
+            "ct": _grid_summary(study.ct.grid),
+            "spect": _grid_summary(study.spect.grid),
+            "output_grid": "CT",
+        },
+        "activity": {
+            "units": study.spect.units,
+            "calibration": study.calibration_note,
+            "injected_activity_mbq": (
+                study.administration.injected_activity_bq / 1e6 if study.administration.injected_activity_bq else None
+            ),
+            "total_in_spect_fov_mbq": resample_info["activity_in_spect_fov_bq"] / 1e6,
+            "total_on_ct_grid_mbq": resample_info["activity_on_ct_grid_bq"] / 1e6,
+            "conserved_on_resampling_pct": resample_info.get("activity_conserved_pct"),
+        },
+        "registration": resample_info.get("registration"),
+        "density": {"curve": curve.name, "source": curve.source, "low_density_cutoff_g_cm3": 0.1},
+        "dose_rate": {
+            **rate_info,
+            "max_mgy_per_h": float(rate_mgy_per_h.array.max()),
+            "mean_in_tissue_mgy_per_h": float(rate_mgy_per_h.array[tissue].mean()) if tissue.any() else 0.0,
+        },
+        "time": {
+            "administration": administration.isoformat() if administration else None,
+            "acquisition": study.acquisition_datetime.isoformat() if study.acquisition_datetime else None,
+            "hours_since_administration": hours,
+            "model": options.time_model if integrate else None,
+            "effective_half_life_h": options.effective_half_life_h,
+            "integration_factor_h": factor_s / 3600.0 if factor_s else None,
+        },
+        "dose": (
+            {"max_gy": float(dose.array.max()), "mean_in_tissue_gy": float(dose.array[tissue].mean()) if tissue.any() else 0.0}
+            if dose is not None
+            else None
+        ),
+        "warnings": warnings,
+        "ignored_files": [{"file": f, "reason": r} for f, r in study.ignored_files],
+        "timings_s": timings,
+        "outputs": {k: p.name for k, p in outputs.items()},
+    }
+    outputs["summary_json"] = out_dir / OUTPUT_NAMES["summary_json"]
+    outputs["summary_txt"] = out_dir / OUTPUT_NAMES["summary_txt"]
+    summary["outputs"].update({"summary_json": OUTPUT_NAMES["summary_json"], "summary_txt": OUTPUT_NAMES["summary_txt"]})
+    outputs["summary_json"].write_text(json.dumps(summary, indent=2, default=_json_default))
+    outputs["summary_txt"].write_text(format_summary(summary))
+    _note(progress, "done", 1.0)
+    return DoseResult(study, rate, dose, outputs, summary)
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path | dt.datetime):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj)}")
+
+
+def _series_summary(ref) -> dict:
+    return {
+        "series_instance_uid": ref.series_instance_uid,
+        "modality": ref.modality,
+        "description": ref.series_description,
+        "instances": len(ref.sop_instance_uids),
+        "frame_of_reference_uid": ref.frame_of_reference_uid,
+        "manufacturer": ref.manufacturer,
+    }
+
+
+def _grid_summary(grid) -> dict:
+    return {
+        "shape_zyx": list(grid.shape),
+        "spacing_mm_zyx": [round(s, 4) for s in grid.spacing_mm],
+        "origin_lps_mm": [round(o, 3) for o in grid.origin_mm],
+    }
+
+
+def _fmt(value, unit: str = "", digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}g} {unit}".strip()
+
+
+def format_summary(s: dict) -> str:
+    """The human-readable twin of summary.json."""
+    a, t, g = s["activity"], s["time"], s["geometry"]
+    lines = [
+        f"spectdose {s['software']['version']} - Lu-177 dosimetry ({s['method'].upper()})",
+        "",
+        f"CT   : {s['series']['ct']['description'] or '(no description)'}; {s['series']['ct']['instances']} images; "
+        f"grid {g['ct']['shape_zyx']} at {g['ct']['spacing_mm_zyx']} mm (z, y, x)",
+        f"SPECT: {s['series']['spect']['description'] or '(no description)'}; grid {g['spect']['shape_zyx']} at "
+        f"{g['spect']['spacing_mm_zyx']} mm",
+        f"Units: {a['units']} ({a['calibration']})",
+        f"Activity in SPECT field of view: {_fmt(a['total_in_spect_fov_mbq'], 'MBq', 4)}; on CT grid "
+        f"{_fmt(a['total_on_ct_grid_mbq'], 'MBq', 4)}; injected {_fmt(a['injected_activity_mbq'], 'MBq', 4)}",
+        f"Density: {s['density']['curve']} ({s['density']['source']})",
+        f"Time: administration {t['administration'] or 'unknown'}, acquisition {t['acquisition'] or 'unknown'}, "
+        f"t = {_fmt(t['hours_since_administration'], 'h', 4)}",
+        f"Dose rate: max {_fmt(s['dose_rate']['max_mgy_per_h'], 'mGy/h')}, mean in tissue "
+        f"{_fmt(s['dose_rate']['mean_in_tissue_mgy_per_h'], 'mGy/h')}",
+    ]
+    if s["dose"]:
+        lines.append(
+            f"Absorbed dose ({t['model']}, factor {_fmt(t['integration_factor_h'], 'h', 4)}): max "
+            f"{_fmt(s['dose']['max_gy'], 'Gy')}, mean in tissue {_fmt(s['dose']['mean_in_tissue_gy'], 'Gy')}"
+        )
+    for w in s["warnings"]:
+        lines.append(f"WARNING: {w}")
+    if s["ignored_files"]:
+        lines.append(f"Ignored {len(s['ignored_files'])} file(s); see summary.json")
+    lines.append("Outputs: " + ", ".join(sorted(s["outputs"].values())))
+    return "\n".join(lines) + "\n"
