@@ -1,0 +1,110 @@
+"""Per-stage time and peak memory of the DVK path on a clinical-size study (512x512x130 CT).
+
+Usage: python bench/bench_dvk.py [--study DIR] [--seed 101] [--repeat 3]
+
+Without --study it generates (once, cached under bench/.data/) a clinical-size virtual
+patient with `spectdose.phantom.generate`. Kernel generation is reported apart: once from
+an empty cache (first run) and once from the cache. The target is <= 5 s for the whole
+cached DVK path on 2 cores; the paper's DVK took 20 s on a desktop i9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--study", type=Path, help="a DICOM study folder (default: generate a clinical phantom)")
+    parser.add_argument("--seed", type=int, default=101)
+    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of the cached path")
+    args = parser.parse_args()
+
+    from spectdose.density import hu_to_density
+    from spectdose.dose import activity_mbq_per_voxel, fft_convolve
+    from spectdose.export import write_dose_rate_map, write_rtdose
+    from spectdose.geometry import Volume
+    from spectdose.ingest import load_study
+    from spectdose.kernels import get_kernel
+    from spectdose.pipeline import spect_on_ct_grid
+
+    study_dir = args.study
+    if study_dir is None:
+        base = Path(__file__).parent / ".data" / f"clinical-{args.seed}"
+        if not (base / "dicom").is_dir():
+            from spectdose.phantom import generate
+
+            print(f"generating clinical virtual patient seed {args.seed} into {base} (once) ...", flush=True)
+            t = time.perf_counter()
+            generate(base, args.seed, size="clinical")
+            print(f"  generated in {time.perf_counter() - t:.0f} s")
+        study_dir = base / "dicom"
+
+    print(f"cores: {os.cpu_count()}, study: {study_dir}")
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "kernels"
+        study = load_study(study_dir)
+        spacing = study.ct.grid.spacing_mm
+        t = time.perf_counter()
+        get_kernel(spacing, cache_dir=cache)
+        first_kernel_s = time.perf_counter() - t
+
+        rows = []
+        for rep in range(args.repeat):
+            stages: dict[str, float] = {}
+
+            def timed(name, fn, *a, **kw):
+                t0 = time.perf_counter()
+                out = fn(*a, **kw)
+                stages[name] = time.perf_counter() - t0
+                return out
+
+            study = timed("ingest", load_study, study_dir)
+            activity, _ = timed("resample", spect_on_ct_grid, study, [])
+            density = timed("density", hu_to_density, study.ct.array)
+            kernel = timed("kernels (cached)", get_kernel, spacing, cache_dir=cache)
+            grid = study.ct.grid
+
+            def convolve():
+                a_mbq = activity_mbq_per_voxel(activity.array, grid.voxel_volume_ml)
+                rate = fft_convolve(a_mbq, kernel.total_mgy_per_mbq_s)
+                scale = np.where(density >= 0.1, np.float32(1.04e-3) / np.maximum(density, 1e-6), 0).astype(np.float32)
+                return rate * scale
+
+            rate = timed("convolution", convolve)
+
+            def write():
+                out = Path(tmp) / f"out{rep}"
+                out.mkdir()
+                write_dose_rate_map(out / "pm.dcm", Volume(rate * 3.6e6, grid, "mGy/h"), study, method="dvk")
+                write_rtdose(out / "rtdose.dcm", Volume(rate * 1e6, grid, "Gy"), study, method="dvk", description="bench")
+
+            timed("writing", write)
+            rows.append(stages)
+            print(f"run {rep + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()) + f"; total {sum(stages.values()):.2f} s", flush=True)
+
+    best = {k: min(r[k] for r in rows) for k in rows[0]}
+    total = sum(best.values())
+    print()
+    print(f"CT grid {study.ct.grid.shape} at {tuple(round(s, 3) for s in spacing)} mm; kernel {kernel.total_mgy_per_mbq_s.shape}")
+    print(f"{'stage':<20}{'best of ' + str(args.repeat) + ' (s)':>16}")
+    for k, v in best.items():
+        print(f"{k:<20}{v:>16.2f}")
+    print(f"{'whole DVK path':<20}{total:>16.2f}   (target <= 5 s; paper DVK 20 s on a Core i9)")
+    print(f"{'kernel, first run':<20}{first_kernel_s:>16.2f}   (empty cache: computed from physics)")
+    print(f"peak RSS: {peak_rss_mib():.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""Dose-rate Parametric Map (PS3.3 A.75) on the CT grid, written with highdicom.
+
+Float32 pixels carry the dose rate itself; a Real World Value Mapping with the UCUM unit
+``mGy/h`` says so. ``docs/rtdose.md`` explains the references and UIDs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from highdicom.pm import ParametricMap, RealWorldValueMapping
+from pydicom.dataset import Dataset
+
+from .export_rtdose import (
+    MANUFACTURER,
+    ExportError,
+    check_on_ct_grid,
+    converted_units,
+    ct_frame_of_reference_uid,
+    da_tm,
+    derive_uid,
+    ds,
+    series_references,
+    software_version,
+    source_image_items,
+)
+from .geometry import Grid, Volume
+from .study import Study
+
+__all__ = [
+    "PARAMETRIC_MAP_STORAGE",
+    "DOSE_RATE_UNIT",
+    "build_dose_rate_map",
+    "write_dose_rate_map",
+    "read_dose_rate_map",
+]
+
+PARAMETRIC_MAP_STORAGE = "1.2.840.10008.5.1.4.1.1.30"  # PS3.4 B.5, Parametric Map Storage
+# UCUM unit code for the stored values (PS3.16 CID 7181 allows any UCUM unit).
+DOSE_RATE_UNIT = hd.sr.CodedConcept(value="mGy/h", scheme_designator="UCUM", meaning="mGy/h")
+_ACCEPTED_UNITS = {"mGy/h": 1.0, "Gy/h": 1e3}  # factor to mGy/h
+_LUT_LABEL = "DOSE_RATE"
+_PATIENT = hd.CoordinateSystemNames.PATIENT
+
+
+def build_dose_rate_map(
+    dose_rate_mgy_per_h: Volume,
+    study: Study,
+    *,
+    method: str,
+    options_key: str = "",
+    ct_datasets: Sequence[Dataset] | None = None,
+    description: str | None = None,
+    series_number: int = 902,
+    created_at: dt.datetime | None = None,
+) -> ParametricMap:
+    """A Parametric Map of the dose rate on the CT grid, referencing the CT and NM series.
+
+    Parameters
+    ----------
+    dose_rate_mgy_per_h : dose rate, units ``"mGy/h"`` (or ``"Gy/h"``, converted), on the CT grid.
+    study : the source study; patient, study and references are copied from it.
+    method : short name of the dose method (e.g. ``"DVK"``), part of the UIDs.
+    options_key : everything else that changes the values, part of the UIDs.
+    ct_datasets : the CT headers, if at hand (pixel data not needed). With them highdicom
+        links each frame to the CT slice at the same position and copies the scanner as
+        contributing equipment; without them only instance-level references are written.
+    description : Series Description / Content Description; a default names the method.
+    series_number : Series Number of the new series.
+    created_at : content and creation date/time; defaults to now.
+
+    Returns
+    -------
+    highdicom.pm.ParametricMap
+        A pydicom Dataset with file meta information.
+
+    Raises
+    ------
+    ExportError
+        If the dose rate is not on the CT grid or frame of reference, has other units,
+        holds negative or non-finite values, or ``ct_datasets`` are not the study's CT.
+    """
+    if not method:
+        raise ExportError("method must name the dose method (it is part of the UIDs)")
+    check_on_ct_grid(dose_rate_mgy_per_h, study, "dose-rate volume")
+    values = converted_units(dose_rate_mgy_per_h, _ACCEPTED_UNITS, "dose-rate volume")
+    values_f32 = values.astype(np.float32)
+    if not np.all(np.isfinite(values_f32)):
+        raise ExportError("dose-rate values overflow float32")
+    grid = dose_rate_mgy_per_h.grid
+    description = description or f"{study.administration.nuclide} dose rate ({method})"
+    if len(description) > 64:
+        raise ExportError(f"description must be at most 64 characters, got {len(description)}")
+    sources = _source_images(study, grid, ct_datasets)
+
+    created_at = created_at or dt.datetime.now()
+    created_date, created_time = da_tm(created_at)
+    maximum = float(values_f32.max())
+    pmap = ParametricMap(
+        source_images=sources,
+        pixel_array=values_f32,
+        series_instance_uid=derive_uid("PM-series", study, method, options_key),
+        series_number=series_number,
+        sop_instance_uid=derive_uid("PM-instance", study, method, options_key),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MANUFACTURER,
+        software_versions=software_version(),
+        # Type 1 in Enhanced General Equipment; software has no serial, so its version.
+        device_serial_number=software_version(),
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=[
+            RealWorldValueMapping(
+                lut_label=_LUT_LABEL,
+                lut_explanation="Absorbed dose rate",
+                unit=DOSE_RATE_UNIT,
+                value_range=(float(values_f32.min()), maximum),
+                slope=1.0,
+                intercept=0.0,
+            )
+        ],
+        voi_lut_transformations=[
+            hd.VOILUTTransformation(window_center=maximum / 2, window_width=max(maximum, 1e-6))
+        ],
+        content_description=description,
+        content_label=_LUT_LABEL,
+        pixel_measures=hd.PixelMeasuresSequence(
+            pixel_spacing=[grid.spacing_mm[1], grid.spacing_mm[2]],
+            slice_thickness=grid.spacing_mm[0],
+            spacing_between_slices=grid.spacing_mm[0],
+        ),
+        plane_orientation=hd.PlaneOrientationSequence(
+            coordinate_system=_PATIENT, image_orientation=[*grid.axes[2], *grid.axes[1]]
+        ),
+        plane_positions=[
+            hd.PlanePositionSequence(_PATIENT, grid.index_to_lps_mm(np.array([k, 0, 0])))
+            for k in range(grid.shape[0])
+        ],
+        series_description=description,
+        content_date=created_date,
+        content_time=created_time,
+        series_date=created_date,
+        series_time=created_time,
+    )
+    pmap.InstanceCreationDate = created_date
+    pmap.InstanceCreationTime = created_time
+    pmap.SpecificCharacterSet = "ISO_IR 192"
+    # General Series Laterality is Type 2C (paired body parts); the map covers the whole
+    # field of view, so it is present and empty, as a Type 2 value may be.
+    pmap.Laterality = ""
+    # highdicom referenced only the CT images it was given; list every CT and NM instance
+    # the map derives from, as the RT Dose does.
+    pmap.SourceImageSequence = source_image_items(study)
+    same_study, other_studies = series_references(study, own_study_uid=pmap.StudyInstanceUID)
+    pmap.ReferencedSeriesSequence = same_study
+    if other_studies:
+        pmap.StudiesContainingOtherReferencedInstancesSequence = other_studies
+    _make_dimension_uid_deterministic(pmap, study, method, options_key)
+    return pmap
+
+
+def _source_images(
+    study: Study, grid: Grid, ct_datasets: Sequence[Dataset] | None
+) -> list[Dataset]:
+    """The CT headers to hand highdicom: the caller's, checked, or a stand-in from the study."""
+    ct_ref = study.ct_series
+    frame_of_reference = ct_frame_of_reference_uid(study)
+    if ct_datasets:
+        for dataset in ct_datasets:
+            if dataset.get("SeriesInstanceUID") != ct_ref.series_instance_uid:
+                raise ExportError(
+                    f"ct_datasets holds series {dataset.get('SeriesInstanceUID')}, "
+                    f"not the study's CT series {ct_ref.series_instance_uid}"
+                )
+            if dataset.get("FrameOfReferenceUID") != frame_of_reference:
+                raise ExportError(
+                    f"ct_datasets instance {dataset.get('SOPInstanceUID')} is on frame of reference "
+                    f"{dataset.get('FrameOfReferenceUID')}, not the CT's {frame_of_reference}"
+                )
+        return list(ct_datasets)
+    # Stand-in: one header carrying the study's identity and the CT's frame of reference.
+    # Its position lies one slice outside the grid, so highdicom does not claim any
+    # frame-by-frame correspondence that the study (which lists instances, not their
+    # positions) cannot back up. Only its UIDs and patient/study attributes are written.
+    p = study.patient
+    stand_in = Dataset()
+    stand_in.SOPClassUID = ct_ref.sop_class_uid
+    stand_in.SOPInstanceUID = ct_ref.sop_instance_uids[0]
+    stand_in.StudyInstanceUID = ct_ref.study_instance_uid
+    stand_in.SeriesInstanceUID = ct_ref.series_instance_uid
+    stand_in.Modality = ct_ref.modality
+    stand_in.FrameOfReferenceUID = frame_of_reference
+    stand_in.PositionReferenceIndicator = ""
+    stand_in.Rows, stand_in.Columns = grid.shape[1], grid.shape[2]
+    stand_in.PixelSpacing = [ds(grid.spacing_mm[1]), ds(grid.spacing_mm[2])]
+    stand_in.SliceThickness = ds(grid.spacing_mm[0])
+    stand_in.ImageOrientationPatient = [ds(v) for v in (*grid.axes[2], *grid.axes[1])]
+    stand_in.ImagePositionPatient = [ds(v) for v in grid.index_to_lps_mm(np.array([-1, 0, 0]))]
+    stand_in.PatientName = p.patient_name
+    stand_in.PatientID = p.patient_id
+    stand_in.PatientBirthDate = p.patient_birth_date
+    stand_in.PatientSex = p.patient_sex
+    stand_in.StudyDate = p.study_date
+    stand_in.StudyTime = p.study_time
+    stand_in.StudyID = p.study_id
+    stand_in.AccessionNumber = p.accession_number
+    stand_in.ReferringPhysicianName = p.referring_physician_name
+    return [stand_in]
+
+
+def _make_dimension_uid_deterministic(
+    pmap: Dataset, study: Study, method: str, options_key: str
+) -> None:
+    """highdicom draws a random Dimension Organization UID; derive it like the others."""
+    uid = derive_uid("PM-dimensions", study, method, options_key)
+    for item in pmap.get("DimensionOrganizationSequence", []):
+        item.DimensionOrganizationUID = uid
+    for item in pmap.get("DimensionIndexSequence", []):
+        item.DimensionOrganizationUID = uid
+
+
+def write_dose_rate_map(
+    path: str | os.PathLike, dose_rate_mgy_per_h: Volume, study: Study, **kwargs
+) -> Path:
+    """Build (see :func:`build_dose_rate_map`) and write a Parametric Map file; returns its path."""
+    dataset = build_dose_rate_map(dose_rate_mgy_per_h, study, **kwargs)
+    path = Path(path)
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def read_dose_rate_map(path: str | os.PathLike) -> Volume:
+    """A dose-rate Parametric Map as a Volume in mGy/h, Real World Value Mapping applied.
+
+    Frames are ordered along the plane normal (row x column direction).
+
+    Raises
+    ------
+    ExportError
+        If the file is not a Parametric Map, has no usable Real World Value Mapping in a
+        known dose-rate unit, or its frames are not an evenly spaced stack of parallel planes.
+    """
+    dataset = pydicom.dcmread(path)
+    if dataset.get("SOPClassUID") != PARAMETRIC_MAP_STORAGE:
+        raise ExportError(
+            f"{path} is not a Parametric Map (SOP Class {dataset.get('SOPClassUID')})"
+        )
+    shared = dataset.SharedFunctionalGroupsSequence[0]
+    per_frame = dataset.PerFrameFunctionalGroupsSequence
+    mapping_item = shared if "RealWorldValueMappingSequence" in shared else per_frame[0]
+    mappings = mapping_item.get("RealWorldValueMappingSequence", [])
+    mapping = next(
+        (m for m in mappings if m.MeasurementUnitsCodeSequence[0].CodeValue in _ACCEPTED_UNITS),
+        None,
+    )
+    if mapping is None:
+        units = [m.MeasurementUnitsCodeSequence[0].CodeValue for m in mappings]
+        raise ExportError(
+            f"{path} has no Real World Value Mapping in {sorted(_ACCEPTED_UNITS)}, only {units}"
+        )
+    to_mgy_per_h = _ACCEPTED_UNITS[mapping.MeasurementUnitsCodeSequence[0].CodeValue]
+    slope = float(mapping.get("RealWorldValueSlope", 1.0))
+    intercept = float(mapping.get("RealWorldValueIntercept", 0.0))
+
+    orientation = np.asarray(
+        shared.PlaneOrientationSequence[0].ImageOrientationPatient, dtype=float
+    )
+    row_dir, col_dir = orientation[:3], orientation[3:]
+    normal = np.cross(row_dir, col_dir)
+    positions = np.array(
+        [item.PlanePositionSequence[0].ImagePositionPatient for item in per_frame], dtype=float
+    )
+    distances = positions @ normal
+    order = np.argsort(distances)
+    steps = np.diff(distances[order])
+    if steps.size and (not np.allclose(steps, steps[0], rtol=1e-4, atol=1e-4) or steps[0] <= 0):
+        raise ExportError(f"{path}: frames are not evenly spaced along the plane normal")
+    in_plane = positions[order] - positions[order][0]
+    if not np.allclose(in_plane - np.outer(in_plane @ normal, normal), 0, atol=1e-3):
+        raise ExportError(f"{path}: frames are not stacked along the plane normal")
+    pixel_spacing = [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing]
+    slice_spacing = (
+        float(steps[0]) if steps.size else float(shared.PixelMeasuresSequence[0].SliceThickness)
+    )
+    grid = Grid(
+        (len(per_frame), int(dataset.Rows), int(dataset.Columns)),
+        (slice_spacing, pixel_spacing[0], pixel_spacing[1]),
+        tuple(positions[order][0]),
+        np.stack([normal, col_dir, row_dir]),
+        dataset.get("FrameOfReferenceUID"),
+    )
+    stored = dataset.pixel_array.reshape(grid.shape)[order]
+    values = (stored.astype(np.float64) * slope + intercept) * to_mgy_per_h
+    return Volume(values, grid, "mGy/h")

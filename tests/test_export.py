@@ -1,0 +1,736 @@
+"""DICOM export: RT Dose and dose-rate Parametric Map, checked by independent readers.
+
+A tiny CT series is written with pydicom so SimpleITK can read the CT and the exported
+objects side by side; dciodvfy (dicom3tools) and plastimatch are the external validators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+import shutil
+import subprocess
+from decimal import Decimal
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from scipy.spatial.transform import Rotation
+
+from spectdose.export import (
+    DOSE_SUMMATION_TYPE,
+    PARAMETRIC_MAP_STORAGE,
+    RT_DOSE_STORAGE,
+    ExportError,
+    build_dose_rate_map,
+    build_rtdose,
+    dose_grid_scaling_ds,
+    read_dose_rate_map,
+    read_rtdose,
+    write_dose_rate_map,
+    write_rtdose,
+)
+from spectdose.geometry import Grid, Volume
+from spectdose.study import Administration, PatientInfo, SeriesRef, Study
+
+DCIODVFY = shutil.which("dciodvfy", path="/usr/bin") or shutil.which("dciodvfy")
+PLASTIMATCH = shutil.which("plastimatch", path="/usr/bin") or shutil.which("plastimatch")
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+NM_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
+UINT32_MAX = 2**32 - 1
+CREATED = dt.datetime(2024, 3, 5, 14, 30, 0)
+DESCRIPTION = "Lu-177 absorbed dose (DVK, Hanscheid STP)"
+
+# dciodvfy (dicom3tools 2022-06-18) warnings that are expected and harmless:
+KNOWN_WARNINGS = [
+    # Our chosen Dose Summation Type is a Defined Term newer than this dciodvfy build.
+    r"Unrecognized defined term <PLAN_OVERVIEW> for value 1 of attribute <Dose Summation Type>",
+    # The Plan Overview Sequence that goes with it, and the attributes inside it, are
+    # equally unknown to this build's RT Dose IOD tables.
+    r"Attribute is not present in standard DICOM IOD - \((0x0008,0x1140|0x0008,0x1150|0x0008,0x1155|"
+    r"0x300a,0x0002|0x300c,0x0114|0x300c,0x0116|0x300c,0x0117|0x300c,0x0119|0x3010,0x0077|"
+    r"0x3010,0x0078)\)",
+    r"Dicom dataset contains attributes not present in standard DICOM IOD - this is a Standard "
+    r"Extended SOP Class",
+    # Parametric Map: highdicom's Derived Pixel Contrast QUANTITY is newer than this build.
+    r"Unrecognized defined term <QUANTITY> for value 4 of attribute <(Image|Frame) Type>",
+    # Laterality is left empty (whole field of view, body part unknown): a Type 2C value
+    # that dciodvfy asks for when Body Part Examined is absent.
+    r"is only permitted to be empty when actually unknown.*attribute <Laterality>",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Synthetic study
+
+
+def _axes(kind: str) -> np.ndarray:
+    """Grid axes (rows: slice, row, column directions) for a named patient orientation."""
+    if kind == "oblique":
+        rot = Rotation.from_euler("zx", [30, 10], degrees=True).as_matrix()
+        col, row = rot @ [1.0, 0, 0], rot @ [0, 1.0, 0]
+        return np.stack([np.cross(col, row), row, col])
+    col, row, slice_dir = {
+        # head-first supine, slices stored foot to head
+        "hfs": ([1, 0, 0], [0, 1, 0], [0, 0, 1]),
+        # feet-first prone: image x runs to the patient's left... mirrored in-plane axes
+        "ffp": ([-1, 0, 0], [0, -1, 0], [0, 0, 1]),
+        # slices stored head to foot: slice axis against the plane normal
+        "hfs_head_to_foot": ([1, 0, 0], [0, 1, 0], [0, 0, -1]),
+    }[kind]
+    return np.array([slice_dir, row, col], dtype=float)
+
+
+def make_study(orientation: str = "hfs", *, nm_in_other_study: bool = False) -> Study:
+    """A 16 x 20 x 24 CT on non-cubic voxels with a non-trivial origin, and its NM."""
+    seed = f"spectdose-test-{orientation}"
+    study_uid = generate_uid(entropy_srcs=[seed, "study"])
+    frame_of_reference = generate_uid(entropy_srcs=[seed, "for"])
+    shape = (16, 20, 24)
+    grid = Grid(
+        shape, (2.5, 1.2, 0.9), (-101.3, -87.25, 412.5), _axes(orientation), frame_of_reference
+    )
+    ct = Volume(np.zeros(shape, np.int16), grid, "HU")
+    spect_grid = Grid((8, 10, 12), (4.8, 4.8, 4.8), grid.origin_mm, grid.axes, frame_of_reference)
+    spect = Volume(np.zeros(spect_grid.shape, np.float32), spect_grid, "Bq/ml")
+    ct_ref = SeriesRef(
+        study_uid,
+        generate_uid(entropy_srcs=[seed, "ct-series"]),
+        "CT",
+        CT_IMAGE_STORAGE,
+        tuple(generate_uid(entropy_srcs=[seed, "ct", str(k)]) for k in range(shape[0])),
+        "CT low dose",
+        2,
+        frame_of_reference,
+    )
+    nm_ref = SeriesRef(
+        generate_uid(entropy_srcs=[seed, "other-study"]) if nm_in_other_study else study_uid,
+        generate_uid(entropy_srcs=[seed, "nm-series"]),
+        "NM",
+        NM_IMAGE_STORAGE,
+        (generate_uid(entropy_srcs=[seed, "nm"]),),
+        "SPECT Lu177 recon",
+        3,
+        frame_of_reference,
+    )
+    patient = PatientInfo(
+        "Doe^Jane", "P0001", "19600101", "F", "20240305", "101500", "S1", "ACC1", ""
+    )
+    administration = Administration(
+        "Lu-177", 7.4e9, dt.datetime(2024, 3, 4, 9, 0), "Lu-177 DOTATATE"
+    )
+    return Study(
+        ct, spect, ct_ref, nm_ref, patient, administration, dt.datetime(2024, 3, 5, 10, 0), "test"
+    )
+
+
+def dose_pattern_gy(study: Study, peak_gy: float = 37.0) -> Volume:
+    """A smooth background, a hot lesion and an air gap of exact zeros, in Gy."""
+    grid = study.ct.grid
+    k, j, i = np.indices(grid.shape, dtype=float)
+    values = 0.2 + 0.05 * k + 0.01 * j + 0.003 * i
+    values += peak_gy * np.exp(-((k - 7) ** 2 / 4 + (j - 9) ** 2 / 9 + (i - 14) ** 2 / 16))
+    values[:, :, :3] = 0.0  # outside the body: no dose
+    return Volume(values, grid, "Gy")
+
+
+def ct_headers(study: Study) -> list[pydicom.Dataset]:
+    """Single-frame CT Image instances matching ``study.ct`` (positions from its grid)."""
+    grid, ref, p = study.ct.grid, study.ct_series, study.patient
+    datasets = []
+    for k, sop_uid in enumerate(ref.sop_instance_uids):
+        ds = pydicom.Dataset()
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE_STORAGE, sop_uid
+        ds.Modality = "CT"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = ref.study_instance_uid, ref.series_instance_uid
+        ds.FrameOfReferenceUID = grid.frame_of_reference_uid
+        ds.PatientName, ds.PatientID = p.patient_name, p.patient_id
+        ds.PatientBirthDate, ds.PatientSex = p.patient_birth_date, p.patient_sex
+        ds.StudyDate, ds.StudyTime, ds.StudyID = p.study_date, p.study_time, p.study_id
+        ds.AccessionNumber, ds.ReferringPhysicianName = p.accession_number, ""
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [float(v) for v in grid.index_to_lps_mm(np.array([k, 0, 0]))]
+        ds.ImageOrientationPatient = [float(v) for v in (*grid.axes[2], *grid.axes[1])]
+        ds.PixelSpacing = [grid.spacing_mm[1], grid.spacing_mm[2]]
+        ds.SliceThickness = grid.spacing_mm[0]
+        ds.Rows, ds.Columns = grid.shape[1], grid.shape[2]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = np.full(grid.shape[1:], 1024, "<i2").tobytes()
+        datasets.append(ds)
+    return datasets
+
+
+def read_ct_series_with_sitk(study: Study, folder) -> sitk.Image:
+    folder.mkdir()
+    for k, ds in enumerate(ct_headers(study)):
+        ds.save_as(folder / f"ct{k:03d}.dcm", enforce_file_format=True)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    return reader.Execute()
+
+
+def assert_same_voxels(
+    volume: Volume, reference: Volume, *, tol_mm: float = 0.01, rtol: float = 1e-3
+):
+    """Every reference voxel centre is a voxel centre of ``volume`` with the same value.
+
+    Independent of slice order and axis conventions: it compares patient positions.
+    """
+    centres = reference.grid.index_to_lps_mm(np.indices(reference.grid.shape).reshape(3, -1).T)
+    index = volume.grid.lps_mm_to_index(centres)
+    nearest = np.rint(index).astype(int)
+    assert np.all((nearest >= 0) & (nearest < np.asarray(volume.grid.shape))), (
+        "grids do not overlap"
+    )
+    offset_mm = np.linalg.norm(volume.grid.index_to_lps_mm(nearest) - centres, axis=1)
+    assert offset_mm.max() <= tol_mm, f"voxel centres differ by up to {offset_mm.max():.3g} mm"
+    assert volume.grid.shape == reference.grid.shape
+    got = volume.array[tuple(nearest.T)]
+    want = reference.array.ravel()
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * want.max() * 1e-3)
+
+
+def dciodvfy(path) -> tuple[list[str], list[str]]:
+    """(error lines, unexpected warning lines) of dciodvfy on ``path``."""
+    result = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+    lines = (result.stdout + result.stderr).splitlines()
+    errors = [line for line in lines if line.startswith("Error")]
+    warnings = [
+        line
+        for line in lines
+        if line.startswith("Warning") and not any(re.search(p, line) for p in KNOWN_WARNINGS)
+    ]
+    return errors, warnings
+
+
+needs_dciodvfy = pytest.mark.skipif(
+    DCIODVFY is None, reason="dciodvfy (Debian dicom3tools) not installed"
+)
+needs_plastimatch = pytest.mark.skipif(
+    PLASTIMATCH is None, reason="plastimatch (Debian) not installed"
+)
+
+
+@pytest.fixture(scope="module")
+def study() -> Study:
+    return make_study()
+
+
+@pytest.fixture(scope="module")
+def dose(study) -> Volume:
+    return dose_pattern_gy(study)
+
+
+def _rtdose(dose, study, **kwargs):
+    kwargs = {"method": "DVK", "description": DESCRIPTION, "created_at": CREATED, **kwargs}
+    return build_rtdose(dose, study, **kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# RT Dose: content
+
+
+def test_rtdose_header_states_what_the_dose_is_and_where_it_came_from(dose, study):
+    ds = _rtdose(dose, study, options_key="hanscheid-stp")
+
+    assert ds.SOPClassUID == RT_DOSE_STORAGE == ds.file_meta.MediaStorageSOPClassUID
+    assert ds.Modality == "RTDOSE"
+    assert (ds.DoseUnits, ds.DoseType, ds.DoseSummationType) == (
+        "GY",
+        "PHYSICAL",
+        DOSE_SUMMATION_TYPE.value,
+    )
+    assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation) == (32, 32, 31, 0)
+    assert (ds.SamplesPerPixel, ds.PhotometricInterpretation) == (1, "MONOCHROME2")
+    assert ds.FrameIncrementPointer == 0x3004000C
+    offsets = np.asarray(ds.GridFrameOffsetVector, dtype=float)
+    assert offsets[0] == 0 and np.allclose(np.diff(offsets), 2.5)
+    assert ds.NumberOfFrames == 16 and (ds.Rows, ds.Columns) == (20, 24)
+    # Files into the source study, on the CT's frame of reference.
+    assert ds.StudyInstanceUID == study.ct_series.study_instance_uid
+    assert ds.FrameOfReferenceUID == study.ct.grid.frame_of_reference_uid
+    assert (ds.PatientID, ds.PatientName, ds.AccessionNumber) == ("P0001", "Doe^Jane", "ACC1")
+    assert ds.SeriesDescription == ds.DoseComment == DESCRIPTION
+    assert "hanscheid-stp" in ds.ImageComments and "7400.0 MBq" in ds.ImageComments
+    assert ds.Manufacturer == "spectdose" and ds.SoftwareVersions
+    assert ds.InstanceCreationDate == ds.ContentDate == "20240305"
+    # Every CT and NM instance is referenced, per instance and per series.
+    sources = {item.ReferencedSOPInstanceUID for item in ds.SourceImageSequence}
+    assert sources == set(study.ct_series.sop_instance_uids) | set(
+        study.spect_series.sop_instance_uids
+    )
+    series = {item.SeriesInstanceUID for item in ds.ReferencedSeriesSequence}
+    assert series == {study.ct_series.series_instance_uid, study.spect_series.series_instance_uid}
+    overview_images = ds.PlanOverviewSequence[0].ReferencedImageSequence
+    assert [i.ReferencedSOPInstanceUID for i in overview_images] == list(
+        study.ct_series.sop_instance_uids
+    )
+
+
+def test_rtdose_round_trip_through_our_reader(tmp_path, dose, study):
+    path = write_rtdose(tmp_path / "dose.dcm", dose, study, method="DVK", description=DESCRIPTION)
+
+    back = read_rtdose(path)
+
+    assert back.units == "Gy"
+    assert back.grid.same_as(study.ct.grid, tol_mm=0.01)
+    assert back.grid.frame_of_reference_uid == study.ct.grid.frame_of_reference_uid
+    np.testing.assert_allclose(back.array, dose.array, rtol=1e-3, atol=0)
+    assert np.all(back.array[:, :, :3] == 0), "zero dose must stay exactly zero"
+    # 32-bit quantisation is far finer than the 0.1 % contract.
+    assert np.abs(back.array - dose.array).max() <= dose.array.max() / UINT32_MAX
+
+
+@pytest.mark.parametrize("orientation", ["hfs", "ffp", "hfs_head_to_foot", "oblique"])
+def test_simpleitk_reads_rtdose_on_the_ct_geometry(tmp_path, orientation):
+    study = make_study(orientation)
+    dose = dose_pattern_gy(study)
+    path = write_rtdose(tmp_path / "dose.dcm", dose, study, method="DVK", description=DESCRIPTION)
+    ct_image = read_ct_series_with_sitk(study, tmp_path / "ct")
+
+    dose_image = sitk.ReadImage(str(path))
+
+    # The same geometry as SimpleITK gives the CT series itself.
+    assert dose_image.GetSize() == ct_image.GetSize()
+    np.testing.assert_allclose(dose_image.GetOrigin(), ct_image.GetOrigin(), atol=0.01)
+    np.testing.assert_allclose(dose_image.GetSpacing(), ct_image.GetSpacing(), atol=0.01)
+    np.testing.assert_allclose(dose_image.GetDirection(), ct_image.GetDirection(), atol=1e-6)
+    # SimpleITK returns the stored integers; Dose Grid Scaling is ours to apply.
+    scaling = float(pydicom.dcmread(path, stop_before_pixels=True).DoseGridScaling)
+    read = Volume.from_sitk(dose_image, "Gy")
+    read.array = read.array.astype(np.float64) * scaling
+    assert_same_voxels(read, dose)
+
+
+@pytest.mark.parametrize("orientation", ["oblique", "hfs_head_to_foot"])
+def test_our_reader_places_every_voxel_for_any_orientation(tmp_path, orientation):
+    study = make_study(orientation)
+    dose = dose_pattern_gy(study)
+
+    back = read_rtdose(
+        write_rtdose(tmp_path / "d.dcm", dose, study, method="DVK", description=DESCRIPTION)
+    )
+
+    assert_same_voxels(back, dose)
+
+
+@needs_plastimatch
+@pytest.mark.parametrize("orientation", ["hfs", "ffp", "hfs_head_to_foot"])
+def test_plastimatch_reads_rtdose_geometry_and_values(tmp_path, orientation):
+    # Axis-aligned orientations only: plastimatch 1.9.4 transposes the direction cosines of
+    # an oblique RT Dose (it reads an oblique CT series correctly); see docs/rtdose.md.
+    study = make_study(orientation)
+    dose = dose_pattern_gy(study)
+    path = write_rtdose(tmp_path / "dose.dcm", dose, study, method="DVK", description=DESCRIPTION)
+    out = tmp_path / "dose.mha"
+
+    result = subprocess.run(
+        [PLASTIMATCH, "convert", "--input", str(path), "--output-dose-img", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    read = Volume.from_sitk(sitk.ReadImage(str(out)), "Gy")  # plastimatch applies the scaling
+    read.array = read.array.astype(np.float64)
+    assert_same_voxels(read, dose)
+
+
+# --------------------------------------------------------------------------------------
+# RT Dose: validation by dciodvfy
+
+
+@needs_dciodvfy
+@pytest.mark.parametrize("nm_in_other_study", [False, True])
+def test_dciodvfy_finds_no_error_in_the_16_bit_twin(tmp_path, nm_in_other_study):
+    # dciodvfy aborts on 32-bit pixels (an assertion in its pixel-data reader), so the
+    # validated object is the same writer's 16-bit twin.
+    study = make_study(nm_in_other_study=nm_in_other_study)
+    path = write_rtdose(
+        tmp_path / "d16.dcm",
+        dose_pattern_gy(study),
+        study,
+        method="DVK",
+        description=DESCRIPTION,
+        bits=16,
+    )
+
+    errors, unexpected_warnings = dciodvfy(path)
+
+    assert errors == []
+    assert unexpected_warnings == []
+    if nm_in_other_study:
+        assert "StudiesContainingOtherReferencedInstancesSequence" in pydicom.dcmread(path)
+
+
+@needs_dciodvfy
+@pytest.mark.parametrize(
+    "summation_type, missing",
+    [
+        ("PLAN", "ReferencedRTPlanSequence"),
+        ("FRACTION", "ReferencedRTPlanSequence"),
+        ("BEAM", "ReferencedRTPlanSequence"),
+        ("RECORD", "ReferencedTreatmentRecordSequence"),
+    ],
+)
+def test_dciodvfy_rejects_the_plan_based_summation_types(
+    tmp_path, dose, study, summation_type, missing
+):
+    # The evidence behind DOSE_SUMMATION_TYPE: the classic values need a plan or a
+    # treatment record, which a radionuclide therapy does not have.
+    ds = _rtdose(dose, study, bits=16)
+    ds.DoseSummationType = summation_type
+    del ds.PlanOverviewSequence
+    ds.save_as(tmp_path / "d.dcm", enforce_file_format=True)
+
+    errors, _ = dciodvfy(tmp_path / "d.dcm")
+
+    assert any(f"Missing attribute Type 1C Conditional Element=<{missing}>" in e for e in errors), (
+        errors
+    )
+
+
+def test_16_bit_twin_holds_the_same_dose_to_its_coarser_step(tmp_path, dose, study):
+    back = read_rtdose(
+        write_rtdose(
+            tmp_path / "d16.dcm", dose, study, method="DVK", description=DESCRIPTION, bits=16
+        )
+    )
+    ds = pydicom.dcmread(tmp_path / "d16.dcm", stop_before_pixels=True)
+
+    assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit) == (16, 16, 15)
+    assert np.abs(back.array - dose.array).max() <= 0.5 * float(ds.DoseGridScaling) * (1 + 1e-9)
+
+
+# --------------------------------------------------------------------------------------
+# Dose Grid Scaling
+
+
+AWKWARD_MAXIMA_GY = [
+    1e-7,
+    12345.678,
+    1.0,
+    0.1,
+    2.0 / 3.0,
+    float(UINT32_MAX),  # the ideal scaling is exactly 1
+    float(UINT32_MAX) * 1e-12,  # ... exactly 1e-12
+    4294967296.0,  # one more than the largest pixel: the scaling must not round to 1
+    np.nextafter(1.0, 2.0),
+    123456789012.5,
+]
+
+
+@pytest.mark.parametrize("bits", [16, 32])
+@pytest.mark.parametrize("max_dose_gy", AWKWARD_MAXIMA_GY)
+def test_dose_grid_scaling_fits_16_characters_and_never_clips(max_dose_gy, bits):
+    max_stored = 2**bits - 1
+
+    text = dose_grid_scaling_ds(max_dose_gy, max_stored)
+    scaling = float(text)
+
+    assert len(text) <= 16
+    assert pydicom.valuerep.DSfloat(text, validation_mode=pydicom.config.RAISE) == scaling
+    assert round(max_dose_gy / scaling) <= max_stored, "the maximum would clip"
+    # ... and the pixel range is used, not wasted on a coarse step.
+    assert max_dose_gy / scaling >= max_stored * (1 - 1e-9)
+    assert Decimal(text) >= Decimal(max_dose_gy) / max_stored
+
+
+@pytest.mark.parametrize("max_dose_gy", [1e-7, 12345.678, float(UINT32_MAX), 4294967296.0])
+def test_maximum_dose_survives_the_file(tmp_path, study, max_dose_gy):
+    dose = dose_pattern_gy(study)
+    dose = Volume(dose.array * (max_dose_gy / dose.array.max()), dose.grid, "Gy")
+
+    path = write_rtdose(tmp_path / "d.dcm", dose, study, method="DVK", description=DESCRIPTION)
+    ds = pydicom.dcmread(path)
+
+    assert len(ds["DoseGridScaling"].value.original_string) <= 16
+    stored_max = int(ds.pixel_array.max())
+    assert UINT32_MAX * (1 - 1e-9) <= stored_max <= UINT32_MAX
+    assert read_rtdose(path).array.max() == pytest.approx(max_dose_gy, rel=1e-9)
+
+
+def test_all_zero_dose_is_written_as_zeros(tmp_path, study):
+    zero = Volume(np.zeros(study.ct.grid.shape), study.ct.grid, "Gy")
+
+    back = read_rtdose(
+        write_rtdose(tmp_path / "z.dcm", zero, study, method="DVK", description=DESCRIPTION)
+    )
+
+    assert np.all(back.array == 0)
+
+
+def test_mgy_input_is_converted_to_gy(dose, study):
+    in_mgy = Volume(dose.array * 1e3, dose.grid, "mGy")
+
+    ds_gy, ds_mgy = _rtdose(dose, study), _rtdose(in_mgy, study)
+
+    assert ds_mgy.DoseUnits == "GY"
+    assert float(ds_mgy.DoseGridScaling) == pytest.approx(float(ds_gy.DoseGridScaling), rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------
+# Deterministic UIDs
+
+
+def test_same_inputs_give_the_same_uids_so_a_rerun_replaces(dose, study):
+    first = _rtdose(dose, study, options_key="stp=hanscheid")
+    again = _rtdose(
+        dose, study, options_key="stp=hanscheid", created_at=CREATED + dt.timedelta(days=1)
+    )
+
+    assert first.SeriesInstanceUID == again.SeriesInstanceUID
+    assert first.SOPInstanceUID == again.SOPInstanceUID
+    for uid in (first.SeriesInstanceUID, first.SOPInstanceUID):
+        assert UID(uid).is_valid and uid not in (study.ct_series.series_instance_uid,)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"options_key": "stp=hanscheid;kernel=v2"},
+        {"method": "DblurDoseNet"},
+        {"bits": 16},
+    ],
+)
+def test_different_options_give_different_uids(dose, study, change):
+    base = _rtdose(dose, study, options_key="stp=hanscheid")
+    other = _rtdose(dose, study, **{"options_key": "stp=hanscheid", **change})
+
+    assert other.SeriesInstanceUID != base.SeriesInstanceUID
+    assert other.SOPInstanceUID != base.SOPInstanceUID
+
+
+def test_uids_do_not_depend_on_the_order_ingest_listed_the_instances(dose, study):
+    shuffled = dataclasses.replace(
+        study.ct_series, sop_instance_uids=tuple(reversed(study.ct_series.sop_instance_uids))
+    )
+
+    again = _rtdose(dose, dataclasses.replace(study, ct_series=shuffled))
+
+    assert again.SOPInstanceUID == _rtdose(dose, study).SOPInstanceUID
+
+
+def test_method_and_options_cannot_alias_each_other(dose, study):
+    # pydicom concatenates entropy sources; ("DVK", "") must not equal ("DV", "K").
+    a = _rtdose(dose, study, method="DVK", options_key="")
+    b = _rtdose(dose, study, method="DV", options_key="K")
+
+    assert a.SOPInstanceUID != b.SOPInstanceUID
+
+
+def test_different_source_instances_give_different_uids(dose, study):
+    other_nm = dataclasses.replace(study.spect_series, sop_instance_uids=(generate_uid(),))
+    other_study = dataclasses.replace(study, spect_series=other_nm)
+
+    assert _rtdose(dose, other_study).SOPInstanceUID != _rtdose(dose, study).SOPInstanceUID
+
+
+# --------------------------------------------------------------------------------------
+# Refusals
+
+
+def test_refuses_dose_on_another_frame_of_reference(dose, study):
+    elsewhere = dataclasses.replace(dose.grid, frame_of_reference_uid=generate_uid())
+
+    with pytest.raises(ExportError, match="frame of reference"):
+        _rtdose(Volume(dose.array, elsewhere, "Gy"), study)
+
+
+def test_refuses_dose_off_the_ct_grid(dose, study):
+    shifted = dataclasses.replace(dose.grid, origin_mm=(-101.3, -87.25, 413.75))
+
+    with pytest.raises(ExportError, match="not the CT grid"):
+        _rtdose(Volume(dose.array, shifted, "Gy"), study)
+
+
+@pytest.mark.parametrize(
+    "bad, message", [(np.nan, "non-finite"), (np.inf, "non-finite"), (-0.01, "negative")]
+)
+def test_refuses_non_finite_or_negative_dose(dose, study, bad, message):
+    values = dose.array.copy()
+    values[3, 4, 5] = bad
+
+    with pytest.raises(ExportError, match=message):
+        _rtdose(Volume(values, dose.grid, "Gy"), study)
+
+
+def test_refuses_a_dose_that_is_not_3d(dose, study):
+    flat = Volume(dose.array.copy(), dose.grid, "Gy")
+    flat.array = flat.array[0]
+
+    with pytest.raises(ExportError, match="3D"):
+        _rtdose(flat, study)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"bits": 8}, "bits must be 16 or 32"),
+        ({"description": "x" * 65}, "1-64 characters"),
+        ({"method": ""}, "method"),
+    ],
+)
+def test_refuses_bad_options(dose, study, kwargs, message):
+    with pytest.raises(ExportError, match=message):
+        _rtdose(dose, study, **kwargs)
+
+
+def test_refuses_dose_in_other_units(dose, study):
+    with pytest.raises(ExportError, match="units 'Gy/h'"):
+        _rtdose(Volume(dose.array, dose.grid, "Gy/h"), study)
+
+
+def test_readers_refuse_the_other_kind_of_file(tmp_path, dose, study):
+    rtdose = write_rtdose(tmp_path / "d.dcm", dose, study, method="DVK", description=DESCRIPTION)
+    pmap = write_dose_rate_map(
+        tmp_path / "p.dcm", Volume(dose.array, dose.grid, "mGy/h"), study, method="DVK"
+    )
+
+    with pytest.raises(ExportError, match="not an RT Dose"):
+        read_rtdose(pmap)
+    with pytest.raises(ExportError, match="not a Parametric Map"):
+        read_dose_rate_map(rtdose)
+
+
+# --------------------------------------------------------------------------------------
+# Dose-rate Parametric Map
+
+
+def _dose_rate(study) -> Volume:
+    dose = dose_pattern_gy(study)
+    return Volume(dose.array * 0.731, dose.grid, "mGy/h")
+
+
+@pytest.mark.parametrize("orientation", ["hfs", "ffp", "hfs_head_to_foot", "oblique"])
+def test_parametric_map_round_trip_is_exact(tmp_path, orientation):
+    study = make_study(orientation)
+    rate = _dose_rate(study)
+
+    path = write_dose_rate_map(tmp_path / "pm.dcm", rate, study, method="DVK", created_at=CREATED)
+    ds = pydicom.dcmread(path)
+    back = read_dose_rate_map(path)
+
+    assert ds.SOPClassUID == PARAMETRIC_MAP_STORAGE
+    assert "FloatPixelData" in ds and ds.BitsAllocated == 32
+    mapping = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    unit = mapping.MeasurementUnitsCodeSequence[0]
+    assert (unit.CodeValue, unit.CodingSchemeDesignator) == ("mGy/h", "UCUM")
+    assert ds.StudyInstanceUID == study.ct_series.study_instance_uid
+    assert ds.FrameOfReferenceUID == study.ct.grid.frame_of_reference_uid
+    assert back.units == "mGy/h"
+    # float32 pixels: exactly the float32 values handed in, nothing rescaled, each in place.
+    as_float32 = Volume(rate.array.astype(np.float32).astype(np.float64), rate.grid, "mGy/h")
+    assert_same_voxels(back, as_float32, rtol=0)
+
+
+def test_parametric_map_references_every_ct_and_nm_instance(study):
+    pm = build_dose_rate_map(_dose_rate(study), study, method="DVK", created_at=CREATED)
+
+    sources = {item.ReferencedSOPInstanceUID for item in pm.SourceImageSequence}
+    assert sources == set(study.ct_series.sop_instance_uids) | set(
+        study.spect_series.sop_instance_uids
+    )
+    series = {item.SeriesInstanceUID for item in pm.ReferencedSeriesSequence}
+    assert series == {study.ct_series.series_instance_uid, study.spect_series.series_instance_uid}
+    # Without the CT headers no frame claims a CT slice it cannot vouch for.
+    assert all(
+        len(f.get("DerivationImageSequence", [])) == 0 for f in pm.PerFrameFunctionalGroupsSequence
+    )
+
+
+@pytest.mark.parametrize("orientation", ["hfs", "hfs_head_to_foot"])
+def test_parametric_map_links_frames_to_ct_slices_when_given_the_headers(orientation):
+    study = make_study(orientation)
+    headers = ct_headers(study)
+    position_of = {ds.SOPInstanceUID: np.asarray(ds.ImagePositionPatient) for ds in headers}
+
+    pm = build_dose_rate_map(_dose_rate(study), study, method="DVK", ct_datasets=headers)
+
+    for frame in pm.PerFrameFunctionalGroupsSequence:
+        (source,) = frame.DerivationImageSequence[0].SourceImageSequence
+        frame_position = np.asarray(
+            frame.PlanePositionSequence[0].ImagePositionPatient, dtype=float
+        )
+        np.testing.assert_allclose(
+            position_of[source.ReferencedSOPInstanceUID], frame_position, atol=1e-3
+        )
+
+
+def test_parametric_map_converts_gy_per_h(study):
+    rate = _dose_rate(study)
+    in_gy_per_h = Volume(rate.array / 1e3, rate.grid, "Gy/h")
+
+    pm = build_dose_rate_map(in_gy_per_h, study, method="DVK")
+
+    assert np.asarray(pm.pixel_array).max() == pytest.approx(rate.array.max(), rel=1e-6)
+
+
+def test_parametric_map_uids_are_deterministic_and_distinct_from_rtdose(dose, study):
+    rate = _dose_rate(study)
+    a = build_dose_rate_map(rate, study, method="DVK", options_key="x", created_at=CREATED)
+    b = build_dose_rate_map(rate, study, method="DVK", options_key="x")
+    c = build_dose_rate_map(rate, study, method="DVK", options_key="y")
+
+    assert (a.SeriesInstanceUID, a.SOPInstanceUID) == (b.SeriesInstanceUID, b.SOPInstanceUID)
+    assert (
+        a.DimensionIndexSequence[0].DimensionOrganizationUID
+        == b.DimensionIndexSequence[0].DimensionOrganizationUID
+    )
+    assert c.SOPInstanceUID != a.SOPInstanceUID and c.SeriesInstanceUID != a.SeriesInstanceUID
+    assert a.SOPInstanceUID != _rtdose(dose, study, options_key="x").SOPInstanceUID
+
+
+@needs_dciodvfy
+@pytest.mark.parametrize(
+    "with_headers, nm_in_other_study", [(False, False), (True, False), (False, True)]
+)
+def test_dciodvfy_finds_no_error_in_the_parametric_map(tmp_path, with_headers, nm_in_other_study):
+    study = make_study(nm_in_other_study=nm_in_other_study)
+    path = write_dose_rate_map(
+        tmp_path / "pm.dcm",
+        _dose_rate(study),
+        study,
+        method="DVK",
+        ct_datasets=ct_headers(study) if with_headers else None,
+    )
+
+    errors, unexpected_warnings = dciodvfy(path)
+
+    assert errors == []
+    assert unexpected_warnings == []
+
+
+def test_all_zero_dose_rate_map_reads_back_as_zeros(tmp_path, study):
+    zero = Volume(np.zeros(study.ct.grid.shape), study.ct.grid, "mGy/h")
+
+    back = read_dose_rate_map(write_dose_rate_map(tmp_path / "z.dcm", zero, study, method="DVK"))
+
+    assert np.all(back.array == 0)
+
+
+def test_parametric_map_refuses_bad_input(study):
+    rate = _dose_rate(study)
+    values = rate.array.copy()
+    values[0, 0, 5] = np.nan
+    elsewhere = dataclasses.replace(rate.grid, frame_of_reference_uid=generate_uid())
+    foreign = ct_headers(make_study("ffp"))
+
+    with pytest.raises(ExportError, match="non-finite"):
+        build_dose_rate_map(Volume(values, rate.grid, "mGy/h"), study, method="DVK")
+    with pytest.raises(ExportError, match="frame of reference"):
+        build_dose_rate_map(Volume(rate.array, elsewhere, "mGy/h"), study, method="DVK")
+    with pytest.raises(ExportError, match="units 'Gy'"):
+        build_dose_rate_map(Volume(rate.array, rate.grid, "Gy"), study, method="DVK")
+    with pytest.raises(ExportError, match="not the study's CT series"):
+        build_dose_rate_map(rate, study, method="DVK", ct_datasets=foreign)
