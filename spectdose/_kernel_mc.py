@@ -110,6 +110,21 @@ MEDIA: dict[str, Medium] = {
         ),  # fmt: skip
         source="NIST ESTAR material 'BONE, COMPACT (ICRU)' composition and I = 91.9 eV",
     ),
+    "lung": Medium(
+        name="lung",
+        description="inflated lung: ICRP lung composition (NIST) at 0.26 g/cm^3",
+        # Composition and I-value: NIST ESTAR material 'LUNG (ICRP)'. Density 0.26 g/cm^3:
+        # ICRU Report 44 (1989) inflated lung. Used by the reference (label) engine, whose
+        # lung dose must not be the soft-tissue kernel scaled by 1.04/rho.
+        density_g_cm3=0.26,
+        mean_excitation_ev=75.3,
+        composition=(
+            (1, 0.101278), (6, 0.102310), (7, 0.028650), (8, 0.757072), (11, 0.001840),
+            (12, 0.000730), (15, 0.000800), (16, 0.002250), (17, 0.002660), (19, 0.001940),
+            (20, 0.000090), (26, 0.000370), (30, 0.000010),
+        ),  # fmt: skip
+        source="NIST ESTAR material 'LUNG (ICRP)' composition and I = 75.3 eV; density ICRU 44 inflated lung",
+    ),
     "water": Medium(
         name="water",
         description="liquid water at 1.00 g/cm^3",

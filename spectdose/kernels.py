@@ -188,14 +188,15 @@ def _check_emission_set(emission_set: str) -> str:
 
 
 def default_kernel_shapes(
-    voxel_mm, nuclide: str = "Lu-177", *, photon_extent: str = "paper"
+    voxel_mm, nuclide: str = "Lu-177", *, photon_extent: str = "paper", medium: str = "soft"
 ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """Odd (z, y, x) shapes of the beta and photon kernels for a voxel size.
 
     Beta: per axis ``2 * (ceil(R / a) + 1) + 1`` voxels, at least 9 (the paper's 9^3), where
     R is the CSDA range of the most energetic electron of the nuclide in water at
-    1 g/cm^3 (Lu-177: 498 keV beta endpoint, R = 1.59 mm, ESTAR) — the lightest medium
-    offered, so the kernel holds all electron energy in every medium.
+    1 g/cm^3 (Lu-177: 498 keV beta endpoint, R = 1.59 mm, ESTAR), so the kernel holds all
+    electron energy in soft tissue, water and bone; in a medium lighter than water (lung)
+    R is stretched by 1/density.
 
     Photon: ``photon_extent="paper"`` gives 99 voxels per axis (the DblurDoseNet choice,
     captured photon energy depends on the voxel size); ``"physical"`` covers +-150 mm on
@@ -205,7 +206,7 @@ def default_kernel_shapes(
     name = _check_nuclide(nuclide)
     em = mc.load_emissions(name)
     e_max = float(max(em.beta_energy_mev.max(), em.ce_energy_mev.max(initial=0.0)))
-    r_mm = 10.0 * mc.csda_range_g_cm2("water", e_max) / mc.MEDIA["water"].density_g_cm3
+    r_mm = 10.0 * mc.csda_range_g_cm2("water", e_max) / min(1.0, mc.MEDIA[_check_medium(medium)].density_g_cm3)
     beta = tuple(max(9, 2 * (math.ceil(r_mm / a) + 1) + 1) for a in v)
     if photon_extent == "paper":
         photon = PAPER_PHOTON_SHAPE
@@ -455,7 +456,7 @@ def compute_kernel(
     name = _check_nuclide(nuclide)
     _check_medium(medium)
     _check_emission_set(emission_set)
-    default_beta, default_photon = default_kernel_shapes(v, name)
+    default_beta, default_photon = default_kernel_shapes(v, name, medium=medium)
     b_shape = _check_shape(default_beta if beta_shape is None else beta_shape, "beta_shape")
     p_shape = _check_shape(default_photon if photon_shape is None else photon_shape, "photon_shape")
     if int(electron_histories) < 1000 or int(photon_histories) < 1000:
@@ -549,7 +550,7 @@ def get_kernel(
     name = _check_nuclide(nuclide)
     _check_medium(medium)
     _check_emission_set(emission_set)
-    d_beta, d_photon = default_kernel_shapes(v, name)
+    d_beta, d_photon = default_kernel_shapes(v, name, medium=medium)
     b_shape = _check_shape(d_beta if beta_shape is None else beta_shape, "beta_shape")
     p_shape = _check_shape(d_photon if photon_shape is None else photon_shape, "photon_shape")
     options = dict(
