@@ -254,7 +254,7 @@ def test_corrupt_cache_entry_is_recomputed(tmp_path):
     ("kwargs", "match"),
     [
         ({"nuclide": "I-131"}, "unknown nuclide"),
-        ({"medium": "lung"}, "unknown medium"),
+        ({"medium": "adipose"}, "unknown medium"),
         ({"emission_set": "auger"}, "emission_set"),
         ({"beta_shape": (9, 8, 9)}, "odd"),
         ({"photon_shape": (9, 9)}, "three odd"),
