@@ -1,0 +1,300 @@
+"""Finding DICOM files in a folder or zip archive and reading their headers safely.
+
+Private to :mod:`spectdose.ingest`. Everything here is about files, not physics: which
+paths hold DICOM, whether a file is complete, and unpacking archives without letting a
+hostile archive write outside a temporary folder or fill the disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import shutil
+import stat
+import struct
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from .errors import InputError
+
+# Archive limits. The uncompressed-size cap is the caller's (``max_zip_bytes``); these two
+# are fixed. A clinical SPECT/CT is a few hundred to a few thousand files; DICOM images
+# deflate by a factor 2-10, an all-air CT slice by at most ~50. A member (or the whole
+# archive) that claims to inflate by more than MAX_ZIP_RATIO is taken for a zip bomb.
+MAX_ZIP_MEMBERS = 100_000
+MAX_ZIP_RATIO = 200.0
+_RATIO_CHECK_MIN_BYTES = 1 << 20  # tiny members compress wildly; only judge the ratio above 1 MiB
+
+_MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR SOP Class (PS3.4 Annex F)
+_ARCHIVE_SUFFIXES = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFile:
+    """A file found in the input; ``problem`` says why it cannot even be opened."""
+
+    relpath: str  # relative to the input folder or archive
+    path: Path  # where to read it now (inside a temporary folder for archives)
+    problem: str = ""
+
+
+@dataclasses.dataclass
+class FileHeader:
+    """One DICOM file: where it is, its header (no pixels), and whether it is complete."""
+
+    relpath: str  # relative to the input folder or archive; safe to show (no patient data added)
+    path: Path  # where to read it now (inside a temporary folder for archives)
+    header: Dataset
+    forced: bool  # read without the 128-byte preamble / 'DICM' prefix
+    truncated: str  # "" if complete, else why we think the file is cut short
+
+
+def ds_float(ds: Dataset, keyword: str, default: float, where: str) -> float:
+    """A numeric attribute as float: ``default`` when absent or empty, InputError when malformed."""
+    value = ds.get(keyword, None)
+    if value is None or value == "":
+        return default
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        out = math.nan
+    if not math.isfinite(out):
+        raise InputError(f"{where}: {keyword} is not a finite number")
+    return out
+
+
+def convert_all_elements(ds: Dataset) -> None:
+    """Parse every element now (pydicom converts lazily), so corrupt bytes fail here, not later."""
+    for _ in ds.iterall():
+        pass
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        for _ in meta.iterall():
+            pass
+
+
+def _is_traversal(name: str) -> bool:
+    """True for archive member names that would land outside the folder they are unpacked in."""
+    if "\x00" in name:
+        return True
+    norm = name.replace("\\", "/")
+    if norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
+        return True
+    return any(part == ".." for part in PurePosixPath(norm).parts)
+
+
+def _unpack_zip(archive: Path, dest: Path, max_zip_bytes: int) -> list[InputFile]:
+    """Copy the members of ``archive`` into ``dest`` under generated names.
+
+    Member names are never used as paths: each member is written to ``dest/<n>``, so no
+    name can escape ``dest``. Names that *try* to (absolute, ``..``) make the whole archive
+    suspect and it is refused, as are archives over the size, count or ratio limits.
+    """
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputError(f"{archive.name}: not a readable zip archive ({exc})") from exc
+    with zf:
+        infos = [i for i in zf.infolist() if not i.is_dir()]
+        if len(infos) > MAX_ZIP_MEMBERS:
+            raise InputError(
+                f"{archive.name}: {len(infos)} members, more than the limit of {MAX_ZIP_MEMBERS}"
+            )
+        for info in infos:
+            if _is_traversal(info.filename):
+                raise InputError(
+                    f"{archive.name}: member name {info.filename!r} points outside the archive "
+                    "(absolute path or '..'); refusing the archive"
+                )
+        total = sum(i.file_size for i in infos)
+        if total > max_zip_bytes:
+            raise InputError(
+                f"{archive.name}: uncompressed size {total / 2**20:.0f} MiB exceeds the limit of "
+                f"{max_zip_bytes / 2**20:.0f} MiB"
+            )
+        for info in infos:
+            if info.file_size >= _RATIO_CHECK_MIN_BYTES and info.file_size > MAX_ZIP_RATIO * max(
+                info.compress_size, 1
+            ):
+                raise InputError(
+                    f"{archive.name}: member {info.filename!r} inflates {info.file_size / max(info.compress_size, 1):.0f}-fold "
+                    f"(limit {MAX_ZIP_RATIO:.0f}); refusing a possible zip bomb"
+                )
+        archive_bytes = max(archive.stat().st_size, 1)
+        if total >= _RATIO_CHECK_MIN_BYTES and total > MAX_ZIP_RATIO * archive_bytes:
+            raise InputError(
+                f"{archive.name}: declares {total / archive_bytes:.0f} times its own size "
+                f"(limit {MAX_ZIP_RATIO:.0f}); refusing a possible zip bomb (overlapping members?)"
+            )
+        out: list[InputFile] = []
+        written = 0
+        for n, info in enumerate(infos):
+            mode = (info.external_attr >> 16) & 0o170000
+            if mode == stat.S_IFLNK:
+                continue  # a symbolic link; never materialised
+            target = dest / f"{n:06d}"
+            try:
+                with zf.open(info) as src, open(target, "wb") as dst:
+                    # zipfile stops at the declared file_size and checks the CRC, so the
+                    # running total below cannot exceed what was checked above.
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > max_zip_bytes:
+                            raise InputError(
+                                f"{archive.name}: more data than declared; refusing the archive"
+                            )
+                        dst.write(chunk)
+            except (
+                zipfile.BadZipFile,
+                OSError,
+                EOFError,
+                NotImplementedError,
+                RuntimeError,
+            ) as exc:
+                # a damaged or encrypted member is listed as ignored, with the reason
+                target.unlink(missing_ok=True)
+                out.append(
+                    InputFile(
+                        info.filename,
+                        target,
+                        f"damaged or encrypted archive member ({type(exc).__name__})",
+                    )
+                )
+                continue
+            out.append(InputFile(info.filename, target))
+        return out
+
+
+@contextlib.contextmanager
+def input_files(path: str | Path, max_zip_bytes: int) -> Iterator[list[InputFile]]:
+    """Yield an :class:`InputFile` for every regular file under ``path``.
+
+    ``path`` is a folder (walked recursively, sorted, symlinked folders not followed), a
+    zip archive (unpacked into a temporary folder removed on exit) or a single file.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise InputError(f"input path {root} does not exist")
+    if root.is_dir():
+        files: list[InputFile] = []
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+            dirnames.sort()
+            for name in sorted(filenames):
+                p = Path(dirpath) / name
+                if p.is_file():
+                    files.append(InputFile(p.relative_to(root).as_posix(), p))
+        yield files
+        return
+    if zipfile.is_zipfile(root):
+        tmp = Path(tempfile.mkdtemp(prefix="spectdose-zip-"))
+        try:
+            yield _unpack_zip(root, tmp, max_zip_bytes)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    if root.suffix.lower() == ".zip":
+        raise InputError(f"{root.name}: not a readable zip archive")
+    yield [InputFile(root.name, root)]
+
+
+def _looks_like_raw_dicom(head: bytes) -> bool:
+    """A DICOM stream without preamble starts with a group 0002 or 0008 element (little endian)."""
+    if len(head) < 8:
+        return False
+    group, element = struct.unpack("<HH", head[:4])
+    if group not in (0x0002, 0x0008) or element > 0x0020:
+        return False
+    vr = head[4:6]
+    # explicit VR: two upper-case letters; implicit VR: a 4-byte length follows the tag
+    return (vr.isalpha() and vr.isupper()) or struct.unpack("<I", head[4:8])[0] < 1 << 16
+
+
+def _pixel_data_truncation(fp, file_size: int, header: Dataset) -> str:
+    """Why the file looks cut short, or "" if the pixel data fits in the file.
+
+    ``fp`` is positioned where ``dcmread(stop_before_pixels=True)`` stopped, i.e. at the
+    Pixel Data element (or at the end of the file if there was none).
+    """
+    pos = fp.tell()
+    if pos >= file_size:
+        if "SeriesInstanceUID" not in header:
+            return "ends inside its header"
+        is_image = "Rows" in header or header.get("Modality", "") in ("CT", "NM", "PT")
+        return "ends before its pixel data" if is_image else ""
+    tag_bytes = fp.read(8)
+    if len(tag_bytes) < 8:
+        return "ends inside the pixel data element header"
+    group, element = struct.unpack("<HH", tag_bytes[:4])
+    if (group, element) != (0x7FE0, 0x0010):
+        return ""  # stopped for another reason (e.g. float pixel data); not ours to judge
+    implicit = header.original_encoding[0] if header.original_encoding[0] is not None else False
+    if implicit:
+        length = struct.unpack("<I", tag_bytes[4:8])[0]
+        start = pos + 8
+    else:
+        rest = fp.read(4)
+        if len(rest) < 4:
+            return "ends inside the pixel data element header"
+        length = struct.unpack("<I", rest)[0]
+        start = pos + 12
+    if length == 0xFFFFFFFF:  # encapsulated (compressed): must end with a sequence delimiter
+        fp.seek(max(file_size - 8, 0))
+        tail = fp.read(8)
+        if tail != b"\xfe\xff\xdd\xe0\x00\x00\x00\x00":
+            return "compressed pixel data without its closing delimiter"
+        return ""
+    if start + length > file_size:
+        return f"pixel data cut short ({file_size - start} of {length} bytes)"
+    return ""
+
+
+def read_header(item: InputFile) -> FileHeader | str:
+    """Read one file's header; return a :class:`FileHeader` or the reason it is not usable DICOM."""
+    if item.problem:
+        return item.problem
+    relpath, path = item.relpath, item.path
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if size == 0:
+        return "empty file"
+    if path.name.upper() == "DICOMDIR":
+        return "DICOMDIR index (images are found by scanning, not through the index)"
+    if path.suffix.lower() in _ARCHIVE_SUFFIXES:
+        return "archive inside the input is not opened (pass the archive itself)"
+    try:
+        with open(path, "rb") as fp:
+            head = fp.read(132)
+            forced = not (len(head) == 132 and head[128:132] == b"DICM")
+            if forced and not _looks_like_raw_dicom(head):
+                return "not DICOM"
+            fp.seek(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                header = pydicom.dcmread(fp, stop_before_pixels=True, force=forced)
+                truncated = _pixel_data_truncation(fp, size, header)
+                convert_all_elements(header)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    except (
+        Exception
+    ) as exc:  # pydicom raises many types on corrupt bytes; the file is what is wrong
+        return f"damaged or truncated DICOM, not readable ({type(exc).__name__})"
+    meta = getattr(header, "file_meta", None)
+    sop_class = str(
+        header.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else "")
+    )
+    if sop_class == _MEDIA_STORAGE_DIRECTORY:
+        return "DICOMDIR index (images are found by scanning, not through the index)"
+    if forced and not ("SOPClassUID" in header and "SeriesInstanceUID" in header):
+        return "not DICOM (no SOP Class or Series Instance UID)"
+    return FileHeader(relpath=relpath, path=path, header=header, forced=forced, truncated=truncated)

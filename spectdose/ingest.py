@@ -1,0 +1,861 @@
+"""DICOM ingest: a folder or zip of a Lu-177 SPECT/CT study -> :class:`~spectdose.study.Study`.
+
+Files may come in any order and nesting, mixed with non-DICOM files, DICOMDIRs and our own
+earlier outputs. We read every header (without pixels), group files into series, pick
+the reconstructed SPECT and the axial CT that goes with it, read only their pixels, and
+turn values into physical units ourselves: CT into HU (Rescale Slope/Intercept per
+slice), SPECT into Bq/ml at acquisition start (Real World Value Mapping, PET-style BQML,
+or counts with a camera sensitivity). See docs/ingest.md for every rule and refusal.
+
+Messages and logs name files by their path relative to the input and series by UID,
+never by patient attributes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import numbers
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from . import _dicom_activity as act
+from ._dicom_files import FileHeader, ds_float, input_files, read_header
+from ._dicom_series import (
+    Candidate,
+    approx_bounds_lps,
+    candidate_grid,
+    group_series,
+    read_pixels,
+    stack_geometry,
+)
+from .errors import CalibrationError, GeometryError, InputError
+from .geometry import Grid, Volume
+from .study import Administration, PatientInfo, SeriesRef, Study
+
+__all__ = [
+    "CameraCalibration",
+    "load_calibrations",
+    "SeriesSummary",
+    "Inventory",
+    "scan_dicom",
+    "load_study",
+    "MIN_ACTIVITY_FRACTION_IN_CT",
+]
+
+log = logging.getLogger(__name__)
+
+# The SPECT must place at least this fraction of its (positive) activity inside the CT
+# volume, or the study is refused: dose needs densities where the activity is.
+MIN_ACTIVITY_FRACTION_IN_CT = 0.5
+# Below this fraction a warning is recorded (activity outside the CT gets no density).
+_WARN_ACTIVITY_FRACTION_IN_CT = 0.95
+# Two CT candidates whose coverage of the SPECT differs by less than this are a tie.
+_COVERAGE_TIE = 0.05
+_CT_PADDING_HU = -1000.0  # voxels flagged by Pixel Padding Value are outside the CT's field: air
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+@dataclasses.dataclass(frozen=True)
+class CameraCalibration:
+    """A gamma camera's planar/tomographic sensitivity for Lu-177 and which camera it is for.
+
+    Fields left ``None`` match any camera; an entry matches a SPECT when every field it
+    sets equals (case-insensitively) the NM header's Manufacturer (0008,0070), Station
+    Name (0008,1010), Device Serial Number (0018,1000) or the Calling AE Title the file
+    arrived from. The most specific matching entry wins.
+    """
+
+    sensitivity_cps_per_mbq: float
+    manufacturer: str | None = None
+    station_name: str | None = None
+    device_serial_number: str | None = None
+    calling_ae_title: str | None = None
+
+    def __post_init__(self) -> None:
+        s = self.sensitivity_cps_per_mbq
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s) or s <= 0:
+            raise CalibrationError(
+                f"camera sensitivity must be a positive number of cps/MBq, got {s!r}"
+            )
+
+    @property
+    def specificity(self) -> int:
+        return sum(v is not None for v in self._criteria().values())
+
+    def _criteria(self) -> dict[str, str | None]:
+        return {
+            "Manufacturer": self.manufacturer,
+            "StationName": self.station_name,
+            "DeviceSerialNumber": self.device_serial_number,
+            "CallingAETitle": self.calling_ae_title,
+        }
+
+    def matches(self, header: Dataset, calling_ae_title: str | None = None) -> bool:
+        for keyword, wanted in self._criteria().items():
+            if wanted is None:
+                continue
+            have = calling_ae_title if keyword == "CallingAETitle" else header.get(keyword, None)
+            if have is None or str(have).strip().casefold() != str(wanted).strip().casefold():
+                return False
+        return True
+
+    def describe(self) -> str:
+        parts = [f"{k}={v!r}" for k, v in self._criteria().items() if v is not None]
+        return f"{self.sensitivity_cps_per_mbq:g} cps/MBq ({', '.join(parts) or 'any camera'})"
+
+
+_CALIBRATION_KEYS = {f.name for f in dataclasses.fields(CameraCalibration)}
+
+
+def load_calibrations(path: str | Path) -> list[CameraCalibration]:
+    """Read camera calibrations from a JSON or TOML file.
+
+    JSON: a list of objects, or ``{"cameras": [...]}``. TOML: ``[[cameras]]`` tables.
+    Keys are the :class:`CameraCalibration` field names; ``sensitivity_cps_per_mbq`` is
+    required.
+
+    Raises
+    ------
+    InputError
+        unreadable file, unknown keys or a missing sensitivity.
+    CalibrationError
+        a sensitivity that is not a positive number.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"camera calibration file {path.name}: cannot be read ({exc})") from exc
+    entries = data.get("cameras", None) if isinstance(data, dict) else data
+    if not isinstance(entries, list):
+        raise InputError(
+            f"camera calibration file {path.name}: expected a list of cameras (or a 'cameras' list)"
+        )
+    out = []
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise InputError(
+                f"camera calibration file {path.name}: entry {n} is not a table/object"
+            )
+        unknown = set(entry) - _CALIBRATION_KEYS
+        if unknown:
+            raise InputError(
+                f"camera calibration file {path.name}: entry {n} has unknown keys {sorted(unknown)}; "
+                f"allowed: {sorted(_CALIBRATION_KEYS)}"
+            )
+        if "sensitivity_cps_per_mbq" not in entry:
+            raise InputError(
+                f"camera calibration file {path.name}: entry {n} lacks sensitivity_cps_per_mbq"
+            )
+        out.append(CameraCalibration(**entry))
+    return out
+
+
+def _match_calibration(
+    calibrations: Sequence[CameraCalibration], header: Dataset, calling_ae_title: str | None
+) -> CameraCalibration | None:
+    matching = [c for c in calibrations if c.matches(header, calling_ae_title)]
+    if not matching:
+        return None
+    best = max(c.specificity for c in matching)
+    top = [c for c in matching if c.specificity == best]
+    if len({c.sensitivity_cps_per_mbq for c in top}) > 1:
+        raise CalibrationError(
+            "camera calibrations are ambiguous for this camera: "
+            + "; ".join(c.describe() for c in top)
+            + ". Make one entry more specific."
+        )
+    return top[0]
+
+
+# ----------------------------------------------------------------------------- inventory
+
+
+@dataclasses.dataclass(frozen=True)
+class SeriesSummary:
+    """One series (or one multi-frame NM object) found in the input."""
+
+    key: str  # what to pass as spect_series_uid/ct_series_uid to pick it
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str
+    sop_class_uid: str
+    series_description: str
+    series_number: int | None
+    frame_of_reference_uid: str
+    n_files: int
+    n_frames: int
+    role: str  # "ct" or "spect" when usable as such, "" otherwise
+    reason: str  # why it is not usable ("" when it is)
+    truncated_files: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class Inventory:
+    """What a folder or archive holds, without pixel data: for summaries and for choosing."""
+
+    series: list[SeriesSummary]
+    ignored_files: list[tuple[str, str]]
+    warnings: list[str]
+    # every truncated or damaged DICOM file, whether attributed to a series or not
+    damaged_files: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def ct_candidates(self) -> list[SeriesSummary]:
+        return [s for s in self.series if s.role == "ct"]
+
+    @property
+    def spect_candidates(self) -> list[SeriesSummary]:
+        return [s for s in self.series if s.role == "spect"]
+
+    def describe(self) -> str:
+        """Human-readable listing (UIDs and descriptions only, no patient data)."""
+        lines = []
+        for s in self.series:
+            status = f"usable as {s.role.upper()}" if s.role else f"not used: {s.reason}"
+            lines.append(
+                f"{s.modality:<6} {s.series_description or '(no description)'!r}: {s.n_files} file(s), "
+                f"{s.n_frames} frame(s), key {s.key} -> {status}"
+            )
+        if self.ignored_files:
+            lines.append(f"{len(self.ignored_files)} file(s) ignored")
+        return "\n".join(lines)
+
+
+def _summary(c: Candidate) -> SeriesSummary:
+    number = c.first.get("SeriesNumber", None)
+    try:
+        number = int(number) if number not in (None, "") else None
+    except (TypeError, ValueError):
+        number = None
+    return SeriesSummary(
+        key=c.key,
+        study_instance_uid=c.study_uid,
+        series_instance_uid=c.series_uid,
+        modality=c.modality,
+        sop_class_uid=c.sop_class,
+        series_description=c.description,
+        series_number=number,
+        frame_of_reference_uid=c.frame_of_reference_uid,
+        n_files=len(c.files),
+        n_frames=c.n_frames,
+        role=c.role,
+        reason=c.reason,
+        truncated_files=tuple(f.relpath for f in c.files if f.truncated),
+    )
+
+
+def _scan(items) -> tuple[list[Candidate], list[tuple[str, str]], list[str], list[str]]:
+    """Read all headers; return candidates, ignored files, notes and unattributable damaged files."""
+    headers: list[FileHeader] = []
+    ignored: list[tuple[str, str]] = []
+    notes: list[str] = []
+    orphans: list[str] = []
+    for item in items:
+        result = read_header(item)
+        if isinstance(result, str):
+            ignored.append((item.relpath, result))
+            if result.startswith("damaged or truncated DICOM"):
+                notes.append(f"{item.relpath}: {result}; ignored")
+                orphans.append(item.relpath)
+        else:
+            headers.append(result)
+    for fh in headers:
+        if fh.truncated and not fh.header.get("SeriesInstanceUID", None):
+            notes.append(
+                f"{fh.relpath}: truncated DICOM file ignored (no series information readable)"
+            )
+            orphans.append(fh.relpath)
+    candidates, dropped = group_series(headers)
+    ignored.extend(dropped)
+    return candidates, ignored, notes, orphans
+
+
+def scan_dicom(path: str | Path, *, max_zip_bytes: int = 4 * 2**30) -> Inventory:
+    """List the series in a folder, zip archive or file, and whether each could be the CT or SPECT.
+
+    Raises :class:`InputError` only for an unusable input path or archive.
+    """
+    try:
+        with input_files(path, max_zip_bytes) as items:
+            candidates, ignored, notes, orphans = _scan(items)
+        in_series = [f.relpath for c in candidates for f in c.files if f.truncated]
+        return Inventory(
+            [_summary(c) for c in candidates], ignored, notes, sorted(orphans + in_series)
+        )
+    except (
+        ValueError,
+        TypeError,
+        AttributeError,
+        KeyError,
+        IndexError,
+        NotImplementedError,
+    ) as exc:
+        raise InputError(f"malformed DICOM content while scanning ({type(exc).__name__})") from exc
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def _listing(cands: Sequence[Candidate]) -> str:
+    return "; ".join(c.label() for c in cands)
+
+
+def _pick_by_uid(cands: list[Candidate], uid: str, role: str) -> Candidate:
+    matches = [c for c in cands if uid in (c.key, c.series_uid)]
+    if not matches:
+        usable = [c for c in cands if c.role == role]
+        raise InputError(
+            f"no series or object with UID {uid} in the input; {role.upper()} candidates: {_listing(usable) or 'none'}"
+        )
+    exact = [c for c in matches if c.key == uid] or matches
+    usable = [c for c in exact if c.role == role]
+    if not usable:
+        raise InputError(
+            f"{exact[0].label()} cannot be used as the {role.upper()}: {exact[0].reason or 'it is a ' + exact[0].role.upper()}"
+        )
+    if len(usable) > 1:
+        raise InputError(
+            f"UID {uid} names {len(usable)} {role.upper()} volumes; pass one of their keys instead: {_listing(usable)}"
+        )
+    return usable[0]
+
+
+def _select_spect(cands: list[Candidate], uid: str | None) -> Candidate:
+    if uid:
+        return _pick_by_uid(cands, uid, "spect")
+    spects = [c for c in cands if c.role == "spect"]
+    if len(spects) == 1:
+        return spects[0]
+    if not spects:
+        emission = [c for c in cands if c.modality in ("NM", "PT")]
+        why = "; ".join(f"{c.label()}: {c.reason}" for c in emission)
+        raise InputError(
+            "no reconstructed SPECT in the input (need an NM RECON TOMO volume or a PET-style BQML series)"
+            + (f". Found instead: {why}" if why else "")
+        )
+    raise InputError(
+        f"{len(spects)} candidate SPECT volumes; choose one with spect_series_uid: "
+        + "; ".join(f"[{c.key}] {c.label()}" for c in spects)
+    )
+
+
+def _patient_id(c: Candidate) -> str:
+    return str(c.first.get("PatientID", "") or "").strip()
+
+
+def _coverage(ct: Candidate, spect_grid: Grid) -> float:
+    """Fraction of the SPECT field of view inside the CT's bounding box (from headers)."""
+    box = approx_bounds_lps(ct)
+    if box is None:
+        return 0.0
+    axes = [np.linspace(0, n - 1, min(n, 9)) for n in spect_grid.shape]
+    idx = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    pts = spect_grid.index_to_lps_mm(idx)
+    inside = np.all((pts >= box[0] - 1e-3) & (pts <= box[1] + 1e-3), axis=1)
+    return float(inside.mean())
+
+
+def _select_ct(
+    cands: list[Candidate], spect: Candidate, spect_grid: Grid, uid: str | None, notes: list[str]
+) -> Candidate:
+    if uid:
+        return _pick_by_uid(cands, uid, "ct")
+    cts = [c for c in cands if c.role == "ct"]
+    if not cts:
+        dropped = [c for c in cands if c.modality == "CT"]
+        why = "; ".join(f"{c.label()}: {c.reason}" for c in dropped)
+        raise InputError(
+            "no usable axial CT series in the input" + (f". Found instead: {why}" if why else "")
+        )
+    pool = [c for c in cts if c.study_uid == spect.study_uid]
+    if not pool:
+        pid = _patient_id(spect)
+        pool = [
+            c
+            for c in cts
+            if pid
+            and _patient_id(c) == pid
+            and c.frame_of_reference_uid
+            and c.frame_of_reference_uid == spect.frame_of_reference_uid
+        ]
+        if not pool:
+            raise InputError(
+                "mismatched studies: no CT in the SPECT's study (StudyInstanceUID "
+                f"{spect.study_uid}); the CT series present belong to other studies "
+                "without the same patient and frame of reference: " + _listing(cts)
+            )
+    if len(pool) == 1:
+        return pool[0]
+    same_for = [
+        c
+        for c in pool
+        if c.frame_of_reference_uid and c.frame_of_reference_uid == spect.frame_of_reference_uid
+    ]
+    if len(same_for) == 1:
+        notes.append(
+            f"several CT series; chose the one sharing the SPECT's frame of reference: {same_for[0].label()}"
+        )
+        return same_for[0]
+    pool = same_for or pool
+    ranked = sorted(((_coverage(c, spect_grid), c) for c in pool), key=lambda t: -t[0])
+    if ranked[0][0] - ranked[1][0] > _COVERAGE_TIE:
+        best = ranked[0][1]
+        notes.append(
+            f"several CT series; chose the one covering most of the SPECT ({ranked[0][0]:.0%}): {best.label()}"
+        )
+        return best
+    raise InputError(
+        f"{len(pool)} candidate CT series cover the SPECT equally; choose one with ct_series_uid: "
+        + "; ".join(f"[{c.key}] {c.label()}" for c in pool)
+    )
+
+
+def _check_match(ct: Candidate, spect: Candidate, notes: list[str]) -> None:
+    """Refuse a CT and SPECT of different patients, or of different studies not sharing a frame of reference."""
+    pid_ct, pid_sp = _patient_id(ct), _patient_id(spect)
+    if pid_ct and pid_sp and pid_ct != pid_sp:
+        raise InputError(
+            f"mismatched studies: the CT ({ct.series_uid}) and the SPECT ({spect.series_uid}) have different "
+            "Patient IDs"
+        )
+    same_for = (
+        bool(ct.frame_of_reference_uid)
+        and ct.frame_of_reference_uid == spect.frame_of_reference_uid
+    )
+    if ct.study_uid != spect.study_uid:
+        if not (pid_ct and pid_sp and same_for):
+            raise InputError(
+                f"mismatched studies: the CT is from study {ct.study_uid} and the SPECT from study "
+                f"{spect.study_uid}; accepted only with the same Patient ID and Frame of Reference UID"
+            )
+        notes.append(
+            "CT and SPECT come from different studies of the same patient sharing a frame of reference"
+        )
+    if not same_for:
+        notes.append(
+            "CT and SPECT have different (or missing) Frame of Reference UIDs: their positions are not "
+            "comparable until they are registered"
+        )
+
+
+# ----------------------------------------------------------------------------- volumes
+
+
+def _ref(c: Candidate, order: Sequence[int]) -> SeriesRef:
+    ds = c.first
+    number = _summary(c).series_number
+    return SeriesRef(
+        study_instance_uid=c.study_uid,
+        series_instance_uid=c.series_uid,
+        modality=c.modality,
+        sop_class_uid=c.sop_class,
+        sop_instance_uids=tuple(str(c.files[i].header.get("SOPInstanceUID", "")) for i in order),
+        series_description=c.description,
+        series_number=number,
+        frame_of_reference_uid=c.frame_of_reference_uid or None,
+        manufacturer=str(ds.get("Manufacturer", "") or ""),
+        station_name=str(ds.get("StationName", "") or ""),
+    )
+
+
+def _read_ct(ct: Candidate, order: list[int], grid: Grid) -> Volume:
+    slices = []
+    for i in order:
+        fh = ct.files[i]
+        stored, ds = read_pixels(fh)
+        slope = ds_float(ds, "RescaleSlope", 1.0, fh.relpath)
+        intercept = ds_float(ds, "RescaleIntercept", 0.0, fh.relpath)
+        if slope == 0:
+            raise InputError(f"{fh.relpath}: RescaleSlope is 0")
+        hu = stored[0].astype(np.float64) * slope + intercept
+        padding = ds.get("PixelPaddingValue", None)
+        if padding is not None:
+            hu[stored[0] == padding] = _CT_PADDING_HU
+        slices.append(hu.astype(np.float32))
+    return Volume(np.stack(slices), grid, "HU")
+
+
+def _read_spect_values(
+    spect: Candidate, order: list[int], notes: list[str]
+) -> tuple[np.ndarray, act.Scaling, list[Dataset]]:
+    """SPECT values after the header's own scaling (Bq/ml, or counts), slices in grid order."""
+    if spect.kind == "nm-multiframe":
+        stored, ds = read_pixels(spect.files[0])
+        scaling = act.nm_scaling(ds, stored.shape[0], notes)
+        datasets = [ds]
+    else:
+        frames, datasets = [], []
+        for i in order:
+            stored_i, ds = read_pixels(spect.files[i])
+            frames.append(stored_i[0])
+            datasets.append(ds)
+        stored = np.stack(frames)
+        if spect.kind == "pt-stack":
+            scaling = act.pt_scaling(datasets)
+        else:
+            per_slice = [act.nm_scaling(ds, 1, notes) for ds in datasets]
+            if len({s.units for s in per_slice}) > 1:
+                raise CalibrationError(
+                    f"{spect.label()}: slices disagree on units ({sorted({s.units for s in per_slice})})"
+                )
+            scaling = act.Scaling(
+                np.concatenate([s.slope for s in per_slice]),
+                np.concatenate([s.intercept for s in per_slice]),
+                per_slice[0].units,
+                per_slice[0].note,
+            )
+    values = (
+        stored.astype(np.float64) * scaling.slope[:, None, None] + scaling.intercept[:, None, None]
+    )
+    return values, scaling, datasets
+
+
+def _activity_fraction_inside(values: np.ndarray, grid: Grid, ct_grid: Grid) -> float:
+    positive = np.clip(values, 0, None)
+    total = positive.sum()
+    if total <= 0:
+        return 0.0
+    idx = np.argwhere(positive > 0)
+    ct_idx = ct_grid.lps_mm_to_index(grid.index_to_lps_mm(idx))
+    inside = np.all((ct_idx >= -0.5) & (ct_idx <= np.asarray(ct_grid.shape) - 0.5), axis=1)
+    return float(positive[tuple(idx[inside].T)].sum() / total)
+
+
+def _reversed_stack(grid: Grid) -> Grid:
+    axes = grid.axes.copy()
+    axes[0] = -axes[0]
+    return dataclasses.replace(grid, axes=axes)
+
+
+def _check_overlap(
+    values: np.ndarray, spect: Candidate, grid: Grid, ct_grid: Grid, notes: list[str]
+) -> None:
+    if not np.any(values > 0):
+        notes.append("the SPECT holds no positive values (no activity)")
+        return
+    fraction = _activity_fraction_inside(values, grid, ct_grid)
+    if fraction < MIN_ACTIVITY_FRACTION_IN_CT:
+        hint = ""
+        if (
+            spect.kind == "nm-multiframe"
+            and _activity_fraction_inside(values, _reversed_stack(grid), ct_grid)
+            >= MIN_ACTIVITY_FRACTION_IN_CT
+        ):
+            hint = (
+                " It would overlap if its frames were stacked the other way: the vendor may not follow the "
+                "DICOM sign convention of Spacing Between Slices."
+            )
+        raise GeometryError(
+            f"the SPECT lies outside the CT: only {fraction:.0%} of its activity falls inside the CT volume "
+            f"(at least {MIN_ACTIVITY_FRACTION_IN_CT:.0%} is required).{hint}"
+        )
+    if fraction < _WARN_ACTIVITY_FRACTION_IN_CT:
+        notes.append(
+            f"{1 - fraction:.1%} of the SPECT activity lies outside the CT volume (no density there)"
+        )
+
+
+def _to_activity(
+    values: np.ndarray,
+    scaling: act.Scaling,
+    spect: Candidate,
+    datasets: list[Dataset],
+    grid: Grid,
+    *,
+    calibrations: Sequence[CameraCalibration],
+    sensitivity_cps_per_mbq: float | None,
+    calling_ae_title: str | None,
+    allow_normalised: bool,
+    decay_factor: float,
+    notes: list[str],
+) -> tuple[np.ndarray, str, str]:
+    """Values in Bq/ml (or MBq-normalised), their units and a calibration note."""
+    header = datasets[0]
+    what = spect.label()
+    if scaling.units == "Bq/ml":
+        note = scaling.note
+        if decay_factor != 1.0:
+            note += f"; x {decay_factor:.6f} to refer decay-corrected values to acquisition start"
+        return values * decay_factor, "Bq/ml", note
+    # counts
+    problem = ""
+    source = ""
+    sensitivity = None
+    if sensitivity_cps_per_mbq is not None:
+        sensitivity = CameraCalibration(float(sensitivity_cps_per_mbq)).sensitivity_cps_per_mbq
+        source = "given with the request"
+    else:
+        match = _match_calibration(calibrations, header, calling_ae_title)
+        if match is not None:
+            sensitivity, source = (
+                match.sensitivity_cps_per_mbq,
+                f"calibration entry {match.describe()}",
+            )
+    camera = ", ".join(
+        f"{k} {str(header.get(k, '') or '')!r}"
+        for k in ("Manufacturer", "StationName", "DeviceSerialNumber")
+    )
+    if sensitivity is None:
+        problem = (
+            f"{what} holds counts (no Bq/ml Real World Value Mapping) and no camera sensitivity applies: supply "
+            f"sensitivity_cps_per_mbq, or a calibration entry matching this camera ({camera}"
+            + (f", calling AE title {calling_ae_title!r}" if calling_ae_title else "")
+            + ")"
+        )
+    view_s = act.frame_duration_s(header)
+    if not problem and view_s is None:
+        problem = (
+            f"{what} holds counts but has no time per view (RotationInformationSequence > ActualFrameDuration), "
+            "needed to turn counts into activity"
+        )
+    if not problem:
+        factor = 1e6 / (sensitivity * view_s * grid.voxel_volume_ml)
+        note = (
+            f"{scaling.note}: Bq/ml = value / ({sensitivity:g} cps/MBq x {view_s:g} s per view) x 1e6 / "
+            f"{grid.voxel_volume_ml:.6g} ml per voxel; sensitivity {source}"
+        )
+        return values * factor, "Bq/ml", note
+    if not allow_normalised:
+        raise CalibrationError(problem + "; or ask for MBq-normalised output (allow_normalised)")
+    total = float(np.clip(values, 0, None).sum())
+    if not total > 0:
+        raise InputError(f"{what}: the SPECT holds no positive counts; nothing to normalise")
+    notes.append(
+        "no usable activity calibration; the SPECT is normalised to 1 MBq in the field of view"
+    )
+    note = (
+        f"{scaling.note}, normalised: values x 1e6 / (sum of positive values x voxel volume in ml), so the "
+        "field of view holds 1 MBq "
+        f"(reason: {problem})"
+    )
+    return values * (1e6 / (total * grid.voxel_volume_ml)), "MBq-normalised", note
+
+
+def _patient(ds: Dataset) -> PatientInfo:
+    def s(keyword: str) -> str:
+        return str(ds.get(keyword, "") or "")
+
+    return PatientInfo(
+        patient_name=s("PatientName"),
+        patient_id=s("PatientID"),
+        patient_birth_date=s("PatientBirthDate"),
+        patient_sex=s("PatientSex"),
+        study_date=s("StudyDate"),
+        study_time=s("StudyTime"),
+        study_id=s("StudyID"),
+        accession_number=s("AccessionNumber"),
+        referring_physician_name=s("ReferringPhysicianName"),
+    )
+
+
+def _select(
+    candidates: list[Candidate],
+    spect_series_uid: str | None,
+    ct_series_uid: str | None,
+    notes: list[str],
+) -> tuple[Candidate, list[int], Grid, Candidate, list[int], Grid]:
+    """Pick the SPECT and the CT, check they belong together, and place both (headers only)."""
+    spect = _select_spect(candidates, spect_series_uid)
+    for fh in spect.files:
+        if fh.truncated:
+            raise InputError(
+                f"{fh.relpath}: truncated DICOM file ({fh.truncated}); it belongs to the SPECT"
+            )
+    spect_order, spect_grid, geo_notes = candidate_grid(spect)
+    notes.extend(geo_notes)
+    ct = _select_ct(candidates, spect, spect_grid, ct_series_uid, notes)
+    for fh in ct.files:
+        if fh.truncated:
+            raise InputError(
+                f"{fh.relpath}: truncated DICOM file ({fh.truncated}); it belongs to the CT"
+            )
+    _check_match(ct, spect, notes)
+    ct_order, ct_grid = stack_geometry(ct.files, ct.label())
+    return spect, spect_order, spect_grid, ct, ct_order, ct_grid
+
+
+def load_study(
+    path: str | Path,
+    *,
+    calibrations: Sequence[CameraCalibration] = (),
+    sensitivity_cps_per_mbq: float | None = None,
+    calling_ae_title: str | None = None,
+    allow_normalised: bool = False,
+    spect_series_uid: str | None = None,
+    ct_series_uid: str | None = None,
+    max_zip_bytes: int = 4 * 2**30,
+) -> Study:
+    """Read a SPECT/CT study from a folder, a zip archive or a single file.
+
+    Parameters
+    ----------
+    path
+        Folder (searched recursively), zip archive, or file.
+    calibrations
+        Camera sensitivities (cps/MBq); the most specific entry matching the NM header
+        (and ``calling_ae_title``) is used when the SPECT holds counts.
+    sensitivity_cps_per_mbq
+        A sensitivity that overrides ``calibrations``.
+    calling_ae_title
+        The AE title the study was received from (DICOM node), for calibration matching.
+    allow_normalised
+        When no activity calibration applies, return a SPECT normalised to 1 MBq in the
+        field of view (units ``"MBq-normalised"``) instead of refusing.
+    spect_series_uid, ct_series_uid
+        Choose among several candidates (a Series Instance UID, or the key listed by
+        :func:`scan_dicom` for one of several multi-frame NM objects in one series).
+    max_zip_bytes
+        Largest total uncompressed size accepted from a zip archive.
+
+    Returns
+    -------
+    Study
+        CT in HU (float32) on the CT grid; SPECT in Bq/ml at the acquisition start
+        (float32) on its own grid, or MBq-normalised.
+
+    Raises
+    ------
+    InputError
+        No CT, no SPECT, several candidates, truncated or undecodable files in the
+        series needed, mismatched studies or patients, unsafe or oversized archives.
+    GeometryError
+        Uneven CT spacing or missing slices, gantry tilt, mixed orientations, or a SPECT
+        whose activity lies mostly outside the CT.
+    CalibrationError
+        Counts without a camera sensitivity or time per view (unless
+        ``allow_normalised``), unsupported value mappings, ambiguous calibrations.
+    """
+    try:
+        return _load(
+            path,
+            calibrations=calibrations,
+            sensitivity_cps_per_mbq=sensitivity_cps_per_mbq,
+            calling_ae_title=calling_ae_title,
+            allow_normalised=allow_normalised,
+            spect_series_uid=spect_series_uid,
+            ct_series_uid=ct_series_uid,
+            max_zip_bytes=max_zip_bytes,
+        )
+    except (
+        ValueError,
+        TypeError,
+        AttributeError,
+        KeyError,
+        IndexError,
+        NotImplementedError,
+    ) as exc:
+        # A safety net: specific checks above name the attribute; anything that still slips
+        # through is malformed DICOM content, reported without echoing header values.
+        raise InputError(
+            f"malformed DICOM content in the CT or SPECT ({type(exc).__name__}); check the files with a "
+            "DICOM validator (e.g. dciodvfy)"
+        ) from exc
+
+
+def _load(
+    path: str | Path,
+    *,
+    calibrations: Sequence[CameraCalibration],
+    sensitivity_cps_per_mbq: float | None,
+    calling_ae_title: str | None,
+    allow_normalised: bool,
+    spect_series_uid: str | None,
+    ct_series_uid: str | None,
+    max_zip_bytes: int,
+) -> Study:
+    notes: list[str] = []
+    with input_files(path, max_zip_bytes) as items:
+        candidates, ignored, scan_notes, orphans = _scan(items)
+        notes.extend(scan_notes)
+        try:
+            spect, spect_order, spect_grid, ct, ct_order, ct_grid = _select(
+                candidates, spect_series_uid, ct_series_uid, notes
+            )
+        except (InputError, GeometryError) as exc:
+            if not orphans:
+                raise
+            listed = ", ".join(orphans[:5]) + (" ..." if len(orphans) > 5 else "")
+            raise type(exc)(
+                f"{exc} (damaged or truncated file(s) {listed} could not be attributed to any series and may belong here)"
+            ) from exc
+        for c in candidates:
+            if c is ct or c is spect:
+                continue
+            reason = (
+                f"not used: {c.reason}"
+                if c.reason
+                else f"not selected ({c.role.upper()} candidate)"
+            )
+            for fh in c.files:
+                if fh.truncated:
+                    notes.append(
+                        f"{fh.relpath}: truncated DICOM file ignored (not part of the CT or SPECT used)"
+                    )
+                ignored.append(
+                    (fh.relpath, reason + (f"; truncated: {fh.truncated}" if fh.truncated else ""))
+                )
+        values, scaling, datasets = _read_spect_values(spect, spect_order, notes)
+        ct_volume = _read_ct(ct, ct_order, ct_grid)
+
+    what = "SPECT"
+    header = datasets[0]
+    if (
+        "DECY" in [str(v).upper() for v in (header.get("CorrectedImage", []) or [])]
+        and spect.modality == "NM"
+    ):
+        notes.append(
+            "SPECT Corrected Image includes DECY but NM headers do not state the reference time; values are "
+            "taken as at acquisition start"
+        )
+    acquisition = act.acquisition_start(datasets, what, notes)
+    rp = act.radiopharmaceutical(header, spect.modality, acquisition, what, notes)
+    decay = (
+        act.pet_decay_factor(datasets, rp, acquisition, what, notes)
+        if spect.kind == "pt-stack"
+        else 1.0
+    )
+    if spect.frame_of_reference_uid and spect.frame_of_reference_uid == ct.frame_of_reference_uid:
+        _check_overlap(values, spect, spect_grid, ct_grid, notes)
+    array, units, calibration_note = _to_activity(
+        values,
+        scaling,
+        spect,
+        datasets,
+        spect_grid,
+        calibrations=calibrations,
+        sensitivity_cps_per_mbq=sensitivity_cps_per_mbq,
+        calling_ae_title=calling_ae_title,
+        allow_normalised=allow_normalised,
+        decay_factor=decay,
+        notes=notes,
+    )
+    for note in notes:
+        log.info("ingest: %s", note)
+    return Study(
+        ct=ct_volume,
+        spect=Volume(array.astype(np.float32), spect_grid, units),
+        ct_series=_ref(ct, ct_order),
+        spect_series=_ref(spect, spect_order),
+        patient=_patient(header),
+        administration=Administration(
+            nuclide=rp.nuclide,
+            injected_activity_bq=rp.injected_activity_bq,
+            administration_datetime=rp.administration,
+            radiopharmaceutical=rp.agent,
+        ),
+        acquisition_datetime=acquisition,
+        calibration_note=calibration_note,
+        warnings=notes,
+        ignored_files=ignored,
+    )
