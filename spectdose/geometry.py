@@ -164,7 +164,7 @@ def resample_to_grid(
     return Volume(arr, target, volume.units)
 
 
-def register_rigid(fixed_ct: Volume, moving_spect: Volume, *, seed: int = 0) -> tuple[sitk.Transform, float]:
+def register_rigid(fixed_ct: Volume, moving_spect: Volume) -> tuple[sitk.Transform, float]:
     """Rigid transform (CT space -> SPECT space) aligning a SPECT to its CT.
 
     Used only when the two do not share a frame of reference. The CT is reduced to a body
@@ -175,11 +175,11 @@ def register_rigid(fixed_ct: Volume, moving_spect: Volume, *, seed: int = 0) -> 
     # Work on a coarse CT (about the SPECT's voxel size) for speed and robustness; clamp
     # bone so the body outline and lungs, which the SPECT also shows, dominate.
     shrink = [max(1, int(round(moving_spect.grid.spacing_mm[2 - a] / fixed_ct.grid.spacing_mm[2 - a]))) for a in range(3)]
-    fixed = sitk.Shrink(sitk.SmoothingRecursiveGaussian(fixed, 2.0), shrink)
+    fixed = sitk.Shrink(sitk.SmoothingRecursiveGaussian(fixed, 0.5), shrink)
     fixed = sitk.Clamp(fixed, sitk.sitkFloat32, -1000.0, 200.0)
     # Log-compress the SPECT: hot organs would otherwise hide the faint body background,
     # which carries most of the shape information.
-    moving = sitk.SmoothingRecursiveGaussian(sitk.Cast(moving_spect.to_sitk(), sitk.sitkFloat32), 4.0)
+    moving = sitk.SmoothingRecursiveGaussian(sitk.Cast(moving_spect.to_sitk(), sitk.sitkFloat32), 1.0)
     values = np.clip(sitk.GetArrayFromImage(moving), 0.0, None)
     positive = values[values > 0]
     scale = float(np.median(positive)) if positive.size else 1.0
@@ -191,16 +191,16 @@ def register_rigid(fixed_ct: Volume, moving_spect: Volume, *, seed: int = 0) -> 
         fixed, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.GEOMETRY
     )
     reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.25, seed)
+    # All voxels (no random sampling): deterministic, and the coarse grids are small.
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
+    reg.SetMetricSamplingStrategy(reg.NONE)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(
         learningRate=4.0, minStep=0.01, numberOfIterations=200, relaxationFactor=0.6
     )
     reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([4, 2, 1])
-    reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
+    reg.SetShrinkFactorsPerLevel([2, 1])
+    reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     reg.SetInitialTransform(initial, inPlace=False)
     try:

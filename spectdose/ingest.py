@@ -609,7 +609,7 @@ def _to_activity(
     if sensitivity is None:
         problem = (
             f"{what} holds counts (no Bq/ml Real World Value Mapping) and no camera sensitivity applies: supply "
-            f"sensitivity_cps_per_mbq, or a calibration entry matching this camera ({camera}"
+            f"the camera sensitivity in cps/MBq (--sensitivity-cps-per-mbq), or a calibration entry matching this camera ({camera}"
             + (f", calling AE title {calling_ae_title!r}" if calling_ae_title else "")
             + ")"
         )
@@ -778,6 +778,12 @@ def _load(
     with input_files(path, max_zip_bytes) as items:
         candidates, ignored, scan_notes, orphans = _scan(items)
         notes.extend(scan_notes)
+        if not candidates and not orphans:
+            shown = "; ".join(f"{f}: {r}" for f, r in ignored[:3]) + (" ..." if len(ignored) > 3 else "")
+            raise InputError(
+                f"no DICOM images in the input ({len(ignored)} file(s) looked at"
+                + (f", all ignored: {shown})" if ignored else ")")
+            )
         try:
             spect, spect_order, spect_grid, ct, ct_order, ct_grid = _select(
                 candidates, spect_series_uid, ct_series_uid, notes

@@ -432,7 +432,7 @@ def test_counts_without_calibration_refused_naming_what_to_supply(tmp_path):
     _nm(tmp_path, study)
     with pytest.raises(
         CalibrationError,
-        match=r"holds counts.*sensitivity_cps_per_mbq.*StationName 'NM-ROOM-1'.*normalised",
+        match=r"holds counts.*cps/MBq.*StationName 'NM-ROOM-1'.*normalised",
     ):
         load_study(tmp_path, calibrations=[CameraCalibration(7.0, station_name="ELSEWHERE")])
 
