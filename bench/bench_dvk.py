@@ -24,13 +24,8 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--study", type=Path, help="a DICOM study folder (default: generate a clinical phantom)")
-    parser.add_argument("--seed", type=int, default=101)
-    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of the cached path")
-    args = parser.parse_args()
-
+def _one_run(study_dir: Path, cache: Path, out: Path):
+    """One pass of the DVK path with each stage timed: (seconds per stage, study, kernel)."""
     from spectdose.density import hu_to_density
     from spectdose.dose import activity_mbq_per_voxel, fft_convolve
     from spectdose.export import write_dose_rate_map, write_rtdose
@@ -38,6 +33,47 @@ def main() -> None:
     from spectdose.ingest import load_study
     from spectdose.kernels import get_kernel
     from spectdose.pipeline import spect_on_ct_grid
+
+    stages: dict[str, float] = {}
+
+    def timed(name, fn, *a, **kw):
+        t0 = time.perf_counter()
+        result = fn(*a, **kw)
+        stages[name] = time.perf_counter() - t0
+        return result
+
+    study = timed("ingest", load_study, study_dir)
+    grid = study.ct.grid
+    activity, _ = timed("resample", spect_on_ct_grid, study, [])
+    density = timed("density", hu_to_density, study.ct.array)
+    kernel = timed("kernels (cached)", get_kernel, grid.spacing_mm, cache_dir=cache)
+
+    def convolve():
+        a_mbq = activity_mbq_per_voxel(activity.array, grid.voxel_volume_ml)
+        rate = fft_convolve(a_mbq, kernel.total_mgy_per_mbq_s)
+        scale = np.where(density >= 0.1, np.float32(1.04e-3) / np.maximum(density, 1e-6), 0).astype(np.float32)
+        return rate * scale
+
+    rate = timed("convolution", convolve)
+
+    def write():
+        out.mkdir(parents=True)
+        write_dose_rate_map(out / "pm.dcm", Volume(rate * 3.6e6, grid, "mGy/h"), study, method="dvk")
+        write_rtdose(out / "rtdose.dcm", Volume(rate * 1e6, grid, "Gy"), study, method="dvk", description="bench")
+
+    timed("writing", write)
+    return stages, study, kernel
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--study", type=Path, help="a DICOM study folder (default: generate a clinical phantom)")
+    parser.add_argument("--seed", type=int, default=101)
+    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of the cached path")
+    args = parser.parse_args()
+
+    from spectdose.ingest import load_study
+    from spectdose.kernels import get_kernel
 
     study_dir = args.study
     if study_dir is None:
@@ -62,35 +98,7 @@ def main() -> None:
 
         rows = []
         for rep in range(args.repeat):
-            stages: dict[str, float] = {}
-
-            def timed(name, fn, *a, **kw):
-                t0 = time.perf_counter()
-                out = fn(*a, **kw)
-                stages[name] = time.perf_counter() - t0
-                return out
-
-            study = timed("ingest", load_study, study_dir)
-            activity, _ = timed("resample", spect_on_ct_grid, study, [])
-            density = timed("density", hu_to_density, study.ct.array)
-            kernel = timed("kernels (cached)", get_kernel, spacing, cache_dir=cache)
-            grid = study.ct.grid
-
-            def convolve():
-                a_mbq = activity_mbq_per_voxel(activity.array, grid.voxel_volume_ml)
-                rate = fft_convolve(a_mbq, kernel.total_mgy_per_mbq_s)
-                scale = np.where(density >= 0.1, np.float32(1.04e-3) / np.maximum(density, 1e-6), 0).astype(np.float32)
-                return rate * scale
-
-            rate = timed("convolution", convolve)
-
-            def write():
-                out = Path(tmp) / f"out{rep}"
-                out.mkdir()
-                write_dose_rate_map(out / "pm.dcm", Volume(rate * 3.6e6, grid, "mGy/h"), study, method="dvk")
-                write_rtdose(out / "rtdose.dcm", Volume(rate * 1e6, grid, "Gy"), study, method="dvk", description="bench")
-
-            timed("writing", write)
+            stages, study, kernel = _one_run(study_dir, cache, Path(tmp) / f"out{rep}")
             rows.append(stages)
             print(f"run {rep + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()) + f"; total {sum(stages.values()):.2f} s", flush=True)
 

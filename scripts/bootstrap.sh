@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# Create .venv with the project installed. With --test-tools also install the Debian DICOM
-# peers and validators the tests use (dcmtk, dicom3tools, plastimatch, orthanc, redis).
+# Create .venv with the project installed, and the Debian tools a mode needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 
-if [[ "${1:-}" == "--test-tools" ]]; then
-  need=()
-  for pair in dcmtk:/usr/bin/dcmdump dicom3tools:/usr/bin/dciodvfy plastimatch:/usr/bin/plastimatch \
-              orthanc:/usr/sbin/Orthanc redis-server:/usr/bin/redis-server; do
-    [[ -x "${pair#*:}" ]] || need+=("${pair%%:*}")
-  done
-  if (( ${#need[@]} )); then
-    SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
-    echo "bootstrap: installing Debian packages: ${need[*]}"
-    $SUDO apt-get update -qq || true
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
-  fi
+# Debian packages by need: --service-tools (a local Redis for `spectdose serve`) or
+# --test-tools (everything the test suite talks to).
+pairs=()
+case "${1:-}" in
+  --service-tools) pairs=(redis-server:/usr/bin/redis-server) ;;
+  --test-tools) pairs=(dcmtk:/usr/bin/dcmdump dicom3tools:/usr/bin/dciodvfy plastimatch:/usr/bin/plastimatch
+                       orthanc:/usr/sbin/Orthanc redis-server:/usr/bin/redis-server postgresql:/usr/bin/pg_ctlcluster) ;;
+esac
+need=()
+for pair in "${pairs[@]}"; do
+  [[ -x "${pair#*:}" ]] || need+=("${pair%%:*}")
+done
+if (( ${#need[@]} )); then
+  SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+  echo "bootstrap: installing Debian packages: ${need[*]}"
+  $SUDO apt-get update -qq || true
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
 stamp=.venv/.installed

@@ -1,0 +1,3 @@
+"""The service adapters: REST gateway, DICOM node, job store and export (no physics here)."""
+
+__all__: list[str] = []

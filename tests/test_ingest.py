@@ -784,7 +784,7 @@ def test_not_a_zip_and_missing_path(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         load_study(tmp_path / "nope")
     (tmp_path / "x.txt").write_text("hello")
-    with pytest.raises(InputError, match="no reconstructed SPECT"):
+    with pytest.raises(InputError, match=r"no DICOM images in the input \(1 file\(s\) looked at, all ignored: x.txt: not DICOM\)"):
         load_study(tmp_path)
 
 

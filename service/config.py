@@ -1,0 +1,246 @@
+"""Service settings from SPECTDOSE_* environment variables or a dotenv file.
+
+One :class:`Settings` object configures the gateway, the DICOM node and the worker, so a
+deployment sets each value once. Validators refuse unsafe values outside development
+(no API tokens, authentication off, a visibility timeout shorter than the longest job).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["Settings", "DicomPeer", "load_settings", "SENDER"]
+
+SENDER = "sender"  # export destination meaning "the AE that sent the study"
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2 AE: 16 chars, no backslash
+_MIN_TOKEN_CHARS = 16
+_WEAK_TOKENS = {"changeme", "secret", "token", "password", "test", "dev"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DicomPeer:
+    """A DICOM application entity we can connect to: ``AET@HOST:PORT``."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> DicomPeer:
+        """Parse ``AET@HOST:PORT`` (host may be a name, IPv4 or [IPv6])."""
+        m = re.fullmatch(r"(?P<aet>[^@]{1,16})@(?P<host>\[[0-9A-Fa-f:.]+\]|[^:@\s]+):(?P<port>\d{1,5})", text.strip())
+        if not m:
+            raise ValueError(f"not a DICOM peer of the form AET@HOST:PORT: {text!r}")
+        aet = m["aet"].strip()
+        if not _AE_TITLE.match(aet):
+            raise ValueError(f"invalid AE title {aet!r} (1-16 printable characters, no backslash)")
+        port = int(m["port"])
+        if not 0 < port < 65536:
+            raise ValueError(f"port out of range in {text!r}")
+        return cls(aet, m["host"].strip("[]"), port)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.ae_title}@{host}:{self.port}"
+
+
+def _split_list(value):
+    """Comma-separated text (how operators write lists in env vars) or a list."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return list(value)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from its environment; see docs/service.md for each."""
+
+    model_config = SettingsConfigDict(env_prefix="SPECTDOSE_", extra="ignore", validate_default=True)
+
+    environment: Literal["production", "development"] = "production"
+    data_dir: Path = Path("/var/lib/spectdose")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite under data_dir")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # gateway
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, gt=0, lt=65536)
+    api_tokens: CommaList = Field(default_factory=list, description="accepted Bearer tokens")
+    auth_enabled: bool = True
+    max_upload_mb: float = Field(2048, gt=0, description="largest request body accepted")
+    max_unzipped_mb: float = Field(8192, gt=0, description="largest total size unpacked from uploads")
+    max_upload_files: int = Field(20000, gt=0)
+    public_url: str | None = Field(None, description="base URL put in Location headers (default: relative)")
+
+    # DICOM node
+    ae_title: str = "SPECTDOSE"
+    dicom_host: str = "127.0.0.1"
+    dicom_port: int = Field(11112, gt=0, lt=65536)
+    allowed_calling_aets: CommaList = Field(default_factory=list, description="empty: any calling AE")
+    peers: CommaList = Field(default_factory=list, description="known AEs as AET@HOST:PORT (resolve 'sender')")
+    export: CommaList = Field(default_factory=lambda: [SENDER], description="'sender' and/or AET@HOST:PORT")
+    stow_url: str | None = Field(None, description="optional DICOMweb STOW-RS endpoint for results")
+    stow_token: str | None = None
+    study_quiet_s: float = Field(30.0, gt=0, description="a study is complete after this long without instances")
+    min_free_disk_mb: float = Field(1024, ge=0, description="refuse associations below this free space")
+    dicom_network_timeout_s: float = Field(60.0, gt=0)
+
+    # queue and worker
+    job_queue: Literal["cpu", "gpu"] = "cpu"
+    task_soft_time_limit_s: int = Field(3600, gt=0)
+    task_time_limit_s: int = Field(3900, gt=0)
+    visibility_timeout_s: int = Field(4 * 3600, gt=0, description="Redis redelivers unacked tasks after this")
+    max_retries: int = Field(3, ge=0, description="transient failures retried this many times")
+    retry_backoff_s: float = Field(20.0, ge=0, description="first retry delay, doubled each retry")
+    heartbeat_s: float = Field(10.0, gt=0)
+    lease_s: float = Field(120.0, gt=0, description="a running job without heartbeat this long is requeued")
+    max_attempts: int = Field(5, gt=0, description="claims of one job (incl. lost workers) before it fails")
+    sweep_interval_s: float = Field(10.0, gt=0)
+    export_retries: int = Field(3, ge=1)
+    export_backoff_s: float = Field(2.0, ge=0)
+    export_timeout_s: float = Field(30.0, gt=0)
+
+    # dose options shared by every job
+    kernel_cache_dir: Path | None = None
+    calibrations_file: Path | None = None
+    sensitivity_cps_per_mbq: float | None = Field(None, gt=0)
+    device: str | None = None
+
+    log_level: str = "INFO"
+
+    @field_validator("api_tokens", "allowed_calling_aets", "peers", "export", mode="before")
+    @classmethod
+    def _comma_list(cls, value):
+        return _split_list(value)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        if not _AE_TITLE.match(value) or not value.strip():
+            raise ValueError(f"invalid AE title {value!r} (1-16 printable characters, no backslash)")
+        return value.strip()
+
+    @field_validator("peers")
+    @classmethod
+    def _check_peers(cls, value: list[str]) -> list[str]:
+        for item in value:
+            DicomPeer.parse(item)
+        return value
+
+    @field_validator("export")
+    @classmethod
+    def _check_export(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if item.lower() != SENDER:
+                DicomPeer.parse(item)
+        return [SENDER if v.lower() == SENDER else v for v in value]
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("redis", "rediss", "redis+socket"):
+            raise ValueError(f"redis_url must be redis://, rediss:// or redis+socket://, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if not self.task_soft_time_limit_s < self.task_time_limit_s:
+            raise ValueError("task_soft_time_limit_s must be below task_time_limit_s")
+        if not self.visibility_timeout_s > self.task_time_limit_s:
+            raise ValueError(
+                f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed task_time_limit_s "
+                f"({self.task_time_limit_s}), or Redis redelivers jobs that are still running"
+            )
+        if not self.lease_s > 2 * self.heartbeat_s:
+            raise ValueError("lease_s must be more than twice heartbeat_s")
+        if self.environment == "production":
+            if not self.auth_enabled:
+                raise ValueError("auth_enabled=false is only allowed with environment=development")
+            if not self.api_tokens:
+                raise ValueError("SPECTDOSE_API_TOKENS is empty: set at least one token (comma-separated)")
+            for token in self.api_tokens:
+                if len(token) < _MIN_TOKEN_CHARS or token.lower() in _WEAK_TOKENS:
+                    raise ValueError(f"API tokens must be at least {_MIN_TOKEN_CHARS} characters and not a common word")
+        elif not self.auth_enabled and not _is_loopback(self.http_host):
+            raise ValueError(
+                f"authentication is off: the gateway may only listen on loopback, not {self.http_host!r}"
+            )
+        return self
+
+    # ---------------------------------------------------------------- derived values
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            url = self.database_url
+            if url.startswith("postgresql://") or url.startswith("postgres://"):
+                url = "postgresql+psycopg://" + url.split("://", 1)[1]
+            return url
+        return f"sqlite:///{(self.data_dir / 'jobs.sqlite').resolve()}"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+    @property
+    def max_unzipped_bytes(self) -> int:
+        return int(self.max_unzipped_mb * 2**20)
+
+    @property
+    def min_free_disk_bytes(self) -> int:
+        return int(self.min_free_disk_mb * 2**20)
+
+    @property
+    def peer_map(self) -> dict[str, DicomPeer]:
+        return {p.ae_title: p for p in (DicomPeer.parse(x) for x in self.peers)}
+
+    @property
+    def kernel_dir(self) -> Path:
+        if self.kernel_cache_dir:
+            return self.kernel_cache_dir
+        from spectdose.cli import default_cache_dir
+
+        return default_cache_dir() / "kernels"
+
+    def to_env(self) -> dict[str, str]:
+        """The settings as SPECTDOSE_* variables, to hand to a child process."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, list):
+                value = ",".join(value)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            env[f"SPECTDOSE_{name.upper()}"] = str(value)
+        return env
+
+
+def load_settings(env_file: str | os.PathLike | None = None, **overrides) -> Settings:
+    """Settings from the environment, an optional dotenv file ($SPECTDOSE_CONFIG) and overrides."""
+    env_file = env_file or os.environ.get("SPECTDOSE_CONFIG")
+    if env_file is not None and not Path(env_file).is_file():
+        raise FileNotFoundError(f"settings file {env_file} does not exist")
+    return Settings(_env_file=env_file, **overrides)

@@ -1,0 +1,219 @@
+"""SQLAlchemy models of the job store: jobs, studies arriving over DICOM, exports, audit.
+
+SQLite by default (one file under the data directory, WAL mode so the gateway, node and
+worker processes can share it), PostgreSQL when ``SPECTDOSE_DATABASE_URL`` says so. The
+tables hold UIDs, AE titles, counts and states, never patient names or IDs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import time
+from pathlib import Path
+
+from sqlalchemy import (
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+__all__ = [
+    "Base",
+    "JobState",
+    "IncomingState",
+    "ExportState",
+    "Job",
+    "IncomingStudy",
+    "OutputInstance",
+    "ExportRecord",
+    "AuditEvent",
+    "make_engine",
+    "make_sessionmaker",
+    "utcnow",
+]
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC (SQLite has no time zones; PostgreSQL columns are 'timestamp without time zone')."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class JobState(enum.StrEnum):
+    """received -> queued -> running -> done | failed (running -> queued on retry or lost worker)."""
+
+    RECEIVED = "received"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class IncomingState(enum.StrEnum):
+    """A study arriving over DICOM: receiving until quiet, then dispatched to a job or set aside."""
+
+    RECEIVING = "receiving"
+    DISPATCHING = "dispatching"
+    DISPATCHED = "dispatched"
+    DUPLICATE = "duplicate"  # same input instances as an earlier job (e.g. a PACS routing loop)
+    IGNORED = "ignored"  # nothing usable as input (e.g. only our own outputs came back)
+
+
+class ExportState(enum.StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    stage: Mapped[str | None] = mapped_column(String(32))
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    reason: Mapped[str | None] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(16))  # "rest" or "dicom"
+    submitted_by: Mapped[str] = mapped_column(String(64))  # token label or AE title, never a name
+    calling_aet: Mapped[str | None] = mapped_column(String(16), index=True)
+    remote_host: Mapped[str | None] = mapped_column(String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    fingerprint: Mapped[str | None] = mapped_column(String(64), index=True)
+    incoming_id: Mapped[str | None] = mapped_column(String(32), unique=True)
+    options_json: Mapped[str] = mapped_column(Text, default="{}")
+    export_json: Mapped[str] = mapped_column(Text, default="[]")
+    queue: Mapped[str] = mapped_column(String(16), default="cpu")
+    n_files: Mapped[int] = mapped_column(Integer, default=0)
+    input_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)  # claims so far: the fencing token
+    transient_failures: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(128))
+    outputs_json: Mapped[str] = mapped_column(Text, default="{}")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    queued_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class IncomingStudy(Base):
+    """One burst of instances of a study from the DICOM node, complete after a quiet period."""
+
+    __tablename__ = "incoming_studies"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    calling_aet: Mapped[str] = mapped_column(String(16))
+    remote_host: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    n_instances: Mapped[int] = mapped_column(Integer, default=0)
+    n_own_outputs: Mapped[int] = mapped_column(Integer, default=0)
+    first_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    job_id: Mapped[str | None] = mapped_column(String(32))
+    note: Mapped[str | None] = mapped_column(Text)
+
+
+class OutputInstance(Base):
+    """A DICOM instance we produced; recognised if a PACS sends it back to us."""
+
+    __tablename__ = "output_instances"
+
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(32), ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+
+
+class ExportRecord(Base):
+    """One output instance to one destination: the 'already sent' record."""
+
+    __tablename__ = "export_records"
+    __table_args__ = (UniqueConstraint("job_id", "destination", "sop_instance_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(32), ForeignKey("jobs.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(300))
+    kind: Mapped[str] = mapped_column(String(16))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class AuditEvent(Base):
+    """Who sent what and when: actor (token label or AE title), action, UIDs and counts."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(48), index=True)
+    job_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    remote_host: Mapped[str | None] = mapped_column(String(64))
+    detail_json: Mapped[str] = mapped_column(Text, default="{}")
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (see _sqlite_begin)
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the one writer
+    cur.execute("PRAGMA synchronous=FULL")  # a committed job survives a power cut
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _sqlite_begin(conn) -> None:
+    """Writers take the lock at BEGIN: a deferred transaction that upgrades to a write can
+    fail at once with 'database is locked' instead of waiting, when processes share a file."""
+    readonly = conn.get_execution_options().get("spectdose_readonly", False)
+    conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for SQLite (WAL, busy timeout) or PostgreSQL (psycopg 3, pre-ping)."""
+    if url.startswith("sqlite"):
+        database = make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
+    else:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    _create_tables(engine)
+    return engine
+
+
+def _create_tables(engine: Engine) -> None:
+    """Create missing tables; tolerate another process creating them at the same moment."""
+    for attempt in range(3):
+        try:
+            Base.metadata.create_all(engine)
+            return
+        except (OperationalError, ProgrammingError, IntegrityError):
+            if attempt == 2:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker:
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,112 @@
+"""``spectdose serve --demo``: push a virtual patient to the node and show where results land.
+
+The demo plays the hospital's two sides on loopback: a *modality* pushes a small virtual
+patient (written by :mod:`spectdose.phantom`) to our DICOM node over C-STORE, and a
+*PACS* (a real C-STORE SCP, ``DEMO_PACS``) receives the RT Dose and the dose-rate map
+that the service sends back. The same job is visible over REST.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import ParametricMapStorage, RTDoseStorage
+
+from .config import DicomPeer, Settings
+from .export import push_files
+from .localredis import free_port
+from .storage import atomic_write_bytes, safe_component
+
+__all__ = ["DemoPacs", "run_demo", "DEMO_SCU_AET", "DEMO_PACS_AET"]
+
+log = logging.getLogger("spectdose.service.demo")
+
+DEMO_SCU_AET = "DEMO_MODALITY"
+DEMO_PACS_AET = "DEMO_PACS"
+
+
+class DemoPacs:
+    """A C-STORE SCP that files what it receives under ``folder/<modality>_<SOP UID>.dcm``."""
+
+    def __init__(self, folder: Path, port: int | None = None):
+        self.folder = Path(folder)
+        self.port = port or free_port()
+        self.received: list[Path] = []
+        self._lock = threading.Lock()
+        self._server = None
+
+    @property
+    def peer(self) -> DicomPeer:
+        return DicomPeer(DEMO_PACS_AET, "127.0.0.1", self.port)
+
+    def _on_store(self, event) -> int:
+        ds = event.dataset
+        path = self.folder / f"{ds.Modality}_{safe_component(str(ds.SOPInstanceUID))}.dcm"
+        atomic_write_bytes(path, event.encoded_dataset())
+        with self._lock:
+            self.received.append(path)
+        return 0x0000
+
+    def start(self) -> DemoPacs:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        ae = AE(ae_title=DEMO_PACS_AET)
+        for uid in (RTDoseStorage, ParametricMapStorage):
+            ae.add_supported_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+
+
+def run_demo(settings: Settings, pacs: DemoPacs, *, http_url: str, say=print, timeout_s: float = 1800) -> int:
+    """Generate, push, wait for the result to come back; print every place to look. Returns 0 if done."""
+    from spectdose.phantom import generate
+
+    study = settings.data_dir / "demo" / "virtual-patient"
+    files = sorted((study / "dicom").rglob("*.dcm")) if (study / "dicom").exists() else []
+    if not files:
+        say(f"[demo] 1/4 writing a small virtual patient (seed 1) to {study} (about a minute) ...")
+        generate(study, 1, size="small")
+        files = sorted((study / "dicom").rglob("*.dcm"))
+    node = DicomPeer(settings.ae_title, "127.0.0.1", settings.dicom_port)
+    say(f"[demo] 2/4 pushing {len(files)} instances from {DEMO_SCU_AET} to {node} (C-STORE) ...")
+    stored = push_files(node, files, calling_aet=DEMO_SCU_AET)
+    say(f"[demo]     {stored}/{len(files)} stored; the study is complete after {settings.study_quiet_s:.0f} s "
+        "without new instances")
+    say("[demo] 3/4 waiting for the job (GET /jobs?calling_aet=" + DEMO_SCU_AET + ") ...")
+    headers = {"Authorization": f"Bearer {settings.api_tokens[0]}"} if settings.auth_enabled else {}
+    deadline = time.monotonic() + timeout_s
+    job, last = None, None
+    with httpx.Client(base_url=http_url, headers=headers, timeout=10) as client:
+        while time.monotonic() < deadline:
+            jobs = client.get("/jobs", params={"calling_aet": DEMO_SCU_AET, "limit": 1}).json()["jobs"]
+            job = jobs[0] if jobs else None
+            if job:
+                now = (job["state"], job["stage"])
+                if now != last:
+                    say(f"[demo]     job {job['job_id']}: {job['state']}"
+                        + (f", {job['stage']} {100 * job['progress']:.0f} %" if job["state"] == "running" else ""))
+                    last = now
+                if job["state"] in ("done", "failed"):
+                    break
+            time.sleep(1.0)
+    if not job or job["state"] != "done":
+        say(f"[demo] the job did not finish: {job['reason'] if job else 'no job was created'}")
+        return 1
+    say(f"[demo] 4/4 results came back to {pacs.peer} by C-STORE:")
+    for path in sorted(pacs.received):
+        say(f"[demo]     {path}")
+    say(f"[demo] and over REST: {http_url}/jobs/{job['job_id']} (rtdose, doserate, summary)")
+    summary = settings.data_dir / "jobs" / job["job_id"] / "output" / "summary.txt"
+    if summary.exists():
+        say(summary.read_text().rstrip())
+    return 0

@@ -1,0 +1,217 @@
+"""Sending results back: C-STORE SCU to DICOM destinations, optional DICOMweb STOW-RS.
+
+Each output instance to each destination has an export record; one already ``sent`` is
+never sent again, so a retried or redelivered job does not store a second copy. (A copy
+would not make a second series anyway: the core derives the output UIDs from the inputs,
+so a resend replaces the same instance in the PACS.) Sending is retried a bounded number
+of times with a doubling delay; every network call has a timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import ParametricMapStorage, RTDoseStorage
+
+from .config import SENDER, DicomPeer, Settings
+from .jobs import ExportItem, JobStore
+
+__all__ = [
+    "OutputFile",
+    "ExportFailure",
+    "resolve_destinations",
+    "c_store",
+    "stow_rs",
+    "export_outputs",
+    "push_files",
+]
+
+log = logging.getLogger("spectdose.service.export")
+
+# C-STORE response statuses that mean "stored" (PS3.4 Table B.2-1): success and the
+# warnings Coercion of Data Elements (B000), Data Set Does Not Match SOP Class (B007),
+# Elements Discarded (B006).
+_STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputFile:
+    kind: str  # "rtdose" or "doserate"
+    path: Path
+    sop_instance_uid: str
+    sop_class_uid: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportFailure:
+    destination: str
+    message: str
+    permanent: bool  # retrying cannot help (unknown destination, refused object)
+
+
+def resolve_destinations(entries: list[str], *, calling_aet: str | None, peers: dict[str, DicomPeer]
+                         ) -> tuple[list[DicomPeer], list[ExportFailure]]:
+    """Turn export entries ('sender', 'AET@HOST:PORT', or a known AE title) into peers."""
+    out: list[DicomPeer] = []
+    problems: list[ExportFailure] = []
+    for entry in entries:
+        if entry == SENDER:
+            if calling_aet is None:
+                continue  # a REST submission has no sender to return to
+            peer = peers.get(calling_aet)
+            if peer is None:
+                problems.append(ExportFailure(
+                    f"sender {calling_aet}",
+                    f"the sending AE {calling_aet!r} has no address: add it to SPECTDOSE_PEERS as AET@HOST:PORT",
+                    permanent=True,
+                ))
+                continue
+        elif "@" in entry:
+            peer = DicomPeer.parse(entry)
+        elif entry in peers:
+            peer = peers[entry]
+        else:
+            problems.append(ExportFailure(entry, f"unknown export destination {entry!r}", permanent=True))
+            continue
+        if peer not in out:
+            out.append(peer)
+    return out, problems
+
+
+def c_store(peer: DicomPeer, files: list[OutputFile], *, calling_aet: str, timeout_s: float) -> dict[str, str | None]:
+    """Send ``files`` over one association; map each SOP Instance UID to None (stored) or an error."""
+    ae = AE(ae_title=calling_aet)
+    for sop_class in (RTDoseStorage, ParametricMapStorage):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.connection_timeout = min(timeout_s, 10.0)
+    result: dict[str, str | None] = {}
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no connection"
+        return {f.sop_instance_uid: f"association with {peer} failed ({why})" for f in files}
+    try:
+        for f in files:
+            ds = pydicom.dcmread(f.path)
+            status = assoc.send_c_store(ds)
+            code = getattr(status, "Status", None)
+            if code in _STORED:
+                result[f.sop_instance_uid] = None
+            elif code is None:
+                result[f.sop_instance_uid] = f"no C-STORE response from {peer} (timeout or abort)"
+            else:
+                result[f.sop_instance_uid] = f"{peer} answered C-STORE status 0x{code:04X}"
+            if not assoc.is_established:
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    for f in files:
+        result.setdefault(f.sop_instance_uid, f"association with {peer} ended before sending")
+    return result
+
+
+def push_files(peer: DicomPeer, paths: list[Path], *, calling_aet: str, timeout_s: float = 60.0) -> int:
+    """C-STORE every DICOM file in ``paths`` over one association; return how many were stored.
+
+    A generic SCU (the demo and the load benchmark push studies with it); contexts are
+    proposed for the SOP classes found in the files, uncompressed syntaxes only.
+    """
+    datasets = [pydicom.dcmread(p) for p in paths]
+    ae = AE(ae_title=calling_aet)
+    for uid in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        ae.add_requested_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        raise ConnectionError(f"association with {peer} not established")
+    stored = 0
+    try:
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            if getattr(status, "Status", None) in _STORED:
+                stored += 1
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return stored
+
+
+def stow_rs(url: str, files: list[OutputFile], *, token: str | None, timeout_s: float) -> dict[str, str | None]:
+    """POST ``files`` as one STOW-RS request (PS3.18 10.5) to ``url`` (a base URL or .../studies)."""
+    target = url if url.rstrip("/").endswith("/studies") else url.rstrip("/") + "/studies"
+    boundary = uuid.uuid4().hex
+    body = bytearray()
+    for f in files:
+        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        body += f.path.read_bytes()
+        body += b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    headers = {
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Accept": "application/dicom+json",
+    }
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        rsp = httpx.post(target, content=bytes(body), headers=headers, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        return {f.sop_instance_uid: f"STOW-RS to {target} failed ({type(exc).__name__}: {exc})" for f in files}
+    if rsp.status_code in (200, 202):
+        return {f.sop_instance_uid: None for f in files}
+    return {f.sop_instance_uid: f"STOW-RS to {target} answered HTTP {rsp.status_code}" for f in files}
+
+
+def export_outputs(
+    store: JobStore,
+    settings: Settings,
+    job_id: str,
+    *,
+    destinations: list[str],
+    calling_aet: str | None,
+    files: list[OutputFile],
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[ExportFailure]:
+    """Send every output to every destination not yet sent; return what still failed."""
+    peers, failures = resolve_destinations(destinations, calling_aet=calling_aet, peers=settings.peer_map)
+    senders: list[tuple[str, Callable[[list[OutputFile]], dict[str, str | None]]]] = [
+        (str(p), lambda fs, p=p: c_store(p, fs, calling_aet=settings.ae_title, timeout_s=settings.export_timeout_s))
+        for p in peers
+    ]
+    if settings.stow_url:
+        senders.append((settings.stow_url, lambda fs: stow_rs(
+            settings.stow_url, fs, token=settings.stow_token, timeout_s=settings.export_timeout_s)))
+    for dest, send in senders:
+        pending = [f for f in files if not store.export_sent(job_id, dest, f.sop_instance_uid)]
+        to_send = len(pending)
+        errors: dict[str, str | None] = {}
+        for attempt in range(1, settings.export_retries + 1):
+            if not pending:
+                break
+            errors = send(pending)
+            for f in pending:
+                err = errors.get(f.sop_instance_uid)
+                store.record_export(job_id, dest, ExportItem(f.kind, f.sop_instance_uid), sent=err is None,
+                                    attempts=1, error=err)
+            pending = [f for f in pending if errors.get(f.sop_instance_uid) is not None]
+            if pending and attempt < settings.export_retries:
+                delay = settings.export_backoff_s * 2 ** (attempt - 1)
+                log.warning("job %s: export to %s failed (%d left); retry %d/%d in %.1f s",
+                            job_id, dest, len(pending), attempt, settings.export_retries - 1, delay)
+                sleep(delay)
+        if pending:
+            first = errors.get(pending[0].sop_instance_uid) or "unknown error"
+            failures.append(ExportFailure(dest, f"{len(pending)} object(s) not sent after "
+                                                f"{settings.export_retries} tries: {first}", permanent=False))
+        elif to_send:
+            store.audit(settings.ae_title, "results_sent", job_id=job_id, destination=dest, objects=to_send)
+    return failures

@@ -1,0 +1,299 @@
+"""Receiving a study over REST: spool, unpack, check, store durably, then queue.
+
+Accepted bodies: a zip (``application/zip``), ``multipart/form-data`` file parts (DICOM
+files or zips), and DICOMweb STOW-RS ``multipart/related; type="application/dicom"``.
+The body is spooled to disk under the size limit, split and unpacked into a private
+folder, and checked with the core's header scan (no pixels read). Only a study with a
+CT and a SPECT is stored as a job; a bad upload is refused with a 4xx and a reason, and
+its folder is removed, so nothing stored before is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from pathlib import Path
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
+
+from .config import Settings
+from .jobs import JobStore
+from .queue import Enqueuer
+from .storage import Storage, UnsafeArchive, extract_zip
+
+__all__ = ["UploadRejected", "SubmitParams", "Accepted", "receive_study", "spool_body", "store_upload", "ZIP_TYPES"]
+
+log = logging.getLogger("spectdose.service.intake")
+
+ZIP_TYPES = frozenset({"application/zip", "application/x-zip-compressed", "application/x-zip"})
+_DICOM_TYPES = frozenset({"application/dicom", "application/octet-stream", ""})
+_TRUNCATION_WORDS = ("truncat", "cut short", "ends before", "ends inside", "without its closing")
+
+
+class UploadRejected(Exception):
+    """A refused upload: the HTTP status and the reason shown to the client."""
+
+    def __init__(self, status_code: int, detail: str):
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+
+
+@dataclasses.dataclass(frozen=True)
+class SubmitParams:
+    """Per-study options (query parameters of POST /studies)."""
+
+    options: dict
+    export: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Accepted:
+    job_id: str
+    files: int
+    ignored_files: int
+    study_instance_uid: str | None
+
+
+async def spool_body(stream, target: Path, max_bytes: int) -> int:
+    """Write the request body to ``target``; refuse (413) past ``max_bytes``."""
+    n = 0
+    with open(target, "wb") as fh:
+        async for chunk in stream:
+            n += len(chunk)
+            if n > max_bytes:
+                raise UploadRejected(413, f"upload exceeds the limit of {max_bytes / 2**20:.1f} MiB")
+            fh.write(chunk)
+    if n == 0:
+        raise UploadRejected(400, "empty request body: send a zip, multipart files or STOW-RS parts")
+    return n
+
+
+@dataclasses.dataclass
+class _Part:
+    path: Path
+    headers: dict[str, str]
+
+    @property
+    def content_type(self) -> str:
+        return parse_options_header(self.headers.get("content-type", ""))[0].decode("latin-1").lower()
+
+    @property
+    def filename(self) -> str:
+        params = parse_options_header(self.headers.get("content-disposition", ""))[1]
+        return params.get(b"filename", b"").decode("utf-8", "replace")
+
+
+def _split_multipart(spool: Path, boundary: bytes, dest: Path, max_parts: int) -> list[_Part]:
+    """Split a multipart body into one file per part (headers kept, names generated)."""
+    parts: list[_Part] = []
+    state: dict = {"field": b"", "value": b"", "headers": {}, "fh": None}
+
+    def on_part_begin():
+        state["headers"] = {}
+        state["field"], state["value"] = b"", b""
+
+    def on_header_field(data, start, end):
+        state["field"] += data[start:end]
+
+    def on_header_value(data, start, end):
+        state["value"] += data[start:end]
+
+    def on_header_end():
+        state["headers"][state["field"].decode("latin-1").strip().lower()] = state["value"].decode("latin-1").strip()
+        state["field"], state["value"] = b"", b""
+
+    def on_headers_finished():
+        if len(parts) >= max_parts:
+            raise UploadRejected(413, f"more than {max_parts} parts in one request")
+        path = dest / f"p{len(parts):06d}.part"
+        state["fh"] = open(path, "wb")  # noqa: SIM115 - closed in on_part_end
+        parts.append(_Part(path, state["headers"]))
+
+    def on_part_data(data, start, end):
+        state["fh"].write(data[start:end])
+
+    def on_part_end():
+        state["fh"].close()
+        state["fh"] = None
+
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        },
+    )
+    try:
+        with open(spool, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                parser.write(chunk)
+        parser.finalize()
+    except UploadRejected:
+        raise
+    except Exception as exc:  # python-multipart raises its own and ValueError types on bad framing
+        raise UploadRejected(400, f"malformed multipart body ({type(exc).__name__}: {exc})") from exc
+    finally:
+        if state["fh"] is not None:
+            state["fh"].close()
+    if not parts:
+        raise UploadRejected(400, "multipart body without any part")
+    return parts
+
+
+def _unpack(spool: Path, content_type: str, work: Path, settings: Settings) -> list[Path]:
+    """The files of the upload, by media type; archives unpacked safely."""
+    media, params = parse_options_header(content_type or "")
+    media_s = media.decode("latin-1").lower()
+    files_dir = work / "files"
+    files_dir.mkdir()
+    limits = {"max_bytes": settings.max_unzipped_bytes, "max_members": settings.max_upload_files}
+    try:
+        if media_s in ZIP_TYPES:
+            return extract_zip(spool, files_dir, prefix="z", **limits)
+        if media_s in ("multipart/form-data", "multipart/related"):
+            boundary = params.get(b"boundary")
+            if not boundary:
+                raise UploadRejected(400, f"{media_s} without a boundary parameter")
+            stow = media_s == "multipart/related"
+            if stow:
+                declared = params.get(b"type", b"").decode("latin-1").lower()
+                if declared != "application/dicom":
+                    raise UploadRejected(
+                        415, f'STOW-RS type {declared or "(none)"!r} is not supported: send type="application/dicom"'
+                    )
+            parts = _split_multipart(spool, boundary, work, settings.max_upload_files)
+            out: list[Path] = []
+            for i, part in enumerate(parts):
+                ctype = part.content_type
+                if stow and ctype not in ("application/dicom", ""):
+                    raise UploadRejected(415, f"STOW-RS part {i + 1} is {ctype!r}, not application/dicom")
+                if not stow and "filename" not in part.headers.get("content-disposition", ""):
+                    continue  # a plain form field, not a file
+                if ctype in ZIP_TYPES or part.filename.lower().endswith(".zip"):
+                    out += extract_zip(part.path, files_dir, prefix=f"z{i:04d}-", **limits)
+                    part.path.unlink()
+                elif ctype in _DICOM_TYPES or not stow:
+                    target = files_dir / f"m{i:06d}.dcm"
+                    part.path.rename(target)
+                    out.append(target)
+            if not out:
+                raise UploadRejected(400, "no file parts in the multipart body")
+            return out
+    except UnsafeArchive as exc:
+        status = 413 if exc.kind in ("bomb", "too_large", "too_many") else 400
+        raise UploadRejected(status, f"archive refused: {exc}") from exc
+    raise UploadRejected(
+        415,
+        f"unsupported Content-Type {media_s or '(none)'!r}: use application/zip, multipart/form-data or "
+        'multipart/related; type="application/dicom" (STOW-RS)',
+    )
+
+
+def _check_study(files_dir: Path, max_bytes: int) -> tuple[str | None, int]:
+    """Refuse uploads that cannot be a SPECT/CT study; return (study UID, ignored file count)."""
+    from spectdose.errors import SpectdoseError
+    from spectdose.ingest import scan_dicom
+
+    try:
+        inv = scan_dicom(files_dir, max_zip_bytes=max_bytes)
+    except SpectdoseError as exc:
+        raise UploadRejected(400, f"unreadable upload: {exc}") from exc
+    truncated = [f for s in inv.series for f in s.truncated_files]
+    truncated += [f for f, why in inv.ignored_files if any(w in why for w in _TRUNCATION_WORDS)]
+    if truncated:
+        raise UploadRejected(400, f"{len(truncated)} DICOM file(s) are truncated (cut short); send the study again")
+    if not inv.series:
+        reasons = sorted({why for _f, why in inv.ignored_files})
+        raise UploadRejected(
+            400, f"no DICOM instances in the upload ({len(inv.ignored_files)} file(s): {'; '.join(reasons[:3])})"
+        )
+    modalities = sorted({s.modality for s in inv.series})
+    if not inv.ct_candidates and not inv.spect_candidates:
+        raise UploadRejected(
+            422, f"wrong modality: the upload holds {', '.join(modalities)}; a SPECT/CT study needs a CT and an NM SPECT"
+        )
+    if not inv.ct_candidates:
+        why = "; ".join(f"{s.modality}: {s.reason}" for s in inv.series if s.modality == "CT" and s.reason)
+        raise UploadRejected(
+            422, "no usable CT series in the upload" + (f" ({why})" if why else f" (found {', '.join(modalities)})")
+        )
+    if not inv.spect_candidates:
+        why = "; ".join(f"{s.modality}: {s.reason}" for s in inv.series if s.modality in ("NM", "PT") and s.reason)
+        raise UploadRejected(
+            422,
+            "no usable SPECT (NM) series in the upload" + (f" ({why})" if why else f" (found {', '.join(modalities)})"),
+        )
+    studies = {s.study_instance_uid for s in inv.ct_candidates + inv.spect_candidates}
+    return (next(iter(studies)) if len(studies) == 1 else None), len(inv.ignored_files)
+
+
+def store_upload(
+    spool: Path,
+    content_type: str,
+    work: Path,
+    *,
+    settings: Settings,
+    store: JobStore,
+    storage: Storage,
+    enqueuer: Enqueuer,
+    params: SubmitParams,
+    actor: str,
+    remote_host: str | None,
+) -> Accepted:
+    """Unpack and check an upload, store it as a job (durably), then publish it.
+
+    Blocking (disk and header reads): call it from a worker thread.
+    """
+    files = _unpack(spool, content_type, work, settings)
+    spool.unlink(missing_ok=True)
+    study_uid, ignored = _check_study(work / "files", settings.max_unzipped_bytes)
+    job_id = uuid.uuid4().hex
+    n_files, n_bytes = storage.publish_input(job_id, files)
+    store.create_job(
+        job_id,
+        source="rest",
+        submitted_by=actor,
+        options=params.options,
+        export=params.export,
+        queue=settings.job_queue,
+        n_files=n_files,
+        input_bytes=n_bytes,
+        remote_host=remote_host,
+        study_instance_uid=study_uid,
+    )
+    store.audit(actor, "study_received", job_id=job_id, remote_host=remote_host, files=n_files, bytes=n_bytes,
+                ignored_files=ignored, study_instance_uid=study_uid, media_type=content_type.split(";")[0])
+    log.info("job %s: %d file(s) received over REST from %s", job_id, n_files, actor)
+    enqueuer.submit(job_id, settings.job_queue)
+    return Accepted(job_id, n_files, ignored, study_uid)
+
+
+async def receive_study(request, ctx, actor: str, params: SubmitParams) -> Accepted:
+    """The POST /studies body -> a stored, queued job; :class:`UploadRejected` for a bad upload."""
+    settings = ctx.settings
+    remote = request.client.host if request.client else None
+    try:
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > settings.max_upload_bytes:
+            raise UploadRejected(413, f"upload of {int(length) / 2**20:.1f} MiB exceeds the limit of "
+                                      f"{settings.max_upload_bytes / 2**20:.1f} MiB")
+        with ctx.storage.upload_dir() as work:
+            spool = work / "body"
+            await spool_body(request.stream(), spool, settings.max_upload_bytes)
+            return await run_in_threadpool(
+                store_upload, spool, request.headers.get("content-type", ""), work, settings=settings,
+                store=ctx.store, storage=ctx.storage, enqueuer=ctx.enqueuer, params=params, actor=actor,
+                remote_host=remote,
+            )
+    except UploadRejected as exc:
+        ctx.store.audit(actor, "upload_rejected", remote_host=remote, status=exc.status_code, reason=exc.detail[:300])
+        log.info("upload from %s refused (%d)", actor, exc.status_code)
+        raise

@@ -1,0 +1,567 @@
+"""The job store: job life cycle, claims with a fencing token, exports and the audit log.
+
+Every state change is one conditional UPDATE, so two processes can never both move a job:
+a worker *claims* a job (``received``/``queued``, or ``running`` whose heartbeat has gone
+stale) and gets an attempt number; later writes carry that number and are refused once
+another worker has taken the job over. This is what makes a redelivered Celery message
+harmless.
+
+States: ``received`` (stored, not yet on the queue) -> ``queued`` -> ``running`` (stage,
+progress) -> ``done`` | ``failed`` (reason). ``running`` goes back to ``queued`` for a
+bounded retry or when its worker is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .db import (
+    AuditEvent,
+    ExportRecord,
+    ExportState,
+    IncomingState,
+    IncomingStudy,
+    Job,
+    JobState,
+    OutputInstance,
+    make_engine,
+    make_sessionmaker,
+    utcnow,
+)
+
+__all__ = ["JobStore", "ExportItem", "token_label", "TERMINAL_STATES", "ALLOWED_TRANSITIONS"]
+
+log = logging.getLogger("spectdose.service.jobs")
+
+TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED})
+ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.RECEIVED: frozenset({JobState.QUEUED, JobState.RUNNING, JobState.FAILED}),
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
+    JobState.RUNNING: frozenset({JobState.DONE, JobState.FAILED, JobState.QUEUED}),
+    JobState.DONE: frozenset(),
+    JobState.FAILED: frozenset(),
+}
+
+
+def token_label(token: str) -> str:
+    """How an API token appears in the audit log: a short hash, never the token."""
+    return "token:" + hashlib.sha256(token.encode()).hexdigest()[:10]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportItem:
+    kind: str
+    sop_instance_uid: str
+
+
+class JobStore:
+    """Job store on one SQLAlchemy engine (SQLite file or PostgreSQL)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = make_engine(url)
+        self._sessions = make_sessionmaker(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def session(self, *, readonly: bool = False) -> Iterator[Session]:
+        """A transaction, committed on exit; ``readonly`` ones do not take SQLite's write lock."""
+        with self._sessions() as s, s.begin():
+            if readonly:
+                s.connection(execution_options={"spectdose_readonly": True})
+            yield s
+
+    # ------------------------------------------------------------------ creation and reads
+
+    def create_job(
+        self,
+        job_id: str,
+        *,
+        source: str,
+        submitted_by: str,
+        options: dict,
+        export: list[str],
+        queue: str,
+        n_files: int,
+        input_bytes: int = 0,
+        calling_aet: str | None = None,
+        remote_host: str | None = None,
+        study_instance_uid: str | None = None,
+        fingerprint: str | None = None,
+        incoming_id: str | None = None,
+        state: JobState = JobState.RECEIVED,
+        reason: str | None = None,
+    ) -> Job:
+        now = utcnow()
+        job = Job(
+            id=job_id,
+            state=str(state),
+            stage=None,
+            progress=0.0,
+            reason=reason,
+            source=source,
+            submitted_by=submitted_by,
+            calling_aet=calling_aet,
+            remote_host=remote_host,
+            study_instance_uid=study_instance_uid,
+            fingerprint=fingerprint,
+            incoming_id=incoming_id,
+            options_json=json.dumps(options, sort_keys=True),
+            export_json=json.dumps(export),
+            queue=queue,
+            n_files=n_files,
+            input_bytes=input_bytes,
+            attempt=0,
+            transient_failures=0,
+            outputs_json="{}",
+            created_at=now,
+            updated_at=now,
+            finished_at=now if state in TERMINAL_STATES else None,
+        )
+        with self.session() as s:
+            s.add(job)
+            s.add(
+                AuditEvent(
+                    actor=submitted_by,
+                    action="job_created",
+                    job_id=job_id,
+                    remote_host=remote_host,
+                    detail_json=json.dumps(
+                        {"source": source, "study_instance_uid": study_instance_uid, "files": n_files, "state": str(state)}
+                    ),
+                )
+            )
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self.session(readonly=True) as s:
+            return s.get(Job, job_id)
+
+    def list_jobs(
+        self,
+        *,
+        state: str | None = None,
+        source: str | None = None,
+        calling_aet: str | None = None,
+        study_instance_uid: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> tuple[list[Job], int]:
+        conds = []
+        if state:
+            conds.append(Job.state == state)
+        if source:
+            conds.append(Job.source == source)
+        if calling_aet:
+            conds.append(Job.calling_aet == calling_aet)
+        if study_instance_uid:
+            conds.append(Job.study_instance_uid == study_instance_uid)
+        if since:
+            conds.append(Job.created_at >= since)
+        if until:
+            conds.append(Job.created_at < until)
+        where = and_(*conds) if conds else True
+        with self.session(readonly=True) as s:
+            total = s.scalar(select(func.count()).select_from(Job).where(where)) or 0
+            rows = s.scalars(
+                select(Job).where(where).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
+            ).all()
+        return list(rows), int(total)
+
+    def counts_by_state(self) -> dict[str, int]:
+        with self.session(readonly=True) as s:
+            rows = s.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+        counts = {str(st): 0 for st in JobState}
+        counts.update({state: int(n) for state, n in rows})
+        return counts
+
+    def find_active_by_fingerprint(self, fingerprint: str, calling_aet: str) -> Job | None:
+        """A job of ``calling_aet`` on the same input instances that has not failed.
+
+        A failed one does not count: sending the study again is how a user retries it.
+        """
+        with self.session(readonly=True) as s:
+            return s.scalars(
+                select(Job)
+                .where(
+                    Job.fingerprint == fingerprint,
+                    Job.calling_aet == calling_aet,
+                    Job.state != str(JobState.FAILED),
+                )
+                .limit(1)
+            ).first()
+
+    # ------------------------------------------------------------------ life cycle
+
+    def mark_queued(self, job_id: str) -> bool:
+        """``received`` -> ``queued`` after the task was published; never moves a job back."""
+        now = utcnow()
+        with self.session() as s:
+            n = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == str(JobState.RECEIVED))
+                .values(state=str(JobState.QUEUED), queued_at=now, updated_at=now)
+            ).rowcount
+        return n == 1
+
+    def touch_queued(self, job_id: str) -> None:
+        """Record that a queued job's task was published again."""
+        now = utcnow()
+        with self.session() as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.state == str(JobState.QUEUED)).values(queued_at=now))
+
+    def claim(self, job_id: str, worker: str, *, lease_s: float, max_attempts: int) -> int | None:
+        """Take the job for ``worker``; return the attempt number (fencing token) or None.
+
+        None when the job is finished, unknown, or running under a live heartbeat elsewhere.
+        A job claimed more than ``max_attempts`` times is failed instead (its workers keep
+        dying: out of memory, killed, a poison input).
+        """
+        now = utcnow()
+        stale = now - dt.timedelta(seconds=lease_s)
+        with self.session() as s:
+            n = s.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    or_(
+                        Job.state.in_([str(JobState.RECEIVED), str(JobState.QUEUED)]),
+                        and_(Job.state == str(JobState.RUNNING), Job.heartbeat_at < stale),
+                    ),
+                )
+                .values(
+                    state=str(JobState.RUNNING),
+                    attempt=Job.attempt + 1,
+                    worker=worker,
+                    stage="starting",
+                    progress=0.0,
+                    reason=None,
+                    started_at=func.coalesce(Job.started_at, now),
+                    heartbeat_at=now,
+                    updated_at=now,
+                )
+            ).rowcount
+            if n != 1:
+                return None
+            attempt = s.scalar(select(Job.attempt).where(Job.id == job_id))
+            if attempt > max_attempts:
+                s.execute(
+                    update(Job)
+                    .where(Job.id == job_id)
+                    .values(
+                        state=str(JobState.FAILED),
+                        reason=f"given up: the job was started {attempt - 1} times without finishing "
+                        "(workers lost or killed while running it)",
+                        finished_at=now,
+                    )
+                )
+                s.add(AuditEvent(actor=worker, action="job_failed", job_id=job_id, detail_json='{"why": "max_attempts"}'))
+                return None
+            s.add(AuditEvent(actor=worker, action="job_started", job_id=job_id, detail_json=json.dumps({"attempt": attempt})))
+        return int(attempt)
+
+    def _fenced(self, job_id: str, attempt: int, **values) -> bool:
+        values.setdefault("updated_at", utcnow())
+        with self.session() as s:
+            n = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.attempt == attempt, Job.state == str(JobState.RUNNING))
+                .values(**values)
+            ).rowcount
+        return n == 1
+
+    def heartbeat(self, job_id: str, attempt: int) -> bool:
+        """Renew the lease; False when this attempt no longer owns the job."""
+        return self._fenced(job_id, attempt, heartbeat_at=utcnow())
+
+    def set_progress(self, job_id: str, attempt: int, stage: str, fraction: float) -> bool:
+        now = utcnow()
+        return self._fenced(job_id, attempt, stage=stage, progress=float(min(max(fraction, 0.0), 1.0)), heartbeat_at=now)
+
+    def finish(self, job_id: str, attempt: int, outputs: dict[str, str]) -> bool:
+        now = utcnow()
+        ok = self._fenced(
+            job_id,
+            attempt,
+            state=str(JobState.DONE),
+            stage="done",
+            progress=1.0,
+            reason=None,
+            outputs_json=json.dumps(outputs, sort_keys=True),
+            finished_at=now,
+        )
+        if ok:
+            self.audit("worker", "job_done", job_id=job_id, outputs=sorted(outputs))
+        return ok
+
+    def fail(self, job_id: str, reason: str, *, attempt: int | None = None, actor: str = "worker") -> bool:
+        """Move a job to ``failed`` with a reason (fenced when ``attempt`` is given)."""
+        now = utcnow()
+        values = {"state": str(JobState.FAILED), "reason": reason[:4000], "finished_at": now, "updated_at": now}
+        if attempt is not None:
+            ok = self._fenced(job_id, attempt, **values)
+        else:
+            with self.session() as s:
+                ok = (
+                    s.execute(
+                        update(Job)
+                        .where(Job.id == job_id, Job.state.not_in([str(JobState.DONE), str(JobState.FAILED)]))
+                        .values(**values)
+                    ).rowcount
+                    == 1
+                )
+        if ok:
+            self.audit(actor, "job_failed", job_id=job_id, reason=reason[:500])
+        return ok
+
+    def retry_later(self, job_id: str, attempt: int, reason: str) -> int | None:
+        """``running`` -> ``queued`` after a transient failure; returns the failure count."""
+        now = utcnow()
+        with self.session() as s:
+            n = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.attempt == attempt, Job.state == str(JobState.RUNNING))
+                .values(
+                    state=str(JobState.QUEUED),
+                    transient_failures=Job.transient_failures + 1,
+                    reason=reason[:4000],
+                    stage=None,
+                    queued_at=now,
+                    updated_at=now,
+                )
+            ).rowcount
+            if n != 1:
+                return None
+            return int(s.scalar(select(Job.transient_failures).where(Job.id == job_id)))
+
+    def requeue_if_stale(self, job_id: str, *, lease_s: float, reason: str) -> bool:
+        """``running`` -> ``queued`` when its heartbeat is older than ``lease_s`` (worker lost)."""
+        now = utcnow()
+        with self.session() as s:
+            n = s.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    Job.state == str(JobState.RUNNING),
+                    Job.heartbeat_at < now - dt.timedelta(seconds=lease_s),
+                )
+                .values(state=str(JobState.QUEUED), reason=reason, stage=None, queued_at=now, updated_at=now)
+            ).rowcount
+        return n == 1
+
+    def requeue_of_worker(self, worker: str) -> list[str]:
+        """Jobs a worker held when it died: back to ``queued`` (called by that worker on restart)."""
+        now = utcnow()
+        with self.session() as s:
+            ids = s.scalars(select(Job.id).where(Job.worker == worker, Job.state == str(JobState.RUNNING))).all()
+            done = []
+            for job_id in ids:
+                n = s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.worker == worker, Job.state == str(JobState.RUNNING))
+                    .values(
+                        state=str(JobState.QUEUED),
+                        reason=f"worker {worker} restarted while running this job; requeued",
+                        stage=None,
+                        queued_at=now,
+                        updated_at=now,
+                    )
+                ).rowcount
+                if n == 1:
+                    done.append(job_id)
+        return done
+
+    def jobs_to_sweep(self, *, received_before: dt.datetime, heartbeat_before: dt.datetime, queued_before: dt.datetime):
+        """Jobs needing attention: unpublished, lost running, or queued for too long."""
+        with self.session(readonly=True) as s:
+            received = s.scalars(
+                select(Job.id).where(Job.state == str(JobState.RECEIVED), Job.created_at < received_before)
+            ).all()
+            lost = s.scalars(
+                select(Job.id).where(Job.state == str(JobState.RUNNING), Job.heartbeat_at < heartbeat_before)
+            ).all()
+            waiting = s.scalars(
+                select(Job.id).where(Job.state == str(JobState.QUEUED), Job.queued_at < queued_before)
+            ).all()
+        return list(received), list(lost), list(waiting)
+
+    # ------------------------------------------------------------------ outputs and exports
+
+    def record_outputs(self, job_id: str, instances: list[dict]) -> None:
+        """Remember the instances we produced (SOP, series, class), so they are known if returned."""
+        with self.session() as s:
+            for item in instances:
+                existing = s.get(OutputInstance, item["sop_instance_uid"])
+                if existing is None:
+                    s.add(OutputInstance(job_id=job_id, **item))
+
+    def is_own_output(self, sop_instance_uid: str) -> bool:
+        with self.session(readonly=True) as s:
+            return s.get(OutputInstance, sop_instance_uid) is not None
+
+    def export_sent(self, job_id: str, destination: str, sop_instance_uid: str) -> bool:
+        with self.session(readonly=True) as s:
+            rec = s.scalars(
+                select(ExportRecord).where(
+                    ExportRecord.job_id == job_id,
+                    ExportRecord.destination == destination,
+                    ExportRecord.sop_instance_uid == sop_instance_uid,
+                )
+            ).first()
+            return rec is not None and rec.state == str(ExportState.SENT)
+
+    def record_export(
+        self, job_id: str, destination: str, item: ExportItem, *, sent: bool, attempts: int, error: str | None = None
+    ) -> None:
+        """Upsert the export record of one instance to one destination."""
+        state = str(ExportState.SENT if sent else ExportState.FAILED)
+        now = utcnow()
+        for _ in range(2):
+            try:
+                with self.session() as s:
+                    rec = s.scalars(
+                        select(ExportRecord).where(
+                            ExportRecord.job_id == job_id,
+                            ExportRecord.destination == destination,
+                            ExportRecord.sop_instance_uid == item.sop_instance_uid,
+                        )
+                    ).first()
+                    if rec is None:
+                        rec = ExportRecord(
+                            job_id=job_id,
+                            destination=destination,
+                            kind=item.kind,
+                            sop_instance_uid=item.sop_instance_uid,
+                            attempts=0,
+                        )
+                        s.add(rec)
+                    rec.state = state
+                    rec.attempts = (rec.attempts or 0) + attempts
+                    rec.last_error = error
+                    if sent:
+                        rec.sent_at = now
+                return
+            except IntegrityError:  # another process inserted the same record meanwhile
+                continue
+
+    def exports_of(self, job_id: str) -> list[ExportRecord]:
+        with self.session(readonly=True) as s:
+            return list(s.scalars(select(ExportRecord).where(ExportRecord.job_id == job_id).order_by(ExportRecord.id)))
+
+    # ------------------------------------------------------------------ DICOM arrivals
+
+    def note_arrival(self, study_instance_uid: str, calling_aet: str, remote_host: str | None, *, n_instances: int,
+                     n_own_outputs: int, new_id: str) -> str:
+        """Add instances to the study's open burst (``receiving``), or open one; returns its id."""
+        now = utcnow()
+        with self.session() as s:
+            row = s.scalars(
+                select(IncomingStudy)
+                .where(
+                    IncomingStudy.study_instance_uid == study_instance_uid,
+                    IncomingStudy.state == str(IncomingState.RECEIVING),
+                )
+                .with_for_update()
+                .limit(1)
+            ).first()
+            if row is None:
+                row = IncomingStudy(
+                    id=new_id,
+                    study_instance_uid=study_instance_uid,
+                    calling_aet=calling_aet,
+                    remote_host=remote_host,
+                    state=str(IncomingState.RECEIVING),
+                    n_instances=0,
+                    n_own_outputs=0,
+                    first_at=now,
+                )
+                s.add(row)
+            row.n_instances = (row.n_instances or 0) + n_instances
+            row.n_own_outputs = (row.n_own_outputs or 0) + n_own_outputs
+            row.last_at = now
+            return row.id
+
+    def quiet_studies(self, quiet_before: dt.datetime) -> list[IncomingStudy]:
+        with self.session(readonly=True) as s:
+            return list(
+                s.scalars(
+                    select(IncomingStudy).where(
+                        IncomingStudy.state == str(IncomingState.RECEIVING), IncomingStudy.last_at <= quiet_before
+                    )
+                )
+            )
+
+    def take_incoming(self, incoming_id: str, quiet_before: dt.datetime) -> bool:
+        """``receiving`` -> ``dispatching`` if still quiet; only one process wins."""
+        with self.session() as s:
+            n = s.execute(
+                update(IncomingStudy)
+                .where(
+                    IncomingStudy.id == incoming_id,
+                    IncomingStudy.state == str(IncomingState.RECEIVING),
+                    IncomingStudy.last_at <= quiet_before,
+                )
+                .values(state=str(IncomingState.DISPATCHING))
+            ).rowcount
+        return n == 1
+
+    def settle_incoming(self, incoming_id: str, state: IncomingState, *, job_id: str | None = None,
+                        note: str | None = None) -> None:
+        with self.session() as s:
+            s.execute(
+                update(IncomingStudy).where(IncomingStudy.id == incoming_id).values(state=str(state), job_id=job_id, note=note)
+            )
+
+    def reset_dispatching(self) -> int:
+        """After a crash: bursts caught between 'taken' and 'dispatched' go back to receiving."""
+        with self.session() as s:
+            return s.execute(
+                update(IncomingStudy)
+                .where(IncomingStudy.state == str(IncomingState.DISPATCHING))
+                .values(state=str(IncomingState.RECEIVING))
+            ).rowcount
+
+    def incoming(self, *, study_instance_uid: str | None = None) -> list[IncomingStudy]:
+        with self.session(readonly=True) as s:
+            q = select(IncomingStudy).order_by(IncomingStudy.first_at)
+            if study_instance_uid:
+                q = q.where(IncomingStudy.study_instance_uid == study_instance_uid)
+            return list(s.scalars(q))
+
+    # ------------------------------------------------------------------ audit
+
+    def audit(self, actor: str, action: str, *, job_id: str | None = None, remote_host: str | None = None, **detail) -> None:
+        """Append an audit event. ``detail`` carries UIDs, AE titles and counts only."""
+        with self.session() as s:
+            s.add(
+                AuditEvent(
+                    actor=actor[:64],
+                    action=action,
+                    job_id=job_id,
+                    remote_host=remote_host,
+                    detail_json=json.dumps(detail, default=str, sort_keys=True),
+                )
+            )
+
+    def audit_events(self, *, job_id: str | None = None, action: str | None = None) -> list[AuditEvent]:
+        with self.session(readonly=True) as s:
+            q = select(AuditEvent).order_by(AuditEvent.id)
+            if job_id:
+                q = q.where(AuditEvent.job_id == job_id)
+            if action:
+                q = q.where(AuditEvent.action == action)
+            return list(s.scalars(q))

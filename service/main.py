@@ -1,0 +1,77 @@
+"""The FastAPI gateway: routers, the upload error mapping, metrics, and the sweeper thread.
+
+Run with ``spectdose gateway`` (or ``uvicorn --factory service.main:create_app``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from .config import Settings, load_settings
+from .deps import ServiceContext
+from .intake import UploadRejected
+from .jobs import JobStore
+from .metrics import install_metrics
+from .queue import Enqueuer, Sweeper
+from .routes import health_router, jobs_router, studies_router
+from .storage import Storage
+
+__all__ = ["create_app", "build_context"]
+
+log = logging.getLogger("spectdose.service")
+
+_DESCRIPTION = """Lu-177 SPECT/CT voxel dosimetry as a service.
+
+Submit a study with `POST /studies` (zip, multipart files or DICOMweb STOW-RS); follow the job
+at `GET /jobs/{job_id}` (received -> queued -> running -> done | failed); fetch the RT Dose,
+the dose-rate Parametric Map and the summary when it is done. Every endpoint except
+`/health`, `/ready` and `/metrics` needs `Authorization: Bearer <token>`.
+"""
+
+
+def build_context(settings: Settings) -> ServiceContext:
+    """Job store, data directory and queue publisher for ``settings``."""
+    from worker.app import make_celery  # the Celery app only publishes here; tasks run in workers
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = JobStore(settings.db_url)
+    return ServiceContext(settings, store, Storage(settings.data_dir), Enqueuer(make_celery(settings), store))
+
+
+async def _upload_rejected(_request: Request, exc: UploadRejected) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+
+def create_app(settings: Settings | None = None, *, context: ServiceContext | None = None,
+               sweeper: bool = True) -> FastAPI:
+    """The gateway app. ``sweeper`` runs the repair loop (see :mod:`service.queue`) alongside."""
+    from spectdose import __version__
+
+    ctx = context or build_context(settings or load_settings())
+    settings = ctx.settings
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        thread = None
+        if sweeper:
+            thread = Sweeper(ctx.store, ctx.enqueuer, interval_s=settings.sweep_interval_s, lease_s=settings.lease_s,
+                             visibility_timeout_s=settings.visibility_timeout_s)
+            thread.start()
+        if not settings.auth_enabled:
+            log.warning("API authentication is OFF (development mode, loopback only)")
+        yield
+        if thread is not None:
+            thread.stop()
+
+    app = FastAPI(title="spectdose gateway", version=__version__, description=_DESCRIPTION, lifespan=lifespan)
+    app.state.ctx = ctx
+    app.include_router(studies_router)
+    app.include_router(jobs_router)
+    app.include_router(health_router)
+    app.add_exception_handler(UploadRejected, _upload_rejected)
+    install_metrics(app, ctx)
+    return app

@@ -1,0 +1,107 @@
+"""GET /jobs, /jobs/{job_id} and the job's outputs (RT Dose, dose-rate map, summary)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+
+from ..deps import Actor, Ctx, ServiceContext
+from ..schemas import ErrorOut, JobListOut, JobOut, job_out
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+_AUTH = {401: {"model": ErrorOut, "description": "missing or invalid API token"}}
+_NOT_FOUND = {404: {"model": ErrorOut, "description": "no such job, or the job has no such output"}}
+_NOT_READY = {409: {"model": ErrorOut, "description": "the job has not finished computing yet"}}
+_DICOM = {"content": {"application/dicom": {"schema": {"type": "string", "format": "binary"}}}}
+
+
+def _base(request: Request, ctx: ServiceContext) -> str:
+    return ctx.settings.public_url.rstrip("/") if ctx.settings.public_url else str(request.base_url).rstrip("/")
+
+
+def _job_or_404(ctx: ServiceContext, job_id: str):
+    job = ctx.store.get(job_id) if len(job_id) == 32 else None
+    if job is None:
+        raise HTTPException(404, f"no job {job_id!r}")
+    return job
+
+
+def _output_path(ctx: ServiceContext, job_id: str, kind: str):
+    """The file of output ``kind``, or 404/409 saying why there is none."""
+    job = _job_or_404(ctx, job_id)
+    manifest = ctx.storage.output_manifest(job_id)
+    if manifest is None:
+        if job.state in ("done", "failed"):
+            raise HTTPException(404, f"job {job_id} has no outputs ({job.state}: {job.reason or 'no reason recorded'})")
+        where = f", stage {job.stage}" if job.stage else ""
+        raise HTTPException(409, f"job {job_id} is {job.state}{where} ({100 * (job.progress or 0):.0f} %): "
+                                 "outputs are not ready yet")
+    entry = manifest["files"].get(kind)
+    if entry is None:
+        raise HTTPException(404, f"job {job_id} produced no {kind} (e.g. no RT Dose for a normalised SPECT)")
+    return ctx.storage.job_output(job_id) / entry["file"]
+
+
+@router.get("", response_model=JobListOut, responses=_AUTH, summary="List jobs, newest first")
+def list_jobs(
+    request: Request,
+    ctx: Ctx,
+    _actor: Actor,
+    state: Annotated[Literal["received", "queued", "running", "done", "failed"] | None, Query()] = None,
+    source: Annotated[Literal["rest", "dicom"] | None, Query()] = None,
+    calling_aet: Annotated[str | None, Query(max_length=16)] = None,
+    study_instance_uid: Annotated[str | None, Query(max_length=64)] = None,
+    since: Annotated[dt.datetime | None, Query(description="created at or after (UTC)")] = None,
+    until: Annotated[dt.datetime | None, Query(description="created before (UTC)")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobListOut:
+    def naive_utc(t: dt.datetime | None) -> dt.datetime | None:
+        return t.astimezone(dt.UTC).replace(tzinfo=None) if t is not None and t.tzinfo else t
+
+    jobs, total = ctx.store.list_jobs(
+        state=state, source=source, calling_aet=calling_aet, study_instance_uid=study_instance_uid,
+        since=naive_utc(since), until=naive_utc(until), limit=limit, offset=offset,
+    )
+    base = _base(request, ctx)
+    return JobListOut(total=total, limit=limit, offset=offset, jobs=[job_out(j, [], base) for j in jobs])
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=_AUTH | _NOT_FOUND, summary="A job's state")
+def get_job(request: Request, ctx: Ctx, _actor: Actor, job_id: str) -> JobOut:
+    job = _job_or_404(ctx, job_id)
+    return job_out(job, ctx.store.exports_of(job_id), _base(request, ctx))
+
+
+@router.get("/{job_id}/rtdose", response_class=FileResponse, responses=_AUTH | _NOT_FOUND | _NOT_READY | {200: _DICOM},
+            summary="The RT Dose (absorbed dose, Gy) as a DICOM file")
+def get_rtdose(ctx: Ctx, _actor: Actor, job_id: str) -> FileResponse:
+    path = _output_path(ctx, job_id, "rtdose")
+    return FileResponse(path, media_type="application/dicom", filename=f"{job_id}-rtdose.dcm")
+
+
+@router.get("/{job_id}/doserate", response_class=FileResponse,
+            responses=_AUTH | _NOT_FOUND | _NOT_READY | {200: _DICOM},
+            summary="The dose-rate Parametric Map (mGy/h) as a DICOM file")
+def get_doserate(ctx: Ctx, _actor: Actor, job_id: str) -> FileResponse:
+    path = _output_path(ctx, job_id, "doserate")
+    return FileResponse(path, media_type="application/dicom", filename=f"{job_id}-doserate.dcm")
+
+
+@router.get(
+    "/{job_id}/summary",
+    responses=_AUTH | _NOT_FOUND | _NOT_READY | {
+        200: {"content": {"application/json": {"schema": {"type": "object"}}, "text/plain": {"schema": {"type": "string"}}},
+              "description": "summary.json (default) or summary.txt (format=text)"}},
+    summary="The dosimetry summary (JSON, or text with format=text)",
+)
+def get_summary(ctx: Ctx, _actor: Actor, job_id: str,
+                format: Annotated[Literal["json", "text"], Query()] = "json"):  # noqa: A002 - the query name
+    if format == "text":
+        return PlainTextResponse(_output_path(ctx, job_id, "summary_txt").read_text())
+    return JSONResponse(json.loads(_output_path(ctx, job_id, "summary_json").read_text()))

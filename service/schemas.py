@@ -1,0 +1,128 @@
+"""Response bodies of the REST API, separate from the database models.
+
+They carry UIDs, AE titles, states and counts; patient attributes never leave the DICOM files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from .db import ExportRecord, Job
+
+__all__ = ["ErrorOut", "ValidationErrorOut", "SubmitOut", "ExportOut", "JobOut", "JobListOut", "HealthOut", "ReadyOut", "job_out"]
+
+JobStateName = Literal["received", "queued", "running", "done", "failed"]
+
+
+class ErrorOut(BaseModel):
+    detail: str = Field(description="why the request was refused, for a person to read")
+
+
+class ValidationErrorOut(BaseModel):
+    """422: a sentence from our own checks, or FastAPI's list of invalid parameters."""
+
+    detail: str | list[dict[str, Any]]
+
+
+class SubmitOut(BaseModel):
+    job_id: str = Field(description="32 hexadecimal digits")
+    state: JobStateName
+    location: str = Field(description="URL of the job (also in the Location header)")
+    files: int = Field(description="files stored for the job")
+    ignored_files: int = Field(0, description="files in the upload that are not usable DICOM (listed by the core)")
+    study_instance_uid: str | None = None
+
+
+class ExportOut(BaseModel):
+    destination: str
+    kind: str
+    sop_instance_uid: str
+    state: Literal["pending", "sent", "failed"]
+    attempts: int
+    last_error: str | None = None
+    sent_at: dt.datetime | None = None
+
+
+class JobOut(BaseModel):
+    job_id: str
+    state: JobStateName
+    stage: str | None = Field(None, description="pipeline stage while running (ingest, resample, density, dose_rate, export)")
+    progress: float = Field(description="0..1")
+    reason: str | None = Field(None, description="why the job failed, or why it was requeued")
+    source: Literal["rest", "dicom"]
+    submitted_by: str = Field(description="API token label (token:<hash>) or calling AE title")
+    calling_aet: str | None = None
+    study_instance_uid: str | None = None
+    queue: str
+    files: int
+    attempt: int = Field(description="how many times a worker started the job")
+    created_at: dt.datetime
+    queued_at: dt.datetime | None = None
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    options: dict
+    outputs: dict[str, str] = Field(default_factory=dict, description="output kind -> URL")
+    exports: list[ExportOut] = Field(default_factory=list)
+
+
+class JobListOut(BaseModel):
+    total: int
+    limit: int
+    offset: int
+    jobs: list[JobOut]
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+    version: str
+    environment: str
+
+
+class ReadyOut(BaseModel):
+    status: Literal["ready", "not ready"]
+    database: str
+    broker: str
+
+
+_OUTPUT_ROUTES = {"rtdose": "rtdose", "doserate": "doserate", "summary_json": "summary"}
+
+
+def job_out(job: Job, exports: list[ExportRecord], base_url: str) -> JobOut:
+    outputs = json.loads(job.outputs_json or "{}")
+    links = {route: f"{base_url}/jobs/{job.id}/{route}" for kind, route in _OUTPUT_ROUTES.items() if kind in outputs}
+    return JobOut(
+        job_id=job.id,
+        state=job.state,
+        stage=job.stage,
+        progress=round(job.progress or 0.0, 4),
+        reason=job.reason,
+        source=job.source,
+        submitted_by=job.submitted_by,
+        calling_aet=job.calling_aet,
+        study_instance_uid=job.study_instance_uid,
+        queue=job.queue,
+        files=job.n_files,
+        attempt=job.attempt,
+        created_at=job.created_at,
+        queued_at=job.queued_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        options=json.loads(job.options_json or "{}"),
+        outputs=links,
+        exports=[
+            ExportOut(
+                destination=e.destination,
+                kind=e.kind,
+                sop_instance_uid=e.sop_instance_uid,
+                state=e.state,
+                attempts=e.attempts,
+                last_error=e.last_error,
+                sent_at=e.sent_at,
+            )
+            for e in exports
+        ],
+    )

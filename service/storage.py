@@ -1,0 +1,295 @@
+"""On-disk layout under the data directory, atomic writes and safe archive unpacking.
+
+::
+
+    DATA_DIR/
+      uploads/<tmp>/            REST uploads while they are checked (removed after)
+      staging/<association>/    instances of an open DICOM association (used only on release)
+      incoming/<study>/         instances of studies arriving over DICOM, by SOP Instance UID
+      jobs/<job_id>/input/      the job's input, hard-linked or moved here before it is queued
+      jobs/<job_id>/work-<n>/   attempt n writing its outputs
+      jobs/<job_id>/output/     the published outputs (replaced whole by a rerun)
+
+Everything that must survive a crash is written to a temporary name, fsynced and renamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+import uuid
+import zipfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+__all__ = ["Storage", "UnsafeArchive", "extract_zip", "atomic_write_bytes", "safe_component", "fsync_dir"]
+
+_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
+# Archive limits: a clinical study deflates 2-10x, an air-only CT slice up to ~50x; a
+# member or archive claiming more than MAX_ZIP_RATIO is taken for a zip bomb.
+MAX_ZIP_RATIO = 200.0
+_RATIO_MIN_BYTES = 1 << 20
+_COMPLETE = ".complete.json"
+
+
+class UnsafeArchive(Exception):
+    """An archive refused as a whole; ``kind`` is traversal, bomb, too_large, too_many or corrupt."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def safe_component(text: str) -> str:
+    """A path component for a UID: the UID itself when it is one, else a hash (never a name)."""
+    if _UID.match(text) and ".." not in text:
+        return text
+    return "h" + hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:40]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see either nothing or all of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(Path(dirpath) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def _is_traversal(name: str) -> bool:
+    if "\x00" in name:
+        return True
+    norm = name.replace("\\", "/")
+    if norm.startswith("/") or re.match(r"^[A-Za-z]:", norm):
+        return True
+    return any(part == ".." for part in PurePosixPath(norm).parts)
+
+
+def extract_zip(archive: Path, dest: Path, *, max_bytes: int, max_members: int, prefix: str = "z") -> list[Path]:
+    """Unpack ``archive`` into ``dest`` under generated names; refuse hostile archives whole.
+
+    Member names are never used as paths (each member becomes ``dest/<prefix><n>.dcm``), so
+    nothing can land outside ``dest``; a name that *tries* to (absolute, ``..``, drive
+    letter) makes the archive suspect and it is refused. The declared sizes are checked
+    against ``max_bytes`` and the compression ratio before anything is written, and the
+    bytes actually inflated are counted again while writing.
+
+    Raises
+    ------
+    UnsafeArchive
+        traversal, bomb, too_large, too_many or corrupt.
+    """
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UnsafeArchive("corrupt", f"not a readable zip archive ({exc})") from exc
+    with zf:
+        infos = [i for i in zf.infolist() if not i.is_dir()]
+        if len(infos) > max_members:
+            raise UnsafeArchive("too_many", f"{len(infos)} archive members, more than the limit of {max_members}")
+        for info in infos:
+            if _is_traversal(info.filename):
+                raise UnsafeArchive(
+                    "traversal", f"archive member {info.filename!r} points outside the archive (absolute or '..')"
+                )
+        total = sum(i.file_size for i in infos)
+        if total > max_bytes:
+            raise UnsafeArchive(
+                "too_large", f"archive unpacks to {total / 2**20:.1f} MiB, over the limit of {max_bytes / 2**20:.1f} MiB"
+            )
+        for info in infos:
+            if info.file_size >= _RATIO_MIN_BYTES and info.file_size > MAX_ZIP_RATIO * max(info.compress_size, 1):
+                raise UnsafeArchive(
+                    "bomb",
+                    f"archive member inflates {info.file_size / max(info.compress_size, 1):.0f}-fold "
+                    f"(limit {MAX_ZIP_RATIO:.0f}): a possible zip bomb",
+                )
+        archive_bytes = max(archive.stat().st_size, 1)
+        if total >= _RATIO_MIN_BYTES and total > MAX_ZIP_RATIO * archive_bytes:
+            raise UnsafeArchive(
+                "bomb", f"archive declares {total / archive_bytes:.0f} times its own size: a possible zip bomb"
+            )
+        dest.mkdir(parents=True, exist_ok=True)
+        out: list[Path] = []
+        written = 0
+        for n, info in enumerate(infos):
+            if (info.external_attr >> 16) & 0o170000 == stat.S_IFLNK:
+                continue  # symbolic links are never materialised
+            target = dest / f"{prefix}{n:06d}.dcm"
+            try:
+                with zf.open(info) as src, open(target, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > max_bytes:
+                            raise UnsafeArchive("bomb", "archive inflates to more than it declares: a possible zip bomb")
+                        dst.write(chunk)
+            except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError, zlib.error) as exc:
+                raise UnsafeArchive("corrupt", f"damaged or encrypted archive member ({type(exc).__name__})") from exc
+            out.append(target)
+        return out
+
+
+class Storage:
+    """The data directory: paths derived from study UIDs and job ids, plus atomic publishing."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.uploads = self.root / "uploads"
+        self.staging = self.root / "staging"
+        self.incoming_root = self.root / "incoming"
+        self.jobs_root = self.root / "jobs"
+        for d in (self.uploads, self.staging, self.incoming_root, self.jobs_root):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ paths
+
+    def incoming_dir(self, study_instance_uid: str) -> Path:
+        return self.incoming_root / safe_component(study_instance_uid)
+
+    def staging_dir(self, key: str) -> Path:
+        return self.staging / safe_component(key)
+
+    def job_dir(self, job_id: str) -> Path:
+        if not re.fullmatch(r"[0-9a-f]{32}", job_id):
+            raise ValueError(f"not a job id: {job_id!r}")
+        return self.jobs_root / job_id
+
+    def job_input(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "input"
+
+    def job_output(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "output"
+
+    def job_work(self, job_id: str, attempt: int) -> Path:
+        return self.job_dir(job_id) / f"work-{attempt}"
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    # ------------------------------------------------------------------ uploads and inputs
+
+    @contextlib.contextmanager
+    def upload_dir(self) -> Iterator[Path]:
+        """A private folder for one upload; removed on exit unless its content was published."""
+        path = self.uploads / uuid.uuid4().hex
+        path.mkdir(parents=True)
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def publish_input(self, job_id: str, files: list[Path]) -> tuple[int, int]:
+        """Move (or hard-link) ``files`` into the job's input folder, durably; return (count, bytes).
+
+        Files are put in a temporary sibling folder, fsynced, and renamed into place, so the
+        input folder exists complete or not at all.
+        """
+        final = self.job_input(job_id)
+        tmp = self.job_dir(job_id) / f".input-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        n_bytes = 0
+        try:
+            for i, src in enumerate(files):
+                target = tmp / (src.name if src.name.endswith(".dcm") else f"f{i:06d}.dcm")
+                if target.exists():
+                    target = tmp / f"f{i:06d}-{target.name}"
+                try:
+                    os.link(src, target)
+                except OSError:
+                    shutil.copy2(src, target)
+                n_bytes += target.stat().st_size
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)  # an earlier, unfinished dispatch of the same job
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+            fsync_dir(final.parent.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return len(files), n_bytes
+
+    # ------------------------------------------------------------------ outputs
+
+    def new_work_dir(self, job_id: str, attempt: int) -> Path:
+        work = self.job_work(job_id, attempt)
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        return work
+
+    def publish_output(self, job_id: str, work: Path, manifest: dict) -> Path:
+        """Make ``work`` the job's output folder, replacing any earlier one whole.
+
+        A manifest (``.complete.json``) written last marks the folder complete, so a
+        half-written output is never mistaken for a finished one.
+        """
+        atomic_write_bytes(work / _COMPLETE, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        _fsync_tree(work)
+        final = self.job_output(job_id)
+        old = None
+        if final.exists():
+            old = final.with_name(f".output-old-{uuid.uuid4().hex[:8]}")
+            os.replace(final, old)
+        os.replace(work, final)
+        fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def output_manifest(self, job_id: str) -> dict | None:
+        """The manifest of a complete output folder, or None."""
+        path = self.job_output(job_id) / _COMPLETE
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def clean_work_dirs(self, job_id: str) -> None:
+        for p in self.job_dir(job_id).glob("work-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def clear_staging(self) -> int:
+        """Remove instances of associations that never ended in a release (a crash or abort)."""
+        n = 0
+        for p in self.staging.iterdir():
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            n += 1
+        return n

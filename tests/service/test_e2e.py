@@ -1,0 +1,351 @@
+"""End to end on loopback with real peers: `spectdose serve` (local Redis started by it,
+gateway, DICOM node, Celery worker), dcmtk storescu/storescp, Orthanc, and an HTTP client.
+
+One ``serve`` process is shared by the module; each test pushes its own copy of the
+virtual patient (fresh UIDs where tests must not see each other as duplicates), so the
+module runs the full pipeline only a handful of times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from service.localredis import free_port, redis_answers
+
+from .support import AUTH, TOKEN, running, wait_for, zip_folder
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+STORESCU = Path("/usr/bin/storescu")
+STORESCP = Path("/usr/bin/storescp")
+ORTHANC = Path("/usr/sbin/Orthanc")
+ROOT = Path(__file__).resolve().parents[2]
+JOB_TIMEOUT_S = 300
+
+
+def _need(*paths: Path) -> None:
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (scripts/bootstrap.sh --test-tools installs them)")
+
+
+def reuid(files: list[Path], dest: Path) -> list[Path]:
+    """Copy a study with new Study/Series/SOP/Frame-of-Reference UIDs (another patient visit)."""
+    mapping: dict[str, str] = {}
+
+    def new(uid) -> str:
+        return mapping.setdefault(str(uid), generate_uid())
+
+    out = []
+    dest.mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(files):
+        ds = pydicom.dcmread(p)
+        for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
+            if kw in ds:
+                setattr(ds, kw, new(getattr(ds, kw)))
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        for item in ds.get("ReferencedImageSequence", []) or []:
+            if "ReferencedSOPInstanceUID" in item:
+                item.ReferencedSOPInstanceUID = new(item.ReferencedSOPInstanceUID)
+        target = dest / f"{i:05d}.dcm"
+        ds.save_as(target)
+        out.append(target)
+    return out
+
+
+class Service:
+    """A running ``spectdose serve`` and the peers around it."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.data_dir = root / "data"
+        self.http_port, self.dicom_port, self.redis_port = free_port(), free_port(), free_port()
+        self.modality_port, self.archive_port, self.orthanc_dicom_port = free_port(), free_port(), free_port()
+        self.modality_dir, self.archive_dir = root / "modality-scp", root / "archive-scp"
+        self.log = root / "serve.log"
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.http = httpx.Client(base_url=self.url, headers=AUTH, timeout=30)
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "service.cli", "serve", "--http-port", str(self.http_port),
+            "--dicom-port", str(self.dicom_port), "--ae-title", "SPECTDOSE", "--data-dir", str(self.data_dir),
+            "--redis-url", self.redis_url, "--quiet-s", "2",
+            "--export", "sender", "--export", f"ARCHIVE@127.0.0.1:{self.archive_port}",
+            "--peer", f"MODALITY@127.0.0.1:{self.modality_port}",
+            "--peer", f"ORTHANC@127.0.0.1:{self.orthanc_dicom_port}",
+        ]
+
+    def job(self, job_id: str) -> dict:
+        return self.http.get(f"/jobs/{job_id}").json()
+
+    def wait_done(self, job_id: str, timeout_s: float = JOB_TIMEOUT_S) -> dict:
+        job = wait_for(lambda: (j := self.job(job_id))["state"] in ("done", "failed") and j, timeout_s, 0.5,
+                       what=f"job {job_id} to finish")
+        assert job["state"] == "done", job
+        return job
+
+    def jobs(self, **params) -> list[dict]:
+        return self.http.get("/jobs", params=params).json()["jobs"]
+
+    def tail(self) -> str:
+        return self.log.read_text()[-6000:] if self.log.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, phantom_files):
+    _need(STORESCU, STORESCP, Path("/usr/bin/redis-server"))
+    svc = Service(tmp_path_factory.mktemp("e2e"))
+    for d in (svc.modality_dir, svc.archive_dir):
+        d.mkdir()
+    assert not redis_answers(svc.redis_url), "the test wants serve to start its own Redis"
+    env = {**os.environ, "SPECTDOSE_API_TOKENS": TOKEN, "SPECTDOSE_LOG_LEVEL": "INFO"}
+    with running([str(STORESCP), "-aet", "MODALITY", "-od", str(svc.modality_dir), str(svc.modality_port)]), \
+            running([str(STORESCP), "-aet", "ARCHIVE", "-od", str(svc.archive_dir), str(svc.archive_port)]), \
+            open(svc.log, "w") as log, \
+            running(svc.command(), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT) as proc:
+        try:
+            wait_for(lambda: proc.poll() is None and _up(svc.url), 60, what="serve to answer /health")
+            wait_for(lambda: (svc.data_dir / "run" / "worker.pid").exists(), 30, what="the worker")
+            yield svc
+        except BaseException:
+            print(svc.tail())
+            raise
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                print(svc.tail())
+                raise
+    assert not redis_answers(svc.redis_url), "serve stopped the Redis it started"
+    svc.http.close()
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _dicom_files(folder: Path) -> list[pydicom.Dataset]:
+    return [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(folder.iterdir()) if p.is_file()]
+
+
+def _sop_uids(job_dir: Path) -> dict[str, str]:
+    manifest = json.loads((job_dir / "output" / ".complete.json").read_text())
+    return {k: v["sop_instance_uid"] for k, v in manifest["files"].items() if "sop_instance_uid" in v}
+
+
+# ------------------------------------------------------------------ REST
+
+
+def test_rest_submission_with_an_http_client(service, phantom_dir, tmp_path):
+    body = zip_folder(phantom_dir / "dicom", tmp_path / "study.zip").read_bytes()
+    assert service.http.post("/studies", content=body, headers={"Authorization": "Bearer nope",
+                                                                "Content-Type": "application/zip"}).status_code == 401
+    r = service.http.post("/studies", content=body, headers={"Content-Type": "application/zip"})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    assert service.http.get(r.headers["location"]).json()["job_id"] == job_id
+    seen = set()
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        job = service.job(job_id)
+        seen.add((job["state"], job["stage"]))
+        if job["state"] in ("done", "failed"):
+            break
+        time.sleep(0.2)
+    assert job["state"] == "done", job
+    assert any(state == "running" and stage not in (None, "starting") for state, stage in seen), seen
+    rtdose = service.http.get(f"/jobs/{job_id}/rtdose")
+    assert rtdose.status_code == 200 and rtdose.headers["content-type"] == "application/dicom"
+    (tmp_path / "rd.dcm").write_bytes(rtdose.content)
+    ds = pydicom.dcmread(tmp_path / "rd.dcm")
+    assert ds.Modality == "RTDOSE" and ds.DoseUnits == "GY"
+    assert ds.StudyInstanceUID == job["study_instance_uid"]
+    pm = service.http.get(f"/jobs/{job_id}/doserate")
+    assert pm.status_code == 200 and len(pm.content) > 1000
+    summary = service.http.get(f"/jobs/{job_id}/summary").json()
+    assert summary["dose"]["max_gy"] > 0
+    assert "Absorbed dose" in service.http.get(f"/jobs/{job_id}/summary", params={"format": "text"}).text
+    assert job_id in [j["job_id"] for j in service.jobs(state="done", source="rest")]
+    assert 'spectdose_jobs{state="done"}' in httpx.get(f"{service.url}/metrics").text
+
+
+# ------------------------------------------------------------------ DIMSE: storescu -> node -> storescp
+
+
+def test_storescu_push_comes_back_as_dicom_to_sender_and_archive(service, phantom_dir, phantom_files):
+    r = subprocess.run([str(STORESCU), "-aet", "MODALITY", "-aec", "SPECTDOSE", "+sd", "+r", "127.0.0.1",
+                        str(service.dicom_port), str(phantom_dir / "dicom")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    job = wait_for(lambda: service.jobs(calling_aet="MODALITY"), 30, what="the job of the pushed study")[0]
+    job = service.wait_done(job["job_id"])
+    assert job["source"] == "dicom" and job["files"] == len(phantom_files)
+    expected = _sop_uids(service.data_dir / "jobs" / job["job_id"])
+    for folder in (service.modality_dir, service.archive_dir):
+        got = wait_for(lambda f=folder: len(_dicom_files(f)) >= 2 and _dicom_files(f), 30, what=f"results in {folder}")
+        assert {str(d.SOPInstanceUID) for d in got} == set(expected.values())
+        assert {d.Modality for d in got} >= {"RTDOSE"}
+        assert {str(d.StudyInstanceUID) for d in got} == {job["study_instance_uid"]}
+    assert {(e["destination"], e["state"]) for e in job["exports"]} == {
+        (f"MODALITY@127.0.0.1:{service.modality_port}", "sent"), (f"ARCHIVE@127.0.0.1:{service.archive_port}", "sent")}
+    rest = [j for j in service.jobs(source="rest", state="done")]
+    if rest:  # same input and options as the REST job: the same output UIDs (a PACS replaces, never duplicates)
+        assert _sop_uids(service.data_dir / "jobs" / rest[-1]["job_id"]) == expected
+
+
+# ------------------------------------------------------------------ Orthanc auto-forwarding, no loop
+
+
+def test_orthanc_autoforward_gets_results_back_without_a_loop(service, phantom_files, tmp_path):
+    _need(ORTHANC)
+    files = reuid(phantom_files, tmp_path / "study")
+    http_port = free_port()
+    (tmp_path / "forward.lua").write_text(
+        "function OnStableStudy(studyId, tags, metadata)\n"
+        "  RestApiPost('/modalities/spectdose/store', studyId)\n"  # the whole study, over C-STORE
+        "end\n")
+    config = {
+        "Name": "spectdose-e2e", "StorageDirectory": str(tmp_path / "storage"),
+        "IndexDirectory": str(tmp_path / "index"), "HttpPort": http_port, "DicomPort": service.orthanc_dicom_port,
+        "DicomAet": "ORTHANC", "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "StableAge": 2,
+        "DicomModalities": {"spectdose": ["SPECTDOSE", "127.0.0.1", service.dicom_port]},
+        "LuaScripts": [str(tmp_path / "forward.lua")], "Plugins": [], "DicomAlwaysAllowStore": True,
+    }
+    (tmp_path / "orthanc.json").write_text(json.dumps(config))
+    orthanc_url = f"http://127.0.0.1:{http_port}"
+    with open(tmp_path / "orthanc.log", "w") as log, \
+            running([str(ORTHANC), "--verbose", str(tmp_path / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT):
+        wait_for(lambda: _orthanc_up(orthanc_url), 30, what="Orthanc")
+        for p in files:
+            assert httpx.post(f"{orthanc_url}/instances", content=p.read_bytes(), timeout=30).status_code == 200
+        job = wait_for(lambda: service.jobs(calling_aet="ORTHANC"), 60, what="Orthanc's forwarded study")[0]
+        job = service.wait_done(job["job_id"])
+        study_uid = job["study_instance_uid"]
+
+        def orthanc_modalities():
+            found = httpx.post(f"{orthanc_url}/tools/find", json={"Level": "Series", "Query": {
+                "StudyInstanceUID": study_uid}, "Expand": True}).json()
+            return {s["MainDicomTags"].get("Modality") for s in found}
+
+        mods = wait_for(lambda: "RTDOSE" in (m := orthanc_modalities()) and len(m) >= 4 and m, 60,
+                        what="the results stored in Orthanc")
+        assert {"CT", "NM", "RTDOSE"} <= mods
+        # Orthanc now sees a changed study, waits StableAge and forwards all of it again,
+        # our results included: recognised, and no second job.
+        wait_for(lambda: [i for i in _incoming(service) if i == "duplicate"], 60, what="the re-forwarded study")
+        time.sleep(3)
+        assert [j["job_id"] for j in service.jobs(calling_aet="ORTHANC")] == [job["job_id"]]
+        sent = [e for e in job["exports"] if e["destination"].startswith("ORTHANC@")]
+        assert len(sent) == 2 and all(e["state"] == "sent" for e in sent)
+
+
+def _orthanc_up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/system", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _incoming(service: Service) -> list[str]:
+    from service.jobs import JobStore
+
+    store = JobStore(f"sqlite:///{service.data_dir / 'jobs.sqlite'}")
+    try:
+        return [i.state for i in store.incoming() if i.calling_aet == "ORTHANC"]
+    finally:
+        store.close()
+
+
+# ------------------------------------------------------------------ a worker killed mid-job
+
+
+def test_worker_killed_mid_job_is_restarted_and_finishes_once(service, phantom_files, tmp_path):
+    files = reuid(phantom_files, tmp_path / "study")
+    body = zip_folder(tmp_path / "study", tmp_path / "study.zip").read_bytes()
+    r = service.http.post("/studies", content=body, headers={"Content-Type": "application/zip"},
+                          params={"export": "MODALITY"})
+    job_id = r.json()["job_id"]
+    wait_for(lambda: service.job(job_id)["state"] == "running", 60, 0.05, what="the job to start")
+    pid = int((service.data_dir / "run" / "worker.pid").read_text())
+    os.killpg(pid, signal.SIGKILL)  # the worker and its pool child, mid-job
+    job = service.wait_done(job_id)
+    assert job["attempt"] == 2, "one interrupted attempt, one that finished"
+    assert len(files) == job["files"]
+    new_pid = int((service.data_dir / "run" / "worker.pid").read_text())
+    assert new_pid != pid
+    job_dir = service.data_dir / "jobs" / job_id
+    assert sorted(p.name for p in job_dir.iterdir()) == ["input", "output"], "no leftover work folder"
+    assert [e["state"] for e in job["exports"]] == ["sent", "sent"] and all(e["attempts"] == 1 for e in job["exports"])
+    # The killed worker's message is still unacknowledged in Redis and comes back one day
+    # (visibility timeout); delivering it now must change nothing.
+    from service.config import Settings
+    from worker.app import make_celery
+
+    app = make_celery(Settings(environment="development", redis_url=service.redis_url, data_dir=tmp_path))
+    app.send_task("spectdose.process_job", args=[job_id], queue="cpu")
+    import redis
+
+    with redis.Redis.from_url(service.redis_url) as r:
+        wait_for(lambda: r.llen("cpu") == 0, 30, 0.1, what="the duplicate message to be consumed")
+    time.sleep(1.0)
+    again = service.job(job_id)
+    assert (again["state"], again["attempt"], again["finished_at"]) == ("done", 2, job["finished_at"])
+    assert len(again["exports"]) == 2
+
+
+# ------------------------------------------------------------------ the README's main command
+
+
+def test_serve_demo_brings_everything_up_and_shows_the_results(tmp_path, phantom_dir):
+    _need(Path("/usr/bin/redis-server"))
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data / "demo" / "virtual-patient")  # the session's patient: not made twice
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--data-dir", str(data), "--http-port", str(free_port()),
+           "--dicom-port", str(free_port()), "--redis-url", f"redis://127.0.0.1:{free_port()}/0", "--quiet-s", "2",
+           "--demo", "--exit-after-demo"]
+    env = {k: v for k, v in os.environ.items() if k != "SPECTDOSE_API_TOKENS"}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out, running(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT) as proc:
+        try:
+            rc = proc.wait(timeout=JOB_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            rc = None
+    text = log.read_text()
+    assert rc == 0, text[-6000:]
+    assert "API authentication OFF (local demo)" in text and "(started here)" in text
+    assert "results came back to DEMO_PACS@127.0.0.1" in text
+    paths = [Path(line.split("[demo]", 1)[1].strip()) for line in text.splitlines()
+             if line.startswith("[demo]") and line.strip().endswith(".dcm")]
+    assert {pydicom.dcmread(p, stop_before_pixels=True).Modality for p in paths} >= {"RTDOSE"}
+    assert len(paths) == 2 and all(p.parent == data / "demo-pacs" for p in paths)
+
+
+# ------------------------------------------------------------------ logs
+
+
+def test_logs_carry_no_patient_names_or_ids(service, phantom_files):
+    """Gateway, node and worker all log to this file: UIDs, AE titles and counts only."""
+    text = service.log.read_text()
+    assert "spectdose serve:" in text, "the log is the service's"
+    ds = pydicom.dcmread(phantom_files[0], stop_before_pixels=True)
+    for value in (str(ds.PatientName), str(ds.PatientName).replace("^", " "), str(ds.PatientID)):
+        if len(value) >= 3:
+            assert value not in text, f"patient attribute {value!r} in the service log"

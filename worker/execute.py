@@ -1,0 +1,214 @@
+"""What a worker does with one job: claim, compute (once), publish, export, finish.
+
+Kept apart from the Celery task so it reads as a plain function of a job id. Failure
+classes: a :class:`~spectdose.errors.SpectdoseError` is the study's fault and final (the
+job fails with its message); anything else (disk, network, broker) is transient and
+retried a bounded number of times with a doubling delay.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+from celery.exceptions import SoftTimeLimitExceeded
+
+from service.config import Settings
+from service.export import OutputFile, export_outputs
+from service.jobs import JobStore
+from service.storage import Storage
+
+__all__ = ["run_job", "dose_options", "build_manifest", "LeaseLost", "TransientFailure", "Outcome"]
+
+log = logging.getLogger("spectdose.worker")
+
+_DICOM_OUTPUTS = ("rtdose", "doserate")
+
+
+class LeaseLost(Exception):
+    """Another attempt owns the job now (this worker was presumed dead); stop quietly."""
+
+
+class TransientFailure(Exception):
+    """Failed for a reason a later try may not meet; carries the retry delay."""
+
+    def __init__(self, message: str, delay_s: float):
+        super().__init__(message)
+        self.delay_s = delay_s
+
+
+Outcome = dict
+
+
+def dose_options(options: dict, settings: Settings):
+    """The core's DoseOptions from a job's stored options and the service settings."""
+    from spectdose.ingest import load_calibrations
+    from spectdose.pipeline import DoseOptions
+
+    admin = options.get("administration_time")
+    return DoseOptions(
+        method=options.get("method", "dvk"),
+        time_model=options.get("time_model", "hanscheid"),
+        effective_half_life_h=options.get("effective_half_life_h"),
+        administration_datetime=dt.datetime.fromisoformat(admin) if admin else None,
+        sensitivity_cps_per_mbq=options.get("sensitivity_cps_per_mbq") or settings.sensitivity_cps_per_mbq,
+        calibrations=tuple(load_calibrations(settings.calibrations_file)) if settings.calibrations_file else (),
+        calling_ae_title=options.get("calling_aet"),
+        allow_normalised=bool(options.get("normalised", False)),
+        spect_series_uid=options.get("spect_series"),
+        ct_series_uid=options.get("ct_series"),
+        kernel_cache_dir=settings.kernel_dir,
+        device=settings.device,
+    )
+
+
+class _Heartbeat(threading.Thread):
+    """Renews the job's lease while the pipeline computes; notices when it was taken over."""
+
+    def __init__(self, store: JobStore, job_id: str, attempt: int, every_s: float):
+        super().__init__(name=f"heartbeat-{job_id[:8]}", daemon=True)
+        self.store, self.job_id, self.attempt, self.every_s = store, job_id, attempt, every_s
+        self.lost = threading.Event()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.every_s):
+            try:
+                if not self.store.heartbeat(self.job_id, self.attempt):
+                    self.lost.set()
+                    return
+            except Exception:  # noqa: BLE001 - a DB hiccup: try again next beat
+                log.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+def build_manifest(outputs: dict[str, Path], options_key: str, attempt: int) -> dict:
+    """What an output folder holds: file names, and the UIDs of the DICOM objects to export."""
+    files = {}
+    for kind, path in outputs.items():
+        entry: dict = {"file": path.name}
+        if kind in _DICOM_OUTPUTS:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            entry.update(
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                series_instance_uid=str(ds.SeriesInstanceUID),
+            )
+        files[kind] = entry
+    return {"options_key": options_key, "attempt": attempt, "files": files}
+
+
+def _compute(store: JobStore, storage: Storage, job, attempt: int, options, hb: _Heartbeat) -> dict:
+    """Run the pipeline into a fresh work folder and publish it as the job's output."""
+    from spectdose.pipeline import run
+
+    def progress(stage: str, fraction: float) -> None:
+        if hb.lost.is_set() or not store.set_progress(job.id, attempt, stage, 0.9 * fraction):
+            raise LeaseLost(f"job {job.id} attempt {attempt} was taken over")
+
+    work = storage.new_work_dir(job.id, attempt)
+    result = run(storage.job_input(job.id), work, options, progress=progress)
+    manifest = build_manifest(result.outputs, options.key(), attempt)
+    if hb.lost.is_set() or not store.heartbeat(job.id, attempt):
+        raise LeaseLost(f"job {job.id} attempt {attempt} was taken over before publishing")
+    # Paths in the manifest are names inside the folder, so they stay valid after the rename.
+    storage.publish_output(job.id, work, manifest)
+    store.record_outputs(job.id, [
+        {"sop_instance_uid": e["sop_instance_uid"], "kind": kind, "sop_class_uid": e["sop_class_uid"],
+         "series_instance_uid": e["series_instance_uid"]}
+        for kind, e in manifest["files"].items() if "sop_instance_uid" in e
+    ])
+    return manifest
+
+
+def run_job(
+    store: JobStore,
+    storage: Storage,
+    settings: Settings,
+    job_id: str,
+    *,
+    worker: str,
+    sleep: Callable[[float], None] | None = None,
+) -> Outcome:
+    """Process ``job_id`` once. Returns what happened; raises :class:`TransientFailure` to retry.
+
+    A job that is finished, unknown or owned by a live worker is left alone (a redelivered
+    message). Outputs are computed only if the job has no complete output for the same
+    options, so a retry after a failed export only exports.
+    """
+    from spectdose.errors import SpectdoseError
+
+    attempt = store.claim(job_id, worker, lease_s=settings.lease_s, max_attempts=settings.max_attempts)
+    if attempt is None:
+        job = store.get(job_id)
+        state = job.state if job else "unknown"
+        log.info("job %s not claimed (state %s): nothing to do", job_id, state)
+        return {"job_id": job_id, "skipped": state}
+    job = store.get(job_id)
+    log.info("job %s: attempt %d on %s", job_id, attempt, worker)
+    hb = _Heartbeat(store, job_id, attempt, settings.heartbeat_s)
+    hb.start()
+    try:
+        options = dose_options(json.loads(job.options_json), settings)
+        manifest = storage.output_manifest(job_id)
+        if manifest is None or manifest.get("options_key") != options.key():
+            manifest = _compute(store, storage, job, attempt, options, hb)
+        else:
+            log.info("job %s: output already complete; exporting only", job_id)
+        storage.clean_work_dirs(job_id)
+        out_dir = storage.job_output(job_id)
+        files = [
+            OutputFile(kind, out_dir / e["file"], e["sop_instance_uid"], e["sop_class_uid"])
+            for kind, e in manifest["files"].items()
+            if "sop_instance_uid" in e
+        ]
+        destinations = json.loads(job.export_json)
+        if destinations or settings.stow_url:
+            store.set_progress(job_id, attempt, "export", 0.9)
+            failures = export_outputs(
+                store, settings, job_id, destinations=destinations, calling_aet=job.calling_aet, files=files,
+                **({"sleep": sleep} if sleep else {}),
+            )
+            if failures:
+                message = "; ".join(f"{f.destination}: {f.message}" for f in failures)
+                if any(f.permanent for f in failures):
+                    store.fail(job_id, f"dose computed, but export failed: {message}", attempt=attempt)
+                    return {"job_id": job_id, "state": "failed", "reason": message}
+                raise OSError(f"export failed: {message}")
+        outputs = {kind: e["file"] for kind, e in manifest["files"].items()}
+        if not store.finish(job_id, attempt, outputs):
+            raise LeaseLost(f"job {job_id} attempt {attempt} was taken over before finishing")
+        log.info("job %s done (attempt %d)", job_id, attempt)
+        return {"job_id": job_id, "state": "done", "attempt": attempt}
+    except LeaseLost as exc:
+        log.warning("%s; leaving it to the new owner", exc)
+        return {"job_id": job_id, "skipped": "taken over"}
+    except SpectdoseError as exc:
+        store.fail(job_id, str(exc), attempt=attempt)
+        log.info("job %s failed: %s", job_id, type(exc).__name__)
+        return {"job_id": job_id, "state": "failed", "reason": str(exc)}
+    except Exception as exc:
+        if isinstance(exc, SoftTimeLimitExceeded):
+            reason = f"exceeded the time limit of {settings.task_soft_time_limit_s} s"
+            store.fail(job_id, reason, attempt=attempt)
+            return {"job_id": job_id, "state": "failed", "reason": reason}
+        reason = f"{type(exc).__name__}: {exc}"
+        failures = store.retry_later(job_id, attempt, f"transient error, will retry: {reason}")
+        if failures is None:
+            return {"job_id": job_id, "skipped": "taken over"}
+        if failures > settings.max_retries:
+            store.fail(job_id, f"gave up after {failures} transient failures; last: {reason}")
+            return {"job_id": job_id, "state": "failed", "reason": reason}
+        delay = settings.retry_backoff_s * 2 ** (failures - 1)
+        log.warning("job %s: transient failure %d/%d (%s); retry in %.0f s",
+                    job_id, failures, settings.max_retries, type(exc).__name__, delay)
+        raise TransientFailure(reason, delay) from exc
+    finally:
+        hb.stop()
