@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ from .network import DblurDoseNet, NetworkConfig
 
 __all__ = ["Normalisation", "TrainedModel", "load_model", "save_model", "predict_dose_rate", "default_model_path", "MODELS_DIR"]
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+# $SPECTDOSE_MODELS_DIR (the Docker image sets it), else models/ of the checkout.
+MODELS_DIR = Path(os.environ.get("SPECTDOSE_MODELS_DIR") or Path(__file__).resolve().parent.parent / "models")
 
 
 @dataclasses.dataclass(frozen=True)

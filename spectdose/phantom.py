@@ -956,6 +956,8 @@ def _labels(obj: np.ndarray, tissue: np.ndarray, n_lesions: int, liver_lesions: 
         "lesions": obj >= _LESION_OBJ0,
         "necrosis": (obj >= _LESION_OBJ0) & (tissue == _T["necrosis"]),
     }
+    for name in _LUMBAR_L2_L5:
+        labels[f"vertebra_{name}"] = obj == (_VERTEBRA_OBJ0 + names.index(name))
     for k in range(n_lesions):
         labels[f"lesion_{k + 1}"] = obj == (_LESION_OBJ0 + k)
     return labels

@@ -75,6 +75,8 @@ def test_organs_have_adult_volumes_and_sit_on_the_right_side(study):
         assert 80 < clinical_ml[side] < 320
     assert clinical_ml["kidney_cortex"] > clinical_ml["kidney_medulla"] > 0
     assert 100 < clinical_ml["lumbar_vertebrae"] < clinical_ml["spine"]
+    each = [clinical_ml[f"vertebra_L{i}"] for i in range(2, 6)]
+    assert sum(each) == pytest.approx(clinical_ml["lumbar_vertebrae"]) and min(each) > 20
     assert clinical_ml["lungs"] > 100
     # LPS: patient left is +x; liver on the right
     assert _centroid_x_mm(p, "kidney_left") > 20 > -20 > _centroid_x_mm(p, "kidney_right")
