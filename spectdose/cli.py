@@ -70,6 +70,8 @@ def _add_dose_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ct-series", help="SeriesInstanceUID of the CT to use when there are several")
     p.add_argument("--device", help="torch device for GPU stages (default: cuda when present, else cpu)")
     p.add_argument("--kernel-cache", type=Path, help="kernel cache folder (default: $SPECTDOSE_CACHE_DIR or ~/.cache)")
+    p.add_argument("--model", type=Path, help="DblurDoseNet weights for --method cnn (default: models/dblurdosenet.pt)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the network (see the model card)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=["small", "clinical"], default="small")
     p.add_argument("--counts", type=_positive_float, help="total SPECT counts (default: drawn per seed, 3-20 million)")
     p.add_argument("--spect-units", choices=["Bq/ml", "counts"], default="Bq/ml")
+    p.add_argument("--noise-seed", type=int, help="Poisson noise realisation (default: the patient seed)")
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("kernel", help="write a dose voxel kernel (total beta + photon) as .npy, axes (z, y, x)")
@@ -99,6 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", type=Path, required=True, help="output .npy (mGy/(MBq s) per voxel)")
     p.add_argument("--kernel-cache", type=Path)
     p.set_defaults(func=_cmd_kernel)
+
+    p = sub.add_parser("evaluate", help="compare dose-rate methods with the reference on phantom studies")
+    p.add_argument("phantom_dirs", type=Path, nargs="+", help="folders written by `spectdose phantom`")
+    p.add_argument("-o", "--out", type=Path, required=True)
+    p.add_argument("--models-dir", type=Path, help="folder with dblurdosenet*.pt (default: the shipped models/)")
+    p.add_argument("--device")
+    p.add_argument("--kernel-cache", type=Path)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("dataset", help="generate the versioned virtual-patient training/validation/test set")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--version", default="v1")
+    p.set_defaults(func=_cmd_dataset)
+
+    p = sub.add_parser("train", help="train DblurDoseNet on a generated data set (resumes from checkpoints)")
+    p.add_argument("--data", type=Path, required=True, help="folder written by `spectdose dataset`")
+    p.add_argument("--config", type=Path, required=True, help="training configuration (JSON)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="run folder: checkpoints, losses, weights")
+    p.add_argument("--device")
+    p.add_argument("--kernel-cache", type=Path)
+    p.add_argument("--install", type=Path, help="also copy the weights and a model card into this models folder")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="make a small virtual patient and compute its dose")
     p.add_argument("out_dir", type=Path, nargs="?", default=Path("demo-out"))
@@ -130,6 +155,8 @@ def _dose_options(args: argparse.Namespace):
         ct_series_uid=args.ct_series,
         kernel_cache_dir=args.kernel_cache or default_cache_dir() / "kernels",
         device=args.device,
+        model_path=args.model,
+        autocast_bf16=args.bf16,
     )
 
 
@@ -151,7 +178,14 @@ def _cmd_dose(args: argparse.Namespace) -> int:
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from .phantom import generate
 
-    info = generate(args.out_dir, args.seed, size=args.size, total_counts=args.counts, spect_units=args.spect_units)
+    info = generate(
+        args.out_dir,
+        args.seed,
+        size=args.size,
+        total_counts=args.counts,
+        spect_units=args.spect_units,
+        noise_seed=args.noise_seed,
+    )
     print(f"Virtual patient seed {args.seed} ({args.size}) written to {args.out_dir.resolve()}")
     for key, value in info.items():
         if isinstance(value, str | Path):
@@ -176,6 +210,63 @@ def _cmd_kernel(args: argparse.Namespace) -> int:
         f"{args.nuclide} {args.medium} kernel {total.shape} (z, y, x) for voxels {x} x {y} x {z} mm, "
         f"self S = {total[tuple(n // 2 for n in total.shape)]:.4g} mGy/(MBq s) -> {args.out}"
     )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .cnn import MODELS_DIR
+    from .evaluate import evaluate
+
+    models_dir = args.models_dir or MODELS_DIR
+    models = {
+        "cnn": models_dir / "dblurdosenet.pt",
+        "cnn_no_residual": models_dir / "dblurdosenet_no_residual.pt",
+        "cnn_2d": models_dir / "dblurdosenet_2d.pt",
+    }
+    result = evaluate(
+        args.phantom_dirs,
+        args.out,
+        models=models,
+        kernel_cache=args.kernel_cache or default_cache_dir() / "kernels",
+        device=args.device,
+        progress=lambda m: print(m, flush=True),
+    )
+    print(result["table"], end="")
+    print(f"Written to {args.out.resolve()}: metrics.csv, metrics.md, profiles.png, drvh.png")
+    return 0
+
+
+def _cmd_dataset(args: argparse.Namespace) -> int:
+    from .training import generate_dataset
+
+    manifest = generate_dataset(args.out_dir, args.version, progress=lambda m: print(m, flush=True))
+    print(f"data set {args.version} complete: {manifest}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import json
+    import shutil
+
+    from .training import TrainConfig, model_card, prepare_dataset, train
+
+    cfg = TrainConfig.from_file(args.config)
+    manifest_path = args.data / "manifest.json"
+    if not manifest_path.is_file():
+        raise SpectdoseError(f"{args.data} has no manifest.json: generate it with `spectdose dataset`")
+    manifest = json.loads(manifest_path.read_text())
+    kernel_cache = args.kernel_cache or default_cache_dir() / "kernels"
+    files = prepare_dataset(args.data, args.data / "prepared", kernel_cache=kernel_cache, progress=lambda m: print(m, flush=True))
+    prepared = {split: [f for f in files if f.parent.name == split] for split in ("train", "val")}
+    summary = train(prepared, args.out, cfg, device=args.device)
+    card = model_card(summary, data_version=manifest["version"])
+    (args.out / f"{cfg.name}.md").write_text(card)
+    print(card)
+    if args.install:
+        args.install.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(args.out / f"{cfg.name}.pt", args.install / f"{cfg.name}.pt")
+        (args.install / f"{cfg.name}.md").write_text(card)
+        print(f"installed {cfg.name}.pt and {cfg.name}.md into {args.install}")
     return 0
 
 

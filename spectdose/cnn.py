@@ -15,13 +15,26 @@ import os
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
 from .dose import LOW_DENSITY_CUTOFF_G_CM3
 from .errors import InputError
+from .geometry import Grid, Volume, resample_to_grid
 from .network import DblurDoseNet, NetworkConfig
 
-__all__ = ["Normalisation", "TrainedModel", "load_model", "save_model", "predict_dose_rate", "default_model_path", "MODELS_DIR"]
+__all__ = [
+    "Normalisation",
+    "TrainedModel",
+    "load_model",
+    "save_model",
+    "predict_dose_rate",
+    "predict_on_ct_grid",
+    "model_grid",
+    "to_model_grid",
+    "default_model_path",
+    "MODELS_DIR",
+]
 
 # $SPECTDOSE_MODELS_DIR (the Docker image sets it), else models/ of the checkout.
 MODELS_DIR = Path(os.environ.get("SPECTDOSE_MODELS_DIR") or Path(__file__).resolve().parent.parent / "models")
@@ -156,3 +169,82 @@ def predict_dose_rate(
     out = np.clip(out, 0.0, None) * np.float32(total_mbq / model.normalisation.dose_scale_per_gy_s)
     out[density_g_cm3 < LOW_DENSITY_CUTOFF_G_CM3] = 0.0
     return out.astype(np.float32)
+
+
+def model_grid(ct_grid: Grid, spacing_mm) -> tuple[Grid, tuple[int, int, int] | None]:
+    """The grid a model runs on: its training spacing, covering the CT's field of view.
+
+    Returns the grid and, when every axis is an integer multiple of the CT spacing, the
+    block factors (then the grid's voxels are exact blocks of CT voxels).
+    """
+    spacing = np.asarray(spacing_mm, dtype=float)
+    ct_spacing = np.asarray(ct_grid.spacing_mm)
+    ratio = spacing / ct_spacing
+    factors = np.rint(ratio).astype(int)
+    if np.all(np.abs(ratio - factors) < 0.02 * ratio) and np.all(factors >= 1):
+        spacing = factors * ct_spacing
+        shape = tuple(int(-(-n // f)) for n, f in zip(ct_grid.shape, factors, strict=True))
+        block: tuple[int, int, int] | None = tuple(int(f) for f in factors)
+    else:
+        extent = np.asarray(ct_grid.shape) * ct_spacing
+        shape = tuple(int(np.ceil(e / s)) for e, s in zip(extent, spacing, strict=True))
+        block = None
+    # First voxel centre half a model voxel inside the CT's outer corner.
+    corner = np.asarray(ct_grid.origin_mm) - (0.5 * ct_spacing[:, None] * ct_grid.axes).sum(0)
+    origin = corner + (0.5 * spacing[:, None] * ct_grid.axes).sum(0)
+    grid = Grid(shape, tuple(spacing), tuple(origin), ct_grid.axes, ct_grid.frame_of_reference_uid)
+    return grid, block
+
+
+def _block_mean(arr: np.ndarray, block: tuple[int, int, int]) -> np.ndarray:
+    pads = [(0, (-n) % f) for n, f in zip(arr.shape, block, strict=True)]
+    a = np.pad(arr, pads, mode="edge") if any(p[1] for p in pads) else arr
+    z, y, x = (n // f for n, f in zip(a.shape, block, strict=True))
+    return a.reshape(z, block[0], y, block[1], x, block[2]).mean(axis=(1, 3, 5), dtype=np.float64).astype(np.float32)
+
+
+def to_model_grid(volume: Volume, grid: Grid, block: tuple[int, int, int] | None) -> Volume:
+    """Average (not sample) a CT-grid volume onto the model grid, so totals are kept."""
+    if block is not None:
+        return Volume(_block_mean(volume.array, block), grid, volume.units)
+    # Anti-aliasing: a Gaussian whose FWHM makes up the difference between the voxel sizes
+    # (a tiny floor where there is none: the filter refuses sigma 0).
+    sigma_mm = [
+        max(1e-3, max(0.0, s_m**2 - s_c**2) ** 0.5 / 2.355)
+        for s_m, s_c in zip(grid.spacing_mm, volume.grid.spacing_mm, strict=True)
+    ]
+    smooth = sitk.SmoothingRecursiveGaussian(volume.to_sitk(), sigma_mm[::-1])
+    return resample_to_grid(Volume.from_sitk(smooth, volume.units, volume.grid.frame_of_reference_uid), grid)
+
+
+def predict_on_ct_grid(
+    model: TrainedModel,
+    activity_bq_per_ml: Volume,
+    density_g_cm3: Volume,
+    dvk_gy_per_s: Volume,
+    *,
+    autocast_bf16: bool = False,
+) -> Volume:
+    """CNN dose rate (Gy/s) on the CT grid: resample to the model's spacing and back.
+
+    Only the learned correction (CNN minus DVK on the model grid) is interpolated back
+    and added to the full-resolution DVK map, so a model trained at a coarser spacing
+    keeps the DVK map's fine detail. Models without the residual return their own output.
+    """
+    ct_grid = activity_bq_per_ml.grid
+    grid, block = model_grid(ct_grid, model.spacing_mm)
+    same = grid.same_as(ct_grid)
+    act = activity_bq_per_ml if same else to_model_grid(activity_bq_per_ml, grid, block)
+    rho = density_g_cm3 if same else to_model_grid(density_g_cm3, grid, block)
+    dvk = dvk_gy_per_s if same else to_model_grid(dvk_gy_per_s, grid, block)
+    out = predict_dose_rate(model, act.array, rho.array, dvk.array, grid.voxel_volume_ml, autocast_bf16=autocast_bf16)
+    if same:
+        return Volume(out, ct_grid, "Gy/s")
+    if model.config.residual:
+        correction = resample_to_grid(Volume(out - dvk.array, grid, "Gy/s"), ct_grid, fill_value=0.0).array
+        full = dvk_gy_per_s.array + correction
+    else:
+        full = resample_to_grid(Volume(out, grid, "Gy/s"), ct_grid, fill_value=0.0).array
+    full = np.clip(full, 0.0, None).astype(np.float32)
+    full[density_g_cm3.array < LOW_DENSITY_CUTOFF_G_CM3] = 0.0
+    return Volume(full, ct_grid, "Gy/s")

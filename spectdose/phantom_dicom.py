@@ -446,6 +446,15 @@ def write_phantom_study(
     for d in (ct_dir, nm_dir, truth_dir):
         d.mkdir(parents=True, exist_ok=True)
     uids = study_uids(patient.seed, patient.size)
+    # The NM object differs with the noise realisation, reconstruction and units: so do its UIDs
+    # (the default realisation keeps the UIDs a rerun of the same phantom gives).
+    spec = SIZES[patient.size]
+    variant = [spect_units, str(spect.seed), str(spect.n_iters), str(spect.n_subsets)]
+    if variant != ["Bq/ml", str(patient.seed), str(spec.n_iters), str(spec.n_subsets)]:
+        from pydicom.uid import generate_uid
+
+        for key in ("nm_series", "nm_instance"):
+            uids[key] = str(generate_uid(entropy_srcs=[uids[key], *variant]))
     if uids["frame_of_reference"] != patient.hu.grid.frame_of_reference_uid:
         raise InputError("patient frame of reference does not match its (seed, size) UIDs")
 
@@ -507,6 +516,7 @@ def write_phantom_study(
             "target": patient.total_counts_target,
             "expected": spect.expected_total_counts,
             "acquired": spect.total_counts,
+            "noise_seed": spect.seed,
         },
         "calibration": {
             "sensitivity_cps_per_mbq": spect.sensitivity_cps_per_mbq,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import math
 import time
@@ -55,6 +56,13 @@ class DoseOptions:
     ct_series_uid: str | None = None
     kernel_cache_dir: Path | None = None
     device: str | None = None
+    model_path: Path | None = None
+    autocast_bf16: bool = False
+
+    def resolved_model_path(self) -> Path:
+        from .cnn import default_model_path
+
+        return Path(self.model_path) if self.model_path else default_model_path()
 
     def key(self) -> str:
         """A stable string of the options that change numbers (not paths or devices)."""
@@ -69,7 +77,16 @@ class DoseOptions:
             "normalised": self.allow_normalised,
             "version": __version__,
         }
+        if self.method == "cnn":
+            parts["model_sha256"] = _file_sha256(self.resolved_model_path())
+            parts["bf16"] = self.autocast_bf16
         return json.dumps(parts, sort_keys=True)
+
+
+def _file_sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclasses.dataclass
@@ -133,8 +150,11 @@ def compute_dose_rate(
     """Dose rate (Gy/s) on the activity's grid by the selected method, with provenance."""
     if options.method not in ("dvk", "cnn"):
         raise InputError(f"unknown dose method {options.method!r}: use dvk or cnn")
+    model = None
     if options.method == "cnn":
-        raise InputError("method 'cnn' needs trained DblurDoseNet weights, which this build does not ship yet")
+        from .cnn import load_model
+
+        model = load_model(options.resolved_model_path(), device=options.device)  # fail before the DVK work
     grid = activity_bq_per_ml.grid
     kernel = get_kernel(grid.spacing_mm, medium=options.kernel_medium, cache_dir=options.kernel_cache_dir)
     rate = dvk_dose_rate(
@@ -144,21 +164,28 @@ def compute_dose_rate(
         grid.voxel_volume_ml,
         device=options.device,
     )
-    info = {"kernel": {"shape": list(kernel.total_mgy_per_mbq_s.shape), **kernel.provenance}}
-    return Volume(rate, grid, "Gy/s"), info
+    info: dict = {"kernel": {"shape": list(kernel.total_mgy_per_mbq_s.shape), **kernel.provenance}}
+    dvk = Volume(rate, grid, "Gy/s")
+    if model is None:
+        return dvk, info
+    from .cnn import predict_on_ct_grid
+
+    cnn = predict_on_ct_grid(model, activity_bq_per_ml, density_g_cm3, dvk, autocast_bf16=options.autocast_bf16)
+    info["network"] = {
+        "name": model.name,
+        "weights_sha256": _file_sha256(options.resolved_model_path()),
+        "config": model.config.to_dict(),
+        "trained_spacing_mm": list(model.spacing_mm),
+        "bf16": options.autocast_bf16,
+        "dvk_max_mgy_per_h": float(rate.max() * 3.6e6),
+    }
+    return cnn, info
 
 
 def _hours_between(start: dt.datetime | None, end: dt.datetime | None) -> float | None:
     if start is None or end is None:
         return None
     return (end - start).total_seconds() / 3600.0
-
-
-def _stats(arr: np.ndarray, mask: np.ndarray) -> dict:
-    vals = arr[mask]
-    if vals.size == 0:
-        return {}
-    return {"mean": float(vals.mean()), "max": float(vals.max()), "d98": float(np.percentile(vals, 2)), "d2": float(np.percentile(vals, 98))}
 
 
 def run(
