@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dataset", help="generate the versioned virtual-patient training/validation/test set")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--version", default="v1")
+    p.add_argument("--workers", type=int, default=1, help="phantoms made at once (one CPU thread each)")
     p.set_defaults(func=_cmd_dataset)
 
     p = sub.add_parser("train", help="train DblurDoseNet on a generated data set (resumes from checkpoints)")
@@ -239,7 +240,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_dataset(args: argparse.Namespace) -> int:
     from .training import generate_dataset
 
-    manifest = generate_dataset(args.out_dir, args.version, progress=lambda m: print(m, flush=True))
+    manifest = generate_dataset(args.out_dir, args.version, workers=args.workers, progress=lambda m: print(m, flush=True))
     print(f"data set {args.version} complete: {manifest}")
     return 0
 

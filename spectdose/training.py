@@ -69,22 +69,46 @@ def dataset_members(version: str) -> list[tuple[str, str, int, int | None]]:
     return out
 
 
-def generate_dataset(out_dir: Path, version: str = "v1", *, progress: Callable[[str], None] | None = None) -> Path:
-    """Write every phantom of ``version`` (skipping finished ones) and a manifest."""
+def _generate_member(job: tuple[str, str, int, int | None, str]) -> str:
     from .phantom import generate
 
+    out_dir, name, seed, noise, size = job
+    target = Path(out_dir) / name
+    tmp = target.with_name(target.name + ".partial")
+    generate(tmp, seed, size=size, noise_seed=noise)
+    tmp.rename(target)
+    return name
+
+
+def generate_dataset(
+    out_dir: Path, version: str = "v1", *, workers: int = 1, progress: Callable[[str], None] | None = None
+) -> Path:
+    """Write every phantom of ``version`` (skipping finished ones) and a manifest.
+
+    ``workers`` phantoms are made at once (each simulation uses one CPU thread).
+    """
     out_dir = Path(out_dir)
     spec = DATASETS.get(version) or {}
     members = dataset_members(version)
-    for split, name, seed, noise in members:
-        target = out_dir / split / name
-        if (target / "truth" / "phantom.json").is_file():
-            continue
-        if progress:
-            progress(f"generating {split}/{name}")
-        tmp = target.with_name(target.name + ".partial")
-        generate(tmp, seed, size=spec["size"], noise_seed=noise)
-        tmp.rename(target)
+    jobs = [
+        (str(out_dir / split), name, seed, noise, spec["size"])
+        for split, name, seed, noise in members
+        if not (out_dir / split / name / "truth" / "phantom.json").is_file()
+    ]
+    for split in ("train", "val", "test"):
+        (out_dir / split).mkdir(parents=True, exist_ok=True)
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for name in pool.imap_unordered(_generate_member, jobs):
+                if progress:
+                    progress(f"generated {name}")
+    else:
+        for job in jobs:
+            _generate_member(job)
+            if progress:
+                progress(f"generated {job[1]}")
     manifest = {
         "version": version,
         "size": spec["size"],

@@ -1,0 +1,126 @@
+"""DblurDoseNet inference time for a clinical-size study (130 x 512 x 512 CT grid).
+
+Usage: python bench/bench_cnn.py [--slices 16] [--device cpu|cuda] [--bf16]
+
+Times, on the same machine and in the same run:
+  * the paper's network at the CT grid (depth-padded stem, pack by pack),
+  * the depth-valid variant at the CT grid (stem shared over a slab of packs),
+  * the shipped model (models/dblurdosenet.pt) on its own grid, end to end through
+    `spectdose.cnn.predict_on_ct_grid` (resampling both ways included),
+each extrapolated from ``--slices`` output slices to 130 (the work is the same per slice),
+with GMAC per slice counted from the layers. Targets: <= 60 s on this 2-core CPU, <= 0.5 s
+on an H100 (paper: about 20 min CPU, 20 s on a V100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from spectdose.network import DEPTH_VALID, PAPER, DblurDoseNet
+
+NZ, NY, NX = 130, 512, 512
+
+
+def gmac_per_slice(net: DblurDoseNet, h: int, w: int) -> float:
+    """Multiply-accumulates for one output slice of a pack-by-pack forward pass (GMAC)."""
+    macs = 0
+
+    def hook(mod, inp, out):
+        nonlocal macs
+        k = int(np.prod(mod.kernel_size)) * (mod.in_channels // mod.groups)
+        macs += k * out.numel()
+
+    hooks = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Conv3d)]
+    with torch.no_grad():
+        net(torch.zeros(1, 2, net.cfg.pack, h, w), torch.zeros(1, 1, h, w))
+    for hk in hooks:
+        hk.remove()
+    return macs / 1e9
+
+
+def time_network(net: DblurDoseNet, n_out: int, device: torch.device, bf16: bool, h=NY, w=NX) -> float:
+    """Seconds for ``n_out`` output slices (best of two)."""
+    net = net.to(device).eval()
+    slab = torch.randn(1, 2, n_out + 10, h, w, device=device)
+    mids = torch.randn(n_out, 1, h, w, device=device)
+    best = float("inf")
+    amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    for _ in range(2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.inference_mode(), amp:
+            if net.cfg.stem == "depth_valid":
+                net.forward_slab(slab, mids)
+            else:
+                for b in range(0, n_out, 4):
+                    packs = torch.cat([slab[:, :, z : z + 11] for z in range(b, min(n_out, b + 4))])
+                    net(packs, mids[b : b + packs.shape[0]])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, default=16, help="output slices timed (extrapolated to 130)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip-paper", action="store_true", help="skip the slow pack-by-pack paper network")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(f"device {device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
+    nets = [("depth-valid (shared stem)", DblurDoseNet(DEPTH_VALID))]
+    if not args.skip_paper:
+        nets.insert(0, ("paper (per pack)", DblurDoseNet(PAPER)))
+    print(f"{'network at 512x512':<28}{'GMAC/slice':>11}{'fp32 s/130':>12}{'bf16 s/130':>12}")
+    for name, net in nets:
+        g = gmac_per_slice(net, NY, NX) if net.cfg.stem == "paper" else _shared_gmac(net)
+        t32 = time_network(net, args.slices, device, False) * NZ / args.slices
+        t16 = time_network(net, args.slices, device, True) * NZ / args.slices
+        print(f"{name:<28}{g:>11.1f}{t32:>12.1f}{t16:>12.1f}")
+
+    from spectdose.cnn import MODELS_DIR, load_model, predict_on_ct_grid
+    from spectdose.geometry import Grid, Volume
+
+    path = MODELS_DIR / "dblurdosenet.pt"
+    if not path.is_file():
+        print(f"(no shipped model at {path}; end-to-end timing skipped)")
+        return
+    model = load_model(path, device=device)
+    grid = Grid((NZ, NY, NX), (3.0, 0.9766, 0.9766), (0.0, 0.0, 0.0))
+    rng = np.random.default_rng(0)
+    act = Volume(rng.gamma(2.0, 5e3, size=grid.shape).astype(np.float32), grid, "Bq/ml")
+    rho = Volume(np.full(grid.shape, 1.04, np.float32), grid, "g/cm3")
+    dvk = Volume((act.array * 1e-9).astype(np.float32), grid, "Gy/s")
+    for bf16 in (False, True):
+        t = time.perf_counter()
+        predict_on_ct_grid(model, act, rho, dvk, autocast_bf16=bf16)
+        print(f"shipped model {model.config.stem} at {model.spacing_mm} mm, whole 130x512x512 study "
+              f"({'bf16' if bf16 else 'fp32'}): {time.perf_counter() - t:.1f} s")
+
+
+def _shared_gmac(net: DblurDoseNet) -> float:
+    """Depth-valid: per output slice the stem runs once per input slice, then the U-Net."""
+    macs = 0
+
+    def hook(mod, inp, out):
+        nonlocal macs
+        k = int(np.prod(mod.kernel_size)) * (mod.in_channels // mod.groups)
+        macs += k * out.numel()
+
+    n = 32
+    hooks = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Conv3d)]
+    with torch.no_grad():
+        net.forward_slab(torch.zeros(1, 2, n + 10, NY // 4, NX // 4), torch.zeros(n, 1, NY // 4, NX // 4))
+    for hk in hooks:
+        hk.remove()
+    return macs / n * 16 / 1e9
+
+
+if __name__ == "__main__":
+    main()
