@@ -72,6 +72,7 @@ def _add_dose_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel-cache", type=Path, help="kernel cache folder (default: $SPECTDOSE_CACHE_DIR or ~/.cache)")
     p.add_argument("--model", type=Path, help="DblurDoseNet weights for --method cnn (default: models/dblurdosenet.pt)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the network (see the model card)")
+    p.add_argument("--regions", type=Path, help="DICOM SEG on the CT: dose statistics per segment in the summary")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +159,7 @@ def _dose_options(args: argparse.Namespace):
         device=args.device,
         model_path=args.model,
         autocast_bf16=args.bf16,
+        regions_path=args.regions,
     )
 
 

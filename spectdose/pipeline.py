@@ -58,6 +58,7 @@ class DoseOptions:
     device: str | None = None
     model_path: Path | None = None
     autocast_bf16: bool = False
+    regions_path: Path | None = None
 
     def resolved_model_path(self) -> Path:
         from .cnn import default_model_path
@@ -220,6 +221,11 @@ def run(
         ct_series_uid=options.ct_series_uid,
     )
     warnings = list(study.warnings)
+    masks = {}
+    if options.regions_path is not None:
+        from .regions import load_segmentation_masks
+
+        masks = load_segmentation_masks(options.regions_path, study.ct.grid)
     lap("ingest")
 
     # Time integration is checked before the expensive stages so a missing time fails fast.
@@ -269,6 +275,13 @@ def run(
     lap("export")
 
     tissue = density.array >= 0.1
+    regions = None
+    if masks:
+        from .regions import region_statistics
+
+        regions = region_statistics(
+            dose.array if dose is not None else None, rate.array, masks, study.ct.grid.voxel_volume_ml
+        )
     summary = {
         "software": {"name": "spectdose", "version": __version__},
         "created": dt.datetime.now().isoformat(timespec="seconds"),
@@ -312,6 +325,7 @@ def run(
             if dose is not None
             else None
         ),
+        "regions": regions,
         "warnings": warnings,
         "ignored_files": [{"file": f, "reason": r} for f, r in study.ignored_files],
         "timings_s": timings,
@@ -383,6 +397,15 @@ def format_summary(s: dict) -> str:
             f"Absorbed dose ({t['model']}, factor {_fmt(t['integration_factor_h'], 'h', 4)}): max "
             f"{_fmt(s['dose']['max_gy'], 'Gy')}, mean in tissue {_fmt(s['dose']['mean_in_tissue_gy'], 'Gy')}"
         )
+    if s.get("regions"):
+        lines.append("")
+        lines.append(f"{'region':<22}{'ml':>9}{'mGy/h':>10}{'mean Gy':>10}{'D2 Gy':>9}{'D98 Gy':>9}")
+        for r in s["regions"]:
+            lines.append(
+                f"{r['region'][:21]:<22}{r['volume_ml']:>9.1f}{r['mean_dose_rate_mgy_per_h']:>10.3g}"
+                + (f"{r['mean_gy']:>10.3g}{r['d2_gy']:>9.3g}{r['d98_gy']:>9.3g}" if "mean_gy" in r else "")
+            )
+        lines.append("")
     for w in s["warnings"]:
         lines.append(f"WARNING: {w}")
     if s["ignored_files"]:

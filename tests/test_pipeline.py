@@ -176,3 +176,29 @@ def test_volume_helper_types_are_consistent():
     g = Grid((2, 3, 4), (3.0, 1.0, 1.0), (0.0, 0.0, 0.0), frame_of_reference_uid="1.2")
     v = Volume(np.zeros(g.shape, np.float32), g, "Gy/s")
     assert v.grid is g
+
+
+def test_region_statistics_from_a_dicom_seg(small_study, kernel_cache_dir, tmp_path):
+    res = run(
+        small_study / "dicom",
+        tmp_path,
+        DoseOptions(kernel_cache_dir=kernel_cache_dir, regions_path=small_study / "truth" / "seg.dcm"),
+    )
+    truth = np.load(small_study / "truth" / "truth.npz")
+    regions = {r["region"]: r for r in res.summary["regions"]}
+    voxel_ml = res.study.ct.grid.voxel_volume_ml
+    for name in ("liver", "kidney_left", "spleen", "lesion_1"):
+        mask = truth[f"label_{name}"].astype(bool)
+        # The SEG's masks land on exactly the truth's voxels of the CT grid.
+        assert regions[name]["volume_ml"] == pytest.approx(mask.sum() * voxel_ml, abs=1e-3)
+        assert regions[name]["mean_gy"] == pytest.approx(float(res.dose_gy.array[mask].mean()), rel=1e-5)
+        assert regions[name]["d98_gy"] <= regions[name]["mean_gy"] <= regions[name]["d2_gy"]
+    assert "kidney_left" in res.outputs["summary_txt"].read_text()
+
+
+def test_segmentation_on_another_frame_of_reference_is_refused(small_study, kernel_cache_dir, tmp_path):
+    seg = pydicom.dcmread(small_study / "truth" / "seg.dcm")
+    seg.FrameOfReferenceUID = pydicom.uid.generate_uid()
+    seg.save_as(tmp_path / "other.dcm")
+    with pytest.raises(GeometryError, match="frame of reference"):
+        run(small_study / "dicom", tmp_path / "out", DoseOptions(kernel_cache_dir=kernel_cache_dir, regions_path=tmp_path / "other.dcm"))
