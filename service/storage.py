@@ -21,21 +21,16 @@ import json
 import os
 import re
 import shutil
-import stat
 import tempfile
 import uuid
-import zipfile
-import zlib
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+
+from spectdose.archive import UnsafeArchiveError, unpack_zip
 
 __all__ = ["Storage", "UnsafeArchive", "extract_zip", "atomic_write_bytes", "safe_component", "fsync_dir"]
 
 _UID = re.compile(r"^[0-9][0-9.]{0,63}$")
-# Archive limits: a clinical study deflates 2-10x, an air-only CT slice up to ~50x; a
-# member or archive claiming more than MAX_ZIP_RATIO is taken for a zip bomb.
-MAX_ZIP_RATIO = 200.0
-_RATIO_MIN_BYTES = 1 << 20
 _COMPLETE = ".complete.json"
 
 
@@ -90,15 +85,6 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
-def _is_traversal(name: str) -> bool:
-    if "\x00" in name:
-        return True
-    norm = name.replace("\\", "/")
-    if norm.startswith("/") or re.match(r"^[A-Za-z]:", norm):
-        return True
-    return any(part == ".." for part in PurePosixPath(norm).parts)
-
-
 def extract_zip(archive: Path, dest: Path, *, max_bytes: int, max_members: int, prefix: str = "z") -> list[Path]:
     """Unpack ``archive`` into ``dest`` under generated names; refuse hostile archives whole.
 
@@ -114,53 +100,13 @@ def extract_zip(archive: Path, dest: Path, *, max_bytes: int, max_members: int, 
         traversal, bomb, too_large, too_many or corrupt.
     """
     try:
-        zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise UnsafeArchive("corrupt", f"not a readable zip archive ({exc})") from exc
-    with zf:
-        infos = [i for i in zf.infolist() if not i.is_dir()]
-        if len(infos) > max_members:
-            raise UnsafeArchive("too_many", f"{len(infos)} archive members, more than the limit of {max_members}")
-        for info in infos:
-            if _is_traversal(info.filename):
-                raise UnsafeArchive(
-                    "traversal", f"archive member {info.filename!r} points outside the archive (absolute or '..')"
-                )
-        total = sum(i.file_size for i in infos)
-        if total > max_bytes:
-            raise UnsafeArchive(
-                "too_large", f"archive unpacks to {total / 2**20:.1f} MiB, over the limit of {max_bytes / 2**20:.1f} MiB"
-            )
-        for info in infos:
-            if info.file_size >= _RATIO_MIN_BYTES and info.file_size > MAX_ZIP_RATIO * max(info.compress_size, 1):
-                raise UnsafeArchive(
-                    "bomb",
-                    f"archive member inflates {info.file_size / max(info.compress_size, 1):.0f}-fold "
-                    f"(limit {MAX_ZIP_RATIO:.0f}): a possible zip bomb",
-                )
-        archive_bytes = max(archive.stat().st_size, 1)
-        if total >= _RATIO_MIN_BYTES and total > MAX_ZIP_RATIO * archive_bytes:
-            raise UnsafeArchive(
-                "bomb", f"archive declares {total / archive_bytes:.0f} times its own size: a possible zip bomb"
-            )
-        dest.mkdir(parents=True, exist_ok=True)
-        out: list[Path] = []
-        written = 0
-        for n, info in enumerate(infos):
-            if (info.external_attr >> 16) & 0o170000 == stat.S_IFLNK:
-                continue  # symbolic links are never materialised
-            target = dest / f"{prefix}{n:06d}.dcm"
-            try:
-                with zf.open(info) as src, open(target, "wb") as dst:
-                    while chunk := src.read(1 << 20):
-                        written += len(chunk)
-                        if written > max_bytes:
-                            raise UnsafeArchive("bomb", "archive inflates to more than it declares: a possible zip bomb")
-                        dst.write(chunk)
-            except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError, zlib.error) as exc:
-                raise UnsafeArchive("corrupt", f"damaged or encrypted archive member ({type(exc).__name__})") from exc
-            out.append(target)
-        return out
+        members = unpack_zip(archive, dest, max_bytes=max_bytes, max_members=max_members, prefix=prefix, suffix=".dcm")
+    except UnsafeArchiveError as exc:
+        raise UnsafeArchive(exc.kind, str(exc)) from exc
+    damaged = [m for m in members if m.problem]
+    if damaged:
+        raise UnsafeArchive("corrupt", f"{damaged[0].problem} in {archive.name}")
+    return [m.path for m in members]
 
 
 class Storage:

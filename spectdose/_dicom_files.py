@@ -12,26 +12,18 @@ import dataclasses
 import math
 import os
 import shutil
-import stat
 import struct
 import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
 
+from .archive import unpack_zip
 from .errors import InputError
-
-# Archive limits. The uncompressed-size cap is the caller's (``max_zip_bytes``); these two
-# are fixed. A clinical SPECT/CT is a few hundred to a few thousand files; DICOM images
-# deflate by a factor 2-10, an all-air CT slice by at most ~50. A member (or the whole
-# archive) that claims to inflate by more than MAX_ZIP_RATIO is taken for a zip bomb.
-MAX_ZIP_MEMBERS = 100_000
-MAX_ZIP_RATIO = 200.0
-_RATIO_CHECK_MIN_BYTES = 1 << 20  # tiny members compress wildly; only judge the ratio above 1 MiB
 
 _MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR SOP Class (PS3.4 Annex F)
 _ARCHIVE_SUFFIXES = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar")
@@ -81,96 +73,9 @@ def convert_all_elements(ds: Dataset) -> None:
             pass
 
 
-def _is_traversal(name: str) -> bool:
-    """True for archive member names that would land outside the folder they are unpacked in."""
-    if "\x00" in name:
-        return True
-    norm = name.replace("\\", "/")
-    if norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
-        return True
-    return any(part == ".." for part in PurePosixPath(norm).parts)
-
-
 def _unpack_zip(archive: Path, dest: Path, max_zip_bytes: int) -> list[InputFile]:
-    """Copy the members of ``archive`` into ``dest`` under generated names.
-
-    Member names are never used as paths: each member is written to ``dest/<n>``, so no
-    name can escape ``dest``. Names that *try* to (absolute, ``..``) make the whole archive
-    suspect and it is refused, as are archives over the size, count or ratio limits.
-    """
-    try:
-        zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise InputError(f"{archive.name}: not a readable zip archive ({exc})") from exc
-    with zf:
-        infos = [i for i in zf.infolist() if not i.is_dir()]
-        if len(infos) > MAX_ZIP_MEMBERS:
-            raise InputError(
-                f"{archive.name}: {len(infos)} members, more than the limit of {MAX_ZIP_MEMBERS}"
-            )
-        for info in infos:
-            if _is_traversal(info.filename):
-                raise InputError(
-                    f"{archive.name}: member name {info.filename!r} points outside the archive "
-                    "(absolute path or '..'); refusing the archive"
-                )
-        total = sum(i.file_size for i in infos)
-        if total > max_zip_bytes:
-            raise InputError(
-                f"{archive.name}: uncompressed size {total / 2**20:.0f} MiB exceeds the limit of "
-                f"{max_zip_bytes / 2**20:.0f} MiB"
-            )
-        for info in infos:
-            if info.file_size >= _RATIO_CHECK_MIN_BYTES and info.file_size > MAX_ZIP_RATIO * max(
-                info.compress_size, 1
-            ):
-                raise InputError(
-                    f"{archive.name}: member {info.filename!r} inflates {info.file_size / max(info.compress_size, 1):.0f}-fold "
-                    f"(limit {MAX_ZIP_RATIO:.0f}); refusing a possible zip bomb"
-                )
-        archive_bytes = max(archive.stat().st_size, 1)
-        if total >= _RATIO_CHECK_MIN_BYTES and total > MAX_ZIP_RATIO * archive_bytes:
-            raise InputError(
-                f"{archive.name}: declares {total / archive_bytes:.0f} times its own size "
-                f"(limit {MAX_ZIP_RATIO:.0f}); refusing a possible zip bomb (overlapping members?)"
-            )
-        out: list[InputFile] = []
-        written = 0
-        for n, info in enumerate(infos):
-            mode = (info.external_attr >> 16) & 0o170000
-            if mode == stat.S_IFLNK:
-                continue  # a symbolic link; never materialised
-            target = dest / f"{n:06d}"
-            try:
-                with zf.open(info) as src, open(target, "wb") as dst:
-                    # zipfile stops at the declared file_size and checks the CRC, so the
-                    # running total below cannot exceed what was checked above.
-                    while chunk := src.read(1 << 20):
-                        written += len(chunk)
-                        if written > max_zip_bytes:
-                            raise InputError(
-                                f"{archive.name}: more data than declared; refusing the archive"
-                            )
-                        dst.write(chunk)
-            except (
-                zipfile.BadZipFile,
-                OSError,
-                EOFError,
-                NotImplementedError,
-                RuntimeError,
-            ) as exc:
-                # a damaged or encrypted member is listed as ignored, with the reason
-                target.unlink(missing_ok=True)
-                out.append(
-                    InputFile(
-                        info.filename,
-                        target,
-                        f"damaged or encrypted archive member ({type(exc).__name__})",
-                    )
-                )
-                continue
-            out.append(InputFile(info.filename, target))
-        return out
+    """The members of ``archive`` as input files (damaged members listed with the reason)."""
+    return [InputFile(m.name, m.path, m.problem or "") for m in unpack_zip(archive, dest, max_bytes=max_zip_bytes)]
 
 
 @contextlib.contextmanager

@@ -776,7 +776,7 @@ def test_zip_bomb_ratio_and_size_refused(tmp_path):
     small = tmp_path / "small.zip"
     with zipfile.ZipFile(small, "w", zipfile.ZIP_STORED) as zf:
         zf.writestr("a.dcm", np.random.default_rng(0).bytes(3 * 2**20))
-    with pytest.raises(InputError, match="exceeds the limit of 1 MiB"):
+    with pytest.raises(InputError, match="exceeds the limit of 1.0 MiB"):
         load_study(small, max_zip_bytes=2**20)
 
 
