@@ -17,8 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -27,7 +25,7 @@ def peak_rss_mib() -> float:
 def _one_run(study_dir: Path, cache: Path, out: Path):
     """One pass of the DVK path with each stage timed: (seconds per stage, study, kernel)."""
     from spectdose.density import hu_to_density
-    from spectdose.dose import activity_mbq_per_voxel, fft_convolve
+    from spectdose.dose import dvk_dose_rate
     from spectdose.export import write_dose_rate_map, write_rtdose
     from spectdose.geometry import Volume
     from spectdose.ingest import load_study
@@ -48,13 +46,14 @@ def _one_run(study_dir: Path, cache: Path, out: Path):
     density = timed("density", hu_to_density, study.ct.array)
     kernel = timed("kernels (cached)", get_kernel, grid.spacing_mm, cache_dir=cache)
 
-    def convolve():
-        a_mbq = activity_mbq_per_voxel(activity.array, grid.voxel_volume_ml)
-        rate = fft_convolve(a_mbq, kernel.total_mgy_per_mbq_s)
-        scale = np.where(density >= 0.1, np.float32(1.04e-3) / np.maximum(density, 1e-6), 0).astype(np.float32)
-        return rate * scale
-
-    rate = timed("convolution", convolve)
+    rate = timed(
+        "convolution",
+        dvk_dose_rate,
+        activity.array,
+        density,
+        kernel.total_mgy_per_mbq_s,
+        grid.voxel_volume_ml,
+    )
 
     def write():
         out.mkdir(parents=True)

@@ -127,13 +127,16 @@ def dvk_dose_rate(
     Notes
     -----
     D(x) = 1.04 / rho(x) * sum_s A_s S(x - s), and D = 0 where rho < 0.1 g/cm^3.
-    Negative activity (OSEM never produces it, but filtered data might) is kept: clipping
-    would bias the mean of noisy low-count regions.
+    Activity must not be negative (the pipeline clips the resampled SPECT at 0); the FFT's
+    round-off, a few 1e-7 of the maximum either side of zero, is clipped at 0 too, so
+    that an RT Dose never carries a negative value.
     """
     if activity_bq_per_ml.shape != density_g_cm3.shape:
         raise InputError(f"activity {activity_bq_per_ml.shape} and density {density_g_cm3.shape} grids differ")
     if not np.all(np.isfinite(activity_bq_per_ml)):
         raise InputError("activity map contains NaN or infinite values")
+    if np.any(activity_bq_per_ml < 0):
+        raise InputError("activity map has negative values; clip or correct them before dose calculation")
     activity_mbq = activity_mbq_per_voxel(activity_bq_per_ml, voxel_volume_ml)
     dose_mgy_per_s = fft_convolve(activity_mbq, kernel_mgy_per_mbq_s, backend=backend, device=device)
     density = np.asarray(density_g_cm3, dtype=np.float32)
@@ -141,6 +144,7 @@ def dvk_dose_rate(
     scale = np.zeros_like(density)
     scale[tissue] = np.float32(KERNEL_MEDIUM_DENSITY_G_CM3 * 1e-3) / density[tissue]  # mGy -> Gy
     dose_mgy_per_s *= scale
+    np.maximum(dose_mgy_per_s, 0.0, out=dose_mgy_per_s)
     return dose_mgy_per_s
 
 

@@ -260,19 +260,21 @@ def _pad_to(a: np.ndarray, p: int) -> np.ndarray:
 
 
 def _forward(net: DblurDoseNet, inp: torch.Tensor, dvk: torch.Tensor) -> torch.Tensor:
-    """All output slices of one slab sample."""
+    """All output slices of a batch of slabs: inp (B, 2, S + 10, P, P), dvk (B*S, 1, P, P)."""
     if net.cfg.stem == "depth_valid":
         return net.forward_slab(inp, dvk)
-    pack = net.cfg.pack
-    packs = torch.cat([inp[:, :, z : z + pack] for z in range(dvk.shape[0])])
+    pack, s = net.cfg.pack, dvk.shape[0] // inp.shape[0]
+    packs = torch.stack([inp[b, :, z : z + pack] for b in range(inp.shape[0]) for z in range(s)])
     return net(packs, dvk)
 
 
 def _loss(net, batch) -> torch.Tensor:
+    """MSE over tissue voxels, one slab at a time (BatchNorm statistics per slab)."""
+    half = net.cfg.pack // 2
     losses = []
     for inp, dvk, lab in batch:
         out = _forward(net, inp, dvk)
-        tissue = (inp[0, 1, net.cfg.pack // 2 : net.cfg.pack // 2 + dvk.shape[0]] >= 0.1)[:, None]
+        tissue = (inp[:, 1, half : half + dvk.shape[0]] >= 0.1).reshape(-1, 1, *inp.shape[-2:])
         losses.append(((out - lab) ** 2 * tissue).mean())
     return torch.stack(losses).mean()
 

@@ -85,3 +85,17 @@ def test_effective_half_life_between_and_checked():
         time_integration_factor_s("hanscheid", None)
     with pytest.raises(InputError, match="positive"):
         time_integration_factor_s("hanscheid", -3.0)
+
+
+def test_negative_activity_refused_and_round_off_never_negative():
+    act = np.zeros((4, 4, 4), np.float32)
+    act[1, 1, 1] = -5.0
+    with pytest.raises(InputError, match="negative"):
+        dvk_dose_rate(act, np.ones_like(act), _point_kernel(), 1.0)
+    # A hot point next to a large empty region: FFT round-off must not leave values below 0.
+    act = np.zeros((30, 40, 40), np.float32)
+    act[15, 20, 20] = 1e9
+    k = np.random.default_rng(0).random((21, 21, 21)).astype(np.float32) * 1e-6
+    k[10, 10, 10] = 10.0
+    out = dvk_dose_rate(act, np.full(act.shape, 1.04, np.float32), k, 0.001)
+    assert out.min() >= 0.0
