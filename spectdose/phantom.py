@@ -916,7 +916,8 @@ def sample_anatomy(anatomy: _Anatomy, grid: Grid, *, with_activity: bool = True)
     activity = c.activity if c.activity is not None else np.zeros(grid.shape, dtype=np.float32)
     np.maximum(activity, 0.0, out=activity)
     if with_activity and TRUTH_RESOLUTION_FWHM_MM > 0:
-        activity = _pet_like(activity, grid, c.tissue)
+        # the small phantom is the clinical anatomy shrunk, so its truth resolution shrinks too
+        activity = _pet_like(activity, grid, c.tissue, TRUTH_RESOLUTION_FWHM_MM * anatomy.scale)
     liver_lesions = [k for k, les in enumerate(anatomy.lesions) if les.location == "liver"]
     return SampledAnatomy(
         grid=grid,
@@ -937,8 +938,8 @@ def sample_anatomy(anatomy: _Anatomy, grid: Grid, *, with_activity: bool = True)
 TRUTH_RESOLUTION_FWHM_MM = 6.0
 
 
-def _pet_like(activity: np.ndarray, grid: Grid, tissue: np.ndarray) -> np.ndarray:
-    sigma_vox = [TRUTH_RESOLUTION_FWHM_MM / 2.3548 / s for s in grid.spacing_mm]
+def _pet_like(activity: np.ndarray, grid: Grid, tissue: np.ndarray, fwhm_mm: float) -> np.ndarray:
+    sigma_vox = [fwhm_mm / 2.3548 / s for s in grid.spacing_mm]
     smooth = ndimage.gaussian_filter(activity, sigma_vox, mode="nearest", truncate=3.0)
     outside = np.isin(tissue, [_T["air"], _T["couch"]])
     smooth[outside] = 0.0

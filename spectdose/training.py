@@ -303,6 +303,7 @@ def train(
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor, patience=cfg.plateau_patience)
     ckpt = out_dir / "checkpoint.pt"
+    best_path = out_dir / "best.pt"  # weights of the epoch with the lowest validation loss
     start_epoch, history, elapsed = 0, [], 0.0
     if ckpt.is_file():
         state = torch.load(ckpt, map_location=dev, weights_only=False)
@@ -338,15 +339,26 @@ def train(
         torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch + 1,
                     "history": history, "elapsed_s": elapsed}, ckpt.with_suffix(".tmp"))  # fmt: skip
         ckpt.with_suffix(".tmp").replace(ckpt)
+        if val_loss <= min(h["val_loss"] for h in history) or not best_path.is_file():
+            torch.save({"net": net.state_dict(), "epoch": epoch + 1, "val_loss": val_loss}, best_path.with_suffix(".tmp"))
+            best_path.with_suffix(".tmp").replace(best_path)
         _write_history(out_dir, history)
         if cfg.max_minutes is not None and elapsed / 60 >= cfg.max_minutes:
             break
 
+    # Ship the epoch that generalised best (early stopping on the validation loss).
+    best_epoch = len(history)
+    if best_path.is_file():
+        best = torch.load(best_path, map_location=dev, weights_only=True)
+        net.load_state_dict(best["net"])
+        best_epoch = int(best["epoch"])
     net.eval()
+    chosen = history[best_epoch - 1] if history else {}
     summary = {
         "epochs_run": len(history),
-        "final_train_loss": history[-1]["train_loss"] if history else math.nan,
-        "final_val_loss": history[-1]["val_loss"] if history else math.nan,
+        "selected_epoch": best_epoch,
+        "final_train_loss": chosen.get("train_loss", math.nan),
+        "final_val_loss": chosen.get("val_loss", math.nan),
         "training_minutes": round(elapsed / 60, 1),
         "device": str(dev) + ("" if dev.type != "cpu" else f" ({torch.get_num_threads()} threads)"),
         "config": dataclasses.asdict(cfg),
@@ -420,8 +432,10 @@ def model_card(summary: dict, *, data_version: str, eval_table: str | None = Non
         f"- patches {cfg['patch']}x{cfg['patch']} px, {cfg['slab']} output slices per slab, {cfg['batch']} slabs per step, "
         f"{cfg['steps_per_epoch']} steps per epoch, Adam lr {cfg['lr']} with ReduceLROnPlateau "
         f"(factor {cfg['plateau_factor']}, patience {cfg['plateau_patience']}), MSE loss, seed {cfg['seed']}",
-        f"- {summary['epochs_run']} epochs in {summary['training_minutes']} min on {summary['device']}",
-        f"- final losses (normalised units): train {summary['final_train_loss']:.5g}, validation {summary['final_val_loss']:.5g}",
+        f"- {summary['epochs_run']} epochs in {summary['training_minutes']} min on {summary['device']}; shipped weights "
+        f"from epoch {summary.get('selected_epoch', summary['epochs_run'])} (lowest validation loss)",
+        f"- losses of that epoch (MSE, normalised units): train {summary['final_train_loss']:.5g}, "
+        f"validation {summary['final_val_loss']:.5g}",
     ]
     if eval_table:
         lines += ["", "## Evaluation on held-out virtual patients", "", eval_table.strip()]

@@ -109,7 +109,9 @@ def test_lesions_span_2_to_180_ml_in_and_outside_the_liver_with_necrosis(study):
         core = mask & p.labels["necrosis"]
         assert core.sum() * p.hu.grid.voxel_volume_ml == pytest.approx(les["necrotic_volume_ml"])
         assert 0.03 < core.sum() / mask.sum() < 0.5
-        assert act[core].mean() < 0.5 * act[mask & ~core].mean()
+        # the truth has PET-like resolution (phantom.TRUTH_RESOLUTION_FWHM_MM), which fills a
+        # small core in partly; it must still be clearly colder than the rim
+        assert act[core].mean() < 0.75 * act[mask & ~core].mean()
 
 
 def test_uptake_is_textured_with_dotatate_like_ratios(study):
@@ -124,7 +126,8 @@ def test_uptake_is_textured_with_dotatate_like_ratios(study):
     marrow = act[p.labels["spine_trabecular"]].mean()
     fat = act[p.labels["body"] & (p.density_g_cm3.array < 0.99) & (p.density_g_cm3.array > 0.9)].mean()
     assert mean["kidney_cortex"] > 1.2 * mean["healthy_liver"]
-    assert mean["kidney_cortex"] > 1.3 * mean["kidney_medulla"]
+    # cortex over medulla, as seen at the truth's PET-like resolution
+    assert mean["kidney_cortex"] > 1.2 * mean["kidney_medulla"]
     assert mean["spleen"] > mean["healthy_liver"] > 2.5 * marrow > 0
     assert mean["lesions"] > 1.5 * mean["healthy_liver"]
     assert fat < 0.1 * mean["healthy_liver"]
