@@ -123,12 +123,23 @@ class Settings(BaseSettings):
     export_timeout_s: float = Field(30.0, gt=0)
 
     # dose options shared by every job
+    default_method: Literal["auto", "dvk", "cnn"] = Field(
+        "auto", description="engine for jobs that name none; auto: the CNN once trained weights are installed"
+    )
     kernel_cache_dir: Path | None = None
     calibrations_file: Path | None = None
     sensitivity_cps_per_mbq: float | None = Field(None, gt=0)
     device: str | None = None
 
     log_level: str = "INFO"
+
+    @property
+    def resolved_method(self) -> Literal["dvk", "cnn"]:
+        if self.default_method != "auto":
+            return self.default_method
+        from spectdose.cnn import default_model_path
+
+        return "cnn" if default_model_path().is_file() else "dvk"
 
     @field_validator("api_tokens", "allowed_calling_aets", "peers", "export", mode="before")
     @classmethod

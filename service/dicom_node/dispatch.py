@@ -83,7 +83,7 @@ def _dispatch(ctx: NodeContext, enqueuer: Enqueuer, inc) -> str | None:
     common = dict(
         source="dicom",
         submitted_by=inc.calling_aet,
-        options={"method": "dvk", "calling_aet": inc.calling_aet},
+        options={"method": settings.resolved_method, "calling_aet": inc.calling_aet},
         export=list(settings.export),
         queue=settings.job_queue,
         n_files=n_files,

@@ -44,7 +44,10 @@ _ERRORS = {
 
 def submit_params(
     ctx: Ctx,
-    method: Annotated[Literal["dvk", "cnn"], Query(description="dose-rate engine")] = "dvk",
+    method: Annotated[
+        Literal["dvk", "cnn"] | None,
+        Query(description="dose-rate engine (default: SPECTDOSE_DEFAULT_METHOD; the CNN once weights are installed)"),
+    ] = None,
     time_model: Annotated[
         Literal["hanscheid", "physical", "effective"], Query(description="time integration model")
     ] = "hanscheid",
@@ -62,6 +65,7 @@ def submit_params(
 ) -> SubmitParams:
     if time_model == "effective" and effective_half_life_h is None:
         raise HTTPException(422, "time_model=effective needs effective_half_life_h")
+    method = method or ctx.settings.resolved_method
     peers = ctx.settings.peer_map
     destinations: list[str] = []
     for name in export:

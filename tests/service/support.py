@@ -24,6 +24,7 @@ def make_settings(data_dir: Path, **kw) -> Settings:
         export=[],
         export_backoff_s=0.05,
         retry_backoff_s=0.1,
+        default_method="dvk",  # the CNN path has its own tests; keep service tests fast
     )
     base.update(kw)
     return Settings(**base)

@@ -137,6 +137,27 @@ def test_stow_rs_metadata_parts_are_415(client, phantom_files):
     assert r.status_code == 415 and "application/dicom" in r.json()["detail"]
 
 
+def test_jobs_default_to_the_cnn_once_weights_are_installed(tmp_path, redis_url, study_zip, monkeypatch):
+    import json
+
+    import spectdose.cnn
+
+    monkeypatch.setattr(spectdose.cnn, "MODELS_DIR", tmp_path / "models")
+    settings = make_settings(tmp_path / "data", redis_url=redis_url, default_method="auto")
+
+    def method_of(client, **params):
+        r = _submit_zip(client, study_zip, **params)
+        assert r.status_code == 202, r.text
+        return json.loads(client.app.state.ctx.store.get(r.json()["job_id"]).options_json)["method"]
+
+    with TestClient(create_app(settings, sweeper=False)) as c:
+        assert method_of(c) == "dvk"  # no weights: the DVK baseline
+        (tmp_path / "models").mkdir()
+        (tmp_path / "models" / "dblurdosenet.pt").write_bytes(b"weights")
+        assert method_of(c) == "cnn"
+        assert method_of(c, method="dvk") == "dvk"  # asked for explicitly
+
+
 def test_broker_down_still_stores_then_the_sweeper_publishes(tmp_path, redis_url, study_zip):
     down = make_settings(tmp_path / "d", redis_url="redis://127.0.0.1:1/0")
     with TestClient(create_app(down, sweeper=False)) as c:
