@@ -80,6 +80,28 @@ def test_tiny_training_runs_resumes_and_gives_a_usable_model(prepared, tmp_path,
     assert out.grid is study.ct.grid and np.all(np.isfinite(out.array)) and np.all(out.array >= 0)
     assert not np.any(out.array[rho.array < 0.1])
 
+    # The command a user runs: `spectdose dose STUDY -o OUT --method cnn --model W`.
+    import shutil
+
+    import pydicom
+
+    from spectdose.cli import main
+    from spectdose.export import read_rtdose
+
+    assert main(["dose", str(small_study / "dicom"), "-o", str(tmp_path / "cnn"), "--method", "cnn",
+                 "--model", str(tmp_path / "tiny.pt"), "--kernel-cache", str(kernel_cache_dir)]) == 0  # fmt: skip
+    summary = json.loads((tmp_path / "cnn" / "summary.json").read_text())
+    assert summary["method"] == "cnn" and read_rtdose(tmp_path / "cnn" / "rtdose.dcm").array.max() > 0
+    # Zero in, zero out with the network too.
+    zero = shutil.copytree(small_study / "dicom", tmp_path / "zero")
+    nm_path = next((zero / "NM").glob("*.dcm"))
+    ds = pydicom.dcmread(nm_path)
+    ds.PixelData = bytes(len(ds.PixelData))
+    ds.save_as(nm_path)
+    assert main(["dose", str(zero), "-o", str(tmp_path / "cnn0"), "--method", "cnn",
+                 "--model", str(tmp_path / "tiny.pt"), "--kernel-cache", str(kernel_cache_dir)]) == 0  # fmt: skip
+    assert not np.any(read_rtdose(tmp_path / "cnn0" / "rtdose.dcm").array)
+
 
 def test_unknown_training_option_refused(tmp_path):
     from spectdose.errors import InputError
