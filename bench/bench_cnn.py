@@ -1,6 +1,6 @@
 """DblurDoseNet inference time for a clinical-size study (130 x 512 x 512 CT grid).
 
-Usage: python bench/bench_cnn.py [--slices 16] [--device cpu|cuda] [--bf16]
+Usage: python bench/bench_cnn.py [--slices 16] [--device cpu|cuda] [--skip-paper] [--study PHANTOM_DIR]
 
 Times, on the same machine and in the same run:
   * the paper's network at the CT grid (depth-padded stem, pack by pack),
@@ -8,7 +8,9 @@ Times, on the same machine and in the same run:
   * the shipped model (models/dblurdosenet.pt) on its own grid, end to end through
     `spectdose.cnn.predict_on_ct_grid` (resampling both ways included),
 each extrapolated from ``--slices`` output slices to 130 (the work is the same per slice),
-with GMAC per slice counted from the layers. Targets: <= 60 s on this 2-core CPU, <= 0.5 s
+with GMAC per slice counted from the layers. With ``--study`` (a clinical-size phantom from
+`spectdose phantom`), the shipped model's bf16 output is compared with its fp32 output on
+that study: bf16 is only recommended where that deviation is small. Targets: <= 60 s on this 2-core CPU, <= 0.5 s
 on an H100 (paper: about 20 min CPU, 20 s on a V100).
 """
 
@@ -71,6 +73,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=16, help="output slices timed (extrapolated to 130)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-paper", action="store_true", help="skip the slow pack-by-pack paper network")
+    parser.add_argument("--study", help="phantom folder: measure the shipped model's bf16 deviation on it")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"device {device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
@@ -102,6 +105,32 @@ def main() -> None:
         predict_on_ct_grid(model, act, rho, dvk, autocast_bf16=bf16)
         print(f"shipped model {model.config.stem} at {model.spacing_mm} mm, whole 130x512x512 study "
               f"({'bf16' if bf16 else 'fp32'}): {time.perf_counter() - t:.1f} s")
+    if args.study:
+        bf16_deviation(model, args.study)
+
+
+def bf16_deviation(model, phantom_dir: str) -> None:
+    """How far bf16 autocast moves the shipped model's dose rate on a real study."""
+    from pathlib import Path
+
+    from spectdose.cli import default_cache_dir
+    from spectdose.cnn import predict_on_ct_grid
+    from spectdose.density import hu_to_density
+    from spectdose.geometry import Volume
+    from spectdose.ingest import load_study
+    from spectdose.pipeline import DoseOptions, compute_dose_rate, spect_on_ct_grid
+
+    study = load_study(Path(phantom_dir) / "dicom")
+    act, _ = spect_on_ct_grid(study, [])
+    rho = Volume(hu_to_density(study.ct.array), study.ct.grid, "g/cm3")
+    dvk, _ = compute_dose_rate(act, rho, options=DoseOptions(kernel_cache_dir=default_cache_dir() / "kernels"))
+    fp32 = predict_on_ct_grid(model, act, rho, dvk).array.astype(np.float64)
+    bf16 = predict_on_ct_grid(model, act, rho, dvk, autocast_bf16=True).array.astype(np.float64)
+    hot = fp32 > 0.1 * fp32.max()
+    rel = np.abs(bf16[hot] - fp32[hot]) / fp32[hot]
+    nrmse = np.sqrt(np.mean((bf16[hot] - fp32[hot]) ** 2)) / fp32[hot].mean()
+    print(f"bf16 vs fp32 on {phantom_dir} (voxels above 10 % of max): total {100 * (bf16.sum() / fp32.sum() - 1):+.2f} %, "
+          f"NRMSE {100 * nrmse:.2f} %, median |dev| {100 * np.median(rel):.2f} %, 99th pct {100 * np.percentile(rel, 99):.2f} %")
 
 
 def _shared_gmac(net: DblurDoseNet) -> float:
