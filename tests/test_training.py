@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from spectdose.cnn import load_model, predict_on_ct_grid
+from spectdose.errors import InputError
 from spectdose.training import (
     DATASETS,
     TrainConfig,
@@ -67,6 +69,16 @@ def test_tiny_training_runs_resumes_and_gives_a_usable_model(prepared, tmp_path,
     card = model_card(summary2, data_version="tiny")
     assert "validation" in card and json.dumps(cfg.network)[:20] in card
 
+    # Fine-tuning starts from given weights (here: no epochs, so it returns them unchanged),
+    # and refuses weights of another architecture.
+    ft = dataclasses.replace(cfg, init_from=str(tmp_path / "tiny.pt"), rel_loss_weight=0.1, epochs=0)
+    train({"train": [path], "val": [path]}, tmp_path / "ft", ft, progress=False)
+    tuned = load_model(tmp_path / "ft" / "tiny.pt", device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(model.net.state_dict().values(), tuned.net.state_dict().values(), strict=True))
+    other = dataclasses.replace(ft, network={**cfg.network, "residual": not cfg.network.get("residual", True)})
+    with pytest.raises(InputError, match="network configuration differs"):
+        train({"train": [path], "val": [path]}, tmp_path / "ft2", other, progress=False)
+
     from spectdose.density import hu_to_density
     from spectdose.geometry import Volume
     from spectdose.ingest import load_study
@@ -104,8 +116,6 @@ def test_tiny_training_runs_resumes_and_gives_a_usable_model(prepared, tmp_path,
 
 
 def test_unknown_training_option_refused(tmp_path):
-    from spectdose.errors import InputError
-
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"name": "x", "epochz": 3}))
     with pytest.raises(InputError, match="epochz"):
