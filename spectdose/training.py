@@ -430,6 +430,9 @@ def model_card(summary: dict, *, data_version: str, eval_table: str | None = Non
     """Markdown model card for a trained weight file."""
     cfg = summary["config"]
     spec = DATASETS.get(data_version, {})
+    loss = "MSE loss"
+    if cfg.get("rel_loss_weight"):
+        loss += f" + {cfg['rel_loss_weight']} x relative term ((out - label) / (label + {cfg['rel_loss_floor']}))^2"
     lines = [
         f"# {cfg['name']}",
         "",
@@ -448,10 +451,11 @@ def model_card(summary: dict, *, data_version: str, eval_table: str | None = Non
         f"- network: `{json.dumps(cfg['network'])}`",
         f"- patches {cfg['patch']}x{cfg['patch']} px, {cfg['slab']} output slices per slab, {cfg['batch']} slabs per step, "
         f"{cfg['steps_per_epoch']} steps per epoch, Adam lr {cfg['lr']} with ReduceLROnPlateau "
-        f"(factor {cfg['plateau_factor']}, patience {cfg['plateau_patience']}), MSE loss, seed {cfg['seed']}",
+        f"(factor {cfg['plateau_factor']}, patience {cfg['plateau_patience']}), {loss}, seed {cfg['seed']}"
+        + (f"; started from the weights `{cfg['init_from']}`" if cfg.get("init_from") else ""),
         f"- {summary['epochs_run']} epochs in {summary['training_minutes']} min on {summary['device']}; shipped weights "
         f"from epoch {summary.get('selected_epoch', summary['epochs_run'])} (lowest validation loss)",
-        f"- losses of that epoch (MSE, normalised units): train {summary['final_train_loss']:.5g}, "
+        f"- losses of that epoch (normalised units): train {summary['final_train_loss']:.5g}, "
         f"validation {summary['final_val_loss']:.5g}",
     ]
     if eval_table:
