@@ -115,15 +115,9 @@ def bf16_deviation(model, phantom_dir: str) -> None:
 
     from spectdose.cli import default_cache_dir
     from spectdose.cnn import predict_on_ct_grid
-    from spectdose.density import hu_to_density
-    from spectdose.geometry import Volume
-    from spectdose.ingest import load_study
-    from spectdose.pipeline import DoseOptions, compute_dose_rate, spect_on_ct_grid
+    from spectdose.evaluate import network_inputs
 
-    study = load_study(Path(phantom_dir) / "dicom")
-    act, _ = spect_on_ct_grid(study, [])
-    rho = Volume(hu_to_density(study.ct.array), study.ct.grid, "g/cm3")
-    dvk, _ = compute_dose_rate(act, rho, options=DoseOptions(kernel_cache_dir=default_cache_dir() / "kernels"))
+    act, rho, dvk = network_inputs(Path(phantom_dir) / "dicom", default_cache_dir() / "kernels")
     fp32 = predict_on_ct_grid(model, act, rho, dvk).array.astype(np.float64)
     bf16 = predict_on_ct_grid(model, act, rho, dvk, autocast_bf16=True).array.astype(np.float64)
     hot = fp32 > 0.1 * fp32.max()

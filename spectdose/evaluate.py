@@ -23,6 +23,7 @@ from .geometry import Grid, Volume
 
 __all__ = [
     "METRIC_COLUMNS",
+    "network_inputs",
     "VOI_ORDER",
     "voi_metrics",
     "ensemble_noise_pct",
@@ -130,18 +131,26 @@ def _vois(labels: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
     return [(n, m) for n, m in out if int(m.sum()) >= _MIN_VOI_VOXELS]
 
 
-def _method_dose_rates(case: PhantomCase, methods: dict[str, Path | None], kernel_cache: Path | None, device):
-    """Dose rate (Gy/s, CT grid) of each method from the case's SPECT, plus the DVK map."""
-    from .cnn import load_model, predict_on_ct_grid
+def network_inputs(study_dir: Path, kernel_cache: Path | None, device=None) -> tuple[Volume, Volume, Volume]:
+    """Activity (Bq/ml), density (g/cm3) and DVK dose rate (Gy/s) on the CT grid of a study:
+    what every method starts from (the pipeline's stages with default options)."""
     from .ingest import load_study
     from .pipeline import DoseOptions, compute_dose_rate, spect_on_ct_grid
 
-    study = load_study(case.path / "dicom")
-    if not study.ct.grid.same_as(case.activity_true.grid, tol_mm=0.01):
-        raise InputError(f"{case.path}: the CT grid of the study differs from the truth grid")
+    study = load_study(Path(study_dir))
     activity, _ = spect_on_ct_grid(study, [])
     density = Volume(hu_to_density(study.ct.array), study.ct.grid, "g/cm3")
     dvk, _ = compute_dose_rate(activity, density, options=DoseOptions(kernel_cache_dir=kernel_cache, device=device))
+    return activity, density, dvk
+
+
+def _method_dose_rates(case: PhantomCase, methods: dict[str, Path | None], kernel_cache: Path | None, device):
+    """Dose rate (Gy/s, CT grid) of each method from the case's SPECT, plus the DVK map."""
+    from .cnn import load_model, predict_on_ct_grid
+
+    activity, density, dvk = network_inputs(case.path / "dicom", kernel_cache, device)
+    if not activity.grid.same_as(case.activity_true.grid, tol_mm=0.01):
+        raise InputError(f"{case.path}: the CT grid of the study differs from the truth grid")
     rates = {"dvk": dvk.array}
     for name, weights in methods.items():
         if name == "dvk" or weights is None:

@@ -552,3 +552,17 @@ def blob_counts(shape: tuple[int, int, int], peak: int = 1000, seed: int = 0) ->
     r2 = sum(((idx[a] - centre[a]) / (0.25 * shape[a])) ** 2 for a in range(3))
     mean = 20 + peak * np.exp(-r2)
     return rng.poisson(mean).astype(np.uint16)
+
+
+def copy_with_zero_activity(study_dicom_dir: Path, dst: Path) -> Path:
+    """A copy of a phantom study whose reconstructed SPECT is all zero (zero in, zero out)."""
+    import shutil
+
+    import pydicom
+
+    shutil.copytree(study_dicom_dir, dst)
+    nm_path = next((dst / "NM").glob("*.dcm"))
+    ds = pydicom.dcmread(nm_path)
+    ds.PixelData = bytes(len(ds.PixelData))
+    ds.save_as(nm_path)
+    return dst

@@ -19,6 +19,8 @@ from spectdose.ingest import load_study
 from spectdose.kernels import get_kernel
 from spectdose.pipeline import DoseOptions, run
 
+from .dicom_factory import copy_with_zero_activity
+
 
 @pytest.fixture(scope="module")
 def result(small_study, kernel_cache_dir, tmp_path_factory):
@@ -108,11 +110,7 @@ def _copy_study(src, dst):
 
 
 def test_all_zero_activity_gives_an_all_zero_dose(small_study, kernel_cache_dir, tmp_path):
-    study_dir = _copy_study(small_study, tmp_path / "zero")
-    nm_path = next((study_dir / "NM").glob("*.dcm"))
-    ds = pydicom.dcmread(nm_path)
-    ds.PixelData = bytes(len(ds.PixelData))
-    ds.save_as(nm_path)
+    study_dir = copy_with_zero_activity(small_study / "dicom", tmp_path / "zero")
     res = run(study_dir, tmp_path / "out", DoseOptions(kernel_cache_dir=kernel_cache_dir))
     assert not np.any(read_rtdose(res.outputs["rtdose"]).array)
     assert not np.any(res.dose_rate_gy_per_s.array)

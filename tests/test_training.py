@@ -21,6 +21,8 @@ from spectdose.training import (
     train,
 )
 
+from .dicom_factory import copy_with_zero_activity
+
 TINY_CONFIG = Path(__file__).resolve().parent.parent / "models" / "configs" / "tiny.json"
 
 
@@ -93,10 +95,6 @@ def test_tiny_training_runs_resumes_and_gives_a_usable_model(prepared, tmp_path,
     assert not np.any(out.array[rho.array < 0.1])
 
     # The command a user runs: `spectdose dose STUDY -o OUT --method cnn --model W`.
-    import shutil
-
-    import pydicom
-
     from spectdose.cli import main
     from spectdose.export import read_rtdose
 
@@ -105,11 +103,7 @@ def test_tiny_training_runs_resumes_and_gives_a_usable_model(prepared, tmp_path,
     summary = json.loads((tmp_path / "cnn" / "summary.json").read_text())
     assert summary["method"] == "cnn" and read_rtdose(tmp_path / "cnn" / "rtdose.dcm").array.max() > 0
     # Zero in, zero out with the network too.
-    zero = shutil.copytree(small_study / "dicom", tmp_path / "zero")
-    nm_path = next((zero / "NM").glob("*.dcm"))
-    ds = pydicom.dcmread(nm_path)
-    ds.PixelData = bytes(len(ds.PixelData))
-    ds.save_as(nm_path)
+    zero = copy_with_zero_activity(small_study / "dicom", tmp_path / "zero")
     assert main(["dose", str(zero), "-o", str(tmp_path / "cnn0"), "--method", "cnn",
                  "--model", str(tmp_path / "tiny.pt"), "--kernel-cache", str(kernel_cache_dir)]) == 0  # fmt: skip
     assert not np.any(read_rtdose(tmp_path / "cnn0" / "rtdose.dcm").array)
