@@ -26,7 +26,17 @@ from .ingest import CameraCalibration, load_study
 from .kernels import get_kernel
 from .study import Study
 
-__all__ = ["DoseOptions", "DoseResult", "run", "compute_dose_rate", "OUTPUT_NAMES"]
+__all__ = [
+    "DoseOptions",
+    "DoseResult",
+    "run",
+    "compute_dose_rate",
+    "OUTPUT_NAMES",
+    "ASSUMPTIONS",
+    "PUBLIC_NAMES",
+    "public_name",
+    "option_hint",
+]
 
 ProgressCallback = Callable[[str, float], None]
 
@@ -38,14 +48,58 @@ OUTPUT_NAMES = {
 }
 
 
+# The public name of each DoseOptions field: the REST query field and, with "-" for "_",
+# the CLI flag (``--spect-series``). Stored job options use these names too.
+PUBLIC_NAMES: dict[str, str] = {
+    "method": "method",
+    "time_model": "time_model",
+    "effective_half_life_h": "effective_half_life_h",
+    "administration_datetime": "administration_time",
+    "acquisition_datetime": "acquisition_time",
+    "hours_after_administration": "hours_after_administration",
+    "density_curve": "density_curve",
+    "kernel_medium": "kernel_medium",
+    "sensitivity_cps_per_mbq": "sensitivity_cps_per_mbq",
+    "allow_normalised": "normalised",
+    "spect_series_uid": "spect_series",
+    "ct_series_uid": "ct_series",
+    "energy_window_kev": "energy_window",
+    "dose_grid": "dose_grid",
+    "accepted_assumptions": "accept",
+    "calling_ae_title": "calling_aet",
+    "autocast_bf16": "bf16",
+}
+_DATETIME_FIELDS = ("administration_datetime", "acquisition_datetime")
+
+
+def public_name(field: str, *, cli: bool = False) -> str:
+    """How users spell a DoseOptions field: ``spect_series`` (REST) or ``--spect-series`` (CLI)."""
+    name = PUBLIC_NAMES.get(field, field)
+    return "--" + name.replace("_", "-") if cli else name
+
+
+def option_hint(field: str) -> str:
+    """'--spect-series (CLI) / spect_series (REST)': for messages that tell the user what to supply."""
+    return f"{public_name(field, cli=True)} (CLI) / {public_name(field)} (REST)"
+
+
 @dataclasses.dataclass(frozen=True)
 class DoseOptions:
-    """Everything that changes the result; its ``key()`` seeds the output UIDs."""
+    """Everything that changes the result; its ``key()`` seeds the output UIDs.
+
+    The one vocabulary of dose options: the CLI, the REST gateway, the DICOM node and the
+    worker build it with :meth:`from_dict` / the constructor and store it with :meth:`to_dict`.
+    Run-time settings that do not change the numbers (cache folder, device, model file
+    location) are not part of the stored form; they are given to ``from_dict`` separately.
+    """
 
     method: Literal["dvk", "cnn"] = "dvk"
     time_model: Literal["hanscheid", "physical", "effective"] = "hanscheid"
     effective_half_life_h: float | None = None
     administration_datetime: dt.datetime | None = None
+    # De-identified data: the acquisition date-time, or the hours since administration directly.
+    acquisition_datetime: dt.datetime | None = None
+    hours_after_administration: float | None = None
     density_curve: str = "schneider2000"
     kernel_medium: str = "soft"
     sensitivity_cps_per_mbq: float | None = None
@@ -54,16 +108,89 @@ class DoseOptions:
     allow_normalised: bool = False
     spect_series_uid: str | None = None
     ct_series_uid: str | None = None
+    # Photopeak centre (keV) of the energy window to use in a multi-window reconstruction.
+    energy_window_kev: float | None = None
+    # Output grid: "ct" (default), "spect", or an isotropic spacing in mm ("3" or "2.5").
+    dose_grid: str = "ct"
+    # Assumptions a site explicitly allows (each refused by default); see ASSUMPTIONS.
+    accepted_assumptions: tuple[str, ...] = ()
     kernel_cache_dir: Path | None = None
     device: str | None = None
     model_path: Path | None = None
     autocast_bf16: bool = False
     regions_path: Path | None = None
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse contradictory or incomplete options, naming the flag/field that fixes them."""
+        if self.method not in ("dvk", "cnn"):
+            raise InputError(f"unknown dose method {self.method!r}: use dvk or cnn ({option_hint('method')})")
+        if self.time_model not in ("hanscheid", "physical", "effective"):
+            raise InputError(
+                f"unknown time model {self.time_model!r}: use hanscheid, physical or effective ({option_hint('time_model')})"
+            )
+        if self.time_model == "effective" and self.effective_half_life_h is None:
+            raise InputError(f"the effective time model needs {option_hint('effective_half_life_h')}")
+        for field in ("effective_half_life_h", "hours_after_administration", "sensitivity_cps_per_mbq", "energy_window_kev"):
+            value = getattr(self, field)
+            if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise InputError(f"{option_hint(field)} must be a positive number, got {value!r}")
+        if self.hours_after_administration is not None and (
+            self.administration_datetime is not None or self.acquisition_datetime is not None
+        ):
+            raise InputError(
+                f"give either {option_hint('hours_after_administration')} or the administration/acquisition "
+                "date-times, not both"
+            )
+        dose_grid_spacing_mm(self.dose_grid)
+        unknown = sorted(set(self.accepted_assumptions) - set(ASSUMPTIONS))
+        if unknown:
+            raise InputError(
+                f"unknown assumption(s) {unknown} in {option_hint('accepted_assumptions')}; known: {sorted(ASSUMPTIONS)}"
+            )
+
     def resolved_model_path(self) -> Path:
         from .cnn import default_model_path
 
         return Path(self.model_path) if self.model_path else default_model_path()
+
+    def to_dict(self) -> dict:
+        """The stored, JSON-ready form under public names; runtime-only settings left out."""
+        out: dict = {}
+        for field, name in PUBLIC_NAMES.items():
+            value = getattr(self, field)
+            default = DoseOptions.__dataclass_fields__[field].default
+            if value == default and field != "method":
+                continue
+            if field in _DATETIME_FIELDS:
+                value = value.isoformat()
+            elif field == "accepted_assumptions":
+                value = sorted(value)
+            out[name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict, **runtime) -> DoseOptions:
+        """Options from their stored/public form; ``runtime`` gives the non-stored fields."""
+        by_public = {name: field for field, name in PUBLIC_NAMES.items()}
+        kwargs: dict = {}
+        for key, value in data.items():
+            field = by_public.get(key)
+            if field is None:
+                raise InputError(f"unknown dose option {key!r}; known: {sorted(by_public)}")
+            if value is None:
+                continue
+            if field in _DATETIME_FIELDS and isinstance(value, str):
+                try:
+                    value = dt.datetime.fromisoformat(value)
+                except ValueError as exc:
+                    raise InputError(f"{option_hint(field)}: not an ISO date-time: {value!r}") from exc
+            elif field == "accepted_assumptions":
+                value = tuple(sorted(value))
+            kwargs[field] = value
+        return cls(**kwargs, **runtime)
 
     def key(self) -> str:
         """A stable string of the options that change numbers (not paths or devices)."""
@@ -78,10 +205,43 @@ class DoseOptions:
             "normalised": self.allow_normalised,
             "version": __version__,
         }
+        # New options enter the key only when set, so keys (and UIDs) of unchanged runs stay as they were.
+        extra = {
+            "acquisition": self.acquisition_datetime.isoformat() if self.acquisition_datetime else None,
+            "hours_after_administration": self.hours_after_administration,
+            "energy_window_kev": self.energy_window_kev,
+            "dose_grid": None if self.dose_grid == "ct" else self.dose_grid,
+            "accepted_assumptions": sorted(self.accepted_assumptions) or None,
+        }
+        parts.update({k: v for k, v in extra.items() if v is not None})
         if self.method == "cnn":
             parts["model_sha256"] = _file_sha256(self.resolved_model_path())
             parts["bf16"] = self.autocast_bf16
         return json.dumps(parts, sort_keys=True)
+
+
+# Assumptions that change the dose and are refused unless a site or user allows them by name.
+ASSUMPTIONS: dict[str, str] = {
+    "administration_date_from_acquisition": "a Radiopharmaceutical Start Time without a date is taken on the "
+    "acquisition day (or the day before, when that would put it after the acquisition)",
+    "time_outside_model_range": "the single-time-point model is used outside the range of times it was validated for",
+}
+
+
+def dose_grid_spacing_mm(dose_grid: str) -> float | None:
+    """None for the "ct"/"spect" grids, else the isotropic spacing in mm; refuses anything else."""
+    text = str(dose_grid).strip().lower()
+    if text in ("ct", "spect"):
+        return None
+    try:
+        spacing = float(text.removesuffix("mm"))
+    except ValueError:
+        spacing = float("nan")
+    if not (math.isfinite(spacing) and 0.5 <= spacing <= 10.0):
+        raise InputError(
+            f"{option_hint('dose_grid')} must be ct, spect or a spacing in mm between 0.5 and 10, got {dose_grid!r}"
+        )
+    return spacing
 
 
 def _file_sha256(path: Path) -> str | None:
@@ -149,8 +309,6 @@ def compute_dose_rate(
     options: DoseOptions,
 ) -> tuple[Volume, dict]:
     """Dose rate (Gy/s) on the activity's grid by the selected method, with provenance."""
-    if options.method not in ("dvk", "cnn"):
-        raise InputError(f"unknown dose method {options.method!r}: use dvk or cnn")
     model = None
     if options.method == "cnn":
         from .cnn import load_model

@@ -8,7 +8,6 @@ retried a bounded number of times with a doubling delay.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import threading
@@ -46,22 +45,16 @@ Outcome = dict
 
 
 def dose_options(options: dict, settings: Settings):
-    """The core's DoseOptions from a job's stored options and the service settings."""
+    """The core's DoseOptions from a job's stored options (public names) and the service settings."""
     from spectdose.ingest import load_calibrations
     from spectdose.pipeline import DoseOptions
 
-    admin = options.get("administration_time")
-    return DoseOptions(
-        method=options.get("method", "dvk"),
-        time_model=options.get("time_model", "hanscheid"),
-        effective_half_life_h=options.get("effective_half_life_h"),
-        administration_datetime=dt.datetime.fromisoformat(admin) if admin else None,
-        sensitivity_cps_per_mbq=options.get("sensitivity_cps_per_mbq") or settings.sensitivity_cps_per_mbq,
+    stored = dict(options)
+    if stored.get("sensitivity_cps_per_mbq") is None and settings.sensitivity_cps_per_mbq:
+        stored["sensitivity_cps_per_mbq"] = settings.sensitivity_cps_per_mbq
+    return DoseOptions.from_dict(
+        stored,
         calibrations=tuple(load_calibrations(settings.calibrations_file)) if settings.calibrations_file else (),
-        calling_ae_title=options.get("calling_aet"),
-        allow_normalised=bool(options.get("normalised", False)),
-        spect_series_uid=options.get("spect_series"),
-        ct_series_uid=options.get("ct_series"),
         kernel_cache_dir=settings.kernel_dir,
         device=settings.device,
     )
