@@ -1,14 +1,15 @@
-"""Dose-rate Parametric Map (PS3.3 A.75) on the CT grid, written with highdicom.
+"""Dose-rate Parametric Map (PS3.3 A.75) on the CT frame, written with highdicom.
 
 Float32 pixels carry the dose rate itself; a Real World Value Mapping with the UCUM unit
-``mGy/h`` says so. ``docs/rtdose.md`` explains the references and UIDs.
+``mGy/h`` (``mGy/h/MBq`` for an MBq-normalised map) says so. ``docs/rtdose.md`` explains
+the references, UIDs and which readers open it (dciodvfy, highdicom, dcmqi, SimpleITK).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import highdicom as hd
@@ -20,12 +21,14 @@ from pydicom.dataset import Dataset
 from .export_rtdose import (
     MANUFACTURER,
     ExportError,
-    check_on_ct_grid,
-    converted_units,
+    Replaces,
+    check_on_ct_frame,
+    comments_text,
     ct_frame_of_reference_uid,
     da_tm,
     derive_uid,
     ds,
+    series_description,
     series_references,
     software_version,
     source_image_items,
@@ -42,11 +45,31 @@ __all__ = [
 ]
 
 PARAMETRIC_MAP_STORAGE = "1.2.840.10008.5.1.4.1.1.30"  # PS3.4 B.5, Parametric Map Storage
-# UCUM unit code for the stored values (PS3.16 CID 7181 allows any UCUM unit).
+# UCUM unit codes for the stored values (PS3.16 CID 7181 allows any UCUM unit). A map of an
+# MBq-normalised activity is per MBq in the field of view: "mGy/h/MBq" is valid UCUM
+# (mGy.h-1.MBq-1; UCUM 2.1, section 2.1 "/" is left-associative division).
 DOSE_RATE_UNIT = hd.sr.CodedConcept(value="mGy/h", scheme_designator="UCUM", meaning="mGy/h")
-_ACCEPTED_UNITS = {"mGy/h": 1.0, "Gy/h": 1e3}  # factor to mGy/h
+DOSE_RATE_PER_MBQ_UNIT = hd.sr.CodedConcept(
+    value="mGy/h/MBq", scheme_designator="UCUM", meaning="mGy/h/MBq"
+)
+# Volume units accepted -> (stored unit, factor to it).
+_ACCEPTED_UNITS = {
+    "mGy/h": (DOSE_RATE_UNIT, 1.0),
+    "Gy/h": (DOSE_RATE_UNIT, 1e3),
+    "mGy/h/MBq": (DOSE_RATE_PER_MBQ_UNIT, 1.0),
+    "Gy/h/MBq": (DOSE_RATE_PER_MBQ_UNIT, 1e3),
+}
+_READ_UNITS = {"mGy/h": ("mGy/h", 1.0), "Gy/h": ("mGy/h", 1e3), "mGy/h/MBq": ("mGy/h/MBq", 1.0)}
 _LUT_LABEL = "DOSE_RATE"
 _PATIENT = hd.CoordinateSystemNames.PATIENT
+# Frame Anatomy functional group (PS3.3 C.7.6.16.2.8), mandatory in the Parametric Map IOD
+# (PS3.3 A.75.4); dcmqi's reader needs it. The map covers the CT field of view, whose
+# body part the study does not name: SNOMED CT 38266002 "Entire body" (CID 4031), frame
+# laterality U (unpaired).
+_ANATOMIC_REGION = ("38266002", "SCT", "Entire body")
+# Content Creator's Name (Type 2, Content Identification macro): the software, as a PN
+# with an explicit component delimiter (a bare name is the retired PN form for dciodvfy).
+_CONTENT_CREATOR = "spectdose^"
 
 
 def build_dose_rate_map(
@@ -55,19 +78,30 @@ def build_dose_rate_map(
     *,
     method: str,
     options_key: str = "",
+    content_digest: str = "",
+    warnings: Sequence[str] = (),
+    provenance: Mapping[str, object] | None = None,
+    replaces: Replaces | None = None,
     ct_datasets: Sequence[Dataset] | None = None,
     description: str | None = None,
     series_number: int = 902,
     created_at: dt.datetime | None = None,
 ) -> ParametricMap:
-    """A Parametric Map of the dose rate on the CT grid, referencing the CT and NM series.
+    """A Parametric Map of the dose rate on the CT frame, referencing the CT and NM series.
 
     Parameters
     ----------
-    dose_rate_mgy_per_h : dose rate, units ``"mGy/h"`` (or ``"Gy/h"``, converted), on the CT grid.
+    dose_rate_mgy_per_h : dose rate, units ``"mGy/h"`` (or ``"Gy/h"``, converted), or per
+        MBq of a normalised activity, ``"mGy/h/MBq"`` (``"Gy/h/MBq"``); on the CT grid or an
+        output grid built from it (:func:`spectdose.export_grid.output_grid`).
     study : the source study; patient, study and references are copied from it.
     method : short name of the dose method (e.g. ``"DVK"``), part of the UIDs.
     options_key : everything else that changes the values, part of the UIDs.
+    content_digest : :func:`spectdose.export_rtdose.content_digest` of the inputs, part of the UIDs.
+    warnings : caveats; written to Image Comments, their count to the descriptions.
+    provenance : how the map was made; written to Image Comments.
+    replaces : the earlier map series this one corrects; said in the comments and
+        marked in the description; part of the UIDs.
     ct_datasets : the CT headers, if at hand (pixel data not needed). With them highdicom
         links each frame to the CT slice at the same position and copies the scanner as
         contributing equipment; without them only instance-level references are written.
@@ -83,31 +117,43 @@ def build_dose_rate_map(
     Raises
     ------
     ExportError
-        If the dose rate is not on the CT grid or frame of reference, has other units,
-        holds negative or non-finite values, or ``ct_datasets`` are not the study's CT.
+        If the dose rate is not on the CT's frame of reference, axes and field of view, has
+        other units, holds negative or non-finite values, or ``ct_datasets`` are not the
+        study's CT.
     """
     if not method:
         raise ExportError("method must name the dose method (it is part of the UIDs)")
-    check_on_ct_grid(dose_rate_mgy_per_h, study, "dose-rate volume")
-    values = converted_units(dose_rate_mgy_per_h, _ACCEPTED_UNITS, "dose-rate volume")
-    values_f32 = values.astype(np.float32)
+    check_on_ct_frame(dose_rate_mgy_per_h, study, "dose-rate volume")
+    if dose_rate_mgy_per_h.units not in _ACCEPTED_UNITS:
+        raise ExportError(
+            f"dose-rate volume has units {dose_rate_mgy_per_h.units!r}; expected one of {sorted(_ACCEPTED_UNITS)}"
+        )
+    unit, factor = _ACCEPTED_UNITS[dose_rate_mgy_per_h.units]
+    per_mbq = unit is DOSE_RATE_PER_MBQ_UNIT
+    values_f32 = (np.asarray(dose_rate_mgy_per_h.array, dtype=np.float64) * factor).astype(np.float32)
     if not np.all(np.isfinite(values_f32)):
         raise ExportError("dose-rate values overflow float32")
     grid = dose_rate_mgy_per_h.grid
-    description = description or f"{study.administration.nuclide} dose rate ({method})"
+    description = description or (
+        f"{study.administration.nuclide} dose rate per MBq ({method})"
+        if per_mbq
+        else f"{study.administration.nuclide} dose rate ({method})"
+    )
     if len(description) > 64:
         raise ExportError(f"description must be at most 64 characters, got {len(description)}")
     sources = _source_images(study, grid, ct_datasets)
+    uid_parts = (method, options_key, content_digest, replaces.text() if replaces else "")
 
     created_at = created_at or dt.datetime.now()
     created_date, created_time = da_tm(created_at)
     maximum = float(values_f32.max())
+    marked = series_description(description, warnings, replaces)
     pmap = ParametricMap(
         source_images=sources,
         pixel_array=values_f32,
-        series_instance_uid=derive_uid("PM-series", study, method, options_key),
+        series_instance_uid=derive_uid("PM-series", study, *uid_parts),
         series_number=series_number,
-        sop_instance_uid=derive_uid("PM-instance", study, method, options_key),
+        sop_instance_uid=derive_uid("PM-instance", study, *uid_parts),
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=MANUFACTURER,
@@ -118,8 +164,10 @@ def build_dose_rate_map(
         real_world_value_mappings=[
             RealWorldValueMapping(
                 lut_label=_LUT_LABEL,
-                lut_explanation="Absorbed dose rate",
-                unit=DOSE_RATE_UNIT,
+                lut_explanation=(
+                    "Absorbed dose rate per MBq in the field of view" if per_mbq else "Absorbed dose rate"
+                ),
+                unit=unit,
                 value_range=(float(values_f32.min()), maximum),
                 slope=1.0,
                 intercept=0.0,
@@ -128,7 +176,8 @@ def build_dose_rate_map(
         voi_lut_transformations=[
             hd.VOILUTTransformation(window_center=maximum / 2, window_width=max(maximum, 1e-6))
         ],
-        content_description=description,
+        content_description=marked,
+        content_creator_name=_CONTENT_CREATOR,
         content_label=_LUT_LABEL,
         pixel_measures=hd.PixelMeasuresSequence(
             pixel_spacing=[grid.spacing_mm[1], grid.spacing_mm[2]],
@@ -142,7 +191,7 @@ def build_dose_rate_map(
             hd.PlanePositionSequence(_PATIENT, grid.index_to_lps_mm(np.array([k, 0, 0])))
             for k in range(grid.shape[0])
         ],
-        series_description=description,
+        series_description=marked,
         content_date=created_date,
         content_time=created_time,
         series_date=created_date,
@@ -151,9 +200,13 @@ def build_dose_rate_map(
     pmap.InstanceCreationDate = created_date
     pmap.InstanceCreationTime = created_time
     pmap.SpecificCharacterSet = "ISO_IR 192"
-    # General Series Laterality is Type 2C (paired body parts); the map covers the whole
-    # field of view, so it is present and empty, as a Type 2 value may be.
-    pmap.Laterality = ""
+    pmap.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [_frame_anatomy()]
+    # General Series Laterality (Type 2C) is not needed: Frame Laterality says "unpaired".
+    if "Laterality" in pmap:
+        del pmap.Laterality
+    comments = comments_text(provenance=provenance, warnings=warnings, replaces=replaces)
+    if comments:
+        pmap.ImageComments = comments
     # highdicom referenced only the CT images it was given; list every CT and NM instance
     # the map derives from, as the RT Dose does.
     pmap.SourceImageSequence = source_image_items(study)
@@ -161,8 +214,49 @@ def build_dose_rate_map(
     pmap.ReferencedSeriesSequence = same_study
     if other_studies:
         pmap.StudiesContainingOtherReferencedInstancesSequence = other_studies
-    _make_dimension_uid_deterministic(pmap, study, method, options_key)
+    _make_dimension_uid_deterministic(pmap, study, uid_parts)
+    _order_frames_along_normal(pmap)
     return pmap
+
+
+def _order_frames_along_normal(pmap: Dataset) -> None:
+    """Store frames in increasing position along the plane normal (row x column).
+
+    highdicom stacks a volume's frames along the negative normal; dcmqi 1.5.7
+    (``paramap2itkimage``, the converter 3D Slicer uses) then places every slice mirrored
+    about the volume centre while reporting the right origin. Frame order is free in a
+    Parametric Map, so the frames, their functional groups and the Dimension Index Values
+    of the position dimension are rewritten in increasing order along the normal, as in
+    the RT Dose (docs/rtdose.md).
+    """
+    orientation = np.asarray(
+        pmap.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient, dtype=float
+    )
+    normal = np.cross(orientation[:3], orientation[3:])
+    if len(pmap.DimensionIndexSequence) != 1:
+        raise ExportError("expected one (position) dimension in the map's Dimension Index Sequence")
+    frames = pmap.PerFrameFunctionalGroupsSequence
+    distances = np.array(
+        [np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, dtype=float) @ normal for f in frames]
+    )
+    order = np.argsort(distances, kind="stable")
+    if np.array_equal(order, np.arange(len(order))):
+        return
+    n_frames, rows, columns = len(frames), int(pmap.Rows), int(pmap.Columns)
+    pixels = np.frombuffer(pmap.FloatPixelData, dtype="<f4").reshape(n_frames, rows, columns)
+    pmap.FloatPixelData = np.ascontiguousarray(pixels[order]).tobytes()
+    pmap.PerFrameFunctionalGroupsSequence = [frames[int(k)] for k in order]
+    for rank, frame in enumerate(pmap.PerFrameFunctionalGroupsSequence, start=1):
+        frame.FrameContentSequence[0].DimensionIndexValues = rank
+
+
+def _frame_anatomy() -> Dataset:
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = _ANATOMIC_REGION
+    item = Dataset()
+    item.AnatomicRegionSequence = [code]
+    item.FrameLaterality = "U"
+    return item
 
 
 def _source_images(
@@ -214,11 +308,9 @@ def _source_images(
     return [stand_in]
 
 
-def _make_dimension_uid_deterministic(
-    pmap: Dataset, study: Study, method: str, options_key: str
-) -> None:
+def _make_dimension_uid_deterministic(pmap: Dataset, study: Study, uid_parts: tuple[str, ...]) -> None:
     """highdicom draws a random Dimension Organization UID; derive it like the others."""
-    uid = derive_uid("PM-dimensions", study, method, options_key)
+    uid = derive_uid("PM-dimensions", study, *uid_parts)
     for item in pmap.get("DimensionOrganizationSequence", []):
         item.DimensionOrganizationUID = uid
     for item in pmap.get("DimensionIndexSequence", []):
@@ -236,7 +328,7 @@ def write_dose_rate_map(
 
 
 def read_dose_rate_map(path: str | os.PathLike) -> Volume:
-    """A dose-rate Parametric Map as a Volume in mGy/h, Real World Value Mapping applied.
+    """A dose-rate Parametric Map as a Volume in mGy/h (or mGy/h/MBq), mapping applied.
 
     Frames are ordered along the plane normal (row x column direction).
 
@@ -256,15 +348,15 @@ def read_dose_rate_map(path: str | os.PathLike) -> Volume:
     mapping_item = shared if "RealWorldValueMappingSequence" in shared else per_frame[0]
     mappings = mapping_item.get("RealWorldValueMappingSequence", [])
     mapping = next(
-        (m for m in mappings if m.MeasurementUnitsCodeSequence[0].CodeValue in _ACCEPTED_UNITS),
+        (m for m in mappings if m.MeasurementUnitsCodeSequence[0].CodeValue in _READ_UNITS),
         None,
     )
     if mapping is None:
         units = [m.MeasurementUnitsCodeSequence[0].CodeValue for m in mappings]
         raise ExportError(
-            f"{path} has no Real World Value Mapping in {sorted(_ACCEPTED_UNITS)}, only {units}"
+            f"{path} has no Real World Value Mapping in {sorted(_READ_UNITS)}, only {units}"
         )
-    to_mgy_per_h = _ACCEPTED_UNITS[mapping.MeasurementUnitsCodeSequence[0].CodeValue]
+    units_read, to_mgy_per_h = _READ_UNITS[mapping.MeasurementUnitsCodeSequence[0].CodeValue]
     slope = float(mapping.get("RealWorldValueSlope", 1.0))
     intercept = float(mapping.get("RealWorldValueIntercept", 0.0))
 
@@ -297,4 +389,4 @@ def read_dose_rate_map(path: str | os.PathLike) -> Volume:
     )
     stored = dataset.pixel_array.reshape(grid.shape)[order]
     values = (stored.astype(np.float64) * slope + intercept) * to_mgy_per_h
-    return Volume(values, grid, "mGy/h")
+    return Volume(values, grid, units_read)

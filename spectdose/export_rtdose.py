@@ -8,10 +8,14 @@ references to the source series) live here too.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import enum
+import hashlib
 import json
 import os
+import re
+from collections.abc import Mapping, Sequence
 from decimal import ROUND_CEILING, Decimal, localcontext
 from pathlib import Path
 
@@ -27,6 +31,10 @@ from .study import SeriesRef, Study
 
 __all__ = [
     "ExportError",
+    "Replaces",
+    "replacements_from_summary",
+    "content_digest",
+    "series_description",
     "DoseUnits",
     "DoseType",
     "DoseSummationType",
@@ -91,17 +99,53 @@ DOSE_SUMMATION_TYPE = DoseSummationType.PLAN_OVERVIEW
 # Shared helpers (also used by export_pmap)
 
 
-def derive_uid(kind: str, study: Study, *parts: str) -> str:
-    """A UID that depends only on the source instances and ``parts`` (method, options).
+@dataclasses.dataclass(frozen=True)
+class Replaces:
+    """An earlier output series that this result corrects, and why (said in the new header).
 
-    A rerun on the same CT and NM instances with the same method and options yields the
-    same UID, so a PACS replaces the earlier object instead of filing a second series.
+    ``series_instance_uid`` is the earlier series of the *same kind* of object (the RT Dose
+    series for the RT Dose, the map's series for the map); ``reason`` is free text such as
+    ``"corrected administration time"``.
+    """
+
+    series_instance_uid: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        uid = self.series_instance_uid
+        if not (isinstance(uid, str) and len(uid) <= 64 and re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+", uid)):
+            raise ExportError(f"replaces: {self.series_instance_uid!r} is not a valid Series Instance UID")
+        if not self.reason.strip():
+            raise ExportError("replaces: give the reason for the correction")
+
+    def text(self) -> str:
+        return f"replaces {self.series_instance_uid} ({self.reason.strip()})"
+
+
+def replacements_from_summary(summary: Mapping, reason: str) -> dict[str, Replaces]:
+    """``{"rtdose": Replaces(...), "doserate": Replaces(...)}`` for the outputs an earlier
+    summary.json lists under ``uids``: what ``pipeline.run(..., replaces=)`` takes."""
+    return {
+        name: Replaces(uids["series_instance_uid"], reason)
+        for name, uids in (summary.get("uids") or {}).items()
+        if name in ("rtdose", "doserate")
+    }
+
+
+def derive_uid(kind: str, study: Study, *parts: str) -> str:
+    """A UID that depends only on the source instances, the software version and ``parts``.
+
+    ``parts`` carry everything else that changes the object: method, options and the
+    :func:`content_digest` of the inputs. A rerun on identical inputs yields the same UID
+    (an idempotent retry overwrites, never duplicates); any change in pixels, used header
+    facts, options, calibration, software or model version yields a new one.
     The inputs are serialised as JSON (pydicom concatenates entropy sources, which would
     make ``("DVK", "")`` and ``("DV", "K")`` collide) and instances are sorted, so the
     order in which ingest happened to list the files does not matter.
     """
     inputs = {
         "generator": "spectdose",
+        "software_version": software_version(),
         "kind": kind,
         "parts": list(parts),
         "ct": [study.ct_series.series_instance_uid, sorted(study.ct_series.sop_instance_uids)],
@@ -111,6 +155,98 @@ def derive_uid(kind: str, study: Study, *parts: str) -> str:
         ],
     }
     return str(generate_uid(entropy_srcs=[json.dumps(inputs, sort_keys=True)]))
+
+
+def content_digest(study: Study, facts: Mapping[str, object] | None = None) -> str:
+    """SHA-256 (hex) of everything in ``study`` that the outputs depend on, plus ``facts``.
+
+    Hashes the CT and SPECT arrays' bytes once (about 0.1 s per 100 MB), their grids and
+    units (the SPECT array is already calibrated, so the calibration is in it), the
+    calibration note, administration, acquisition time, patient/study attributes copied
+    into the outputs, and the source series. ``facts`` holds what the caller used on top:
+    options key, time facts actually used, model digest, an earlier series replaced.
+    Any change gives another digest, hence other output UIDs (see :func:`derive_uid`).
+    """
+    digest = hashlib.sha256()
+    for name, volume in (("ct", study.ct), ("spect", study.spect)):
+        array = np.ascontiguousarray(volume.array)
+        header = {
+            "name": name,
+            "dtype": array.dtype.str,
+            "shape": list(array.shape),
+            "units": volume.units,
+            "grid": _grid_facts(volume.grid),
+        }
+        digest.update(json.dumps(header, sort_keys=True).encode())
+        digest.update(array.data)
+    header_facts = {
+        "calibration": study.calibration_note,
+        "administration": dataclasses.asdict(study.administration),
+        "acquisition": study.acquisition_datetime,
+        "patient": dataclasses.asdict(study.patient),
+        "series": [
+            {**dataclasses.asdict(ref), "sop_instance_uids": sorted(ref.sop_instance_uids)}
+            for ref in (study.ct_series, study.spect_series)
+        ],
+        "facts": dict(facts or {}),
+    }
+    digest.update(json.dumps(header_facts, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _grid_facts(grid: Grid) -> dict:
+    return {
+        "shape": list(grid.shape),
+        "spacing_mm": list(grid.spacing_mm),
+        "origin_mm": list(grid.origin_mm),
+        "axes": np.asarray(grid.axes).round(9).tolist(),
+        "frame_of_reference_uid": grid.frame_of_reference_uid,
+    }
+
+
+def series_description(base: str, warnings: Sequence[str] = (), replaces: Replaces | None = None) -> str:
+    """``base`` with short markers that a PACS list shows: warnings and corrections (LO, 64).
+
+    The marker must survive, so ``base`` is shortened to make room for it.
+    """
+    markers = []
+    if replaces is not None:
+        markers.append("CORRECTED")
+    if warnings:
+        markers.append(f"{len(warnings)} WARNING" + ("S" if len(warnings) > 1 else ""))
+    suffix = f" [{', '.join(markers)}]" if markers else ""
+    return base[: 64 - len(suffix)].rstrip() + suffix
+
+
+def comments_text(
+    *,
+    provenance: Mapping[str, object] | None,
+    warnings: Sequence[str],
+    replaces: Replaces | None,
+    extra: Sequence[str] = (),
+) -> str:
+    """Free text (LT, at most 10240 characters) saying how the result was made and its caveats."""
+    parts = list(extra)
+    if replaces is not None:
+        parts.insert(0, replaces.text())
+    if provenance:
+        parts.append("made with " + ", ".join(f"{k}: {v}" for k, v in provenance.items() if v not in (None, "")))
+    parts.extend(f"WARNING: {w}" for w in warnings)
+    text = "; ".join(parts)
+    if len(text) > 10240:  # LT holds at most 10240 characters (PS3.5 6.2)
+        text = text[:10200] + " ... (see summary.json)"
+    return text
+
+
+def derivation_text(method: str, provenance: Mapping[str, object] | None, options_key: str = "") -> str:
+    """Derivation Description (ST, at most 1024 characters): method and how it was made."""
+    parts = [method]
+    if provenance:
+        parts.extend(f"{k}: {v}" for k, v in provenance.items() if v not in (None, ""))
+    elif options_key:
+        parts.append(options_key)
+    text = "; ".join(parts)
+    return text if len(text) <= 1024 else text[:1020] + " ..."
 
 
 def ct_frame_of_reference_uid(study: Study) -> str:
@@ -127,8 +263,13 @@ def ct_frame_of_reference_uid(study: Study) -> str:
     return uid
 
 
-def check_on_ct_grid(volume: Volume, study: Study, what: str) -> None:
-    """Refuse a volume that is not exactly on the CT's grid and frame of reference."""
+def check_on_ct_frame(volume: Volume, study: Study, what: str) -> None:
+    """Refuse a volume that is not on the CT's frame of reference, axes and field of view.
+
+    The volume may lie on the CT grid itself or on a coarser output grid built from it
+    (``--dose-grid``): same axes and frame of reference, its outer edges within half an
+    output voxel of the CT's field of view (see :func:`spectdose.export_grid.output_grid`).
+    """
     array = np.asarray(volume.array)
     if array.ndim != 3:
         raise ExportError(f"{what} must be a 3D array, got {array.ndim}D")
@@ -138,12 +279,23 @@ def check_on_ct_grid(volume: Volume, study: Study, what: str) -> None:
             f"{what} is on frame of reference {volume.grid.frame_of_reference_uid!r}, "
             f"not the CT's {ct_for!r}"
         )
-    if not volume.grid.same_as(study.ct.grid, tol_mm=_GRID_TOL_MM):
-        raise ExportError(
-            f"{what} grid (shape {volume.grid.shape}, spacing {volume.grid.spacing_mm} mm, "
-            f"origin {volume.grid.origin_mm} mm) is not the CT grid (shape {study.ct.grid.shape}, "
-            f"spacing {study.ct.grid.spacing_mm} mm, origin {study.ct.grid.origin_mm} mm)"
-        )
+    ct_grid = study.ct.grid
+    if not volume.grid.same_as(ct_grid, tol_mm=_GRID_TOL_MM):
+        if not np.allclose(volume.grid.axes, ct_grid.axes, atol=1e-6):
+            raise ExportError(f"{what} grid is not oriented like the CT (axes {volume.grid.axes.tolist()})")
+        offset = (np.asarray(volume.grid.origin_mm) - np.asarray(ct_grid.origin_mm)) @ ct_grid.axes.T
+        for a in range(3):
+            step, ct_step = volume.grid.spacing_mm[a], ct_grid.spacing_mm[a]
+            low, high = offset[a] - step / 2, offset[a] + (volume.grid.shape[a] - 0.5) * step
+            ct_low, ct_high = -ct_step / 2, (ct_grid.shape[a] - 0.5) * ct_step
+            slack = step / 2 + _GRID_TOL_MM
+            if low < ct_low - slack or high > ct_high + slack:
+                raise ExportError(
+                    f"{what} grid (shape {volume.grid.shape}, spacing {volume.grid.spacing_mm} mm, "
+                    f"origin {volume.grid.origin_mm} mm) is not the CT grid and reaches outside the "
+                    f"CT field of view (CT shape {ct_grid.shape}, spacing {ct_grid.spacing_mm} mm, "
+                    f"origin {ct_grid.origin_mm} mm)"
+                )
     if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
         raise ExportError(f"{what} must hold real numbers, got dtype {array.dtype}")
     n_bad = int(np.count_nonzero(~np.isfinite(array)))
@@ -323,21 +475,35 @@ def build_rtdose(
     method: str,
     description: str,
     options_key: str = "",
+    content_digest: str = "",
+    warnings: Sequence[str] = (),
+    provenance: Mapping[str, object] | None = None,
+    replaces: Replaces | None = None,
     bits: int = 32,
     series_number: int = 901,
     created_at: dt.datetime | None = None,
 ) -> Dataset:
-    """An RT Dose instance of ``dose_gy`` on the CT grid, referencing the CT and NM series.
+    """An RT Dose instance of ``dose_gy`` on the CT frame, referencing the CT and NM series.
 
     Parameters
     ----------
-    dose_gy : absorbed dose, units ``"Gy"`` (or ``"mGy"``, converted), on ``study.ct.grid``.
+    dose_gy : absorbed dose, units ``"Gy"`` (or ``"mGy"``, converted), on ``study.ct.grid``
+        or an output grid built from it (same axes and frame of reference, see
+        :func:`spectdose.export_grid.output_grid`).
     study : the source study; patient, study and series references are copied from it.
     method : short name of the dose method (e.g. ``"DVK"``), part of the UIDs.
-    description : Series Description and Dose Comment, e.g.
-        ``"Lu-177 absorbed dose (DVK, Hanscheid STP)"``; at most 64 characters.
+    description : Series Description, e.g. ``"Lu-177 absorbed dose (DVK, Hanscheid STP)"``;
+        at most 64 characters; markers for warnings and corrections are added (shortening it).
     options_key : everything else that changes the values (time-integration model,
         kernel, calibration...), part of the UIDs.
+    content_digest : :func:`content_digest` of the inputs; part of the UIDs, so a
+        recomputation with other input pixels or header facts is a new object.
+    warnings : caveats of this result; each is written to Image Comments and their count
+        to the Series Description and Dose Comment.
+    provenance : how the result was made (method, software, model digest, time model,
+        calibration...), written to Derivation Description and Image Comments.
+    replaces : the earlier RT Dose series this one corrects; said in the comments and
+        marked in the description; part of the UIDs.
     bits : 32 for the product; 16 only for validators that cannot read 32-bit pixels.
     series_number : Series Number of the new series.
     created_at : Instance Creation / Content date and time; defaults to now.
@@ -350,9 +516,9 @@ def build_rtdose(
     Raises
     ------
     ExportError
-        If the dose is not on the CT grid or frame of reference, has units other than Gy,
-        holds negative or non-finite values, if ``bits`` is not 16 or 32, or if the
-        description is empty or longer than 64 characters.
+        If the dose is not on the CT's frame of reference, axes and field of view, has units
+        other than Gy, holds negative or non-finite values, if ``bits`` is not 16 or 32, or if
+        the description is empty or longer than 64 characters.
     """
     if bits not in (16, 32):
         raise ExportError(f"bits must be 16 or 32, got {bits!r}")
@@ -362,7 +528,7 @@ def build_rtdose(
         raise ExportError(
             f"description must be 1-64 characters (Series Description, LO), got {len(description)}"
         )
-    check_on_ct_grid(dose_gy, study, "dose volume")
+    check_on_ct_frame(dose_gy, study, "dose volume")
     values_gy = converted_units(dose_gy, {"Gy": 1.0, "mGy": 1e-3}, "dose volume")
     frame_of_reference = ct_frame_of_reference_uid(study)
     grid = dose_gy.grid
@@ -383,7 +549,7 @@ def build_rtdose(
 
     created_at = created_at or dt.datetime.now()
     created_date, created_time = da_tm(created_at)
-    uid_parts = (method, options_key, f"bits={bits}")
+    uid_parts = (method, options_key, content_digest, replaces.text() if replaces else "", f"bits={bits}")
     series_uid = derive_uid("RTDOSE-series", study, *uid_parts)
     sop_uid = derive_uid("RTDOSE-instance", study, *uid_parts)
 
@@ -402,7 +568,7 @@ def build_rtdose(
     out.SeriesNumber = series_number
     out.SeriesDate = created_date
     out.SeriesTime = created_time
-    out.SeriesDescription = description
+    out.SeriesDescription = series_description(description, warnings, replaces)
     out.OperatorsName = ""
     # Frame of Reference
     out.FrameOfReferenceUID = frame_of_reference
@@ -417,7 +583,7 @@ def build_rtdose(
     out.ContentDate = created_date
     out.ContentTime = created_time
     out.ImageType = ["DERIVED", "SECONDARY"]
-    out.DerivationDescription = f"{method}; {options_key}"[:1024] if options_key else method
+    out.DerivationDescription = derivation_text(method, provenance, options_key)
     # Image Plane
     out.PixelSpacing = [ds(grid.spacing_mm[1]), ds(grid.spacing_mm[2])]
     out.ImageOrientationPatient = [ds(v) for v in (*grid.axes[2], *grid.axes[1])]
@@ -438,8 +604,13 @@ def build_rtdose(
     # RT Dose
     out.DoseUnits = DoseUnits.GY.value
     out.DoseType = DoseType.PHYSICAL.value
-    out.DoseComment = description
-    out.ImageComments = _image_comments(study, method, options_key)
+    out.DoseComment = out.SeriesDescription
+    out.ImageComments = comments_text(
+        provenance=provenance,
+        warnings=warnings,
+        replaces=replaces,
+        extra=_intake_comments(study, method, options_key, with_time=provenance is None),
+    )
     out.DoseSummationType = DOSE_SUMMATION_TYPE.value
     out.PlanOverviewSequence = [_plan_overview_item(study)]
     out.GridFrameOffsetVector = [ds(v) for v in offsets_mm]
@@ -464,8 +635,11 @@ def build_rtdose(
     return out
 
 
-def _image_comments(study: Study, method: str, options_key: str) -> str:
-    """Free text (LT) with what a reader needs to interpret the dose: method, options, intake."""
+def _intake_comments(study: Study, method: str, options_key: str, *, with_time: bool) -> list[str]:
+    """What a reader needs to interpret the dose: method, options, intake.
+
+    The header's administration time is left out when the provenance states the one used.
+    """
     adm = study.administration
     parts = [f"method: {method}"]
     if options_key:
@@ -475,10 +649,10 @@ def _image_comments(study: Study, method: str, options_key: str) -> str:
         intake += f" ({adm.radiopharmaceutical})"
     if adm.injected_activity_bq:
         intake += f", {adm.injected_activity_bq / 1e6:.1f} MBq"
-    if adm.administration_datetime is not None:
+    if with_time and adm.administration_datetime is not None:
         intake += f", administered {adm.administration_datetime.isoformat(timespec='minutes')}"
     parts.append(f"administration: {intake}")
-    return "; ".join(parts)[:10240]  # LT holds at most 10240 characters (PS3.5 6.2)
+    return parts
 
 
 def _plan_overview_item(study: Study) -> Dataset:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +21,7 @@ from . import __version__
 from .density import hu_to_density, load_curve
 from .dose import dvk_dose_rate, time_integration_factor_s
 from .errors import InputError
+from .export_rtdose import Replaces
 from .geometry import Volume, register_rigid, resample_to_grid
 from .ingest import CameraCalibration, load_study
 from .kernels import get_kernel
@@ -353,9 +354,19 @@ def run(
     options: DoseOptions | None = None,
     *,
     progress: ProgressCallback | None = None,
+    replaces: Mapping[str, Replaces] | None = None,
 ) -> DoseResult:
-    """Read a SPECT/CT study, compute dose rate and absorbed dose, write DICOM + summary."""
-    from .export import write_dose_rate_map, write_rtdose
+    """Read a SPECT/CT study, compute dose rate and absorbed dose, write DICOM + summary.
+
+    ``replaces`` says which earlier output series this run corrects, by output name:
+    ``{"rtdose": Replaces(old_rtdose_series_uid, "corrected administration time"),
+    "doserate": Replaces(old_map_series_uid, ...)}`` (``export.replacements_from_summary``
+    builds it from the earlier summary.json). The new series' description is marked
+    CORRECTED and its comments say "replaces <UID> (<reason>)". Output UIDs derive from
+    the inputs' content, options, software and model version (and ``replaces``), so an
+    identical retry gives the same UIDs and any change gives new ones; summary.json
+    lists them under ``uids``.
+    """
 
     options = options or DoseOptions()
     out_dir = Path(out_dir)
@@ -413,23 +424,12 @@ def run(
     lap("dose_rate")
 
     _note(progress, "export", 0.85)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    outputs: dict[str, Path] = {}
-    rate_mgy_per_h = Volume(rate.array * np.float32(3.6e6), rate.grid, "mGy/h")
-    outputs["doserate"] = write_dose_rate_map(
-        out_dir / OUTPUT_NAMES["doserate"], rate_mgy_per_h, study, method=options.method, options_key=options.key()
-    )
-    dose = None
-    if integrate:
-        dose = Volume(rate.array * np.float32(factor_s), rate.grid, "Gy")
-        outputs["rtdose"] = write_rtdose(
-            out_dir / OUTPUT_NAMES["rtdose"],
-            dose,
-            study,
-            method=options.method,
-            description=f"Lu-177 absorbed dose ({options.method.upper()}, {options.time_model})",
-            options_key=options.key(),
-        )
+    rate_mgy_per_h = Volume(rate.array * np.float32(3.6e6), rate.grid, "mGy/h" if integrate else "mGy/h/MBq")
+    dose = Volume(rate.array * np.float32(factor_s), rate.grid, "Gy") if integrate else None
+    time_facts = {"administration": administration, "acquisition": study.acquisition_datetime, "hours": hours,
+                  "integration_factor_s": factor_s}
+    outputs, export_info = _export(out_dir, rate_mgy_per_h, dose, study, options, rate_info, time_facts, warnings,
+                                   replaces or {})
     lap("export")
 
     tissue = density.array >= 0.1
@@ -451,8 +451,12 @@ def run(
         "geometry": {
             "ct": _grid_summary(study.ct.grid),
             "spect": _grid_summary(study.spect.grid),
-            "output_grid": "CT",
+            "output_grid": export_info["output_grid"],
         },
+        "provenance": export_info["provenance"],
+        "content_sha256": export_info["content_sha256"],
+        "uids": export_info["uids"],
+        "replaces": export_info["replaces"],
         "activity": {
             "units": study.spect.units,
             "calibration": study.calibration_note,
@@ -496,6 +500,87 @@ def run(
     outputs["summary_txt"].write_text(format_summary(summary))
     _note(progress, "done", 1.0)
     return DoseResult(study, rate, dose, outputs, summary)
+
+
+def _export(
+    out_dir: Path,
+    rate_mgy_per_h: Volume,
+    dose_gy: Volume | None,
+    study: Study,
+    options: DoseOptions,
+    rate_info: dict,
+    time_facts: dict,
+    warnings: list[str],
+    replaces: Mapping[str, Replaces],
+) -> tuple[dict[str, Path], dict]:
+    """Write the dose-rate map and RT Dose on the chosen output grid; UIDs from the content."""
+    from .export import (
+        average_onto_grid,
+        content_digest,
+        grid_for_option,
+        write_dose_rate_map,
+        write_rtdose,
+    )
+
+    unknown = sorted(set(replaces) - {"rtdose", "doserate"})
+    if unknown:
+        raise InputError(f"replaces: unknown output(s) {unknown}; use rtdose and/or doserate")
+    grid = grid_for_option(study.ct.grid, study.spect.grid, options.dose_grid, dose_grid_spacing_mm(options.dose_grid))
+    model_sha256 = rate_info.get("network", {}).get("weights_sha256")
+    hours, factor_s = time_facts["hours"], time_facts["integration_factor_s"]
+    provenance = {
+        "method": options.method.upper() + (f" ({rate_info['network']['name']})" if "network" in rate_info else ""),
+        "software": f"spectdose {__version__}",
+        "model_sha256": model_sha256,
+        "time_model": (
+            f"{options.time_model}, t = {hours:.2f} h, integration factor {factor_s / 3600:.4g} h"
+            if factor_s
+            else "none (dose rate only)"
+        ),
+        "administration": time_facts["administration"].isoformat() if time_facts["administration"] else None,
+        "acquisition": time_facts["acquisition"].isoformat() if time_facts["acquisition"] else None,
+        "calibration": study.calibration_note,
+        "density_curve": options.density_curve,
+        "dose_grid": "CT" if grid is study.ct.grid else "x".join(f"{s:g}" for s in grid.spacing_mm) + " mm",
+    }
+    digest = content_digest(
+        study,
+        {"options": options.key(), "time": time_facts, "model_sha256": model_sha256, "warnings": warnings,
+         "replaces": {k: r.text() for k, r in sorted(replaces.items())}},
+    )
+    provenance["inputs_sha256"] = digest[:16]
+    common = dict(method=options.method, options_key=options.key(), content_digest=digest, warnings=warnings,
+                  provenance=provenance)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = {
+        "doserate": write_dose_rate_map(out_dir / OUTPUT_NAMES["doserate"], average_onto_grid(rate_mgy_per_h, grid),
+                                        study, replaces=replaces.get("doserate"), **common)
+    }
+    if dose_gy is not None:
+        outputs["rtdose"] = write_rtdose(
+            out_dir / OUTPUT_NAMES["rtdose"],
+            average_onto_grid(dose_gy, grid),
+            study,
+            description=f"{study.administration.nuclide} absorbed dose ({options.method.upper()}, {options.time_model})",
+            replaces=replaces.get("rtdose"),
+            **common,
+        )
+    info = {
+        "output_grid": {"name": provenance["dose_grid"], **_grid_summary(grid),
+                        "bytes_per_object": int(np.prod(grid.shape)) * 4},
+        "provenance": provenance,
+        "content_sha256": digest,
+        "uids": {name: _output_uids(path) for name, path in outputs.items()},
+        "replaces": {k: {"series_instance_uid": r.series_instance_uid, "reason": r.reason} for k, r in replaces.items()},
+    }
+    return outputs, info
+
+
+def _output_uids(path: Path) -> dict:
+    import pydicom
+
+    header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPInstanceUID"])
+    return {"series_instance_uid": header.SeriesInstanceUID, "sop_instance_uid": header.SOPInstanceUID}
 
 
 def _json_default(obj):

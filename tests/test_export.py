@@ -11,7 +11,9 @@ import datetime as dt
 import re
 import shutil
 import subprocess
+import sys
 from decimal import Decimal
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -25,9 +27,13 @@ from spectdose.export import (
     PARAMETRIC_MAP_STORAGE,
     RT_DOSE_STORAGE,
     ExportError,
+    Replaces,
+    average_onto_grid,
     build_dose_rate_map,
     build_rtdose,
+    content_digest,
     dose_grid_scaling_ds,
+    output_grid,
     read_dose_rate_map,
     read_rtdose,
     write_dose_rate_map,
@@ -38,6 +44,10 @@ from spectdose.study import Administration, PatientInfo, SeriesRef, Study
 
 DCIODVFY = shutil.which("dciodvfy", path="/usr/bin") or shutil.which("dciodvfy")
 PLASTIMATCH = shutil.which("plastimatch", path="/usr/bin") or shutil.which("plastimatch")
+# dcmqi's converter comes with `pip install dcmqi` (the dev extra), next to this Python.
+PARAMAP2ITKIMAGE = shutil.which("paramap2itkimage", path=str(Path(sys.executable).parent)) or shutil.which(
+    "paramap2itkimage"
+)
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 NM_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
 UINT32_MAX = 2**32 - 1
@@ -57,9 +67,6 @@ KNOWN_WARNINGS = [
     r"Extended SOP Class",
     # Parametric Map: highdicom's Derived Pixel Contrast QUANTITY is newer than this build.
     r"Unrecognized defined term <QUANTITY> for value 4 of attribute <(Image|Frame) Type>",
-    # Laterality is left empty (whole field of view, body part unknown): a Type 2C value
-    # that dciodvfy asks for when Body Part Examined is absent.
-    r"is only permitted to be empty when actually unknown.*attribute <Laterality>",
 ]
 
 
@@ -217,6 +224,9 @@ needs_dciodvfy = pytest.mark.skipif(
 )
 needs_plastimatch = pytest.mark.skipif(
     PLASTIMATCH is None, reason="plastimatch (Debian) not installed"
+)
+needs_dcmqi = pytest.mark.skipif(
+    PARAMAP2ITKIMAGE is None, reason="dcmqi not installed (pip install dcmqi; in the dev extra)"
 )
 
 
@@ -547,11 +557,15 @@ def test_refuses_dose_on_another_frame_of_reference(dose, study):
         _rtdose(Volume(dose.array, elsewhere, "Gy"), study)
 
 
-def test_refuses_dose_off_the_ct_grid(dose, study):
-    shifted = dataclasses.replace(dose.grid, origin_mm=(-101.3, -87.25, 413.75))
+def test_refuses_dose_reaching_outside_the_ct_field_of_view(dose, study):
+    # More than half a voxel (2.5 mm slices) past the CT's last slice.
+    shifted = dataclasses.replace(dose.grid, origin_mm=(-101.3, -87.25, 414.0))
+    tilted = dataclasses.replace(dose.grid, axes=_axes("ffp"))
 
-    with pytest.raises(ExportError, match="not the CT grid"):
+    with pytest.raises(ExportError, match="outside the CT field of view"):
         _rtdose(Volume(dose.array, shifted, "Gy"), study)
+    with pytest.raises(ExportError, match="not oriented like the CT"):
+        _rtdose(Volume(dose.array, tilted, "Gy"), study)
 
 
 @pytest.mark.parametrize(
@@ -734,3 +748,531 @@ def test_parametric_map_refuses_bad_input(study):
         build_dose_rate_map(Volume(rate.array, rate.grid, "Gy"), study, method="DVK")
     with pytest.raises(ExportError, match="not the study's CT series"):
         build_dose_rate_map(rate, study, method="DVK", ct_datasets=foreign)
+
+
+# --------------------------------------------------------------------------------------
+# Every distinct result is a distinct object: UIDs from the content
+
+
+def _changed_spect_pixel(study: Study) -> Study:
+    spect = study.spect.array.copy()
+    spect[4, 5, 6] += 1.0
+    return dataclasses.replace(study, spect=Volume(spect, study.spect.grid, study.spect.units))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        _changed_spect_pixel,
+        lambda s: dataclasses.replace(
+            s, ct=Volume(s.ct.array + np.int16(1), s.ct.grid, s.ct.units)
+        ),
+        lambda s: dataclasses.replace(
+            s,
+            administration=dataclasses.replace(
+                s.administration, administration_datetime=dt.datetime(2024, 3, 3, 9, 0)
+            ),
+        ),
+        lambda s: dataclasses.replace(s, acquisition_datetime=dt.datetime(2024, 3, 5, 11, 0)),
+        lambda s: dataclasses.replace(s, calibration_note="sensitivity 12.3 cps/MBq"),
+        lambda s: dataclasses.replace(
+            s, patient=dataclasses.replace(s.patient, patient_name="Doe^Janet")
+        ),
+    ],
+    ids=["spect-pixel", "ct-pixels", "administration", "acquisition", "calibration", "patient"],
+)
+def test_any_change_in_the_inputs_gives_new_uids(dose, study, change):
+    changed = change(study)
+
+    digest = content_digest(study, {"options": "x"})
+    assert content_digest(study, {"options": "x"}) == digest  # identical inputs: same digest
+    assert content_digest(changed, {"options": "x"}) != digest
+    first = _rtdose(dose, study, content_digest=digest)
+    again = _rtdose(dose, study, content_digest=content_digest(study, {"options": "x"}))
+    other = _rtdose(dose, changed, content_digest=content_digest(changed, {"options": "x"}))
+    assert (again.SeriesInstanceUID, again.SOPInstanceUID) == (first.SeriesInstanceUID, first.SOPInstanceUID)
+    assert other.SeriesInstanceUID != first.SeriesInstanceUID
+    assert other.SOPInstanceUID != first.SOPInstanceUID
+
+
+def test_facts_the_caller_used_enter_the_digest(study):
+    base = content_digest(study, {"options": "x", "hours": 32.9})
+
+    assert content_digest(study, {"options": "x", "hours": 8.9}) != base
+    assert content_digest(study, {"options": "y", "hours": 32.9}) != base
+
+
+def test_a_new_software_version_gives_new_uids(dose, study, monkeypatch):
+    import spectdose
+
+    before = _rtdose(dose, study)
+    pm_before = build_dose_rate_map(_dose_rate(study), study, method="DVK")
+    monkeypatch.setattr(spectdose, "__version__", spectdose.__version__ + ".post1")
+    after = _rtdose(dose, study)
+    pm_after = build_dose_rate_map(_dose_rate(study), study, method="DVK")
+
+    assert after.SOPInstanceUID != before.SOPInstanceUID
+    assert after.SeriesInstanceUID != before.SeriesInstanceUID
+    assert pm_after.SOPInstanceUID != pm_before.SOPInstanceUID
+    assert after.SoftwareVersions == spectdose.__version__
+
+
+# --------------------------------------------------------------------------------------
+# Warnings, provenance and corrections travel in the objects
+
+WARNINGS = [
+    "a Radiopharmaceutical Start Time without a date was taken on the acquisition day",
+    "3.2 % of the SPECT activity lies outside the CT field of view",
+]
+PROVENANCE = {
+    "method": "CNN (DblurDoseNet)",
+    "software": "spectdose 9.9",
+    "model_sha256": "ab12" * 16,
+    "time_model": "hanscheid, t = 32.90 h",
+    "calibration": "Real World Value Mapping (Bq/ml)",
+}
+OLD_SERIES = "1.2.826.0.1.3680043.8.498.1234567890"
+
+
+def test_rtdose_carries_warnings_provenance_and_what_it_replaces(dose, study):
+    plain = _rtdose(dose, study)
+    ds = _rtdose(
+        dose,
+        study,
+        warnings=WARNINGS,
+        provenance=PROVENANCE,
+        replaces=Replaces(OLD_SERIES, "corrected administration date"),
+    )
+
+    assert ds.SeriesDescription.endswith("[CORRECTED, 2 WARNINGS]")
+    assert len(ds.SeriesDescription) <= 64 and ds.DoseComment == ds.SeriesDescription
+    assert ds.SeriesDescription.startswith(DESCRIPTION[:20])
+    assert f"replaces {OLD_SERIES} (corrected administration date)" in ds.ImageComments
+    for warning in WARNINGS:
+        assert f"WARNING: {warning}" in ds.ImageComments
+    for value in PROVENANCE.values():
+        assert value in ds.DerivationDescription and value in ds.ImageComments
+    # A correction is a new object, even of identical numbers.
+    assert ds.SeriesInstanceUID != plain.SeriesInstanceUID
+    assert plain.SeriesDescription == DESCRIPTION and "WARNING" not in plain.ImageComments
+
+
+def test_parametric_map_carries_warnings_provenance_and_what_it_replaces(study):
+    pm = build_dose_rate_map(
+        _dose_rate(study),
+        study,
+        method="DVK",
+        warnings=WARNINGS[:1],
+        provenance=PROVENANCE,
+        replaces=Replaces(OLD_SERIES, "new calibration"),
+    )
+
+    assert pm.SeriesDescription.endswith("[CORRECTED, 1 WARNING]")
+    assert pm.ContentDescription == pm.SeriesDescription
+    assert f"replaces {OLD_SERIES} (new calibration)" in pm.ImageComments
+    assert f"WARNING: {WARNINGS[0]}" in pm.ImageComments
+    assert PROVENANCE["model_sha256"] in pm.ImageComments
+
+
+@pytest.mark.parametrize("uid, reason", [("not-a-uid", "x"), (OLD_SERIES, "  ")])
+def test_replaces_needs_a_uid_and_a_reason(uid, reason):
+    with pytest.raises(ExportError, match="replaces"):
+        Replaces(uid, reason)
+
+
+# --------------------------------------------------------------------------------------
+# The Parametric Map opens everywhere
+
+
+def test_parametric_map_has_frame_anatomy_and_content_creator(study):
+    pm = build_dose_rate_map(_dose_rate(study), study, method="DVK")
+
+    anatomy = pm.SharedFunctionalGroupsSequence[0].FrameAnatomySequence[0]
+    assert anatomy.FrameLaterality == "U"
+    region = anatomy.AnatomicRegionSequence[0]
+    assert (region.CodeValue, region.CodingSchemeDesignator) == ("38266002", "SCT")
+    assert str(pm.ContentCreatorName)
+    assert "Laterality" not in pm
+
+
+def test_normalised_map_is_coded_per_mbq(tmp_path, study):
+    rate = _dose_rate(study)
+    per_mbq = Volume(rate.array, rate.grid, "mGy/h/MBq")
+
+    path = write_dose_rate_map(tmp_path / "pm.dcm", per_mbq, study, method="DVK")
+    ds = pydicom.dcmread(path)
+    back = read_dose_rate_map(path)
+
+    mapping = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    unit = mapping.MeasurementUnitsCodeSequence[0]
+    assert (unit.CodeValue, unit.CodingSchemeDesignator) == ("mGy/h/MBq", "UCUM")
+    assert "per MBq" in mapping.LUTExplanation and "per MBq" in ds.SeriesDescription
+    assert back.units == "mGy/h/MBq"
+    np.testing.assert_allclose(back.array.max(), rate.array.max(), rtol=1e-6)
+
+
+def test_highdicom_reads_the_parametric_map(tmp_path, study):
+    import highdicom as hd
+
+    rate = _dose_rate(study)
+    path = write_dose_rate_map(tmp_path / "pm.dcm", rate, study, method="DVK")
+
+    pm = hd.pm.ParametricMap.from_dataset(pydicom.dcmread(path))
+
+    assert pm.SOPInstanceUID == pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+    np.testing.assert_allclose(np.sort(pm.pixel_array.ravel()), np.sort(rate.array.ravel()), rtol=1e-6)
+
+
+def _dcmqi_convert(path, out_dir) -> tuple[sitk.Image, dict]:
+    import json
+
+    out_dir.mkdir()
+    result = subprocess.run(
+        [PARAMAP2ITKIMAGE, "--inputDICOM", str(path), "--outputDirectory", str(out_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    images = list(out_dir.glob("*.nrrd"))
+    assert len(images) == 1, f"dcmqi wrote {sorted(p.name for p in out_dir.iterdir())}"
+    return sitk.ReadImage(str(images[0])), json.loads((out_dir / "meta.json").read_text())
+
+
+@needs_dcmqi
+@pytest.mark.parametrize("orientation", ["hfs", "ffp", "hfs_head_to_foot"])
+def test_dcmqi_converts_the_map_and_simpleitk_reads_it_on_the_ct_geometry(tmp_path, orientation):
+    # 3D Slicer imports Parametric Maps with dcmqi; GDCM (SimpleITK, plastimatch) has no
+    # reader for Parametric Map Storage, so SimpleITK reads dcmqi's image (docs/rtdose.md).
+    study = make_study(orientation)
+    rate = _dose_rate(study)
+    path = write_dose_rate_map(tmp_path / "pm.dcm", rate, study, method="DVK", warnings=WARNINGS)
+    ct_image = read_ct_series_with_sitk(study, tmp_path / "ct")
+
+    image, meta = _dcmqi_convert(path, tmp_path / "dcmqi")
+
+    assert image.GetSize() == ct_image.GetSize()
+    np.testing.assert_allclose(image.GetOrigin(), ct_image.GetOrigin(), atol=0.01)
+    np.testing.assert_allclose(image.GetSpacing(), ct_image.GetSpacing(), atol=0.01)
+    np.testing.assert_allclose(image.GetDirection(), ct_image.GetDirection(), atol=1e-6)
+    read = Volume.from_sitk(image, "mGy/h")
+    assert read.array.max() == pytest.approx(rate.array.max(), rel=1e-3)
+    assert_same_voxels(read, rate, rtol=1e-3)
+    assert meta["MeasurementUnitsCode"]["CodeValue"] == "mGy/h"
+    assert meta["AnatomicRegionSequence"]["CodeValue"] == "38266002"
+
+
+@needs_dcmqi
+def test_dcmqi_keeps_the_per_mbq_unit(tmp_path, study):
+    rate = _dose_rate(study)
+    path = write_dose_rate_map(
+        tmp_path / "pm.dcm", Volume(rate.array, rate.grid, "mGy/h/MBq"), study, method="DVK"
+    )
+
+    image, meta = _dcmqi_convert(path, tmp_path / "dcmqi")
+
+    assert meta["MeasurementUnitsCode"]["CodeValue"] == "mGy/h/MBq"
+    assert float(sitk.GetArrayViewFromImage(image).max()) == pytest.approx(rate.array.max(), rel=1e-3)
+
+
+@needs_dcmqi
+@needs_plastimatch
+def test_plastimatch_converts_dcmqis_image_of_the_map(tmp_path, study):
+    rate = _dose_rate(study)
+    path = write_dose_rate_map(tmp_path / "pm.dcm", rate, study, method="DVK")
+    _dcmqi_convert(path, tmp_path / "dcmqi")
+    (nrrd,) = (tmp_path / "dcmqi").glob("*.nrrd")
+    out = tmp_path / "pm.mha"
+
+    result = subprocess.run(
+        [PLASTIMATCH, "convert", "--input", str(nrrd), "--output-img", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    read = Volume.from_sitk(sitk.ReadImage(str(out)), "mGy/h")
+    read.array = read.array.astype(np.float64)
+    assert_same_voxels(read, rate, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------------------
+# Output grid (--dose-grid spect|MM)
+
+
+@pytest.mark.parametrize("spacing_mm", [3.0, 4.8, 0.9])
+def test_output_grid_covers_the_ct_field_of_view_on_its_axes(study, spacing_mm):
+    ct = study.ct.grid
+
+    grid = output_grid(ct, (spacing_mm,) * 3)
+
+    assert grid.frame_of_reference_uid == ct.frame_of_reference_uid
+    np.testing.assert_allclose(grid.axes, ct.axes)
+    ct_lo, ct_hi = ct.corners_lps_mm().min(axis=0), ct.corners_lps_mm().max(axis=0)
+    lo, hi = grid.corners_lps_mm().min(axis=0), grid.corners_lps_mm().max(axis=0)
+    assert np.all(lo <= ct_lo + 1e-6) and np.all(hi >= ct_hi - 1e-6), "must cover the CT"
+    assert np.all(ct_lo - lo < spacing_mm / 2) and np.all(hi - ct_hi < spacing_mm / 2)
+    # centred on the CT
+    np.testing.assert_allclose((lo + hi) / 2, (ct_lo + ct_hi) / 2, atol=1e-6)
+
+
+def test_same_spacing_gives_the_ct_grid_back(study):
+    ct = study.ct.grid
+
+    assert output_grid(ct, ct.spacing_mm).same_as(ct, tol_mm=1e-6)
+
+
+def test_averaging_onto_a_coarser_grid_is_the_block_mean(study):
+    # Spacing exactly 2 x the CT's in every axis: each output voxel is a 2 x 2 x 2 block.
+    ct = study.ct.grid
+    rng = np.random.default_rng(1)
+    values = Volume(rng.random(ct.shape), ct, "Gy")
+    grid = output_grid(ct, tuple(2 * s for s in ct.spacing_mm))
+
+    averaged = average_onto_grid(values, grid)
+
+    blocks = values.array.reshape(8, 2, 10, 2, 12, 2).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(averaged.array, blocks, rtol=1e-5)
+    assert averaged.units == "Gy" and averaged.grid is grid
+
+
+def test_averaging_keeps_a_uniform_dose_and_the_integral(study):
+    ct = study.ct.grid
+    grid = output_grid(ct, (3.0, 3.0, 3.0))  # not a multiple of any CT spacing
+    uniform = Volume(np.full(ct.shape, 2.5), ct, "Gy")
+    dose = dose_pattern_gy(study)
+
+    np.testing.assert_allclose(average_onto_grid(uniform, grid).array, 2.5, rtol=1e-6)
+    averaged = average_onto_grid(dose, grid)
+    # Interior voxels (fully inside the CT) conserve the dose integral; edge voxels average
+    # only the part inside, so compare the integral of a field that is zero at the edges.
+    assert averaged.array.max() <= dose.array.max() + 1e-9
+    k, j, i = np.indices(ct.shape)
+    inner = np.where((k > 2) & (k < 13) & (j > 2) & (j < 17) & (i > 3) & (i < 20), dose.array, 0.0)
+    inner_avg = average_onto_grid(Volume(inner, ct, "Gy"), grid)
+    assert inner_avg.array.sum() * grid.voxel_volume_ml == pytest.approx(
+        inner.sum() * ct.voxel_volume_ml, rel=1e-5
+    )
+
+
+@pytest.mark.parametrize("orientation", ["hfs", "hfs_head_to_foot", "oblique"])
+def test_rtdose_and_map_on_a_3_mm_grid_read_back_in_place(tmp_path, orientation):
+    study = make_study(orientation)
+    grid = output_grid(study.ct.grid, (3.0, 3.0, 3.0))
+    dose = average_onto_grid(dose_pattern_gy(study), grid)
+    rate = average_onto_grid(_dose_rate(study), grid)
+
+    dose_path = write_rtdose(tmp_path / "d.dcm", dose, study, method="DVK", description=DESCRIPTION)
+    rate_path = write_dose_rate_map(tmp_path / "p.dcm", rate, study, method="DVK")
+
+    assert_same_voxels(read_rtdose(dose_path), dose)
+    assert_same_voxels(read_dose_rate_map(rate_path), rate, rtol=1e-6)
+    image = sitk.ReadImage(str(dose_path))
+    assert image.GetSize() == grid.shape[::-1]
+    np.testing.assert_allclose(image.GetSpacing(), (3.0, 3.0, 3.0), atol=1e-6)
+    assert pydicom.dcmread(dose_path, stop_before_pixels=True).FrameOfReferenceUID == (
+        study.ct.grid.frame_of_reference_uid
+    )
+
+
+@needs_dciodvfy
+def test_dciodvfy_finds_no_error_on_a_coarse_grid_with_warnings_and_corrections(tmp_path, study):
+    grid = output_grid(study.ct.grid, (3.0, 3.0, 3.0))
+    kwargs = dict(
+        method="DVK",
+        warnings=WARNINGS,
+        provenance=PROVENANCE,
+        replaces=Replaces(OLD_SERIES, "corrected administration date"),
+    )
+    dose_path = write_rtdose(
+        tmp_path / "d16.dcm",
+        average_onto_grid(dose_pattern_gy(study), grid),
+        study,
+        description=DESCRIPTION,
+        bits=16,
+        **kwargs,
+    )
+    rate = average_onto_grid(_dose_rate(study), grid)
+    map_path = write_dose_rate_map(
+        tmp_path / "pm.dcm", Volume(rate.array, grid, "mGy/h/MBq"), study, **kwargs
+    )
+
+    for path in (dose_path, map_path):
+        errors, unexpected_warnings = dciodvfy(path)
+        assert errors == [] and unexpected_warnings == [], path.name
+
+
+# --------------------------------------------------------------------------------------
+# Through pipeline.run: UIDs, warnings, corrections and the dose grid end to end.
+# The dose-rate engine is replaced by a linear stand-in (dose rate proportional to the
+# activity on the CT grid): these tests are about what reaches the files, not the physics
+# (tests/test_pipeline.py runs the real engine).
+
+_GY_PER_S_PER_BQ_ML = 2e-9
+
+
+def _stand_in_dose_rate(activity_bq_per_ml, density_g_cm3, *, options):
+    rate = np.asarray(activity_bq_per_ml.array, dtype=np.float32) * np.float32(_GY_PER_S_PER_BQ_ML)
+    return Volume(rate, activity_bq_per_ml.grid, "Gy/s"), {"kernel": {"shape": [], "stand_in": True}}
+
+
+@pytest.fixture
+def stand_in_engine(monkeypatch):
+    import spectdose.pipeline
+
+    monkeypatch.setattr(spectdose.pipeline, "compute_dose_rate", _stand_in_dose_rate)
+
+
+def _write_study(root, *, nm_first_voxel_mm=(-22.0, -18.0, -14.0)):
+    """A small quantitative SPECT/CT: 16 x 20 x 24 CT, 4 mm SPECT in Bq/ml, 71.5 h after
+    administration (inside the Hänscheid model's range)."""
+    from . import dicom_factory as f
+
+    ids = f.StudyIds()
+    f.write_ct_series(
+        root / "CT", ids, f.smooth_hu((16, 20, 24)), spacing_mm=(5.0, 2.0, 2.5), origin_mm=(-30.0, -20.0, -40.0)
+    )
+    f.write_nm_recon(
+        root / "NM" / "nm.dcm",
+        ids,
+        f.blob_counts((8, 10, 12)),
+        spacing_mm=(4.0, 4.0, 4.0),
+        first_voxel_mm=nm_first_voxel_mm,
+        rwvm=(2.5, 0.0),
+        admin_datetime="20240302100000",
+    )
+    return root
+
+
+def _run(study_dir, out, **options):
+    from spectdose.pipeline import DoseOptions, run
+
+    replaces = options.pop("replaces", None)
+    return run(study_dir, out, DoseOptions(**options), replaces=replaces)
+
+
+def _uids(result) -> dict:
+    return {
+        name: (uids["series_instance_uid"], uids["sop_instance_uid"])
+        for name, uids in result.summary["uids"].items()
+    }
+
+
+def _edit_nm(study_dir, edit):
+    (path,) = (study_dir / "NM").glob("*.dcm")
+    ds = pydicom.dcmread(path)
+    edit(ds)
+    ds.save_as(path)
+
+
+def test_run_gives_the_same_uids_for_a_retry_and_new_ones_for_any_change(tmp_path, stand_in_engine):
+    study_dir = _write_study(tmp_path / "study")
+    first = _run(study_dir, tmp_path / "a")
+    retry = _run(study_dir, tmp_path / "b")
+
+    assert _uids(retry) == _uids(first)
+    assert set(_uids(first)) == {"rtdose", "doserate"}
+    for name, (series, sop) in _uids(first).items():
+        ds = pydicom.dcmread(first.outputs[name], stop_before_pixels=True)
+        assert (ds.SeriesInstanceUID, ds.SOPInstanceUID) == (series, sop)
+
+    # one SPECT pixel, same SOP Instance UIDs
+    def one_pixel(ds):
+        pixels = ds.pixel_array.copy()
+        pixels[4, 5, 6] += 1
+        ds.PixelData = pixels.tobytes()
+
+    _edit_nm(study_dir, one_pixel)
+    pixel_changed = _run(study_dir, tmp_path / "c")
+    # a corrected administration time in the header
+    _edit_nm(
+        study_dir,
+        lambda ds: setattr(
+            ds.RadiopharmaceuticalInformationSequence[0], "RadiopharmaceuticalStartDateTime", "20240302080000"
+        ),
+    )
+    header_changed = _run(study_dir, tmp_path / "d")
+    option_changed = _run(study_dir, tmp_path / "e", time_model="physical")
+
+    seen = [_uids(first), _uids(pixel_changed), _uids(header_changed), _uids(option_changed)]
+    for name in ("rtdose", "doserate"):
+        series = [uids[name][0] for uids in seen]
+        instances = [uids[name][1] for uids in seen]
+        assert len(set(series)) == len(set(instances)) == 4, name
+    assert header_changed.summary["time"]["hours_since_administration"] == pytest.approx(73.5)
+    assert _uids(_run(study_dir, tmp_path / "f")) == _uids(header_changed)
+
+
+def test_run_writes_warnings_and_provenance_into_every_output(tmp_path, stand_in_engine):
+    # The SPECT reaches 16 mm past the CT's last slice: part of the activity is outside
+    # the dose calculation, which the pipeline warns about.
+    study_dir = _write_study(tmp_path / "study", nm_first_voxel_mm=(-22.0, -18.0, 22.0))
+
+    result = _run(study_dir, tmp_path / "out")
+
+    warnings = result.summary["warnings"]
+    assert any("outside the CT field of view" in w for w in warnings)
+    dose = pydicom.dcmread(result.outputs["rtdose"], stop_before_pixels=True)
+    rate = pydicom.dcmread(result.outputs["doserate"], stop_before_pixels=True)
+    marker = f"[{len(warnings)} WARNING" + ("S]" if len(warnings) > 1 else "]")
+    for ds in (dose, rate):
+        assert ds.SeriesDescription.endswith(marker)
+        for warning in warnings:
+            assert f"WARNING: {warning}" in ds.ImageComments
+    assert dose.DoseComment.endswith(marker)
+    provenance = result.summary["provenance"]
+    assert provenance["software"].startswith("spectdose ")
+    assert provenance["time_model"].startswith("hanscheid, t = 71.50 h")
+    assert provenance["calibration"] and provenance["inputs_sha256"] in dose.ImageComments
+    for key in ("software", "time_model", "calibration", "method"):
+        assert provenance[key] in dose.DerivationDescription
+        assert provenance[key] in rate.ImageComments
+
+
+def test_run_marks_a_correction_of_an_earlier_result(tmp_path, stand_in_engine):
+    from spectdose.export import replacements_from_summary
+
+    study_dir = _write_study(tmp_path / "study")
+    earlier = _run(study_dir, tmp_path / "a")
+    replaces = replacements_from_summary(earlier.summary, "corrected administration time")
+
+    corrected = _run(study_dir, tmp_path / "b", replaces=replaces)
+
+    for name in ("rtdose", "doserate"):
+        old_series = earlier.summary["uids"][name]["series_instance_uid"]
+        ds = pydicom.dcmread(corrected.outputs[name], stop_before_pixels=True)
+        assert ds.SeriesInstanceUID != old_series
+        assert "[CORRECTED" in ds.SeriesDescription
+        assert f"replaces {old_series} (corrected administration time)" in ds.ImageComments
+        assert corrected.summary["replaces"][name]["series_instance_uid"] == old_series
+    # ... and retrying the correction is idempotent
+    assert _uids(_run(study_dir, tmp_path / "c", replaces=replaces)) == _uids(corrected)
+    with pytest.raises(Exception, match="unknown output"):
+        _run(study_dir, tmp_path / "d", replaces={"rtstruct": replaces["rtdose"]})
+
+
+@pytest.mark.parametrize("dose_grid, spacing_mm", [("3", (3.0, 3.0, 3.0)), ("spect", (4.0, 4.0, 4.0))])
+def test_run_writes_both_objects_on_the_chosen_dose_grid(tmp_path, stand_in_engine, dose_grid, spacing_mm):
+    study_dir = _write_study(tmp_path / "study")
+    on_ct = _run(study_dir, tmp_path / "ct")
+
+    coarse = _run(study_dir, tmp_path / "coarse", dose_grid=dose_grid)
+
+    ct_grid = coarse.study.ct.grid
+    expected = output_grid(ct_grid, spacing_mm)
+    dose, rate = read_rtdose(coarse.outputs["rtdose"]), read_dose_rate_map(coarse.outputs["doserate"])
+    for volume in (dose, rate):
+        assert volume.grid.same_as(expected, tol_mm=0.01)
+        assert volume.grid.frame_of_reference_uid == ct_grid.frame_of_reference_uid
+    # Dose is averaged, not sampled: the same mean over the field of view (the CT extent is
+    # a whole number of output voxels in x and y here, and 80 mm of z is covered by 81 or
+    # 80 mm; compare means weighted by volume inside the CT).
+    fine = read_rtdose(on_ct.outputs["rtdose"])
+    assert dose.array.max() <= fine.array.max() * (1 + 1e-6)
+    assert average_onto_grid(Volume(on_ct.dose_gy.array, ct_grid, "Gy"), expected).array == pytest.approx(
+        dose.array, rel=1e-4, abs=1e-6 * fine.array.max()
+    )
+    assert coarse.summary["geometry"]["output_grid"]["shape_zyx"] == list(expected.shape)
+    assert coarse.summary["geometry"]["output_grid"]["bytes_per_object"] < fine.array.size * 4
+    assert _uids(coarse)["rtdose"] != _uids(on_ct)["rtdose"]
