@@ -37,10 +37,14 @@ def output_grid(ct_grid: Grid, spacing_mm: tuple[float, float, float]) -> Grid:
         # centre of output voxel 0, measured along axis a from the centre of CT voxel 0
         start_mm.append(-ct_grid.spacing_mm[a] / 2 - overhang_mm / 2 + spacing[a] / 2)
     origin = np.asarray(ct_grid.origin_mm) + np.asarray(start_mm) @ ct_grid.axes
-    return Grid(tuple(shape), spacing, tuple(origin), ct_grid.axes.copy(), ct_grid.frame_of_reference_uid)
+    return Grid(
+        tuple(shape), spacing, tuple(origin), ct_grid.axes.copy(), ct_grid.frame_of_reference_uid
+    )
 
 
-def grid_for_option(ct_grid: Grid, spect_grid: Grid, dose_grid: str, spacing_mm: float | None) -> Grid:
+def grid_for_option(
+    ct_grid: Grid, spect_grid: Grid, dose_grid: str, spacing_mm: float | None
+) -> Grid:
     """The output grid for a ``--dose-grid`` value: ``ct``, ``spect`` or an isotropic spacing.
 
     ``spacing_mm`` is the parsed spacing (``spectdose.pipeline.dose_grid_spacing_mm``) or
@@ -71,7 +75,9 @@ def average_onto_grid(volume: Volume, target: Grid) -> Volume:
     if target.same_as(source, tol_mm=1e-6):
         return volume
     if not np.allclose(target.axes, source.axes, atol=1e-6):
-        raise GeometryError("output grid axes differ from the volume's; only axis-aligned averaging is supported")
+        raise GeometryError(
+            "output grid axes differ from the volume's; only axis-aligned averaging is supported"
+        )
     if target.frame_of_reference_uid != source.frame_of_reference_uid:
         raise GeometryError("output grid is on another frame of reference")
     offset_mm = (np.asarray(target.origin_mm) - np.asarray(source.origin_mm)) @ source.axes.T
@@ -81,7 +87,8 @@ def average_onto_grid(volume: Volume, target: Grid) -> Volume:
         src_low = (np.arange(source.shape[a]) - 0.5) * s
         tgt_low = offset_mm[a] + (np.arange(target.shape[a]) - 0.5) * t
         overlap = np.clip(
-            np.minimum(tgt_low[:, None] + t, src_low[None, :] + s) - np.maximum(tgt_low[:, None], src_low[None, :]),
+            np.minimum(tgt_low[:, None] + t, src_low[None, :] + s)
+            - np.maximum(tgt_low[:, None], src_low[None, :]),
             0.0,
             None,
         )

@@ -130,7 +130,9 @@ def build_dose_rate_map(
         )
     unit, factor = _ACCEPTED_UNITS[dose_rate_mgy_per_h.units]
     per_mbq = unit is DOSE_RATE_PER_MBQ_UNIT
-    values_f32 = (np.asarray(dose_rate_mgy_per_h.array, dtype=np.float64) * factor).astype(np.float32)
+    values_f32 = (np.asarray(dose_rate_mgy_per_h.array, dtype=np.float64) * factor).astype(
+        np.float32
+    )
     if not np.all(np.isfinite(values_f32)):
         raise ExportError("dose-rate values overflow float32")
     grid = dose_rate_mgy_per_h.grid
@@ -165,7 +167,9 @@ def build_dose_rate_map(
             RealWorldValueMapping(
                 lut_label=_LUT_LABEL,
                 lut_explanation=(
-                    "Absorbed dose rate per MBq in the field of view" if per_mbq else "Absorbed dose rate"
+                    "Absorbed dose rate per MBq in the field of view"
+                    if per_mbq
+                    else "Absorbed dose rate"
                 ),
                 unit=unit,
                 value_range=(float(values_f32.min()), maximum),
@@ -230,14 +234,18 @@ def _order_frames_along_normal(pmap: Dataset) -> None:
     the RT Dose (docs/rtdose.md).
     """
     orientation = np.asarray(
-        pmap.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient, dtype=float
+        pmap.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient,
+        dtype=float,
     )
     normal = np.cross(orientation[:3], orientation[3:])
     if len(pmap.DimensionIndexSequence) != 1:
         raise ExportError("expected one (position) dimension in the map's Dimension Index Sequence")
     frames = pmap.PerFrameFunctionalGroupsSequence
     distances = np.array(
-        [np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, dtype=float) @ normal for f in frames]
+        [
+            np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, dtype=float) @ normal
+            for f in frames
+        ]
     )
     order = np.argsort(distances, kind="stable")
     if np.array_equal(order, np.arange(len(order))):
@@ -308,7 +316,9 @@ def _source_images(
     return [stand_in]
 
 
-def _make_dimension_uid_deterministic(pmap: Dataset, study: Study, uid_parts: tuple[str, ...]) -> None:
+def _make_dimension_uid_deterministic(
+    pmap: Dataset, study: Study, uid_parts: tuple[str, ...]
+) -> None:
     """highdicom draws a random Dimension Organization UID; derive it like the others."""
     uid = derive_uid("PM-dimensions", study, *uid_parts)
     for item in pmap.get("DimensionOrganizationSequence", []):

@@ -113,8 +113,14 @@ class Replaces:
 
     def __post_init__(self) -> None:
         uid = self.series_instance_uid
-        if not (isinstance(uid, str) and len(uid) <= 64 and re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+", uid)):
-            raise ExportError(f"replaces: {self.series_instance_uid!r} is not a valid Series Instance UID")
+        if not (
+            isinstance(uid, str)
+            and len(uid) <= 64
+            and re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+", uid)
+        ):
+            raise ExportError(
+                f"replaces: {self.series_instance_uid!r} is not a valid Series Instance UID"
+            )
         if not self.reason.strip():
             raise ExportError("replaces: give the reason for the correction")
 
@@ -204,7 +210,9 @@ def _grid_facts(grid: Grid) -> dict:
     }
 
 
-def series_description(base: str, warnings: Sequence[str] = (), replaces: Replaces | None = None) -> str:
+def series_description(
+    base: str, warnings: Sequence[str] = (), replaces: Replaces | None = None
+) -> str:
     """``base`` with short markers that a PACS list shows: warnings and corrections (LO, 64).
 
     The marker must survive, so ``base`` is shortened to make room for it.
@@ -230,7 +238,10 @@ def comments_text(
     if replaces is not None:
         parts.insert(0, replaces.text())
     if provenance:
-        parts.append("made with " + ", ".join(f"{k}: {v}" for k, v in provenance.items() if v not in (None, "")))
+        parts.append(
+            "made with "
+            + ", ".join(f"{k}: {v}" for k, v in provenance.items() if v not in (None, ""))
+        )
     parts.extend(f"WARNING: {w}" for w in warnings)
     text = "; ".join(parts)
     if len(text) > 10240:  # LT holds at most 10240 characters (PS3.5 6.2)
@@ -238,7 +249,9 @@ def comments_text(
     return text
 
 
-def derivation_text(method: str, provenance: Mapping[str, object] | None, options_key: str = "") -> str:
+def derivation_text(
+    method: str, provenance: Mapping[str, object] | None, options_key: str = ""
+) -> str:
     """Derivation Description (ST, at most 1024 characters): method and how it was made."""
     parts = [method]
     if provenance:
@@ -282,8 +295,12 @@ def check_on_ct_frame(volume: Volume, study: Study, what: str) -> None:
     ct_grid = study.ct.grid
     if not volume.grid.same_as(ct_grid, tol_mm=_GRID_TOL_MM):
         if not np.allclose(volume.grid.axes, ct_grid.axes, atol=1e-6):
-            raise ExportError(f"{what} grid is not oriented like the CT (axes {volume.grid.axes.tolist()})")
-        offset = (np.asarray(volume.grid.origin_mm) - np.asarray(ct_grid.origin_mm)) @ ct_grid.axes.T
+            raise ExportError(
+                f"{what} grid is not oriented like the CT (axes {volume.grid.axes.tolist()})"
+            )
+        offset = (
+            np.asarray(volume.grid.origin_mm) - np.asarray(ct_grid.origin_mm)
+        ) @ ct_grid.axes.T
         for a in range(3):
             step, ct_step = volume.grid.spacing_mm[a], ct_grid.spacing_mm[a]
             low, high = offset[a] - step / 2, offset[a] + (volume.grid.shape[a] - 0.5) * step
@@ -549,7 +566,13 @@ def build_rtdose(
 
     created_at = created_at or dt.datetime.now()
     created_date, created_time = da_tm(created_at)
-    uid_parts = (method, options_key, content_digest, replaces.text() if replaces else "", f"bits={bits}")
+    uid_parts = (
+        method,
+        options_key,
+        content_digest,
+        replaces.text() if replaces else "",
+        f"bits={bits}",
+    )
     series_uid = derive_uid("RTDOSE-series", study, *uid_parts)
     sop_uid = derive_uid("RTDOSE-instance", study, *uid_parts)
 

@@ -45,9 +45,9 @@ from spectdose.study import Administration, PatientInfo, SeriesRef, Study
 DCIODVFY = shutil.which("dciodvfy", path="/usr/bin") or shutil.which("dciodvfy")
 PLASTIMATCH = shutil.which("plastimatch", path="/usr/bin") or shutil.which("plastimatch")
 # dcmqi's converter comes with `pip install dcmqi` (the dev extra), next to this Python.
-PARAMAP2ITKIMAGE = shutil.which("paramap2itkimage", path=str(Path(sys.executable).parent)) or shutil.which(
-    "paramap2itkimage"
-)
+PARAMAP2ITKIMAGE = shutil.which(
+    "paramap2itkimage", path=str(Path(sys.executable).parent)
+) or shutil.which("paramap2itkimage")
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 NM_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
 UINT32_MAX = 2**32 - 1
@@ -790,7 +790,10 @@ def test_any_change_in_the_inputs_gives_new_uids(dose, study, change):
     first = _rtdose(dose, study, content_digest=digest)
     again = _rtdose(dose, study, content_digest=content_digest(study, {"options": "x"}))
     other = _rtdose(dose, changed, content_digest=content_digest(changed, {"options": "x"}))
-    assert (again.SeriesInstanceUID, again.SOPInstanceUID) == (first.SeriesInstanceUID, first.SOPInstanceUID)
+    assert (again.SeriesInstanceUID, again.SOPInstanceUID) == (
+        first.SeriesInstanceUID,
+        first.SOPInstanceUID,
+    )
     assert other.SeriesInstanceUID != first.SeriesInstanceUID
     assert other.SOPInstanceUID != first.SOPInstanceUID
 
@@ -920,7 +923,9 @@ def test_highdicom_reads_the_parametric_map(tmp_path, study):
     pm = hd.pm.ParametricMap.from_dataset(pydicom.dcmread(path))
 
     assert pm.SOPInstanceUID == pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
-    np.testing.assert_allclose(np.sort(pm.pixel_array.ravel()), np.sort(rate.array.ravel()), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.sort(pm.pixel_array.ravel()), np.sort(rate.array.ravel()), rtol=1e-6
+    )
 
 
 def _dcmqi_convert(path, out_dir) -> tuple[sitk.Image, dict]:
@@ -972,7 +977,9 @@ def test_dcmqi_keeps_the_per_mbq_unit(tmp_path, study):
     image, meta = _dcmqi_convert(path, tmp_path / "dcmqi")
 
     assert meta["MeasurementUnitsCode"]["CodeValue"] == "mGy/h/MBq"
-    assert float(sitk.GetArrayViewFromImage(image).max()) == pytest.approx(rate.array.max(), rel=1e-3)
+    assert float(sitk.GetArrayViewFromImage(image).max()) == pytest.approx(
+        rate.array.max(), rel=1e-3
+    )
 
 
 @needs_dcmqi
@@ -1114,7 +1121,9 @@ _GY_PER_S_PER_BQ_ML = 2e-9
 
 def _stand_in_dose_rate(activity_bq_per_ml, density_g_cm3, *, options):
     rate = np.asarray(activity_bq_per_ml.array, dtype=np.float32) * np.float32(_GY_PER_S_PER_BQ_ML)
-    return Volume(rate, activity_bq_per_ml.grid, "Gy/s"), {"kernel": {"shape": [], "stand_in": True}}
+    return Volume(rate, activity_bq_per_ml.grid, "Gy/s"), {
+        "kernel": {"shape": [], "stand_in": True}
+    }
 
 
 @pytest.fixture
@@ -1124,14 +1133,18 @@ def stand_in_engine(monkeypatch):
     monkeypatch.setattr(spectdose.pipeline, "compute_dose_rate", _stand_in_dose_rate)
 
 
-def _write_study(root, *, nm_first_voxel_mm=(-22.0, -18.0, -14.0)):
+def _write_study(root, *, nm_first_voxel_mm=(-22.0, -18.0, -14.0), rwvm=(2.5, 0.0)):
     """A small quantitative SPECT/CT: 16 x 20 x 24 CT, 4 mm SPECT in Bq/ml, 71.5 h after
     administration (inside the Hänscheid model's range)."""
     from . import dicom_factory as f
 
     ids = f.StudyIds()
     f.write_ct_series(
-        root / "CT", ids, f.smooth_hu((16, 20, 24)), spacing_mm=(5.0, 2.0, 2.5), origin_mm=(-30.0, -20.0, -40.0)
+        root / "CT",
+        ids,
+        f.smooth_hu((16, 20, 24)),
+        spacing_mm=(5.0, 2.0, 2.5),
+        origin_mm=(-30.0, -20.0, -40.0),
     )
     f.write_nm_recon(
         root / "NM" / "nm.dcm",
@@ -1139,7 +1152,7 @@ def _write_study(root, *, nm_first_voxel_mm=(-22.0, -18.0, -14.0)):
         f.blob_counts((8, 10, 12)),
         spacing_mm=(4.0, 4.0, 4.0),
         first_voxel_mm=nm_first_voxel_mm,
-        rwvm=(2.5, 0.0),
+        rwvm=rwvm,
         admin_datetime="20240302100000",
     )
     return root
@@ -1189,7 +1202,9 @@ def test_run_gives_the_same_uids_for_a_retry_and_new_ones_for_any_change(tmp_pat
     _edit_nm(
         study_dir,
         lambda ds: setattr(
-            ds.RadiopharmaceuticalInformationSequence[0], "RadiopharmaceuticalStartDateTime", "20240302080000"
+            ds.RadiopharmaceuticalInformationSequence[0],
+            "RadiopharmaceuticalStartDateTime",
+            "20240302080000",
         ),
     )
     header_changed = _run(study_dir, tmp_path / "d")
@@ -1252,8 +1267,12 @@ def test_run_marks_a_correction_of_an_earlier_result(tmp_path, stand_in_engine):
         _run(study_dir, tmp_path / "d", replaces={"rtstruct": replaces["rtdose"]})
 
 
-@pytest.mark.parametrize("dose_grid, spacing_mm", [("3", (3.0, 3.0, 3.0)), ("spect", (4.0, 4.0, 4.0))])
-def test_run_writes_both_objects_on_the_chosen_dose_grid(tmp_path, stand_in_engine, dose_grid, spacing_mm):
+@pytest.mark.parametrize(
+    "dose_grid, spacing_mm", [("3", (3.0, 3.0, 3.0)), ("spect", (4.0, 4.0, 4.0))]
+)
+def test_run_writes_both_objects_on_the_chosen_dose_grid(
+    tmp_path, stand_in_engine, dose_grid, spacing_mm
+):
     study_dir = _write_study(tmp_path / "study")
     on_ct = _run(study_dir, tmp_path / "ct")
 
@@ -1261,7 +1280,10 @@ def test_run_writes_both_objects_on_the_chosen_dose_grid(tmp_path, stand_in_engi
 
     ct_grid = coarse.study.ct.grid
     expected = output_grid(ct_grid, spacing_mm)
-    dose, rate = read_rtdose(coarse.outputs["rtdose"]), read_dose_rate_map(coarse.outputs["doserate"])
+    dose, rate = (
+        read_rtdose(coarse.outputs["rtdose"]),
+        read_dose_rate_map(coarse.outputs["doserate"]),
+    )
     for volume in (dose, rate):
         assert volume.grid.same_as(expected, tol_mm=0.01)
         assert volume.grid.frame_of_reference_uid == ct_grid.frame_of_reference_uid
@@ -1270,9 +1292,27 @@ def test_run_writes_both_objects_on_the_chosen_dose_grid(tmp_path, stand_in_engi
     # 80 mm; compare means weighted by volume inside the CT).
     fine = read_rtdose(on_ct.outputs["rtdose"])
     assert dose.array.max() <= fine.array.max() * (1 + 1e-6)
-    assert average_onto_grid(Volume(on_ct.dose_gy.array, ct_grid, "Gy"), expected).array == pytest.approx(
-        dose.array, rel=1e-4, abs=1e-6 * fine.array.max()
-    )
+    assert average_onto_grid(
+        Volume(on_ct.dose_gy.array, ct_grid, "Gy"), expected
+    ).array == pytest.approx(dose.array, rel=1e-4, abs=1e-6 * fine.array.max())
     assert coarse.summary["geometry"]["output_grid"]["shape_zyx"] == list(expected.shape)
     assert coarse.summary["geometry"]["output_grid"]["bytes_per_object"] < fine.array.size * 4
     assert _uids(coarse)["rtdose"] != _uids(on_ct)["rtdose"]
+
+
+def test_run_codes_a_normalised_map_per_mbq(tmp_path, stand_in_engine):
+    # Counts without a calibration: only a per-MBq dose-rate map, no RT Dose in Gy.
+    study_dir = _write_study(tmp_path / "study", rwvm=None)
+
+    result = _run(study_dir, tmp_path / "out", allow_normalised=True)
+
+    assert "rtdose" not in result.outputs and set(result.summary["uids"]) == {"doserate"}
+    ds = pydicom.dcmread(result.outputs["doserate"], stop_before_pixels=True)
+    unit = (
+        ds.SharedFunctionalGroupsSequence[0]
+        .RealWorldValueMappingSequence[0]
+        .MeasurementUnitsCodeSequence[0]
+    )
+    assert unit.CodeValue == "mGy/h/MBq"
+    assert read_dose_rate_map(result.outputs["doserate"]).units == "mGy/h/MBq"
+    assert result.summary["provenance"]["time_model"] == "none (dose rate only)"
