@@ -33,6 +33,7 @@ __all__ = [
     "ExportError",
     "Replaces",
     "replacements_from_summary",
+    "check_replacements",
     "content_digest",
     "series_description",
     "DoseUnits",
@@ -136,6 +137,39 @@ def replacements_from_summary(summary: Mapping, reason: str) -> dict[str, Replac
         for name, uids in (summary.get("uids") or {}).items()
         if name in ("rtdose", "doserate")
     }
+
+
+_REPLACEABLE_OUTPUTS = ("rtdose", "doserate")
+
+
+def check_replacements(replaces: Mapping | None) -> dict[str, Replaces]:
+    """``replaces`` as ``{output name: Replaces}``; refuses anything else with the expected form.
+
+    Values may be :class:`Replaces` or their stored form ``{"series_instance_uid": ...,
+    "reason": ...}``; output names are ``rtdose`` and ``doserate`` (each earlier series is
+    replaced by the new object of its own kind).
+    """
+    if not replaces:
+        return {}
+    expected = (
+        'replaces must map output names ("rtdose", "doserate") to '
+        "Replaces(series_instance_uid, reason) or {series_instance_uid, reason}; "
+        "export.replacements_from_summary(earlier_summary, reason) builds it"
+    )
+    if not isinstance(replaces, Mapping):
+        raise ExportError(f"{expected}; got {type(replaces).__name__}")
+    out = {}
+    for name, value in replaces.items():
+        if name not in _REPLACEABLE_OUTPUTS:
+            raise ExportError(f"replaces: unknown output {name!r}; {expected}")
+        if isinstance(value, Mapping):
+            value = Replaces(
+                str(value.get("series_instance_uid") or ""), str(value.get("reason") or "")
+            )
+        if not isinstance(value, Replaces):
+            raise ExportError(f"{expected}; got {type(value).__name__} for {name!r}")
+        out[name] = value
+    return out
 
 
 def derive_uid(kind: str, study: Study, *parts: str) -> str:

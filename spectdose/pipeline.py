@@ -361,7 +361,9 @@ def run(
     ``replaces`` says which earlier output series this run corrects, by output name:
     ``{"rtdose": Replaces(old_rtdose_series_uid, "corrected administration time"),
     "doserate": Replaces(old_map_series_uid, ...)}`` (``export.replacements_from_summary``
-    builds it from the earlier summary.json). The new series' description is marked
+    builds it from the earlier summary.json; the stored form ``{"rtdose":
+    {"series_instance_uid": ..., "reason": ...}}`` is accepted too, anything else is
+    refused with ``ExportError``). The new series' description is marked
     CORRECTED and its comments say "replaces <UID> (<reason>)". Output UIDs derive from
     the inputs' content, options, software and model version (and ``replaces``), so an
     identical retry gives the same UIDs and any change gives new ones; summary.json
@@ -516,15 +518,14 @@ def _export(
     """Write the dose-rate map and RT Dose on the chosen output grid; UIDs from the content."""
     from .export import (
         average_onto_grid,
+        check_replacements,
         content_digest,
         grid_for_option,
         write_dose_rate_map,
         write_rtdose,
     )
 
-    unknown = sorted(set(replaces) - {"rtdose", "doserate"})
-    if unknown:
-        raise InputError(f"replaces: unknown output(s) {unknown}; use rtdose and/or doserate")
+    replaces = check_replacements(replaces)
     grid = grid_for_option(study.ct.grid, study.spect.grid, options.dose_grid, dose_grid_spacing_mm(options.dose_grid))
     model_sha256 = rate_info.get("network", {}).get("weights_sha256")
     hours, factor_s = time_facts["hours"], time_facts["integration_factor_s"]

@@ -1263,8 +1263,16 @@ def test_run_marks_a_correction_of_an_earlier_result(tmp_path, stand_in_engine):
         assert corrected.summary["replaces"][name]["series_instance_uid"] == old_series
     # ... and retrying the correction is idempotent
     assert _uids(_run(study_dir, tmp_path / "c", replaces=replaces)) == _uids(corrected)
-    with pytest.raises(Exception, match="unknown output"):
-        _run(study_dir, tmp_path / "d", replaces={"rtstruct": replaces["rtdose"]})
+    # The stored (JSON) form is the same correction; other forms are refused, naming the form.
+    stored = {
+        name: {"series_instance_uid": r.series_instance_uid, "reason": r.reason}
+        for name, r in replaces.items()
+    }
+    assert _uids(_run(study_dir, tmp_path / "d", replaces=stored)) == _uids(corrected)
+    with pytest.raises(ExportError, match="unknown output 'rtstruct'"):
+        _run(study_dir, tmp_path / "e", replaces={"rtstruct": replaces["rtdose"]})
+    with pytest.raises(ExportError, match="must map output names"):
+        _run(study_dir, tmp_path / "f", replaces=f"{OLD_SERIES} (corrected administration time)")
 
 
 @pytest.mark.parametrize(
