@@ -213,8 +213,15 @@ def parse_da_tm(date, time) -> dt.datetime | None:
     return dt.datetime.combine(d, dt.time(t.hour, t.minute, t.second, t.microsecond))
 
 
-def acquisition_start(headers: list[Dataset], what: str, notes: list[str]) -> dt.datetime | None:
-    """Earliest acquisition start over the SPECT's files (local time, timezone-naive)."""
+def acquisition_start(
+    headers: list[Dataset], what: str, notes: list[str]
+) -> tuple[dt.datetime | None, str]:
+    """Earliest acquisition start over the SPECT's files (local time, timezone-naive) and its source.
+
+    The source is "acquisition" (Acquisition DateTime, or Acquisition Date + Time), or
+    "series" / "study" when only those dates are there: a reconstruction's series is often
+    written hours after the acquisition, so the pipeline uses those only when allowed.
+    """
     found: list[dt.datetime] = []
     for ds in headers:
         value = parse_dt(ds.get("AcquisitionDateTime", None)) or parse_da_tm(
@@ -224,7 +231,7 @@ def acquisition_start(headers: list[Dataset], what: str, notes: list[str]) -> dt
             found.append(value)
     if found:
         tz = next((v.tzinfo for v in found if v.tzinfo is not None), None)
-        return min(_naive(v, tz) for v in found)
+        return min(_naive(v, tz) for v in found), "acquisition"
     ds = headers[0]
     for label, (d, t) in (
         ("series", ("SeriesDate", "SeriesTime")),
@@ -233,13 +240,11 @@ def acquisition_start(headers: list[Dataset], what: str, notes: list[str]) -> dt
         value = parse_da_tm(ds.get(d, None), ds.get(t, None))
         if value is not None:
             notes.append(
-                f"{what}: no acquisition date/time; the {label} date/time is used as acquisition start"
+                f"{what}: no acquisition date/time; only the {label} date/time ({value.isoformat()}) is known"
             )
-            return value
-    notes.append(
-        f"{what}: no acquisition date/time in the header; decay handling downstream needs one"
-    )
-    return None
+            return value, label
+    notes.append(f"{what}: no acquisition date in the header (de-identified?)")
+    return None, ""
 
 
 @dataclasses.dataclass
@@ -249,6 +254,8 @@ class Radiopharmaceutical:
     injected_activity_bq: float | None
     administration: dt.datetime | None
     agent: str
+    # Radiopharmaceutical Start Time when the header has no date for it: never completed by a guess here.
+    start_time_only: dt.time | None = None
 
 
 def _nuclide_name(item: Dataset) -> str:
@@ -314,42 +321,34 @@ def radiopharmaceutical(
 
     tz = acquisition.tzinfo if acquisition is not None else None
     admin = parse_dt(item.get("RadiopharmaceuticalStartDateTime", None))
+    start_time_only = None
     if admin is not None:
         admin = _naive(admin, tz)
     else:
-        start_time = item.get("RadiopharmaceuticalStartTime", None)
-        date = ds.get("SeriesDate", None) or ds.get("StudyDate", None)
-        admin = parse_da_tm(date, start_time)
-        if admin is not None:
+        raw_time = item.get("RadiopharmaceuticalStartTime", None)
+        try:
+            parsed = TM(str(raw_time).strip()) if raw_time not in (None, "") else None
+        except (ValueError, TypeError, OverflowError):
+            parsed = None
+        if parsed is not None:
+            start_time_only = dt.time(parsed.hour, parsed.minute, parsed.second, parsed.microsecond)
             notes.append(
-                f"{what}: administration has a time but no date (Radiopharmaceutical Start Time only); "
-                "the series date is assumed"
+                f"{what}: administration has a time ({start_time_only.isoformat(timespec='minutes')}) but no date "
+                "(Radiopharmaceutical Start Time only)"
             )
-            if acquisition is not None and admin > acquisition:
-                notes.append(
-                    f"{what}: that puts administration after acquisition; the administration date is unknown "
-                    "and is not used"
-                )
-                admin = None
         else:
-            notes.append(
-                f"{what}: no administration date/time (Radiopharmaceutical Start DateTime)"
-            )
-    if admin is not None and acquisition is not None and admin > acquisition:
-        notes.append(
-            f"{what}: administration time is after the acquisition start; check the header"
-        )
+            notes.append(f"{what}: no administration date/time (Radiopharmaceutical Start DateTime)")
     agent = str(item.get("Radiopharmaceutical", "") or "")
     codes = item.get("RadiopharmaceuticalCodeSequence", None)
     if not agent and codes:
         agent = str(codes[0].get("CodeMeaning", "") or "")
-    return Radiopharmaceutical(nuclide, half_life_s, activity_bq, admin, agent)
+    return Radiopharmaceutical(nuclide, half_life_s, activity_bq, admin, agent, start_time_only)
 
 
 def pet_decay_factor(
     headers: list[Dataset],
     rp: Radiopharmaceutical,
-    acquisition: dt.datetime | None,
+    elapsed_s: float | None,
     what: str,
     notes: list[str],
 ) -> float:
@@ -359,18 +358,19 @@ def pet_decay_factor(
     ADMIN: corrected to the administration time: multiply by exp(-ln2 * dt / T½).
     NONE: not corrected; for Lu-177 the decay during a SPECT acquisition (< 0.5 % in an
     hour, T½ = 6.6 d) is neglected and the values are taken as at the acquisition start.
+    ``elapsed_s`` (administration to acquisition start) is needed for ADMIN only; the caller
+    resolves it from the header or the user's time options.
     """
     ds = headers[0]
     mode = str(ds.get("DecayCorrection", "") or "").upper()
     corrected = [str(v).upper() for v in (ds.get("CorrectedImage", []) or [])]
     if mode == "ADMIN":
-        if rp.administration is None or acquisition is None or not math.isfinite(rp.half_life_s):
+        if elapsed_s is None or not math.isfinite(rp.half_life_s):
             raise CalibrationError(
                 f"{what}: values are decay-corrected to the administration time (Decay Correction ADMIN) but the "
-                "administration time, acquisition time or half-life is missing, so they cannot be referred to "
+                "time since administration or the half-life is missing, so they cannot be referred to "
                 "the acquisition start"
             )
-        elapsed_s = (acquisition - rp.administration).total_seconds()
         notes.append(
             f"{what}: PET-style values were decay-corrected to administration; referred back to acquisition start"
         )

@@ -70,6 +70,72 @@ JITTER_FRACTION = 0.01
 _MAX_INPLANE_DRIFT_PIXELS = 0.5
 
 
+@dataclasses.dataclass(frozen=True)
+class EnergyWindow:
+    """One item of the NM Energy Window Information Sequence (PS3.3 C.8.4.10): limits in keV."""
+
+    number: int  # 1-based, as Energy Window Vector counts
+    name: str
+    lower_kev: float | None
+    upper_kev: float | None
+
+    @property
+    def centre_kev(self) -> float | None:
+        if self.lower_kev is None or self.upper_kev is None:
+            return None
+        return (self.lower_kev + self.upper_kev) / 2
+
+    def contains(self, energy_kev: float) -> bool:
+        if self.lower_kev is None or self.upper_kev is None:
+            return False
+        return self.lower_kev <= energy_kev <= self.upper_kev
+
+    def describe(self) -> str:
+        name = f" '{self.name}'" if self.name else ""
+        if self.centre_kev is None:
+            return f"energy window {self.number}{name} (no energy limits in the header)"
+        return (
+            f"energy window {self.number}{name} {self.lower_kev:g}-{self.upper_kev:g} keV "
+            f"(centre {self.centre_kev:g} keV)"
+        )
+
+
+def energy_windows(ds: Dataset) -> list[EnergyWindow]:
+    """The energy windows an NM object declares, numbered from 1."""
+    out = []
+    for n, item in enumerate(ds.get("EnergyWindowInformationSequence", None) or [], start=1):
+        ranges = item.get("EnergyWindowRangeSequence", None)
+        lower = upper = None
+        if ranges:
+            try:
+                lower = float(ranges[0].get("EnergyWindowLowerLimit", None))
+                upper = float(ranges[0].get("EnergyWindowUpperLimit", None))
+            except (TypeError, ValueError):
+                lower = upper = None
+        out.append(EnergyWindow(n, str(item.get("EnergyWindowName", "") or "").strip(), lower, upper))
+    return out
+
+
+def _window_frames(ds: Dataset) -> dict[int, list[int]] | None:
+    """Frames (0-based, in Slice Vector order) of each energy window, when a recon holds several."""
+    if _ENERGY_WINDOW_VECTOR not in _frame_pointers(ds):
+        return None
+    n = _number_of_frames(ds)
+    try:
+        ewv = [int(v) for v in (ds.get("EnergyWindowVector", []) or [])]
+        slices = [int(v) for v in (ds.get("SliceVector", []) or [])]
+    except (TypeError, ValueError):
+        return None
+    if len(ewv) != n or len(set(ewv)) < 2:
+        return None
+    if len(slices) != n:
+        slices = list(range(n))
+    out: dict[int, list[int]] = {}
+    for w in sorted(set(ewv)):
+        out[w] = sorted((i for i in range(n) if ewv[i] == w), key=lambda i: slices[i])
+    return out
+
+
 @dataclasses.dataclass
 class Candidate:
     """A volume that could be the CT or the SPECT, or a series we will not use (``reason``)."""
@@ -83,6 +149,9 @@ class Candidate:
     files: list[FileHeader]
     kind: str  # "ct", "nm-multiframe", "nm-stack", "pt-stack", or "" when not usable
     reason: str = ""  # why it is not usable as CT or SPECT ("" if it is)
+    # One energy window of a multi-window reconstruction: its frames (0-based, in slice order).
+    frames: tuple[int, ...] | None = None
+    window: EnergyWindow | None = None
 
     @property
     def role(self) -> str:
@@ -100,6 +169,8 @@ class Candidate:
 
     @property
     def n_frames(self) -> int:
+        if self.frames is not None:
+            return len(self.frames)
         return sum(_number_of_frames(f.header) for f in self.files)
 
     def label(self) -> str:
@@ -111,10 +182,14 @@ class Candidate:
         if self.key != self.series_uid:
             uid += (
                 f", SOPInstanceUID {self.key}"
-                if self.kind == "nm-multiframe"
+                if self.kind == "nm-multiframe" and self.frames is None
                 else f", key {self.key}"
             )
-        return f"{self.modality} series{num} '{desc}' ({uid}; {len(self.files)} file(s), {self.n_frames} frame(s))"
+        window = f"; {self.window.describe()}" if self.window is not None else ""
+        return (
+            f"{self.modality} series{num} '{desc}' ({uid}; {len(self.files)} file(s), {self.n_frames} frame(s)"
+            f"{window})"
+        )
 
 
 def _number_of_frames(ds: Dataset) -> int:
@@ -153,8 +228,8 @@ def _not_input_reason(sop_class: str, modality: str) -> str:
     return ""
 
 
-def _classify_nm_object(ds: Dataset) -> str:
-    """Why a multi-frame NM object is not a reconstructed emission volume ("" if it is)."""
+def _classify_nm_object(ds: Dataset, n_frames: int | None = None) -> str:
+    """Why a multi-frame NM object (or ``n_frames`` of it: one energy window) is not a reconstructed emission volume."""
     image_type = _image_type(ds)
     nm_type = image_type[2] if len(image_type) > 2 else ""
     pointers = _frame_pointers(ds)
@@ -170,9 +245,9 @@ def _classify_nm_object(ds: Dataset) -> str:
         return "NM gated reconstruction (several time slots) is not supported"
     if nm_type != "RECON TOMO" and _SLICE_VECTOR not in pointers:
         return "NM object that is neither RECON TOMO nor indexed by SliceVector"
-    if _ENERGY_WINDOW_VECTOR in pointers and len(set(ds.get("EnergyWindowVector", []) or [])) > 1:
-        return "NM reconstruction holding several energy windows"
-    n_frames = _number_of_frames(ds)
+    if n_frames is None and _ENERGY_WINDOW_VECTOR in pointers and len(set(ds.get("EnergyWindowVector", []) or [])) > 1:
+        return "NM reconstruction holding several energy windows whose frames cannot be told apart"
+    n_frames = _number_of_frames(ds) if n_frames is None else n_frames
     try:
         n_slices = int(ds.get("NumberOfSlices", n_frames) or n_frames)
     except (TypeError, ValueError):
@@ -269,22 +344,49 @@ def group_series(headers: list[FileHeader]) -> tuple[list[Candidate], list[tuple
                     if len(multi) == 1
                     else str(f.header.get("SOPInstanceUID", f.relpath))
                 )
-                candidates.append(
-                    Candidate(
-                        key=key,
-                        files=[f],
-                        kind="nm-multiframe",
-                        reason=_classify_nm_object(f.header),
-                        **base,
+                windows = energy_windows(f.header)
+                split = _window_frames(f.header)
+                reason = _classify_nm_object(f.header, None if split is None else len(next(iter(split.values()))))
+                if split is None or reason:
+                    candidates.append(
+                        Candidate(
+                            key=key,
+                            files=[f],
+                            kind="nm-multiframe",
+                            reason=_classify_nm_object(f.header),
+                            window=windows[0] if len(windows) == 1 else None,
+                            **base,
+                        )
                     )
-                )
+                    continue
+                for w, frames in split.items():  # one candidate per energy window
+                    window = windows[w - 1] if 0 < w <= len(windows) else EnergyWindow(w, "", None, None)
+                    candidates.append(
+                        Candidate(
+                            key=f"{key}/window-{w}",
+                            files=[f],
+                            kind="nm-multiframe",
+                            reason=_classify_nm_object(f.header, len(frames)),
+                            frames=tuple(frames),
+                            window=window,
+                            **base,
+                        )
+                    )
             if single:
                 reason = _classify_nm_object(single[0].header)
                 if not reason and len(single) < 2:
                     reason = "a single-frame NM image, not a volume"
                 key = series_uid if not multi else f"{series_uid}/single-frame"
+                windows = energy_windows(single[0].header)
                 candidates.append(
-                    Candidate(key=key, files=single, kind="nm-stack", reason=reason, **base)
+                    Candidate(
+                        key=key,
+                        files=single,
+                        kind="nm-stack",
+                        reason=reason,
+                        window=windows[0] if len(windows) == 1 else None,
+                        **base,
+                    )
                 )
     return candidates, ignored
 
@@ -449,13 +551,14 @@ def _raise_uneven(what: str, dist: np.ndarray, gaps: np.ndarray) -> None:
     )
 
 
-def nm_multiframe_geometry(fh: FileHeader, what: str) -> tuple[Grid, list[str]]:
+def nm_multiframe_geometry(fh: FileHeader, what: str, n_slices: int | None = None) -> tuple[Grid, list[str]]:
     """Grid of a reconstructed multi-frame NM object (frames are slices).
 
     PS3.3 C.8.4.15 (NM Detector): Image Position (Patient) in the Detector Information
     Sequence is the centre of the first voxel of frame 1, and frame ``n`` lies at
     ``IPP + (n-1) * SpacingBetweenSlices * (row x col)``. We honour the sign of Spacing
-    Between Slices: a negative value stacks the frames against the normal.
+    Between Slices: a negative value stacks the frames against the normal. ``n_slices``:
+    the frames of one energy window in a multi-window reconstruction.
     """
     ds = fh.header
     notes: list[str] = []
@@ -483,7 +586,7 @@ def nm_multiframe_geometry(fh: FileHeader, what: str) -> tuple[Grid, list[str]]:
         )
     normal = np.cross(row, col)
     grid = Grid(
-        shape=(_number_of_frames(ds), int(ds.Rows), int(ds.Columns)),
+        shape=(n_slices or _number_of_frames(ds), int(ds.Rows), int(ds.Columns)),
         spacing_mm=(abs(sbs), float(spacing_rc[0]), float(spacing_rc[1])),
         origin_mm=tuple(ipp),
         axes=np.stack([math.copysign(1.0, sbs) * normal, col, row]),
@@ -496,7 +599,8 @@ def candidate_grid(cand: Candidate) -> tuple[list[int], Grid, list[str]]:
     """File order (for stacks) and grid of a usable candidate, from headers only."""
     what = cand.label()
     if cand.kind == "nm-multiframe":
-        grid, notes = nm_multiframe_geometry(cand.files[0], what)
+        n_slices = len(cand.frames) if cand.frames is not None else None
+        grid, notes = nm_multiframe_geometry(cand.files[0], what, n_slices)
         return [0], grid, notes
     order, grid = stack_geometry(cand.files, what)
     return order, grid, []

@@ -3,6 +3,10 @@
 Service commands (serve, gateway, node, worker) live in the adapter packages and register
 themselves through the ``spectdose.commands`` entry-point group, so this core module
 imports none of them.
+
+Exit status (sysexits.h names): 0 done; 2 the input or output was refused (a
+SpectdoseError: no usable study, a missing fact, an output path that cannot be written);
+64 (EX_USAGE) bad command-line usage; 70 (EX_SOFTWARE) an internal error; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -17,11 +21,25 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SpectdoseError
+from . import __version__
+from .errors import InputError, SpectdoseError
 
-__all__ = ["main", "build_parser", "default_cache_dir"]
+__all__ = ["main", "build_parser", "default_cache_dir", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "EXIT_INTERNAL"]
 
 log = logging.getLogger("spectdose")
+
+EXIT_OK = 0
+EXIT_REFUSED = 2  # the input or output was refused, with a message saying why
+EXIT_USAGE = 64  # EX_USAGE (sysexits.h): the command line itself is wrong
+EXIT_INTERNAL = 70  # EX_SOFTWARE (sysexits.h): a bug; rerun with --debug
+
+
+class _UsageParser(argparse.ArgumentParser):
+    """argparse exits 2 on a usage error; here 2 means "input refused", so usage errors exit 64."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def default_cache_dir() -> Path:
@@ -48,26 +66,67 @@ def _positive_float(text: str) -> float:
 
 
 def _add_dose_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", choices=["dvk", "cnn"], default="dvk", help="dose-rate engine (default: dvk)")
+    """One flag per DoseOptions field, spelled as its public name (``--`` + name with ``-``)."""
+    from .pipeline import ASSUMPTIONS, DoseOptions
+
+    defaults = DoseOptions()
+    p.add_argument(
+        "--method",
+        choices=["dvk", "cnn"],
+        default=defaults.method,
+        help=f"dose-rate engine (default: {defaults.method}; see the README for why)",
+    )
     p.add_argument(
         "--time-model",
         choices=["hanscheid", "physical", "effective"],
-        default="hanscheid",
-        help="time integration: hanscheid (D = Ddot*2t/ln2, default), physical (Lu-177 decay only), "
-        "effective (needs --effective-half-life-h)",
+        default=defaults.time_model,
+        help="time integration: hanscheid (D = Ddot*2t/ln2, default; refused outside about 48-168 h), physical "
+        "(Lu-177 decay only), effective (needs --effective-half-life-h)",
     )
     p.add_argument("--effective-half-life-h", type=_positive_float, help="effective half-life in hours")
-    p.add_argument("--administration-time", type=_parse_datetime, help="override the administration date-time (ISO)")
     p.add_argument(
-        "--density-curve", default="schneider2000", help="CT calibration: schneider2000, bilinear, or a JSON file"
+        "--administration-time", type=_parse_datetime, help="administration date-time (ISO), replaces the header's"
     )
+    p.add_argument(
+        "--acquisition-time",
+        type=_parse_datetime,
+        help="acquisition start date-time (ISO), for a header without an Acquisition Date (de-identified)",
+    )
+    p.add_argument(
+        "--hours-after-administration",
+        type=_positive_float,
+        metavar="H",
+        help="hours from administration to the acquisition start, given directly (instead of both date-times)",
+    )
+    p.add_argument(
+        "--density-curve", default=defaults.density_curve, help="CT calibration: schneider2000, bilinear, or a JSON file"
+    )
+    p.add_argument("--kernel-medium", default=defaults.kernel_medium, help="dose voxel kernel medium (default: soft)")
     p.add_argument("--sensitivity-cps-per-mbq", type=_positive_float, help="camera calibration for SPECT in counts")
     p.add_argument("--calibrations", type=Path, help="JSON file of camera calibrations (per camera / AE title)")
     p.add_argument(
         "--normalised", action="store_true", help="accept an uncalibrated SPECT and output dose rate per MBq in FOV"
     )
-    p.add_argument("--spect-series", help="SeriesInstanceUID of the SPECT to use when there are several")
+    p.add_argument("--spect-series", help="SeriesInstanceUID (or listed key) of the SPECT to use when there are several")
     p.add_argument("--ct-series", help="SeriesInstanceUID of the CT to use when there are several")
+    p.add_argument(
+        "--energy-window",
+        type=_positive_float,
+        metavar="KEV",
+        help="use the SPECT whose energy window contains this energy, e.g. 208 (several windows or per-window series)",
+    )
+    p.add_argument(
+        "--dose-grid", default=defaults.dose_grid, help="output grid: ct (default), spect, or an isotropic spacing in mm"
+    )
+    p.add_argument(
+        "--accept",
+        action="append",
+        choices=sorted(ASSUMPTIONS),
+        default=[],
+        metavar="ASSUMPTION",
+        help="allow one assumption that is refused by default (repeatable; the result carries a warning): "
+        + "; ".join(f"{k}: {v}" for k, v in sorted(ASSUMPTIONS.items())),
+    )
     p.add_argument("--device", help="torch device for GPU stages (default: cuda when present, else cpu)")
     p.add_argument("--kernel-cache", type=Path, help="kernel cache folder (default: $SPECTDOSE_CACHE_DIR or ~/.cache)")
     p.add_argument("--model", type=Path, help="DblurDoseNet weights for --method cnn (default: models/dblurdosenet.pt)")
@@ -75,11 +134,32 @@ def _add_dose_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regions", type=Path, help="DICOM SEG on the CT: dose statistics per segment in the summary")
 
 
+def _common_flags(*, top: bool) -> argparse.ArgumentParser:
+    """-v/--debug, accepted before or after the command (after it, only when given)."""
+    p = argparse.ArgumentParser(add_help=False)
+    default = False if top else argparse.SUPPRESS
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="log details")
+    p.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spectdose", description="Lu-177 SPECT/CT voxel dosimetry")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser = _UsageParser(
+        prog="spectdose",
+        description="Lu-177 SPECT/CT voxel dosimetry",
+        parents=[_common_flags(top=True)],
+        epilog="exit status: 0 done, 2 input or output refused, 64 usage error, 70 internal error",
+    )
+    parser.add_argument("--version", action="version", version=f"spectdose {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common_flags(top=False)
+    add_parser = sub.add_parser
+
+    def add_with_common(*a, **kw):
+        kw.setdefault("parents", [common])
+        return add_parser(*a, **kw)
+
+    sub.add_parser = add_with_common  # every command, plugins included, takes -v/--debug after its name
 
     p = sub.add_parser("dose", help="compute RT Dose and dose-rate map from a SPECT/CT study (folder or zip)")
     p.add_argument("study_path", type=Path)
@@ -129,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="make a small virtual patient and compute its dose")
     p.add_argument("out_dir", type=Path, nargs="?", default=Path("demo-out"))
-    p.add_argument("--seed", type=int, default=1)
+    # Seed 8 is acquired 93 h after administration, inside the Hanscheid model's range (seed 1: 33 h).
+    p.add_argument("--seed", type=int, default=8)
     p.set_defaults(func=_cmd_demo)
 
     for ep in importlib.metadata.entry_points(group="spectdose.commands"):
@@ -141,41 +222,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dose_options(args: argparse.Namespace):
+    """DoseOptions from the flags, by the public names the REST fields share (one vocabulary)."""
     from .ingest import load_calibrations
-    from .pipeline import DoseOptions
+    from .pipeline import PUBLIC_NAMES, DoseOptions
 
-    return DoseOptions(
-        method=args.method,
-        time_model=args.time_model,
-        effective_half_life_h=args.effective_half_life_h,
-        administration_datetime=args.administration_time,
-        density_curve=args.density_curve,
-        sensitivity_cps_per_mbq=args.sensitivity_cps_per_mbq,
+    data = {name: getattr(args, name) for name in PUBLIC_NAMES.values() if hasattr(args, name)}
+    return DoseOptions.from_dict(
+        data,
         calibrations=tuple(load_calibrations(args.calibrations)) if args.calibrations else (),
-        allow_normalised=args.normalised,
-        spect_series_uid=args.spect_series,
-        ct_series_uid=args.ct_series,
         kernel_cache_dir=args.kernel_cache or default_cache_dir() / "kernels",
         device=args.device,
         model_path=args.model,
-        autocast_bf16=args.bf16,
         regions_path=args.regions,
     )
 
 
 def _print_progress(stage: str, fraction: float) -> None:
-    log.info("%3.0f%% %s", 100 * fraction, stage)
+    """Progress on stderr (stdout carries the summary), without needing -v."""
+    print(f"spectdose: {100 * fraction:3.0f}% {stage}", file=sys.stderr, flush=True)
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse an output folder that cannot be one before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output folder {out} is an existing file; give a folder (-o/--out)")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"output folder {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"output folder {out}: {parent} is not writable")
 
 
 def _cmd_dose(args: argparse.Namespace) -> int:
     from .pipeline import run
 
-    if args.method == "dvk" and args.time_model == "effective" and args.effective_half_life_h is None:
-        raise SpectdoseError("--time-model effective needs --effective-half-life-h")
-    result = run(args.study_path, args.out, _dose_options(args), progress=_print_progress)
+    options = _dose_options(args)
+    _check_out_dir(args.out)
+    try:
+        result = run(args.study_path, args.out, options, progress=_print_progress)
+    except OSError as exc:  # writing outputs: a refused path, not a bug
+        raise InputError(f"cannot write the outputs to {args.out}: {exc.strerror or exc}") from exc
     print((args.out / "summary.txt").read_text(), end="")
     print(f"Written to {args.out.resolve()}")
-    return 0 if result.outputs else 1
+    return EXIT_OK if result.outputs else EXIT_INTERNAL
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
@@ -299,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except SpectdoseError as exc:
         print(f"spectdose {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - last line of defence: a message, not only a traceback
@@ -309,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             f"spectdose {args.command}: internal error ({type(exc).__name__}: {exc}); rerun with --debug for details",
             file=sys.stderr,
         )
-        return 1
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

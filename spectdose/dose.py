@@ -24,6 +24,8 @@ __all__ = [
     "dvk_dose_rate",
     "activity_mbq_per_voxel",
     "time_integration_factor_s",
+    "HANSCHEID_VALID_RANGE_H",
+    "outside_model_range",
 ]
 
 # ICRU soft tissue, the medium of the paper's kernels (Li et al. 2022, sec. 2.2).
@@ -150,12 +152,34 @@ def dvk_dose_rate(
 
 TimeModel = Literal["hanscheid", "physical", "effective"]
 
+# Times after administration (h) for which the single-time-point formula D = Ddot(t) * 2t/ln2
+# holds: Hanscheid et al., J Nucl Med 59 (2018) 75-81 derived and validated it for Lu-177
+# somatostatin analogues (kidneys, tumours) with measurements from about 2 to 7 days, errors
+# below about 10 % around 3-5 days (approximately 0.75-2.5 effective half-lives). Earlier,
+# e.g. a day-1 SPECT, the formula underestimates (T_eff ~ 50-80 h >> t: about -40 % at 24 h);
+# later it overestimates. Outside this range the model is refused unless accepted.
+HANSCHEID_VALID_RANGE_H = (48.0, 168.0)
+
+
+def outside_model_range(model: TimeModel, hours_since_administration: float) -> str | None:
+    """Why the time model does not hold at this time, or None. Only the single-time-point model has a range."""
+    if model != "hanscheid":
+        return None
+    lo, hi = HANSCHEID_VALID_RANGE_H
+    if lo <= hours_since_administration <= hi:
+        return None
+    return (
+        f"the Hanscheid single-time-point model is validated for about {lo:g}-{hi:g} h after administration "
+        f"(Hanscheid et al., J Nucl Med 59 (2018) 75-81); this SPECT is at {hours_since_administration:.1f} h"
+    )
+
 
 def time_integration_factor_s(
     model: TimeModel,
     hours_since_administration: float | None,
     *,
     effective_half_life_h: float | None = None,
+    allow_outside_model_range: bool = False,
 ) -> float:
     """Seconds by which to multiply a dose rate measured at time t to get absorbed dose.
 
@@ -166,15 +190,28 @@ def time_integration_factor_s(
       59 (2018) 75; about +-10 % for kidneys and tumours when t is 3-5 days);
     * ``physical``: T = 6.647 d, physical decay only: an upper bound (no biological washout);
     * ``effective``: T = a user-given effective half-life.
+
+    The Hanscheid model is refused outside :data:`HANSCHEID_VALID_RANGE_H` unless
+    ``allow_outside_model_range``.
     """
+    # the option vocabulary, for messages; imported late (pipeline imports this module)
+    from .pipeline import option_hint
+
     if hours_since_administration is None:
         raise InputError(
-            "time since administration is unknown (no RadiopharmaceuticalStartDateTime in the SPECT): "
-            "give the administration time explicitly"
+            "time since administration is unknown: give "
+            f"{option_hint('administration_datetime')} or {option_hint('hours_after_administration')}"
         )
     t_h = float(hours_since_administration)
     if not math.isfinite(t_h) or t_h <= 0:
         raise InputError(f"time from administration to acquisition must be positive, got {t_h:.2f} h")
+    why = outside_model_range(model, t_h)
+    if why and not allow_outside_model_range:
+        raise InputError(
+            f"{why}. Use a model that holds at this time ({option_hint('time_model')} physical, or effective "
+            f"with {option_hint('effective_half_life_h')}), check the times, or accept the model outside its "
+            "range with --accept time_outside_model_range (CLI) / accept=time_outside_model_range (REST)"
+        )
     if model == "hanscheid":
         half_life_h = t_h
     elif model == "physical":
@@ -189,6 +226,6 @@ def time_integration_factor_s(
             )
         half_life_h = float(effective_half_life_h)
     else:
-        raise InputError(f"unknown time model {model!r}: use hanscheid, physical or effective")
+        raise InputError(f"unknown time model {model!r}: use hanscheid, physical or effective ({option_hint('time_model')})")
     lam_per_h = math.log(2) / half_life_h
     return math.exp(lam_per_h * t_h) / lam_per_h * 3600.0

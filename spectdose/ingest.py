@@ -14,6 +14,7 @@ never by patient attributes.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ from ._dicom_series import (
 )
 from .errors import CalibrationError, GeometryError, InputError
 from .geometry import Grid, Volume
-from .study import Administration, PatientInfo, SeriesRef, Study
+from .study import Administration, PatientInfo, SeriesRef, Study, resolve_times
 
 __all__ = [
     "CameraCalibration",
@@ -50,6 +51,14 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+def _hint(field: str) -> str:
+    """'--spect-series (CLI) / spect_series (REST)': the option that supplies a fact, for messages."""
+    from .pipeline import option_hint  # imported late: pipeline imports this module
+
+    return option_hint(field)
+
 
 # The SPECT must place at least this fraction of its (positive) activity inside the CT
 # volume, or the study is refused: dose needs densities where the activity is.
@@ -185,7 +194,7 @@ def _match_calibration(
 class SeriesSummary:
     """One series (or one multi-frame NM object) found in the input."""
 
-    key: str  # what to pass as spect_series_uid/ct_series_uid to pick it
+    key: str  # what to pass as --spect-series / --ct-series (spect_series / ct_series) to pick it
     study_instance_uid: str
     series_instance_uid: str
     modality: str
@@ -311,7 +320,8 @@ def _listing(cands: Sequence[Candidate]) -> str:
     return "; ".join(c.label() for c in cands)
 
 
-def _pick_by_uid(cands: list[Candidate], uid: str, role: str) -> Candidate:
+def _by_uid(cands: list[Candidate], uid: str, role: str) -> list[Candidate]:
+    """The usable candidates a key or Series Instance UID names (several: the windows of one recon)."""
     matches = [c for c in cands if uid in (c.key, c.series_uid)]
     if not matches:
         usable = [c for c in cands if c.role == role]
@@ -324,17 +334,30 @@ def _pick_by_uid(cands: list[Candidate], uid: str, role: str) -> Candidate:
         raise InputError(
             f"{exact[0].label()} cannot be used as the {role.upper()}: {exact[0].reason or 'it is a ' + exact[0].role.upper()}"
         )
+    return usable
+
+
+def _pick_by_uid(cands: list[Candidate], uid: str, role: str) -> Candidate:
+    usable = _by_uid(cands, uid, role)
     if len(usable) > 1:
         raise InputError(
-            f"UID {uid} names {len(usable)} {role.upper()} volumes; pass one of their keys instead: {_listing(usable)}"
+            f"UID {uid} names {len(usable)} {role.upper()} volumes; pass one of their keys instead "
+            f"({_hint(role + '_series_uid')}): {_listing(usable)}"
         )
     return usable[0]
 
 
-def _select_spect(cands: list[Candidate], uid: str | None) -> Candidate:
-    if uid:
-        return _pick_by_uid(cands, uid, "spect")
-    spects = [c for c in cands if c.role == "spect"]
+def _select_spect(cands: list[Candidate], uid: str | None, energy_window_kev: float | None = None) -> Candidate:
+    spects = _by_uid(cands, uid, "spect") if uid else [c for c in cands if c.role == "spect"]
+    if energy_window_kev is not None and spects:
+        chosen = [c for c in spects if c.window is not None and c.window.contains(energy_window_kev)]
+        if not chosen:
+            raise InputError(
+                f"no SPECT candidate has an energy window containing {energy_window_kev:g} keV "
+                f"({_hint('energy_window_kev')}); candidates: "
+                + "; ".join(f"[{c.key}] {c.label()}" for c in spects)
+            )
+        spects = chosen
     if len(spects) == 1:
         return spects[0]
     if not spects:
@@ -344,8 +367,12 @@ def _select_spect(cands: list[Candidate], uid: str | None) -> Candidate:
             "no reconstructed SPECT in the input (need an NM RECON TOMO volume or a PET-style BQML series)"
             + (f". Found instead: {why}" if why else "")
         )
+    windows = {c.window.centre_kev for c in spects if c.window is not None}
+    by_window = len(windows) > 1 and energy_window_kev is None
     raise InputError(
-        f"{len(spects)} candidate SPECT volumes; choose one with spect_series_uid: "
+        f"{len(spects)} candidate SPECT volumes; choose one with {_hint('spect_series_uid')}"
+        + (f" or by its energy window (photopeak in keV) with {_hint('energy_window_kev')}" if by_window else "")
+        + ": "
         + "; ".join(f"[{c.key}] {c.label()}" for c in spects)
     )
 
@@ -416,7 +443,7 @@ def _select_ct(
         )
         return best
     raise InputError(
-        f"{len(pool)} candidate CT series cover the SPECT equally; choose one with ct_series_uid: "
+        f"{len(pool)} candidate CT series cover the SPECT equally; choose one with {_hint('ct_series_uid')}: "
         + "; ".join(f"[{c.key}] {c.label()}" for c in pool)
     )
 
@@ -493,6 +520,10 @@ def _read_spect_values(
     if spect.kind == "nm-multiframe":
         stored, ds = read_pixels(spect.files[0])
         scaling = act.nm_scaling(ds, stored.shape[0], notes)
+        if spect.frames is not None:  # one energy window of a multi-window reconstruction
+            frames = list(spect.frames)
+            stored = stored[frames]
+            scaling = dataclasses.replace(scaling, slope=scaling.slope[frames], intercept=scaling.intercept[frames])
         datasets = [ds]
     else:
         frames, datasets = [], []
@@ -515,10 +546,60 @@ def _read_spect_values(
                 per_slice[0].units,
                 per_slice[0].note,
             )
+    _check_scaling(stored, scaling, spect.label())
     values = (
         stored.astype(np.float64) * scaling.slope[:, None, None] + scaling.intercept[:, None, None]
     )
     return values, scaling, datasets
+
+
+# Negative values are reconstruction noise (FBP, or OSEM with scatter subtraction, around zero
+# in the background) while their summed magnitude stays below this fraction of the positive
+# total: such noise is roughly symmetric about zero in cold regions, so its negative half is
+# a few % of a body's activity at most (OSEM without subtraction gives none). Beyond it the
+# values do not describe activity (a wrong intercept, an offset, a subtracted image) and are
+# refused rather than clipped: clipping would silently change the total activity.
+NEGATIVE_NOISE_FRACTION = 0.05
+
+
+def _check_scaling(stored: np.ndarray, scaling: act.Scaling, what: str) -> None:
+    """Refuse a SPECT whose header scaling or pixels cannot hold any activity (never a 0 Gy dose)."""
+    zero = np.flatnonzero(scaling.slope == 0)
+    if zero.size:
+        where = "every slice" if zero.size == scaling.slope.size else f"{zero.size} of {scaling.slope.size} slices"
+        raise InputError(
+            f"{what}: the value scaling ({scaling.note}) has slope 0 in {where}: stored values map to a constant, "
+            "so the SPECT holds no activity there; the header's Real World Value / Rescale Slope is wrong"
+        )
+    if not np.any(stored):
+        raise InputError(f"{what}: the pixel data are all zero: the SPECT holds no activity, so there is no dose")
+
+
+def _check_activity(values: np.ndarray, what: str, notes: list[str]) -> None:
+    """Refuse no positive activity or negative values beyond noise; note the noise that will be clipped."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        raise InputError(f"{what}: {int((~finite).sum())} voxel(s) are not finite numbers (NaN or infinite)")
+    positive = float(values[values > 0].sum(dtype=np.float64))
+    negative = float(-values[values < 0].sum(dtype=np.float64))
+    if positive <= 0:
+        raise InputError(
+            f"{what}: no voxel holds positive activity (minimum {values.min():.4g}, maximum {values.max():.4g} "
+            "after the header's scaling), so there is no dose"
+        )
+    if negative > NEGATIVE_NOISE_FRACTION * positive:
+        share = float((values < 0).mean())
+        raise InputError(
+            f"{what}: negative values beyond noise: {share:.0%} of the voxels are negative and they sum to "
+            f"{negative / positive:.0%} of the positive activity (noise stays below {NEGATIVE_NOISE_FRACTION:.0%}); "
+            f"minimum {values.min():.4g}. Check the Real World Value / Rescale Intercept; clipping them would "
+            "change the activity"
+        )
+    if negative > 0:
+        notes.append(
+            f"{what}: {int((values < 0).sum())} negative voxel(s) summing to {negative / positive:.2%} of the "
+            "positive activity (reconstruction noise) are set to 0"
+        )
 
 
 def _activity_fraction_inside(values: np.ndarray, grid: Grid, ct_grid: Grid) -> float:
@@ -609,7 +690,7 @@ def _to_activity(
     if sensitivity is None:
         problem = (
             f"{what} holds counts (no Bq/ml Real World Value Mapping) and no camera sensitivity applies: supply "
-            f"the camera sensitivity in cps/MBq (--sensitivity-cps-per-mbq), or a calibration entry matching this camera ({camera}"
+            f"the camera sensitivity in cps/MBq ({_hint('sensitivity_cps_per_mbq')}), or a calibration entry matching this camera ({camera}"
             + (f", calling AE title {calling_ae_title!r}" if calling_ae_title else "")
             + ")"
         )
@@ -627,7 +708,7 @@ def _to_activity(
         )
         return values * factor, "Bq/ml", note
     if not allow_normalised:
-        raise CalibrationError(problem + "; or ask for MBq-normalised output (allow_normalised)")
+        raise CalibrationError(problem + f"; or ask for MBq-normalised output ({_hint('allow_normalised')})")
     total = float(np.clip(values, 0, None).sum())
     if not total > 0:
         raise InputError(f"{what}: the SPECT holds no positive counts; nothing to normalise")
@@ -664,9 +745,10 @@ def _select(
     spect_series_uid: str | None,
     ct_series_uid: str | None,
     notes: list[str],
+    energy_window_kev: float | None = None,
 ) -> tuple[Candidate, list[int], Grid, Candidate, list[int], Grid]:
     """Pick the SPECT and the CT, check they belong together, and place both (headers only)."""
-    spect = _select_spect(candidates, spect_series_uid)
+    spect = _select_spect(candidates, spect_series_uid, energy_window_kev)
     for fh in spect.files:
         if fh.truncated:
             raise InputError(
@@ -694,6 +776,11 @@ def load_study(
     allow_normalised: bool = False,
     spect_series_uid: str | None = None,
     ct_series_uid: str | None = None,
+    energy_window_kev: float | None = None,
+    administration_datetime: dt.datetime | None = None,
+    acquisition_datetime: dt.datetime | None = None,
+    hours_after_administration: float | None = None,
+    accepted_assumptions: Sequence[str] = (),
     max_zip_bytes: int = 4 * 2**30,
 ) -> Study:
     """Read a SPECT/CT study from a folder, a zip archive or a single file.
@@ -714,7 +801,14 @@ def load_study(
         field of view (units ``"MBq-normalised"``) instead of refusing.
     spect_series_uid, ct_series_uid
         Choose among several candidates (a Series Instance UID, or the key listed by
-        :func:`scan_dicom` for one of several multi-frame NM objects in one series).
+        :func:`scan_dicom` for one of several multi-frame NM objects in one series, or
+        for one energy window of a multi-window reconstruction).
+    energy_window_kev
+        Choose the SPECT whose energy window contains this energy (e.g. 208 keV) among
+        several (several windows in one reconstruction, or one series per window).
+    administration_datetime, acquisition_datetime, hours_after_administration, accepted_assumptions
+        The user's time facts (see :func:`spectdose.study.resolve_times`); here they are
+        needed only for PET-style values decay-corrected to the administration.
     max_zip_bytes
         Largest total uncompressed size accepted from a zip archive.
 
@@ -728,7 +822,9 @@ def load_study(
     ------
     InputError
         No CT, no SPECT, several candidates, truncated or undecodable files in the
-        series needed, mismatched studies or patients, unsafe or oversized archives.
+        series needed, mismatched studies or patients, unsafe or oversized archives; a
+        SPECT with no activity in it (slope 0, all-zero pixels, no positive value, or
+        negative values beyond noise: see ``NEGATIVE_NOISE_FRACTION``).
     GeometryError
         Uneven CT spacing or missing slices, gantry tilt, mixed orientations, or a SPECT
         whose activity lies mostly outside the CT.
@@ -745,6 +841,13 @@ def load_study(
             allow_normalised=allow_normalised,
             spect_series_uid=spect_series_uid,
             ct_series_uid=ct_series_uid,
+            energy_window_kev=energy_window_kev,
+            time_options={
+                "administration_datetime": administration_datetime,
+                "acquisition_given": acquisition_datetime,
+                "hours_after_administration": hours_after_administration,
+                "accepted": tuple(accepted_assumptions),
+            },
             max_zip_bytes=max_zip_bytes,
         )
     except (
@@ -772,6 +875,8 @@ def _load(
     allow_normalised: bool,
     spect_series_uid: str | None,
     ct_series_uid: str | None,
+    energy_window_kev: float | None,
+    time_options: dict,
     max_zip_bytes: int,
 ) -> Study:
     notes: list[str] = []
@@ -786,7 +891,7 @@ def _load(
             )
         try:
             spect, spect_order, spect_grid, ct, ct_order, ct_grid = _select(
-                candidates, spect_series_uid, ct_series_uid, notes
+                candidates, spect_series_uid, ct_series_uid, notes, energy_window_kev
             )
         except (InputError, GeometryError) as exc:
             if not orphans:
@@ -824,13 +929,25 @@ def _load(
             "SPECT Corrected Image includes DECY but NM headers do not state the reference time; values are "
             "taken as at acquisition start"
         )
-    acquisition = act.acquisition_start(datasets, what, notes)
+    acquisition, acquisition_source = act.acquisition_start(datasets, what, notes)
     rp = act.radiopharmaceutical(header, spect.modality, acquisition, what, notes)
-    decay = (
-        act.pet_decay_factor(datasets, rp, acquisition, what, notes)
-        if spect.kind == "pt-stack"
-        else 1.0
+    administration = Administration(
+        nuclide=rp.nuclide,
+        injected_activity_bq=rp.injected_activity_bq,
+        administration_datetime=rp.administration,
+        radiopharmaceutical=rp.agent,
+        start_time_only=rp.start_time_only,
     )
+    decay = 1.0
+    if spect.kind == "pt-stack":
+        elapsed_s = None
+        if str(header.get("DecayCorrection", "") or "").upper() == "ADMIN":
+            # values referred to the administration: the elapsed time is needed now, from facts only
+            times = resolve_times(administration, acquisition, acquisition_source, **time_options)
+            elapsed_s = times.hours * 3600.0
+            notes.extend(times.warnings)
+        decay = act.pet_decay_factor(datasets, rp, elapsed_s, what, notes)
+    _check_activity(values, spect.label(), notes)
     if spect.frame_of_reference_uid and spect.frame_of_reference_uid == ct.frame_of_reference_uid:
         _check_overlap(values, spect, spect_grid, ct_grid, notes)
     array, units, calibration_note = _to_activity(
@@ -854,14 +971,10 @@ def _load(
         ct_series=_ref(ct, ct_order),
         spect_series=_ref(spect, spect_order),
         patient=_patient(header),
-        administration=Administration(
-            nuclide=rp.nuclide,
-            injected_activity_bq=rp.injected_activity_bq,
-            administration_datetime=rp.administration,
-            radiopharmaceutical=rp.agent,
-        ),
+        administration=administration,
         acquisition_datetime=acquisition,
         calibration_note=calibration_note,
         warnings=notes,
         ignored_files=ignored,
+        acquisition_datetime_source=acquisition_source,
     )

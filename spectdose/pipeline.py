@@ -19,7 +19,7 @@ import numpy as np
 
 from . import __version__
 from .density import hu_to_density, load_curve
-from .dose import dvk_dose_rate, time_integration_factor_s
+from .dose import dvk_dose_rate, outside_model_range, time_integration_factor_s
 from .errors import InputError
 from .export_rtdose import Replaces
 from .geometry import Volume, register_rigid, resample_to_grid
@@ -226,6 +226,8 @@ ASSUMPTIONS: dict[str, str] = {
     "administration_date_from_acquisition": "a Radiopharmaceutical Start Time without a date is taken on the "
     "acquisition day (or the day before, when that would put it after the acquisition)",
     "time_outside_model_range": "the single-time-point model is used outside the range of times it was validated for",
+    "acquisition_time_from_series_or_study": "a SPECT without Acquisition Date/Time is taken as acquired at its "
+    "series (or study) date/time",
 }
 
 
@@ -390,6 +392,11 @@ def run(
         allow_normalised=options.allow_normalised,
         spect_series_uid=options.spect_series_uid,
         ct_series_uid=options.ct_series_uid,
+        energy_window_kev=options.energy_window_kev,
+        administration_datetime=options.administration_datetime,
+        acquisition_datetime=options.acquisition_datetime,
+        hours_after_administration=options.hours_after_administration,
+        accepted_assumptions=options.accepted_assumptions,
     )
     warnings = list(study.warnings)
     masks = {}
@@ -400,15 +407,30 @@ def run(
     lap("ingest")
 
     # Time integration is checked before the expensive stages so a missing time fails fast.
-    administration = options.administration_datetime or study.administration.administration_datetime
-    hours = _hours_between(administration, study.acquisition_datetime)
+    # No date is guessed: study.resolve_times refuses, or warns for an assumption the options accept.
     normalised = study.spect.units != "Bq/ml"
     integrate = not normalised
+    times = study.resolve_times(
+        administration_datetime=options.administration_datetime,
+        acquisition_given=options.acquisition_datetime,
+        hours_after_administration=options.hours_after_administration,
+        accepted=options.accepted_assumptions,
+        required=integrate,
+    )
+    administration, acquisition, hours = times.administration, times.acquisition, times.hours
+    warnings.extend(w for w in times.warnings if w not in warnings)
     factor_s = None
     if integrate:
+        outside = "time_outside_model_range" in options.accepted_assumptions
         factor_s = time_integration_factor_s(
-            options.time_model, hours, effective_half_life_h=options.effective_half_life_h
+            options.time_model,
+            hours,
+            effective_half_life_h=options.effective_half_life_h,
+            allow_outside_model_range=outside,
         )
+        why = outside_model_range(options.time_model, hours)
+        if why:
+            warnings.append(f"ASSUMED (time_outside_model_range): {why}; the dose may be off by tens of %")
     else:
         warnings.append("activity is MBq-normalised: the dose-rate map is per MBq in the field of view; no RT Dose in Gy")
 
@@ -428,7 +450,7 @@ def run(
     _note(progress, "export", 0.85)
     rate_mgy_per_h = Volume(rate.array * np.float32(3.6e6), rate.grid, "mGy/h" if integrate else "mGy/h/MBq")
     dose = Volume(rate.array * np.float32(factor_s), rate.grid, "Gy") if integrate else None
-    time_facts = {"administration": administration, "acquisition": study.acquisition_datetime, "hours": hours,
+    time_facts = {"administration": administration, "acquisition": acquisition, "hours": hours,
                   "integration_factor_s": factor_s}
     outputs, export_info = _export(out_dir, rate_mgy_per_h, dose, study, options, rate_info, time_facts, warnings,
                                    replaces or {})
@@ -478,8 +500,9 @@ def run(
         },
         "time": {
             "administration": administration.isoformat() if administration else None,
-            "acquisition": study.acquisition_datetime.isoformat() if study.acquisition_datetime else None,
+            "acquisition": acquisition.isoformat() if acquisition else None,
             "hours_since_administration": hours,
+            "source": times.source,
             "model": options.time_model if integrate else None,
             "effective_half_life_h": options.effective_half_life_h,
             "integration_factor_h": factor_s / 3600.0 if factor_s else None,

@@ -20,13 +20,18 @@ def _session_kernel_cache(tmp_path_factory):
     os.environ.pop("SPECTDOSE_CACHE_DIR", None)
 
 
+# Seed 8 is imaged 93 h after administration, inside the range where the default (Hanscheid)
+# time model holds; seed 7 (33 h) is refused by default since that check exists.
+SMALL_STUDY_SEED = 8
+
+
 @pytest.fixture(scope="session")
 def small_study(tmp_path_factory) -> Path:
     """A small virtual patient written by `spectdose phantom` (DICOM under ./dicom, truth under ./truth)."""
     from spectdose.phantom import generate
 
     out = tmp_path_factory.mktemp("vp-small")
-    generate(out, 7, size="small")
+    generate(out, SMALL_STUDY_SEED, size="small")
     return out
 
 

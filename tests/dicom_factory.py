@@ -251,8 +251,16 @@ def write_nm_recon(
     description: str = "SPECT RECON",
     frame_of_reference_uid: str | None = None,
     preamble: bool = True,
+    energy_window: tuple[str, float, float] = ("Lu177 208keV", 187.2, 228.8),
+    extra_windows: Sequence[tuple[np.ndarray, str, float, float]] = (),
+    units_bqml_slope: float | None = None,
 ) -> Written:
     """One multi-frame NM RECON TOMO object; frame ``n`` at ``IPP + n*sign*spacing*(row x col)``.
+
+    ``energy_window`` is (name, lower keV, upper keV). ``extra_windows`` adds further
+    windows, each (stored, name, lower, upper), to the same object: frames then run window
+    by window, indexed by Energy Window Vector and Slice Vector. ``units_bqml_slope`` writes
+    NM Units BQML with that Rescale Slope instead of a Real World Value Mapping.
 
     ``stored`` is ``(frames, rows, cols)`` uint16. With ``rwvm=(slope, intercept)`` a Real
     World Value Mapping to ``rwvm_unit`` is added (at the top level, in the shared
@@ -268,9 +276,14 @@ def write_nm_recon(
     ds.DeviceSerialNumber = device_serial_number
     ds.ImageType = list(image_type)
     ds.InstanceNumber = 1
-    ds.NumberOfFrames = n
-    ds.FrameIncrementPointer = SLICE_VECTOR
-    ds.SliceVector = list(range(1, n + 1))
+    windows = [(stored, *energy_window), *[(np.asarray(w[0], np.uint16), *w[1:]) for w in extra_windows]]
+    ds.NumberOfFrames = n * len(windows)
+    if len(windows) == 1:
+        ds.FrameIncrementPointer = SLICE_VECTOR
+    else:
+        ds.FrameIncrementPointer = [ENERGY_WINDOW_VECTOR, SLICE_VECTOR]
+        ds.EnergyWindowVector = [w + 1 for w in range(len(windows)) for _ in range(n)]
+    ds.SliceVector = list(range(1, n + 1)) * len(windows)
     ds.NumberOfSlices = n
     ds.PixelSpacing = [f"{spacing_mm[1]:g}", f"{spacing_mm[2]:g}"]
     ds.SliceThickness = f"{spacing_mm[0]:g}"
@@ -297,16 +310,28 @@ def write_nm_recon(
         rot.ActualFrameDuration = frame_duration_ms
     ds.RotationInformationSequence = DicomSequence([rot])
     ds.NumberOfRotations = 1
-    ew = Dataset()
-    ew.EnergyWindowName = "Lu177 208keV"
-    ds.EnergyWindowInformationSequence = DicomSequence([ew])
-    ds.NumberOfEnergyWindows = 1
+    items = []
+    for _, name, lower, upper in windows:
+        ew = Dataset()
+        ew.EnergyWindowName = name
+        limits = Dataset()
+        limits.EnergyWindowLowerLimit = f"{lower:g}"
+        limits.EnergyWindowUpperLimit = f"{upper:g}"
+        ew.EnergyWindowRangeSequence = DicomSequence([limits])
+        items.append(ew)
+    ds.EnergyWindowInformationSequence = DicomSequence(items)
+    ds.NumberOfEnergyWindows = len(windows)
     ds.RadiopharmaceuticalInformationSequence = DicomSequence(
         [_radiopharmaceutical(injected, admin_datetime, admin_time_only)]
     )
     if acquisition is not None:
         ds.AcquisitionDate, ds.AcquisitionTime = acquisition
     values = stored.astype(np.float64)
+    if units_bqml_slope is not None:
+        ds.Units = "BQML"
+        ds.RescaleSlope = f"{units_bqml_slope:g}"
+        ds.RescaleIntercept = "0"
+        values = stored * units_bqml_slope
     if rwvm is not None:
         slope, intercept = rwvm
         if rwvm_where == "top":
@@ -331,7 +356,7 @@ def write_nm_recon(
             ds.PerFrameFunctionalGroupsSequence = DicomSequence(groups)
         else:
             raise ValueError(rwvm_where)
-    ds.PixelData = stored.tobytes()
+    ds.PixelData = b"".join(w[0].tobytes() for w in windows)
     _save(ds, path, preamble)
     normal = np.cross(row, col)
     grid = Grid(
@@ -353,11 +378,14 @@ def write_nm_slices(
     first_voxel_mm: Sequence[float] = (-22.0, -18.0, -14.0),
     frame_duration_ms: int | None = 20000,
     description: str = "SPECT RECON single-frame",
+    rwvm: tuple[float, float] | None = None,
+    admin_datetime: str | None = "20240304100000",
 ) -> Written:
     """A reconstructed NM volume as one single-frame NM file per slice (some workstations do this).
 
     Each file carries its slice's position in DetectorInformationSequence[0]; files are
-    named in reverse slice order so a reader must sort by position. ``values`` are counts.
+    named in reverse slice order so a reader must sort by position. ``values`` are counts,
+    or Bq/ml with ``rwvm=(slope, intercept)`` (a Real World Value Mapping per file).
     """
     series_uid = generate_uid()
     stored = np.asarray(stored, dtype=np.uint16)
@@ -386,9 +414,11 @@ def write_nm_slices(
             rot.ActualFrameDuration = frame_duration_ms
         ds.RotationInformationSequence = DicomSequence([rot])
         ds.RadiopharmaceuticalInformationSequence = DicomSequence(
-            [_radiopharmaceutical(7400.0, "20240304100000", None)]
+            [_radiopharmaceutical(7400.0, admin_datetime, None)]
         )
         ds.AcquisitionDate, ds.AcquisitionTime = "20240305", "093000"
+        if rwvm is not None:
+            ds.RealWorldValueMappingSequence = DicomSequence([_rwvm(*rwvm, "Bq/ml")])
         ds.PixelData = stored[k].tobytes()
         paths.append(_save(ds, out_dir / f"slice_{n - k:04d}.dcm"))
     grid = Grid(
@@ -398,7 +428,8 @@ def write_nm_slices(
         axes=np.stack([[0, 0, 1.0], [0, 1.0, 0], [1.0, 0, 0]]),
         frame_of_reference_uid=study.frame_of_reference_uid,
     )
-    return Written(series_uid, paths, grid, stored.astype(np.float64))
+    values = stored.astype(np.float64) if rwvm is None else stored * rwvm[0] + rwvm[1]
+    return Written(series_uid, paths, grid, values)
 
 
 def write_nm_projections(

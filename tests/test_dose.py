@@ -8,6 +8,7 @@ from spectdose.dose import (
     LU177_HALF_LIFE_H,
     dvk_dose_rate,
     fft_convolve,
+    outside_model_range,
     time_integration_factor_s,
 )
 from spectdose.errors import InputError
@@ -99,3 +100,18 @@ def test_negative_activity_refused_and_round_off_never_negative():
     k[10, 10, 10] = 10.0
     out = dvk_dose_rate(act, np.full(act.shape, 1.04, np.float32), k, 0.001)
     assert out.min() >= 0.0
+
+
+def test_hanscheid_refused_outside_its_validated_range_unless_accepted():
+    """Hanscheid et al., J Nucl Med 59 (2018) 75: the single-time-point formula holds for about 48-168 h."""
+    for t_h in (48.0, 100.0, 168.0):
+        assert time_integration_factor_s("hanscheid", t_h) == pytest.approx(2 * t_h * 3600 / math.log(2))
+    for t_h in (8.9, 24.0, 47.5, 168.5, 240.0):
+        with pytest.raises(InputError, match=r"validated for about 48-168 h.*--accept time_outside_model_range"):
+            time_integration_factor_s("hanscheid", t_h)
+        factor = time_integration_factor_s("hanscheid", t_h, allow_outside_model_range=True)
+        assert factor == pytest.approx(2 * t_h * 3600 / math.log(2))
+        assert outside_model_range("hanscheid", t_h)
+    # The other models have no such range: physical decay is an upper bound at any time.
+    assert time_integration_factor_s("physical", 24.0) > 0
+    assert outside_model_range("physical", 24.0) is None

@@ -466,14 +466,13 @@ def test_counts_normalised_to_one_mbq_when_allowed(tmp_path):
     )
 
 
-def test_empty_spect_loads_as_zero_but_cannot_be_normalised(tmp_path):
+def test_empty_spect_is_refused_calibrated_or_normalised(tmp_path):
     study = f.StudyIds()
     _ct(tmp_path, study)
     _nm(tmp_path, study, counts=np.zeros(NM_SHAPE, np.uint16))
-    s = load_study(tmp_path, sensitivity_cps_per_mbq=9.3)
-    assert not s.spect.array.any() and any("no activity" in w for w in s.warnings)
-    with pytest.raises(InputError, match="no positive counts"):
-        load_study(tmp_path, allow_normalised=True)
+    for kw in ({"sensitivity_cps_per_mbq": 9.3}, {"allow_normalised": True}):
+        with pytest.raises(InputError, match="pixel data are all zero"):
+            load_study(tmp_path, **kw)
 
 
 def test_pet_style_bqml_series(tmp_path):
@@ -515,20 +514,22 @@ def test_pet_style_in_mbq_and_nm_in_bq_are_recognised_by_magnitude(tmp_path):
 # ----------------------------------------------------------------------------- times
 
 
-def test_administration_time_without_date_uses_series_date_with_warning(tmp_path):
+def test_administration_time_without_date_is_kept_without_a_date(tmp_path):
+    """Issue 7 item 1: the date is never completed from the series or study date at ingest."""
     _quant_study(tmp_path, admin_datetime=None, admin_time_only="081500")
     s = load_study(tmp_path)
-    assert s.administration.administration_datetime == dt.datetime(2024, 3, 5, 8, 15)
+    assert s.administration.administration_datetime is None
+    assert s.administration.start_time_only == dt.time(8, 15)
     assert any("no date" in w for w in s.warnings)
 
 
-def test_missing_times_are_warnings_not_errors(tmp_path):
+def test_missing_times_are_recorded_with_their_source(tmp_path):
     _quant_study(tmp_path, admin_datetime=None, acquisition=None)
     s = load_study(tmp_path)
     assert s.administration.administration_datetime is None
-    assert s.acquisition_datetime == dt.datetime(2024, 3, 5, 9, 0)  # series date/time fallback
-    assert any("administration" in w for w in s.warnings)
-    assert any("series date/time is used" in w for w in s.warnings)
+    assert s.acquisition_datetime == dt.datetime(2024, 3, 5, 9, 0)  # the series date/time ...
+    assert s.acquisition_datetime_source == "series"  # ... marked as such: used only when accepted
+    assert any("only the series date/time" in w for w in s.warnings)
 
 
 def test_utc_offset_is_dropped_to_naive_local_time(tmp_path):
@@ -610,7 +611,7 @@ def test_ct_picked_by_frame_of_reference_then_by_choice(tmp_path):
     assert s.ct_series.series_instance_uid == same.series_uid
     assert any("frame of reference" in w for w in s.warnings)
     twin = _ct(tmp_path / "c", study, description="CT twin")
-    with pytest.raises(InputError, match="choose one with ct_series_uid") as err:
+    with pytest.raises(InputError, match=r"choose one with --ct-series \(CLI\) / ct_series \(REST\)") as err:
         load_study(tmp_path)
     assert twin.series_uid in str(err.value) and same.series_uid in str(err.value)
     assert (

@@ -12,13 +12,14 @@ import SimpleITK as sitk
 
 from spectdose.density import hu_to_density
 from spectdose.dose import dvk_dose_rate
-from spectdose.errors import CalibrationError, GeometryError
+from spectdose.errors import CalibrationError, GeometryError, InputError
 from spectdose.export import read_dose_rate_map, read_rtdose
 from spectdose.geometry import Grid, Volume
 from spectdose.ingest import load_study
 from spectdose.kernels import get_kernel
 from spectdose.pipeline import DoseOptions, run
 
+from .conftest import SMALL_STUDY_SEED
 from .dicom_factory import copy_with_zero_activity
 
 
@@ -109,17 +110,18 @@ def _copy_study(src, dst):
     return dst
 
 
-def test_all_zero_activity_gives_an_all_zero_dose(small_study, kernel_cache_dir, tmp_path):
+def test_all_zero_activity_is_refused_and_writes_no_dose(small_study, kernel_cache_dir, tmp_path):
+    """Issue 8: a SPECT with no activity is refused, never a 0 Gy RT Dose."""
     study_dir = copy_with_zero_activity(small_study / "dicom", tmp_path / "zero")
-    res = run(study_dir, tmp_path / "out", DoseOptions(kernel_cache_dir=kernel_cache_dir))
-    assert not np.any(read_rtdose(res.outputs["rtdose"]).array)
-    assert not np.any(res.dose_rate_gy_per_s.array)
+    with pytest.raises(InputError, match="pixel data are all zero"):
+        run(study_dir, tmp_path / "out", DoseOptions(kernel_cache_dir=kernel_cache_dir))
+    assert not (tmp_path / "out" / "rtdose.dcm").exists()
 
 
 def test_counts_spect_needs_a_calibration_and_then_matches(small_study, kernel_cache_dir, tmp_path):
     from spectdose.phantom import generate
 
-    info = generate(tmp_path / "counts", 7, size="small", spect_units="counts")
+    info = generate(tmp_path / "counts", SMALL_STUDY_SEED, size="small", spect_units="counts")
     meta = json.loads((tmp_path / "counts" / "truth" / "phantom.json").read_text())
     sens = meta["calibration"]["sensitivity_cps_per_mbq"]
     with pytest.raises(CalibrationError, match="cps/MBq"):

@@ -102,11 +102,11 @@ def test_tiny_training_runs_resumes_and_gives_a_usable_model(prepared, tmp_path,
                  "--model", str(tmp_path / "tiny.pt"), "--kernel-cache", str(kernel_cache_dir)]) == 0  # fmt: skip
     summary = json.loads((tmp_path / "cnn" / "summary.json").read_text())
     assert summary["method"] == "cnn" and read_rtdose(tmp_path / "cnn" / "rtdose.dcm").array.max() > 0
-    # Zero in, zero out with the network too.
+    # No activity in: refused with the network too (issue 8), never a 0 Gy RT Dose.
     zero = copy_with_zero_activity(small_study / "dicom", tmp_path / "zero")
     assert main(["dose", str(zero), "-o", str(tmp_path / "cnn0"), "--method", "cnn",
-                 "--model", str(tmp_path / "tiny.pt"), "--kernel-cache", str(kernel_cache_dir)]) == 0  # fmt: skip
-    assert not np.any(read_rtdose(tmp_path / "cnn0" / "rtdose.dcm").array)
+                 "--model", str(tmp_path / "tiny.pt"), "--kernel-cache", str(kernel_cache_dir)]) == 2  # fmt: skip
+    assert not (tmp_path / "cnn0" / "rtdose.dcm").exists()
 
 
 def test_unknown_training_option_refused(tmp_path):

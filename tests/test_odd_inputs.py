@@ -1,0 +1,512 @@
+"""A corpus of odd inputs, end to end through ``pipeline.run``: each gives the baseline dose or a named refusal.
+
+Issue 7 ("no silent wrong dose") and issue 8 item 4 ("refuse what has no dose in it"). Every
+case is a small synthetic study written by tests/dicom_factory.py (CT 16 x 20 x 24 at
+5 x 2 x 2.5 mm, SPECT 8 x 10 x 12 at 4 mm, 72 h after administration) and asserts one exact
+outcome:
+
+* ``Same``: the dose equals the baseline's: maximum and mean in tissue within 1 % (the
+  same activity and densities reach the dose calculation; only quantisation of PET-style
+  16-bit slices differs). The registration case allows 5 % on the maximum and 2 % on the
+  mean: a rigid registration of such small volumes is good to a few mm, not to a voxel.
+* ``Scaled``: the dose is the baseline's times a stated factor (a different, stated time),
+  and summary.json carries the warnings named.
+* ``Refused``: the exception type and a message fragment naming what is wrong and the
+  CLI flag / REST field that supplies the missing fact; no RT Dose is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import random
+import re
+import shutil
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from spectdose.dose import time_integration_factor_s
+from spectdose.errors import CalibrationError, GeometryError, InputError, SpectdoseError
+from spectdose.pipeline import DoseOptions, run
+
+from . import dicom_factory as f
+
+CT_SHAPE = (16, 20, 24)
+CT_SPACING = (5.0, 2.0, 2.5)
+CT_ORIGIN = (-30.0, -20.0, -40.0)
+NM_SHAPE = (8, 10, 12)
+NM_SPACING = (4.0, 4.0, 4.0)
+NM_FIRST_VOXEL = (-22.0, -18.0, -14.0)
+RWVM_SLOPE = 2.5  # Bq/ml per stored value
+FRAME_S = 20.0  # time per view written by the factory (ActualFrameDuration 20000 ms)
+VOXEL_ML = 0.064
+ADMIN = "20240302093000"  # 72 h before the acquisition start 2024-03-05 09:30 (inside 48-168 h)
+HOURS = 72.0
+LAMBDA_PER_H = math.log(2) / (6.647 * 24)  # Lu-177 (ICRP-107)
+WINDOW_113 = ("Lu177 113keV", 101.7, 124.3)  # 20 % windows around the photopeaks
+WINDOW_208 = ("Lu177 208keV", 187.2, 228.8)
+NOT_PUBLIC = ("spect_series_uid", "ct_series_uid", "allow_normalised", "administration_datetime")
+
+
+def _counts() -> np.ndarray:
+    return f.blob_counts(NM_SHAPE)
+
+
+def _ct(root: Path, study: f.StudyIds, **kw) -> f.Written:
+    kw.setdefault("origin_mm", CT_ORIGIN)
+    kw.setdefault("spacing_mm", CT_SPACING)
+    hu = kw.pop("hu", None)
+    return f.write_ct_series(root / "CT", study, f.smooth_hu(CT_SHAPE) if hu is None else hu, **kw)
+
+
+def _nm(root: Path, study: f.StudyIds, name: str = "nm.dcm", **kw) -> f.Written:
+    kw.setdefault("spacing_mm", NM_SPACING)
+    kw.setdefault("first_voxel_mm", NM_FIRST_VOXEL)
+    kw.setdefault("rwvm", (RWVM_SLOPE, 0.0))
+    kw.setdefault("admin_datetime", ADMIN)
+    counts = kw.pop("counts", None)
+    return f.write_nm_recon(root / "NM" / name, study, _counts() if counts is None else counts, **kw)
+
+
+def baseline(root: Path, *, ct: dict | None = None, **nm) -> None:
+    study = f.StudyIds()
+    _ct(root, study, **(ct or {}))
+    _nm(root, study, **nm)
+
+
+# ----------------------------------------------------------------------------- writers of odd studies
+
+
+def zipped(root: Path) -> Path:
+    src = root / "src"
+    baseline(src)
+    archive = root / "study.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(src.rglob("*")):
+            if p.is_file():
+                zf.write(p, f"export/{p.relative_to(src).as_posix()}")
+    return archive
+
+
+def shuffled_nested(root: Path) -> None:
+    """Files renamed at random, without extensions, in nested folders, with junk and a DICOMDIR."""
+    src = root.parent / (root.name + "-src")
+    baseline(src)
+    rng = random.Random(5)
+    files = sorted(src.rglob("*.dcm"))
+    for n, p in enumerate(rng.sample(files, len(files))):
+        dst = root / ("a/b" if n % 3 else "c") / f"IM{rng.randrange(10**6):06d}"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(p, dst)
+    (root / "export.log").write_text("scanner export log\n")
+    f.write_dicomdir_stub(root / "DICOMDIR")
+
+
+def ct_slices_in_scrambled_files(root: Path) -> None:
+    study = f.StudyIds()
+    perm = np.random.default_rng(2).permutation(CT_SHAPE[0])
+    _ct(root, study, hu=f.smooth_hu(CT_SHAPE)[perm], slice_offsets_mm=np.arange(CT_SHAPE[0])[perm] * CT_SPACING[0])
+    _nm(root, study)
+
+
+def feet_first_ct(root: Path) -> None:
+    """The same voxels written as a feet-first scanner does: slices along -z, rows along -x."""
+    study = f.StudyIds()
+    hu = f.smooth_hu(CT_SHAPE)[::-1, :, ::-1]
+    top = CT_ORIGIN[2] + (CT_SHAPE[0] - 1) * CT_SPACING[0]
+    right = CT_ORIGIN[0] + (CT_SHAPE[2] - 1) * CT_SPACING[2]
+    _ct(root, study, hu=np.ascontiguousarray(hu), row_dir=(-1.0, 0.0, 0.0), origin_mm=(right, CT_ORIGIN[1], top))
+    _nm(root, study)
+
+
+def nm_negative_spacing(root: Path) -> None:
+    """Frames stacked from the top down with a negative Spacing Between Slices (PS3.3 C.8.4.15)."""
+    study = f.StudyIds()
+    _ct(root, study)
+    top = NM_FIRST_VOXEL[2] + (NM_SHAPE[0] - 1) * NM_SPACING[0]
+    _nm(root, study, counts=_counts()[::-1].copy(), spacing_sign=-1.0, first_voxel_mm=(*NM_FIRST_VOXEL[:2], top))
+
+
+def nm_single_frame_stack(root: Path) -> None:
+    study = f.StudyIds()
+    _ct(root, study)
+    f.write_nm_slices(
+        root / "NMS", study, _counts(), spacing_mm=NM_SPACING, first_voxel_mm=NM_FIRST_VOXEL,
+        rwvm=(RWVM_SLOPE, 0.0), admin_datetime=ADMIN,
+    )  # fmt: skip
+
+
+def pet_style(decay: str) -> Callable[[Path], None]:
+    def write(root: Path) -> None:
+        study = f.StudyIds()
+        _ct(root, study)
+        bq = _counts() * RWVM_SLOPE
+        if decay == "ADMIN":  # values referred to the administration: higher by the decay over 72 h
+            bq = bq * math.exp(LAMBDA_PER_H * HOURS)
+        f.write_pt_series(
+            root / "PT", study, bq, spacing_mm=NM_SPACING, origin_mm=NM_FIRST_VOXEL, decay_correction=decay,
+            admin_datetime=ADMIN,
+        )  # fmt: skip
+
+    return write
+
+
+def nm_units_bqml(root: Path) -> None:
+    baseline(root, rwvm=None, units_bqml_slope=RWVM_SLOPE)
+
+
+def rwvm_kbq(root: Path) -> None:
+    baseline(root, rwvm=(RWVM_SLOPE / 1000, 0.0), rwvm_unit="kBq/ml")
+
+
+def rwvm_shared(root: Path) -> None:
+    baseline(root, rwvm_where="shared")
+
+
+def counts_only(root: Path) -> None:
+    baseline(root, rwvm=None)
+
+
+def duplicates_and_outputs(root: Path) -> None:
+    """Second copies of some files, an earlier RT Dose output and a text file in the same folder."""
+    study = f.StudyIds()
+    ct = _ct(root, study)
+    nm = _nm(root, study)
+    for p in (*ct.paths[:3], *nm.paths):
+        (root / "again").mkdir(exist_ok=True)
+        shutil.copy(p, root / "again" / f"copy-{p.name}")
+    f.write_rtdose(root / "out" / "rtdose.dcm", study)
+    (root / "README.txt").write_text("export\n")
+
+
+def no_preamble(root: Path) -> None:
+    study = f.StudyIds()
+    _ct(root, study, preamble=False)
+    _nm(root, study, preamble=False)
+
+
+def time_only(clock: str = "093000") -> Callable[[Path], None]:
+    """Radiopharmaceutical Start Time without a date (all a standard NM object may carry)."""
+
+    def write(root: Path) -> None:
+        baseline(root, admin_datetime=None, admin_time_only=clock)
+
+    return write
+
+
+def deidentified(root: Path) -> None:
+    """Dates blanked by a de-identification profile; times of day kept."""
+    study = f.StudyIds(study_date="", study_time="")
+    _ct(root, study)
+    _nm(root, study, admin_datetime=None, admin_time_only="093000", acquisition=("", "093000"))
+
+
+def acquisition_from_series_date(root: Path) -> None:
+    """No Acquisition Date/Time: only the series/study date (09:00) is left."""
+    baseline(root, acquisition=None)
+
+
+def admin_datetime(value: str) -> Callable[[Path], None]:
+    def write(root: Path) -> None:
+        baseline(root, admin_datetime=value)
+
+    return write
+
+
+def multi_window(root: Path) -> None:
+    """One reconstruction holding the 208 keV window (the baseline) and the 113 keV window (twice it)."""
+    extra = [(_counts() * 2, *WINDOW_113)]
+    baseline(root, energy_window=WINDOW_208, extra_windows=extra)
+
+
+def per_window_series(root: Path) -> None:
+    """One series per window with the same description, as some workstations export them."""
+    study = f.StudyIds()
+    _ct(root, study)
+    _nm(root, study, "w208.dcm", energy_window=WINDOW_208, description="SPECT OSEM")
+    _nm(root, study, "w113.dcm", counts=_counts() * 2, energy_window=WINDOW_113, description="SPECT OSEM")
+
+
+def two_recons(root: Path) -> None:
+    study = f.StudyIds()
+    _ct(root, study)
+    _nm(root, study, "ac.dcm", description="SPECT AC")
+    _nm(root, study, "nac.dcm", description="SPECT NAC")
+
+
+def negative_noise(root: Path) -> None:
+    """An offset of 40 stored values taken off by the intercept, and 12 background voxels 10 below it."""
+    stored = _counts() + 40
+    stored[0, :3, :4] = 30
+    baseline(root, counts=stored, rwvm=(RWVM_SLOPE, -40 * RWVM_SLOPE))
+
+
+def all_zero(root: Path) -> None:
+    baseline(root, counts=np.zeros(NM_SHAPE, np.uint16))
+
+
+def ct_slope_zero(root: Path) -> None:
+    baseline(root)
+    for p in sorted((root / "CT").glob("*.dcm")):
+        ds = pydicom.dcmread(p)
+        ds.RescaleSlope = "0"
+        ds.save_as(p)
+
+
+def ct_missing_slice(root: Path) -> None:
+    offsets = [k * CT_SPACING[0] for k in range(CT_SHAPE[0] + 1) if k != 6]
+    study = f.StudyIds()
+    _ct(root, study, slice_offsets_mm=offsets)
+    _nm(root, study)
+
+
+def other_frame_of_reference(root: Path) -> None:
+    baseline(root, ct={"frame_of_reference_uid": "1.2.826.0.1.3680043.8.498.4242"})
+
+
+# ----------------------------------------------------------------------------- the corpus
+
+
+@dataclasses.dataclass(frozen=True)
+class Same:
+    max_rtol: float = 0.01
+    mean_rtol: float = 0.01
+    warning: str | None = None  # a fragment every result of the case must carry
+
+
+@dataclasses.dataclass(frozen=True)
+class Scaled:
+    factor: float
+    warnings: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Refused:
+    error: type[SpectdoseError]
+    match: str  # regular expression searched in the message
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    write: Callable[[Path], Path | None]
+    options: dict
+    outcome: Same | Scaled | Refused
+
+
+def _hanscheid_ratio(hours: float) -> float:
+    return time_integration_factor_s("hanscheid", hours, allow_outside_model_range=True) / time_integration_factor_s(
+        "hanscheid", HOURS
+    )
+
+
+ADMIN_DT = dt.datetime(2024, 3, 2, 9, 30)
+ACQ_DT = dt.datetime(2024, 3, 5, 9, 30)
+ACCEPT_DATE = ("administration_date_from_acquisition",)
+ACCEPT_RANGE = ("time_outside_model_range",)
+TIME_HINT = r"--hours-after-administration \(CLI\) / hours_after_administration \(REST\)"
+
+CASES: dict[str, Case] = {
+    # --- handled before issue 7 (its list of what went right), kept right
+    "zip-archive": Case(zipped, {}, Same()),
+    "shuffled-nested-files-without-extensions": Case(shuffled_nested, {}, Same()),
+    "ct-slices-in-scrambled-files": Case(ct_slices_in_scrambled_files, {}, Same()),
+    "feet-first-ct": Case(feet_first_ct, {}, Same()),
+    "nm-negative-spacing-between-slices": Case(nm_negative_spacing, {}, Same()),
+    "nm-single-frame-stack": Case(nm_single_frame_stack, {}, Same()),
+    "pet-style-bqml-decay-start": Case(pet_style("START"), {}, Same()),
+    "pet-style-bqml-decay-admin": Case(pet_style("ADMIN"), {}, Same()),
+    "pet-style-bqml-decay-none": Case(pet_style("NONE"), {}, Same()),
+    "nm-units-bqml-rescale": Case(nm_units_bqml, {}, Same()),
+    "rwvm-in-kbq-per-ml": Case(rwvm_kbq, {}, Same()),
+    "rwvm-in-shared-functional-group": Case(rwvm_shared, {}, Same()),
+    "counts-with-camera-sensitivity": Case(
+        counts_only, {"sensitivity_cps_per_mbq": 1e6 / (RWVM_SLOPE * FRAME_S * VOXEL_ML)}, Same()
+    ),
+    "duplicate-copies-and-earlier-outputs": Case(duplicates_and_outputs, {}, Same()),
+    "files-without-preamble": Case(no_preamble, {}, Same()),
+    "other-frame-of-reference-registered": Case(
+        other_frame_of_reference, {}, Same(max_rtol=0.05, mean_rtol=0.02, warning="rigidly registered")
+    ),
+    "ct-missing-slice": Case(ct_missing_slice, {}, Refused(GeometryError, r"slices missing.*1 slice")),
+    "ct-rescale-slope-zero": Case(ct_slope_zero, {}, Refused(InputError, "RescaleSlope is 0")),
+    "counts-without-calibration": Case(
+        counts_only,
+        {},
+        Refused(
+            CalibrationError,
+            r"--sensitivity-cps-per-mbq \(CLI\) / sensitivity_cps_per_mbq \(REST\).*--normalised \(CLI\) / normalised \(REST\)",
+        ),
+    ),
+    # --- issue 7 item 1: a time without a date is never completed by a guess
+    "administration-time-without-date": Case(
+        time_only(),
+        {},
+        Refused(
+            InputError,
+            r"administration time \(09:30, Radiopharmaceutical Start Time\) but no date.*"
+            r"--administration-time \(CLI\) / administration_time \(REST\).*administration_date_from_acquisition",
+        ),
+    ),
+    "administration-time-without-date-and-date-time-given": Case(
+        time_only(), {"administration_datetime": ADMIN_DT}, Same()
+    ),
+    "administration-time-without-date-and-hours-given": Case(
+        time_only(), {"hours_after_administration": HOURS}, Same()
+    ),
+    "administration-time-without-date-accepted": Case(
+        time_only(),
+        {"accepted_assumptions": ACCEPT_DATE + ACCEPT_RANGE},
+        # taken on the day before the acquisition at 09:30: 24 h, outside the model's range (also accepted)
+        Scaled(_hanscheid_ratio(24.0), ("ASSUMED (administration_date_from_acquisition)", "ASSUMED (time_outside_model_range)")),
+    ),
+    "administration-time-without-date-accepted-but-then-out-of-range": Case(
+        time_only("081500"), {"accepted_assumptions": ACCEPT_DATE}, Refused(InputError, r"validated for about 48-168 h.*1\.2 h")
+    ),
+    "administration-after-acquisition": Case(
+        admin_datetime("20240305120000"), {}, Refused(InputError, r"administration \(2024-03-05T12:00:00, in the header\) is not before")
+    ),
+    "administration-given-after-acquisition": Case(
+        admin_datetime(ADMIN), {"administration_datetime": dt.datetime(2024, 3, 6)}, Refused(InputError, "given.*is not before")
+    ),
+    # --- dates from elsewhere
+    "acquisition-date-only-from-series": Case(
+        acquisition_from_series_date, {}, Refused(InputError, r"no Acquisition Date/Time.*acquisition_time_from_series_or_study")
+    ),
+    "acquisition-date-from-series-accepted": Case(
+        acquisition_from_series_date,
+        {"accepted_assumptions": ("acquisition_time_from_series_or_study",)},
+        Scaled(71.5 / 72.0, ("ASSUMED (acquisition_time_from_series_or_study)",)),  # series time 09:00
+    ),
+    # --- issue 7 item 3: de-identified studies
+    "deidentified-blank-dates": Case(
+        deidentified,
+        {},
+        Refused(InputError, r"acquisition date is unknown.*--acquisition-time \(CLI\) / acquisition_time \(REST\).*" + TIME_HINT),
+    ),
+    "deidentified-with-administration-time-only": Case(
+        deidentified, {"administration_datetime": ADMIN_DT}, Refused(InputError, r"acquisition date is unknown.*--acquisition-time")
+    ),
+    "deidentified-with-both-date-times": Case(
+        deidentified, {"administration_datetime": ADMIN_DT, "acquisition_datetime": ACQ_DT}, Same()
+    ),
+    "deidentified-with-hours": Case(deidentified, {"hours_after_administration": HOURS}, Same()),
+    # --- the time model's range (Hanscheid et al. 2018: about 48-168 h)
+    "hanscheid-at-23-h": Case(
+        admin_datetime("20240304103000"), {}, Refused(InputError, r"validated for about 48-168 h.*23\.0 h.*time_outside_model_range")
+    ),
+    "hanscheid-at-200-h": Case(
+        admin_datetime("20240226013000"), {}, Refused(InputError, r"48-168 h.*200\.0 h.*--accept time_outside_model_range")
+    ),
+    "hanscheid-at-23-h-accepted": Case(
+        admin_datetime("20240304103000"),
+        {"accepted_assumptions": ACCEPT_RANGE},
+        Scaled(_hanscheid_ratio(23.0), ("ASSUMED (time_outside_model_range)",)),
+    ),
+    "physical-model-at-23-h": Case(
+        admin_datetime("20240304103000"),
+        {"time_model": "physical"},
+        Scaled(time_integration_factor_s("physical", 23.0) / time_integration_factor_s("hanscheid", HOURS), ()),
+    ),
+    # --- issue 8 item 4: nothing to compute a dose from
+    "rwvm-slope-zero": Case(lambda r: baseline(r, rwvm=(0.0, 5.0)), {}, Refused(InputError, "slope 0 in every slice")),
+    "nm-bqml-rescale-slope-zero": Case(
+        lambda r: baseline(r, rwvm=None, units_bqml_slope=0.0), {}, Refused(InputError, "NM Units BQML.*slope 0")
+    ),
+    "all-zero-pixels": Case(all_zero, {}, Refused(InputError, "pixel data are all zero")),
+    "no-positive-activity": Case(
+        lambda r: baseline(r, rwvm=(RWVM_SLOPE, -1e5)), {}, Refused(InputError, "no voxel holds positive activity")
+    ),
+    "negative-intercept-beyond-noise": Case(
+        lambda r: baseline(r, rwvm=(RWVM_SLOPE, -1000.0)), {}, Refused(InputError, r"negative values beyond noise.*Intercept")
+    ),
+    "negative-noise-clipped-with-a-warning": Case(negative_noise, {}, Same(warning="negative voxel(s)")),
+    # --- issue 7 item 6: energy windows; messages name flags and fields
+    "multi-window-recon-without-choice": Case(
+        multi_window,
+        {},
+        Refused(
+            InputError,
+            r"2 candidate SPECT volumes.*--energy-window \(CLI\) / energy_window \(REST\).*"
+            r"/window-1\].*187\.2-228\.8 keV \(centre 208 keV\).*/window-2\].*101\.7-124\.3 keV \(centre 113 keV\)",
+        ),
+    ),
+    "multi-window-recon-208-kev": Case(multi_window, {"energy_window_kev": 208.0}, Same()),
+    "multi-window-recon-113-kev": Case(multi_window, {"energy_window_kev": 113.0}, Scaled(2.0, ())),
+    "per-window-series-without-choice": Case(
+        per_window_series,
+        {},
+        Refused(InputError, r"'SPECT OSEM'.*centre 208 keV.*'SPECT OSEM'.*centre 113 keV|'SPECT OSEM'.*centre 113 keV.*'SPECT OSEM'.*centre 208 keV"),
+    ),
+    "per-window-series-208-kev": Case(per_window_series, {"energy_window_kev": 208.0}, Same()),
+    "energy-window-not-in-the-study": Case(
+        multi_window, {"energy_window_kev": 300.0}, Refused(InputError, r"no SPECT candidate has an energy window containing 300 keV")
+    ),
+    "two-recons-same-window": Case(
+        two_recons, {}, Refused(InputError, r"2 candidate SPECT volumes; choose one with --spect-series \(CLI\) / spect_series \(REST\)")
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- running it
+
+
+def _run(tmp: Path, case: Case, kernel_cache_dir: Path):
+    root = tmp / "study"
+    root.mkdir()
+    written = case.write(root)
+    study_path = written if isinstance(written, Path) else root
+    options = DoseOptions(kernel_cache_dir=kernel_cache_dir, **case.options)
+    return run(study_path, tmp / "out", options)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, kernel_cache_dir) -> dict:
+    """The baseline study's dose, computed once for the whole corpus."""
+    tmp = tmp_path_factory.mktemp("baseline")
+    result = _run(tmp, Case(baseline, {}, Same()), kernel_cache_dir)
+    assert result.summary["warnings"] == []
+    assert result.summary["time"]["hours_since_administration"] == pytest.approx(HOURS)
+    return result.summary["dose"]
+
+
+def test_the_corpus_is_large_enough():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_odd_input(name, reference, tmp_path, kernel_cache_dir):
+    case = CASES[name]
+    outcome = case.outcome
+    if isinstance(outcome, Refused):
+        with pytest.raises(outcome.error) as err:
+            _run(tmp_path, case, kernel_cache_dir)
+        message = str(err.value)
+        assert type(err.value) is outcome.error, message
+        assert re.search(outcome.match, message), message
+        for python_name in NOT_PUBLIC:
+            assert python_name not in message, message
+        assert not (tmp_path / "out" / "rtdose.dcm").exists()
+        return
+    result = _run(tmp_path, case, kernel_cache_dir)
+    dose = result.summary["dose"]
+    saved = json.loads(result.outputs["summary_json"].read_text())
+    if isinstance(outcome, Same):
+        assert dose["max_gy"] == pytest.approx(reference["max_gy"], rel=outcome.max_rtol)
+        assert dose["mean_in_tissue_gy"] == pytest.approx(reference["mean_in_tissue_gy"], rel=outcome.mean_rtol)
+        if outcome.warning:
+            assert any(outcome.warning in w for w in saved["warnings"]), saved["warnings"]
+        else:
+            assert not [w for w in saved["warnings"] if "ASSUMED" in w], saved["warnings"]
+    else:
+        assert dose["max_gy"] == pytest.approx(reference["max_gy"] * outcome.factor, rel=0.01)
+        assert dose["mean_in_tissue_gy"] == pytest.approx(reference["mean_in_tissue_gy"] * outcome.factor, rel=0.01)
+        for fragment in outcome.warnings:
+            assert any(fragment in w for w in saved["warnings"]), saved["warnings"]
+            assert fragment in result.outputs["summary_txt"].read_text()
