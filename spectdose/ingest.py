@@ -207,6 +207,7 @@ class SeriesSummary:
     role: str  # "ct" or "spect" when usable as such, "" otherwise
     reason: str  # why it is not usable ("" when it is)
     truncated_files: tuple[str, ...] = ()
+    energy_window: str = ""  # e.g. "energy window 1 'Lu177 208keV' 187.2-228.8 keV (centre 208 keV)"
 
 
 @dataclasses.dataclass
@@ -232,9 +233,10 @@ class Inventory:
         lines = []
         for s in self.series:
             status = f"usable as {s.role.upper()}" if s.role else f"not used: {s.reason}"
+            window = f", {s.energy_window}" if s.energy_window else ""
             lines.append(
                 f"{s.modality:<6} {s.series_description or '(no description)'!r}: {s.n_files} file(s), "
-                f"{s.n_frames} frame(s), key {s.key} -> {status}"
+                f"{s.n_frames} frame(s){window}, key {s.key} -> {status}"
             )
         if self.ignored_files:
             lines.append(f"{len(self.ignored_files)} file(s) ignored")
@@ -261,6 +263,7 @@ def _summary(c: Candidate) -> SeriesSummary:
         role=c.role,
         reason=c.reason,
         truncated_files=tuple(f.relpath for f in c.files if f.truncated),
+        energy_window=c.window.describe() if c.window is not None else "",
     )
 
 

@@ -878,3 +878,30 @@ def test_ingests_generated_phantoms_in_both_unit_modes(tmp_path):
         float(np.clip(c.spect.array, 0, None).sum(dtype=np.float64)) * c.spect.grid.voxel_volume_ml
     )
     assert total_c == pytest.approx(total_bq, rel=0.02)
+
+
+def test_multi_window_recon_is_listed_per_window_and_chosen_by_energy(tmp_path):
+    """Issue 7 item 6: each window is a candidate with its energies; --energy-window picks one."""
+    study = f.StudyIds()
+    _ct(tmp_path, study)
+    counts = f.blob_counts(NM_SHAPE)
+    nm = _nm(
+        tmp_path, study, counts=counts, rwvm=(1.0, 0.0),
+        extra_windows=[(counts * 3, "Lu177 113keV", 101.7, 124.3)],
+    )  # fmt: skip
+    inv = scan_dicom(tmp_path)
+    keys = sorted(s.key for s in inv.spect_candidates)
+    assert keys == [f"{nm.series_uid}/window-1", f"{nm.series_uid}/window-2"]
+    text = inv.describe()
+    assert "187.2-228.8 keV (centre 208 keV)" in text and "101.7-124.3 keV (centre 113 keV)" in text
+    with pytest.raises(InputError, match=r"--energy-window \(CLI\) / energy_window \(REST\)"):
+        load_study(tmp_path)
+    s208 = load_study(tmp_path, energy_window_kev=208)
+    np.testing.assert_allclose(s208.spect.array, counts, rtol=1e-6)
+    assert s208.spect.grid.same_as(nm.grid)
+    s113 = load_study(tmp_path, spect_series_uid=f"{nm.series_uid}/window-2")
+    np.testing.assert_allclose(s113.spect.array, counts * 3.0, rtol=1e-6)
+    # the series UID names both windows; the energy then decides
+    assert load_study(tmp_path, spect_series_uid=nm.series_uid, energy_window_kev=113).spect.array.max() == (
+        pytest.approx(3.0 * counts.max())
+    )
