@@ -262,8 +262,9 @@ def _cmd_dose(args: argparse.Namespace) -> int:
     _check_out_dir(args.out)
     try:
         result = run(args.study_path, args.out, options, progress=_print_progress)
-    except OSError as exc:  # writing outputs: a refused path, not a bug
-        raise InputError(f"cannot write the outputs to {args.out}: {exc.strerror or exc}") from exc
+    except OSError as exc:  # a file the system refused (permissions, full disk): not a bug
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise InputError(f"file system error{where}: {exc.strerror or exc}") from exc
     print((args.out / "summary.txt").read_text(), end="")
     print(f"Written to {args.out.resolve()}")
     return EXIT_OK if result.outputs else EXIT_INTERNAL

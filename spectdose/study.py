@@ -204,6 +204,10 @@ def resolve_times(
             + "; ".join(problems)
             + f". Or give the hours from administration to acquisition directly with {_hint('hours_after_administration')}"
         )
+    if (admin.tzinfo is None) != (acquisition.tzinfo is None):
+        # One carries a UTC offset (e.g. given as ISO with "+01:00"), the other is a header's local
+        # time: compare wall-clock times, as ingest does with header offsets.
+        admin, acquisition = admin.replace(tzinfo=None), acquisition.replace(tzinfo=None)
     hours = (acquisition - admin).total_seconds() / 3600.0
     if hours <= 0 and required:
         where = "given" if admin_from == "given" else "in the header"

@@ -372,6 +372,9 @@ CASES: dict[str, Case] = {
     "administration-after-acquisition": Case(
         admin_datetime("20240305120000"), {}, Refused(InputError, r"administration \(2024-03-05T12:00:00, in the header\) is not before")
     ),
+    "administration-given-with-a-utc-offset": Case(
+        time_only(), {"administration_datetime": dt.datetime.fromisoformat("2024-03-02T09:30+01:00")}, Same()
+    ),
     "administration-given-after-acquisition": Case(
         admin_datetime(ADMIN), {"administration_datetime": dt.datetime(2024, 3, 6)}, Refused(InputError, "given.*is not before")
     ),
