@@ -96,7 +96,10 @@ def add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (HTTP and DICOM)")
     p.add_argument("--export", action="append", metavar="AET@HOST:PORT",
                    help="send results here (repeatable; default: back to the sender, see --peer)")
-    p.add_argument("--peer", action="append", metavar="AET@HOST:PORT", help="a known DICOM peer (repeatable)")
+    p.add_argument("--peer", action="append", metavar="AET@HOST:PORT",
+                   help="a known DICOM peer (repeatable); peers may send studies, other AEs are refused")
+    p.add_argument("--allow", action="append", metavar="AET[@HOST]",
+                   help="also accept studies from this calling AE (repeatable; '*' accepts any AE)")
     p.add_argument("--quiet-s", type=float, help="a study is complete after this many seconds without instances")
     p.add_argument("--demo", action="store_true", help="after start, push a virtual patient and show the results")
     p.add_argument("--exit-after-demo", action="store_true", help="stop the service when the demo has finished")
@@ -166,9 +169,9 @@ class WorkerProcess:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .demo import DemoPacs, run_demo
+    from .demo import DEMO_SCU_AET, DemoPacs, run_demo
     from .dicom_node import DicomNode
-    from .localredis import ensure_redis
+    from .localredis import ensure_redis, redacted
     from .main import build_context, create_app
 
     tokens_set = bool(os.environ.get("SPECTDOSE_API_TOKENS"))
@@ -186,6 +189,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         extra["export"] = args.export
     if args.peer:
         extra["peers"] = args.peer
+    if args.allow:
+        extra["allowed_calling_aets"] = args.allow
     if args.quiet_s is not None:
         extra["study_quiet_s"] = args.quiet_s
     settings = _settings(args, **extra)
@@ -199,14 +204,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.demo:
         pacs = DemoPacs(settings.data_dir / "demo-pacs").start()
         exports = [str(pacs.peer), *(args.export or [])]
-        settings = settings.model_copy(update={"export": exports, "peers": [*settings.peers, str(pacs.peer)]})
+        settings = settings.model_copy(update={"export": exports, "peers": [*settings.peers, str(pacs.peer)],
+                                               "allowed_calling_aets": [*settings.allowed_calling_aets, DEMO_SCU_AET]})
 
     ctx = build_context(settings)
     node = DicomNode(settings, ctx.store, ctx.storage, ctx.enqueuer)
     worker = WorkerProcess(settings, f"serve@{socket.gethostname()}")
     server = uvicorn.Server(uvicorn.Config(create_app(context=ctx), host=settings.http_host,
-                                           port=settings.http_port, log_level="warning"))
-    http_url = f"http://{settings.http_host}:{settings.http_port}"
+                                           port=settings.http_port, log_level="warning", **_tls(settings)))
+    http_url = f"http{'s' if settings.tls_certfile else ''}://{settings.http_host}:{settings.http_port}"
     status = {"demo": 0}
 
     def terminate(*_):
@@ -220,7 +226,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker.start()
         print(
             f"spectdose serve: gateway {http_url} (docs {http_url}/docs), DICOM node {settings.ae_title}@"
-            f"{settings.dicom_host}:{settings.dicom_port}, broker {redis_url}"
+            f"{settings.dicom_host}:{settings.dicom_port}, broker {redacted(redis_url)}"
             f"{' (started here)' if local_redis else ''}, data {settings.data_dir}\n"
             f"  results go to: {', '.join(settings.export) or 'nowhere (REST only)'}; "
             f"API authentication {'ON' if settings.auth_enabled else 'OFF (local demo)'}",
@@ -253,6 +259,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ gateway, node, worker
 
 
+def _tls(settings) -> dict:
+    """uvicorn's TLS options from the settings (HTTPS without a reverse proxy)."""
+    if settings.tls_certfile is None:
+        return {}
+    return {"ssl_certfile": str(settings.tls_certfile), "ssl_keyfile": str(settings.tls_keyfile)}
+
+
 def add_gateway(sub) -> None:
     p = sub.add_parser("gateway", help="run the REST gateway (FastAPI on uvicorn)")
     _common(p)
@@ -274,10 +287,10 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     if args.workers > 1:
         os.environ.update(settings.to_env())
         uvicorn.run("service.main:create_app", factory=True, host=settings.http_host, port=settings.http_port,
-                    workers=args.workers, log_level="info", proxy_headers=True)
+                    workers=args.workers, log_level="info", proxy_headers=True, **_tls(settings))
     else:
         uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port, log_level="info",
-                    proxy_headers=True)
+                    proxy_headers=True, **_tls(settings))
     return 0
 
 

@@ -98,7 +98,11 @@ class Settings(BaseSettings):
     ae_title: str = "SPECTDOSE"
     dicom_host: str = "127.0.0.1"
     dicom_port: int = Field(11112, gt=0, lt=65536)
-    allowed_calling_aets: CommaList = Field(default_factory=list, description="empty: any calling AE")
+    allowed_calling_aets: CommaList = Field(
+        default_factory=list,
+        description="calling AEs accepted besides the PEERS: AET or AET@HOST; '*' = any (empty: peers only)",
+    )
+    check_peer_host: bool = Field(False, description="a peer's associations must come from its configured host")
     peers: CommaList = Field(default_factory=list, description="known AEs as AET@HOST:PORT (resolve 'sender')")
     export: CommaList = Field(default_factory=lambda: [SENDER], description="'sender' and/or AET@HOST:PORT")
     stow_url: str | None = Field(None, description="optional DICOMweb STOW-RS endpoint for results")
@@ -106,6 +110,25 @@ class Settings(BaseSettings):
     study_quiet_s: float = Field(30.0, gt=0, description="a study is complete after this long without instances")
     min_free_disk_mb: float = Field(1024, ge=0, description="refuse associations below this free space")
     dicom_network_timeout_s: float = Field(60.0, gt=0)
+    disk_retry_after_s: int = Field(300, gt=0, description="Retry-After of a 507 when the disk is (nearly) full")
+
+    # client faults and exposure (gateway)
+    body_timeout_s: float = Field(60.0, gt=0, description="an upload that sends nothing for this long is dropped")
+    auth_max_failures: int = Field(10, gt=0, description="failed logins per client and window before 429")
+    auth_failure_window_s: float = Field(300.0, gt=0)
+    api_docs: Literal["public", "token", "off"] | None = Field(
+        None, description="/docs and /openapi.json: public, behind a token, or off (default: public in "
+        "development, token in production)"
+    )
+    tls_certfile: Path | None = Field(None, description="serve HTTPS (uvicorn's TLS) with this certificate")
+    tls_keyfile: Path | None = None
+
+    # retention of job folders (inputs hold PHI); 0 = keep
+    retain_inputs_days: float = Field(7.0, ge=0, description="input DICOM of finished jobs removed after this")
+    retain_jobs_days: float = Field(0.0, ge=0, description="whole folders of finished jobs removed after this")
+    retain_max_jobs: int = Field(0, ge=0, description="at most this many finished job folders (oldest go first)")
+    retain_max_gb: float = Field(0.0, ge=0, description="finished job folders above this total: oldest go first")
+    retention_interval_s: float = Field(3600.0, gt=0)
 
     # queue and worker
     job_queue: Literal["cpu", "gpu"] = "cpu"
@@ -118,6 +141,9 @@ class Settings(BaseSettings):
     lease_s: float = Field(120.0, gt=0, description="a running job without heartbeat this long is requeued")
     max_attempts: int = Field(5, gt=0, description="claims of one job (incl. lost workers) before it fails")
     sweep_interval_s: float = Field(10.0, gt=0)
+    reconcile_interval_s: float = Field(
+        30.0, gt=0, description="queued jobs without a broker message are republished this often (and at start)"
+    )
     export_retries: int = Field(3, ge=1)
     export_backoff_s: float = Field(2.0, ge=0)
     export_timeout_s: float = Field(30.0, gt=0)
@@ -153,6 +179,15 @@ class Settings(BaseSettings):
             raise ValueError(f"invalid AE title {value!r} (1-16 printable characters, no backslash)")
         return value.strip()
 
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _check_allowed(cls, value: list[str]) -> list[str]:
+        for item in value:
+            aet = item.split("@", 1)[0].strip()
+            if item != "*" and not _AE_TITLE.match(aet):
+                raise ValueError(f"allowed calling AE {item!r} is not AET, AET@HOST or '*'")
+        return value
+
     @field_validator("peers")
     @classmethod
     def _check_peers(cls, value: list[str]) -> list[str]:
@@ -186,6 +221,8 @@ class Settings(BaseSettings):
             )
         if not self.lease_s > 2 * self.heartbeat_s:
             raise ValueError("lease_s must be more than twice heartbeat_s")
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("tls_certfile and tls_keyfile go together")
         if self.environment == "production":
             if not self.auth_enabled:
                 raise ValueError("auth_enabled=false is only allowed with environment=development")
@@ -222,6 +259,10 @@ class Settings(BaseSettings):
     @property
     def min_free_disk_bytes(self) -> int:
         return int(self.min_free_disk_mb * 2**20)
+
+    @property
+    def docs_mode(self) -> str:
+        return self.api_docs or ("public" if self.environment == "development" else "token")
 
     @property
     def peer_map(self) -> dict[str, DicomPeer]:

@@ -13,6 +13,7 @@ from .config import Settings
 from .jobs import JobStore, token_label
 from .queue import Enqueuer
 from .storage import Storage
+from .throttle import LoginThrottle
 
 __all__ = ["ServiceContext", "Ctx", "Actor", "get_context", "require_token"]
 
@@ -37,14 +38,33 @@ def require_token(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> str:
     """The caller's audit label; 401 without a valid ``Authorization: Bearer <token>``."""
-    settings: Settings = request.app.state.ctx.settings
+    ctx: ServiceContext = request.app.state.ctx
+    settings = ctx.settings
     if not settings.auth_enabled:
         return "anonymous"
+    client = request.client.host if request.client else "?"
+    throttle: LoginThrottle | None = getattr(request.app.state, "login_throttle", None)
+    wait = throttle.retry_after(client) if throttle else None
+    if wait is not None:
+        raise HTTPException(status_code=status.HTTP_429_TOO_MANY_REQUESTS,
+                            detail=f"too many failed logins from this client: retry in {wait} s",
+                            headers={"Retry-After": str(wait)})
     if credentials is not None and credentials.scheme.lower() == "bearer":
         offered = credentials.credentials.encode()
         for token in settings.api_tokens:
             if hmac.compare_digest(token.encode(), offered):
+                if throttle:
+                    throttle.succeeded(client)
                 return token_label(token)
+    if throttle:
+        n = throttle.failed(client)
+        # Audited up to the limit, then once as throttled: a guesser cannot flood the audit log.
+        if n <= settings.auth_max_failures:
+            ctx.store.audit("?", "auth_failed", remote_host=client, path=request.url.path,
+                            had_token=credentials is not None)
+        if n == settings.auth_max_failures:
+            ctx.store.audit("?", "auth_throttled", remote_host=client, failures=n,
+                            window_s=settings.auth_failure_window_s)
     raise HTTPException(
         status_code=status.HTTP_401_UNAUTHORIZED,
         detail="missing or invalid API token: send 'Authorization: Bearer <token>'",

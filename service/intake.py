@@ -10,6 +10,7 @@ its folder is removed, so nothing stored before is touched.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import uuid
@@ -17,8 +18,10 @@ from pathlib import Path
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from .config import Settings
+from .diskguard import DISK_FULL_NAME, DiskFull, check_free_space, is_disk_full
 from .jobs import JobStore
 from .queue import Enqueuer
 from .storage import Storage, UnsafeArchive, extract_zip
@@ -35,10 +38,11 @@ _TRUNCATION_WORDS = ("truncat", "cut short", "ends before", "ends inside", "with
 class UploadRejected(Exception):
     """A refused upload: the HTTP status and the reason shown to the client."""
 
-    def __init__(self, status_code: int, detail: str):
+    def __init__(self, status_code: int, detail: str, headers: dict[str, str] | None = None):
         super().__init__(detail)
         self.status_code = status_code
         self.detail = detail
+        self.headers = headers or {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +61,32 @@ class Accepted:
     study_instance_uid: str | None
 
 
-async def spool_body(stream, target: Path, max_bytes: int) -> int:
-    """Write the request body to ``target``; refuse (413) past ``max_bytes``."""
+class ClientGone(UploadRejected):
+    """The client disconnected before its body ended: audited once, answered to nobody."""
+
+    def __init__(self):
+        super().__init__(400, "the client disconnected before the request body ended; nothing was stored")
+
+
+async def spool_body(stream, target: Path, max_bytes: int, timeout_s: float | None = None) -> int:
+    """Write the request body to ``target``; refuse past ``max_bytes`` (413) or ``timeout_s`` idle (408).
+
+    The idle limit frees the request and its spool folder when a client sends headers
+    and then nothing (or stalls half-way).
+    """
     n = 0
+    chunks = stream.__aiter__()
     with open(target, "wb") as fh:
-        async for chunk in stream:
+        while True:
+            try:
+                chunk = await asyncio.wait_for(chunks.__anext__(), timeout_s)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise UploadRejected(408, f"no request body data for {timeout_s:g} s: upload dropped, nothing "
+                                          "was stored", headers={"Connection": "close"}) from None
+            except ClientDisconnect:
+                raise ClientGone() from None
             n += len(chunk)
             if n > max_bytes:
                 raise UploadRejected(413, f"upload exceeds the limit of {max_bytes / 2**20:.1f} MiB")
@@ -89,7 +114,7 @@ class _Part:
 def _split_multipart(spool: Path, boundary: bytes, dest: Path, max_parts: int) -> list[_Part]:
     """Split a multipart body into one file per part (headers kept, names generated)."""
     parts: list[_Part] = []
-    state: dict = {"field": b"", "value": b"", "headers": {}, "fh": None}
+    state: dict = {"field": b"", "value": b"", "headers": {}, "fh": None, "ended": False}
 
     def on_part_begin():
         state["headers"] = {}
@@ -119,6 +144,9 @@ def _split_multipart(spool: Path, boundary: bytes, dest: Path, max_parts: int) -
         state["fh"].close()
         state["fh"] = None
 
+    def on_end():
+        state["ended"] = True
+
     parser = MultipartParser(
         boundary,
         {
@@ -129,6 +157,7 @@ def _split_multipart(spool: Path, boundary: bytes, dest: Path, max_parts: int) -
             "on_headers_finished": on_headers_finished,
             "on_part_data": on_part_data,
             "on_part_end": on_part_end,
+            "on_end": on_end,
         },
     )
     try:
@@ -143,6 +172,12 @@ def _split_multipart(spool: Path, boundary: bytes, dest: Path, max_parts: int) -
     finally:
         if state["fh"] is not None:
             state["fh"].close()
+    if not state["ended"]:
+        # python-multipart's finalize() accepts a body cut off mid-part; a study missing its
+        # last instances must not be computed as if it were whole.
+        raise UploadRejected(
+            400, f"the multipart body ends without its closing boundary (--boundary--): the upload was cut off "
+            f"after {len(parts)} part(s); nothing was stored, send the whole study again")
     if not parts:
         raise UploadRejected(400, "multipart body without any part")
     return parts
@@ -197,6 +232,61 @@ def _unpack(spool: Path, content_type: str, work: Path, settings: Settings) -> l
     )
 
 
+def _ct_gaps(files: list[Path]) -> str | None:
+    """Why the CT slices in ``files`` are not a whole volume (positions missing inside it), or None."""
+    import numpy as np
+    import pydicom
+
+    positions, normal = [], None
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["ImagePositionPatient", "ImageOrientationPatient"])
+        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+            return None  # the core says what is wrong with such a series
+        if normal is None:
+            iop = np.asarray(ds.ImageOrientationPatient, float)
+            normal = np.cross(iop[:3], iop[3:])
+        positions.append(float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))))
+    if len(positions) < 3:
+        return None
+    dist = np.sort(np.asarray(positions))
+    gaps = np.diff(dist)
+    nominal = float(np.median(gaps))
+    if nominal <= 1e-3:
+        return None
+    missing = int(round(float(np.sum(np.maximum(np.round(gaps / nominal) - 1, 0)))))
+    if missing == 0:
+        return None
+    k = int(np.argmax(gaps))
+    return (f"{missing} slice(s) missing inside the volume ({len(positions)} present, spacing {nominal:.2f} mm, "
+            f"largest gap {gaps[k]:.2f} mm between {dist[k]:.1f} and {dist[k + 1]:.1f} mm)")
+
+
+def _check_complete(files_dir: Path, inv) -> None:
+    """Refuse (422) a study whose every CT series has slices missing between its first and last.
+
+    Only what the headers allow: a gap in the slice positions. Slices cut off at either end
+    leave no trace in the headers; a cut-off body is caught by its missing closing boundary.
+    NM frames against the pixel data are checked by the core's scan (truncated or mismatched).
+    """
+    import pydicom
+
+    wanted = {s.series_instance_uid for s in inv.ct_candidates}
+    by_series: dict[str, list[Path]] = {}
+    for path in files_dir.iterdir():
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "Modality"])
+        except Exception:  # noqa: BLE001 - not DICOM: the scan already listed it as ignored
+            continue
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        if uid in wanted and str(ds.get("Modality", "")).upper() == "CT":
+            by_series.setdefault(uid, []).append(path)
+    problems = {uid: why for uid, files in by_series.items() if (why := _ct_gaps(files))}
+    if problems and len(problems) == len(wanted):
+        why = "; ".join(problems.values())
+        raise UploadRejected(422, f"incomplete study: the CT series has {why}; send the whole study again")
+
+
 def _check_study(files_dir: Path, max_bytes: int) -> tuple[str | None, int]:
     """Refuse uploads that cannot be a SPECT/CT study; return (study UID, ignored file count)."""
     from spectdose.errors import SpectdoseError
@@ -231,6 +321,7 @@ def _check_study(files_dir: Path, max_bytes: int) -> tuple[str | None, int]:
             422,
             "no usable SPECT (NM) series in the upload" + (f" ({why})" if why else f" (found {', '.join(modalities)})"),
         )
+    _check_complete(files_dir, inv)
     studies = {s.study_instance_uid for s in inv.ct_candidates + inv.spect_candidates}
     return (next(iter(studies)) if len(studies) == 1 else None), len(inv.ignored_files)
 
@@ -285,15 +376,33 @@ async def receive_study(request, ctx, actor: str, params: SubmitParams) -> Accep
         if length.isdigit() and int(length) > settings.max_upload_bytes:
             raise UploadRejected(413, f"upload of {int(length) / 2**20:.1f} MiB exceeds the limit of "
                                       f"{settings.max_upload_bytes / 2**20:.1f} MiB")
-        with ctx.storage.upload_dir() as work:
-            spool = work / "body"
-            await spool_body(request.stream(), spool, settings.max_upload_bytes)
-            return await run_in_threadpool(
-                store_upload, spool, request.headers.get("content-type", ""), work, settings=settings,
-                store=ctx.store, storage=ctx.storage, enqueuer=ctx.enqueuer, params=params, actor=actor,
-                remote_host=remote,
-            )
+        try:
+            check_free_space(ctx.storage.free_bytes(), settings.min_free_disk_bytes, settings.disk_retry_after_s,
+                             int(length) if length.isdigit() else 0)
+            with ctx.storage.upload_dir() as work:
+                spool = work / "body"
+                await spool_body(request.stream(), spool, settings.max_upload_bytes, settings.body_timeout_s)
+                return await run_in_threadpool(
+                    store_upload, spool, request.headers.get("content-type", ""), work, settings=settings,
+                    store=ctx.store, storage=ctx.storage, enqueuer=ctx.enqueuer, params=params, actor=actor,
+                    remote_host=remote,
+                )
+        except UploadRejected:
+            raise
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            # Never "damaged archive" or a 500: the server is full, the client did nothing wrong.
+            detail = str(exc) if isinstance(exc, DiskFull) else (
+                f"{DISK_FULL_NAME}; nothing was stored, retry in {settings.disk_retry_after_s} s")
+            log.error("upload from %s refused: %s", actor, DISK_FULL_NAME)
+            raise UploadRejected(507, detail, headers={"Retry-After": str(settings.disk_retry_after_s)}) from exc
     except UploadRejected as exc:
-        ctx.store.audit(actor, "upload_rejected", remote_host=remote, status=exc.status_code, reason=exc.detail[:300])
-        log.info("upload from %s refused (%d)", actor, exc.status_code)
+        if isinstance(exc, ClientGone):  # one audit event, no traceback: nobody is left to answer
+            ctx.store.audit(actor, "upload_disconnected", remote_host=remote)
+            log.info("upload from %s: client disconnected before the body ended; nothing stored", actor)
+        else:
+            ctx.store.audit(actor, "upload_rejected", remote_host=remote, status=exc.status_code,
+                            reason=exc.detail[:300])
+            log.info("upload from %s refused (%d)", actor, exc.status_code)
         raise

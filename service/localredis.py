@@ -2,6 +2,8 @@
 
 Debian's ``redis-server`` is started as a child process on loopback, with its append-only
 file under the data directory, so queued tasks survive a restart of the local service.
+It gets a generated password (in a 0600 config file, never on the command line) that is
+passed on in the broker URL, so other local users cannot read or inject jobs.
 Remote URLs are never replaced: a deployment whose Redis is down should fail, not fork.
 """
 
@@ -10,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -17,7 +21,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["redis_answers", "LocalRedis", "ensure_redis", "free_port"]
+__all__ = ["redis_answers", "LocalRedis", "ensure_redis", "free_port", "redacted"]
 
 log = logging.getLogger("spectdose.service.redis")
 
@@ -32,6 +36,15 @@ def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
             return bool(client.ping())
     except (redis.RedisError, OSError, ValueError):
         return False
+
+
+def redacted(url: str) -> str:
+    """``url`` with its password replaced, for logs and banners."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -55,10 +68,15 @@ def _port_in_use(port: int) -> bool:
 
 
 class LocalRedis:
-    """``redis-server`` on 127.0.0.1:``port``, data in ``data_dir`` (AOF, fsync every second)."""
+    """``redis-server`` on 127.0.0.1:``port``, data in ``data_dir`` (AOF, fsync every second).
 
-    def __init__(self, port: int, data_dir: Path, binary: str | None = None):
+    With ``password`` it requires AUTH; :attr:`url` carries the password and is also written
+    to ``data_dir/url`` (mode 0600) for tools run by the same user.
+    """
+
+    def __init__(self, port: int, data_dir: Path, binary: str | None = None, password: str | None = None):
         self.port = port
+        self.password = password
         self.data_dir = Path(data_dir)
         self.binary = binary or next((b for b in _CANDIDATES if Path(b).exists()), None) or shutil.which(
             "redis-server")
@@ -66,7 +84,16 @@ class LocalRedis:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def _write_private(self, name: str, text: str) -> Path:
+        path = self.data_dir / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(path, 0o600)
+        return path
 
     def start(self, timeout_s: float = 15.0) -> LocalRedis:
         if not self.binary:
@@ -75,8 +102,12 @@ class LocalRedis:
                 "(apt-get install redis-server) or point SPECTDOSE_REDIS_URL at a running Redis"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        conf = []
+        if self.password:  # a config file, so the password never shows in `ps`
+            conf = [str(self._write_private("redis.conf", f"requirepass {self.password}\n"))]
+            self._write_private("url", self.url + "\n")
         cmd = [
-            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "yes",
+            self.binary, *conf, "--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "yes",
             "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
             "--daemonize", "no", "--logfile", str(self.data_dir / "redis.log"),
         ]
@@ -113,6 +144,7 @@ def ensure_redis(url: str, data_dir: Path) -> tuple[str, LocalRedis | None]:
     port = parts.port or 6379
     if _port_in_use(port):
         port = free_port()  # something else (not Redis) holds the port
-    local = LocalRedis(port, data_dir).start()
-    netloc = f"127.0.0.1:{port}"
+    password = secrets.token_urlsafe(24)
+    local = LocalRedis(port, data_dir, password=password).start()
+    netloc = f":{password}@127.0.0.1:{port}"
     return urlunsplit((parts.scheme, netloc, parts.path or "/0", parts.query, parts.fragment)), local

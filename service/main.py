@@ -12,15 +12,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from .config import Settings, load_settings
-from .deps import ServiceContext
+from .deps import Actor, ServiceContext
 from .intake import UploadRejected
 from .jobs import JobStore
 from .metrics import install_metrics
 from .queue import Enqueuer, Sweeper
 from .routes import health_router, jobs_router, studies_router
 from .storage import Storage
+from .throttle import LoginThrottle
 
-__all__ = ["create_app", "build_context"]
+__all__ = ["create_app", "build_context", "purge_by_settings"]
 
 log = logging.getLogger("spectdose.service")
 
@@ -42,8 +43,30 @@ def build_context(settings: Settings) -> ServiceContext:
     return ServiceContext(settings, store, Storage(settings.data_dir), Enqueuer(make_celery(settings), store))
 
 
+def purge_by_settings(ctx: ServiceContext) -> dict[str, int]:
+    """One retention pass with the SPECTDOSE_RETAIN_* settings."""
+    st = ctx.settings
+    return ctx.storage.purge(ctx.store, inputs_days=st.retain_inputs_days, jobs_days=st.retain_jobs_days,
+                             max_jobs=st.retain_max_jobs, max_bytes=int(st.retain_max_gb * 2**30))
+
+
 async def _upload_rejected(_request: Request, exc: UploadRejected) -> JSONResponse:
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+def _install_docs(app: FastAPI, mode: str) -> None:
+    """/docs and /openapi.json behind the API token (production) or left out ("off")."""
+    if mode != "token":
+        return
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi_json(_actor: Actor) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui(_actor: Actor):
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
 
 
 def create_app(settings: Settings | None = None, *, context: ServiceContext | None = None,
@@ -59,7 +82,9 @@ def create_app(settings: Settings | None = None, *, context: ServiceContext | No
         thread = None
         if sweeper:
             thread = Sweeper(ctx.store, ctx.enqueuer, interval_s=settings.sweep_interval_s, lease_s=settings.lease_s,
-                             visibility_timeout_s=settings.visibility_timeout_s)
+                             visibility_timeout_s=settings.visibility_timeout_s,
+                             reconcile_interval_s=settings.reconcile_interval_s,
+                             purge=lambda: purge_by_settings(ctx), purge_interval_s=settings.retention_interval_s)
             thread.start()
         if not settings.auth_enabled:
             log.warning("API authentication is OFF (development mode, loopback only)")
@@ -67,8 +92,13 @@ def create_app(settings: Settings | None = None, *, context: ServiceContext | No
         if thread is not None:
             thread.stop()
 
-    app = FastAPI(title="spectdose gateway", version=__version__, description=_DESCRIPTION, lifespan=lifespan)
+    public_docs = settings.docs_mode == "public"
+    app = FastAPI(title="spectdose gateway", version=__version__, description=_DESCRIPTION, lifespan=lifespan,
+                  docs_url="/docs" if public_docs else None, redoc_url="/redoc" if public_docs else None,
+                  openapi_url="/openapi.json" if public_docs else None)
     app.state.ctx = ctx
+    app.state.login_throttle = LoginThrottle(settings.auth_max_failures, settings.auth_failure_window_s)
+    _install_docs(app, settings.docs_mode)
     app.include_router(studies_router)
     app.include_router(jobs_router)
     app.include_router(health_router)

@@ -7,19 +7,41 @@ publishes it later, so a submission is never lost between the store and the queu
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import datetime as dt
+import json
 import logging
 import threading
+import time
+from collections.abc import Callable
 
 from .db import utcnow
 from .jobs import JobStore
 
-__all__ = ["Enqueuer", "Sweeper", "sweep_once"]
+__all__ = ["Enqueuer", "Sweeper", "sweep_once", "reconcile_once"]
 
 log = logging.getLogger("spectdose.service.queue")
 
 _TASK_NAME = "spectdose.process_job"  # worker.app.TASK_NAME (not imported: no cycle)
 _RECEIVED_GRACE_S = 5.0  # a job just stored is being published by its creator
+_QUEUES = ("gpu", "cpu")  # worker.app.QUEUES
+_PRIORITY_SEP = "\x06\x16"  # kombu's Redis priority queues are "<queue>\x06\x16<priority>"
+
+
+def _job_of(message: bytes | str | dict) -> str | None:
+    """The job id a Celery message carries (first task argument), or None if it is not ours."""
+    try:
+        msg = json.loads(message) if isinstance(message, (bytes, str)) else message
+        if msg.get("headers", {}).get("task") != _TASK_NAME:
+            return None
+        body = msg["body"]
+        if msg.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return str(args[0]) if args else None
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None
 
 
 class Enqueuer:
@@ -46,6 +68,25 @@ class Enqueuer:
         """Tasks waiting per queue (kombu keeps each Redis queue as a list named after it)."""
         with self._redis() as client:
             return {q: int(client.llen(q)) for q in ("gpu", "cpu")}
+
+    def broker_job_ids(self) -> set[str]:
+        """Job ids that have a message in the broker: waiting in a queue, or delivered and unacked.
+
+        kombu keeps each queue as a Redis list (plus priority lists) and a delivered message in
+        the ``unacked`` hash until the task acknowledges it (acks_late), retries with a countdown
+        included; a job in neither has no message and would wait forever.
+        """
+        ids: set[str] = set()
+        with self._redis() as client:
+            for queue in _QUEUES:
+                keys = [queue, *client.scan_iter(match=f"{queue}{_PRIORITY_SEP}*", count=100)]
+                for key in keys:
+                    ids.update(filter(None, map(_job_of, client.lrange(key, 0, -1))))
+            for raw in client.hvals("unacked"):
+                with contextlib.suppress(ValueError, TypeError, IndexError):
+                    ids.add(_job_of(json.loads(raw)[0]))
+        ids.discard(None)
+        return ids
 
     def submit(self, job_id: str, queue: str, *, resend: bool = False) -> bool:
         """Publish ``job_id`` on ``queue``; False (job left for the sweeper) if the broker fails."""
@@ -95,25 +136,75 @@ def sweep_once(store: JobStore, enqueuer: Enqueuer, *, lease_s: float, visibilit
     return counts
 
 
+def reconcile_once(store: JobStore, enqueuer: Enqueuer, *, grace_s: float, now: dt.datetime | None = None) -> int:
+    """Republish every ``queued`` job (older than ``grace_s``) that has no message in the broker.
+
+    A Redis restarted without its data, or a disk-full episode that lost its append-only
+    file, leaves the job store saying "queued" over an empty queue; without this, such jobs
+    waited for the visibility timeout. A duplicate message is harmless: a job is claimed once.
+    Returns how many were republished.
+    """
+    now = now or utcnow()
+    epoch = dt.datetime(1970, 1, 1)
+    queued = store.jobs_to_sweep(received_before=epoch, heartbeat_before=epoch,
+                                 queued_before=now - dt.timedelta(seconds=grace_s))[2]
+    if not queued:
+        return 0
+    present = enqueuer.broker_job_ids()  # read after the job list: a message consumed meanwhile is not missed
+    n = 0
+    for job_id in queued:
+        if job_id in present:
+            continue
+        job = store.get(job_id)
+        if job is None or job.state != "queued":
+            continue
+        if enqueuer.submit(job_id, job.queue, resend=True):
+            n += 1
+            log.warning("job %s was queued with no message in the broker: republished", job_id)
+            store.audit("sweeper", "job_republished", job_id=job_id, why="no message in the broker")
+    return n
+
+
 class Sweeper(threading.Thread):
-    """Runs :func:`sweep_once` every ``interval_s`` until stopped."""
+    """Runs :func:`sweep_once` every ``interval_s`` (first at start), :func:`reconcile_once` every
+    ``reconcile_interval_s`` (first at start) and ``purge`` (retention) every ``purge_interval_s``."""
 
     def __init__(self, store: JobStore, enqueuer: Enqueuer, *, interval_s: float, lease_s: float,
-                 visibility_timeout_s: float):
+                 visibility_timeout_s: float, reconcile_interval_s: float | None = None,
+                 purge: Callable[[], object] | None = None, purge_interval_s: float = 3600.0):
         super().__init__(name="spectdose-sweeper", daemon=True)
         self.store, self.enqueuer = store, enqueuer
         self.interval_s, self.lease_s, self.visibility_timeout_s = interval_s, lease_s, visibility_timeout_s
+        self.reconcile_interval_s = reconcile_interval_s
+        self.purge, self.purge_interval_s = purge, purge_interval_s
         self._stop_event = threading.Event()
 
+    def _due(self, last: float | None, every: float | None) -> bool:
+        return every is not None and (last is None or time.monotonic() - last >= every)
+
     def run(self) -> None:
-        while not self._stop_event.wait(self.interval_s):
+        last_reconcile = last_purge = None
+        while True:
             try:
                 counts = sweep_once(self.store, self.enqueuer, lease_s=self.lease_s,
                                     visibility_timeout_s=self.visibility_timeout_s)
+                if self._due(last_reconcile, self.reconcile_interval_s):
+                    last_reconcile = time.monotonic()
+                    counts["republished_missing"] = reconcile_once(self.store, self.enqueuer,
+                                                                   grace_s=min(self.reconcile_interval_s, 5.0))
                 if any(counts.values()):
                     log.info("sweeper: %s", counts)
-            except Exception:  # noqa: BLE001 - a failed pass (DB restarting) must not end the thread
-                log.exception("sweeper pass failed; retrying in %.0f s", self.interval_s)
+            except Exception as exc:  # noqa: BLE001 - a failed pass (DB or broker restarting) must not end the thread
+                log.warning("sweeper pass failed (%s: %s); retrying in %.0f s", type(exc).__name__, exc,
+                            self.interval_s)
+            if self.purge is not None and self._due(last_purge, self.purge_interval_s):
+                last_purge = time.monotonic()
+                try:
+                    self.purge()
+                except Exception:  # noqa: BLE001
+                    log.exception("retention purge failed; retrying in %.0f s", self.purge_interval_s)
+            if self._stop_event.wait(self.interval_s):
+                return
 
     def stop(self) -> None:
         self._stop_event.set()

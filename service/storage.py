@@ -11,13 +11,17 @@
       jobs/<job_id>/output/     the published outputs (replaced whole by a rerun)
 
 Everything that must survive a crash is written to a temporary name, fsynced and renamed.
+Inputs hold patient data, so :meth:`Storage.purge` removes what the retention settings
+no longer keep (inputs of finished jobs by age; whole job folders by age, count or size).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,6 +33,8 @@ from pathlib import Path
 from spectdose.archive import UnsafeArchiveError, unpack_zip
 
 __all__ = ["Storage", "UnsafeArchive", "extract_zip", "atomic_write_bytes", "safe_component", "fsync_dir"]
+
+log = logging.getLogger("spectdose.service.storage")
 
 _UID = re.compile(r"^[0-9][0-9.]{0,63}$")
 _COMPLETE = ".complete.json"
@@ -228,6 +234,89 @@ class Storage:
     def clean_work_dirs(self, job_id: str) -> None:
         for p in self.job_dir(job_id).glob("work-*"):
             shutil.rmtree(p, ignore_errors=True)
+
+    def discard_work(self, job_id: str, attempt: int) -> None:
+        """Remove one attempt's work folder (not another attempt's: it may be running)."""
+        shutil.rmtree(self.job_work(job_id, attempt), ignore_errors=True)
+
+    # ------------------------------------------------------------------ retention
+
+    @staticmethod
+    def _tree_bytes(path: Path) -> int:
+        total = 0
+        for dirpath, _dirs, files in os.walk(path):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(dirpath, name)).st_size
+        return total
+
+    def purge(self, store, *, inputs_days: float = 0, jobs_days: float = 0, max_jobs: int = 0, max_bytes: int = 0,
+              now: dt.datetime | None = None) -> dict[str, int]:
+        """Apply the retention policy to finished (done or failed) jobs; 0 turns a rule off.
+
+        - inputs of jobs finished more than ``inputs_days`` ago (and DICOM-received studies
+          whose last instance is that old and which no open burst uses);
+        - whole job folders finished more than ``jobs_days`` ago;
+        - the oldest finished job folders beyond ``max_jobs``, or while the job folders
+          together exceed ``max_bytes``.
+
+        Queued and running jobs are never touched. Each removal is audited (job id, what).
+        """
+        from .db import IncomingState, IncomingStudy, Job, JobState, utcnow
+
+        now = now or utcnow()
+        with store.session(readonly=True) as s:
+            rows = s.execute(
+                Job.__table__.select()
+                .with_only_columns(Job.id, Job.finished_at, Job.updated_at)
+                .where(Job.state.in_([str(JobState.DONE), str(JobState.FAILED)]))
+            ).all()
+            open_studies = set(s.scalars(
+                IncomingStudy.__table__.select().with_only_columns(IncomingStudy.study_instance_uid).where(
+                    IncomingStudy.state.in_([str(IncomingState.RECEIVING), str(IncomingState.DISPATCHING)]))
+            ).all())
+        finished = sorted(((r.finished_at or r.updated_at or now), r.id) for r in rows if self.job_dir(r.id).exists())
+        counts = {"inputs": 0, "jobs": 0, "incoming": 0, "bytes": 0}
+
+        def remove(path: Path, job_id: str | None, what: str, key: str) -> None:
+            size = self._tree_bytes(path)
+            shutil.rmtree(path, ignore_errors=True)
+            counts[key] += 1
+            counts["bytes"] += size
+            store.audit("retention", "purged", job_id=job_id, what=what, bytes=size)
+
+        if inputs_days > 0:
+            cutoff = now - dt.timedelta(days=inputs_days)
+            for finished_at, job_id in finished:
+                if finished_at < cutoff and self.job_input(job_id).exists():
+                    remove(self.job_input(job_id), job_id, "input", "inputs")
+            for folder in self.incoming_root.iterdir():
+                newest = max((p.stat().st_mtime for p in folder.iterdir()), default=folder.stat().st_mtime)
+                if folder.name in {safe_component(u) for u in open_studies}:
+                    continue
+                if dt.datetime.fromtimestamp(newest, dt.UTC).replace(tzinfo=None) < cutoff:
+                    remove(folder, None, "incoming study", "incoming")
+        keep = list(finished)
+        if jobs_days > 0:
+            cutoff = now - dt.timedelta(days=jobs_days)
+            for item in [x for x in keep if x[0] < cutoff]:
+                remove(self.job_dir(item[1]), item[1], "job folder (age)", "jobs")
+                keep.remove(item)
+        if max_jobs > 0:
+            while len(keep) > max_jobs:
+                _t, job_id = keep.pop(0)
+                remove(self.job_dir(job_id), job_id, "job folder (count)", "jobs")
+        if max_bytes > 0:
+            total = self._tree_bytes(self.jobs_root)
+            while keep and total > max_bytes:
+                _t, job_id = keep.pop(0)
+                before = counts["bytes"]
+                remove(self.job_dir(job_id), job_id, "job folder (size)", "jobs")
+                total -= counts["bytes"] - before
+        if counts["inputs"] or counts["jobs"] or counts["incoming"]:
+            log.info("retention: removed %d input(s), %d job folder(s), %d incoming study folder(s), %.1f MiB",
+                     counts["inputs"], counts["jobs"], counts["incoming"], counts["bytes"] / 2**20)
+        return counts
 
     def clear_staging(self) -> int:
         """Remove instances of associations that never ended in a release (a crash or abort)."""

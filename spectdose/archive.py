@@ -10,6 +10,7 @@ before anything is written and the bytes actually inflated are counted again whi
 from __future__ import annotations
 
 import dataclasses
+import errno
 import stat
 import zipfile
 import zlib
@@ -126,6 +127,8 @@ def unpack_zip(
                         dst.write(chunk)
             except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError, zlib.error) as exc:
                 target.unlink(missing_ok=True)
+                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise  # our disk is full: not the archive's fault
                 out.append(ArchiveMember(info.filename, target, f"damaged or encrypted archive member ({type(exc).__name__})"))
                 continue
             out.append(ArchiveMember(info.filename, target))

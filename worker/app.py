@@ -23,7 +23,7 @@ from kombu import Queue
 
 from service.config import Settings, load_settings
 from service.jobs import JobStore
-from service.queue import Enqueuer
+from service.queue import Enqueuer, reconcile_once
 from service.storage import Storage
 
 __all__ = ["make_celery", "Runtime", "runtime", "TASK_NAME", "QUEUES"]
@@ -112,6 +112,12 @@ def _requeue_own_jobs(sender=None, **_kwargs) -> None:
         log.warning("job %s was running on %s before it restarted: requeued", job_id, hostname)
         job = rt.store.get(job_id)
         rt.enqueuer.submit(job_id, job.queue if job else "cpu", resend=True)
+    # A worker (re)start also repairs a broker that lost its data: queued jobs without a
+    # message are republished now, not at the gateway's next reconcile pass.
+    try:
+        reconcile_once(rt.store, rt.enqueuer, grace_s=5.0)
+    except Exception as exc:  # noqa: BLE001 - the gateway's sweeper tries again
+        log.warning("start-up reconcile failed (%s: %s)", type(exc).__name__, exc)
 
 
 _module_app: Celery | None = None

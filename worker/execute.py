@@ -18,6 +18,7 @@ import pydicom
 from celery.exceptions import SoftTimeLimitExceeded
 
 from service.config import Settings
+from service.diskguard import DISK_FULL_NAME, is_disk_full
 from service.export import OutputFile, export_outputs
 from service.jobs import JobStore
 from service.storage import Storage
@@ -184,6 +185,7 @@ def run_job(
         log.warning("%s; leaving it to the new owner", exc)
         return {"job_id": job_id, "skipped": "taken over"}
     except SpectdoseError as exc:
+        storage.discard_work(job_id, attempt)  # a failed job leaves no empty work folder
         store.fail(job_id, str(exc), attempt=attempt)
         log.info("job %s failed: %s", job_id, type(exc).__name__)
         return {"job_id": job_id, "state": "failed", "reason": str(exc)}
@@ -192,14 +194,26 @@ def run_job(
             reason = f"exceeded the time limit of {settings.task_soft_time_limit_s} s"
             store.fail(job_id, reason, attempt=attempt)
             return {"job_id": job_id, "state": "failed", "reason": reason}
-        reason = f"{type(exc).__name__}: {exc}"
-        failures = store.retry_later(job_id, attempt, f"transient error, will retry: {reason}")
+        storage.discard_work(job_id, attempt)
+        disk_full = is_disk_full(exc)
+        # A full disk is named as such (never blamed on the study) and waited out, not hammered.
+        reason = f"{DISK_FULL_NAME} ({type(exc).__name__})" if disk_full else f"{type(exc).__name__}: {exc}"
+        try:
+            failures = store.retry_later(job_id, attempt, f"transient error, will retry: {reason}")
+        except Exception as store_exc:
+            if not is_disk_full(store_exc):
+                raise
+            # The job store is on the full disk too: Celery retries later; should that fail
+            # as well, the lease lapses and the sweeper requeues the job once it can write.
+            log.error("job %s: %s; the job store cannot record it either; retry in %d s",
+                      job_id, DISK_FULL_NAME, settings.disk_retry_after_s)
+            raise TransientFailure(reason, settings.disk_retry_after_s) from exc
         if failures is None:
             return {"job_id": job_id, "skipped": "taken over"}
         if failures > settings.max_retries:
             store.fail(job_id, f"gave up after {failures} transient failures; last: {reason}")
             return {"job_id": job_id, "state": "failed", "reason": reason}
-        delay = settings.retry_backoff_s * 2 ** (failures - 1)
+        delay = settings.disk_retry_after_s if disk_full else settings.retry_backoff_s * 2 ** (failures - 1)
         log.warning("job %s: transient failure %d/%d (%s); retry in %.0f s",
                     job_id, failures, settings.max_retries, type(exc).__name__, delay)
         raise TransientFailure(reason, delay) from exc

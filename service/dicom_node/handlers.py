@@ -10,13 +10,16 @@ Logs name UIDs, AE titles and counts, never patient attributes.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
+import socket
 import threading
 import uuid
 from pathlib import Path
 
 from ..config import Settings
+from ..diskguard import DiskFull, check_free_space
 from ..jobs import JobStore
 from ..storage import Storage, atomic_write_bytes, fsync_dir, safe_component
 
@@ -47,6 +50,7 @@ STATUS_PROCESSING_FAILURE = 0x0110  # Failure: Processing failure
 
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 Table 9-21.
 _REJECT_CALLING_AET = (0x01, 0x01, 0x03)  # permanent; service user; calling AE title not recognised
+_REJECT_CALLED_AET = (0x01, 0x01, 0x07)  # permanent; service user; called AE title not recognised
 _REJECT_NO_SPACE = (0x02, 0x03, 0x02)  # transient; service provider (presentation); local limit exceeded
 
 INPUT_MODALITIES = frozenset({"CT", "NM", "PT"})
@@ -97,24 +101,71 @@ class NodeContext:
             return self.associations.pop(id(assoc), None)
 
 
+def _same_host(name: str, address: str) -> bool:
+    """Whether ``address`` (the peer's IP) is ``name`` (an IP or a host name that resolves to it)."""
+    if name == address:
+        return True
+    try:
+        return address in {info[4][0] for info in socket.getaddrinfo(name, None)}
+    except OSError:
+        return False
+
+
+def calling_ae_allowed(settings: Settings, calling: str, address: str) -> bool:
+    """Closed by default: only configured peers (``PEERS``) and ``ALLOWED_CALLING_AETS`` entries.
+
+    An ``AET@HOST`` entry, and a peer when ``CHECK_PEER_HOST`` is set, must also come from
+    that host; ``*`` accepts any AE (an explicit choice, never the default).
+    """
+    for entry in settings.allowed_calling_aets:
+        if entry == "*":
+            return True
+        aet, _, host = entry.partition("@")
+        if aet.strip() == calling and (not host or _same_host(host.strip(), address)):
+            return True
+    peer = settings.peer_map.get(calling)
+    return peer is not None and (not settings.check_peer_host or _same_host(peer.host, address))
+
+
+def _reject(assoc, rsd: tuple[int, int, int]) -> None:
+    """A-ASSOCIATE-RJ, then wait until it is on the wire: pynetdicom closes the socket right
+    after this handler returns, which the peer would otherwise see as an abort."""
+    assoc.acse.send_reject(*rsd)
+    assoc.kill()
+
+
 def handle_requested(event, ctx: NodeContext) -> None:
-    """Refuse associations from AEs not on the allow-list, or while the disk is nearly full."""
+    """Refuse, with A-ASSOCIATE-RJ and its standard reason, associations to another called AE,
+    from an AE that is not a configured peer, or while the disk is nearly full."""
     assoc = event.assoc
-    calling = (assoc.requestor.primitive.calling_ae_title or "").strip()
+    primitive = assoc.requestor.primitive
+    calling = (primitive.calling_ae_title or "").strip()
+    called = (primitive.called_ae_title or "").strip()
     host = str(assoc.requestor.address or "")
-    allowed = ctx.settings.allowed_calling_aets
-    if allowed and calling not in allowed:
-        log.warning("association from %s (%s) refused: calling AE not on the allow-list", calling, host)
-        ctx.store.audit(calling or "?", "association_refused", remote_host=host, why="calling AE not allowed")
-        assoc.acse.send_reject(*_REJECT_CALLING_AET)
+    settings = ctx.settings
+    if called != settings.ae_title:
+        log.warning("association from %s (%s) refused: called AE %r is not ours", calling, host, called)
+        ctx.store.audit(calling or "?", "association_refused", remote_host=host, why="called AE title not ours",
+                        called_aet=called)
+        _reject(assoc, _REJECT_CALLED_AET)
         return
-    free = ctx.storage.free_bytes()
-    if free < ctx.settings.min_free_disk_bytes:
-        log.error("association from %s refused: %.0f MiB free, below the %.0f MiB minimum",
-                  calling, free / 2**20, ctx.settings.min_free_disk_mb)
+    if not calling_ae_allowed(settings, calling, host):
+        log.warning("association from %s (%s) refused: calling AE not a configured peer", calling, host)
+        ctx.store.audit(calling or "?", "association_refused", remote_host=host, why="calling AE not allowed")
+        _reject(assoc, _REJECT_CALLING_AET)
+        return
+    try:
+        check_free_space(ctx.storage.free_bytes(), settings.min_free_disk_bytes, settings.disk_retry_after_s)
+    except DiskFull as exc:
+        log.error("association from %s refused: %s", calling, exc)
         ctx.store.audit(calling or "?", "association_refused", remote_host=host, why="disk nearly full",
-                        free_mib=round(free / 2**20))
-        assoc.acse.send_reject(*_REJECT_NO_SPACE)
+                        free_mib=round(ctx.storage.free_bytes() / 2**20))
+        _reject(assoc, _REJECT_NO_SPACE)
+
+
+def _dataset_bytes(event) -> int:
+    data = getattr(event.request, "DataSet", None)
+    return data.getbuffer().nbytes if data is not None else 0
 
 
 def handle_echo(event, ctx: NodeContext) -> int:
@@ -151,15 +202,19 @@ def handle_store(event, ctx: NodeContext) -> int:
         if modality not in INPUT_MODALITIES:
             state.not_used += 1  # accepted (secondary objects, RT objects...) but not an input
             return STATUS_SUCCESS
-        if ctx.storage.free_bytes() < ctx.settings.min_free_disk_bytes:
-            log.error("C-STORE from %s refused: disk nearly full", state.calling_aet)
+        try:
+            check_free_space(ctx.storage.free_bytes(), ctx.settings.min_free_disk_bytes, ctx.settings.disk_retry_after_s,
+                             _dataset_bytes(event))
+        except DiskFull:
+            log.error("C-STORE from %s refused: disk nearly full (A700 out of resources)", state.calling_aet)
             return STATUS_OUT_OF_RESOURCES
         target = ctx.storage.staging_dir(state.key) / f"{modality}_{safe_component(sop_uid)}.dcm"
         atomic_write_bytes(target, event.encoded_dataset(include_meta=True))
         state.staged[sop_uid] = _Staged(target, study_uid)
         return STATUS_SUCCESS
     except OSError as exc:
-        log.error("C-STORE: cannot write the instance (%s)", exc.strerror)
+        log.error("C-STORE: cannot write the instance (%s%s); answered A700 out of resources",
+                  "ENOSPC: " if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "", exc.strerror)
         return STATUS_OUT_OF_RESOURCES
     except Exception:  # noqa: BLE001 - mapped to a status, never raised into pynetdicom
         log.exception("C-STORE: unexpected failure")

@@ -59,6 +59,7 @@ TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExp
 
 def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.ae_title)
+    ae.require_called_aet = True  # also enforced (with the calling AE) in handlers.handle_requested
     ae.add_supported_context(sc.Verification)
     for uid in STORAGE_CLASSES:
         ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))

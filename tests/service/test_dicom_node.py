@@ -61,7 +61,8 @@ def make_node(tmp_path, redis_url):
     nodes = []
 
     def factory(**kw):
-        args = dict(redis_url=redis_url, dicom_port=free_port(), study_quiet_s=1.0, export=["sender"])
+        args = dict(redis_url=redis_url, dicom_port=free_port(), study_quiet_s=1.0, export=["sender"],
+                    allowed_calling_aets=["MODALITY", "ECHOSCU", "PACS"])  # closed by default: the test's SCUs
         args.update(kw)
         node = _Node(make_settings(tmp_path / "data", **args)).start()
         nodes.append(node)

@@ -299,11 +299,12 @@ def test_worker_killed_mid_job_is_restarted_and_finishes_once(service, phantom_f
     from service.config import Settings
     from worker.app import make_celery
 
-    app = make_celery(Settings(environment="development", redis_url=service.redis_url, data_dir=tmp_path))
+    broker = (service.data_dir / "redis" / "url").read_text().strip()  # serve's Redis has a generated password
+    app = make_celery(Settings(environment="development", redis_url=broker, data_dir=tmp_path))
     app.send_task("spectdose.process_job", args=[job_id], queue="cpu")
     import redis
 
-    with redis.Redis.from_url(service.redis_url) as r:
+    with redis.Redis.from_url(broker) as r:
         wait_for(lambda: r.llen("cpu") == 0, 30, 0.1, what="the duplicate message to be consumed")
     time.sleep(1.0)
     again = service.job(job_id)

@@ -291,7 +291,7 @@ def test_list_filters_and_unknown_jobs(client, study_zip):
 
 
 def test_openapi_documents_every_route_and_response(client):
-    spec = client.get("/openapi.json").json()
+    spec = client.get("/openapi.json", headers=AUTH).json()  # behind the token in production
     paths = spec["paths"]
     assert set(paths) == {"/studies", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/rtdose", "/jobs/{job_id}/doserate",
                           "/jobs/{job_id}/summary", "/health", "/ready", "/metrics"}
