@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import warnings
 from collections import defaultdict
 
@@ -59,6 +60,11 @@ _GATE_VECTORS = {
 }
 _ENERGY_WINDOW_VECTOR = 0x00540010
 
+# A window known only by its name ("Lu177 208keV") matches energies within this fraction of
+# the named one: Lu-177 photopeak windows are about 20 % wide (208 keV +-10 %, as simulated for
+# DblurDoseNet, Li et al., Med Phys 49 (2022) 1216), so half that width tells 113 from 208 keV.
+_NAMED_WINDOW_TOLERANCE = 0.10
+
 # A CT whose slice normal is further than this from the patient's z axis is a sagittal,
 # coronal or strongly oblique reformat, not the axial series the pipeline needs.
 _MIN_AXIAL_COS = math.cos(math.radians(45.0))
@@ -82,18 +88,27 @@ class EnergyWindow:
     @property
     def centre_kev(self) -> float | None:
         if self.lower_kev is None or self.upper_kev is None:
-            return None
+            return self.named_kev
         return (self.lower_kev + self.upper_kev) / 2
 
+    @property
+    def named_kev(self) -> float | None:
+        """The energy a window's name states ("Lu177 208keV", "EM 113 keV"), for headers without limits."""
+        found = re.search(r"(\d+(?:\.\d+)?)\s*kev", self.name, re.IGNORECASE)
+        return float(found.group(1)) if found else None
+
     def contains(self, energy_kev: float) -> bool:
+        """Within the lower-upper limits; without limits, within 10 % of the energy the name states."""
         if self.lower_kev is None or self.upper_kev is None:
-            return False
+            named = self.named_kev
+            return named is not None and abs(energy_kev - named) <= _NAMED_WINDOW_TOLERANCE * named
         return self.lower_kev <= energy_kev <= self.upper_kev
 
     def describe(self) -> str:
         name = f" '{self.name}'" if self.name else ""
-        if self.centre_kev is None:
-            return f"energy window {self.number}{name} (no energy limits in the header)"
+        if self.lower_kev is None or self.upper_kev is None:
+            named = f"; its name says {self.named_kev:g} keV" if self.named_kev else ""
+            return f"energy window {self.number}{name} (no energy limits in the header{named})"
         return (
             f"energy window {self.number}{name} {self.lower_kev:g}-{self.upper_kev:g} keV "
             f"(centre {self.centre_kev:g} keV)"

@@ -251,7 +251,7 @@ def write_nm_recon(
     description: str = "SPECT RECON",
     frame_of_reference_uid: str | None = None,
     preamble: bool = True,
-    energy_window: tuple[str, float, float] = ("Lu177 208keV", 187.2, 228.8),
+    energy_window: tuple[str, float | None, float | None] = ("Lu177 208keV", 187.2, 228.8),
     extra_windows: Sequence[tuple[np.ndarray, str, float, float]] = (),
     units_bqml_slope: float | None = None,
 ) -> Written:
@@ -314,10 +314,11 @@ def write_nm_recon(
     for _, name, lower, upper in windows:
         ew = Dataset()
         ew.EnergyWindowName = name
-        limits = Dataset()
-        limits.EnergyWindowLowerLimit = f"{lower:g}"
-        limits.EnergyWindowUpperLimit = f"{upper:g}"
-        ew.EnergyWindowRangeSequence = DicomSequence([limits])
+        if lower is not None:  # None: a window known only by its name
+            limits = Dataset()
+            limits.EnergyWindowLowerLimit = f"{lower:g}"
+            limits.EnergyWindowUpperLimit = f"{upper:g}"
+            ew.EnergyWindowRangeSequence = DicomSequence([limits])
         items.append(ew)
     ds.EnergyWindowInformationSequence = DicomSequence(items)
     ds.NumberOfEnergyWindows = len(windows)

@@ -234,6 +234,14 @@ def per_window_series(root: Path) -> None:
     _nm(root, study, "w113.dcm", counts=_counts() * 2, energy_window=WINDOW_113, description="SPECT OSEM")
 
 
+def per_window_series_named_only(root: Path) -> None:
+    """Per-window series whose windows have a name but no energy limits."""
+    study = f.StudyIds()
+    _ct(root, study)
+    _nm(root, study, "w208.dcm", energy_window=("EM2 208 keV", None, None), description="SPECT OSEM")
+    _nm(root, study, "w113.dcm", counts=_counts() * 2, energy_window=("EM1 113 keV", None, None), description="SPECT OSEM")
+
+
 def two_recons(root: Path) -> None:
     study = f.StudyIds()
     _ct(root, study)
@@ -448,6 +456,10 @@ CASES: dict[str, Case] = {
         Refused(InputError, r"'SPECT OSEM'.*centre 208 keV.*'SPECT OSEM'.*centre 113 keV|'SPECT OSEM'.*centre 113 keV.*'SPECT OSEM'.*centre 208 keV"),
     ),
     "per-window-series-208-kev": Case(per_window_series, {"energy_window_kev": 208.0}, Same()),
+    "per-window-series-named-only-208-kev": Case(per_window_series_named_only, {"energy_window_kev": 208.0}, Same()),
+    "per-window-series-named-only-without-choice": Case(
+        per_window_series_named_only, {}, Refused(InputError, r"no energy limits in the header; its name says (208|113) keV")
+    ),
     "energy-window-not-in-the-study": Case(
         multi_window, {"energy_window_kev": 300.0}, Refused(InputError, r"no SPECT candidate has an energy window containing 300 keV")
     ),
