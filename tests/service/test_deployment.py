@@ -28,7 +28,7 @@ def test_compose_describes_the_deployment(compose):
     for name in ("gateway", "node", "worker"):
         svc = services[name]
         env = svc["environment"]
-        assert env["SPECTDOSE_REDIS_URL"] == "redis://redis:6379/0"
+        assert env["SPECTDOSE_REDIS_URL"] == "redis://:${REDIS_PASSWORD:?set REDIS_PASSWORD}@redis:6379/0"
         assert env["SPECTDOSE_DATABASE_URL"].startswith("postgresql://")
         assert env["SPECTDOSE_ENVIRONMENT"] == "production"
         assert "${SPECTDOSE_API_TOKENS:?" in env["SPECTDOSE_API_TOKENS"], "no default token"
@@ -67,7 +67,7 @@ def test_docker_compose_config_when_the_client_has_compose(tmp_path):
     if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
         pytest.skip("no docker compose client here; the YAML checks above still ran")
     env = tmp_path / "env"
-    env.write_text("SPECTDOSE_API_TOKENS=x" * 1 + "0123456789abcdef\nPOSTGRES_PASSWORD=pw\n")
+    env.write_text("SPECTDOSE_API_TOKENS=x" * 1 + "0123456789abcdef\nPOSTGRES_PASSWORD=pw\nREDIS_PASSWORD=pw\n")
     r = subprocess.run([docker, "compose", "--env-file", str(env), "-f", str(ROOT / "docker-compose.yml"), "config",
                         "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -117,3 +117,16 @@ def test_peer_host_check_and_wildcard(tmp_path):
     s = make_settings(tmp_path, allowed_calling_aets=["*"])
     assert calling_ae_allowed(s, "ANYONE", "192.0.2.1"), "'*' opens the node, but only when configured"
     assert not calling_ae_allowed(make_settings(tmp_path), "ANYONE", "127.0.0.1"), "closed by default"
+
+
+def test_compose_node_health_check_is_an_allowed_calling_ae(tmp_path):
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text())
+    node_svc = compose["services"]["node"]
+    check = node_svc["healthcheck"]["test"]
+    aet = check[check.index("-aet") + 1]
+    allowed = [a for a in node_svc["environment"]["SPECTDOSE_ALLOWED_CALLING_AETS"].split(",") if a and "${" not in a]
+    settings = make_settings(tmp_path, allowed_calling_aets=allowed)
+    assert calling_ae_allowed(settings, aet, "127.0.0.1"), "the closed node must still answer its health check"
+    assert not calling_ae_allowed(settings, aet, "10.0.0.9"), "but only from inside the container"
