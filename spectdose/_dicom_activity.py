@@ -256,15 +256,36 @@ class Radiopharmaceutical:
     agent: str
     # Radiopharmaceutical Start Time when the header has no date for it: never completed by a guess here.
     start_time_only: dt.time | None = None
+    nuclide_source: str = ""  # where the nuclide was read; "" when the header does not say
 
 
-def _nuclide_name(item: Dataset) -> str:
+def _is_lu177(text: str) -> bool:
+    text = text.replace("^", "").replace(" ", "").replace("-", "").lower()
+    return "177" in text and ("lu" in text or "lutetium" in text)
+
+
+def _nuclide(item: Dataset, what: str) -> tuple[str, str]:
+    """(nuclide, where it was read) from one Radiopharmaceutical item; ("", "") when it says nothing.
+
+    Read from the Radionuclide Code Sequence, else the radiopharmaceutical's name or code
+    (e.g. "Lu-177 DOTATATE"), else a half-life within 2 % of Lu-177's (ICRP-107).
+    """
     codes = item.get("RadionuclideCodeSequence", None)
-    meaning = str(codes[0].get("CodeMeaning", "")) if codes else ""
-    text = meaning.replace("^", "").replace(" ", "").lower()
-    if "177" in text and ("lu" in text or "lutetium" in text):
-        return "Lu-177"
-    return meaning.strip()
+    meaning = str(codes[0].get("CodeMeaning", "") or "").strip() if codes else ""
+    if meaning:
+        return ("Lu-177" if _is_lu177(meaning) else meaning), "Radionuclide Code Sequence"
+    agent_codes = item.get("RadiopharmaceuticalCodeSequence", None)
+    names = [str(item.get("Radiopharmaceutical", "") or "")]
+    names += [str(c.get("CodeMeaning", "") or "") for c in (agent_codes or [])]
+    if any(_is_lu177(n) for n in names):
+        return "Lu-177", "radiopharmaceutical name"
+    if item.get("RadionuclideHalfLife", None) not in (None, ""):
+        half_life_s = ds_float(item, "RadionuclideHalfLife", 0.0, what)
+        if abs(half_life_s / LU177_HALF_LIFE_S - 1) <= 0.02:
+            return "Lu-177", "Radionuclide Half Life"
+        if half_life_s > 0:
+            return f"a nuclide with half-life {half_life_s / 3600:.4g} h", "Radionuclide Half Life"
+    return "", ""
 
 
 def radiopharmaceutical(
@@ -273,16 +294,12 @@ def radiopharmaceutical(
     """Nuclide, half-life, administered activity and time from the first Radiopharmaceutical item."""
     seq = ds.get("RadiopharmaceuticalInformationSequence", None)
     if not seq:
-        notes.append(
-            f"{what}: no Radiopharmaceutical Information; nuclide assumed Lu-177, administration unknown"
-        )
-        return Radiopharmaceutical("Lu-177", LU177_HALF_LIFE_S, None, None, "")
+        notes.append(f"{what}: no Radiopharmaceutical Information (radionuclide and administration unknown)")
+        return Radiopharmaceutical("", float("nan"), None, None, "")
     if len(seq) > 1:
         notes.append(f"{what}: {len(seq)} radiopharmaceutical items; the first is used")
     item = seq[0]
-    nuclide = _nuclide_name(item) or "Lu-177"
-    if nuclide != "Lu-177":
-        notes.append(f"{what}: radionuclide in the header is '{nuclide}', not Lu-177")
+    nuclide, nuclide_source = _nuclide(item, what)
     half_life_s = LU177_HALF_LIFE_S if nuclide == "Lu-177" else float("nan")
     raw_half_life = item.get("RadionuclideHalfLife", None)
     if raw_half_life not in (None, ""):
@@ -342,7 +359,7 @@ def radiopharmaceutical(
     codes = item.get("RadiopharmaceuticalCodeSequence", None)
     if not agent and codes:
         agent = str(codes[0].get("CodeMeaning", "") or "")
-    return Radiopharmaceutical(nuclide, half_life_s, activity_bq, admin, agent, start_time_only)
+    return Radiopharmaceutical(nuclide, half_life_s, activity_bq, admin, agent, start_time_only, nuclide_source)
 
 
 def pet_decay_factor(

@@ -726,6 +726,25 @@ def _to_activity(
     return values * (1e6 / (total * grid.voxel_volume_ml)), "MBq-normalised", note
 
 
+def _check_nuclide(rp: act.Radiopharmaceutical, what: str, accepted: Sequence[str], notes: list[str]) -> None:
+    """Lu-177 read from the header, or assumed only when allowed; another nuclide is refused."""
+    if rp.nuclide == "Lu-177":
+        return
+    if rp.nuclide:
+        raise InputError(
+            f"{what}: the radionuclide is {rp.nuclide!r} ({rp.nuclide_source}); spectdose computes Lu-177 dose only "
+            "(its kernels and half-life are Lu-177's)"
+        )
+    name = "radionuclide_lu177_assumed"
+    if name not in accepted:
+        raise InputError(
+            f"{what}: the header does not say which radionuclide was imaged (no Radionuclide Code Sequence, "
+            "radiopharmaceutical name or half-life); spectdose computes Lu-177 dose only: if it is Lu-177, allow "
+            f"that with --accept {name} (CLI) / accept={name} (REST)"
+        )
+    notes.append(f"ASSUMED ({name}): the header does not name the radionuclide; Lu-177 assumed")
+
+
 def _patient(ds: Dataset) -> PatientInfo:
     def s(keyword: str) -> str:
         return str(ds.get(keyword, "") or "")
@@ -934,8 +953,9 @@ def _load(
         )
     acquisition, acquisition_source = act.acquisition_start(datasets, what, notes)
     rp = act.radiopharmaceutical(header, spect.modality, acquisition, what, notes)
+    _check_nuclide(rp, spect.label(), time_options["accepted"], notes)
     administration = Administration(
-        nuclide=rp.nuclide,
+        nuclide=rp.nuclide or "Lu-177",
         injected_activity_bq=rp.injected_activity_bq,
         administration_datetime=rp.administration,
         radiopharmaceutical=rp.agent,

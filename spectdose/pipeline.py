@@ -228,6 +228,7 @@ ASSUMPTIONS: dict[str, str] = {
     "time_outside_model_range": "the single-time-point model is used outside the range of times it was validated for",
     "acquisition_time_from_series_or_study": "a SPECT without Acquisition Date/Time is taken as acquired at its "
     "series (or study) date/time",
+    "radionuclide_lu177_assumed": "a SPECT whose header does not name the radionuclide is taken as Lu-177",
 }
 
 

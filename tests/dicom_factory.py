@@ -190,16 +190,23 @@ def write_ct_series(
 
 
 def _radiopharmaceutical(
-    injected: float | None, admin_datetime: str | None, admin_time_only: str | None
+    injected: float | None,
+    admin_datetime: str | None,
+    admin_time_only: str | None,
+    radionuclide: tuple[str, str] | None = ("^177^Lutetium", "574300.8"),
 ) -> Dataset:
+    """``radionuclide``: (code meaning, half-life in s), or None for an item that names none."""
     item = Dataset()
-    code = Dataset()
-    code.CodeValue = "LU177"
-    code.CodingSchemeDesignator = "99SPECTDOSE"  # local scheme: synthetic test data
-    code.CodeMeaning = "^177^Lutetium"
-    item.RadionuclideCodeSequence = DicomSequence([code])
-    item.Radiopharmaceutical = "Lu-177 DOTATATE"
-    item.RadionuclideHalfLife = "574300.8"
+    if radionuclide is not None:
+        code = Dataset()
+        code.CodeValue = "LU177" if "177" in radionuclide[0] else "OTHER"
+        code.CodingSchemeDesignator = "99SPECTDOSE"  # local scheme: synthetic test data
+        code.CodeMeaning = radionuclide[0]
+        item.RadionuclideCodeSequence = DicomSequence([code])
+        item.Radiopharmaceutical = "Lu-177 DOTATATE" if "177" in radionuclide[0] else "tracer"
+        item.RadionuclideHalfLife = radionuclide[1]
+    else:
+        item.Radiopharmaceutical = "DOTATATE"
     if injected is not None:
         item.RadionuclideTotalDose = f"{injected:g}"
     if admin_datetime is not None:
@@ -254,6 +261,7 @@ def write_nm_recon(
     energy_window: tuple[str, float | None, float | None] = ("Lu177 208keV", 187.2, 228.8),
     extra_windows: Sequence[tuple[np.ndarray, str, float, float]] = (),
     units_bqml_slope: float | None = None,
+    radionuclide: tuple[str, str] | None = ("^177^Lutetium", "574300.8"),
 ) -> Written:
     """One multi-frame NM RECON TOMO object; frame ``n`` at ``IPP + n*sign*spacing*(row x col)``.
 
@@ -323,7 +331,7 @@ def write_nm_recon(
     ds.EnergyWindowInformationSequence = DicomSequence(items)
     ds.NumberOfEnergyWindows = len(windows)
     ds.RadiopharmaceuticalInformationSequence = DicomSequence(
-        [_radiopharmaceutical(injected, admin_datetime, admin_time_only)]
+        [_radiopharmaceutical(injected, admin_datetime, admin_time_only, radionuclide)]
     )
     if acquisition is not None:
         ds.AcquisitionDate, ds.AcquisitionTime = acquisition

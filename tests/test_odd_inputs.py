@@ -425,6 +425,20 @@ CASES: dict[str, Case] = {
         {"time_model": "physical"},
         Scaled(time_integration_factor_s("physical", 23.0) / time_integration_factor_s("hanscheid", HOURS), ()),
     ),
+    # --- the radionuclide: read from the header, never assumed silently
+    "radionuclide-other-than-lu177": Case(
+        lambda r: baseline(r, radionuclide=("^90^Yttrium", "230400")),
+        {},
+        Refused(InputError, r"radionuclide is '\^90\^Yttrium' \(Radionuclide Code Sequence\); spectdose computes Lu-177"),
+    ),
+    "radionuclide-not-named": Case(
+        lambda r: baseline(r, radionuclide=None), {}, Refused(InputError, r"does not say which radionuclide.*--accept radionuclide_lu177_assumed")
+    ),
+    "radionuclide-not-named-accepted": Case(
+        lambda r: baseline(r, radionuclide=None),
+        {"accepted_assumptions": ("radionuclide_lu177_assumed",)},
+        Same(warning="ASSUMED (radionuclide_lu177_assumed)"),
+    ),
     # --- issue 8 item 4: nothing to compute a dose from
     "rwvm-slope-zero": Case(lambda r: baseline(r, rwvm=(0.0, 5.0)), {}, Refused(InputError, "slope 0 in every slice")),
     "nm-bqml-rescale-slope-zero": Case(
@@ -517,7 +531,7 @@ def test_odd_input(name, reference, tmp_path, kernel_cache_dir):
         assert dose["mean_in_tissue_gy"] == pytest.approx(reference["mean_in_tissue_gy"], rel=outcome.mean_rtol)
         if outcome.warning:
             assert any(outcome.warning in w for w in saved["warnings"]), saved["warnings"]
-        else:
+        if not outcome.warning or "ASSUMED" not in outcome.warning:
             assert not [w for w in saved["warnings"] if "ASSUMED" in w], saved["warnings"]
     else:
         assert dose["max_gy"] == pytest.approx(reference["max_gy"] * outcome.factor, rel=0.01)
