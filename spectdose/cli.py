@@ -374,7 +374,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"1/2 Writing a small virtual patient (seed {args.seed}) to {study_dir} ...", flush=True)
     generate(study_dir, args.seed, size="small")
     print(f"2/2 Computing its Lu-177 dose (DVK) into {dose_dir} ...", flush=True)
-    run(study_dir / "dicom", dose_dir, DoseOptions(kernel_cache_dir=default_cache_dir() / "kernels"))
+    run(study_dir / "dicom", dose_dir, DoseOptions(kernel_cache_dir=default_cache_dir() / "kernels"), progress=_print_progress)
     print((dose_dir / "summary.txt").read_text(), end="")
     print(f"\nStudy (DICOM): {(study_dir / 'dicom').resolve()}\nTruth: {(study_dir / 'truth').resolve()}")
     print(f"RT Dose: {(dose_dir / 'rtdose.dcm').resolve()}\nDose-rate map: {(dose_dir / 'doserate_pm.dcm').resolve()}")
