@@ -150,8 +150,13 @@ class Settings(BaseSettings):
 
     # dose options shared by every job
     default_method: Literal["auto", "dvk", "cnn"] = Field(
-        "auto", description="engine for jobs that name none; auto: the CNN once trained weights are installed"
+        "dvk", description="engine for jobs that name none: dvk like the CLI (the shipped CNN does not yet beat "
+        "DVK in every tissue, models/dblurdosenet.md); auto (an explicit choice): the CNN once weights are installed"
     )
+    # Assumptions the site allows (spectdose.pipeline.ASSUMPTIONS; each refused by default):
+    # for every job, or per calling AE as AET:assumption. Never on unless configured here.
+    accept: CommaList = Field(default_factory=list, description="assumptions allowed for every job")
+    accept_by_ae: CommaList = Field(default_factory=list, description="AET:assumption, for DICOM jobs of that AE")
     kernel_cache_dir: Path | None = None
     calibrations_file: Path | None = None
     sensitivity_cps_per_mbq: float | None = Field(None, gt=0)
@@ -167,7 +172,29 @@ class Settings(BaseSettings):
 
         return "cnn" if default_model_path().is_file() else "dvk"
 
-    @field_validator("api_tokens", "allowed_calling_aets", "peers", "export", mode="before")
+    def accepted_assumptions(self, calling_aet: str | None = None) -> list[str]:
+        """The site's accepted assumptions for a job (global, plus the calling AE's own)."""
+        names = set(self.accept)
+        for entry in self.accept_by_ae:
+            aet, _, name = entry.rpartition(":")
+            if calling_aet is not None and aet.strip() == calling_aet:
+                names.add(name.strip())
+        return sorted(names)
+
+    @field_validator("accept", "accept_by_ae")
+    @classmethod
+    def _check_assumptions(cls, value: list[str], info) -> list[str]:
+        from spectdose.pipeline import ASSUMPTIONS
+
+        for entry in value:
+            aet, sep, name = entry.rpartition(":")
+            if info.field_name == "accept_by_ae" and not (sep and _AE_TITLE.match(aet.strip())):
+                raise ValueError(f"accept_by_ae entries are AET:assumption, got {entry!r}")
+            if (name if info.field_name == "accept_by_ae" else entry).strip() not in ASSUMPTIONS:
+                raise ValueError(f"unknown assumption in {entry!r}; known: {sorted(ASSUMPTIONS)}")
+        return value
+
+    @field_validator("api_tokens", "allowed_calling_aets", "peers", "export", "accept", "accept_by_ae", mode="before")
     @classmethod
     def _comma_list(cls, value):
         return _split_list(value)

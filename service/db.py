@@ -102,6 +102,10 @@ class Job(Base):
     transient_failures: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(128))
     outputs_json: Mapped[str] = mapped_column(Text, default="{}")
+    # What the result says about itself (method, software, warnings, output UIDs) once done,
+    # and which earlier result of the study it replaces (set when the worker computes).
+    result_json: Mapped[str | None] = mapped_column(Text)
+    replaces_json: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
     queued_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
@@ -203,11 +207,28 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+# Columns added after the first release: created on an existing database (nullable, no default).
+_ADDED_COLUMNS = {"jobs": ("result_json", "replaces_json")}
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    from sqlalchemy import inspect, text
+
+    inspector = inspect(engine)
+    for table, columns in _ADDED_COLUMNS.items():
+        present = {c["name"] for c in inspector.get_columns(table)}
+        for column in columns:
+            if column not in present:
+                with engine.begin() as conn:
+                    conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} TEXT"))
+
+
 def _create_tables(engine: Engine) -> None:
-    """Create missing tables; tolerate another process creating them at the same moment."""
+    """Create missing tables (and added columns); tolerate another process doing it at the same moment."""
     for attempt in range(3):
         try:
             Base.metadata.create_all(engine)
+            _add_missing_columns(engine)
             return
         except (OperationalError, ProgrammingError, IntegrityError):
             if attempt == 2:

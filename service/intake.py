@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 
 from .config import Settings
 from .diskguard import DISK_FULL_NAME, DiskFull, check_free_space, is_disk_full
-from .jobs import JobStore
+from .jobs import InstanceDigest, JobStore, content_fingerprint, instance_digest
 from .queue import Enqueuer
 from .storage import Storage, UnsafeArchive, extract_zip
 
@@ -43,6 +43,7 @@ class UploadRejected(Exception):
         self.status_code = status_code
         self.detail = detail
         self.headers = headers or {}
+        self.instances: tuple[InstanceDigest, ...] = ()  # what was read before the refusal (STOW-RS response)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,7 @@ class SubmitParams:
 
     options: dict
     export: list[str]
+    recompute: bool = False  # a new job even when the same content with the same options has one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +61,8 @@ class Accepted:
     files: int
     ignored_files: int
     study_instance_uid: str | None
+    duplicate: bool = False  # the existing job of the same content and options
+    instances: tuple[InstanceDigest, ...] = ()
 
 
 class ClientGone(UploadRejected):
@@ -345,7 +349,21 @@ def store_upload(
     """
     files = _unpack(spool, content_type, work, settings)
     spool.unlink(missing_ok=True)
-    study_uid, ignored = _check_study(work / "files", settings.max_unzipped_bytes)
+    instances = tuple(instance_digest(f) for f in files)
+    try:
+        study_uid, ignored = _check_study(work / "files", settings.max_unzipped_bytes)
+    except UploadRejected as exc:
+        exc.instances = instances
+        raise
+    fingerprint = content_fingerprint(instances)
+    earlier = None if params.recompute else store.find_duplicate(
+        fingerprint, params.options, source="rest", export=params.export)
+    if earlier is not None:
+        store.audit(actor, "study_duplicate", job_id=earlier.id, remote_host=remote_host, files=len(files),
+                    study_instance_uid=study_uid)
+        log.info("upload from %s: same content and options as job %s; not computed again", actor, earlier.id)
+        return Accepted(earlier.id, earlier.n_files, ignored, earlier.study_instance_uid, duplicate=True,
+                        instances=instances)
     job_id = uuid.uuid4().hex
     n_files, n_bytes = storage.publish_input(job_id, files)
     store.create_job(
@@ -359,12 +377,13 @@ def store_upload(
         input_bytes=n_bytes,
         remote_host=remote_host,
         study_instance_uid=study_uid,
+        fingerprint=fingerprint,
     )
     store.audit(actor, "study_received", job_id=job_id, remote_host=remote_host, files=n_files, bytes=n_bytes,
                 ignored_files=ignored, study_instance_uid=study_uid, media_type=content_type.split(";")[0])
     log.info("job %s: %d file(s) received over REST from %s", job_id, n_files, actor)
     enqueuer.submit(job_id, settings.job_queue)
-    return Accepted(job_id, n_files, ignored, study_uid)
+    return Accepted(job_id, n_files, ignored, study_uid, instances=instances)
 
 
 async def receive_study(request, ctx, actor: str, params: SubmitParams) -> Accepted:

@@ -19,7 +19,8 @@ import datetime as dt
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -39,7 +40,16 @@ from .db import (
     utcnow,
 )
 
-__all__ = ["JobStore", "ExportItem", "token_label", "TERMINAL_STATES", "ALLOWED_TRANSITIONS"]
+__all__ = [
+    "JobStore",
+    "ExportItem",
+    "InstanceDigest",
+    "token_label",
+    "instance_digest",
+    "content_fingerprint",
+    "TERMINAL_STATES",
+    "ALLOWED_TRANSITIONS",
+]
 
 log = logging.getLogger("spectdose.service.jobs")
 
@@ -56,6 +66,60 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 def token_label(token: str) -> str:
     """How an API token appears in the audit log: a short hash, never the token."""
     return "token:" + hashlib.sha256(token.encode()).hexdigest()[:10]
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceDigest:
+    """One input file: its SOP Class/Instance UIDs ("" when not DICOM) and the digest of its data set."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    sha256: str
+
+
+def instance_digest(path: Path) -> InstanceDigest:
+    """UIDs and the sha256 of the bytes after the File Meta Information.
+
+    The file meta is left out: it names the sending implementation and AE, which differ
+    between a REST upload and the same instances received over DICOM; the data set is the
+    content. A file that is not DICOM part 10 is digested whole.
+    """
+    import pydicom
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    sop = sop_class = ""
+    with open(path, "rb") as fh:
+        try:
+            read_preamble(fh, False)
+            _read_file_meta_info(fh)
+            start = fh.tell()
+        except Exception:  # noqa: BLE001 - not part 10 (or no preamble): the whole file is its content
+            start = 0
+        fh.seek(0)
+        try:
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+            sop = str(ds.get("SOPInstanceUID", "") or "")
+            sop_class = str(ds.get("SOPClassUID", "") or "")
+        except Exception:  # noqa: BLE001 - not DICOM: digested by bytes only
+            sop = sop_class = ""
+        fh.seek(start)
+        digest = hashlib.sha256()
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return InstanceDigest(Path(path), sop_class, sop, digest.hexdigest())
+
+
+def content_fingerprint(items: Iterable[Path | InstanceDigest]) -> str:
+    """The identity of a study's input: each instance's SOP Instance UID and the digest of its data set.
+
+    The same instances give the same fingerprint however they arrived (zip, multipart,
+    STOW-RS, C-STORE) or were named; a changed header or pixel value under the same SOP
+    Instance UID gives another.
+    """
+    digests = [i if isinstance(i, InstanceDigest) else instance_digest(i) for i in items]
+    lines = sorted(f"{d.sop_instance_uid} {d.sha256}" for d in digests)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,19 +253,45 @@ class JobStore:
         counts.update({state: int(n) for state, n in rows})
         return counts
 
-    def find_active_by_fingerprint(self, fingerprint: str, calling_aet: str) -> Job | None:
-        """A job of ``calling_aet`` on the same input instances that has not failed.
+    def find_duplicate(
+        self,
+        fingerprint: str,
+        options: dict,
+        *,
+        source: str,
+        calling_aet: str | None = None,
+        export: list[str] | None = None,
+    ) -> Job | None:
+        """The newest job on the same input content with the same options (and sender/destinations) that has not failed.
 
         A failed one does not count: sending the study again is how a user retries it.
         """
+        conds = [
+            Job.fingerprint == fingerprint,
+            Job.options_json == json.dumps(options, sort_keys=True),
+            Job.source == source,
+            Job.state != str(JobState.FAILED),
+            Job.calling_aet == calling_aet if calling_aet is not None else Job.calling_aet.is_(None),
+        ]
+        if export is not None:
+            conds.append(Job.export_json == json.dumps(export))
+        with self.session(readonly=True) as s:
+            return s.scalars(select(Job).where(*conds).order_by(Job.created_at.desc()).limit(1)).first()
+
+    def previous_result(self, job: Job) -> Job | None:
+        """The newest finished job with outputs on the same study, created before ``job``."""
+        if not job.study_instance_uid:
+            return None
         with self.session(readonly=True) as s:
             return s.scalars(
                 select(Job)
                 .where(
-                    Job.fingerprint == fingerprint,
-                    Job.calling_aet == calling_aet,
-                    Job.state != str(JobState.FAILED),
+                    Job.study_instance_uid == job.study_instance_uid,
+                    Job.id != job.id,
+                    Job.state == str(JobState.DONE),
+                    Job.created_at <= job.created_at,
                 )
+                .order_by(Job.finished_at.desc())
                 .limit(1)
             ).first()
 
@@ -284,6 +374,10 @@ class JobStore:
             ).rowcount
         return n == 1
 
+    def set_replaces(self, job_id: str, attempt: int, replaces: dict | None) -> bool:
+        """Record which earlier result this job's result replaces (None: it replaces nothing)."""
+        return self._fenced(job_id, attempt, replaces_json=json.dumps(replaces or {}, sort_keys=True))
+
     def heartbeat(self, job_id: str, attempt: int) -> bool:
         """Renew the lease; False when this attempt no longer owns the job."""
         return self._fenced(job_id, attempt, heartbeat_at=utcnow())
@@ -292,7 +386,8 @@ class JobStore:
         now = utcnow()
         return self._fenced(job_id, attempt, stage=stage, progress=float(min(max(fraction, 0.0), 1.0)), heartbeat_at=now)
 
-    def finish(self, job_id: str, attempt: int, outputs: dict[str, str]) -> bool:
+    def finish(self, job_id: str, attempt: int, outputs: dict[str, str], result: dict | None = None) -> bool:
+        """``running`` -> ``done`` with the output files and what the result says about itself."""
         now = utcnow()
         ok = self._fenced(
             job_id,
@@ -302,6 +397,7 @@ class JobStore:
             progress=1.0,
             reason=None,
             outputs_json=json.dumps(outputs, sort_keys=True),
+            result_json=json.dumps(result, sort_keys=True) if result is not None else None,
             finished_at=now,
         )
         if ok:
@@ -461,6 +557,17 @@ class JobStore:
     def exports_of(self, job_id: str) -> list[ExportRecord]:
         with self.session(readonly=True) as s:
             return list(s.scalars(select(ExportRecord).where(ExportRecord.job_id == job_id).order_by(ExportRecord.id)))
+
+    def exports_for(self, job_ids: list[str]) -> dict[str, list[ExportRecord]]:
+        """The export records of several jobs in one query (for listings)."""
+        out: dict[str, list[ExportRecord]] = {job_id: [] for job_id in job_ids}
+        if not job_ids:
+            return out
+        with self.session(readonly=True) as s:
+            rows = s.scalars(select(ExportRecord).where(ExportRecord.job_id.in_(job_ids)).order_by(ExportRecord.id))
+            for rec in rows:
+                out[rec.job_id].append(rec)
+        return out
 
     # ------------------------------------------------------------------ DICOM arrivals
 

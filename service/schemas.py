@@ -35,6 +35,8 @@ class SubmitOut(BaseModel):
     files: int = Field(description="files stored for the job")
     ignored_files: int = Field(0, description="files in the upload that are not usable DICOM (listed by the core)")
     study_instance_uid: str | None = None
+    duplicate: bool = Field(False, description="the same content with the same options has this job already "
+                            "(HTTP 200); recompute=true makes a new one")
 
 
 class ExportOut(BaseModel):
@@ -64,7 +66,14 @@ class JobOut(BaseModel):
     queued_at: dt.datetime | None = None
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
-    options: dict
+    options: dict = Field(description="the dose options (DoseOptions public names), site policy included")
+    method: str | None = Field(None, description="dose-rate engine of the job (dvk or cnn)")
+    warnings: list[str] = Field(default_factory=list, description="assumptions and caveats the result carries "
+                                "(summary.json warnings); empty until done")
+    provenance: dict | None = Field(None, description="software version, engine (network weights digest for the "
+                                    "CNN), options key and output UIDs of the result")
+    replaces: dict | None = Field(None, description="the earlier result of the study this one replaces (series, "
+                                  "job, reason), when the study was computed before with other input or options")
     outputs: dict[str, str] = Field(default_factory=dict, description="output kind -> URL")
     exports: list[ExportOut] = Field(default_factory=list)
 
@@ -94,6 +103,9 @@ _OUTPUT_ROUTES = {"rtdose": "rtdose", "doserate": "doserate", "summary_json": "s
 def job_out(job: Job, exports: list[ExportRecord], base_url: str) -> JobOut:
     outputs = json.loads(job.outputs_json or "{}")
     links = {route: f"{base_url}/jobs/{job.id}/{route}" for kind, route in _OUTPUT_ROUTES.items() if kind in outputs}
+    options = json.loads(job.options_json or "{}")
+    result = json.loads(job.result_json) if job.result_json else {}
+    replaces = json.loads(job.replaces_json) if job.replaces_json else None
     return JobOut(
         job_id=job.id,
         state=job.state,
@@ -111,7 +123,11 @@ def job_out(job: Job, exports: list[ExportRecord], base_url: str) -> JobOut:
         queued_at=job.queued_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
-        options=json.loads(job.options_json or "{}"),
+        options=options,
+        method=result.get("method") or options.get("method"),
+        warnings=result.get("warnings", []),
+        provenance={k: v for k, v in result.items() if k != "warnings"} or None,
+        replaces=replaces or None,
         outputs=links,
         exports=[
             ExportOut(

@@ -4,10 +4,16 @@ Kept apart from the Celery task so it reads as a plain function of a job id. Fai
 classes: a :class:`~spectdose.errors.SpectdoseError` is the study's fault and final (the
 job fails with its message); anything else (disk, network, broker) is transient and
 retried a bounded number of times with a doubling delay.
+
+A job on a study that already has a result from other input content, other options or
+another software version *replaces* it: the worker records which series and why, and
+the new result (new UIDs) says so. A finished job carries what its result says about
+itself (engine, software, warnings, output UIDs); every warning is also logged once.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import threading
@@ -23,7 +29,8 @@ from service.export import OutputFile, export_outputs
 from service.jobs import JobStore
 from service.storage import Storage
 
-__all__ = ["run_job", "dose_options", "build_manifest", "LeaseLost", "TransientFailure", "Outcome"]
+__all__ = ["run_job", "dose_options", "build_manifest", "result_of", "find_replaced", "LeaseLost", "TransientFailure",
+           "Outcome"]
 
 log = logging.getLogger("spectdose.worker")
 
@@ -99,6 +106,78 @@ def build_manifest(outputs: dict[str, Path], options_key: str, attempt: int) -> 
     return {"options_key": options_key, "attempt": attempt, "files": files}
 
 
+def result_of(out_dir: Path, manifest: dict) -> dict:
+    """What a finished job shows of its result: engine, software, network, options key, output UIDs, warnings."""
+    summary_entry = manifest["files"].get("summary_json")
+    summary = json.loads((out_dir / summary_entry["file"]).read_text()) if summary_entry else {}
+    network = (summary.get("dose_rate") or {}).get("network")
+    return {
+        "method": summary.get("method"),
+        "software": summary.get("software"),
+        "network": {k: network.get(k) for k in ("name", "weights_sha256", "bf16")} if network else None,
+        "options_key": manifest.get("options_key"),
+        "outputs": {kind: {k: e[k] for k in ("sop_instance_uid", "series_instance_uid")}
+                    for kind, e in manifest["files"].items() if "sop_instance_uid" in e},
+        "warnings": list(summary.get("warnings") or []),
+    }
+
+
+def _key_changes(old_key: str | None, new_key: str) -> list[str]:
+    try:
+        old, new = json.loads(old_key or "{}"), json.loads(new_key)
+    except ValueError:
+        return ["options"]
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    reasons = []
+    if "version" in changed:
+        reasons.append(f"software version changed ({old.get('version')} -> {new.get('version')})")
+    if "model_sha256" in changed and "method" not in changed:
+        reasons.append("network weights changed")
+    rest = [k for k in changed if k not in ("version", "model_sha256")]
+    if rest:
+        reasons.append(f"options changed ({', '.join(rest)})")
+    return reasons
+
+
+def find_replaced(store: JobStore, storage: Storage, job, options_key: str) -> dict:
+    """The earlier result of the job's study that this job's result replaces, and why; {} if none.
+
+    An earlier finished job on the same study counts when its input content (fingerprint),
+    its options or the software differ: its numbers may differ, so the new result is a new
+    series that names it. The same content, options and software give the same UIDs again
+    (an identical retry), which replaces nothing.
+    """
+    earlier = store.previous_result(job)
+    if earlier is None:
+        return {}
+    manifest = storage.output_manifest(earlier.id)
+    if manifest is None:
+        return {}
+    reasons = []
+    if job.fingerprint and earlier.fingerprint and job.fingerprint != earlier.fingerprint:
+        reasons.append("input changed (other instances, or the same instances with other content)")
+    reasons += _key_changes(manifest.get("options_key"), options_key)
+    if not reasons:
+        return {}
+    files = manifest["files"]
+    main = files.get("rtdose") or files.get("doserate") or {}
+    return {
+        "job_id": earlier.id,
+        "series_instance_uid": main.get("series_instance_uid"),
+        "series": {k: e["series_instance_uid"] for k, e in files.items() if "series_instance_uid" in e},
+        "sop_instance_uids": {k: e["sop_instance_uid"] for k, e in files.items() if "sop_instance_uid" in e},
+        "reason": "; ".join(reasons),
+    }
+
+
+def _run_kwargs(run, replaces: dict) -> dict:
+    """``replaces=`` for the core's run(): each earlier output series of the same kind, with the reason."""
+    if not replaces or "replaces" not in inspect.signature(run).parameters:
+        return {}
+    return {"replaces": {kind: {"series_instance_uid": uid, "reason": replaces["reason"]}
+                         for kind, uid in replaces["series"].items() if kind in ("rtdose", "doserate")}}
+
+
 def _compute(store: JobStore, storage: Storage, job, attempt: int, options, hb: _Heartbeat) -> dict:
     """Run the pipeline into a fresh work folder and publish it as the job's output."""
     from spectdose.pipeline import run
@@ -107,9 +186,22 @@ def _compute(store: JobStore, storage: Storage, job, attempt: int, options, hb: 
         if hb.lost.is_set() or not store.set_progress(job.id, attempt, stage, 0.9 * fraction):
             raise LeaseLost(f"job {job.id} attempt {attempt} was taken over")
 
+    if job.replaces_json is None:  # decided once per job, so a retried attempt computes the same result
+        replaces = find_replaced(store, storage, job, options.key())
+        if not store.set_replaces(job.id, attempt, replaces):
+            raise LeaseLost(f"job {job.id} attempt {attempt} was taken over")
+    else:
+        replaces = json.loads(job.replaces_json)
+    if replaces:
+        log.info("job %s replaces series %s of job %s: %s", job.id, replaces["series_instance_uid"],
+                 replaces["job_id"], replaces["reason"])
     work = storage.new_work_dir(job.id, attempt)
-    result = run(storage.job_input(job.id), work, options, progress=progress)
+    result = run(storage.job_input(job.id), work, options, progress=progress, **_run_kwargs(run, replaces))
     manifest = build_manifest(result.outputs, options.key(), attempt)
+    same = set(replaces.get("sop_instance_uids", {}).values()) & {
+        e["sop_instance_uid"] for e in manifest["files"].values() if "sop_instance_uid" in e}
+    if same and not store.set_replaces(job.id, attempt, {}):  # the same objects again: they replace nothing
+        raise LeaseLost(f"job {job.id} attempt {attempt} was taken over")
     if hb.lost.is_set() or not store.heartbeat(job.id, attempt):
         raise LeaseLost(f"job {job.id} attempt {attempt} was taken over before publishing")
     # Paths in the manifest are names inside the folder, so they stay valid after the rename.
@@ -177,9 +269,13 @@ def run_job(
                     return {"job_id": job_id, "state": "failed", "reason": message}
                 raise OSError(f"export failed: {message}")
         outputs = {kind: e["file"] for kind, e in manifest["files"].items()}
-        if not store.finish(job_id, attempt, outputs):
+        result = result_of(out_dir, manifest)
+        if not store.finish(job_id, attempt, outputs, result):
             raise LeaseLost(f"job {job_id} attempt {attempt} was taken over before finishing")
-        log.info("job %s done (attempt %d)", job_id, attempt)
+        for warning in result["warnings"]:  # the core's warnings name facts and options, never the patient
+            log.warning("job %s: result warning: %s", job_id, warning)
+        log.info("job %s done (attempt %d, %s, %d warning(s))", job_id, attempt, result["method"],
+                 len(result["warnings"]))
         return {"job_id": job_id, "state": "done", "attempt": attempt}
     except LeaseLost as exc:
         log.warning("%s; leaving it to the new owner", exc)

@@ -3,26 +3,33 @@
 A burst of instances is complete when no new instance of its study has arrived for
 ``study_quiet_s``; the time of the last arrival is in the job store, so a restart keeps
 counting where it stopped. The job's input is every CT/NM/PT instance received for the
-study so far; its *fingerprint* (the sorted SOP Instance UIDs) identifies it. A study
-whose fingerprint matches a job that has not failed is a duplicate: this is how a PACS
-that forwards the whole study again after our results arrived (an auto-routing loop)
-is recognised and ignored.
+study so far; its *fingerprint* (each SOP Instance UID with a digest of its data set,
+:func:`service.jobs.content_fingerprint`) identifies it. A study whose fingerprint and
+options match a job of the same sender that has not failed is a duplicate: this is how a
+PACS that forwards the whole study again after our results arrived (an auto-routing
+loop) is recognised and ignored. The same instances re-sent with a changed header (same
+SOP Instance UIDs, other content) have another fingerprint and are computed again.
+
+The options of a DICOM job are the site's: the default engine, and the assumptions the
+site accepts for every job or for the calling AE (``SPECTDOSE_ACCEPT``,
+``SPECTDOSE_ACCEPT_BY_AE``), built and stored as :class:`spectdose.pipeline.DoseOptions`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import logging
 import threading
 import uuid
 
+from ..config import Settings
 from ..db import IncomingState, JobState, utcnow
+from ..jobs import content_fingerprint
 from ..queue import Enqueuer
 from .handlers import INPUT_MODALITIES, NodeContext
 
-__all__ = ["dispatch_quiet_studies", "Completer", "job_id_for"]
+__all__ = ["dispatch_quiet_studies", "Completer", "job_id_for", "node_options"]
 
 log = logging.getLogger("spectdose.service.dicom")
 
@@ -32,6 +39,17 @@ _JOB_NAMESPACE = uuid.UUID("6f1d3a52-4f0e-4f55-9a57-0c2d9d7f3e11")  # fixed: job
 def job_id_for(incoming_id: str) -> str:
     """The job id of a burst: the same after a crash and restart, so a burst makes one job."""
     return uuid.uuid5(_JOB_NAMESPACE, incoming_id).hex
+
+
+def node_options(settings: Settings, calling_aet: str) -> dict:
+    """The stored options of a job pushed by ``calling_aet``: DoseOptions.to_dict() of the site's choices."""
+    from spectdose.pipeline import DoseOptions
+
+    return DoseOptions.from_dict({
+        "method": settings.resolved_method,
+        "calling_aet": calling_aet,
+        "accept": settings.accepted_assumptions(calling_aet),
+    }).to_dict()
 
 
 def dispatch_quiet_studies(ctx: NodeContext, enqueuer: Enqueuer, now: dt.datetime | None = None) -> list[str]:
@@ -68,10 +86,11 @@ def _dispatch(ctx: NodeContext, enqueuer: Enqueuer, inc) -> str | None:
         store.settle_incoming(inc.id, IncomingState.IGNORED, note=note)
         store.audit(inc.calling_aet, "study_ignored", study_instance_uid=inc.study_instance_uid, why=note)
         return None
-    fingerprint = hashlib.sha256("\n".join(p.name for p in files).encode()).hexdigest()
-    earlier = store.find_active_by_fingerprint(fingerprint, inc.calling_aet)
+    fingerprint = content_fingerprint(files)
+    options = node_options(settings, inc.calling_aet)
+    earlier = store.find_duplicate(fingerprint, options, source="dicom", calling_aet=inc.calling_aet)
     if earlier is not None:
-        note = f"same {len(files)} input instances as job {earlier.id} ({earlier.state}): not computed again"
+        note = f"same {len(files)} input instances and options as job {earlier.id} ({earlier.state}): not computed again"
         store.settle_incoming(inc.id, IncomingState.DUPLICATE, job_id=earlier.id, note=note)
         store.audit(inc.calling_aet, "study_duplicate", job_id=earlier.id, study_instance_uid=inc.study_instance_uid,
                     own_outputs_returned=inc.n_own_outputs)
@@ -83,7 +102,7 @@ def _dispatch(ctx: NodeContext, enqueuer: Enqueuer, inc) -> str | None:
     common = dict(
         source="dicom",
         submitted_by=inc.calling_aet,
-        options={"method": settings.resolved_method, "calling_aet": inc.calling_aet},
+        options=options,
         export=list(settings.export),
         queue=settings.job_queue,
         n_files=n_files,

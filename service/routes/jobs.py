@@ -69,7 +69,8 @@ def list_jobs(
         since=naive_utc(since), until=naive_utc(until), limit=limit, offset=offset,
     )
     base = _base(request, ctx)
-    return JobListOut(total=total, limit=limit, offset=offset, jobs=[job_out(j, [], base) for j in jobs])
+    exports = ctx.store.exports_for([j.id for j in jobs])
+    return JobListOut(total=total, limit=limit, offset=offset, jobs=[job_out(j, exports[j.id], base) for j in jobs])
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=_AUTH | _NOT_FOUND, summary="A job's state")

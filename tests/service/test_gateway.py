@@ -16,6 +16,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from service.config import Settings
 from service.main import create_app
 from service.queue import sweep_once
 
@@ -126,8 +127,11 @@ def test_multipart_form_submission(client, phantom_files):
 def test_stow_rs_submission(client, phantom_files):
     body, ctype = _multipart_related(phantom_files)
     r = client.post("/studies", content=body, headers={**AUTH, "Content-Type": ctype, "Accept": "application/dicom+json"})
-    assert r.status_code == 202, r.text
-    assert r.json()["files"] == len(phantom_files)
+    assert r.status_code == 200, r.text  # PS3.18: every instance stored (the store response is in test_standards.py)
+    assert r.headers["content-type"] == "application/dicom+json"
+    assert len(r.json()["00081199"]["Value"]) == len(phantom_files)
+    job = client.get(r.headers["location"], headers=AUTH).json()
+    assert job["job_id"] == r.headers["x-job-id"] and job["files"] == len(phantom_files)
 
 
 def test_stow_rs_metadata_parts_are_415(client, phantom_files):
@@ -137,25 +141,29 @@ def test_stow_rs_metadata_parts_are_415(client, phantom_files):
     assert r.status_code == 415 and "application/dicom" in r.json()["detail"]
 
 
-def test_jobs_default_to_the_cnn_once_weights_are_installed(tmp_path, redis_url, study_zip, monkeypatch):
-    import json
-
+def test_jobs_default_to_dvk_like_the_cli_and_auto_is_an_explicit_choice(tmp_path, redis_url, study_zip, monkeypatch):
     import spectdose.cnn
 
     monkeypatch.setattr(spectdose.cnn, "MODELS_DIR", tmp_path / "models")
-    settings = make_settings(tmp_path / "data", redis_url=redis_url, default_method="auto")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "dblurdosenet.pt").write_bytes(b"weights")  # installed weights change no default
+    assert Settings(environment="development").default_method == "dvk"
 
-    def method_of(client, **params):
-        r = _submit_zip(client, study_zip, **params)
-        assert r.status_code == 202, r.text
-        return json.loads(client.app.state.ctx.store.get(r.json()["job_id"]).options_json)["method"]
+    def method_of(settings, **params):
+        with TestClient(create_app(settings, sweeper=False)) as c:
+            r = _submit_zip(c, study_zip, recompute=True, **params)
+            assert r.status_code == 202, r.text
+            job = c.get(f"/jobs/{r.json()['job_id']}", headers=AUTH).json()
+            assert job["method"] == job["options"]["method"]
+            return job["method"]
 
-    with TestClient(create_app(settings, sweeper=False)) as c:
-        assert method_of(c) == "dvk"  # no weights: the DVK baseline
-        (tmp_path / "models").mkdir()
-        (tmp_path / "models" / "dblurdosenet.pt").write_bytes(b"weights")
-        assert method_of(c) == "cnn"
-        assert method_of(c, method="dvk") == "dvk"  # asked for explicitly
+    default = make_settings(tmp_path / "data", redis_url=redis_url, default_method=Settings.model_fields[
+        "default_method"].default)
+    assert method_of(default) == "dvk"
+    assert method_of(default, method="cnn") == "cnn"  # one field away
+    auto = make_settings(tmp_path / "data", redis_url=redis_url, default_method="auto")
+    assert method_of(auto) == "cnn"  # auto, chosen by the site: the CNN once weights are installed
+    assert method_of(auto, method="dvk") == "dvk"
 
 
 def test_broker_down_still_stores_then_the_sweeper_publishes(tmp_path, redis_url, study_zip):
@@ -275,7 +283,7 @@ def test_invalid_options_are_422(client, study_zip):
 
 
 def test_list_filters_and_unknown_jobs(client, study_zip):
-    ids = [_submit_zip(client, study_zip).json()["job_id"] for _ in range(3)]
+    ids = [_submit_zip(client, study_zip, recompute=True).json()["job_id"] for _ in range(3)]
     listing = client.get("/jobs", params={"limit": 2}, headers=AUTH).json()
     assert listing["total"] == 3 and len(listing["jobs"]) == 2
     assert listing["jobs"][0]["job_id"] == ids[-1], "newest first"
@@ -298,9 +306,14 @@ def test_openapi_documents_every_route_and_response(client):
     post = paths["/studies"]["post"]
     assert set(post["requestBody"]["content"]) == {"application/zip", "multipart/form-data",
                                                    'multipart/related; type="application/dicom"'}
-    assert {"202", "400", "401", "413", "415", "422"} <= set(post["responses"])
-    assert "Location" in post["responses"]["202"]["headers"]
+    assert {"200", "202", "400", "401", "409", "413", "415", "422"} <= set(post["responses"])
+    assert "Location" in post["responses"]["202"]["headers"] and "Location" in post["responses"]["200"]["headers"]
     assert post["responses"]["202"]["content"]["application/json"]["schema"]["$ref"].endswith("/SubmitOut")
+    assert "application/dicom+json" in post["responses"]["409"]["content"]
+    from spectdose.pipeline import PUBLIC_NAMES
+
+    fields = {p["name"] for p in post["parameters"] if p["in"] == "query"}
+    assert set(PUBLIC_NAMES.values()) | {"export", "recompute"} == fields, "every DoseOptions public name"
     for path, ops in paths.items():
         for op in ops.values():
             protected = path not in ("/health", "/ready", "/metrics")
@@ -309,6 +322,6 @@ def test_openapi_documents_every_route_and_response(client):
                 assert "401" in op["responses"], path
     job = spec["components"]["schemas"]["JobOut"]["properties"]
     assert job["state"]["enum"] == ["received", "queued", "running", "done", "failed"]
-    assert {"stage", "progress", "reason"} <= set(job)
+    assert {"stage", "progress", "reason", "method", "warnings", "provenance", "replaces"} <= set(job)
     assert "application/dicom" in paths["/jobs/{job_id}/rtdose"]["get"]["responses"]["200"]["content"]
     assert {"404", "409"} <= set(paths["/jobs/{job_id}/rtdose"]["get"]["responses"])

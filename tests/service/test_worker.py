@@ -189,3 +189,110 @@ def test_celery_is_configured_for_lost_workers(tmp_path):
 
     assert process_job.acks_late and process_job.reject_on_worker_lost
     assert process_job.name == "spectdose.process_job"
+
+
+# ------------------------------------------------------------------ what a finished job shows (issue 7)
+
+
+def test_finished_job_shows_method_provenance_and_every_warning_and_logs_each(env, phantom_files, computed_output,
+                                                                             caplog):
+    from service.schemas import job_out
+
+    settings, store, storage = env()
+    job_id = _with_outputs(settings, store, storage, phantom_files, computed_output)
+    summary_path = storage.job_output(job_id) / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    added = ["ASSUMED (time_outside_model_range): the model is used outside its range",
+             "SPECT and CT do not share a frame of reference: registered"]
+    summary["warnings"] = list(summary["warnings"]) + added
+    summary_path.write_text(json.dumps(summary))
+    with caplog.at_level("INFO", logger="spectdose.worker"):
+        assert run_job(store, storage, settings, job_id, worker="w1")["state"] == "done"
+    out = job_out(store.get(job_id), store.exports_of(job_id), "http://x")
+    assert out.warnings == summary["warnings"] and out.warnings[-2:] == added
+    assert out.method == summary["method"] == "dvk"
+    assert out.provenance["software"] == summary["software"]
+    rtdose = pydicom.dcmread(computed_output / "rtdose.dcm", stop_before_pixels=True)
+    assert out.provenance["outputs"]["rtdose"] == {"sop_instance_uid": str(rtdose.SOPInstanceUID),
+                                                   "series_instance_uid": str(rtdose.SeriesInstanceUID)}
+    logged = [r.getMessage() for r in caplog.records if "result warning" in r.getMessage()]
+    assert logged == [f"job {job_id}: result warning: {w}" for w in summary["warnings"]]
+    ds = pydicom.dcmread(phantom_files[0], stop_before_pixels=True)
+    assert not any(str(ds.PatientID) in m or str(ds.PatientName) in m for m in logged)
+
+
+def _study_job(store, storage, files, *, fingerprint: str, options: dict, study: str = "1.2.826.0.1.99") -> str:
+    job_id = uuid.uuid4().hex
+    storage.publish_input(job_id, list(files))
+    store.create_job(job_id, source="rest", submitted_by="token:x", options=options, export=[], queue="cpu",
+                     n_files=len(files), study_instance_uid=study, fingerprint=fingerprint)
+    store.mark_queued(job_id)
+    return job_id
+
+
+def test_a_changed_input_option_or_version_replaces_the_earlier_result_an_identical_one_does_not(
+        env, phantom_files, computed_output):
+    from worker.execute import find_replaced
+
+    settings, store, storage = env()
+
+    def done_job(fingerprint, options, *, version=None):
+        job_id = _study_job(store, storage, phantom_files, fingerprint=fingerprint, options=options)
+        work = storage.new_work_dir(job_id, 1)
+        outputs = {}
+        for kind, name in {"rtdose": "rtdose.dcm", "doserate": "doserate_pm.dcm", "summary_json": "summary.json"}.items():
+            shutil.copy(computed_output / name, work / name)
+            outputs[kind] = work / name
+        key = json.loads(dose_options(options, settings).key())
+        if version:
+            key["version"] = version
+        storage.publish_output(job_id, work, build_manifest(outputs, json.dumps(key, sort_keys=True), 1))
+        attempt = store.claim(job_id, "w1", lease_s=60, max_attempts=3)  # finished as by that software
+        assert store.finish(job_id, attempt, {k: p.name for k, p in outputs.items()})
+        return job_id
+
+    def replaced(fingerprint, options):
+        job = store.get(_study_job(store, storage, phantom_files, fingerprint=fingerprint, options=options))
+        return find_replaced(store, storage, job, dose_options(options, settings).key())
+
+    first = done_job("f1", {"method": "dvk"})
+    series = str(pydicom.dcmread(computed_output / "rtdose.dcm", stop_before_pixels=True).SeriesInstanceUID)
+    assert replaced("f1", {"method": "dvk"}) == {}, "identical input and options: the same objects, no replacement"
+    by_option = replaced("f1", {"method": "dvk", "time_model": "physical"})
+    assert by_option["job_id"] == first and by_option["series_instance_uid"] == series
+    assert by_option["reason"] == "options changed (time_model)"
+    assert replaced("f2", {"method": "dvk"})["reason"].startswith("input changed")
+    done_job("f3", {"method": "dvk"}, version="0.0.1")  # the newest result of the study, by older software
+    from spectdose import __version__
+
+    assert replaced("f3", {"method": "dvk"})["reason"] == f"software version changed (0.0.1 -> {__version__})"
+    assert find_replaced(store, storage, store.get(_study_job(store, storage, phantom_files, fingerprint="f1",
+                                                              options={"method": "dvk"}, study="1.2.3.other")),
+                         "{}") == {}, "another study replaces nothing"
+
+
+def test_recomputation_is_a_new_series_that_records_what_it_replaces(env, phantom_files, computed_output,
+                                                                    kernel_cache_dir):
+    settings, store, storage = env(kernel_cache_dir=kernel_cache_dir)
+    first = _study_job(store, storage, phantom_files, fingerprint="same", options={"method": "dvk"})
+    work = storage.new_work_dir(first, 1)
+    outputs = {}
+    for kind, name in {"rtdose": "rtdose.dcm", "doserate": "doserate_pm.dcm", "summary_json": "summary.json"}.items():
+        shutil.copy(computed_output / name, work / name)
+        outputs[kind] = work / name
+    storage.publish_output(first, work, build_manifest(outputs, dose_options({"method": "dvk"}, settings).key(), 1))
+    assert run_job(store, storage, settings, first, worker="w1")["state"] == "done"
+    second = _study_job(store, storage, phantom_files, fingerprint="same",
+                        options={"method": "dvk", "time_model": "physical"})
+    outcome = run_job(store, storage, settings, second, worker="w1")
+    assert outcome["state"] == "done", outcome
+    old = json.loads(store.get(first).result_json)["outputs"]
+    new = json.loads(store.get(second).result_json)["outputs"]
+    assert new["rtdose"]["sop_instance_uid"] != old["rtdose"]["sop_instance_uid"]
+    assert new["rtdose"]["series_instance_uid"] != old["rtdose"]["series_instance_uid"]
+    replaces = json.loads(store.get(second).replaces_json)
+    assert replaces["job_id"] == first and replaces["series_instance_uid"] == old["rtdose"]["series_instance_uid"]
+    assert replaces["reason"] == "options changed (time_model)"
+    ds = pydicom.dcmread(storage.job_output(second) / "rtdose.dcm", stop_before_pixels=True)
+    assert "CORRECTED" in ds.SeriesDescription, "the new series says it corrects an earlier one"
+    assert f"replaces {old['rtdose']['series_instance_uid']} (options changed (time_model))" in ds.ImageComments
