@@ -2,8 +2,9 @@
 
 Each output instance to each destination has an export record; one already ``sent`` is
 never sent again, so a retried or redelivered job does not store a second copy. (A copy
-would not make a second series anyway: the core derives the output UIDs from the inputs,
-so a resend replaces the same instance in the PACS.) Sending is retried a bounded number
+would not make a second series anyway: the core derives the output UIDs from the inputs'
+content, options and version, so an identical resend replaces the same instance in the
+PACS, and a changed result is a new instance next to the old one.) Sending is retried a bounded number
 of times with a doubling delay; every network call has a timeout.
 """
 

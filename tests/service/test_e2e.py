@@ -182,6 +182,10 @@ def test_rest_submission_with_an_http_client(service, phantom_dir, tmp_path):
     assert pm.status_code == 200 and len(pm.content) > 1000
     summary = service.http.get(f"/jobs/{job_id}/summary").json()
     assert summary["dose"]["max_gy"] > 0
+    assert job["method"] == summary["method"] == "dvk", "the service's default engine is the CLI's"
+    assert job["warnings"] == summary["warnings"] and job["provenance"]["software"] == summary["software"]
+    log = service.log.read_text()
+    assert all(f"job {job_id}: result warning: {w}" in log for w in job["warnings"])
     assert "Absorbed dose" in service.http.get(f"/jobs/{job_id}/summary", params={"format": "text"}).text
     assert job_id in [j["job_id"] for j in service.jobs(state="done", source="rest")]
     assert 'spectdose_jobs{state="done"}' in httpx.get(f"{service.url}/metrics").text
@@ -272,6 +276,118 @@ def _incoming(service: Service) -> list[str]:
         return [i.state for i in store.incoming() if i.calling_aet == "ORTHANC"]
     finally:
         store.close()
+
+
+# ------------------------------------------------------------------ recomputation reaches a real PACS
+
+
+def _orthanc_sops(orthanc_url: str, study_uid: str, modality: str = "*") -> set[str]:
+    """SOP Instance UIDs Orthanc holds in the study (of one modality, or all)."""
+    found = httpx.post(f"{orthanc_url}/tools/find", json={"Level": "Series", "Query": {
+        "StudyInstanceUID": study_uid, "Modality": modality}}, timeout=30).json()
+    sops = set()
+    for series in found:
+        for inst in httpx.get(f"{orthanc_url}/series/{series}/instances", timeout=30).json():
+            sops.add(inst["MainDicomTags"]["SOPInstanceUID"])
+    return sops
+
+
+def _earlier_administration(files: list[Path], dest: Path, hours: float) -> list[Path]:
+    """The same instances (same SOP Instance UIDs), the NM administration time corrected."""
+    import datetime as dt
+
+    dest.mkdir()
+    out = []
+    for p in files:
+        ds = pydicom.dcmread(p)
+        if ds.Modality == "NM":
+            rp = ds.RadiopharmaceuticalInformationSequence[0]
+            t = dt.datetime.strptime(str(rp.RadiopharmaceuticalStartDateTime)[:14], "%Y%m%d%H%M%S")
+            t -= dt.timedelta(hours=hours)
+            rp.RadiopharmaceuticalStartDateTime = t.strftime("%Y%m%d%H%M%S")
+            rp.RadiopharmaceuticalStartTime = t.strftime("%H%M%S")
+        ds.save_as(dest / p.name)
+        out.append(dest / p.name)
+    return out
+
+
+def test_recomputation_reaches_orthanc_as_new_instances_an_identical_retry_does_not(service, phantom_files,
+                                                                                      tmp_path):
+    """Orthanc with default settings: what a changed option or input computes is a new object next to the
+    old one (new SOP Instance UIDs, both stored, the new series naming the old); an identical retry or
+    recomputation gives the same UIDs, so Orthanc holds no extra instance."""
+    _need(ORTHANC)
+    files = reuid(phantom_files, tmp_path / "study")
+    http_port = free_port()
+    config = {"Name": "spectdose-pacs", "StorageDirectory": str(tmp_path / "storage"),
+              "IndexDirectory": str(tmp_path / "index"), "HttpPort": http_port,
+              "DicomPort": service.orthanc_dicom_port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": False, "Plugins": []}
+    (tmp_path / "orthanc.json").write_text(json.dumps(config))
+    orthanc_url = f"http://127.0.0.1:{http_port}"
+    study_zip = zip_folder(tmp_path / "study", tmp_path / "study.zip").read_bytes()
+    changed_dir = tmp_path / "changed"
+    _earlier_administration(files, changed_dir, hours=6)
+    changed_zip = zip_folder(changed_dir, tmp_path / "changed.zip").read_bytes()
+
+    def submit(body: bytes, expect: int, **params) -> str:
+        r = service.http.post("/studies", content=body, headers={"Content-Type": "application/zip"},
+                              params={"export": "ORTHANC", **params})
+        assert r.status_code == expect, r.text
+        return r.json()["job_id"]
+
+    def outputs(job: dict) -> dict[str, str]:
+        return {k: v["sop_instance_uid"] for k, v in job["provenance"]["outputs"].items()}
+
+    with open(tmp_path / "orthanc.log", "w") as log, \
+            running([str(ORTHANC), str(tmp_path / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT):
+        wait_for(lambda: _orthanc_up(orthanc_url), 30, what="Orthanc")
+        study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+        first = service.wait_done(submit(study_zip, 202))
+        assert first["method"] == "dvk" and first["replaces"] is None
+        assert [e["state"] for e in first["exports"]] == ["sent", "sent"]
+        ours = set(outputs(first).values())
+        held = _orthanc_sops(orthanc_url, study_uid)
+        assert held == ours and _orthanc_sops(orthanc_url, study_uid, "RTDOSE") == {outputs(first)["rtdose"]}
+
+        # the client retries the upload: the same job; recomputing it: the same objects, nothing new in Orthanc
+        assert submit(study_zip, 200) == first["job_id"]
+        retry = service.wait_done(submit(study_zip, 202, recompute="true"))
+        assert retry["job_id"] != first["job_id"] and outputs(retry) == outputs(first)
+        assert retry["replaces"] is None and [e["state"] for e in retry["exports"]] == ["sent", "sent"]
+        assert _orthanc_sops(orthanc_url, study_uid) == held, "no new instance in the PACS"
+
+        # another option: new objects next to the old ones, naming what they replace
+        physical = service.wait_done(submit(study_zip, 202, time_model="physical"))
+        assert not set(outputs(physical).values()) & ours
+        assert physical["replaces"]["series_instance_uid"] == first["provenance"]["outputs"]["rtdose"][
+            "series_instance_uid"]
+        assert physical["replaces"]["reason"] == "options changed (time_model)"
+        assert _orthanc_sops(orthanc_url, study_uid) == held | set(outputs(physical).values()), "both present"
+
+        # the same instances with a corrected administration time: computed again, a third RT Dose
+        corrected = service.wait_done(submit(changed_zip, 202))
+        assert corrected["replaces"]["reason"].startswith("input changed")
+        assert not set(outputs(corrected).values()) & (ours | set(outputs(physical).values()))
+        assert _orthanc_sops(orthanc_url, study_uid) == held | set(outputs(physical).values()) | set(
+            outputs(corrected).values())
+        assert _orthanc_sops(orthanc_url, study_uid, "RTDOSE") == {outputs(j)["rtdose"] for j in
+                                                                   (first, physical, corrected)}
+        rd = httpx.get(f"{orthanc_url}/instances/{_orthanc_id(orthanc_url, outputs(corrected)['rtdose'])}/file",
+                       timeout=30)
+        (tmp_path / "corrected.dcm").write_bytes(rd.content)
+        ds = pydicom.dcmread(tmp_path / "corrected.dcm", stop_before_pixels=True)
+        assert "CORRECTED" in ds.SeriesDescription
+        assert f"replaces {physical['provenance']['outputs']['rtdose']['series_instance_uid']}" in ds.ImageComments
+        first_max = service.http.get(f"/jobs/{first['job_id']}/summary").json()["dose"]["max_gy"]
+        corrected_max = service.http.get(f"/jobs/{corrected['job_id']}/summary").json()["dose"]["max_gy"]
+        assert corrected_max != pytest.approx(first_max, rel=1e-3), "6 h earlier: another dose"
+
+
+def _orthanc_id(orthanc_url: str, sop_uid: str) -> str:
+    found = httpx.post(f"{orthanc_url}/tools/lookup", content=sop_uid, timeout=30).json()
+    return next(f["ID"] for f in found if f["Type"] == "Instance")
 
 
 # ------------------------------------------------------------------ a worker killed mid-job

@@ -362,3 +362,27 @@ def test_dicom_resend_with_a_changed_header_is_computed_again(tmp_path, redis_ur
     finally:
         node.stop()
         store.close()
+
+
+def test_an_existing_job_store_gets_the_new_columns(tmp_path):
+    """A job store made before jobs carried their result and replacement: upgraded in place."""
+    import sqlalchemy
+
+    from service.db import Base
+    from service.jobs import JobStore
+
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    engine = sqlalchemy.create_engine(url)
+    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        for column in ("result_json", "replaces_json"):
+            conn.execute(sqlalchemy.text(f"ALTER TABLE jobs DROP COLUMN {column}"))
+    engine.dispose()
+    store = JobStore(url)
+    store.create_job("b" * 32, source="rest", submitted_by="token:x", options={"method": "dvk"}, export=[],
+                     queue="cpu", n_files=1)
+    attempt = store.claim("b" * 32, "w", lease_s=60, max_attempts=3)
+    assert store.set_replaces("b" * 32, attempt, {})
+    assert store.finish("b" * 32, attempt, {}, {"method": "dvk", "warnings": ["w1"]})
+    assert json.loads(store.get("b" * 32).result_json)["warnings"] == ["w1"]
+    store.close()
