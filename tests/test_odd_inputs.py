@@ -500,7 +500,8 @@ def reference(tmp_path_factory, kernel_cache_dir) -> dict:
     """The baseline study's dose, computed once for the whole corpus."""
     tmp = tmp_path_factory.mktemp("baseline")
     result = _run(tmp, Case(baseline, {}, Same()), kernel_cache_dir)
-    assert result.summary["warnings"] == []
+    assert result.study.warnings == []  # nothing odd at ingest
+    assert not [w for w in result.summary["warnings"] if "ASSUMED" in w]
     assert result.summary["time"]["hours_since_administration"] == pytest.approx(HOURS)
     return result.summary["dose"]
 
