@@ -153,11 +153,11 @@ def dvk_dose_rate(
 TimeModel = Literal["hanscheid", "physical", "effective"]
 
 # Times after administration (h) for which the single-time-point formula D = Ddot(t) * 2t/ln2
-# holds: Hanscheid et al., J Nucl Med 59 (2018) 75-81 derived and validated it for Lu-177
-# somatostatin analogues (kidneys, tumours) with measurements from about 2 to 7 days, errors
-# below about 10 % around 3-5 days (approximately 0.75-2.5 effective half-lives). Earlier,
-# e.g. a day-1 SPECT, the formula underestimates (T_eff ~ 50-80 h >> t: about -40 % at 24 h);
-# later it overestimates. Outside this range the model is refused unless accepted.
+# is used without an explicit acceptance. Hanscheid et al., J Nucl Med 59 (2018) 75-81 derived
+# it for Lu-177 somatostatin analogues (kidneys, tumours) and found it adequate (about +-10 %)
+# for measurements around 3-5 days; we take 2-7 days as the range, bracketing that optimum.
+# The formula assumes T_eff = t: earlier, e.g. on day 1, it underestimates (our mono-exponential
+# arithmetic: T_eff = 60 h, t = 24 h gives -39 %); much later it overestimates.
 HANSCHEID_VALID_RANGE_H = (48.0, 168.0)
 
 
