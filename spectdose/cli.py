@@ -213,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=8)
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser("regions", help="region statistics, DVHs and SR for a finished dose result (no dose recomputed)")
+    p.add_argument("result", type=Path, help="a folder written by `spectdose dose` (or its rtdose.dcm)")
+    p.add_argument("--regions", type=Path, required=True, help="DICOM SEG or RT Structure Set on the study's CT")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
+    p.set_defaults(func=_cmd_regions)
+
     for ep in importlib.metadata.entry_points(group="spectdose.commands"):
         try:
             ep.load()(sub)
@@ -268,6 +274,15 @@ def _cmd_dose(args: argparse.Namespace) -> int:
     print((args.out / "summary.txt").read_text(), end="")
     print(f"Written to {args.out.resolve()}")
     return EXIT_OK if result.outputs else EXIT_INTERNAL
+
+
+def _cmd_regions(args: argparse.Namespace) -> int:
+    from .region_report import region_report
+
+    _check_out_dir(args.out)
+    outputs = region_report(args.result, args.regions, args.out)
+    print("Written to " + str(args.out.resolve()) + ": " + ", ".join(sorted(p.name for p in outputs.values())))
+    return EXIT_OK
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:

@@ -46,6 +46,13 @@ OUTPUT_NAMES = {
     "doserate": "doserate_pm.dcm",
     "summary_json": "summary.json",
     "summary_txt": "summary.txt",
+    # Region outputs (spectdose.export_regions): written when regions are given or found.
+    "regions_csv": "regions.csv",
+    "dvh_csv": "dvh.csv",
+    "autoseg": "autoseg.dcm",
+    "regions_seg": "regions_seg.dcm",
+    "regions_rtstruct": "regions_rtstruct.dcm",
+    "sr": "sr.dcm",
 }
 
 
@@ -400,11 +407,16 @@ def run(
         accepted_assumptions=options.accepted_assumptions,
     )
     warnings = list(study.warnings)
-    masks = {}
+    # A region problem never discards the dose: it is reported as regions_error (docs/regions.md).
+    region_set, regions_error = None, None
     if options.regions_path is not None:
-        from .regions import load_segmentation_masks
+        from .errors import SpectdoseError
+        from .regions import load_regions
 
-        masks = load_segmentation_masks(options.regions_path, study.ct.grid)
+        try:
+            region_set = load_regions(options.regions_path, study.ct.grid)
+        except SpectdoseError as exc:
+            regions_error = str(exc)
     lap("ingest")
 
     # Time integration is checked before the expensive stages so a missing time fails fast.
@@ -459,12 +471,24 @@ def run(
 
     tissue = density.array >= 0.1
     regions = None
-    if masks:
-        from .regions import region_statistics
+    region_warnings: list[str] = []
+    if options.regions_path is None:
+        from .region_report import automatic_lesions
 
-        regions = region_statistics(
-            dose.array if dose is not None else None, rate.array, masks, study.ct.grid.voxel_volume_ml
-        )
+        region_set = automatic_lesions(activity, tissue)
+        region_warnings.append(f"regions: none given; {len(region_set.regions)} automatic lesion region(s) "
+                               f"({region_set.description}); review autoseg.dcm before use")
+    if region_set is not None and region_set.regions:
+        from .region_report import safe_regions_after_dose
+
+        region_warnings += region_set.warnings
+        regions, region_outputs, region_info, regions_error = safe_regions_after_dose(
+            out_dir, study, region_set, dose, rate, outputs)
+        outputs.update(region_outputs)
+        export_info["uids"].update(region_info.get("uids", {}))
+    if regions_error:
+        region_warnings.append(f"REGIONS NOT REPORTED: {regions_error}")
+    lap("regions")
     summary = {
         "software": {"name": "spectdose", "version": __version__},
         "created": dt.datetime.now().isoformat(timespec="seconds"),
@@ -514,7 +538,13 @@ def run(
             else None
         ),
         "regions": regions,
-        "warnings": warnings,
+        "regions_source": (
+            {"kind": region_set.source, "file": str(options.regions_path) if options.regions_path else None,
+             "sop_instance_uid": region_set.sop_instance_uid or None, "method": region_set.description or None}
+            if region_set is not None else None
+        ),
+        "regions_error": regions_error,
+        "warnings": warnings + region_warnings,
         "ignored_files": [{"file": f, "reason": r} for f, r in study.ignored_files],
         "timings_s": timings,
         "outputs": {k: p.name for k, p in outputs.items()},

@@ -75,7 +75,9 @@ def test_summary_records_what_was_done(result):
     assert s["time"]["model"] == "hanscheid" and s["time"]["hours_since_administration"] > 0
     assert s["density"]["curve"] == "schneider2000"
     assert s["dose_rate"]["kernel"]["shape"]
-    assert set(s["outputs"]) == {"rtdose", "doserate", "summary_json", "summary_txt"}
+    # No regions given: automatic lesion regions and their files come with the dose (issue 11).
+    assert set(s["outputs"]) == {"rtdose", "doserate", "summary_json", "summary_txt", "regions_csv", "dvh_csv",
+                                 "autoseg", "regions_rtstruct", "sr"}
     text = result.outputs["summary_txt"].read_text()
     assert "Absorbed dose" in text and "MBq" in text
     # No patient identity in the summary (it may travel in logs and tickets).
@@ -200,5 +202,8 @@ def test_segmentation_on_another_frame_of_reference_is_refused(small_study, kern
     seg = pydicom.dcmread(small_study / "truth" / "seg.dcm")
     seg.FrameOfReferenceUID = pydicom.uid.generate_uid()
     seg.save_as(tmp_path / "other.dcm")
-    with pytest.raises(GeometryError, match="frame of reference"):
-        run(small_study / "dicom", tmp_path / "out", DoseOptions(kernel_cache_dir=kernel_cache_dir, regions_path=tmp_path / "other.dcm"))
+    # The region set is refused with its reason; the dose is kept (issue 11).
+    res = run(small_study / "dicom", tmp_path / "out", DoseOptions(kernel_cache_dir=kernel_cache_dir, regions_path=tmp_path / "other.dcm"))
+    assert res.outputs["rtdose"].is_file() and res.summary["regions"] is None
+    assert "frame of reference" in res.summary["regions_error"]
+    assert any(w.startswith("REGIONS NOT REPORTED: segmentation other.dcm is on frame of reference") for w in res.summary["warnings"])

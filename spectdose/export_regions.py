@@ -1,0 +1,343 @@
+"""Region results as files: CSV, SEG, RT Structure Set, RT Dose with DVHs, TID 1500 SR.
+
+One writer for the pipeline and for :func:`region_report` (a region set arriving after the
+dose). Which object references which (docs/regions.md):
+
+* SR (TID 1500) -> each region's segment in a SEG (the given SEG, ``autoseg.dcm`` for
+  automatic lesions, ``regions_seg.dcm`` traced from a given RT Structure Set) and the RT
+  Dose it measured.
+* RT Dose with DVHs -> an RT Structure Set (PS3.3 C.8.8.4: Referenced Structure Set
+  Sequence, DVH Referenced ROI Sequence by ROI Number): the given RTSTRUCT, or
+  ``regions_rtstruct.dcm`` traced from the SEG, whose ROIs name their SEG segment in the
+  Definition Source Sequence (PS3.3 C.8.8.5).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from .geometry import Grid
+from .regions import SEGMENTATION_STORAGE, RegionSet, region_statistics
+from .rtstruct import RT_STRUCTURE_SET_STORAGE, build_rtstruct
+
+__all__ = ["RegionContext", "write_region_outputs", "REGION_OUTPUT_NAMES", "add_dvhs"]
+
+REGION_OUTPUT_NAMES = {
+    "regions_csv": "regions.csv",
+    "dvh_csv": "dvh.csv",
+    "autoseg": "autoseg.dcm",
+    "regions_seg": "regions_seg.dcm",
+    "regions_rtstruct": "regions_rtstruct.dcm",
+    "sr": "sr.dcm",
+}
+_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+_UID_ROOT = "2.25."
+# Codes of our own (PS3.16 8.2: a private coding scheme designator starts with 99).
+_SCHEME = "99SPECTDOSE"
+
+
+@dataclasses.dataclass
+class RegionContext:
+    """What the region outputs reference: the CT (grid, series, instances) and the patient/study header."""
+
+    ct_grid: Grid
+    ct_series_uid: str
+    ct_instance_uids: tuple[str, ...]  # in ct_grid's slice order
+    header: Dataset  # patient and study attributes are copied from it (the RT Dose or map)
+    software_version: str
+    rtdose_path: Path | None = None
+
+
+def _uid(*parts: str) -> str:
+    """A UID under 2.25 from a digest of ``parts`` (PS3.5 B.2), so a rerun gives the same one."""
+    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
+    return _UID_ROOT + str(int.from_bytes(digest[:16], "big"))
+
+
+def _masks_digest(regions: RegionSet) -> str:
+    h = hashlib.sha256()
+    for r in regions.regions:
+        h.update(r.name.encode())
+        h.update(np.packbits(r.mask).tobytes())
+    return h.hexdigest()
+
+
+def _pseudo_ct_headers(ctx: RegionContext) -> list[Dataset]:
+    """CT headers (no pixels) with the CT's UIDs and plane geometry, as highdicom's SEG needs
+    source images; built from the grid so no CT file has to be at hand."""
+    g, h = ctx.ct_grid, ctx.header
+    out = []
+    for k, uid in enumerate(ctx.ct_instance_uids):
+        d = Dataset()
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+                        "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"):
+            setattr(d, keyword, h.get(keyword, ""))
+        d.SOPClassUID, d.SOPInstanceUID, d.Modality = _CT_IMAGE_STORAGE, uid, "CT"
+        d.SeriesInstanceUID = ctx.ct_series_uid
+        d.FrameOfReferenceUID = g.frame_of_reference_uid
+        d.Rows, d.Columns = g.shape[1], g.shape[2]
+        d.PixelSpacing = [g.spacing_mm[1], g.spacing_mm[2]]
+        d.SliceThickness = g.spacing_mm[0]
+        d.ImageOrientationPatient = [float(v) for v in (*g.axes[2], *g.axes[1])]
+        d.ImagePositionPatient = [float(v) for v in g.index_to_lps_mm(np.array([k, 0, 0]))]
+        out.append(d)
+    return out
+
+
+def _build_seg(regions: RegionSet, ctx: RegionContext, *, description: str, method: str):
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    if len(ctx.ct_instance_uids) != ctx.ct_grid.shape[0]:
+        raise ValueError("one CT instance UID per slice of the CT grid is needed to write a SEG")
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="spectdose hot-spot segmentation" if regions.source == "automatic" else "spectdose contour fill",
+        version=ctx.software_version,
+        # CID 7162 has no "thresholding"; a threshold relative to the neighbourhood's maximum and
+        # background is neighbourhood analysis. Contours filled into masks are a morphological step.
+        family=codes.cid7162.NeighborhoodAnalysis if regions.source == "automatic"
+        else codes.cid7162.MorphologicalOperations,
+        parameters={"method": method[:64]} if method else None,
+    )
+    descriptions = []
+    for number, r in enumerate(regions.regions, start=1):
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=r.name[:64],
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure if r.lesion else codes.SCT.AnatomicalStructure,
+            segmented_property_type=codes.SCT.Neoplasm if r.lesion else codes.SCT.Organ,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC if r.automatic
+            else hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
+            algorithm_identification=algorithm,
+        ))
+    pixels = np.stack([r.mask for r in regions.regions], axis=-1).astype(np.uint8)
+    digest = _masks_digest(regions)
+    return hd.seg.Segmentation(
+        source_images=_pseudo_ct_headers(ctx),
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=_uid("SEG-series", regions.source, digest),
+        series_number=902,
+        sop_instance_uid=_uid("SEG-instance", regions.source, digest),
+        instance_number=1,
+        manufacturer="spectdose",
+        manufacturer_model_name="spectdose",
+        software_versions=f"spectdose {ctx.software_version}",
+        device_serial_number="0",
+        series_description=description[:64],
+        content_label="AUTOLESIONS" if regions.source == "automatic" else "REGIONS",
+        content_description=(method or description)[:64],
+    )
+
+
+def add_dvhs(rtdose: Dataset, rows: Sequence[dict], roi_numbers: Sequence[int], structure_set_uid: str) -> None:
+    """Add the RT DVH Module (PS3.3 C.8.8.4): one cumulative absorbed-dose DVH per region, in cm3.
+
+    DVH Data holds (bin width, volume) pairs with a uniform bin width; volume n is the volume
+    receiving at least (n - 1) bin widths, so the first is the whole region.
+    """
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = RT_STRUCTURE_SET_STORAGE
+    ref.ReferencedSOPInstanceUID = structure_set_uid
+    rtdose.ReferencedStructureSetSequence = [ref]
+    items = []
+    for row, number in zip(rows, roi_numbers, strict=True):
+        dvh = row["dvh_gy"]
+        roi = Dataset()
+        roi.ReferencedROINumber = int(number)
+        roi.DVHROIContributionType = "INCLUDED"
+        item = Dataset()
+        item.DVHReferencedROISequence = [roi]
+        item.DVHType = "CUMULATIVE"
+        item.DoseUnits = "GY"
+        item.DoseType = "PHYSICAL"
+        item.DVHDoseScaling = 1.0
+        item.DVHVolumeUnits = "CM3"
+        item.DVHNumberOfBins = len(dvh["volume_ml"])
+        data = []
+        for volume in dvh["volume_ml"]:
+            data += [dvh["bin_width"], volume]
+        item.DVHData = data
+        item.DVHMinimumDose = row["min_gy"]
+        item.DVHMaximumDose = row["max_gy"]
+        item.DVHMeanDose = row["mean_gy"]
+        items.append(item)
+    rtdose.DVHSequence = items
+
+
+def _build_sr(rows, regions: RegionSet, seg_uid: str, segment_numbers, rtdose: Dataset | None, seg_ds: Dataset,
+              ctx: RegionContext):
+    """TID 1500 Measurement Report: one volumetric measurement group (TID 1411) per region."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    def code(value: str, meaning: str) -> hd.sr.CodedConcept:
+        return hd.sr.CodedConcept(value, _SCHEME, meaning)
+
+    gy, ml = hd.sr.CodedConcept("Gy", "UCUM", "Gy"), hd.sr.CodedConcept("ml", "UCUM", "ml")
+    mgy_h = hd.sr.CodedConcept("mGy/h", "UCUM", "mGy/h")
+    algorithm = hd.sr.AlgorithmIdentification(name="spectdose", version=ctx.software_version)
+    groups = []
+    for row, region, number in zip(rows, regions.regions, segment_numbers, strict=True):
+        measurements = [hd.sr.Measurement(name=codes.SCT.Volume, value=row["volume_ml"], unit=ml, algorithm_id=algorithm)]
+        if "mean_gy" in row:
+            for key, derivation in (("mean_gy", codes.SCT.Mean), ("median_gy", codes.SCT.Median),
+                                    ("min_gy", codes.SCT.Minimum), ("max_gy", codes.SCT.Maximum)):
+                measurements.append(hd.sr.Measurement(name=codes.DCM.AbsorbedDose, value=row[key], unit=gy,
+                                                      derivation=derivation, algorithm_id=algorithm))
+            for x in ("2", "50", "98"):
+                measurements.append(hd.sr.Measurement(
+                    name=code(f"D{x}", f"Minimum absorbed dose to the hottest {x} % of the volume"),
+                    value=row[f"d{x}_gy"], unit=gy, algorithm_id=algorithm))
+        measurements.append(hd.sr.Measurement(name=code("DOSERATE", "Absorbed dose rate"),
+                                              value=row["mean_dose_rate_mgy_per_h"], unit=mgy_h,
+                                              derivation=codes.SCT.Mean, algorithm_id=algorithm))
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=_uid("tracking", seg_uid, str(number)), identifier=region.name[:64]),
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=SEGMENTATION_STORAGE, sop_instance_uid=seg_uid, segment_number=int(number),
+                source_series=hd.sr.SourceSeriesForSegmentation(ctx.ct_series_uid)),
+            finding_type=codes.SCT.Neoplasm if region.lesion else codes.SCT.Organ,
+            measurements=measurements,
+        ))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=hd.sr.ObserverContext(
+                observer_type=codes.DCM.Device,
+                observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                    uid=_uid("device", "spectdose"), name="spectdose"))),
+        procedure_reported=hd.sr.CodedConcept("spectdose-mrt", _SCHEME, "Radionuclide therapy dosimetry"),
+        imaging_measurements=groups,
+    )
+    evidence = [seg_ds] + ([rtdose] if rtdose is not None else [])
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=_uid("SR-series", seg_uid, digest),
+        series_number=904,
+        sop_instance_uid=_uid("SR-instance", seg_uid, digest),
+        instance_number=1,
+        manufacturer="spectdose",
+        is_complete=True,
+        series_description="Region doses (spectdose)",
+    )
+
+
+def _write_csvs(out_dir: Path, rows: list[dict]) -> dict[str, Path]:
+    flat_keys = ["region", "volume_ml", "voxels", "mean_gy", "median_gy", "min_gy", "max_gy", "d2_gy", "d50_gy",
+                 "d98_gy", "uncertainty_gy", "mean_dose_rate_mgy_per_h", "median_dose_rate_mgy_per_h",
+                 "min_dose_rate_mgy_per_h", "max_dose_rate_mgy_per_h", "automatic", "source"]
+    thresholds = sorted({x for r in rows for x in (r.get("v_gy") or {})}, key=float)
+    header = flat_keys + [f"v{x}gy_ml" for x in thresholds] + [f"v{x}gy_pct" for x in thresholds]
+    path = out_dir / REGION_OUTPUT_NAMES["regions_csv"]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r in rows:
+            v = r.get("v_gy") or {}
+            w.writerow([r.get(k, "") if r.get(k) is not None else "" for k in flat_keys]
+                       + [v.get(x, {}).get("ml", "") for x in thresholds] + [v.get(x, {}).get("pct", "") for x in thresholds])
+    dvh_path = out_dir / REGION_OUTPUT_NAMES["dvh_csv"]
+    with dvh_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["region", "quantity", "unit", "at_least", "volume_ml", "volume_pct"])
+        for r in rows:
+            for key, quantity, unit in (("dvh_gy", "absorbed_dose", "Gy"), ("dvh_dose_rate_mgy_per_h", "dose_rate", "mGy/h")):
+                dvh = r.get(key)
+                if not dvh:
+                    continue
+                total = dvh["volume_ml"][0] or 1.0
+                for n, volume in enumerate(dvh["volume_ml"]):
+                    w.writerow([r["region"], quantity, unit, f"{n * dvh['bin_width']:.6g}", volume, round(100 * volume / total, 3)])
+    return {"regions_csv": path, "dvh_csv": dvh_path}
+
+
+def write_region_outputs(
+    out_dir: Path,
+    regions: RegionSet,
+    dose_gy: np.ndarray | None,
+    dose_rate_gy_per_s: np.ndarray,
+    ctx: RegionContext,
+    *,
+    method: str = "",
+) -> tuple[dict[str, Path], list[dict], dict]:
+    """Statistics, CSVs, SEG/RTSTRUCT as needed, RT Dose with DVHs and the SR, written to ``out_dir``.
+
+    Returns ``(outputs, rows, info)``: paths by output name, the per-region rows for
+    summary.json, and the UIDs written (``info["uids"]``). The RT Dose at
+    ``ctx.rtdose_path`` is read and rewritten as ``out_dir/rtdose.dcm`` with its DVHs under a
+    new SOP Instance UID (same series): the DVHs are new content of the same dose.
+    """
+    out_dir = Path(out_dir)
+    rows = region_statistics(dose_gy, dose_rate_gy_per_s, regions.masks, ctx.ct_grid.voxel_volume_ml)
+    for row, r in zip(rows, regions.regions, strict=True):
+        row.update(number=r.number, automatic=r.automatic, lesion=r.lesion, source=regions.source)
+    outputs = _write_csvs(out_dir, rows)
+    info: dict = {"uids": {}}
+
+    # The SEG the SR points to.
+    seg_ds = None
+    if regions.source == "SEG":
+        seg_uid, segment_numbers = regions.sop_instance_uid, [r.number for r in regions.regions]
+    else:
+        name = "autoseg" if regions.source == "automatic" else "regions_seg"
+        description = "Automatic lesions (spectdose) - to review" if regions.source == "automatic" else \
+            f"Regions from RTSTRUCT {regions.description}".strip()
+        seg_ds = _build_seg(regions, ctx, description=description, method=method)
+        outputs[name] = out_dir / REGION_OUTPUT_NAMES[name]
+        seg_ds.save_as(outputs[name])
+        seg_uid, segment_numbers = str(seg_ds.SOPInstanceUID), list(range(1, len(regions.regions) + 1))
+        info["uids"][name] = {"series_instance_uid": str(seg_ds.SeriesInstanceUID), "sop_instance_uid": seg_uid}
+
+    if ctx.rtdose_path is None or dose_gy is None:
+        return outputs, rows, info  # no RT Dose (a per-MBq run): statistics and SEG only
+
+    # The RT Structure Set the DVHs reference.
+    if regions.source == "RTSTRUCT":
+        structure_set_uid, roi_numbers = regions.sop_instance_uid, [r.number for r in regions.regions]
+    else:
+        digest = _masks_digest(regions)
+        rtstruct = build_rtstruct(
+            regions.masks, ctx.ct_grid, ctx.header, ct_series_uid=ctx.ct_series_uid,
+            ct_instance_uids=ctx.ct_instance_uids, sop_instance_uid=_uid("RTSTRUCT-instance", seg_uid, digest),
+            series_instance_uid=_uid("RTSTRUCT-series", seg_uid, digest),
+            label="AUTOLESIONS" if regions.source == "automatic" else "REGIONS",
+            source_segments={r.name: (seg_uid, n) for r, n in zip(regions.regions, segment_numbers, strict=True)},
+            automatic=regions.source == "automatic",
+            interpreted_types={r.name: ("GTV" if r.lesion else "ORGAN") for r in regions.regions},
+            software_version=ctx.software_version,
+        )
+        outputs["regions_rtstruct"] = out_dir / REGION_OUTPUT_NAMES["regions_rtstruct"]
+        rtstruct.save_as(outputs["regions_rtstruct"], enforce_file_format=True)
+        structure_set_uid, roi_numbers = str(rtstruct.SOPInstanceUID), list(range(1, len(regions.regions) + 1))
+        info["uids"]["regions_rtstruct"] = {"series_instance_uid": str(rtstruct.SeriesInstanceUID),
+                                            "sop_instance_uid": structure_set_uid}
+
+    rtdose = pydicom.dcmread(ctx.rtdose_path)
+    add_dvhs(rtdose, rows, roi_numbers, structure_set_uid)
+    dvh_digest = hashlib.sha256(json.dumps([r["dvh_gy"] for r in rows]).encode()).hexdigest()
+    rtdose.SOPInstanceUID = _uid("RTDOSE-DVH", str(rtdose.SOPInstanceUID), structure_set_uid, dvh_digest)
+    rtdose.file_meta.MediaStorageSOPInstanceUID = rtdose.SOPInstanceUID
+    outputs["rtdose"] = out_dir / "rtdose.dcm"
+    rtdose.save_as(outputs["rtdose"], enforce_file_format=True)
+    info["uids"]["rtdose"] = {"series_instance_uid": str(rtdose.SeriesInstanceUID),
+                              "sop_instance_uid": str(rtdose.SOPInstanceUID)}
+
+    if seg_ds is None:
+        seg_ds = pydicom.dcmread(regions.path, stop_before_pixels=True)
+    sr = _build_sr(rows, regions, seg_uid, segment_numbers, rtdose, seg_ds, ctx)
+    outputs["sr"] = out_dir / REGION_OUTPUT_NAMES["sr"]
+    sr.save_as(outputs["sr"])
+    info["uids"]["sr"] = {"series_instance_uid": str(sr.SeriesInstanceUID), "sop_instance_uid": str(sr.SOPInstanceUID)}
+    return outputs, rows, info

@@ -1,0 +1,135 @@
+"""Regions around a dose: at the end of :func:`spectdose.pipeline.run`, and later on a
+finished result when a region set arrives (:func:`region_report`), without recomputing the dose."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from . import __version__
+from .errors import InputError, SpectdoseError
+from .export_regions import REGION_OUTPUT_NAMES, RegionContext, write_region_outputs
+from .geometry import Grid, Volume, resample_to_grid
+from .lesions import LesionMethod, segment_hot_spots
+from .regions import Region, RegionSet, load_regions
+
+__all__ = ["region_report", "automatic_lesions", "regions_after_dose", "REGIONS_JSON"]
+
+REGIONS_JSON = "regions.json"
+# Two grids are the same when they agree to this many mm (the export contract's tolerance).
+_GRID_TOL_MM = 1e-2
+
+
+def automatic_lesions(activity_bq_per_ml: Volume, tissue: np.ndarray, method: LesionMethod | None = None) -> RegionSet:
+    """Hot spots of the activity on the CT grid as an automatic region set (spectdose.lesions)."""
+    method = method or LesionMethod()
+    masks = segment_hot_spots(activity_bq_per_ml.array, activity_bq_per_ml.grid.spacing_mm, tissue, method)
+    regions = [Region(f"auto_lesion_{n}", m, n, automatic=True, lesion=True) for n, m in enumerate(masks, start=1)]
+    return RegionSet(regions, "automatic", description=method.describe())
+
+
+def regions_after_dose(out_dir: Path, study, region_set: RegionSet, dose_gy: Volume | None, rate_gy_per_s: Volume,
+                       outputs: dict[str, Path]) -> tuple[list[dict], dict[str, Path], dict]:
+    """The pipeline's region step: statistics on the CT grid and the region files next to the RT Dose."""
+    reference = outputs.get("rtdose") or outputs["doserate"]
+    ctx = RegionContext(
+        ct_grid=study.ct.grid,
+        ct_series_uid=study.ct_series.series_instance_uid,
+        ct_instance_uids=tuple(study.ct_series.sop_instance_uids),
+        header=pydicom.dcmread(reference, stop_before_pixels=True),
+        software_version=__version__,
+        rtdose_path=outputs.get("rtdose"),
+    )
+    new, rows, info = write_region_outputs(
+        out_dir, region_set, dose_gy.array if dose_gy is not None else None, rate_gy_per_s.array, ctx,
+        method=region_set.description if region_set.source == "automatic" else "",
+    )
+    return rows, new, info
+
+
+def _ct_grid_from_summary(summary: dict, dose: Volume) -> Grid:
+    """The CT grid of an earlier run: shape, spacing and origin from summary.json, axes from the RT Dose."""
+    ct = summary["geometry"]["ct"]
+    origin = np.asarray(ct["origin_lps_mm"], dtype=float)
+    axes = dose.grid.axes.copy()
+    first, last = dose.grid.origin_mm, dose.grid.index_to_lps_mm(np.array([dose.grid.shape[0] - 1, 0, 0]))
+    if np.allclose(origin, last, atol=_GRID_TOL_MM) and not np.allclose(origin, first, atol=_GRID_TOL_MM):
+        axes[0] = -axes[0]  # the RT Dose stores the CT's slices in reverse order (docs/rtdose.md)
+    for_uid = summary["series"]["ct"].get("frame_of_reference_uid") or dose.grid.frame_of_reference_uid
+    return Grid(tuple(ct["shape_zyx"]), tuple(ct["spacing_mm_zyx"]), tuple(origin), axes, for_uid)
+
+
+def region_report(result: str | Path, regions_path: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """Region statistics, CSVs, SEG/RTSTRUCT, RT Dose with DVHs and SR for a finished result.
+
+    ``result`` is a result folder (summary.json, rtdose.dcm, doserate_pm.dcm) or its
+    rtdose.dcm. The dose is read back, not recomputed, and put on the CT grid of the run
+    (summary.json); when the RT Dose was written on a coarser grid (``--dose-grid``) it is
+    interpolated back, with a warning. Returns the written paths by output name (the
+    statistics also go to ``regions.json``).
+
+    Raises
+    ------
+    InputError
+        No summary.json or RT Dose in ``result``, or a region file that cannot be used.
+    GeometryError
+        Regions not on the CT's frame of reference, or outside the CT.
+    """
+    from .export import read_dose_rate_map, read_rtdose
+
+    result = Path(result)
+    folder = result.parent if result.is_file() else result
+    summary_path, rtdose_path = folder / "summary.json", result if result.is_file() else folder / "rtdose.dcm"
+    if not summary_path.is_file():
+        raise InputError(f"{folder} holds no summary.json: give the folder a spectdose dose run wrote")
+    if not rtdose_path.is_file():
+        raise InputError(f"{folder} holds no rtdose.dcm (a per-MBq run has no absorbed dose to report per region)")
+    summary = json.loads(summary_path.read_text())
+    dose = read_rtdose(rtdose_path)
+    ct_grid = _ct_grid_from_summary(summary, dose)
+    header = pydicom.dcmread(rtdose_path, stop_before_pixels=True)
+    warnings = []
+    on_ct = dose.grid.shape == ct_grid.shape and np.allclose(
+        sorted(map(tuple, dose.grid.corners_lps_mm().round(2))), sorted(map(tuple, ct_grid.corners_lps_mm().round(2))),
+        atol=_GRID_TOL_MM)
+    if not on_ct:
+        warnings.append("the RT Dose is on a coarser grid than the CT (--dose-grid): region statistics come from "
+                        "it interpolated onto the CT grid and differ from a run with the regions given")
+    dose_ct = resample_to_grid(dose, ct_grid, interpolation="linear").array
+    rate_path = folder / "doserate_pm.dcm"
+    if rate_path.is_file():
+        rate = read_dose_rate_map(rate_path)
+        rate_gy_per_s = resample_to_grid(rate, ct_grid, interpolation="linear").array / 3.6e6
+    else:
+        factor_h = (summary.get("time") or {}).get("integration_factor_h")
+        if not factor_h:
+            raise InputError(f"{folder} has neither doserate_pm.dcm nor an integration factor in summary.json")
+        rate_gy_per_s = dose_ct / (factor_h * 3600.0)
+    regions = load_regions(regions_path, ct_grid)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = header.get("PlanOverviewSequence")
+    ct_uids = tuple(str(i.ReferencedSOPInstanceUID) for i in plan[0].ReferencedImageSequence) if plan else ()
+    ctx = RegionContext(ct_grid, summary["series"]["ct"]["series_instance_uid"], ct_uids, header, __version__, rtdose_path)
+    outputs, rows, info = write_region_outputs(out, regions, dose_ct, rate_gy_per_s, ctx)
+    report = {"result": str(folder), "regions_file": str(regions_path), "source": regions.source,
+              "warnings": regions.warnings + warnings, "regions": rows, "uids": info["uids"],
+              "outputs": {k: p.name for k, p in outputs.items()}}
+    outputs["regions_json"] = out / REGIONS_JSON
+    outputs["regions_json"].write_text(json.dumps(report, indent=2))
+    return outputs
+
+
+def safe_regions_after_dose(out_dir, study, region_set, dose_gy, rate, outputs) -> tuple[list | None, dict, dict, str | None]:
+    """:func:`regions_after_dose` whose failure is reported, never raised: the dose is kept."""
+    try:
+        rows, new, info = regions_after_dose(Path(out_dir), study, region_set, dose_gy, rate, outputs)
+    except (SpectdoseError, ValueError) as exc:
+        return None, {}, {}, f"region outputs could not be written: {exc}"
+    return rows, new, info, None
+
+
+__all__ += ["safe_regions_after_dose", "REGION_OUTPUT_NAMES"]

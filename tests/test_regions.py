@@ -1,0 +1,154 @@
+"""Regions: RTSTRUCT contours to masks, statistics and DVHs, bad region input, and the
+RTSTRUCT-vs-SEG agreement of issue 11 (the pipeline-level tests are in test_regions_pipeline.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from scipy import ndimage
+
+from spectdose.errors import GeometryError, InputError
+from spectdose.geometry import Grid
+from spectdose.regions import cumulative_dvh, load_regions, region_statistics
+from spectdose.rtstruct import build_rtstruct, contours_to_mask, mask_to_contours, read_rtstruct
+
+FOR = "1.2.826.0.1.3680043.8.498.1"
+
+
+def _oblique_feet_first_grid() -> Grid:
+    # Slices run towards the feet (-z) and the rows/columns are turned 20 degrees about z.
+    angle = np.radians(20.0)
+    turn = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1.0]])
+    axes = np.array([[0, 0, -1.0], [0, 1.0, 0], [1.0, 0, 0]]) @ turn.T
+    return Grid((60, 80, 80), (2.0, 1.5, 1.5), (10.0, -20.0, 30.0), axes, FOR)
+
+
+def _sphere_contours(grid: Grid, centre_kji, radius_mm: float, points: int = 200) -> list[np.ndarray]:
+    """Circles of a sphere on every CT slice plane it cuts, in LPS mm."""
+    centre = grid.index_to_lps_mm(np.asarray(centre_kji, float))
+    out = []
+    for k in range(grid.shape[0]):
+        on_plane = grid.index_to_lps_mm(np.array([k, centre_kji[1], centre_kji[2]], float))
+        d = float((on_plane - centre) @ grid.axes[0])
+        if abs(d) >= radius_mm:
+            continue
+        r = np.sqrt(radius_mm**2 - d**2)
+        t = np.linspace(0, 2 * np.pi, points, endpoint=False)
+        out.append(on_plane + np.outer(r * np.cos(t), grid.axes[1]) + np.outer(r * np.sin(t), grid.axes[2]))
+    return out
+
+
+def test_contoured_sphere_volume_within_2_percent_on_an_oblique_feet_first_ct():
+    grid = _oblique_feet_first_grid()
+    for radius_mm in (20.0, 30.0):  # 33.5 ml and 113 ml (10 and 15 slices in radius)
+        mask, info = contours_to_mask(_sphere_contours(grid, (30, 40, 40), radius_mm), grid)
+        true_ml = 4 / 3 * np.pi * radius_mm**3 / 1000
+        assert abs(mask.sum() * grid.voxel_volume_ml / true_ml - 1) < 0.02
+        assert info["outside_grid"] == 0 and info["between_slices"] == 0
+    # The sphere's centre voxel is inside, a voxel just beyond its radius is not.
+    assert mask[30, 40, 40] and mask[30, 40, 40 + 19] and not mask[30, 40, 40 + 21]  # 28.5 mm in, 31.5 mm out
+
+
+def test_masks_survive_contours_and_back_exactly():
+    grid = _oblique_feet_first_grid()
+    blobs = ndimage.gaussian_filter(np.random.default_rng(1).random(grid.shape), 2) > 0.52  # holes, islands, diagonals
+    contours = [points for _, points in mask_to_contours(blobs, grid)]
+    back, _ = contours_to_mask(contours, grid)
+    assert blobs.sum() > 1000 and np.array_equal(back, blobs)
+
+
+def test_a_contour_across_ct_slices_is_refused():
+    grid = _oblique_feet_first_grid()
+    tilted = _sphere_contours(grid, (30, 40, 40), 10.0)[5] + np.linspace(0, 5, 200)[:, None] * grid.axes[0]
+    with pytest.raises(GeometryError, match="across the CT slices"):
+        contours_to_mask([tilted], grid)
+
+
+def test_statistics_and_dvh_on_known_values():
+    dose = np.arange(100, dtype=float).reshape(1, 10, 10)  # 0..99 Gy, one voxel each
+    rate = dose / 3.6e6  # 1 mGy/h per Gy
+    mask = np.ones_like(dose, bool)
+    (row,) = region_statistics(dose, rate, {"box": mask}, 0.5, v_thresholds_gy=(10.0, 50.0))
+    assert row["volume_ml"] == 50.0 and row["mean_gy"] == pytest.approx(49.5) and row["median_gy"] == pytest.approx(49.5)
+    assert (row["min_gy"], row["max_gy"]) == (0.0, 99.0)
+    assert row["d98_gy"] == pytest.approx(1.98) and row["d2_gy"] == pytest.approx(97.02)
+    assert row["v_gy"]["10"] == {"ml": 45.0, "pct": 90.0} and row["v_gy"]["50"] == {"ml": 25.0, "pct": 50.0}
+    assert row["uncertainty_gy"] is None
+    dvh = row["dvh_gy"]
+    assert dvh["bin_width"] == 0.2 and dvh["volume_ml"][0] == 50.0
+    assert dvh["volume_ml"][50] == 45.0  # >= 10 Gy
+    assert row["dvh_dose_rate_mgy_per_h"]["volume_ml"][0] == 50.0
+    assert cumulative_dvh(np.zeros(4), 1.0)["volume_ml"] == [4.0]
+
+
+def _header() -> Dataset:
+    h = Dataset()
+    h.PatientName, h.PatientID, h.StudyInstanceUID = "VP^1", "VP1", "1.2.826.0.1.3680043.8.498.2"
+    return h
+
+
+def _write_rtstruct(tmp_path, grid, masks, name="rs.dcm"):
+    ds = build_rtstruct(masks, grid, _header(), ct_series_uid="1.2.826.0.1.3680043.8.498.3",
+                        ct_instance_uids=[f"1.2.826.0.1.3680043.8.498.4.{k}" for k in range(grid.shape[0])],
+                        sop_instance_uid="1.2.826.0.1.3680043.8.498.5", series_instance_uid="1.2.826.0.1.3680043.8.498.6",
+                        label="TEST")
+    path = tmp_path / name
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _small_grid() -> Grid:
+    return Grid((20, 32, 32), (3.0, 2.0, 2.0), (0.0, 0.0, 0.0), frame_of_reference_uid=FOR)
+
+
+def _cube(grid):
+    m = np.zeros(grid.shape, bool)
+    m[5:10, 10:20, 10:20] = True
+    return m
+
+
+def test_rtstruct_file_gives_the_masks_back(tmp_path):
+    grid = _small_grid()
+    path = _write_rtstruct(tmp_path, grid, {"cube": _cube(grid)})
+    regions = load_regions(path, grid)
+    assert regions.source == "RTSTRUCT" and regions.regions[0].number == 1
+    assert np.array_equal(regions.masks["cube"], _cube(grid))
+
+
+def test_bad_region_input_gets_a_specific_message(tmp_path):
+    grid = _small_grid()
+    good = _write_rtstruct(tmp_path, grid, {"cube": _cube(grid)})
+    other_for = Grid(grid.shape, grid.spacing_mm, grid.origin_mm, frame_of_reference_uid="1.2.826.0.1.3680043.8.498.9")
+    with pytest.raises(GeometryError, match="frame of reference .* not the CT's"):
+        load_regions(good, other_for)
+    far = Grid(grid.shape, grid.spacing_mm, (500.0, 500.0, 500.0), frame_of_reference_uid=FOR)
+    with pytest.raises(GeometryError, match="'cube' lies outside the CT"):
+        load_regions(good, far)
+
+    ds = pydicom.dcmread(good)
+    del ds.ROIContourSequence[0].ContourSequence
+    ds.save_as(tmp_path / "empty.dcm")
+    with pytest.raises(InputError, match="structure 1 'cube' is empty"):
+        load_regions(tmp_path / "empty.dcm", grid)
+
+    ds = pydicom.dcmread(good)
+    ds.ROIContourSequence[0].ContourSequence[0].NumberOfContourPoints = 99
+    ds.save_as(tmp_path / "corrupt.dcm")
+    with pytest.raises(InputError, match="corrupt RT Structure Set corrupt.dcm: ROI 'cube' contour 1"):
+        load_regions(tmp_path / "corrupt.dcm", grid)
+
+    (tmp_path / "junk.dcm").write_bytes(b"not dicom at all" * 20)
+    with pytest.raises(InputError, match="not a readable DICOM file"):
+        load_regions(tmp_path / "junk.dcm", grid)
+
+
+def test_an_empty_structure_among_good_ones_is_left_out_with_a_warning(tmp_path):
+    grid = _small_grid()
+    path = _write_rtstruct(tmp_path, grid, {"cube": _cube(grid), "nothing": np.zeros(grid.shape, bool)})
+    regions = load_regions(path, grid)
+    assert list(regions.masks) == ["cube"]
+    assert any("'nothing' is empty" in w for w in regions.warnings)
+    _, structures = read_rtstruct(path)
+    assert [s.name for s in structures] == ["cube", "nothing"]
