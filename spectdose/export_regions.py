@@ -221,7 +221,7 @@ def _build_sr(rows, regions: RegionSet, seg_uid: str, segment_numbers, rtdose: D
     )
     evidence = [seg_ds] + ([rtdose] if rtdose is not None else [])
     digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
-    return hd.sr.Comprehensive3DSR(
+    sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
         series_instance_uid=_uid("SR-series", seg_uid, digest),
@@ -232,6 +232,13 @@ def _build_sr(rows, regions: RegionSet, seg_uid: str, segment_numbers, rtdose: D
         is_complete=True,
         series_description="Region doses (spectdose)",
     )
+    # Our own coding scheme is identified in the SOP Common Module (PS3.3 C.12.1.1.2).
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = _SCHEME
+    scheme.CodingSchemeName = "spectdose dosimetry concepts"
+    scheme.CodingSchemeResponsibleOrganization = "spectdose"
+    sr.CodingSchemeIdentificationSequence = [scheme]
+    return sr
 
 
 def _write_csvs(out_dir: Path, rows: list[dict]) -> dict[str, Path]:
