@@ -62,11 +62,12 @@ def _ct_grid_from_summary(summary: dict, dose: Volume) -> Grid:
     return Grid(tuple(ct["shape_zyx"]), tuple(ct["spacing_mm_zyx"]), tuple(origin), axes, for_uid)
 
 
-def region_report(result: str | Path, regions_path: str | Path, out_dir: str | Path) -> dict[str, Path]:
+def region_report(result: str | Path, regions_path: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Region statistics, CSVs, SEG/RTSTRUCT, RT Dose with DVHs and SR for a finished result.
 
     ``result`` is a result folder (summary.json, rtdose.dcm, doserate_pm.dcm) or its
-    rtdose.dcm. The dose is read back, not recomputed, and put on the CT grid of the run
+    rtdose.dcm; ``out_dir`` defaults to its ``regions/`` subfolder (the run's own files
+    are left as they were). The dose is read back, not recomputed, and put on the CT grid of the run
     (summary.json); when the RT Dose was written on a coarser grid (``--dose-grid``) it is
     interpolated back, with a warning. Returns the written paths by output name (the
     statistics also go to ``regions.json``).
@@ -109,7 +110,7 @@ def region_report(result: str | Path, regions_path: str | Path, out_dir: str | P
             raise InputError(f"{folder} has neither doserate_pm.dcm nor an integration factor in summary.json")
         rate_gy_per_s = dose_ct / (factor_h * 3600.0)
     regions = load_regions(regions_path, ct_grid)
-    out = Path(out_dir)
+    out = Path(out_dir) if out_dir is not None else folder / "regions"
     out.mkdir(parents=True, exist_ok=True)
     plan = header.get("PlanOverviewSequence")
     ct_uids = tuple(str(i.ReferencedSOPInstanceUID) for i in plan[0].ReferencedImageSequence) if plan else ()

@@ -152,3 +152,21 @@ def test_an_empty_structure_among_good_ones_is_left_out_with_a_warning(tmp_path)
     assert any("'nothing' is empty" in w for w in regions.warnings)
     _, structures = read_rtstruct(path)
     assert [s.name for s in structures] == ["cube", "nothing"]
+
+
+def test_a_per_mbq_run_gets_statistics_and_a_seg_that_reads_back_on_an_oblique_ct(tmp_path):
+    from spectdose.export_regions import RegionContext, write_region_outputs
+    from spectdose.regions import Region, RegionSet
+
+    grid = _oblique_feet_first_grid()
+    blob, _ = contours_to_mask(_sphere_contours(grid, (30, 40, 40), 15.0), grid)
+    regions = RegionSet([Region("auto_lesion_1", blob, 1, automatic=True, lesion=True)], "automatic",
+                        description="test method")
+    ctx = RegionContext(grid, "1.2.826.0.1.3680043.8.498.3",
+                        tuple(f"1.2.826.0.1.3680043.8.498.4.{k}" for k in range(grid.shape[0])), _header(), "test")
+    rate = np.where(blob, 2.0, 0.5) / 3.6e6  # mGy/h per MBq, as Gy/s
+    outputs, rows, _ = write_region_outputs(tmp_path, regions, None, rate, ctx)
+    assert set(outputs) == {"regions_csv", "dvh_csv", "autoseg"}  # no RT Dose: no DVH module, no SR
+    assert rows[0]["mean_dose_rate_mgy_per_h"] == pytest.approx(2.0) and "mean_gy" not in rows[0]
+    back = load_regions(outputs["autoseg"], grid)
+    assert back.regions[0].automatic and np.array_equal(back.masks["auto_lesion_1"], blob)
