@@ -30,6 +30,7 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
   [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
   # torch is pinned to the CPU build on disk; an unpinned torch pulls a multi-GB CUDA build.
-  .venv/bin/python -m pip install -q "torch==2.13.0" -e ".[dev]"
+  # [service]: the gateway, DICOM node and worker (the core alone needs only the base install).
+  .venv/bin/python -m pip install -q "torch==2.13.0" -e ".[service,dev]"
   touch "$stamp"
 fi

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import os
 import signal
@@ -55,14 +56,24 @@ def _logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _no_extra(args: argparse.Namespace, module: str | None) -> int:
+    print(f"spectdose {args.command}: error: {module or 'a dependency'} is not installed; the service commands "
+          "need the service extra: pip install 'spectdose[service]'", file=sys.stderr)
+    return 2
+
+
 def _friendly(func):
     """Operational problems (no Redis, bad settings, port in use) end with a message, status 2."""
 
     def wrapper(args: argparse.Namespace) -> int:
-        from pydantic import ValidationError
-
+        try:
+            from pydantic import ValidationError
+        except ModuleNotFoundError:  # installed without the [service] extra
+            return _no_extra(args, "pydantic")
         try:
             return func(args)
+        except ModuleNotFoundError as exc:
+            return _no_extra(args, exc.name)
         except ValidationError as exc:  # the messages only: the input values may hold secrets
             reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
             print(f"spectdose {args.command}: invalid settings: {reasons}", file=sys.stderr)
@@ -111,7 +122,7 @@ class WorkerProcess:
 
     It runs in its own process group, so killing it (even with SIGKILL) takes its pool
     child with it; the supervisor then starts a new one with the same name, which takes
-    back the job it held (see worker.app). Its pid is in ``DATA_DIR/run/worker.pid``.
+    back the job it held (see worker/app.py). Its pid is in ``DATA_DIR/run/worker.pid``.
     """
 
     def __init__(self, settings, hostname: str):
@@ -169,10 +180,11 @@ class WorkerProcess:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .context import build_context
     from .demo import DEMO_SCU_AET, DemoPacs, run_demo
     from .dicom_node import DicomNode
     from .localredis import ensure_redis, redacted
-    from .main import build_context, create_app
+    from .main import create_app
 
     tokens_set = bool(os.environ.get("SPECTDOSE_API_TOKENS"))
     extra = {
@@ -208,7 +220,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                                "allowed_calling_aets": [*settings.allowed_calling_aets, DEMO_SCU_AET]})
 
     ctx = build_context(settings)
-    node = DicomNode(settings, ctx.store, ctx.storage, ctx.enqueuer)
+    node = DicomNode.for_context(ctx)
     worker = WorkerProcess(settings, f"serve@{socket.gethostname()}")
     server = uvicorn.Server(uvicorn.Config(create_app(context=ctx), host=settings.http_host,
                                            port=settings.http_port, log_level="warning", **_tls(settings)))
@@ -305,15 +317,15 @@ def add_node(sub) -> None:
 
 @_friendly
 def cmd_node(args: argparse.Namespace) -> int:
+    from .context import build_context
     from .dicom_node import DicomNode
-    from .main import build_context
 
     extra = {k: v for k, v in {"dicom_host": args.host, "dicom_port": args.port, "ae_title": args.ae_title}.items()
              if v is not None}
     settings = _settings(args, **extra)
     _logging(settings.log_level)
     ctx = build_context(settings)
-    node = DicomNode(settings, ctx.store, ctx.storage, ctx.enqueuer)
+    node = DicomNode.for_context(ctx)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -347,7 +359,7 @@ def _auto_queues() -> str:
 
 @_friendly
 def cmd_worker(args: argparse.Namespace) -> int:
-    from worker.app import QUEUES, make_celery
+    from .celery_app import QUEUES, WORKER_MODULE, make_celery
 
     settings = _settings(args)
     _logging(settings.log_level)
@@ -355,7 +367,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     unknown = set(queues.split(",")) - set(QUEUES)
     if unknown:
         raise SystemExit(f"unknown queue(s) {sorted(unknown)}: use {', '.join(QUEUES)}")
-    os.environ.update(settings.to_env())  # the pool's children build their runtime from these
+    os.environ.update(settings.to_env())  # the pool's children build their context from these
+    importlib.import_module(WORKER_MODULE)  # the worker's signal handlers (the only way service reaches worker/)
     app = make_celery(settings)
     hostname = args.hostname or f"worker@{socket.gethostname()}"
     log.info("worker %s consuming %s", hostname, queues)

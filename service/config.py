@@ -168,7 +168,7 @@ class Settings(BaseSettings):
     def resolved_method(self) -> Literal["dvk", "cnn"]:
         if self.default_method != "auto":
             return self.default_method
-        from spectdose.cnn import default_model_path
+        from spectdose.paths import default_model_path
 
         return "cnn" if default_model_path().is_file() else "dvk"
 
@@ -299,7 +299,7 @@ class Settings(BaseSettings):
     def kernel_dir(self) -> Path:
         if self.kernel_cache_dir:
             return self.kernel_cache_dir
-        from spectdose.cli import default_cache_dir
+        from spectdose.paths import default_cache_dir
 
         return default_cache_dir() / "kernels"
 

@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hmac
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from .config import Settings
-from .jobs import JobStore, token_label
-from .queue import Enqueuer
-from .storage import Storage
+from .context import ServiceContext
+from .jobs import token_label
 from .throttle import LoginThrottle
 
 __all__ = ["ServiceContext", "Ctx", "Actor", "get_context", "require_token"]
 
 _bearer = HTTPBearer(auto_error=False, description="one of SPECTDOSE_API_TOKENS")
-
-
-@dataclasses.dataclass
-class ServiceContext:
-    """What every route needs, built once per gateway process (``app.state.ctx``)."""
-
-    settings: Settings
-    store: JobStore
-    storage: Storage
-    enqueuer: Enqueuer
 
 
 def get_context(request: Request) -> ServiceContext:

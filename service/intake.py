@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -21,12 +22,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from .config import Settings
+from .db import JobState
 from .diskguard import DISK_FULL_NAME, DiskFull, check_free_space, is_disk_full
 from .jobs import InstanceDigest, JobStore, content_fingerprint, instance_digest
 from .queue import Enqueuer
 from .storage import Storage, UnsafeArchive, extract_zip
 
-__all__ = ["UploadRejected", "SubmitParams", "Accepted", "receive_study", "spool_body", "store_upload", "ZIP_TYPES"]
+__all__ = ["UploadRejected", "SubmitParams", "Accepted", "Sender", "accept_study", "receive_study", "spool_body",
+           "store_upload", "ZIP_TYPES"]
 
 log = logging.getLogger("spectdose.service.intake")
 
@@ -330,6 +333,66 @@ def _check_study(files_dir: Path, max_bytes: int) -> tuple[str | None, int]:
     return (next(iter(studies)) if len(studies) == 1 else None), len(inv.ignored_files)
 
 
+@dataclasses.dataclass(frozen=True)
+class Sender:
+    """Who sent a study, as its job records it."""
+
+    source: str  # "rest" or "dicom"
+    submitted_by: str  # an API token's label, or the calling AE title
+    remote_host: str | None
+    calling_aet: str | None = None
+    incoming_id: str | None = None  # the DICOM study burst the job was made from
+
+
+def accept_study(
+    store: JobStore,
+    storage: Storage,
+    enqueuer: Enqueuer,
+    *,
+    job_id: str,
+    files: Sequence[Path],
+    sender: Sender,
+    options: dict,
+    export: list[str],
+    queue: str,
+    study_instance_uid: str | None,
+    fingerprint: str,
+    refused: str | None = None,
+    on_stored: Callable[[int, int], None] | None = None,
+) -> tuple[int, int]:
+    """Make job ``job_id`` from stored instances: publish them as its input, record it, queue it.
+
+    The one way a job is created, for the REST intake and the DICOM node alike. With
+    ``refused`` (a reason) the job is recorded as failed and not queued. ``on_stored(n_files,
+    n_bytes)`` runs once the job is stored and before it is published (audit event, hand-over
+    of a DICOM burst); a crash in between leaves a ``received`` job that the sweeper publishes.
+    Returns the number of files and bytes of the job's input.
+    """
+    n_files, n_bytes = storage.publish_input(job_id, list(files))
+    outcome = {} if refused is None else {"state": JobState.FAILED, "reason": refused}
+    store.create_job(
+        job_id,
+        source=sender.source,
+        submitted_by=sender.submitted_by,
+        options=options,
+        export=export,
+        queue=queue,
+        n_files=n_files,
+        input_bytes=n_bytes,
+        calling_aet=sender.calling_aet,
+        remote_host=sender.remote_host,
+        study_instance_uid=study_instance_uid,
+        fingerprint=fingerprint,
+        incoming_id=sender.incoming_id,
+        **outcome,
+    )
+    if on_stored is not None:
+        on_stored(n_files, n_bytes)
+    if refused is None:
+        enqueuer.submit(job_id, queue)
+    return n_files, n_bytes
+
+
 def store_upload(
     spool: Path,
     content_type: str,
@@ -365,24 +428,16 @@ def store_upload(
         return Accepted(earlier.id, earlier.n_files, ignored, earlier.study_instance_uid, duplicate=True,
                         instances=instances)
     job_id = uuid.uuid4().hex
-    n_files, n_bytes = storage.publish_input(job_id, files)
-    store.create_job(
-        job_id,
-        source="rest",
-        submitted_by=actor,
-        options=params.options,
-        export=params.export,
-        queue=settings.job_queue,
-        n_files=n_files,
-        input_bytes=n_bytes,
-        remote_host=remote_host,
-        study_instance_uid=study_uid,
-        fingerprint=fingerprint,
-    )
-    store.audit(actor, "study_received", job_id=job_id, remote_host=remote_host, files=n_files, bytes=n_bytes,
-                ignored_files=ignored, study_instance_uid=study_uid, media_type=content_type.split(";")[0])
-    log.info("job %s: %d file(s) received over REST from %s", job_id, n_files, actor)
-    enqueuer.submit(job_id, settings.job_queue)
+
+    def received(n_files: int, n_bytes: int) -> None:
+        store.audit(actor, "study_received", job_id=job_id, remote_host=remote_host, files=n_files, bytes=n_bytes,
+                    ignored_files=ignored, study_instance_uid=study_uid, media_type=content_type.split(";")[0])
+        log.info("job %s: %d file(s) received over REST from %s", job_id, n_files, actor)
+
+    n_files, _ = accept_study(store, storage, enqueuer, job_id=job_id, files=files,
+                              sender=Sender("rest", actor, remote_host), options=params.options,
+                              export=params.export, queue=settings.job_queue, study_instance_uid=study_uid,
+                              fingerprint=fingerprint, on_stored=received)
     return Accepted(job_id, n_files, ignored, study_uid, instances=instances)
 
 

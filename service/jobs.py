@@ -49,6 +49,7 @@ __all__ = [
     "content_fingerprint",
     "TERMINAL_STATES",
     "ALLOWED_TRANSITIONS",
+    "IllegalTransition",
 ]
 
 log = logging.getLogger("spectdose.service.jobs")
@@ -57,10 +58,16 @@ TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED})
 ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.RECEIVED: frozenset({JobState.QUEUED, JobState.RUNNING, JobState.FAILED}),
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
-    JobState.RUNNING: frozenset({JobState.DONE, JobState.FAILED, JobState.QUEUED}),
+    # running -> running: a job whose heartbeat went stale is claimed again (a new attempt).
+    JobState.RUNNING: frozenset({JobState.DONE, JobState.FAILED, JobState.QUEUED, JobState.RUNNING}),
     JobState.DONE: frozenset(),
     JobState.FAILED: frozenset(),
 }
+_LIVE_STATES = (JobState.RECEIVED, JobState.QUEUED, JobState.RUNNING)
+
+
+class IllegalTransition(ValueError):
+    """A state change that :data:`ALLOWED_TRANSITIONS` does not list (a bug in the caller)."""
 
 
 def token_label(token: str) -> str:
@@ -297,16 +304,32 @@ class JobStore:
 
     # ------------------------------------------------------------------ life cycle
 
+    @staticmethod
+    def _transition(s: Session, job_id: str, sources: Iterable[JobState], target: JobState, *where,
+                    **values) -> bool:
+        """The one way a job changes state: ``sources`` -> ``target`` in one conditional UPDATE.
+
+        Each ``source -> target`` must be in :data:`ALLOWED_TRANSITIONS`, or
+        :class:`IllegalTransition` is raised before anything is written. The UPDATE matches
+        only a job in one of ``sources`` (and ``where``), so two processes can never both
+        move it. True when the job moved.
+        """
+        sources = tuple(sources)
+        illegal = [str(src) for src in sources if target not in ALLOWED_TRANSITIONS[src]]
+        if illegal or not sources:
+            raise IllegalTransition(f"job {job_id}: {', '.join(illegal) or '(no state)'} -> {target} is not allowed")
+        n = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state.in_([str(src) for src in sources]), *where)
+            .values(state=str(target), **values)
+        ).rowcount
+        return n == 1
+
     def mark_queued(self, job_id: str) -> bool:
         """``received`` -> ``queued`` after the task was published; never moves a job back."""
         now = utcnow()
         with self.session() as s:
-            n = s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == str(JobState.RECEIVED))
-                .values(state=str(JobState.QUEUED), queued_at=now, updated_at=now)
-            ).rowcount
-        return n == 1
+            return self._transition(s, job_id, [JobState.RECEIVED], JobState.QUEUED, queued_at=now, updated_at=now)
 
     def touch_queued(self, job_id: str) -> None:
         """Record that a queued job's task was published again."""
@@ -324,49 +347,39 @@ class JobStore:
         now = utcnow()
         stale = now - dt.timedelta(seconds=lease_s)
         with self.session() as s:
-            n = s.execute(
-                update(Job)
-                .where(
-                    Job.id == job_id,
-                    or_(
-                        Job.state.in_([str(JobState.RECEIVED), str(JobState.QUEUED)]),
-                        and_(Job.state == str(JobState.RUNNING), Job.heartbeat_at < stale),
-                    ),
-                )
-                .values(
-                    state=str(JobState.RUNNING),
-                    attempt=Job.attempt + 1,
-                    worker=worker,
-                    stage="starting",
-                    progress=0.0,
-                    reason=None,
-                    started_at=func.coalesce(Job.started_at, now),
-                    heartbeat_at=now,
-                    updated_at=now,
-                )
-            ).rowcount
-            if n != 1:
+            claimed = self._transition(
+                s, job_id, _LIVE_STATES, JobState.RUNNING,
+                or_(Job.state != str(JobState.RUNNING), Job.heartbeat_at < stale),
+                attempt=Job.attempt + 1,
+                worker=worker,
+                stage="starting",
+                progress=0.0,
+                reason=None,
+                started_at=func.coalesce(Job.started_at, now),
+                heartbeat_at=now,
+                updated_at=now,
+            )
+            if not claimed:
                 return None
             attempt = s.scalar(select(Job.attempt).where(Job.id == job_id))
             if attempt > max_attempts:
-                s.execute(
-                    update(Job)
-                    .where(Job.id == job_id)
-                    .values(
-                        state=str(JobState.FAILED),
-                        reason=f"given up: the job was started {attempt - 1} times without finishing "
-                        "(workers lost or killed while running it)",
-                        finished_at=now,
-                    )
+                self._transition(
+                    s, job_id, [JobState.RUNNING], JobState.FAILED,
+                    reason=f"given up: the job was started {attempt - 1} times without finishing "
+                    "(workers lost or killed while running it)",
+                    finished_at=now,
                 )
                 s.add(AuditEvent(actor=worker, action="job_failed", job_id=job_id, detail_json='{"why": "max_attempts"}'))
                 return None
             s.add(AuditEvent(actor=worker, action="job_started", job_id=job_id, detail_json=json.dumps({"attempt": attempt})))
         return int(attempt)
 
-    def _fenced(self, job_id: str, attempt: int, **values) -> bool:
+    def _fenced(self, job_id: str, attempt: int, *, to: JobState | None = None, **values) -> bool:
+        """Write ``values`` (and move to ``to``) only while ``attempt`` still runs the job."""
         values.setdefault("updated_at", utcnow())
         with self.session() as s:
+            if to is not None:
+                return self._transition(s, job_id, [JobState.RUNNING], to, Job.attempt == attempt, **values)
             n = s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.attempt == attempt, Job.state == str(JobState.RUNNING))
@@ -392,7 +405,7 @@ class JobStore:
         ok = self._fenced(
             job_id,
             attempt,
-            state=str(JobState.DONE),
+            to=JobState.DONE,
             stage="done",
             progress=1.0,
             reason=None,
@@ -407,19 +420,12 @@ class JobStore:
     def fail(self, job_id: str, reason: str, *, attempt: int | None = None, actor: str = "worker") -> bool:
         """Move a job to ``failed`` with a reason (fenced when ``attempt`` is given)."""
         now = utcnow()
-        values = {"state": str(JobState.FAILED), "reason": reason[:4000], "finished_at": now, "updated_at": now}
+        values = {"reason": reason[:4000], "finished_at": now, "updated_at": now}
         if attempt is not None:
-            ok = self._fenced(job_id, attempt, **values)
+            ok = self._fenced(job_id, attempt, to=JobState.FAILED, **values)
         else:
             with self.session() as s:
-                ok = (
-                    s.execute(
-                        update(Job)
-                        .where(Job.id == job_id, Job.state.not_in([str(JobState.DONE), str(JobState.FAILED)]))
-                        .values(**values)
-                    ).rowcount
-                    == 1
-                )
+                ok = self._transition(s, job_id, _LIVE_STATES, JobState.FAILED, **values)
         if ok:
             self.audit(actor, "job_failed", job_id=job_id, reason=reason[:500])
         return ok
@@ -428,19 +434,15 @@ class JobStore:
         """``running`` -> ``queued`` after a transient failure; returns the failure count."""
         now = utcnow()
         with self.session() as s:
-            n = s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.attempt == attempt, Job.state == str(JobState.RUNNING))
-                .values(
-                    state=str(JobState.QUEUED),
-                    transient_failures=Job.transient_failures + 1,
-                    reason=reason[:4000],
-                    stage=None,
-                    queued_at=now,
-                    updated_at=now,
-                )
-            ).rowcount
-            if n != 1:
+            moved = self._transition(
+                s, job_id, [JobState.RUNNING], JobState.QUEUED, Job.attempt == attempt,
+                transient_failures=Job.transient_failures + 1,
+                reason=reason[:4000],
+                stage=None,
+                queued_at=now,
+                updated_at=now,
+            )
+            if not moved:
                 return None
             return int(s.scalar(select(Job.transient_failures).where(Job.id == job_id)))
 
@@ -448,16 +450,9 @@ class JobStore:
         """``running`` -> ``queued`` when its heartbeat is older than ``lease_s`` (worker lost)."""
         now = utcnow()
         with self.session() as s:
-            n = s.execute(
-                update(Job)
-                .where(
-                    Job.id == job_id,
-                    Job.state == str(JobState.RUNNING),
-                    Job.heartbeat_at < now - dt.timedelta(seconds=lease_s),
-                )
-                .values(state=str(JobState.QUEUED), reason=reason, stage=None, queued_at=now, updated_at=now)
-            ).rowcount
-        return n == 1
+            return self._transition(s, job_id, [JobState.RUNNING], JobState.QUEUED,
+                                    Job.heartbeat_at < now - dt.timedelta(seconds=lease_s),
+                                    reason=reason, stage=None, queued_at=now, updated_at=now)
 
     def requeue_of_worker(self, worker: str) -> list[str]:
         """Jobs a worker held when it died: back to ``queued`` (called by that worker on restart)."""
@@ -466,18 +461,9 @@ class JobStore:
             ids = s.scalars(select(Job.id).where(Job.worker == worker, Job.state == str(JobState.RUNNING))).all()
             done = []
             for job_id in ids:
-                n = s.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.worker == worker, Job.state == str(JobState.RUNNING))
-                    .values(
-                        state=str(JobState.QUEUED),
-                        reason=f"worker {worker} restarted while running this job; requeued",
-                        stage=None,
-                        queued_at=now,
-                        updated_at=now,
-                    )
-                ).rowcount
-                if n == 1:
+                if self._transition(s, job_id, [JobState.RUNNING], JobState.QUEUED, Job.worker == worker,
+                                    reason=f"worker {worker} restarted while running this job; requeued",
+                                    stage=None, queued_at=now, updated_at=now):
                     done.append(job_id)
         return done
 

@@ -12,13 +12,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from .config import Settings, load_settings
-from .deps import Actor, ServiceContext
+from .context import ServiceContext, build_context
+from .deps import Actor
 from .intake import UploadRejected
-from .jobs import JobStore
 from .metrics import install_metrics
-from .queue import Enqueuer, Sweeper
+from .queue import Sweeper
 from .routes import health_router, jobs_router, studies_router
-from .storage import Storage
 from .throttle import LoginThrottle
 
 __all__ = ["create_app", "build_context", "purge_by_settings"]
@@ -32,15 +31,6 @@ at `GET /jobs/{job_id}` (received -> queued -> running -> done | failed); fetch 
 the dose-rate Parametric Map and the summary when it is done. Every endpoint except
 `/health`, `/ready` and `/metrics` needs `Authorization: Bearer <token>`.
 """
-
-
-def build_context(settings: Settings) -> ServiceContext:
-    """Job store, data directory and queue publisher for ``settings``."""
-    from worker.app import make_celery  # the Celery app only publishes here; tasks run in workers
-
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = JobStore(settings.db_url)
-    return ServiceContext(settings, store, Storage(settings.data_dir), Enqueuer(make_celery(settings), store))
 
 
 def purge_by_settings(ctx: ServiceContext) -> dict[str, int]:

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from .celery_app import QUEUES, TASK_NAME
 from .db import utcnow
 from .jobs import JobStore
 
@@ -23,9 +24,7 @@ __all__ = ["Enqueuer", "Sweeper", "sweep_once", "reconcile_once"]
 
 log = logging.getLogger("spectdose.service.queue")
 
-_TASK_NAME = "spectdose.process_job"  # worker.app.TASK_NAME (not imported: no cycle)
 _RECEIVED_GRACE_S = 5.0  # a job just stored is being published by its creator
-_QUEUES = ("gpu", "cpu")  # worker.app.QUEUES
 _PRIORITY_SEP = "\x06\x16"  # kombu's Redis priority queues are "<queue>\x06\x16<priority>"
 
 
@@ -33,7 +32,7 @@ def _job_of(message: bytes | str | dict) -> str | None:
     """The job id a Celery message carries (first task argument), or None if it is not ours."""
     try:
         msg = json.loads(message) if isinstance(message, (bytes, str)) else message
-        if msg.get("headers", {}).get("task") != _TASK_NAME:
+        if msg.get("headers", {}).get("task") != TASK_NAME:
             return None
         body = msg["body"]
         if msg.get("properties", {}).get("body_encoding") == "base64":
@@ -67,7 +66,7 @@ class Enqueuer:
     def queue_lengths(self) -> dict[str, int]:
         """Tasks waiting per queue (kombu keeps each Redis queue as a list named after it)."""
         with self._redis() as client:
-            return {q: int(client.llen(q)) for q in ("gpu", "cpu")}
+            return {q: int(client.llen(q)) for q in QUEUES}
 
     def broker_job_ids(self) -> set[str]:
         """Job ids that have a message in the broker: waiting in a queue, or delivered and unacked.
@@ -78,7 +77,7 @@ class Enqueuer:
         """
         ids: set[str] = set()
         with self._redis() as client:
-            for queue in _QUEUES:
+            for queue in QUEUES:
                 keys = [queue, *client.scan_iter(match=f"{queue}{_PRIORITY_SEP}*", count=100)]
                 for key in keys:
                     ids.update(filter(None, map(_job_of, client.lrange(key, 0, -1))))
@@ -91,7 +90,7 @@ class Enqueuer:
     def submit(self, job_id: str, queue: str, *, resend: bool = False) -> bool:
         """Publish ``job_id`` on ``queue``; False (job left for the sweeper) if the broker fails."""
         try:
-            self.app.send_task(_TASK_NAME, args=[job_id], queue=queue, routing_key=queue)
+            self.app.send_task(TASK_NAME, args=[job_id], queue=queue, routing_key=queue)
         except Exception as exc:  # noqa: BLE001 - kombu/redis raise many types; all mean "not published"
             log.warning("job %s: could not publish to queue %s (%s: %s); the sweeper will retry",
                         job_id, queue, type(exc).__name__, exc)

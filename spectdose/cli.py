@@ -23,6 +23,7 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError, SpectdoseError
+from .paths import default_cache_dir
 
 __all__ = ["main", "build_parser", "default_cache_dir", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "EXIT_INTERNAL"]
 
@@ -40,15 +41,6 @@ class _UsageParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def default_cache_dir() -> Path:
-    """Kernel cache: $SPECTDOSE_CACHE_DIR, else $XDG_CACHE_HOME/spectdose, else ~/.cache/spectdose."""
-    env = os.environ.get("SPECTDOSE_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "spectdose"
 
 
 def _parse_datetime(text: str) -> dt.datetime:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from .dose import LOW_DENSITY_CUTOFF_G_CM3
 from .errors import InputError
 from .geometry import Grid, Volume, resample_to_grid
 from .network import DblurDoseNet, NetworkConfig
+from .paths import MODELS_DIR, default_model_path
 
 __all__ = [
     "Normalisation",
@@ -35,9 +35,6 @@ __all__ = [
     "default_model_path",
     "MODELS_DIR",
 ]
-
-# $SPECTDOSE_MODELS_DIR (the Docker image sets it), else models/ of the checkout.
-MODELS_DIR = Path(os.environ.get("SPECTDOSE_MODELS_DIR") or Path(__file__).resolve().parent.parent / "models")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +56,6 @@ class TrainedModel:
     spacing_mm: tuple[float, float, float]
     name: str
     metadata: dict
-
-
-def default_model_path(variant: str = "dblurdosenet") -> Path:
-    return MODELS_DIR / f"{variant}.pt"
 
 
 def save_model(path: Path, net: DblurDoseNet, *, normalisation: Normalisation, spacing_mm, name: str, metadata: dict) -> Path:

@@ -1,4 +1,7 @@
-"""Celery on Redis: the broker settings that make a lost or killed worker safe.
+"""The worker process: the Celery app (``celery -A worker.app``) and its signal handlers.
+
+The broker settings, task name and queues are :mod:`service.celery_app`'s; the context
+(settings, job store, storage, publisher) is :mod:`service.context`'s. In short:
 
 - ``task_acks_late`` + ``task_reject_on_worker_lost``: a task is acknowledged only when it
   has finished; if the process running it dies, the message goes back to the queue.
@@ -13,87 +16,18 @@ The job store, not Celery's result backend, holds state and progress, so no back
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
-import threading
 
 from celery import Celery, signals
-from kombu import Queue
 
-from service.config import Settings, load_settings
-from service.jobs import JobStore
-from service.queue import Enqueuer, reconcile_once
-from service.storage import Storage
+from service.celery_app import make_celery
+from service.config import load_settings
+from service.context import process_context
+from service.queue import reconcile_once
 
-__all__ = ["make_celery", "Runtime", "runtime", "TASK_NAME", "QUEUES"]
+__all__: list[str] = []  # `app` (and `celery`) come from __getattr__ below
 
 log = logging.getLogger("spectdose.worker")
-
-TASK_NAME = "spectdose.process_job"
-QUEUES = ("gpu", "cpu")
-
-
-def make_celery(settings: Settings) -> Celery:
-    """A Celery app for ``settings``; importing :mod:`worker.tasks` registers the task."""
-    app = Celery("spectdose", broker=settings.redis_url, include=["worker.tasks"])
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        task_ignore_result=True,
-        result_backend=None,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        task_acks_on_failure_or_timeout=True,
-        worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
-        task_soft_time_limit=settings.task_soft_time_limit_s,
-        task_time_limit=settings.task_time_limit_s,
-        task_queues=tuple(Queue(q, routing_key=q) for q in QUEUES),
-        task_default_queue="cpu",
-        task_create_missing_queues=False,
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout_s,
-            "socket_connect_timeout": 5,
-            "socket_timeout": 30,
-        },
-        broker_connection_timeout=5,
-        broker_connection_retry_on_startup=True,
-        task_publish_retry=True,
-        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0},
-        worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        broker_heartbeat=0,
-    )
-    app.spectdose_settings = settings
-    return app
-
-
-@dataclasses.dataclass
-class Runtime:
-    """What a worker process needs, built once per process (after the prefork fork)."""
-
-    settings: Settings
-    store: JobStore
-    storage: Storage
-    enqueuer: Enqueuer
-
-
-_runtime: Runtime | None = None
-_runtime_pid: int | None = None
-_runtime_lock = threading.Lock()
-
-
-def runtime(settings: Settings | None = None) -> Runtime:
-    """This process's runtime; rebuilt in a forked child so no DB connection is shared."""
-    global _runtime, _runtime_pid
-    with _runtime_lock:
-        if _runtime is None or _runtime_pid != os.getpid():
-            settings = settings or load_settings()
-            store = JobStore(settings.db_url)
-            _runtime = Runtime(settings, store, Storage(settings.data_dir), Enqueuer(make_celery(settings), store))
-            _runtime_pid = os.getpid()
-        return _runtime
 
 
 @signals.worker_ready.connect
@@ -107,7 +41,7 @@ def _requeue_own_jobs(sender=None, **_kwargs) -> None:
     hostname = getattr(sender, "hostname", None)
     if not hostname:
         return
-    rt = runtime()
+    rt = process_context()
     for job_id in rt.store.requeue_of_worker(hostname):
         log.warning("job %s was running on %s before it restarted: requeued", job_id, hostname)
         job = rt.store.get(job_id)
@@ -131,7 +65,7 @@ def _hard_time_limit(sender=None, task_id=None, exception=None, args=None, **_kw
     from billiard.exceptions import TimeLimitExceeded
 
     if isinstance(exception, TimeLimitExceeded) and args:
-        rt = runtime()
+        rt = process_context()
         rt.store.fail(str(args[0]), f"killed at the hard time limit of {rt.settings.task_time_limit_s} s")
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from .app import TASK_NAME, runtime
+from service.celery_app import TASK_NAME
+from service.context import process_context
+
+from . import app as _app  # noqa: F401 - the worker's signal handlers, connected on import
 from .execute import TransientFailure, run_job
 
 __all__ = ["process_job"]
@@ -13,7 +16,7 @@ __all__ = ["process_job"]
 @shared_task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def process_job(self, job_id: str) -> dict:
     """Compute, publish and export ``job_id``; a redelivered message for a finished job does nothing."""
-    rt = runtime()
+    rt = process_context()
     try:
         return run_job(rt.store, rt.storage, rt.settings, job_id, worker=self.request.hostname or "worker")
     except TransientFailure as exc:

@@ -25,6 +25,7 @@ import uuid
 
 from ..config import Settings
 from ..db import IncomingState, JobState, utcnow
+from ..intake import Sender, accept_study
 from ..jobs import content_fingerprint
 from ..queue import Enqueuer
 from .handlers import INPUT_MODALITIES, NodeContext
@@ -98,31 +99,22 @@ def _dispatch(ctx: NodeContext, enqueuer: Enqueuer, inc) -> str | None:
         return None
     modalities = {p.name.split("_", 1)[0] for p in files}
     missing = [m for m in ("CT", "NM") if m not in modalities]
-    n_files, n_bytes = storage.publish_input(job_id, files)
-    common = dict(
-        source="dicom",
-        submitted_by=inc.calling_aet,
-        options=options,
-        export=list(settings.export),
-        queue=settings.job_queue,
-        n_files=n_files,
-        input_bytes=n_bytes,
-        calling_aet=inc.calling_aet,
-        remote_host=inc.remote_host,
-        study_instance_uid=inc.study_instance_uid,
-        fingerprint=fingerprint,
-        incoming_id=inc.id,
-    )
+    refused = None
     if missing:
-        reason = (f"the study has no {' and no '.join(missing)} instances (received {', '.join(sorted(modalities))}); "
-                  "a SPECT/CT dosimetry needs both")
-        store.create_job(job_id, state=JobState.FAILED, reason=reason, **common)
-    else:
-        store.create_job(job_id, **common)
-    store.settle_incoming(inc.id, IncomingState.DISPATCHED, job_id=job_id)
-    log.info("study burst %s from %s complete: job %s with %d instance(s)", inc.id[:8], inc.calling_aet, job_id, n_files)
-    if not missing:
-        enqueuer.submit(job_id, settings.job_queue)
+        refused = (f"the study has no {' and no '.join(missing)} instances (received {', '.join(sorted(modalities))}); "
+                   "a SPECT/CT dosimetry needs both")
+
+    def handed_over(n_files: int, _n_bytes: int) -> None:
+        store.settle_incoming(inc.id, IncomingState.DISPATCHED, job_id=job_id)
+        log.info("study burst %s from %s complete: job %s with %d instance(s)", inc.id[:8], inc.calling_aet, job_id,
+                 n_files)
+
+    accept_study(store, storage, enqueuer, job_id=job_id, files=files,
+                 sender=Sender("dicom", inc.calling_aet, inc.remote_host, calling_aet=inc.calling_aet,
+                               incoming_id=inc.id),
+                 options=options, export=list(settings.export), queue=settings.job_queue,
+                 study_instance_uid=inc.study_instance_uid, fingerprint=fingerprint, refused=refused,
+                 on_stored=handed_over)
     return job_id
 
 

@@ -14,11 +14,20 @@ from pynetdicom import AE, evt
 from pynetdicom import sop_class as sc
 
 from ..config import Settings
+from ..context import ServiceContext
 from ..jobs import JobStore
 from ..queue import Enqueuer
 from ..storage import Storage
-from . import handlers as h
 from .dispatch import Completer
+from .handlers import (
+    NodeContext,
+    handle_aborted,
+    handle_conn_close,
+    handle_echo,
+    handle_released,
+    handle_requested,
+    handle_store,
+)
 
 __all__ = ["DicomNode", "build_ae", "STORAGE_CLASSES"]
 
@@ -74,10 +83,15 @@ class DicomNode:
     """C-ECHO/C-STORE SCP plus the thread that turns quiet studies into jobs."""
 
     def __init__(self, settings: Settings, store: JobStore, storage: Storage, enqueuer: Enqueuer):
-        self.ctx = h.NodeContext(settings, store, storage)
+        self.ctx = NodeContext(settings, store, storage)
         self.enqueuer = enqueuer
         self.completer = Completer(self.ctx, enqueuer, interval_s=min(1.0, settings.study_quiet_s / 4))
         self.server = None
+
+    @classmethod
+    def for_context(cls, ctx: ServiceContext) -> DicomNode:
+        """The node of a process's :class:`service.context.ServiceContext`."""
+        return cls(ctx.settings, ctx.store, ctx.storage, ctx.enqueuer)
 
     def start(self) -> None:
         """Recover from a crash (staging cleared, half-dispatched bursts reopened), then listen."""
@@ -88,12 +102,12 @@ class DicomNode:
             log.warning("start-up: %d unreleased association(s) discarded, %d study burst(s) reopened",
                         cleared, reopened)
         handlers = [
-            (evt.EVT_REQUESTED, h.handle_requested, [self.ctx]),
-            (evt.EVT_C_ECHO, h.handle_echo, [self.ctx]),
-            (evt.EVT_C_STORE, h.handle_store, [self.ctx]),
-            (evt.EVT_RELEASED, h.handle_released, [self.ctx]),
-            (evt.EVT_ABORTED, h.handle_aborted, [self.ctx]),
-            (evt.EVT_CONN_CLOSE, h.handle_conn_close, [self.ctx]),
+            (evt.EVT_REQUESTED, handle_requested, [self.ctx]),
+            (evt.EVT_C_ECHO, handle_echo, [self.ctx]),
+            (evt.EVT_C_STORE, handle_store, [self.ctx]),
+            (evt.EVT_RELEASED, handle_released, [self.ctx]),
+            (evt.EVT_ABORTED, handle_aborted, [self.ctx]),
+            (evt.EVT_CONN_CLOSE, handle_conn_close, [self.ctx]),
         ]
         ae = build_ae(settings)
         self.server = ae.start_server((settings.dicom_host, settings.dicom_port), block=False, evt_handlers=handlers)

@@ -14,12 +14,12 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, RTDoseStorage
 
+from service.celery_app import make_celery
 from service.dicom_node import DicomNode
 from service.jobs import JobStore
 from service.localredis import free_port
 from service.queue import Enqueuer
 from service.storage import Storage
-from worker.app import make_celery
 
 from .support import make_settings, wait_for
 

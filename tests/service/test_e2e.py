@@ -412,8 +412,8 @@ def test_worker_killed_mid_job_is_restarted_and_finishes_once(service, phantom_f
     assert [e["state"] for e in job["exports"]] == ["sent", "sent"] and all(e["attempts"] == 1 for e in job["exports"])
     # The killed worker's message is still unacknowledged in Redis and comes back one day
     # (visibility timeout); delivering it now must change nothing.
+    from service.celery_app import make_celery
     from service.config import Settings
-    from worker.app import make_celery
 
     broker = (service.data_dir / "redis" / "url").read_text().strip()  # serve's Redis has a generated password
     app = make_celery(Settings(environment="development", redis_url=broker, data_dir=tmp_path))

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from service.celery_app import make_celery
 from service.jobs import JobStore
 from service.localredis import LocalRedis, free_port
 from service.queue import Enqueuer, Sweeper, reconcile_once
 from service.storage import Storage, atomic_write_bytes
-from worker.app import make_celery
 from worker.execute import build_manifest, dose_options
 
 from .support import make_settings, running, wait_for

@@ -13,13 +13,13 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from service.celery_app import make_celery
 from service.dicom_node import DicomNode
 from service.dicom_node.handlers import calling_ae_allowed
 from service.jobs import JobStore
 from service.localredis import free_port
 from service.queue import Enqueuer
 from service.storage import Storage
-from worker.app import make_celery
 
 from .support import make_settings
 

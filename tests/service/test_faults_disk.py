@@ -25,6 +25,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
 import spectdose.archive
+from service.celery_app import make_celery
 from service.db import Job
 from service.dicom_node import DicomNode
 from service.dicom_node import handlers as node_handlers
@@ -33,7 +34,6 @@ from service.localredis import free_port
 from service.main import create_app, purge_by_settings
 from service.queue import Enqueuer, sweep_once
 from service.storage import Storage, atomic_write_bytes
-from worker.app import make_celery
 from worker.execute import TransientFailure, run_job
 
 from .support import AUTH, make_settings, zip_folder

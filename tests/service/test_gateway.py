@@ -142,9 +142,9 @@ def test_stow_rs_metadata_parts_are_415(client, phantom_files):
 
 
 def test_jobs_default_to_dvk_like_the_cli_and_auto_is_an_explicit_choice(tmp_path, redis_url, study_zip, monkeypatch):
-    import spectdose.cnn
+    import spectdose.paths
 
-    monkeypatch.setattr(spectdose.cnn, "MODELS_DIR", tmp_path / "models")
+    monkeypatch.setattr(spectdose.paths, "MODELS_DIR", tmp_path / "models")
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "dblurdosenet.pt").write_bytes(b"weights")  # installed weights change no default
     assert Settings(environment="development").default_method == "dvk"

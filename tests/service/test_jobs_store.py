@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from service.db import JobState, utcnow
-from service.jobs import ExportItem, JobStore, token_label
+from service.jobs import ALLOWED_TRANSITIONS, ExportItem, IllegalTransition, JobStore, token_label
 
 
 def _new(store: JobStore, **kw) -> str:
@@ -43,6 +43,18 @@ def test_life_cycle_received_queued_running_done(store):
     assert job.state == "done" and job.finished_at is not None and json.loads(job.outputs_json) == {"rtdose": "rtdose.dcm"}
     assert store.claim(job_id, "w2", lease_s=60, max_attempts=3) is None, "a finished job is never run again"
     assert not store.fail(job_id, "late failure"), "done is final"
+
+
+def test_every_state_change_goes_through_the_allowed_transitions(store):
+    job_id = _new(store)
+    with store.session() as s:
+        for target in (JobState.DONE, JobState.RECEIVED):  # received -> done skips the work; nothing goes back
+            assert target not in ALLOWED_TRANSITIONS[JobState.RECEIVED]
+            with pytest.raises(IllegalTransition, match="received -> "):
+                store._transition(s, job_id, [JobState.RECEIVED], target)
+        with pytest.raises(IllegalTransition, match="done -> running"):
+            store._transition(s, job_id, [JobState.DONE], JobState.RUNNING)
+    assert store.get(job_id).state == JobState.RECEIVED, "a refused transition writes nothing"
 
 
 def test_only_one_of_many_concurrent_claims_wins(store):

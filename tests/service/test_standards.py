@@ -310,11 +310,11 @@ def test_list_and_detail_show_the_same_job(client, study_zip):
 def test_dicom_resend_with_a_changed_header_is_computed_again(tmp_path, redis_url, phantom_files):
     import subprocess
 
+    from service.celery_app import make_celery
     from service.dicom_node import DicomNode
     from service.jobs import JobStore
     from service.queue import Enqueuer
     from service.storage import Storage
-    from worker.app import make_celery
 
     storescu = Path("/usr/bin/storescu")
     if not storescu.exists():

@@ -18,11 +18,11 @@ import pydicom
 import pytest
 from pynetdicom.sop_class import ParametricMapStorage, RTDoseStorage
 
+from service.celery_app import make_celery
 from service.demo import DemoPacs
 from service.jobs import JobStore
 from service.localredis import free_port
 from service.storage import Storage
-from worker.app import make_celery
 from worker.execute import TransientFailure, build_manifest, dose_options, run_job
 
 from .support import make_settings

@@ -1,0 +1,57 @@
+"""The adapter shell's floor plan: no torch in the gateway, no adapter in the core, no circle.
+
+Each check runs in a fresh interpreter, since the test process has imported everything.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ADAPTER_DEPENDENCIES = ("fastapi", "uvicorn", "starlette", "python_multipart", "pydantic_settings", "sqlalchemy",
+                        "psycopg", "celery", "kombu", "redis", "pynetdicom", "httpx", "prometheus_client")
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_the_gateway_process_never_imports_torch(tmp_path):
+    """The gateway finds the weights and the kernel cache through spectdose.paths, not spectdose.cnn."""
+    r = _python(f"""
+        import sys
+        from pathlib import Path
+        from service.config import Settings
+        from service.main import create_app
+
+        settings = Settings(environment="development", data_dir=Path({str(tmp_path)!r}),
+                            redis_url="redis://127.0.0.1:1/0", default_method="auto")
+        app = create_app(settings, sweeper=False)
+        settings.resolved_method, settings.kernel_dir
+        assert "torch" not in sys.modules, "the gateway imported torch"
+        print("ok")
+    """)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_the_core_cli_imports_no_adapter_dependency():
+    r = _python(f"""
+        import sys
+        import spectdose.cli
+        loaded = sorted(m for m in {ADAPTER_DEPENDENCIES!r} if m in sys.modules)
+        assert not loaded, loaded
+        print("ok")
+    """)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_service_and_worker_import_no_circle():
+    """worker/ imports service/, never the reverse (import_graph.py reads the source with ast)."""
+    r = subprocess.run([sys.executable, "scripts/import_graph.py", "--packages", "service", "worker"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout
+    assert "cycles: 0" in r.stdout and "packages importing each other: 0" in r.stdout
