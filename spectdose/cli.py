@@ -192,9 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_dataset)
 
     p = sub.add_parser("train", help="train DblurDoseNet on a generated data set (resumes from checkpoints)")
-    p.add_argument("--data", type=Path, required=True, help="folder written by `spectdose dataset`")
-    p.add_argument("--config", type=Path, required=True, help="training configuration (JSON)")
-    p.add_argument("-o", "--out", type=Path, required=True, help="run folder: checkpoints, losses, weights")
+    p.add_argument("--data", type=Path, help="folder written by `spectdose dataset` (with --resume: the run's)")
+    p.add_argument("--config", type=Path, help="training configuration (JSON) (with --resume: the run's)")
+    p.add_argument("-o", "--out", type=Path, help="run folder: checkpoints, losses, weights")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    p.add_argument("--seed", type=int, help="ensemble member: replaces the config's seed, adds _seed<N> to the name")
     p.add_argument("--device")
     p.add_argument("--kernel-cache", type=Path)
     p.add_argument("--install", type=Path, help="also copy the weights and a model card into this models folder")
@@ -348,29 +350,18 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import json
-    import shutil
+    from .training import train_command
 
-    from .training import TrainConfig, model_card, prepare_dataset, train
-
-    cfg = TrainConfig.from_file(args.config)
-    manifest_path = args.data / "manifest.json"
-    if not manifest_path.is_file():
-        raise SpectdoseError(f"{args.data} has no manifest.json: generate it with `spectdose dataset`")
-    manifest = json.loads(manifest_path.read_text())
-    kernel_cache = args.kernel_cache or default_cache_dir() / "kernels"
-    files = prepare_dataset(args.data, args.data / "prepared", kernel_cache=kernel_cache, progress=lambda m: print(m, flush=True))
-    prepared = {split: [f for f in files if f.parent.name == split] for split in ("train", "val")}
-    summary = train(prepared, args.out, cfg, device=args.device)
-    card = model_card(summary, data_version=manifest["version"])
-    (args.out / f"{cfg.name}.md").write_text(card)
-    print(card)
-    if args.install:
-        args.install.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(args.out / f"{cfg.name}.pt", args.install / f"{cfg.name}.pt")
-        (args.install / f"{cfg.name}.md").write_text(card)
-        print(f"installed {cfg.name}.pt and {cfg.name}.md into {args.install}")
-    return 0
+    return train_command(
+        data=args.data,
+        config=args.config,
+        out=args.out,
+        resume=args.resume,
+        seed=args.seed,
+        device=args.device,
+        kernel_cache=args.kernel_cache or default_cache_dir() / "kernels",
+        install=args.install,
+    )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +31,24 @@ __all__ = [
     "save_model",
     "predict_dose_rate",
     "predict_on_ct_grid",
+    "predict_normalised",
+    "Ensemble",
+    "SigmaCalibration",
+    "save_ensemble",
+    "load_ensemble",
+    "fit_sigma_calibration",
+    "predict_with_uncertainty",
+    "absorbed_dose_with_uncertainty",
+    "atomic_torch_save",
     "model_grid",
     "to_model_grid",
     "default_model_path",
     "MODELS_DIR",
 ]
+
+
+_FORMAT = "spectdose-dblurdosenet-1"
+_ENSEMBLE_FORMAT = "spectdose-dblurdosenet-ensemble-1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +74,12 @@ class TrainedModel:
 
 def save_model(path: Path, net: DblurDoseNet, *, normalisation: Normalisation, spacing_mm, name: str, metadata: dict) -> Path:
     """Weights plus everything needed to use them; loadable with ``weights_only=True``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": "spectdose-dblurdosenet-1",
+    return atomic_torch_save(_payload(net, normalisation, spacing_mm, name, metadata), Path(path))
+
+
+def _payload(net: DblurDoseNet, normalisation: Normalisation, spacing_mm, name: str, metadata: dict) -> dict:
+    return {
+        "format": _FORMAT,
         "name": name,
         "config_json": json.dumps(net.cfg.to_dict()),
         "normalisation_json": json.dumps(normalisation.to_dict()),
@@ -71,19 +87,9 @@ def save_model(path: Path, net: DblurDoseNet, *, normalisation: Normalisation, s
         "metadata_json": json.dumps(metadata, default=str),
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
 
 
-def load_model(path: Path, *, device: str | torch.device | None = None) -> TrainedModel:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"no trained DblurDoseNet weights at {path}: train them with `spectdose train` or use --method dvk")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("format") != "spectdose-dblurdosenet-1":
-        raise InputError(f"{path.name} is not a spectdose DblurDoseNet weight file")
+def _from_payload(payload: dict, device) -> TrainedModel:
     cfg = NetworkConfig.from_dict(json.loads(payload["config_json"]))
     net = DblurDoseNet(cfg)
     net.load_state_dict(payload["state_dict"])
@@ -97,6 +103,56 @@ def load_model(path: Path, *, device: str | torch.device | None = None) -> Train
         name=payload["name"],
         metadata=json.loads(payload["metadata_json"]),
     )
+
+
+def atomic_torch_save(obj, path: Path) -> Path:
+    """``torch.save`` that never leaves a half-written file, even with concurrent writers.
+
+    A unique temporary file in the target folder is written, fsynced and renamed over the
+    target (``os.replace`` is atomic on POSIX), then the folder is fsynced so the rename
+    survives a crash. Fixed temporary names (``x.tmp``) collide when two processes save at once.
+    """
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on every platform; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_model(path: Path, *, device: str | torch.device | None = None) -> TrainedModel:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no trained DblurDoseNet weights at {path}: train them with `spectdose train` or use --method dvk")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("format") == _ENSEMBLE_FORMAT:
+        raise InputError(f"{path.name} is an ensemble of DblurDoseNets: load it with load_ensemble")
+    if payload.get("format") != _FORMAT:
+        raise InputError(f"{path.name} is not a spectdose DblurDoseNet weight file")
+    return _from_payload(payload, device)
 
 
 def _device(device) -> torch.device:
@@ -138,6 +194,15 @@ def predict_dose_rate(
     a, rho, dvk_n, total_mbq = normalised_inputs(activity_bq_per_ml, density_g_cm3, dvk_gy_per_s, voxel_volume_ml, model.normalisation)
     if total_mbq == 0.0:
         return np.zeros(activity_bq_per_ml.shape, np.float32)  # zero activity is zero dose
+    out = predict_normalised(model, a, rho, dvk_n, slab=slab, autocast_bf16=autocast_bf16)
+    return (out * np.float32(total_mbq / model.normalisation.dose_scale_per_gy_s)).astype(np.float32)
+
+
+def predict_normalised(
+    model: TrainedModel, a: np.ndarray, rho: np.ndarray, dvk_n: np.ndarray, *, slab: int = 8, autocast_bf16: bool = False
+) -> np.ndarray:
+    """The network on normalised inputs (``normalised_inputs``), clamped at 0 and zero where
+    density < 0.1 g/cm3: the dose rate in normalised units (training and calibration use it)."""
     cfg, net = model.config, model.net
     device = next(net.parameters()).device
     half = cfg.pack // 2
@@ -159,9 +224,9 @@ def predict_dose_rate(
                 packs = torch.stack([inputs[:, z : z + cfg.pack] for z in range(z0, z1)])
                 y = net(packs, mids)
             out[z0:z1] = y[:, 0].float().cpu().numpy()
-    out = np.clip(out, 0.0, None) * np.float32(total_mbq / model.normalisation.dose_scale_per_gy_s)
-    out[density_g_cm3 < LOW_DENSITY_CUTOFF_G_CM3] = 0.0
-    return out.astype(np.float32)
+    out = np.clip(out, 0.0, None)
+    out[rho < LOW_DENSITY_CUTOFF_G_CM3] = 0.0
+    return out
 
 
 def model_grid(ct_grid: Grid, spacing_mm) -> tuple[Grid, tuple[int, int, int] | None]:
@@ -231,13 +296,230 @@ def predict_on_ct_grid(
     rho = density_g_cm3 if same else to_model_grid(density_g_cm3, grid, block)
     dvk = dvk_gy_per_s if same else to_model_grid(dvk_gy_per_s, grid, block)
     out = predict_dose_rate(model, act.array, rho.array, dvk.array, grid.voxel_volume_ml, autocast_bf16=autocast_bf16)
-    if same:
+    return _back_to_ct_grid(out, grid, dvk.array, dvk_gy_per_s, density_g_cm3, residual=model.config.residual)
+
+
+def _back_to_ct_grid(out: np.ndarray, grid: Grid, dvk_model: np.ndarray, dvk_ct: Volume, density_ct: Volume, *, residual: bool) -> Volume:
+    """A model-grid dose rate on the CT grid: with a residual network only the correction
+    (output minus DVK) is interpolated and added to the full-resolution DVK map."""
+    ct_grid = dvk_ct.grid
+    if grid.same_as(ct_grid):
         return Volume(out, ct_grid, "Gy/s")
-    if model.config.residual:
-        correction = resample_to_grid(Volume(out - dvk.array, grid, "Gy/s"), ct_grid, fill_value=0.0).array
-        full = dvk_gy_per_s.array + correction
+    if residual:
+        correction = resample_to_grid(Volume(out - dvk_model, grid, "Gy/s"), ct_grid, fill_value=0.0).array
+        full = dvk_ct.array + correction
     else:
         full = resample_to_grid(Volume(out, grid, "Gy/s"), ct_grid, fill_value=0.0).array
     full = np.clip(full, 0.0, None).astype(np.float32)
-    full[density_g_cm3.array < LOW_DENSITY_CUTOFF_G_CM3] = 0.0
+    full[density_ct.array < LOW_DENSITY_CUTOFF_G_CM3] = 0.0
     return Volume(full, ct_grid, "Gy/s")
+
+
+# =======================================================================================
+# Voxel-wise uncertainty: a deep ensemble with a calibrated spread
+# =======================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class SigmaCalibration:
+    """sigma = sqrt((scale * sd_members)^2 + (rel_floor * mean)^2), fitted on validation patients.
+
+    The members' spread (sample sd) measures the model's own uncertainty; it says nothing of
+    the error the SPECT's noise and blur leave that every member shares, so the spread is
+    scaled and a floor proportional to the dose rate may be added, both chosen so that the
+    true error lies within +-1 sigma / +-2 sigma of 68.3 % / 95.4 % of validation voxels.
+    """
+
+    scale: float = 1.0
+    rel_floor: float = 0.0
+    fitted_on: tuple[str, ...] = ()
+    coverage_1sigma_pct: float | None = None
+    coverage_2sigma_pct: float | None = None
+    n_voxels: int = 0
+
+    def apply(self, mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
+        sd64 = self.scale * sd.astype(np.float64)
+        if self.rel_floor:
+            sd64 = np.hypot(sd64, self.rel_floor * mean.astype(np.float64))
+        return sd64.astype(np.float32)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["fitted_on"] = list(self.fitted_on)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SigmaCalibration:
+        data = dict(data)
+        data["fitted_on"] = tuple(data.get("fitted_on", ()))
+        return cls(**data)
+
+
+@dataclasses.dataclass
+class Ensemble:
+    """K independently trained DblurDoseNets (Lakshminarayanan et al., NeurIPS 2017) and the
+    calibration of their spread; one file, so weights and calibration travel together."""
+
+    members: list[TrainedModel]
+    calibration: SigmaCalibration
+    name: str
+    metadata: dict
+
+    @property
+    def spacing_mm(self) -> tuple[float, float, float]:
+        return self.members[0].spacing_mm
+
+    @property
+    def residual(self) -> bool:
+        return all(m.config.residual for m in self.members)
+
+
+def save_ensemble(path: Path, members: list[TrainedModel], calibration: SigmaCalibration, *, name: str, metadata: dict) -> Path:
+    """Members' weights plus the sigma calibration, loadable with ``weights_only=True``."""
+    _check_members(members)
+    payload = {
+        "format": _ENSEMBLE_FORMAT,
+        "name": name,
+        "calibration_json": json.dumps(calibration.to_dict()),
+        "metadata_json": json.dumps(metadata, default=str),
+        "members": [_payload(m.net, m.normalisation, m.spacing_mm, m.name, m.metadata) for m in members],
+    }
+    return atomic_torch_save(payload, Path(path))
+
+
+def load_ensemble(path: Path, *, device: str | torch.device | None = None) -> Ensemble:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no DblurDoseNet ensemble at {path}: build one with `python -m spectdose.training ensemble`")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("format") != _ENSEMBLE_FORMAT:
+        raise InputError(f"{path.name} is not a spectdose DblurDoseNet ensemble file")
+    members = [_from_payload(p, device) for p in payload["members"]]
+    _check_members(members)
+    return Ensemble(
+        members=members,
+        calibration=SigmaCalibration.from_dict(json.loads(payload["calibration_json"])),
+        name=payload["name"],
+        metadata=json.loads(payload["metadata_json"]),
+    )
+
+
+def _check_members(members: list[TrainedModel]) -> None:
+    if len(members) < 2:
+        raise InputError("an uncertainty needs an ensemble of at least two trained members")
+    first = members[0]
+    for m in members[1:]:
+        if tuple(m.spacing_mm) != tuple(first.spacing_mm) or m.normalisation != first.normalisation:
+            raise InputError(f"ensemble member {m.name} was trained at another spacing or normalisation than {first.name}")
+
+
+def ensemble_mean_sd(outputs) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sample sd (ddof 1) over members' outputs, one member in memory at a time (Welford)."""
+    mean = m2 = None
+    k = 0
+    for out in outputs:
+        k += 1
+        x = out.astype(np.float64)
+        if mean is None:
+            mean, m2 = x.copy(), np.zeros_like(x)
+            continue
+        delta = x - mean
+        mean += delta / k
+        m2 += delta * (x - mean)
+    if k < 2:
+        raise InputError("an uncertainty needs an ensemble of at least two trained members")
+    return mean.astype(np.float32), np.sqrt(m2 / (k - 1)).astype(np.float32)
+
+
+def predict_with_uncertainty(
+    ensemble: Ensemble,
+    activity_bq_per_ml: Volume,
+    density_g_cm3: Volume,
+    dvk_gy_per_s: Volume,
+    *,
+    autocast_bf16: bool = False,
+) -> tuple[Volume, Volume]:
+    """(mean dose rate, calibrated 1-sigma) in Gy/s on the CT grid.
+
+    Every member runs on the model grid; the members' mean goes back to the CT grid as in
+    ``predict_on_ct_grid`` (only the correction is interpolated) and their sd by linear
+    interpolation (an upper bound of the sd of the interpolated correction). Zero activity
+    gives zero mean and zero sigma; both are zero where density < 0.1 g/cm3.
+    """
+    ct_grid = activity_bq_per_ml.grid
+    grid, block = model_grid(ct_grid, ensemble.spacing_mm)
+    same = grid.same_as(ct_grid)
+    act = activity_bq_per_ml if same else to_model_grid(activity_bq_per_ml, grid, block)
+    rho = density_g_cm3 if same else to_model_grid(density_g_cm3, grid, block)
+    dvk = dvk_gy_per_s if same else to_model_grid(dvk_gy_per_s, grid, block)
+    outputs = (
+        predict_dose_rate(m, act.array, rho.array, dvk.array, grid.voxel_volume_ml, autocast_bf16=autocast_bf16)
+        for m in ensemble.members
+    )
+    mean_m, sd_m = ensemble_mean_sd(outputs)
+    mean = _back_to_ct_grid(mean_m, grid, dvk.array, dvk_gy_per_s, density_g_cm3, residual=ensemble.residual)
+    sd = sd_m if same else np.clip(resample_to_grid(Volume(sd_m, grid, "Gy/s"), ct_grid, fill_value=0.0).array, 0.0, None)
+    sigma = ensemble.calibration.apply(mean.array, sd)
+    sigma[density_g_cm3.array < LOW_DENSITY_CUTOFF_G_CM3] = 0.0
+    return mean, Volume(sigma.astype(np.float32), ct_grid, "Gy/s")
+
+
+def fit_sigma_calibration(
+    means: list[np.ndarray],
+    sds: list[np.ndarray],
+    references: list[np.ndarray],
+    *,
+    patients: list[str] | tuple[str, ...] = (),
+    threshold_fraction: float = 0.1,
+    max_voxels: int = 50_000,
+    seed: int = 0,
+) -> SigmaCalibration:
+    """Scale and relative floor that bring +-1/+-2 sigma coverage nearest 68.3 / 95.4 %.
+
+    Voxels above ``threshold_fraction`` of each patient's maximum reference dose rate (the
+    voxels the issue's coverage target is about); a grid search minimising
+    |cov1 - 68.3| + |cov2 - 95.4| (percentage points), ties to the smaller mean sigma.
+    """
+    errs, sd_l, mean_l = [], [], []
+    for mean, sd, ref in zip(means, sds, references, strict=True):
+        hot = ref > threshold_fraction * float(ref.max())
+        errs.append(np.abs(mean[hot].astype(np.float64) - ref[hot]))
+        sd_l.append(sd[hot].astype(np.float64))
+        mean_l.append(mean[hot].astype(np.float64))
+    err, sd, mu = (np.concatenate(x) for x in (errs, sd_l, mean_l))
+    if err.size == 0:
+        raise InputError("no validation voxels above the threshold to calibrate the uncertainty on")
+    if err.size > max_voxels:
+        pick = np.random.default_rng(seed).choice(err.size, max_voxels, replace=False)
+        err, sd, mu = err[pick], sd[pick], mu[pick]
+    target = (68.27, 95.45)
+    scales = np.concatenate([[0.0], np.logspace(-1, 2.5, 36)]) if np.any(sd > 0) else np.array([0.0])
+    floors = np.concatenate([[0.0], np.logspace(-3, 0, 25)])
+    best = None
+    for f in floors:
+        for s in scales:
+            if s == 0 and f == 0:
+                continue
+            sigma = np.hypot(s * sd, f * mu)
+            c1 = 100.0 * float(np.mean(err <= sigma))
+            c2 = 100.0 * float(np.mean(err <= 2 * sigma))
+            key = (round(abs(c1 - target[0]) + abs(c2 - target[1]), 2), float(sigma.mean()))
+            if best is None or key < best[0]:
+                best = (key, float(s), float(f), c1, c2)
+    _, s, f, c1, c2 = best
+    return SigmaCalibration(scale=s, rel_floor=f, fitted_on=tuple(patients), coverage_1sigma_pct=round(c1, 2),
+                            coverage_2sigma_pct=round(c2, 2), n_voxels=int(err.size))  # fmt: skip
+
+
+def absorbed_dose_with_uncertainty(
+    mean_gy_per_s: np.ndarray, sigma_gy_per_s: np.ndarray, time_integral_s, time_integral_sigma_s=0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Absorbed dose (Gy) and its 1-sigma from a dose-rate map and the time-integration
+    factor tau (s; a scalar or per-voxel array): D = Ddot * tau, linear, so
+    sigma_D = sqrt((tau * sigma_Ddot)^2 + (Ddot * sigma_tau)^2) (first-order propagation,
+    dose-rate and time-model errors taken as independent)."""
+    tau = np.asarray(time_integral_s, dtype=np.float64)
+    rate = mean_gy_per_s.astype(np.float64)
+    dose = rate * tau
+    sigma = np.hypot(tau * sigma_gy_per_s.astype(np.float64), rate * np.asarray(time_integral_sigma_s, dtype=np.float64))
+    return dose.astype(np.float32), sigma.astype(np.float32)

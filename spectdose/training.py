@@ -8,7 +8,10 @@ as the network expects (``spectdose.cnn.Normalisation``).
 
 Training: MSE on the middle-slice dose rate of 11-slice packs (Li et al. 2022), Adam at
 1e-3 with ReduceLROnPlateau, patches in-plane so it runs on a CPU; slabs of packs share the
-depth-valid stem. Checkpoints every epoch (resumable), loss curves to CSV and PNG.
+depth-valid stem. Patches are drawn by a configurable mixture that favours lesions, organ
+edges and bone marrow (low-dose tissue plain MSE ignores). Checkpoints every epoch hold
+everything a continued run needs (model, optimiser, scheduler, RNG states, best so far), so
+``spectdose train --resume RUN_DIR`` gives the same weights as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import csv
 import dataclasses
 import json
 import math
+import os
+import random
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cnn import Normalisation, model_grid, normalised_inputs, save_model, to_model_grid
+from .cnn import (
+    Normalisation,
+    atomic_torch_save,
+    model_grid,
+    normalised_inputs,
+    save_model,
+    to_model_grid,
+)
 from .errors import InputError
 from .geometry import Volume
 from .network import DblurDoseNet, NetworkConfig
@@ -35,6 +48,9 @@ __all__ = [
     "generate_dataset",
     "prepare_case",
     "train",
+    "train_command",
+    "build_ensemble",
+    "SAMPLING_CATEGORIES",
 ]
 
 # Versioned data sets: patient seeds per split (never reused across splits) and the extra
@@ -145,6 +161,7 @@ def prepare_case(
     ref, _ = reference_dose_rate(case.activity_true, case.density_true, cache_dir=kernel_cache)
     grid, block = model_grid(study.ct.grid, spacing_mm)
     a, rho, d, r = (to_model_grid(v, grid, block).array for v in (activity, density, dvk, ref))
+    regions = sampling_regions(case.labels, study.ct.grid, grid, block)
     a_n, rho_n, d_n, total_mbq = normalised_inputs(a, rho, d, grid.voxel_volume_ml, normalisation)
     label = (r.astype(np.float64) / total_mbq * normalisation.dose_scale_per_gy_s).astype(np.float32)
     body = np.any(rho > 0.5, axis=0)
@@ -158,26 +175,80 @@ def prepare_case(
         "density": rho_n[crop],
         "dvk": d_n[crop],
         "label": label[crop],
+        "regions": regions[crop],
         "total_mbq": np.float64(total_mbq),
         "spacing_mm": np.asarray(grid.spacing_mm),
     }
 
 
+# Bit flags of the ``regions`` array of a prepared case (model grid): where patches are drawn.
+REGION_LESION, REGION_EDGE, REGION_MARROW = 1, 2, 4
+# Structures whose boundaries are organ edges (partial volume, interfaces of density and uptake).
+_EDGE_LABELS = ("liver", "spleen", "kidney_left", "kidney_right", "kidney_cortex", "lungs", "spine",
+                "lesions", "heart", "stomach", "aorta", "bowel")  # fmt: skip
+# Bone marrow: the trabecular spine (marrow + trabecular bone), else the lumbar vertebrae.
+_MARROW_LABELS = ("spine_trabecular", "lumbar_vertebrae")
+
+
+def sampling_regions(labels: dict[str, np.ndarray], ct_grid, grid, block) -> np.ndarray:
+    """uint8 flags on the model grid: lesion (any lesion voxel in the model voxel), organ
+    edge (within one model voxel of a structure's boundary), bone marrow."""
+    from scipy import ndimage
+
+    def down(mask: np.ndarray) -> np.ndarray:  # fraction of the model voxel inside the mask
+        return to_model_grid(Volume(mask.astype(np.float32), ct_grid, "1"), grid, block).array
+
+    out = np.zeros(grid.shape, np.uint8)
+    lesions = labels.get("lesions")
+    if lesions is None:
+        lesions = np.any([m for k, m in labels.items() if k.startswith("lesion_")] or [np.zeros(ct_grid.shape, bool)], axis=0)
+    out[down(lesions) > 0.01] |= REGION_LESION
+    edge = np.zeros(grid.shape, bool)
+    for name in _EDGE_LABELS:
+        if name in labels and labels[name].any():
+            inside = down(labels[name]) > 0.5
+            edge |= ndimage.binary_dilation(inside) & ~ndimage.binary_erosion(inside)
+    out[edge] |= REGION_EDGE
+    for name in _MARROW_LABELS:
+        if name in labels and labels[name].any():
+            out[down(labels[name]) > 0.5] |= REGION_MARROW
+            break
+    return out
+
+
 def prepare_dataset(data_dir: Path, cache_dir: Path, *, kernel_cache: Path | None, progress=None) -> list[Path]:
-    """``prepare_case`` for every phantom under ``data_dir/{train,val,test}``, cached as npz."""
+    """``prepare_case`` for every phantom under ``data_dir/{train,val,test}``, cached as npz.
+
+    A cached case from before the sampling regions existed is prepared again.
+    """
     out = []
     for phantom in sorted(p.parent.parent for p in Path(data_dir).glob("*/*/truth/phantom.json")):
         target = Path(cache_dir) / phantom.parent.name / f"{phantom.name}.npz"
-        if not target.is_file():
+        if not target.is_file() or not _has_regions(target):
             if progress:
                 progress(f"preparing {phantom.parent.name}/{phantom.name}")
             arrays = prepare_case(phantom, kernel_cache=kernel_cache)
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.stem + ".tmp.npz")
-            np.savez(tmp, **arrays)
-            tmp.rename(target)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".npz")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    np.savez(f, **arrays)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
         out.append(target)
     return out
+
+
+def _has_regions(npz: Path) -> bool:
+    try:
+        with np.load(npz) as z:
+            return "regions" in z.files
+    except (OSError, ValueError):
+        return False
 
 
 @dataclasses.dataclass
@@ -195,10 +266,19 @@ class TrainConfig:
     plateau_patience: int = 2
     plateau_factor: float = 0.5
     hot_fraction: float = 0.6  # patches centred on voxels drawn by reference dose rate
+    # Mixture of patch centres, weights of SAMPLING_CATEGORIES (normalised; a category a case
+    # lacks passes its weight to the others). None: {"dose": hot_fraction, "uniform": rest}.
+    sampling: dict | None = None
+    low_dose_fraction: float = 0.05  # "low_dose": tissue below this fraction of the case's 99.9th pct
+    # Augmentation: probabilities of in-plane flips; "intensity_scale" [lo, hi] multiplies
+    # activity, DVK and label by one log-uniform factor per slab (count-level scaling: the
+    # dose rate is linear in activity, and per-patient normalisation leaves the network
+    # values of different magnitude from patient to patient).
+    augment: dict = dataclasses.field(default_factory=lambda: {"flip_x": 0.5, "flip_y": 0.5, "intensity_scale": None})
     val_patches: int = 48
     seed: int = 0
     threads: int | None = None
-    max_minutes: float | None = None
+    max_minutes: float | None = None  # wall-clock cap of one sitting; `--resume` continues the run
     # Plain MSE is blind to errors in low-dose tissue (bone marrow is ~1 % of a lesion's dose
     # rate, so a 100 % error there adds ~1e-4 to a loss of ~0.05). A relative term,
     # ((out - label) / (label + floor))^2 with floor in normalised units, weighs it in.
@@ -212,24 +292,86 @@ class TrainConfig:
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise InputError(f"unknown training options in {Path(path).name}: {sorted(unknown)}")
-        return cls(**data)
+        cfg = cls(**data)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        bad = set(self.sampling or {}) - set(SAMPLING_CATEGORIES)
+        if bad or any(w < 0 for w in (self.sampling or {}).values()) or (self.sampling is not None and sum(self.sampling.values()) <= 0):
+            raise InputError(f"sampling weights must be >= 0, not all 0, of {list(SAMPLING_CATEGORIES)}: {self.sampling}")
+        bad = set(self.augment) - {"flip_x", "flip_y", "intensity_scale"}
+        if bad:
+            raise InputError(f"unknown augmentation options {sorted(bad)}")
+        scale = self.augment.get("intensity_scale")
+        if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1]):
+            raise InputError(f"intensity_scale must be [lo, hi] with 0 < lo <= hi, not {scale}")
+
+    def sampling_weights(self) -> dict[str, float]:
+        w = self.sampling if self.sampling is not None else {"dose": self.hot_fraction, "uniform": 1.0 - self.hot_fraction}
+        return {k: float(w.get(k, 0.0)) for k in SAMPLING_CATEGORIES}
+
+
+# Where a patch is centred: anywhere; in proportion to the reference dose rate; in a lesion;
+# on an organ edge; in bone marrow; in tissue of low reference dose rate.
+SAMPLING_CATEGORIES = ("uniform", "dose", "lesion", "edge", "marrow", "low_dose")
 
 
 class _PatchSampler:
-    """Random slabs of packs from prepared cases (float32 arrays held in memory)."""
+    """Random slabs of packs from prepared cases (float32 arrays held in memory).
+
+    A patch centre is drawn in two steps: a category by the configured weights (among those
+    the case has voxels of), then a voxel of that category (uniformly, or for ``dose`` in
+    proportion to the reference dose rate).
+    """
 
     def __init__(self, files: list[Path], cfg: TrainConfig, rng: np.random.Generator, pack: int):
         self.cases = []
         for f in files:
             with np.load(f) as z:
-                self.cases.append({k: z[k] for k in ("activity", "density", "dvk", "label")})
+                case = {k: z[k] for k in ("activity", "density", "dvk", "label")}
+                case["regions"] = z["regions"] if "regions" in z.files else np.zeros(case["label"].shape, np.uint8)
+            self.cases.append(case)
         if not self.cases:
             raise InputError("no prepared training cases")
         self.cfg, self.rng, self.half = cfg, rng, pack // 2
-        self.hot = []
+        weights = cfg.sampling_weights()
+        self.pools: list[dict[str, np.ndarray]] = []  # flat voxel indices (or the dose CDF) per category
+        self.probs: list[tuple[list[str], np.ndarray]] = []
         for c in self.cases:
-            w = np.clip(c["label"], 0, None).ravel().astype(np.float64)
-            self.hot.append(w / w.sum() if w.sum() > 0 else None)
+            lab, reg = c["label"].ravel(), c["regions"].ravel()
+            tissue = c["density"].ravel() >= 0.1
+            pools: dict[str, np.ndarray] = {}
+            w = np.clip(lab, 0, None).astype(np.float64)
+            if w.sum() > 0:
+                pools["dose"] = np.cumsum(w) / w.sum()
+            pools["lesion"] = np.flatnonzero(reg & REGION_LESION)
+            pools["edge"] = np.flatnonzero(reg & REGION_EDGE)
+            pools["marrow"] = np.flatnonzero(reg & REGION_MARROW)
+            cut = cfg.low_dose_fraction * float(np.percentile(lab[tissue], 99.9)) if tissue.any() else 0.0
+            pools["low_dose"] = np.flatnonzero(tissue & (lab < cut))
+            names = [k for k in SAMPLING_CATEGORIES if weights[k] > 0 and (k == "uniform" or (k in pools and pools[k].size))]
+            if not names:
+                names = ["uniform"]
+            p = np.array([weights[k] for k in names])
+            p = p if p.sum() > 0 else np.ones(len(names))
+            self.pools.append(pools)
+            self.probs.append((names, p / p.sum()))
+
+    def centre(self, ci: int) -> tuple[str, tuple[int, int, int]]:
+        """The category drawn and the (z, y, x) centre of a patch of case ``ci``."""
+        rng, shape = self.rng, self.cases[ci]["label"].shape
+        names, p = self.probs[ci]
+        cat = names[int(rng.choice(len(names), p=p))] if len(names) > 1 else names[0]
+        if cat == "uniform":
+            flat = int(rng.integers(int(np.prod(shape))))
+        elif cat == "dose":
+            cdf = self.pools[ci]["dose"]
+            flat = min(int(np.searchsorted(cdf, rng.random(), side="right")), cdf.size - 1)
+        else:
+            pool = self.pools[ci][cat]
+            flat = int(pool[int(rng.integers(pool.size))])
+        return cat, tuple(int(v) for v in np.unravel_index(flat, shape))
 
     def sample(self, augment: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(inputs (1, 2, slab + 2*half, P, P), dvk (slab, 1, P, P), label (slab, 1, P, P))."""
@@ -238,10 +380,7 @@ class _PatchSampler:
         c = self.cases[ci]
         nz, ny, nx = c["label"].shape
         p, s = cfg.patch, min(cfg.slab, nz)
-        if self.hot[ci] is not None and rng.random() < cfg.hot_fraction:
-            k, j, i = np.unravel_index(int(rng.choice(self.hot[ci].size, p=self.hot[ci])), (nz, ny, nx))
-        else:
-            k, j, i = int(rng.integers(nz)), int(rng.integers(ny)), int(rng.integers(nx))
+        _, (k, j, i) = self.centre(ci)
         z0 = int(np.clip(k - s // 2, 0, nz - s))
         y0 = int(np.clip(j - p // 2, 0, max(0, ny - p)))
         x0 = int(np.clip(i - p // 2, 0, max(0, nx - p)))
@@ -252,10 +391,16 @@ class _PatchSampler:
         lab = c["label"][z0 : z0 + s, ysl, xsl][:, None]
         inp, dvk, lab = (_pad_to(a, p) for a in (inp, dvk, lab))
         if augment:
-            if rng.random() < 0.5:
+            aug = cfg.augment
+            if rng.random() < aug.get("flip_x", 0.0):
                 inp, dvk, lab = inp[..., ::-1], dvk[..., ::-1], lab[..., ::-1]
-            if rng.random() < 0.5:
+            if rng.random() < aug.get("flip_y", 0.0):
                 inp, dvk, lab = inp[..., ::-1, :], dvk[..., ::-1, :], lab[..., ::-1, :]
+            if aug.get("intensity_scale"):
+                lo, hi = aug["intensity_scale"]
+                f = np.float32(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+                inp = np.stack([inp[0] * f, inp[1]])  # activity scaled, density not
+                dvk, lab = dvk * f, lab * f
         as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
         return as_t(inp)[None], as_t(dvk), as_t(lab)
 
@@ -297,10 +442,16 @@ def train(
     device: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train (or resume) a network; writes checkpoints, ``losses.csv``, ``losses.png`` and
-    the final weights ``<name>.pt``. Returns a summary for the model card."""
+    """Train, or continue from ``out_dir/checkpoint.pt``; writes checkpoints, ``losses.csv``,
+    ``losses.png`` and the final weights ``<name>.pt``. Returns a summary for the model card.
+
+    The checkpoint holds model, optimiser, scheduler, epoch, history, the best epoch so far
+    and every random state, so a continued run reproduces an uninterrupted one (on the CPU,
+    bit for bit). ``max_minutes`` caps one sitting, not the whole run.
+    """
     from tqdm import tqdm
 
+    cfg.check()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -308,19 +459,27 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
     net_cfg = NetworkConfig.from_dict(cfg.network)
     net = DblurDoseNet(net_cfg).to(dev)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor, patience=cfg.plateau_patience)
     ckpt = out_dir / "checkpoint.pt"
     best_path = out_dir / "best.pt"  # weights of the epoch with the lowest validation loss
+    train_sampler = _PatchSampler(prepared["train"], cfg, np.random.default_rng(cfg.seed), net_cfg.pack)
     start_epoch, history, elapsed = 0, [], 0.0
     if ckpt.is_file():
-        state = torch.load(ckpt, map_location=dev, weights_only=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state.get("network", net_cfg.to_dict()) != net_cfg.to_dict():
+            raise InputError(f"{ckpt}: its network configuration differs from this run's; use another run folder")
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start_epoch, history, elapsed = state["epoch"], state["history"], state.get("elapsed_s", 0.0)
+        if "rng" in state:
+            _set_rng_states(state["rng"], train_sampler.rng)
+        else:  # checkpoints from before the RNG states were kept: a fresh, epoch-seeded stream
+            train_sampler.rng = np.random.default_rng([cfg.seed, start_epoch])
     elif cfg.init_from:
         from .cnn import load_model
 
@@ -328,8 +487,8 @@ def train(
         if init.config.to_dict() != net_cfg.to_dict():
             raise InputError(f"{cfg.init_from}: its network configuration differs from this run's")
         net.load_state_dict(init.net.state_dict())
-    train_sampler = _PatchSampler(prepared["train"], cfg, np.random.default_rng([cfg.seed, start_epoch]), net_cfg.pack)
     val_batch = _fixed_batch(prepared["val"], cfg, net_cfg.pack)
+    sitting_start = time.perf_counter()
 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -353,14 +512,18 @@ def train(
         )
         if progress:
             print(f"epoch {epoch + 1}: train {train_loss:.5g}, val {val_loss:.5g}, lr {opt.param_groups[0]['lr']:.2g}, {elapsed / 60:.1f} min", flush=True)
-        torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch + 1,
-                    "history": history, "elapsed_s": elapsed}, ckpt.with_suffix(".tmp"))  # fmt: skip
-        ckpt.with_suffix(".tmp").replace(ckpt)
+        # best.pt first: a crash between the two writes leaves the old checkpoint, which
+        # repeats this epoch and rewrites the same best.pt.
         if val_loss <= min(h["val_loss"] for h in history) or not best_path.is_file():
-            torch.save({"net": net.state_dict(), "epoch": epoch + 1, "val_loss": val_loss}, best_path.with_suffix(".tmp"))
-            best_path.with_suffix(".tmp").replace(best_path)
+            atomic_torch_save({"net": net.state_dict(), "epoch": epoch + 1, "val_loss": val_loss}, best_path)
+        atomic_torch_save(
+            {"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch + 1,
+             "history": history, "elapsed_s": elapsed, "network": net_cfg.to_dict(),
+             "best_epoch": min(history, key=lambda h: h["val_loss"])["epoch"], "rng": _rng_states(train_sampler.rng)},
+            ckpt,
+        )  # fmt: skip
         _write_history(out_dir, history)
-        if cfg.max_minutes is not None and elapsed / 60 >= cfg.max_minutes:
+        if cfg.max_minutes is not None and (time.perf_counter() - sitting_start) / 60 >= cfg.max_minutes:
             break
 
     # Ship the epoch that generalised best (early stopping on the validation loss).
@@ -389,6 +552,24 @@ def train(
         metadata=summary,
     )
     return summary
+
+
+def _rng_states(sampler_rng: np.random.Generator) -> dict:
+    """Every random stream a training step draws from (the sampler's, torch's, Python's)."""
+    return {
+        "sampler": sampler_rng.bit_generator.state,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_states(states: dict, sampler_rng: np.random.Generator) -> None:
+    sampler_rng.bit_generator.state = states["sampler"]
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    random.setstate(states["python"])
 
 
 def _fixed_batch(files: list[Path], cfg: TrainConfig, pack: int) -> list:
@@ -463,3 +644,128 @@ def model_card(summary: dict, *, data_version: str, eval_table: str | None = Non
     if notes:
         lines += ["", "## Notes", "", notes.strip()]
     return "\n".join(lines) + "\n"
+
+
+def train_command(
+    *,
+    data: Path | None,
+    config: Path | None,
+    out: Path | None,
+    resume: Path | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    kernel_cache: Path,
+    install: Path | None = None,
+) -> int:
+    """`spectdose train`: a new run (``--data``, ``--config``, ``-o``) or ``--resume RUN_DIR``,
+    which reads the run's own ``config.json`` and ``run.json`` (the data folder) and continues
+    from its last checkpoint. ``--seed`` makes an ensemble member: the config's seed replaced
+    and ``_seed<N>`` added to the name."""
+    import shutil
+
+    if resume is not None:
+        out = Path(resume)
+        if not (out / "checkpoint.pt").is_file() or not (out / "config.json").is_file():
+            raise InputError(f"{out} holds no run to resume (no checkpoint.pt / config.json from `spectdose train`)")
+        cfg = TrainConfig.from_file(config or out / "config.json")
+        run = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+        data = data or (Path(run["data"]) if run.get("data") else None)
+        if data is None:
+            raise InputError(f"{out}/run.json does not name the data set: give --data")
+    else:
+        if data is None or config is None or out is None:
+            raise InputError("a new training run needs --data, --config and -o (or --resume RUN_DIR)")
+        cfg = TrainConfig.from_file(config)
+        if seed is not None:
+            cfg = dataclasses.replace(cfg, seed=seed, name=f"{cfg.name}_seed{seed}")
+    data = Path(data)
+    manifest_path = data / "manifest.json"
+    if not manifest_path.is_file():
+        raise InputError(f"{data} has no manifest.json: generate it with `spectdose dataset`")
+    manifest = json.loads(manifest_path.read_text())
+    files = prepare_dataset(data, data / "prepared", kernel_cache=kernel_cache, progress=lambda m: print(m, flush=True))
+    prepared = {split: [f for f in files if f.parent.name == split] for split in ("train", "val")}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps({"data": str(data.resolve()), "data_version": manifest["version"]}, indent=2))
+    summary = train(prepared, out, cfg, device=device)
+    card = model_card(summary, data_version=manifest["version"])
+    (out / f"{cfg.name}.md").write_text(card)
+    print(card)
+    if install:
+        install.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(out / f"{cfg.name}.pt", install / f"{cfg.name}.pt")
+        (install / f"{cfg.name}.md").write_text(card)
+        print(f"installed {cfg.name}.pt and {cfg.name}.md into {install}")
+    return 0
+
+
+def build_ensemble(member_weights: list[Path], val_files: list[Path], out_path: Path, *, name: str = "dblurdosenet_ensemble"):
+    """An ensemble file from trained members, its sigma calibrated on the validation cases.
+
+    Calibration runs on the prepared cases (model grid, normalised units: coverage does not
+    depend on the unit). Returns the ``spectdose.cnn.Ensemble``.
+    """
+    from .cnn import (
+        Ensemble,
+        ensemble_mean_sd,
+        fit_sigma_calibration,
+        load_model,
+        predict_normalised,
+        save_ensemble,
+    )
+
+    members = [load_model(Path(w), device="cpu") for w in member_weights]
+    if not val_files:
+        raise InputError("calibrating the uncertainty needs prepared validation cases")
+    means, sds, refs = [], [], []
+    for f in val_files:
+        with np.load(f) as z:
+            a, rho, dvk, label = (z[k] for k in ("activity", "density", "dvk", "label"))
+        mean, sd = ensemble_mean_sd(predict_normalised(m, a, rho, dvk) for m in members)
+        means.append(mean)
+        sds.append(sd)
+        refs.append(label)
+    calibration = fit_sigma_calibration(means, sds, refs, patients=[Path(f).stem for f in val_files])
+    metadata = {"members": [m.name for m in members], "member_files": [Path(w).name for w in member_weights]}
+    save_ensemble(out_path, members, calibration, name=name, metadata=metadata)
+    return Ensemble(members=members, calibration=calibration, name=name, metadata=metadata)
+
+
+def ensemble_card(ensemble) -> str:
+    """Model-card section of an ensemble: members and the fitted calibration."""
+    c = ensemble.calibration
+    return "\n".join(
+        [
+            f"## Uncertainty: `{ensemble.name}`",
+            "",
+            f"- deep ensemble of {len(ensemble.members)} members: {', '.join(ensemble.metadata.get('members', []))}",
+            f"- 1-sigma = sqrt(({c.scale:.4g} x members' sd)^2 + ({c.rel_floor:.4g} x mean)^2), fitted on validation "
+            f"cases {', '.join(c.fitted_on)} ({c.n_voxels} voxels above 10 % of each case's maximum)",
+            f"- coverage on those voxels: +-1 sigma {c.coverage_1sigma_pct} %, +-2 sigma {c.coverage_2sigma_pct} % (targets 68.3 / 95.4 %)",
+            "",
+        ]
+    )
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """`python -m spectdose.training ensemble OUT.pt --data D --members A.pt B.pt ...`"""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m spectdose.training")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("ensemble", help="combine trained members and calibrate their sigma on the validation split")
+    p.add_argument("out", type=Path, help="ensemble weights, e.g. models/dblurdosenet_ensemble.pt")
+    p.add_argument("--data", type=Path, required=True, help="data set folder (its prepared/val cases are used)")
+    p.add_argument("--members", type=Path, nargs="+", required=True)
+    args = parser.parse_args(argv)
+    val = sorted((args.data / "prepared" / "val").glob("*.npz"))
+    ens = build_ensemble(args.members, val, args.out, name=args.out.stem)
+    card = ensemble_card(ens)
+    args.out.with_suffix(".md").write_text(card)
+    print(card)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -114,3 +114,107 @@ def test_unknown_training_option_refused(tmp_path):
     f.write_text(json.dumps({"name": "x", "epochz": 3}))
     with pytest.raises(InputError, match="epochz"):
         TrainConfig.from_file(f)
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_resume_gives_the_uninterrupted_result(prepared, tmp_path, small_study, kernel_cache_dir):
+    """`spectdose train --resume RUN_DIR` after a sitting cut short (max_minutes 0: one epoch
+    per sitting) ends with the weights, optimiser state and losses of one uninterrupted run."""
+    path, _ = prepared
+    cfg = dataclasses.replace(TrainConfig.from_file(TINY_CONFIG), epochs=2, steps_per_epoch=3, val_patches=2)
+    whole = train({"train": [path], "val": [path]}, tmp_path / "whole", cfg, progress=False)
+
+    # The same through the command line, with the data set folder a user has.
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        (data / split).mkdir(parents=True)
+        (data / split / "vp0008").symlink_to(small_study)
+        (data / "prepared" / split).mkdir(parents=True)
+        (data / "prepared" / split / "vp0008.npz").write_bytes(path.read_bytes())  # already prepared
+    (data / "manifest.json").write_text(json.dumps({"version": "tiny", "members": []}))
+    cfg_file = tmp_path / "cut.json"
+    cfg_file.write_text(json.dumps({**dataclasses.asdict(cfg), "max_minutes": 0}))
+    from spectdose.cli import main
+
+    run = tmp_path / "run"
+    common = ["--kernel-cache", str(kernel_cache_dir)]
+    assert main(["train", "--data", str(data), "--config", str(cfg_file), "-o", str(run), *common]) == 0
+    assert _state(run / "checkpoint.pt")["epoch"] == 1
+    assert main(["train", "--resume", str(run), *common]) == 0
+    a, b = _state(tmp_path / "whole" / "checkpoint.pt"), _state(run / "checkpoint.pt")
+    assert b["epoch"] == 2 and b["best_epoch"] == a["best_epoch"]
+    assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
+    assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+    assert all(torch.equal(x, y) for x, y in zip(a["opt"]["state"][0].values(), b["opt"]["state"][0].values(), strict=True))
+    assert json.loads((run / "run.json").read_text())["data"] == str(data.resolve())
+    shipped = load_model(run / "tiny.pt", device="cpu")
+    assert shipped.metadata["selected_epoch"] == whole["selected_epoch"]
+    # Atomic writes leave no temporary files behind.
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    # A run folder of another architecture is refused, not silently mixed.
+    other = dataclasses.replace(cfg, network={**cfg.network, "residual": False})
+    with pytest.raises(InputError, match="network configuration differs"):
+        train({"train": [path], "val": [path]}, run, dataclasses.replace(other, epochs=3), progress=False)
+    assert main(["train", "--resume", str(tmp_path / "nothing"), *common]) == 2  # refused, stated
+
+
+def test_sampling_favours_lesions_edges_and_marrow(prepared):
+    from spectdose.training import REGION_EDGE, REGION_LESION, REGION_MARROW, _PatchSampler
+
+    path, arrays = prepared
+    regions = arrays["regions"]
+    share = {name: float(np.mean(regions & bit > 0)) for name, bit in
+             (("lesion", REGION_LESION), ("edge", REGION_EDGE), ("marrow", REGION_MARROW))}  # fmt: skip
+    assert all(0 < v < 0.2 for v in share.values()), share
+
+    def centre_shares(sampling: dict) -> dict:
+        cfg = dataclasses.replace(TrainConfig.from_file(TINY_CONFIG), sampling=sampling)
+        sampler = _PatchSampler([path], cfg, np.random.default_rng(0), 11)
+        centres = [sampler.centre(0)[1] for _ in range(3000)]
+        flags = np.array([regions[c] for c in centres])
+        return {name: float(np.mean(flags & bit > 0)) for name, bit in
+                (("lesion", REGION_LESION), ("edge", REGION_EDGE), ("marrow", REGION_MARROW))}  # fmt: skip
+
+    uniform = centre_shares({"uniform": 1.0})
+    weighted = centre_shares(TrainConfig.from_file(TINY_CONFIG).sampling)
+    for name in share:
+        assert uniform[name] == pytest.approx(share[name], abs=0.03)  # uniform: the volume share
+        assert weighted[name] >= max(3 * share[name], 0.1), (name, weighted, share)
+    # Low-dose tissue (marrow is in it) is what plain dose-weighted sampling never reaches.
+    dose = centre_shares({"dose": 1.0})
+    assert dose["marrow"] < 0.5 * weighted["marrow"]
+
+
+def test_intensity_augmentation_scales_activity_dvk_and_label_together(prepared):
+    from spectdose.training import _PatchSampler
+
+    path, _ = prepared
+    base = TrainConfig.from_file(TINY_CONFIG)
+    plain = dataclasses.replace(base, augment={"flip_x": 0.0, "flip_y": 0.0, "intensity_scale": None})
+    scaled = dataclasses.replace(base, augment={"flip_x": 0.0, "flip_y": 0.0, "intensity_scale": [3.0, 3.0]})
+    (i0, d0, l0), (i1, d1, l1) = (_PatchSampler([path], c, np.random.default_rng(5), 11).sample() for c in (plain, scaled))
+    assert float(l0.abs().sum()) > 0
+    assert torch.allclose(i1[:, 0], 3 * i0[:, 0]) and torch.equal(i1[:, 1], i0[:, 1])
+    assert torch.allclose(d1, 3 * d0) and torch.allclose(l1, 3 * l0)
+    with pytest.raises(InputError, match="sampling"):
+        dataclasses.replace(base, sampling={"bones": 1.0}).check()
+
+
+@pytest.mark.parametrize("variant", ["dblurdosenet_no_residual", "dblurdosenet_2d"])
+def test_ablation_configs_train_with_the_same_recipe(variant, prepared, tmp_path):
+    configs = TINY_CONFIG.parent
+    main_cfg = json.loads((configs / "dblurdosenet_v2.json").read_text())
+    cfg_json = json.loads((configs / f"{variant}.json").read_text())
+    differs = {k for k in main_cfg if main_cfg[k] != cfg_json.get(k)}
+    assert differs == {"name", "network"}, differs  # the ablation changes the network only
+    # The same code path at a tiny size.
+    tiny = TrainConfig.from_file(TINY_CONFIG)
+    network = {**tiny.network, **{k: cfg_json["network"][k] for k in ("stem", "residual")}}
+    cfg = dataclasses.replace(tiny, name=variant, network=network, epochs=1, steps_per_epoch=2, val_patches=2)
+    path, _ = prepared
+    train({"train": [path], "val": [path]}, tmp_path, cfg, progress=False)
+    model = load_model(tmp_path / f"{variant}.pt", device="cpu")
+    assert model.config.stem == cfg_json["network"]["stem"] and model.config.residual == cfg_json["network"]["residual"]
