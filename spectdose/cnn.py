@@ -477,8 +477,9 @@ def fit_sigma_calibration(
     """Scale and relative floor that bring +-1/+-2 sigma coverage nearest 68.3 / 95.4 %.
 
     Voxels above ``threshold_fraction`` of each patient's maximum reference dose rate (the
-    voxels the issue's coverage target is about); a grid search minimising
-    |cov1 - 68.3| + |cov2 - 95.4| (percentage points), ties to the smaller mean sigma.
+    voxels the issue's coverage target is about). The ratio of scale to floor minimises the
+    Gaussian negative log-likelihood; one common factor then minimises
+    |cov1 - 68.3| + |cov2 - 95.4| (percentage points).
     """
     errs, sd_l, mean_l = [], [], []
     for mean, sd, ref in zip(means, sds, references, strict=True):
@@ -492,22 +493,34 @@ def fit_sigma_calibration(
     if err.size > max_voxels:
         pick = np.random.default_rng(seed).choice(err.size, max_voxels, replace=False)
         err, sd, mu = err[pick], sd[pick], mu[pick]
-    target = (68.27, 95.45)
-    scales = np.concatenate([[0.0], np.logspace(-1, 2.5, 36)]) if np.any(sd > 0) else np.array([0.0])
-    floors = np.concatenate([[0.0], np.logspace(-3, 0, 25)])
-    best = None
+    # Shape (spread vs floor) by the Gaussian negative log-likelihood, a proper scoring rule
+    # (coverage alone cannot tell a larger spread from a larger floor); then one overall
+    # factor so that the coverage matches.
+    scales = np.concatenate([[0.0], np.logspace(-1, 2.5, 29)]) if np.any(sd > 0) else np.array([0.0])
+    floors = np.concatenate([[0.0], np.logspace(-3, 0, 19)])
+    best_nll = None
     for f in floors:
         for s in scales:
-            if s == 0 and f == 0:
-                continue
             sigma = np.hypot(s * sd, f * mu)
-            c1 = 100.0 * float(np.mean(err <= sigma))
-            c2 = 100.0 * float(np.mean(err <= 2 * sigma))
-            key = (round(abs(c1 - target[0]) + abs(c2 - target[1]), 2), float(sigma.mean()))
-            if best is None or key < best[0]:
-                best = (key, float(s), float(f), c1, c2)
-    _, s, f, c1, c2 = best
-    return SigmaCalibration(scale=s, rel_floor=f, fitted_on=tuple(patients), coverage_1sigma_pct=round(c1, 2),
+            if not np.all(sigma > 0):
+                continue
+            nll = float(np.mean(np.log(sigma) + 0.5 * (err / sigma) ** 2))
+            if best_nll is None or nll < best_nll[0]:
+                best_nll = (nll, float(s), float(f))
+    if best_nll is None:
+        raise InputError("the members' spread and the dose rate are zero on every calibration voxel")
+    _, s0, f0 = best_nll
+    base = np.hypot(s0 * sd, f0 * mu)
+    target = (68.27, 95.45)
+    best = None
+    for c in np.logspace(-0.5, 0.5, 101):
+        c1 = 100.0 * float(np.mean(err <= c * base))
+        c2 = 100.0 * float(np.mean(err <= 2 * c * base))
+        key = abs(c1 - target[0]) + abs(c2 - target[1])
+        if best is None or key < best[0]:
+            best = (key, float(c), c1, c2)
+    _, c, c1, c2 = best
+    return SigmaCalibration(scale=c * s0, rel_floor=c * f0, fitted_on=tuple(patients), coverage_1sigma_pct=round(c1, 2),
                             coverage_2sigma_pct=round(c2, 2), n_voxels=int(err.size))  # fmt: skip
 
 

@@ -5,6 +5,10 @@ mean dose-rate error |mean(est) - mean(ref)| / mean(ref); NRMSE sqrt(mean((est -
 sqrt(mean(ref^2)) over the VOI; errors of DR10/30/70/90 (minimum dose rate to the hottest
 10/30/70/90 % of the VOI); ensemble noise over M Poisson realisations
 sqrt(mean_j var_m est_m[j]) / mean_j mean_m est_m[j] in a uniform VOI (healthy liver).
+
+Beyond the paper: errors by lesion volume (0.5-200 ml bins), and, for an ensemble with a
+calibrated 1-sigma map, its coverage: the fraction of voxels above 10 % of the maximum
+reference dose rate, and of VOI means, whose true error lies within +-1 / +-2 sigma.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ __all__ = [
     "PhantomCase",
     "load_phantom_case",
     "evaluate",
+    "coverage_pct",
+    "voi_mean_sigma",
+    "LESION_VOLUME_BINS_ML",
+    "lesion_volume_table",
 ]
 
 METRIC_COLUMNS = [
@@ -49,6 +57,8 @@ METRIC_COLUMNS = [
 VOI_ORDER = ["healthy_liver", "kidney_left", "kidney_right", "spleen", "lumbar_vertebrae"]
 # Smallest VOI that gets a row: below this a VOI holds too few CT voxels for DRx.
 _MIN_VOI_VOXELS = 20
+# Lesion volume bins (ml) for the error-by-size table: the issue's 0.5-200 ml range.
+LESION_VOLUME_BINS_ML = (0.5, 2.0, 5.0, 20.0, 50.0, 200.0)
 
 
 def _drx(values: np.ndarray, x_pct: float) -> float:
@@ -81,6 +91,69 @@ def ensemble_noise_pct(realisations: Sequence[np.ndarray], mask: np.ndarray) -> 
     mean = stack.mean(axis=0)
     var = stack.var(axis=0, ddof=1)
     return 100.0 * float(np.sqrt(var.mean()) / mean.mean())
+
+
+def coverage_pct(
+    mean: np.ndarray, sigma: np.ndarray, reference: np.ndarray, *, mask: np.ndarray | None = None, threshold_fraction: float = 0.1
+) -> dict[str, float]:
+    """Percent of voxels (in ``mask``, above ``threshold_fraction`` of the maximum reference)
+    whose true error |mean - reference| is within 1 and 2 sigma (targets 68.3 and 95.4)."""
+    ref = reference if mask is None else reference[mask]
+    est = mean if mask is None else mean[mask]
+    sig = sigma if mask is None else sigma[mask]
+    if ref.size == 0:
+        raise InputError("no voxels to measure the uncertainty's coverage on")
+    hot = ref > threshold_fraction * float(ref.max())
+    err = np.abs(est[hot].astype(np.float64) - ref[hot])
+    s = sig[hot].astype(np.float64)
+    return {
+        "n": int(hot.sum()),
+        "within_1sigma_pct": 100.0 * float(np.mean(err <= s)),
+        "within_2sigma_pct": 100.0 * float(np.mean(err <= 2 * s)),
+    }
+
+
+def voi_mean_sigma(sigma: np.ndarray, mask: np.ndarray) -> float:
+    """1-sigma of a VOI's mean dose rate: the VOI's mean sigma, i.e. voxel errors taken as
+    fully correlated. Errors left by SPECT blur are correlated over the resolution (~1 cm),
+    so this is the conservative bound; independent errors would give sigma / sqrt(n)."""
+    return float(sigma[mask].astype(np.float64).mean())
+
+
+def _lesion_bin(volume_ml: float) -> str:
+    edges = LESION_VOLUME_BINS_ML
+    if volume_ml < edges[0]:
+        return f"<{edges[0]:g} ml"
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        if volume_ml < hi:
+            return f"{lo:g}-{hi:g} ml"
+    return f">={edges[-1]:g} ml"
+
+
+def lesion_volume_table(rows: list[dict]) -> list[dict]:
+    """Lesion errors by volume bin and method: n, mean of mean error %, NRMSE %, signed error %."""
+    order = [_lesion_bin(v) for v in (0.0, *LESION_VOLUME_BINS_ML)]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r["voi"].startswith("lesion_"):
+            groups.setdefault((_lesion_bin(float(r["voi_ml"])), r["method"]), []).append(r)
+    methods = sorted({m for _, m in groups}, key=lambda m: (m != "dvk", m))
+    out = []
+    for b in order:
+        for m in methods:
+            rs = groups.get((b, m))
+            if rs:
+                out.append(
+                    {
+                        "volume_bin": b,
+                        "method": m,
+                        "n": len(rs),
+                        "mean_error_pct": round(float(np.mean([r["mean_error_pct"] for r in rs])), 2),
+                        "nrmse_pct": round(float(np.mean([r["nrmse_pct"] for r in rs])), 2),
+                        "signed_mean_error_pct": round(float(np.mean([r["signed_mean_error_pct"] for r in rs])), 2),
+                    }
+                )
+    return out
 
 
 @dataclasses.dataclass
@@ -144,9 +217,10 @@ def network_inputs(study_dir: Path, kernel_cache: Path | None, device=None) -> t
     return activity, density, dvk
 
 
-def _method_dose_rates(case: PhantomCase, methods: dict[str, Path | None], kernel_cache: Path | None, device):
-    """Dose rate (Gy/s, CT grid) of each method from the case's SPECT, plus the DVK map."""
-    from .cnn import load_model, predict_on_ct_grid
+def _method_dose_rates(case: PhantomCase, methods: dict[str, Path | None], kernel_cache: Path | None, device, ensemble=None):
+    """Dose rate (Gy/s, CT grid) of each method from the case's SPECT, plus the DVK map;
+    with an ensemble also its mean (as ``cnn_ensemble``) and its calibrated 1-sigma map."""
+    from .cnn import load_model, predict_on_ct_grid, predict_with_uncertainty
 
     activity, density, dvk = network_inputs(case.path / "dicom", kernel_cache, device)
     if not activity.grid.same_as(case.activity_true.grid, tol_mm=0.01):
@@ -157,7 +231,20 @@ def _method_dose_rates(case: PhantomCase, methods: dict[str, Path | None], kerne
             continue
         model = load_model(weights, device=device)
         rates[name] = predict_on_ct_grid(model, activity, density, dvk).array
-    return rates
+    sigma = None
+    if ensemble is not None:
+        mean, sig = predict_with_uncertainty(ensemble, activity, density, dvk)
+        rates["cnn_ensemble"], sigma = mean.array, sig.array
+    return rates, sigma
+
+
+def ensemble_path_for(models: dict[str, Path | None]) -> Path | None:
+    """The uncertainty-capable model beside the CNN's weights: ``<cnn stem>_ensemble.pt``."""
+    cnn = (models or {}).get("cnn")
+    if cnn is None:
+        return None
+    path = Path(cnn).with_name(f"{Path(cnn).stem}_ensemble.pt")
+    return path if path.is_file() else None
 
 
 def evaluate(
@@ -165,6 +252,7 @@ def evaluate(
     out_dir: str | Path,
     *,
     models: dict[str, Path | None] | None = None,
+    ensemble: Path | None = None,
     kernel_cache: Path | None = None,
     device: str | None = None,
     progress: Callable[[str], None] | None = None,
@@ -172,9 +260,14 @@ def evaluate(
     """Run every method on every phantom, compare with the reference, write tables and plots.
 
     ``models`` maps method names (``cnn``, ``cnn_no_residual``, ``cnn_2d``) to weight files;
-    methods whose weights are missing are left out. Writes ``metrics.csv``, ``metrics.md``,
-    ``noise.csv`` (when a patient has several realisations), ``profiles.png`` and ``drvh.png``.
+    methods whose weights are missing are left out. ``ensemble`` (default: the
+    ``<cnn>_ensemble.pt`` beside the CNN's weights, when present) adds its mean as method
+    ``cnn_ensemble`` and the coverage of its 1-sigma map. Writes ``metrics.csv``,
+    ``metrics.md``, ``lesion_volume.csv`` / ``.png``, ``uncertainty.csv`` (with an
+    ensemble), ``noise.csv`` (when a patient has several realisations), ``profiles.png``
+    (one per patient, up to three) and ``drvh.png``.
     """
+    from .cnn import load_ensemble
     from .reference import reference_dose_rate
 
     out_dir = Path(out_dir)
@@ -183,7 +276,11 @@ def evaluate(
     for name, path in (models or {}).items():
         if path is not None and Path(path).is_file():
             methods[name] = Path(path)
+    ensemble_file = Path(ensemble) if ensemble is not None else ensemble_path_for(methods)
+    ens = load_ensemble(ensemble_file, device=device) if ensemble_file is not None else None
     say = progress or (lambda _m: None)
+    unc_rows: list[dict] = []
+    voi_cover: list[tuple[float, float, float]] = []  # (|error of the VOI mean|, its sigma, ...)
     rows: list[dict] = []
     by_patient: dict[str, list[tuple[PhantomCase, dict[str, np.ndarray], np.ndarray]]] = {}
     plots = []
@@ -192,7 +289,13 @@ def evaluate(
         say(f"{case.patient} (realisation {case.realisation}): reference dose rate from the truth")
         ref, _ = reference_dose_rate(case.activity_true, case.density_true, cache_dir=kernel_cache, device=device)
         say(f"{case.patient}: methods {', '.join(methods)}")
-        rates = _method_dose_rates(case, methods, kernel_cache, device)
+        rates, sigma = _method_dose_rates(case, methods, kernel_cache, device, ens)
+        if sigma is not None:
+            cov = coverage_pct(rates["cnn_ensemble"], sigma, ref.array)
+            unc_rows.append({"patient": case.patient, "realisation": case.realisation, "scope": "voxels > 10 % of max", **cov})
+            for _voi, mask in _vois(case.labels):
+                est_mean, ref_mean = float(rates["cnn_ensemble"][mask].mean()), float(ref.array[mask].mean())
+                voi_cover.append((abs(est_mean - ref_mean), voi_mean_sigma(sigma, mask), ref_mean))
         for voi, mask in _vois(case.labels):
             for method, est in rates.items():
                 m = voi_metrics(est, ref.array, mask)
@@ -207,10 +310,24 @@ def evaluate(
                     }
                 )
         by_patient.setdefault(case.patient, []).append((case, rates, ref.array))
-        if len(plots) < 3:
-            plots.append((case, rates, ref.array))
+        plots.append((case, rates, ref.array, sigma))
+        plots = one_per_patient(plots)
 
     _write_csv(out_dir / "metrics.csv", rows, METRIC_COLUMNS)
+    lesion_rows = lesion_volume_table(rows)
+    lesion_cols = ["volume_bin", "method", "n", "mean_error_pct", "nrmse_pct", "signed_mean_error_pct"]
+    _write_csv(out_dir / "lesion_volume.csv", lesion_rows, lesion_cols)
+    _plot_lesion_volume(rows, out_dir / "lesion_volume.png")
+    if voi_cover:
+        err = np.array([e for e, _, _ in voi_cover])
+        sig = np.array([s for _, s, _ in voi_cover])
+        unc_rows.append({"patient": "all", "realisation": "", "scope": "VOI means", "n": len(voi_cover),
+                         "within_1sigma_pct": 100.0 * float(np.mean(err <= sig)),
+                         "within_2sigma_pct": 100.0 * float(np.mean(err <= 2 * sig))})  # fmt: skip
+    for r in unc_rows:
+        r["within_1sigma_pct"], r["within_2sigma_pct"] = round(r["within_1sigma_pct"], 2), round(r["within_2sigma_pct"], 2)
+    if unc_rows:
+        _write_csv(out_dir / "uncertainty.csv", unc_rows, ["patient", "realisation", "scope", "n", "within_1sigma_pct", "within_2sigma_pct"])
     noise_rows = []
     for patient, items in by_patient.items():
         if len(items) < 2:
@@ -230,10 +347,87 @@ def evaluate(
             )
     if noise_rows:
         _write_csv(out_dir / "noise.csv", noise_rows, ["patient", "voi", "method", "ensemble_noise_pct", "realisations"])
-    table = summary_table(rows, noise_rows)
+    table = summary_table(rows, noise_rows) + _lesion_volume_md(lesion_rows) + _uncertainty_md(unc_rows, ens)
     (out_dir / "metrics.md").write_text(table)
     _plot(plots, out_dir)
-    return {"rows": rows, "noise": noise_rows, "table": table, "methods": list(methods)}
+    return {
+        "rows": rows,
+        "noise": noise_rows,
+        "table": table,
+        "methods": list(methods) + (["cnn_ensemble"] if ens is not None else []),
+        "lesion_volume": lesion_rows,
+        "uncertainty": unc_rows,
+        "profile_patients": [c.patient for c, *_ in plots],
+    }
+
+
+def one_per_patient(items: list[tuple], limit: int = 3) -> list[tuple]:
+    """The first item (a case first) of each patient, up to ``limit``: profile plots show
+    different patients, not the realisations of one."""
+    out, seen = [], set()
+    for item in items:
+        if item[0].patient not in seen and len(out) < limit:
+            seen.add(item[0].patient)
+            out.append(item)
+    return out
+
+
+def _lesion_volume_md(lesion_rows: list[dict]) -> str:
+    if not lesion_rows:
+        return ""
+    lines = ["", "Lesion errors by volume:", "", "| volume | method | n | mean error % | NRMSE % | signed mean error % |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['volume_bin']} | {r['method']} | {r['n']} | {r['mean_error_pct']:.1f} | {r['nrmse_pct']:.1f} | {r['signed_mean_error_pct']:+.1f} |" for r in lesion_rows]
+    return "\n".join(lines) + "\n"
+
+
+def _uncertainty_md(unc_rows: list[dict], ens) -> str:
+    if not unc_rows:
+        return ""
+    c = ens.calibration
+    lines = ["", f"Uncertainty of `{ens.name}` ({len(ens.members)} members; sigma = sqrt(({c.scale:.3g} sd)^2 + ({c.rel_floor:.3g} mean)^2),"
+             " fitted on validation patients): share of true errors within +-1 / +-2 sigma (targets 68.3 / 95.4 %;"
+             " VOI means with fully correlated voxel errors):", "",
+             "| patient | scope | n | within 1 sigma % | within 2 sigma % |", "|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['patient']} | {r['scope']} | {r['n']} | {r['within_1sigma_pct']:.1f} | {r['within_2sigma_pct']:.1f} |" for r in unc_rows]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_lesion_volume(rows: list[dict], path: Path) -> None:
+    """Mean error against lesion volume (log scale), every lesion and the bin means."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    lesions = [r for r in rows if r["voi"].startswith("lesion_")]
+    methods = sorted({r["method"] for r in lesions}, key=lambda m: (m != "dvk", m))
+    edges = np.asarray(LESION_VOLUME_BINS_ML)
+    for i, m in enumerate(methods):
+        rs = [r for r in lesions if r["method"] == m]
+        vol = np.array([float(r["voi_ml"]) for r in rs])
+        err = np.array([float(r["mean_error_pct"]) for r in rs])
+        line = ax.scatter(vol * (1 + 0.03 * i), err, s=14, alpha=0.6, label=m)
+        centres, means = [], []
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+            sel = (vol >= lo) & (vol < hi)
+            if sel.any():
+                centres.append(np.sqrt(lo * hi))
+                means.append(err[sel].mean())
+        if centres:
+            ax.plot(centres, means, "-", color=line.get_facecolor()[0], lw=1.5)
+    for e in edges:
+        ax.axvline(e, color="0.85", lw=0.8, zorder=0)
+    ax.set_xscale("log")
+    ax.set_xlim(0.3, 300)
+    ax.set_xlabel("lesion volume (ml)")
+    ax.set_ylabel("mean dose-rate error (%)")
+    ax.set_title("lesion mean error by volume (lines: bin means)")
+    if methods:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
@@ -303,7 +497,7 @@ def _plot(plots, out_dir: Path) -> None:
     if not plots:
         return
     fig, axes = plt.subplots(len(plots), 1, figsize=(9, 3.2 * len(plots)), squeeze=False)
-    for ax, (case, rates, ref) in zip(axes[:, 0], plots, strict=True):
+    for ax, (case, rates, ref, sigma) in zip(axes[:, 0], plots, strict=True):
         # Profile along x through the hottest lesion (or the hottest voxel of the reference).
         lesion = case.labels.get("lesion_1")
         centre = np.argwhere(lesion).mean(0).round().astype(int) if lesion is not None and lesion.any() else np.array(np.unravel_index(np.argmax(ref), ref.shape))
@@ -312,6 +506,9 @@ def _plot(plots, out_dir: Path) -> None:
         ax.plot(x_mm, ref[k, j] * 3.6e6, "k-", lw=2, label="reference (truth)")
         for name, est in rates.items():
             ax.plot(x_mm, est[k, j] * 3.6e6, label=name)
+            if name == "cnn_ensemble" and sigma is not None:
+                lo, hi = ((est[k, j] + f * 2 * sigma[k, j]) * 3.6e6 for f in (-1, 1))
+                ax.fill_between(x_mm, lo, hi, alpha=0.25, label="cnn_ensemble +-2 sigma")
         ax.set_title(f"{case.patient}: profile through lesion_1 (slice {k}, row {j})")
         ax.set_xlabel("x (mm)")
         ax.set_ylabel("dose rate (mGy/h)")
@@ -320,7 +517,7 @@ def _plot(plots, out_dir: Path) -> None:
     fig.savefig(out_dir / "profiles.png", dpi=110)
     plt.close(fig)
 
-    case, rates, ref = plots[0]
+    case, rates, ref, _ = plots[0]
     vois = [v for v in ("lesion_1", "kidney_left", "healthy_liver", "lumbar_vertebrae") if v in case.labels and case.labels[v].any()]
     fig, axes = plt.subplots(1, len(vois), figsize=(3.6 * len(vois), 3.2), squeeze=False)
     for ax, voi in zip(axes[0], vois, strict=True):

@@ -1,0 +1,143 @@
+"""Voxel-wise uncertainty of the CNN dose rate: a deep ensemble with a calibrated spread."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spectdose.cnn import (
+    Ensemble,
+    Normalisation,
+    SigmaCalibration,
+    TrainedModel,
+    absorbed_dose_with_uncertainty,
+    ensemble_mean_sd,
+    fit_sigma_calibration,
+    load_ensemble,
+    load_model,
+    predict_on_ct_grid,
+    predict_with_uncertainty,
+    save_ensemble,
+    save_model,
+)
+from spectdose.errors import InputError
+from spectdose.evaluate import coverage_pct
+from spectdose.geometry import Grid, Volume
+from spectdose.network import TINY, DblurDoseNet
+
+SPACING = (3.0, 1.953125, 1.953125)
+
+
+def _member(seed: int, name: str = "m") -> TrainedModel:
+    torch.manual_seed(seed)
+    net = DblurDoseNet(TINY).eval()
+    return TrainedModel(net=net, config=TINY, normalisation=Normalisation(), spacing_mm=SPACING, name=f"{name}{seed}", metadata={})
+
+
+def _study(zero: bool = False):
+    """A CT-grid study at 2x the model's in-plane resolution, with air around a body."""
+    grid = Grid((14, 32, 32), (3.0, 0.9765625, 0.9765625), (0.0, 0.0, 0.0))
+    rng = np.random.default_rng(0)
+    rho = np.full(grid.shape, 1.04, np.float32)
+    rho[:, :, :4] = 0.001  # air
+    act = np.where(rho > 0.1, rng.gamma(2.0, 5e4, grid.shape), 0.0).astype(np.float32)
+    if zero:
+        act[:] = 0.0
+    dvk = (act * 2e-10).astype(np.float32)
+    return Volume(act, grid, "Bq/ml"), Volume(rho, grid, "g/cm3"), Volume(dvk, grid, "Gy/s")
+
+
+def test_calibration_recovers_the_scale_of_the_true_error():
+    rng = np.random.default_rng(1)
+    mean = rng.gamma(3.0, 1.0, 40_000)
+    sd = 0.05 * mean * rng.uniform(0.5, 1.5, mean.size)
+    ref = mean + rng.normal(0.0, 3.0 * sd)  # true errors 3x the members' spread
+    cal = fit_sigma_calibration([mean], [sd], [ref], patients=["vpX"])
+    assert cal.scale == pytest.approx(3.0, rel=0.15) and cal.rel_floor < 0.05
+    assert cal.coverage_1sigma_pct == pytest.approx(68.3, abs=3) and cal.coverage_2sigma_pct == pytest.approx(95.4, abs=2)
+    cov = coverage_pct(mean, cal.apply(mean, sd), ref)
+    assert cov["within_1sigma_pct"] == pytest.approx(68.3, abs=3) and cov["within_2sigma_pct"] == pytest.approx(95.4, abs=2)
+    # A spread that misses the error (identical members) is made up by the relative floor.
+    ref2 = mean * (1 + rng.normal(0.0, 0.1, mean.size))
+    cal2 = fit_sigma_calibration([mean], [np.zeros_like(mean)], [ref2])
+    assert cal2.rel_floor == pytest.approx(0.1, rel=0.2)
+    # Uncalibrated (scale 1) the spread would cover far too little: the calibration matters.
+    assert coverage_pct(mean, sd, ref)["within_2sigma_pct"] < 60
+
+
+def test_uncertainty_on_the_ct_grid_zero_in_zero_out(tmp_path):
+    members = [_member(s) for s in (1, 2, 3)]
+    cal = SigmaCalibration(scale=2.0, rel_floor=0.05)
+    ens = Ensemble(members=members, calibration=cal, name="ens", metadata={})
+    act, rho, dvk = _study()
+    mean, sigma = predict_with_uncertainty(ens, act, rho, dvk)
+    assert mean.grid is act.grid and sigma.grid is act.grid and sigma.units == mean.units == "Gy/s"
+    assert np.all(np.isfinite(sigma.array)) and np.all(sigma.array >= 0) and sigma.array.max() > 0
+    air = rho.array < 0.1
+    assert not mean.array[air].any() and not sigma.array[air].any()
+    # The floor alone bounds sigma from below: 5 % of the mean.
+    assert np.all(sigma.array >= 0.05 * mean.array * (1 - 1e-5))
+    # Zero activity in: zero dose and zero uncertainty out.
+    z_mean, z_sigma = predict_with_uncertainty(ens, *_study(zero=True))
+    assert not z_mean.array.any() and not z_sigma.array.any()
+    # Identical members: no spread, and the mean is the single model's prediction.
+    same = Ensemble(members=[_member(1), _member(1)], calibration=SigmaCalibration(scale=2.0), name="s", metadata={})
+    s_mean, s_sigma = predict_with_uncertainty(same, act, rho, dvk)
+    assert not s_sigma.array.any()
+    np.testing.assert_allclose(s_mean.array, predict_on_ct_grid(members[0], act, rho, dvk).array, rtol=1e-5, atol=1e-12)
+    # Linear in activity, like the dose rate: doubling activity doubles mean and sigma.
+    d_mean, d_sigma = predict_with_uncertainty(ens, Volume(2 * act.array, act.grid, "Bq/ml"), rho, Volume(2 * dvk.array, dvk.grid, "Gy/s"))
+    np.testing.assert_allclose(d_mean.array, 2 * mean.array, rtol=1e-4, atol=1e-12)
+    np.testing.assert_allclose(d_sigma.array, 2 * sigma.array, rtol=1e-4, atol=1e-12)
+
+
+def test_ensemble_file_round_trip_and_refusals(tmp_path):
+    members = [_member(s) for s in (1, 2)]
+    cal = SigmaCalibration(scale=1.7, rel_floor=0.02, fitted_on=("vp0151",), coverage_1sigma_pct=67.0, coverage_2sigma_pct=95.0, n_voxels=10)
+    path = save_ensemble(tmp_path / "ens.pt", members, cal, name="ens", metadata={"k": 2})
+    back = load_ensemble(path, device="cpu")
+    assert back.calibration == cal and len(back.members) == 2 and back.metadata == {"k": 2}
+    act, rho, dvk = _study()
+    a = predict_with_uncertainty(back, act, rho, dvk)
+    b = predict_with_uncertainty(Ensemble(members, cal, "ens", {}), act, rho, dvk)
+    assert np.array_equal(a[0].array, b[0].array) and np.array_equal(a[1].array, b[1].array)
+    with pytest.raises(InputError, match="ensemble"):
+        load_model(path)
+    with pytest.raises(InputError, match="at least two"):
+        save_ensemble(tmp_path / "one.pt", members[:1], cal, name="x", metadata={})
+    with pytest.raises(InputError, match="at least two"):
+        ensemble_mean_sd([np.ones(3)])
+
+
+def test_build_ensemble_calibrates_on_validation_cases(tmp_path):
+    from spectdose.training import build_ensemble, ensemble_card
+
+    rng = np.random.default_rng(2)
+    shape = (12, 16, 16)
+    density = np.full(shape, 1.04, np.float32)
+    activity = rng.gamma(2.0, 1.0, shape).astype(np.float32)
+    dvk = (activity * 0.5).astype(np.float32)
+    label = (dvk * rng.normal(1.0, 0.2, shape)).astype(np.float32)
+    val = tmp_path / "val.npz"
+    np.savez(val, activity=activity, density=density, dvk=dvk, label=label)
+    weights = []
+    for s in (1, 2, 3):
+        m = _member(s)
+        weights.append(save_model(tmp_path / f"m{s}.pt", m.net, normalisation=m.normalisation, spacing_mm=SPACING, name=m.name, metadata={}))
+    ens = build_ensemble(weights, [val], tmp_path / "ens.pt")
+    c = load_ensemble(tmp_path / "ens.pt").calibration
+    assert c == ens.calibration and c.fitted_on == ("val",) and c.n_voxels > 0
+    assert abs(c.coverage_2sigma_pct - 95.45) < 3 and abs(c.coverage_1sigma_pct - 68.27) < 6
+    assert "deep ensemble of 3 members" in ensemble_card(ens)
+
+
+def test_absorbed_dose_uncertainty_is_linear_in_the_time_integral():
+    rate = np.array([0.0, 1e-6, 2e-6], np.float32)
+    sigma = np.array([0.0, 1e-7, 3e-7], np.float32)
+    dose, s_dose = absorbed_dose_with_uncertainty(rate, sigma, 3.6e5)
+    np.testing.assert_allclose(dose, rate * 3.6e5, rtol=1e-6)
+    np.testing.assert_allclose(s_dose, sigma * 3.6e5, rtol=1e-6)
+    assert dose[0] == 0 and s_dose[0] == 0  # zero in, zero out
+    _, s2 = absorbed_dose_with_uncertainty(rate, sigma, 3.6e5, 3.6e4)  # 10 % on tau adds in quadrature
+    np.testing.assert_allclose(s2, np.hypot(sigma * 3.6e5, rate * 3.6e4), rtol=1e-6)
