@@ -1,6 +1,7 @@
 """DblurDoseNet inference time for a clinical-size study (130 x 512 x 512 CT grid).
 
 Usage: python bench/bench_cnn.py [--slices 16] [--device cpu|cuda] [--skip-paper] [--study PHANTOM_DIR]
+                               [--members K] [--uncertainty-slices N] [--only-uncertainty]
 
 Times, on the same machine and in the same run:
   * the paper's network at the CT grid (depth-padded stem, pack by pack),
@@ -10,7 +11,11 @@ Times, on the same machine and in the same run:
 each extrapolated from ``--slices`` output slices to 130 (the work is the same per slice),
 with GMAC per slice counted from the layers. With ``--study`` (a clinical-size phantom from
 `spectdose phantom`), the shipped model's bf16 output is compared with its fp32 output on
-that study: bf16 is only recommended where that deviation is small. Targets: <= 60 s on this 2-core CPU, <= 0.5 s
+that study: bf16 is only recommended where that deviation is small. With ``--members K``, the
+cost of the uncertainty (a deep ensemble of K members through
+`spectdose.cnn.predict_with_uncertainty`) is timed on an N-slice 512x512 study made of K copies
+of the shipped weights (the cost does not depend on the weights) and extrapolated linearly to
+130 slices, next to the single model on the same slices. Targets: <= 60 s on this 2-core CPU, <= 0.5 s
 on an H100 (paper: about 20 min CPU, 20 s on a V100).
 """
 
@@ -74,9 +79,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-paper", action="store_true", help="skip the slow pack-by-pack paper network")
     parser.add_argument("--study", help="phantom folder: measure the shipped model's bf16 deviation on it")
+    parser.add_argument("--members", type=int, default=0, help="time the uncertainty of a K-member ensemble")
+    parser.add_argument("--uncertainty-slices", type=int, default=16, help="CT slices of the uncertainty timing")
+    parser.add_argument("--only-uncertainty", action="store_true", help="skip everything but the uncertainty timing")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"device {device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
+    if args.only_uncertainty:
+        uncertainty_cost(device, args.members or 4, args.uncertainty_slices)
+        return
     nets = [("depth-valid (shared stem)", DblurDoseNet(DEPTH_VALID))]
     if not args.skip_paper:
         nets.insert(0, ("paper (per pack)", DblurDoseNet(PAPER)))
@@ -107,6 +118,41 @@ def main() -> None:
               f"({'bf16' if bf16 else 'fp32'}): {time.perf_counter() - t:.1f} s")
     if args.study:
         bf16_deviation(model, args.study)
+    if args.members:
+        uncertainty_cost(device, args.members, args.uncertainty_slices)
+
+
+def uncertainty_cost(device: torch.device, k: int, n_slices: int) -> None:
+    """Seconds for mean + sigma of a K-member ensemble on an n-slice 512x512 study, and the
+    single model on the same study, both extrapolated linearly to 130 slices."""
+    from spectdose.cnn import (
+        MODELS_DIR,
+        Ensemble,
+        SigmaCalibration,
+        load_model,
+        predict_on_ct_grid,
+        predict_with_uncertainty,
+    )
+    from spectdose.geometry import Grid, Volume
+
+    model = load_model(MODELS_DIR / "dblurdosenet.pt", device=device)
+    ens = Ensemble([model] * k, SigmaCalibration(scale=2.0, rel_floor=0.05), "bench", {})
+    grid = Grid((n_slices, NY, NX), (3.0, 0.9766, 0.9766), (0.0, 0.0, 0.0))
+    rng = np.random.default_rng(0)
+    act = Volume(rng.gamma(2.0, 5e3, size=grid.shape).astype(np.float32), grid, "Bq/ml")
+    rho = Volume(np.full(grid.shape, 1.04, np.float32), grid, "g/cm3")
+    dvk = Volume((act.array * 1e-9).astype(np.float32), grid, "Gy/s")
+    scale = NZ / n_slices
+    for bf16 in (False, True):
+        t = time.perf_counter()
+        predict_on_ct_grid(model, act, rho, dvk, autocast_bf16=bf16)
+        t1 = time.perf_counter() - t
+        t = time.perf_counter()
+        predict_with_uncertainty(ens, act, rho, dvk, autocast_bf16=bf16)
+        tk = time.perf_counter() - t
+        kind = "bf16" if bf16 else "fp32"
+        print(f"uncertainty, {k} members ({kind}): measured on {n_slices} slices {tk:.1f} s (single model {t1:.1f} s); "
+              f"EXTRAPOLATED to 130x512x512: {tk * scale:.0f} s with sigma, {t1 * scale:.0f} s without")
 
 
 def bf16_deviation(model, phantom_dir: str) -> None:
