@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import json
 import time
 from pathlib import Path
 
 from sqlalchemy import (
+    JSON,
     DateTime,
     Float,
     ForeignKey,
@@ -93,19 +95,19 @@ class Job(Base):
     study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
     fingerprint: Mapped[str | None] = mapped_column(String(64), index=True)
     incoming_id: Mapped[str | None] = mapped_column(String(32), unique=True)
-    options_json: Mapped[str] = mapped_column(Text, default="{}")
-    export_json: Mapped[str] = mapped_column(Text, default="[]")
+    options: Mapped[dict] = mapped_column(JSON, default=dict)  # DoseOptions.to_dict()
+    export: Mapped[list] = mapped_column(JSON, default=list)  # destinations (AE titles)
     queue: Mapped[str] = mapped_column(String(16), default="cpu")
     n_files: Mapped[int] = mapped_column(Integer, default=0)
     input_bytes: Mapped[int] = mapped_column(Integer, default=0)
     attempt: Mapped[int] = mapped_column(Integer, default=0)  # claims so far: the fencing token
     transient_failures: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(128))
-    outputs_json: Mapped[str] = mapped_column(Text, default="{}")
+    outputs: Mapped[dict] = mapped_column(JSON, default=dict)  # kind -> file name
     # What the result says about itself (method, software, warnings, output UIDs) once done,
     # and which earlier result of the study it replaces (set when the worker computes).
-    result_json: Mapped[str | None] = mapped_column(Text)
-    replaces_json: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict | None] = mapped_column(JSON(none_as_null=True))
+    replaces: Mapped[dict | None] = mapped_column(JSON(none_as_null=True))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
     queued_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
@@ -172,7 +174,7 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(48), index=True)
     job_id: Mapped[str | None] = mapped_column(String(32), index=True)
     remote_host: Mapped[str | None] = mapped_column(String(64))
-    detail_json: Mapped[str] = mapped_column(Text, default="{}")
+    detail: Mapped[dict] = mapped_column(JSON, default=dict)  # UIDs, AE titles, counts
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -198,29 +200,49 @@ def make_engine(url: str) -> Engine:
         database = make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
+                               json_serializer=_json_dumps)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
     else:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, json_serializer=_json_dumps)
     _create_tables(engine)
     return engine
 
 
-# Columns added after the first release: created on an existing database (nullable, no default).
-_ADDED_COLUMNS = {"jobs": ("result_json", "replaces_json")}
+def _json_dumps(value) -> str:
+    """JSON columns are written with sorted keys: stored text, and the API's answers, keep one order."""
+    return json.dumps(value, sort_keys=True)
 
 
-def _add_missing_columns(engine: Engine) -> None:
+# Columns changed after the first release, upgraded in place on an existing database:
+# (table, column, its former name). A former text column holding JSON is renamed (and, on
+# PostgreSQL, converted to json); a column a database lacks altogether is added (nullable).
+_UPGRADED_COLUMNS = (
+    ("jobs", "options", "options_json"),
+    ("jobs", "export", "export_json"),
+    ("jobs", "outputs", "outputs_json"),
+    ("jobs", "result", "result_json"),
+    ("jobs", "replaces", "replaces_json"),
+    ("audit_events", "detail", "detail_json"),
+)
+
+
+def _upgrade_columns(engine: Engine) -> None:
     from sqlalchemy import inspect, text
 
-    inspector = inspect(engine)
-    for table, columns in _ADDED_COLUMNS.items():
-        present = {c["name"] for c in inspector.get_columns(table)}
-        for column in columns:
-            if column not in present:
-                with engine.begin() as conn:
-                    conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} TEXT"))
+    present = {table: {c["name"] for c in inspect(engine).get_columns(table)}
+               for table in {t for t, _c, _f in _UPGRADED_COLUMNS}}
+    for table, column, former in _UPGRADED_COLUMNS:
+        if column in present[table]:
+            continue
+        with engine.begin() as conn:
+            if former in present[table]:
+                conn.execute(text(f"ALTER TABLE {table} RENAME COLUMN {former} TO {column}"))
+                if engine.dialect.name == "postgresql":
+                    conn.execute(text(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE JSON USING {column}::json"))
+            else:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} JSON"))
 
 
 def _create_tables(engine: Engine) -> None:
@@ -228,7 +250,7 @@ def _create_tables(engine: Engine) -> None:
     for attempt in range(3):
         try:
             Base.metadata.create_all(engine)
-            _add_missing_columns(engine)
+            _upgrade_columns(engine)
             return
         except (OperationalError, ProgrammingError, IntegrityError):
             if attempt == 2:

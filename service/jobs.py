@@ -189,14 +189,14 @@ class JobStore:
             study_instance_uid=study_instance_uid,
             fingerprint=fingerprint,
             incoming_id=incoming_id,
-            options_json=json.dumps(options, sort_keys=True),
-            export_json=json.dumps(export),
+            options=options,
+            export=list(export),
             queue=queue,
             n_files=n_files,
             input_bytes=input_bytes,
             attempt=0,
             transient_failures=0,
-            outputs_json="{}",
+            outputs={},
             created_at=now,
             updated_at=now,
             finished_at=now if state in TERMINAL_STATES else None,
@@ -209,9 +209,8 @@ class JobStore:
                     action="job_created",
                     job_id=job_id,
                     remote_host=remote_host,
-                    detail_json=json.dumps(
-                        {"source": source, "study_instance_uid": study_instance_uid, "files": n_files, "state": str(state)}
-                    ),
+                    detail={"source": source, "study_instance_uid": study_instance_uid, "files": n_files,
+                            "state": str(state)},
                 )
             )
         return job
@@ -275,15 +274,16 @@ class JobStore:
         """
         conds = [
             Job.fingerprint == fingerprint,
-            Job.options_json == json.dumps(options, sort_keys=True),
             Job.source == source,
             Job.state != str(JobState.FAILED),
             Job.calling_aet == calling_aet if calling_aet is not None else Job.calling_aet.is_(None),
         ]
-        if export is not None:
-            conds.append(Job.export_json == json.dumps(export))
+        wanted = json.dumps(options, sort_keys=True)  # as stored: equal text, not merely equal values
         with self.session(readonly=True) as s:
-            return s.scalars(select(Job).where(*conds).order_by(Job.created_at.desc()).limit(1)).first()
+            for job in s.scalars(select(Job).where(*conds).order_by(Job.created_at.desc())):
+                if json.dumps(job.options, sort_keys=True) == wanted and (export is None or job.export == export):
+                    return job
+        return None
 
     def previous_result(self, job: Job) -> Job | None:
         """The newest finished job with outputs on the same study, created before ``job``."""
@@ -369,9 +369,9 @@ class JobStore:
                     "(workers lost or killed while running it)",
                     finished_at=now,
                 )
-                s.add(AuditEvent(actor=worker, action="job_failed", job_id=job_id, detail_json='{"why": "max_attempts"}'))
+                s.add(AuditEvent(actor=worker, action="job_failed", job_id=job_id, detail={"why": "max_attempts"}))
                 return None
-            s.add(AuditEvent(actor=worker, action="job_started", job_id=job_id, detail_json=json.dumps({"attempt": attempt})))
+            s.add(AuditEvent(actor=worker, action="job_started", job_id=job_id, detail={"attempt": attempt}))
         return int(attempt)
 
     def _fenced(self, job_id: str, attempt: int, *, to: JobState | None = None, **values) -> bool:
@@ -389,7 +389,7 @@ class JobStore:
 
     def set_replaces(self, job_id: str, attempt: int, replaces: dict | None) -> bool:
         """Record which earlier result this job's result replaces (None: it replaces nothing)."""
-        return self._fenced(job_id, attempt, replaces_json=json.dumps(replaces or {}, sort_keys=True))
+        return self._fenced(job_id, attempt, replaces=replaces or {})
 
     def heartbeat(self, job_id: str, attempt: int) -> bool:
         """Renew the lease; False when this attempt no longer owns the job."""
@@ -409,8 +409,8 @@ class JobStore:
             stage="done",
             progress=1.0,
             reason=None,
-            outputs_json=json.dumps(outputs, sort_keys=True),
-            result_json=json.dumps(result, sort_keys=True) if result is not None else None,
+            outputs=outputs,
+            result=result,
             finished_at=now,
         )
         if ok:
@@ -646,7 +646,7 @@ class JobStore:
                     action=action,
                     job_id=job_id,
                     remote_host=remote_host,
-                    detail_json=json.dumps(detail, default=str, sort_keys=True),
+                    detail=json.loads(json.dumps(detail, default=str)),  # values JSON cannot hold, as text
                 )
             )
 

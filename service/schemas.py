@@ -6,7 +6,6 @@ They carry UIDs, AE titles, states and counts; patient attributes never leave th
 from __future__ import annotations
 
 import datetime as dt
-import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -101,11 +100,11 @@ _OUTPUT_ROUTES = {"rtdose": "rtdose", "doserate": "doserate", "summary_json": "s
 
 
 def job_out(job: Job, exports: list[ExportRecord], base_url: str) -> JobOut:
-    outputs = json.loads(job.outputs_json or "{}")
+    outputs = job.outputs or {}
     links = {route: f"{base_url}/jobs/{job.id}/{route}" for kind, route in _OUTPUT_ROUTES.items() if kind in outputs}
-    options = json.loads(job.options_json or "{}")
-    result = json.loads(job.result_json) if job.result_json else {}
-    replaces = json.loads(job.replaces_json) if job.replaces_json else None
+    options = job.options or {}
+    result = job.result or {}
+    replaces = job.replaces
     return JobOut(
         job_id=job.id,
         state=job.state,

@@ -186,12 +186,12 @@ def _compute(store: JobStore, storage: Storage, job, attempt: int, options, hb: 
         if hb.lost.is_set() or not store.set_progress(job.id, attempt, stage, 0.9 * fraction):
             raise LeaseLost(f"job {job.id} attempt {attempt} was taken over")
 
-    if job.replaces_json is None:  # decided once per job, so a retried attempt computes the same result
+    if job.replaces is None:  # decided once per job, so a retried attempt computes the same result
         replaces = find_replaced(store, storage, job, options.key())
         if not store.set_replaces(job.id, attempt, replaces):
             raise LeaseLost(f"job {job.id} attempt {attempt} was taken over")
     else:
-        replaces = json.loads(job.replaces_json)
+        replaces = job.replaces
     if replaces:
         log.info("job %s replaces series %s of job %s: %s", job.id, replaces["series_instance_uid"],
                  replaces["job_id"], replaces["reason"])
@@ -242,7 +242,7 @@ def run_job(
     hb = _Heartbeat(store, job_id, attempt, settings.heartbeat_s)
     hb.start()
     try:
-        options = dose_options(json.loads(job.options_json), settings)
+        options = dose_options(job.options, settings)
         manifest = storage.output_manifest(job_id)
         if manifest is None or manifest.get("options_key") != options.key():
             manifest = _compute(store, storage, job, attempt, options, hb)
@@ -255,7 +255,7 @@ def run_job(
             for kind, e in manifest["files"].items()
             if "sop_instance_uid" in e
         ]
-        destinations = json.loads(job.export_json)
+        destinations = list(job.export)
         if destinations or settings.stow_url:
             store.set_progress(job_id, attempt, "export", 0.9)
             failures = export_outputs(

@@ -69,7 +69,7 @@ def test_unknown_ae_is_refused_with_associate_rj_by_default(node):
     assert not accepted and not aborted
     assert rj == (0x01, 0x01, 0x03), "rejected-permanent, service user, calling AE title not recognised"
     refused = n.ctx.store.audit_events(action="association_refused")
-    assert [e.actor for e in refused] == ["STRANGER"] and "calling AE not allowed" in refused[0].detail_json
+    assert [e.actor for e in refused] == ["STRANGER"] and "calling AE not allowed" in refused[0].detail["why"]
     assert not any(n.ctx.storage.incoming_root.iterdir()) and not any(n.ctx.storage.staging.iterdir())
 
 

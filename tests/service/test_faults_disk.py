@@ -103,7 +103,7 @@ def test_rest_enospc_is_507_never_a_damaged_archive(client, settings, study_zip,
     assert r.headers["Retry-After"] == "120"
     _nothing_stored(client, settings)
     refused = client.app.state.ctx.store.audit_events(action="upload_rejected")
-    assert '"status": 507' in refused[0].detail_json
+    assert refused[0].detail["status"] == 507
 
 
 # ------------------------------------------------------------------ DICOM

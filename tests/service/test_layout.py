@@ -55,3 +55,27 @@ def test_service_and_worker_import_no_circle():
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout
     assert "cycles: 0" in r.stdout and "packages importing each other: 0" in r.stdout
+
+
+def test_without_the_service_extra_the_core_runs_and_service_commands_say_what_is_missing():
+    """The adapters' packages hidden, as in an install without `spectdose[service]`."""
+    r = _python(f"""
+        import importlib.abc
+        import sys
+
+        blocked = {(*ADAPTER_DEPENDENCIES, "pydantic")!r}
+
+        class Hidden(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in blocked:
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+        sys.meta_path.insert(0, Hidden())
+        import spectdose.cli
+        import spectdose.pipeline
+
+        assert "dose" in spectdose.cli.build_parser().format_help()
+        sys.exit(spectdose.cli.main(["gateway"]))
+    """)
+    assert r.returncode == 2, r.stderr
+    assert "spectdose[service]" in r.stderr and "Traceback" not in r.stderr

@@ -341,7 +341,7 @@ def test_dicom_resend_with_a_changed_header_is_computed_again(tmp_path, redis_ur
         first = settled(1)[0]
         assert first.state == "dispatched", (first.state, first.note)
         job = store.get(first.job_id)
-        assert json.loads(job.options_json) == {"method": "dvk", "calling_aet": "MODALITY",
+        assert job.options == {"method": "dvk", "calling_aet": "MODALITY",
                                                 "accept": ["time_outside_model_range"]}
         push(phantom_files)  # the same instances again: a duplicate
         assert settled(2)[1].state == "duplicate"
@@ -364,25 +364,50 @@ def test_dicom_resend_with_a_changed_header_is_computed_again(tmp_path, redis_ur
         store.close()
 
 
-def test_an_existing_job_store_gets_the_new_columns(tmp_path):
-    """A job store made before jobs carried their result and replacement: upgraded in place."""
+def test_an_existing_job_store_is_upgraded_in_place(db_url):
+    """A job store of an earlier release: JSON held as text in *_json columns, and no result or
+    replacement columns at all. Upgraded in place: its jobs read back, new ones write."""
+    import datetime as dt
+
     import sqlalchemy
 
     from service.db import Base
     from service.jobs import JobStore
 
-    url = f"sqlite:///{tmp_path / 'old.sqlite'}"
-    engine = sqlalchemy.create_engine(url)
+    engine = sqlalchemy.create_engine(db_url)
     Base.metadata.create_all(engine)
-    with engine.begin() as conn:
-        for column in ("result_json", "replaces_json"):
+    with engine.begin() as conn:  # turn today's table into the earlier one
+        for column in ("result", "replaces"):
             conn.execute(sqlalchemy.text(f"ALTER TABLE jobs DROP COLUMN {column}"))
+        for column in ("options", "export", "outputs"):
+            conn.execute(sqlalchemy.text(f"ALTER TABLE jobs RENAME COLUMN {column} TO {column}_json"))
+            if engine.dialect.name == "postgresql":
+                conn.execute(sqlalchemy.text(f"ALTER TABLE jobs ALTER COLUMN {column}_json TYPE TEXT"))
+        conn.execute(sqlalchemy.text("ALTER TABLE audit_events RENAME COLUMN detail TO detail_json"))
+        if engine.dialect.name == "postgresql":
+            conn.execute(sqlalchemy.text("ALTER TABLE audit_events ALTER COLUMN detail_json TYPE TEXT"))
+        conn.execute(sqlalchemy.text("INSERT INTO audit_events (at, actor, action, job_id, detail_json) VALUES "
+                                     "(:now, 'token:x', 'study_received', :id, '{\"files\": 1}')"),
+                     {"now": dt.datetime(2026, 1, 1), "id": "a" * 32})
+        conn.execute(sqlalchemy.text(
+            "INSERT INTO jobs (id, state, progress, source, submitted_by, options_json, export_json, queue, n_files, "
+            "input_bytes, attempt, transient_failures, outputs_json, created_at, updated_at) VALUES (:id, "
+            "'done', 1.0, 'rest', 'token:x', :options, '[\"PACS\"]', 'cpu', 1, 0, 1, 0, :outputs, :now, :now)"),
+            {"id": "a" * 32, "options": '{"method": "dvk", "time_model": "hanscheid"}',
+             "outputs": '{"rtdose": "rtdose.dcm"}', "now": dt.datetime(2026, 1, 1)})
     engine.dispose()
-    store = JobStore(url)
+    store = JobStore(db_url)
+    old = store.get("a" * 32)
+    assert (old.options, old.export, old.outputs, old.result, old.replaces) == (
+        {"method": "dvk", "time_model": "hanscheid"}, ["PACS"], {"rtdose": "rtdose.dcm"}, None, None)
+    assert store.find_duplicate("x", {"method": "dvk"}, source="rest") is None
+    assert store.audit_events(action="study_received")[0].detail == {"files": 1}
     store.create_job("b" * 32, source="rest", submitted_by="token:x", options={"method": "dvk"}, export=[],
-                     queue="cpu", n_files=1)
+                     queue="cpu", n_files=1, fingerprint="f")
+    assert store.find_duplicate("f", {"method": "dvk"}, source="rest", export=[]).id == "b" * 32
     attempt = store.claim("b" * 32, "w", lease_s=60, max_attempts=3)
     assert store.set_replaces("b" * 32, attempt, {})
     assert store.finish("b" * 32, attempt, {}, {"method": "dvk", "warnings": ["w1"]})
-    assert json.loads(store.get("b" * 32).result_json)["warnings"] == ["w1"]
+    assert store.get("b" * 32).result["warnings"] == ["w1"] and store.get("b" * 32).replaces == {}
     store.close()
+    JobStore(db_url).close()  # a second start finds nothing left to upgrade

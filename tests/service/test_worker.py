@@ -56,7 +56,7 @@ def _with_outputs(settings, store, storage, files, computed_output: Path, **kw) 
                        "summary_txt": "summary.txt"}.items():
         shutil.copy(computed_output / name, work / name)
         outputs[kind] = work / name
-    key = dose_options(json.loads(store.get(job_id).options_json), settings).key()
+    key = dose_options(store.get(job_id).options, settings).key()
     storage.publish_output(job_id, work, build_manifest(outputs, key, 1))
     return job_id
 
@@ -286,11 +286,11 @@ def test_recomputation_is_a_new_series_that_records_what_it_replaces(env, phanto
                         options={"method": "dvk", "time_model": "physical"})
     outcome = run_job(store, storage, settings, second, worker="w1")
     assert outcome["state"] == "done", outcome
-    old = json.loads(store.get(first).result_json)["outputs"]
-    new = json.loads(store.get(second).result_json)["outputs"]
+    old = store.get(first).result["outputs"]
+    new = store.get(second).result["outputs"]
     assert new["rtdose"]["sop_instance_uid"] != old["rtdose"]["sop_instance_uid"]
     assert new["rtdose"]["series_instance_uid"] != old["rtdose"]["series_instance_uid"]
-    replaces = json.loads(store.get(second).replaces_json)
+    replaces = store.get(second).replaces
     assert replaces["job_id"] == first and replaces["series_instance_uid"] == old["rtdose"]["series_instance_uid"]
     assert replaces["reason"] == "options changed (time_model)"
     ds = pydicom.dcmread(storage.job_output(second) / "rtdose.dcm", stop_before_pixels=True)
