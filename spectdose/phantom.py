@@ -34,6 +34,8 @@ __all__ = [
     "SampledAnatomy",
     "make_virtual_patient",
     "sample_anatomy",
+    "sample_patient",
+    "RigidPose",
     "study_uids",
     "generate",
     "LU177_HALF_LIFE_S",
@@ -267,6 +269,10 @@ class VirtualPatient:
     spect_grid: Grid
     anatomy: _Anatomy
     uptake_bq_per_ml: dict[str, float]
+    # Set for one time point of a cycle (spectdose.phantom_cycle): how the patient lies on
+    # the couch relative to the first time point, and a tag that keeps its UIDs apart.
+    pose: RigidPose | None = None
+    time_point: str | None = None
 
     @property
     def size_spec(self) -> PhantomSize:
@@ -402,6 +408,10 @@ class _Lesion:
     conc_bq_ml: float
     texture_shift_mm: tuple[float, float, float]
     shape_offset: float = 0.0  # mean of the shape field over the surface (keeps the volume)
+    # What the kinetics of a cycle start from (spectdose.phantom_cycle): the drawn 24 h
+    # concentration and effective half-life behind conc_bq_ml.
+    conc_24h_bq_ml: float = 0.0
+    t_eff_h: float = 0.0
 
 
 @dataclasses.dataclass
@@ -599,6 +609,8 @@ def _place_lesions(rng: np.random.Generator, anatomy: _Anatomy, hours: float, li
             conc_bq_ml=c24 * 1e6 * 2.0 ** (-(hours - 24.0) / t_eff),
             texture_shift_mm=shift,
             shape_offset=_surface_mean(anatomy.fields["shape"], ell, shift),
+            conc_24h_bq_ml=c24 * 1e6,
+            t_eff_h=float(t_eff),
         )
         # block the lesion and a margin for the next ones
         dist = np.sqrt((x[None, None, :] - centre[0]) ** 2 + (y[None, :, None] - centre[1]) ** 2 + (zz - centre[2]) ** 2)
@@ -929,6 +941,106 @@ def sample_anatomy(anatomy: _Anatomy, grid: Grid, *, with_activity: bool = True)
     )
 
 
+# Grids up to this many voxels are painted at half the spacing before a pose is applied.
+_POSE_OVERSAMPLE_MAX_VOXELS = 4_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class RigidPose:
+    """Where the patient lies on the couch relative to a reference position (rigid motion).
+
+    Maps a point ``p`` (LPS mm) of the reference position to ``R (p - c) + c + t``: rotations
+    ``rotation_deg`` about the LPS x, y and z axes through ``centre_mm`` (applied as SimpleITK's
+    Euler3DTransform applies them), then ``translation_mm``.
+    """
+
+    rotation_deg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    translation_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    centre_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    @property
+    def is_identity(self) -> bool:
+        return not any(self.rotation_deg) and not any(self.translation_mm)
+
+    def to_sitk(self):
+        """The SimpleITK transform reference position -> this position."""
+        import SimpleITK as sitk
+
+        t = sitk.Euler3DTransform()
+        t.SetCenter([float(v) for v in self.centre_mm])
+        t.SetRotation(*[math.radians(float(a)) for a in self.rotation_deg])
+        t.SetTranslation([float(v) for v in self.translation_mm])
+        return t
+
+    def apply(self, points_lps_mm: np.ndarray) -> np.ndarray:
+        """Points ``(..., 3)`` of the reference position, where they are in this one."""
+        t = self.to_sitk()
+        pts = np.asarray(points_lps_mm, dtype=float)
+        flat = pts.reshape(-1, 3)
+        return np.array([t.TransformPoint([float(v) for v in q]) for q in flat]).reshape(pts.shape)
+
+    def to_dict(self) -> dict:
+        return {
+            "rotation_deg_about_lps_xyz": [round(float(v), 4) for v in self.rotation_deg],
+            "translation_mm_lps": [round(float(v), 4) for v in self.translation_mm],
+            "centre_mm_lps": [round(float(v), 4) for v in self.centre_mm],
+        }
+
+
+def sample_patient(
+    anatomy: _Anatomy, grid: Grid, pose: RigidPose | None = None, *, with_activity: bool = True, oversample: bool = True
+) -> SampledAnatomy:
+    """The anatomy sampled on ``grid`` with the patient moved by ``pose`` (None: not moved).
+
+    Without a pose this is :func:`sample_anatomy` itself. With one (the identity included,
+    so that every time point of a cycle is sampled the same way), the anatomy is painted on
+    an axis-aligned grid around the moved field of view, at half the spacing for small
+    grids, then carried onto ``grid`` (SimpleITK): activity by cubic B-spline interpolation
+    (it blurs less than linear; overshoots clipped at 0), density by linear interpolation
+    (piecewise constant: no ringing at bone and lung edges), tissue codes and object ids by
+    nearest neighbour, labels recomputed from those. The couch moves with the patient (it is part of the anatomy model).
+    ``oversample=False`` paints at ``grid``'s own spacing (the SPECT projector's grid is
+    already finer than the camera resolves).
+    """
+    if pose is None:
+        return sample_anatomy(anatomy, grid, with_activity=with_activity)
+    from .geometry import resample_to_grid
+
+    forward = pose.to_sitk()
+    inverse = forward.GetInverse()  # this position -> reference position: where to sample
+    corners = np.array([inverse.TransformPoint([float(v) for v in c]) for c in grid.corners_lps_mm()])
+    # Painting on a finer grid keeps the interpolation onto ``grid`` from blurring the truth
+    # (linear interpolation at half-voxel offsets acts as a blur of ~0.5 voxel); affordable
+    # for small grids, and clinical voxels are fine enough without it.
+    factor = 2 if oversample and np.prod(grid.shape) <= _POSE_OVERSAMPLE_MAX_VOXELS else 1
+    spacing_xyz = np.asarray(grid.spacing_mm[::-1]) / factor
+    lo = corners.min(axis=0) - 2.0 * spacing_xyz
+    hi = corners.max(axis=0) + 2.0 * spacing_xyz
+    shape_xyz = np.ceil((hi - lo) / spacing_xyz).astype(int) + 1
+    aux = Grid(tuple(int(n) for n in shape_xyz[::-1]), tuple(spacing_xyz[::-1]), tuple(lo),
+               frame_of_reference_uid=grid.frame_of_reference_uid)
+    s = sample_anatomy(anatomy, aux, with_activity=with_activity)
+
+    def carry(array: np.ndarray, interpolation: str, fill: float) -> np.ndarray:
+        # resample_to_grid wants the map target -> source: this position -> reference position
+        vol = Volume(array, aux, "")
+        return resample_to_grid(vol, grid, interpolation=interpolation, fill_value=fill, transform=inverse).array
+
+    tissue = carry(s.tissue, "nearest", float(_T["air"])).astype(np.uint8)
+    objects = carry(s.objects, "nearest", 0.0).astype(np.uint8)
+    density = np.clip(carry(s.density_g_cm3, "linear", TISSUES["air"][1]), 0.0, None).astype(np.float32)
+    activity = np.clip(carry(s.activity_bq_per_ml, "bspline", 0.0), 0.0, None).astype(np.float32)
+    liver_lesions = [k for k, les in enumerate(anatomy.lesions) if les.location == "liver"]
+    return SampledAnatomy(
+        grid=grid,
+        tissue=tissue,
+        objects=objects,
+        activity_bq_per_ml=activity,
+        density_g_cm3=density,
+        labels=_labels(objects, tissue, len(anatomy.lesions), liver_lesions),
+    )
+
+
 # The paper's true activity came from Ga-68 DOTATATE PET (Li et al. 2022, sec. 2.3), whose
 # resolution (about 5-7 mm FWHM for clinical PET/CT, e.g. NEMA NU 2 figures of current
 # scanners) is part of the truth every method was measured against. Our procedural truth is
@@ -999,12 +1111,17 @@ def _grids(spec: PhantomSize, z_table_mm: float, frame_uid: str | None) -> tuple
     return ct, spect
 
 
-def study_uids(seed: int, size: str) -> dict[str, str]:
-    """Deterministic DICOM UIDs per (seed, size): rerunning a phantom gives the same study."""
+def study_uids(seed: int, size: str, time_point: str | None = None) -> dict[str, str]:
+    """Deterministic DICOM UIDs per (seed, size): rerunning a phantom gives the same study.
+
+    ``time_point`` (e.g. ``"tp024h"``) gives each study of a cycle its own UIDs.
+    """
     from pydicom.uid import generate_uid
 
+    tag = [] if time_point is None else [str(time_point)]
+
     def uid(what: str) -> str:
-        return str(generate_uid(entropy_srcs=["spectdose-phantom", str(int(seed)), size, what]))
+        return str(generate_uid(entropy_srcs=["spectdose-phantom", str(int(seed)), size, *tag, what]))
 
     names = ("study", "frame_of_reference", "ct_series", "nm_series", "nm_instance", "seg_series", "seg_instance")
     return {name: uid(name) for name in names}
@@ -1038,11 +1155,28 @@ def make_virtual_patient(seed: int, size: str = "small", *, total_counts: float 
     admin = dt.datetime(2024, 1, 8, 9, 0, 0) + dt.timedelta(days=int(seed) % 360, minutes=int(rng.integers(0, 240)))
     admin = admin.replace(microsecond=0)
     acq = (admin + dt.timedelta(hours=anatomy.hours)).replace(microsecond=0)
+    return _patient_on_grids(int(seed), size, anatomy, counts, injected, admin, acq)
 
-    frame_uid = study_uids(seed, size)["frame_of_reference"]
+
+def _patient_on_grids(
+    seed: int,
+    size: str,
+    anatomy: _Anatomy,
+    counts: float,
+    injected: float,
+    admin: dt.datetime,
+    acq: dt.datetime,
+    *,
+    pose: RigidPose | None = None,
+    time_point: str | None = None,
+    ct_noise_key: tuple[int, ...] = (),
+) -> VirtualPatient:
+    """The patient's truth and CT on its grids (moved by ``pose``; UIDs tagged by ``time_point``)."""
+    spec = SIZES[size]
+    frame_uid = study_uids(seed, size, time_point)["frame_of_reference"]
     ct_grid, spect_grid = _grids(spec, anatomy.z_table_mm, frame_uid)
-    s = sample_anatomy(anatomy, ct_grid)
-    hu = _ct_numbers(s, np.random.default_rng([int(seed), 3, spec.ct_shape[1]]))
+    s = sample_patient(anatomy, ct_grid, pose)
+    hu = _ct_numbers(s, np.random.default_rng([int(seed), 3, spec.ct_shape[1], *ct_noise_key]))
     lesions = []
     vox_ml = ct_grid.voxel_volume_ml
     for k, les in enumerate(anatomy.lesions):
@@ -1056,7 +1190,7 @@ def make_virtual_patient(seed: int, size: str = "small", *, total_counts: float 
                 "location": les.location,
                 "necrotic": les.necrotic_core is not None,
                 "necrotic_volume_ml": float(nec.sum() * vox_ml),
-                "centre_mm": [round(float(v), 2) for v in anatomy.to_physical_mm(les.ellipsoid.centre)],
+                "centre_mm": [round(float(v), 2) for v in _posed(pose, anatomy.to_physical_mm(les.ellipsoid.centre))],
                 "semi_axes_mm": [round(float(v) * spec.anatomy_scale, 2) for v in les.ellipsoid.semi],
                 "concentration_bq_per_ml": float(les.conc_bq_ml),
             }
@@ -1077,7 +1211,13 @@ def make_virtual_patient(seed: int, size: str = "small", *, total_counts: float 
         spect_grid=spect_grid,
         anatomy=anatomy,
         uptake_bq_per_ml={k: float(v) for k, v in anatomy.conc_bq_ml.items()},
+        pose=pose,
+        time_point=time_point,
     )
+
+
+def _posed(pose: RigidPose | None, point_lps_mm: np.ndarray) -> np.ndarray:
+    return point_lps_mm if pose is None or pose.is_identity else pose.apply(point_lps_mm)
 
 
 # CT image noise: ~12 HU (low-dose SPECT/CT CT), with a short correlation length as a

@@ -59,8 +59,9 @@ SEG_VOIS = (
 )
 
 
-def _ct_instance_uid(seed: int, size: str, k: int) -> str:
-    return str(generate_uid(entropy_srcs=["spectdose-phantom", str(int(seed)), size, "ct-instance", str(k)]))
+def _ct_instance_uid(seed: int, size: str, k: int, time_point: str | None = None) -> str:
+    tag = [] if time_point is None else [str(time_point)]
+    return str(generate_uid(entropy_srcs=["spectdose-phantom", str(int(seed)), size, *tag, "ct-instance", str(k)]))
 
 
 def _da(t: dt.datetime) -> str:
@@ -149,7 +150,7 @@ def _ct_datasets(patient: VirtualPatient, uids: dict) -> list[FileDataset]:
     nz, ny, nx = grid.shape
     out = []
     for k in range(nz):
-        sop = _ct_instance_uid(patient.seed, patient.size, k)
+        sop = _ct_instance_uid(patient.seed, patient.size, k, patient.time_point)
         ds = _base_dataset(CT_IMAGE_STORAGE, sop, patient, uids, ct_time)
         ds.Modality = "CT"
         ds.SeriesInstanceUID = uids["ct_series"]
@@ -207,7 +208,10 @@ def _nm_dataset(patient: VirtualPatient, spect: SimulatedSpect, uids: dict, spec
     ds.Modality = "NM"
     ds.SeriesInstanceUID = uids["nm_series"]
     ds.SeriesNumber = 1
-    ds.SeriesDescription = f"SPECT Lu177 OSEM {spect.n_iters}i{spect.n_subsets}s AC RR"
+    ideal = spect.n_iters == 0  # spect_sim.ideal_spect: the truth on the SPECT grid, no camera
+    ds.SeriesDescription = (
+        "SPECT Lu177 ideal camera (truth)" if ideal else f"SPECT Lu177 OSEM {spect.n_iters}i{spect.n_subsets}s AC RR"
+    )
     ds.SeriesDate = _da(acq)
     ds.SeriesTime = _tm(acq)
     ds.BodyPartExamined = "ABDOMEN"
@@ -294,7 +298,7 @@ def _nm_dataset(patient: VirtualPatient, spect: SimulatedSpect, uids: dict, spec
     ds.SpacingBetweenSlices = _ds(grid.spacing_mm[0])
     ds.SliceThickness = _ds(grid.spacing_mm[0])
     ds.ReconstructionDiameter = _ds(nx * grid.spacing_mm[2])
-    ds.ConvolutionKernel = f"OSEM {spect.n_iters}i{spect.n_subsets}s AC CDR"
+    ds.ConvolutionKernel = "NONE" if ideal else f"OSEM {spect.n_iters}i{spect.n_subsets}s AC CDR"
     # values: stored uint16 -> Bq/ml (or reconstructed counts) by the RWVM
     if spect_units == "Bq/ml":
         values = spect.recon.array
@@ -416,6 +420,8 @@ def write_phantom_study(
     *,
     spect_units: str = "Bq/ml",
     write_seg: bool = True,
+    extra_truth_arrays: dict[str, np.ndarray] | None = None,
+    extra_truth_info: dict | None = None,
 ) -> dict:
     """Write the CT series, the NM SPECT, the SEG and the truth files under ``out_dir``.
 
@@ -427,6 +433,9 @@ def write_phantom_study(
         into activity with the camera's sensitivity, as a site would:
         ``A_voxel[MBq] = counts / (cps_per_MBq * ActualFrameDuration[ms] / 1000)``;
         the sensitivity is written to ``truth/phantom.json`` only.
+    extra_truth_arrays, extra_truth_info
+        More truth for ``truth.npz`` / ``phantom.json`` (a cycle's time point adds its true
+        dose rate, pose and landmarks).
 
     Returns
     -------
@@ -445,7 +454,7 @@ def write_phantom_study(
     ct_dir, nm_dir, truth_dir = out / "dicom" / "CT", out / "dicom" / "NM", out / "truth"
     for d in (ct_dir, nm_dir, truth_dir):
         d.mkdir(parents=True, exist_ok=True)
-    uids = study_uids(patient.seed, patient.size)
+    uids = study_uids(patient.seed, patient.size, patient.time_point)
     # The NM object differs with the noise realisation, reconstruction and units: so do its UIDs
     # (the default realisation keeps the UIDs a rerun of the same phantom gives).
     spec = SIZES[patient.size]
@@ -484,6 +493,7 @@ def write_phantom_study(
     }
     for name, mask in patient.labels.items():
         arrays[f"label_{name}"] = mask
+    arrays.update(extra_truth_arrays or {})
     np.savez_compressed(npz_path, **arrays)
 
     vox_ml = grid.voxel_volume_ml
@@ -555,6 +565,10 @@ def write_phantom_study(
         "grids": {"ct": _grid_dict(grid), "spect": _grid_dict(spect.recon.grid)},
         "versions": _versions(),
     }
+    if patient.time_point is not None:
+        info["time_point"] = patient.time_point
+        info["pose"] = patient.pose.to_dict() if patient.pose is not None else None
+    info.update(extra_truth_info or {})
     json_path = truth_dir / "phantom.json"
     json_path.write_text(json.dumps(info, indent=2))
     return {

@@ -30,11 +30,12 @@ import numpy as np
 from .density import hu_to_density
 from .errors import InputError
 from .geometry import Grid, Volume, resample_to_grid
-from .phantom import TISSUES, VirtualPatient, sample_anatomy
+from .phantom import TISSUES, VirtualPatient, sample_patient
 
 __all__ = [
     "SimulatedSpect",
     "simulate_spect",
+    "ideal_spect",
     "mass_attenuation_cm2_g",
     "mu_map_from_hu",
     "SENSITIVITY_CPS_PER_MBQ",
@@ -391,6 +392,47 @@ def simulate_spect(
         torch.set_num_threads(previous_threads)
 
 
+def ideal_spect(patient: VirtualPatient, *, view_duration_s: float = 20.0, n_views: int | None = None) -> SimulatedSpect:
+    """A camera without noise or blur: the true activity averaged onto the SPECT grid.
+
+    For tests of what follows the camera (registration, time integration, the CLI) in
+    seconds instead of a projection and OSEM. Marked as such: ``n_iters == n_subsets == 0``,
+    no projections, counts as the expected ones of ``view_duration_s`` per view.
+    """
+    from .errors import GeometryError
+    from .export_grid import average_onto_grid
+
+    sg = patient.spect_grid
+    t0 = time.perf_counter()
+    try:
+        recon = average_onto_grid(patient.activity_bq_per_ml, sg).array
+    except GeometryError:  # a SPECT grid wider than the CT (clinical size): point samples
+        recon = resample_to_grid(patient.activity_bq_per_ml, sg).array
+    recon = np.clip(recon, 0.0, None).astype(np.float32)
+    n_views = patient.size_spec.n_views if n_views is None else int(n_views)
+    counts_per_view = recon * np.float32(sg.voxel_volume_ml * 1e-6 * SENSITIVITY_CPS_PER_MBQ * view_duration_s)
+    true_bq = float(recon.sum() * sg.voxel_volume_ml)
+    return SimulatedSpect(
+        recon=Volume(recon, sg, "Bq/ml"),
+        recon_counts=Volume(counts_per_view.astype(np.float32), sg, "counts"),
+        projections=np.zeros((0, 0, 0), np.float32),
+        total_counts=int(round(float(counts_per_view.sum()) * n_views)),
+        expected_total_counts=float(counts_per_view.sum()) * n_views,
+        view_duration_s=float(view_duration_s),
+        sensitivity_cps_per_mbq=SENSITIVITY_CPS_PER_MBQ,
+        angles_deg=np.arange(n_views) * 360.0 / n_views,
+        orbit_radius_mm=0.0,
+        n_iters=0,
+        n_subsets=0,
+        projection_grid=sg,
+        true_activity_in_fov_bq=true_bq,
+        psf_sigma_params_cm=(0.0, 0.0, 0.0),
+        device="cpu",
+        seed=patient.seed,
+        timings_s={"total": time.perf_counter() - t0},
+    )
+
+
 def _simulate(patient: VirtualPatient, device: str, n_iters: int, n_subsets: int, n_views: int, seed: int) -> SimulatedSpect:
     import torch
 
@@ -409,7 +451,7 @@ def _simulate(patient: VirtualPatient, device: str, n_iters: int, n_subsets: int
         tuple(o - shift for o in sg.origin_mm),
         frame_of_reference_uid=sg.frame_of_reference_uid,
     )
-    fine = sample_anatomy(patient.anatomy, fine_grid)
+    fine = sample_patient(patient.anatomy, fine_grid, patient.pose, oversample=False)
     mu_fine = _tissue_mu_lut(PHOTOPEAK_KEV)[fine.tissue]
     true_bq = float(fine.activity_bq_per_ml.sum() * fine_grid.voxel_volume_ml)
     radius_mm = _orbit_radius_mm(fine.tissue, fine_grid)
