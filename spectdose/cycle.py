@@ -34,9 +34,16 @@ from .geometry import Volume
 from .ingest import load_study
 from .pipeline import DoseOptions, compute_dose_rate, option_hint, spect_on_ct_grid
 from .study import Study
-from .timeseries import TimePoint, integrate_cycle
+from .timeseries import TimePoint, integrate_cycle, target_registration_error_mm
 
-__all__ = ["run_cycle", "CycleResult", "cycle_study_paths", "is_cycle_folder", "CYCLE_OUTPUT_NAMES"]
+__all__ = [
+    "run_cycle",
+    "CycleResult",
+    "cycle_study_paths",
+    "is_cycle_folder",
+    "phantom_landmarks",
+    "CYCLE_OUTPUT_NAMES",
+]
 
 CYCLE_OUTPUT_NAMES = {
     "rtdose": "rtdose.dcm",
@@ -88,6 +95,23 @@ def cycle_study_paths(folder: Path) -> list[Path] | None:
     ):
         return [p / "dicom" for p in subs]
     return None
+
+
+def phantom_landmarks(study_paths: Sequence[Path]) -> list[dict[str, list[float]]] | None:
+    """Landmarks (LPS mm) of virtual-patient time points, from ``<study>/../truth/phantom.json``.
+
+    A study written by ``spectdose phantom --time-points`` carries the true position of
+    organ and lesion centres in each session; with them the summary reports the target
+    registration error. None unless every study has them.
+    """
+    out = []
+    for path in study_paths:
+        info = Path(path).parent / "truth" / "phantom.json"
+        try:
+            out.append(json.loads(info.read_text())["cycle"]["landmarks_mm"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return out
 
 
 def is_cycle_folder(path: Path) -> bool:
@@ -318,8 +342,16 @@ def run_cycle(
         region_model=integration_model,
         voxel_model=voxel_model,
     )
-    for tp, reg in zip(tp_summaries, result.registrations, strict=True):
+    landmarks = phantom_landmarks(paths)
+    for k, (tp, reg) in enumerate(zip(tp_summaries, result.registrations, strict=True)):
         tp["registration"] = reg.to_dict() if reg is not None else "reference"
+        if reg is not None and landmarks is not None:
+            tre = target_registration_error_mm(reg, landmarks[0], landmarks[k])
+            tp["registration"]["phantom_landmark_tre_mm"] = {
+                "max": round(max(tre.values()), 3),
+                "mean": round(float(np.mean(list(tre.values()))), 3),
+                "landmarks": len(tre),
+            }
     lap("registration_integration")
 
     _note(progress, "export", 0.85)
@@ -490,7 +522,7 @@ def _relabel_as_half_life(path: Path) -> None:
 
 
 def _plots(out_dir: Path, regions: list[dict], hours: Sequence[float]) -> dict[str, Path]:
-    """One PNG per region: mean dose rate at each time point and the chosen fit."""
+    """One PNG per region: mean dose rate and activity at each time point, with their fits."""
     if not regions:
         return {}
     import matplotlib
@@ -509,8 +541,16 @@ def _plots(out_dir: Path, regions: list[dict], hours: Sequence[float]) -> dict[s
             ax.plot(s, np.asarray(curve(s)) * 1e3, "-", label=f"{r['fit']['model']} fit")
         ax.set_xlabel("hours after administration")
         ax.set_ylabel("dose rate (mGy/h)")
+        if "activity_mbq" in r:
+            ax2 = ax.twinx()
+            ax2.plot(hours, r["activity_mbq"], "s", color="tab:green", ms=4, label="activity")
+            if r.get("_activity_curve") is not None:
+                ax2.plot(s, np.asarray(r["_activity_curve"](s)), ":", color="tab:green")
+            ax2.set_ylabel("activity (MBq)", color="tab:green")
+            ax2.set_ylim(bottom=0)
         ax.set_title(f"{r['region']}: {r['absorbed_dose_gy']:.3g} Gy", fontsize=10)
-        ax.legend(fontsize=8)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8, loc="upper right")
         fig.tight_layout()
         safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in r["region"])
         path = out_dir / f"tac_{safe}.png"

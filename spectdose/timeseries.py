@@ -400,6 +400,7 @@ def integrate_cycle(
             entry["activity_mbq"] = [float(v) for v in activity]
             entry["time_integrated_activity_mbq_h"] = float(afit.integral)
             entry["activity_fit"] = afit.to_dict()
+            entry["_activity_curve"] = afit.curve
         bio = radiobiology_for(name)
         if bio is not None and fit.integral > 0:
             kind, p = bio

@@ -235,6 +235,11 @@ def test_cli_dose_with_three_studies_writes_the_cycle(
         nm_uids[0],
     ]
     assert all(tp["registration"]["passed"] for tp in summary["time_points"][1:])
+    # virtual-patient studies carry their landmarks: the summary states the target error
+    assert all(
+        tp["registration"]["phantom_landmark_tre_mm"]["max"] <= 2.0
+        for tp in summary["time_points"][1:]
+    )
     regions = {r["region"]: r for r in summary["regions"]}
     manifest = json.loads((cycle_dir / "cycle.json").read_text())
     for name in ("kidney_left", "liver", "spleen"):
@@ -354,6 +359,28 @@ def test_single_study_options_are_refused_for_a_cycle(cycle_dir, tmp_path):
         run_cycle(paths, tmp_path / "o", DoseOptions(hours_after_administration=24.0))
     with pytest.raises(InputError, match="at least 2"):
         run_cycle(paths[:1], tmp_path / "o")
+
+
+def test_phantom_command_refuses_bad_time_points(tmp_path, capsys):
+    assert main(["phantom", str(tmp_path / "p"), "--seed", "1", "--time-points", "4"]) == 2
+    assert "--time-points needs at least 2" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "phantom",
+                str(tmp_path / "p"),
+                "--seed",
+                "1",
+                "--time-points",
+                "4,24",
+                "--counts",
+                "1e6",
+            ]
+        )
+        == 2
+    )
+    assert "apply to a single study" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
 
 
 def test_time_points_flag_is_parsed_and_checked():
