@@ -21,7 +21,6 @@ import httpx
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.sop_class import ParametricMapStorage, RTDoseStorage
 
 from .config import SENDER, DicomPeer, Settings
 from .jobs import ExportItem, JobStore
@@ -91,7 +90,7 @@ def resolve_destinations(entries: list[str], *, calling_aet: str | None, peers: 
 def c_store(peer: DicomPeer, files: list[OutputFile], *, calling_aet: str, timeout_s: float) -> dict[str, str | None]:
     """Send ``files`` over one association; map each SOP Instance UID to None (stored) or an error."""
     ae = AE(ae_title=calling_aet)
-    for sop_class in (RTDoseStorage, ParametricMapStorage):
+    for sop_class in sorted({f.sop_class_uid for f in files}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.connection_timeout = min(timeout_s, 10.0)

@@ -69,6 +69,8 @@ class JobOut(BaseModel):
     method: str | None = Field(None, description="dose-rate engine of the job (dvk or cnn)")
     warnings: list[str] = Field(default_factory=list, description="assumptions and caveats the result carries "
                                 "(summary.json warnings); empty until done")
+    region_warnings: list[str] = Field(default_factory=list, description="notes on the regions (automatic lesions, "
+                                       "a region set that could not be used); they do not change the dose")
     provenance: dict | None = Field(None, description="software version, engine (network weights digest for the "
                                     "CNN), options key and output UIDs of the result")
     replaces: dict | None = Field(None, description="the earlier result of the study this one replaces (series, "
@@ -125,7 +127,8 @@ def job_out(job: Job, exports: list[ExportRecord], base_url: str) -> JobOut:
         options=options,
         method=result.get("method") or options.get("method"),
         warnings=result.get("warnings", []),
-        provenance={k: v for k, v in result.items() if k != "warnings"} or None,
+        region_warnings=result.get("region_warnings", []),
+        provenance={k: v for k, v in result.items() if k not in ("warnings", "region_warnings")} or None,
         replaces=replaces or None,
         outputs=links,
         exports=[

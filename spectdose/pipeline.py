@@ -544,7 +544,10 @@ def run(
             if region_set is not None else None
         ),
         "regions_error": regions_error,
-        "warnings": warnings + region_warnings,
+        # Warnings about the dose travel in every output (RT Dose, map, summary, job); notes about the
+        # regions (automatic lesions, a region set that could not be used) do not change the dose.
+        "warnings": warnings,
+        "region_warnings": region_warnings,
         "ignored_files": [{"file": f, "reason": r} for f, r in study.ignored_files],
         "timings_s": timings,
         "outputs": {k: p.name for k, p in outputs.items()},
@@ -706,6 +709,8 @@ def format_summary(s: dict) -> str:
         lines.append("")
     for w in s["warnings"]:
         lines.append(f"WARNING: {w}")
+    for w in s.get("region_warnings", []):
+        lines.append(f"REGIONS: {w}")
     if s["ignored_files"]:
         lines.append(f"Ignored {len(s['ignored_files'])} file(s); see summary.json")
     lines.append("Outputs: " + ", ".join(sorted(s["outputs"].values())))

@@ -206,4 +206,4 @@ def test_segmentation_on_another_frame_of_reference_is_refused(small_study, kern
     res = run(small_study / "dicom", tmp_path / "out", DoseOptions(kernel_cache_dir=kernel_cache_dir, regions_path=tmp_path / "other.dcm"))
     assert res.outputs["rtdose"].is_file() and res.summary["regions"] is None
     assert "frame of reference" in res.summary["regions_error"]
-    assert any(w.startswith("REGIONS NOT REPORTED: segmentation other.dcm is on frame of reference") for w in res.summary["warnings"])
+    assert any(w.startswith("REGIONS NOT REPORTED: segmentation other.dcm is on frame of reference") for w in res.summary["region_warnings"])

@@ -53,7 +53,8 @@ def test_automatic_lesions_find_the_true_lesions_of_2_ml_and_more(auto_run, smal
     assert min(dice.values()) >= MIN_DICE, dice
     summary = auto_run.summary
     assert summary["regions_source"]["kind"] == "automatic" and "Nestle" in summary["regions_source"]["method"]
-    assert any("automatic lesion region" in w for w in summary["warnings"])
+    assert any("automatic lesion region" in w for w in summary["region_warnings"])
+    assert not any("automatic lesion region" in w for w in summary["warnings"])
 
 
 def test_sr_and_rtdose_dvhs_reference_the_regions(auto_run):

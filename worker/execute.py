@@ -34,6 +34,8 @@ __all__ = ["run_job", "dose_options", "build_manifest", "result_of", "find_repla
 
 log = logging.getLogger("spectdose.worker")
 
+# The objects sent to the PACS. The region objects (SEG, RTSTRUCT, SR) stay in the output folder
+# until the DICOM node and the export learn them as our own (issue 11).
 _DICOM_OUTPUTS = ("rtdose", "doserate")
 
 
@@ -119,6 +121,7 @@ def result_of(out_dir: Path, manifest: dict) -> dict:
         "outputs": {kind: {k: e[k] for k in ("sop_instance_uid", "series_instance_uid")}
                     for kind, e in manifest["files"].items() if "sop_instance_uid" in e},
         "warnings": list(summary.get("warnings") or []),
+        "region_warnings": list(summary.get("region_warnings") or []),
     }
 
 
