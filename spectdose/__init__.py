@@ -13,4 +13,6 @@ __all__ = [
     "Volume",
     "resample_to_grid",
 ]
-__version__ = "0.1.0"
+# The one place of the version (pyproject reads it). It is part of every output UID: raise it with
+# any change that can change a result, so a recomputation by new software is a new DICOM object.
+__version__ = "0.2.0"
