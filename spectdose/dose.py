@@ -15,6 +15,7 @@ import numpy as np
 import scipy.fft
 
 from .errors import InputError
+from .option_names import option_hint
 
 __all__ = [
     "KERNEL_MEDIUM_DENSITY_G_CM3",
@@ -194,9 +195,6 @@ def time_integration_factor_s(
     The Hanscheid model is refused outside :data:`HANSCHEID_VALID_RANGE_H` unless
     ``allow_outside_model_range``.
     """
-    # the option vocabulary, for messages; imported late (pipeline imports this module)
-    from .pipeline import option_hint
-
     if hours_since_administration is None:
         raise InputError(
             "time since administration is unknown: give "

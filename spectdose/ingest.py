@@ -38,6 +38,7 @@ from ._dicom_series import (
 )
 from .errors import CalibrationError, GeometryError, InputError
 from .geometry import Grid, Volume
+from .option_names import option_hint
 from .study import Administration, PatientInfo, SeriesRef, Study, resolve_times
 
 __all__ = [
@@ -55,8 +56,6 @@ log = logging.getLogger(__name__)
 
 def _hint(field: str) -> str:
     """'--spect-series (CLI) / spect_series (REST)': the option that supplies a fact, for messages."""
-    from .pipeline import option_hint  # imported late: pipeline imports this module
-
     return option_hint(field)
 
 

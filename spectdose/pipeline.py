@@ -25,6 +25,7 @@ from .export_rtdose import Replaces
 from .geometry import Volume, register_rigid, resample_to_grid
 from .ingest import CameraCalibration, load_study
 from .kernels import get_kernel
+from .option_names import PUBLIC_NAMES, option_hint, public_name
 from .study import Study
 
 __all__ = [
@@ -56,39 +57,7 @@ OUTPUT_NAMES = {
 }
 
 
-# The public name of each DoseOptions field: the REST query field and, with "-" for "_",
-# the CLI flag (``--spect-series``). Stored job options use these names too.
-PUBLIC_NAMES: dict[str, str] = {
-    "method": "method",
-    "time_model": "time_model",
-    "effective_half_life_h": "effective_half_life_h",
-    "administration_datetime": "administration_time",
-    "acquisition_datetime": "acquisition_time",
-    "hours_after_administration": "hours_after_administration",
-    "density_curve": "density_curve",
-    "kernel_medium": "kernel_medium",
-    "sensitivity_cps_per_mbq": "sensitivity_cps_per_mbq",
-    "allow_normalised": "normalised",
-    "spect_series_uid": "spect_series",
-    "ct_series_uid": "ct_series",
-    "energy_window_kev": "energy_window",
-    "dose_grid": "dose_grid",
-    "accepted_assumptions": "accept",
-    "calling_ae_title": "calling_aet",
-    "autocast_bf16": "bf16",
-}
 _DATETIME_FIELDS = ("administration_datetime", "acquisition_datetime")
-
-
-def public_name(field: str, *, cli: bool = False) -> str:
-    """How users spell a DoseOptions field: ``spect_series`` (REST) or ``--spect-series`` (CLI)."""
-    name = PUBLIC_NAMES.get(field, field)
-    return "--" + name.replace("_", "-") if cli else name
-
-
-def option_hint(field: str) -> str:
-    """'--spect-series (CLI) / spect_series (REST)': for messages that tell the user what to supply."""
-    return f"{public_name(field, cli=True)} (CLI) / {public_name(field)} (REST)"
 
 
 @dataclasses.dataclass(frozen=True)

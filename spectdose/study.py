@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 
 from .geometry import Volume
+from .option_names import option_hint, public_name
 
 __all__ = ["SeriesRef", "PatientInfo", "Administration", "Study", "TimeFacts", "resolve_times"]
 
@@ -94,15 +95,10 @@ class TimeFacts:
 
 
 def _hint(field: str) -> str:
-    # the one option vocabulary; imported late (pipeline imports this module)
-    from .pipeline import option_hint
-
     return option_hint(field)
 
 
 def _accept_hint(name: str) -> str:
-    from .pipeline import public_name
-
     return f"{public_name('accepted_assumptions', cli=True)} {name} (CLI) / {public_name('accepted_assumptions')}={name} (REST)"
 
 
