@@ -443,8 +443,11 @@ def integrate_voxels(
         raise InputError(f"stack has {y.shape[0]} maps for {len(t)} time points")
     n = len(t)
     shape = y.shape[1:]
-    y = y.reshape(n, -1)
-    signal = y.max(axis=0) > signal_floor
+    y_all = y.reshape(n, -1)
+    signal_all = y_all.max(axis=0) > signal_floor
+    # only voxels with signal are integrated (outside the body is most of a CT's field of view)
+    where = np.flatnonzero(signal_all)
+    y = y_all[:, where]
     # trapezoid + physical tail everywhere (the fallback)
     tt = np.concatenate([[0.0], t])
     area_trap = np.zeros(y.shape[1], np.float64)
@@ -488,15 +491,18 @@ def integrate_voxels(
         integral = np.where(ok, rise + tail, area_trap)
         t_eff = np.where(ok, math.log(2) / np.where(ok, lam, 1.0), LU177_HALF_LIFE_H)
         fallback = ~ok
-    integral = np.where(signal, integral, 0.0).astype(np.float32).reshape(shape)
-    t_eff = np.where(signal, t_eff, 0.0).astype(np.float32).reshape(shape)
-    fallback = (fallback & signal).reshape(shape)
+    out_integral = np.zeros(y_all.shape[1], np.float32)
+    out_t_eff = np.zeros(y_all.shape[1], np.float32)
+    out_fallback = np.zeros(y_all.shape[1], bool)
+    out_integral[where] = integral
+    out_t_eff[where] = t_eff
+    out_fallback[where] = fallback
     return {
-        "integral": integral,
-        "effective_half_life_h": t_eff,
-        "fallback": fallback,
-        "n_fitted": int((signal.reshape(shape) & ~fallback).sum()),
-        "n_fallback": int(fallback.sum()),
+        "integral": out_integral.reshape(shape),
+        "effective_half_life_h": out_t_eff.reshape(shape),
+        "fallback": out_fallback.reshape(shape),
+        "n_fitted": int(where.size - out_fallback.sum()),
+        "n_fallback": int(out_fallback.sum()),
     }
 
 

@@ -366,7 +366,7 @@ def integrate_cycle(
         rates.append(
             _to_reference(tp.dose_rate_gy_per_s, grid, reg, interpolation) * np.float32(3600.0)
         )  # Gy/h
-        if tp.activity_bq_per_ml is not None:
+        if tp.activity_bq_per_ml is not None and regions:  # activity serves the regions' TIA only
             acts.append(_to_reference(tp.activity_bq_per_ml, grid, reg, interpolation))
     stack = np.stack(rates)
     floor = 1e-6 * float(stack.max()) if stack.size else 0.0
