@@ -21,6 +21,7 @@ from . import __version__
 from .density import hu_to_density, load_curve
 from .dose import dvk_dose_rate, outside_model_range, time_integration_factor_s
 from .errors import InputError
+from .export_regions import REGION_OUTPUT_NAMES
 from .export_rtdose import Replaces
 from .geometry import Volume, register_rigid, resample_to_grid
 from .ingest import CameraCalibration, load_study
@@ -47,13 +48,8 @@ OUTPUT_NAMES = {
     "doserate": "doserate_pm.dcm",
     "summary_json": "summary.json",
     "summary_txt": "summary.txt",
-    # Region outputs (spectdose.export_regions): written when regions are given or found.
-    "regions_csv": "regions.csv",
-    "dvh_csv": "dvh.csv",
-    "autoseg": "autoseg.dcm",
-    "regions_seg": "regions_seg.dcm",
-    "regions_rtstruct": "regions_rtstruct.dcm",
-    "sr": "sr.dcm",
+    # Region outputs: written when regions are given or found.
+    **REGION_OUTPUT_NAMES,
 }
 
 

@@ -1,17 +1,9 @@
 """The worker process: the Celery app (``celery -A worker.app``) and its signal handlers.
 
 The broker settings, task name and queues are :mod:`service.celery_app`'s; the context
-(settings, job store, storage, publisher) is :mod:`service.context`'s. In short:
-
-- ``task_acks_late`` + ``task_reject_on_worker_lost``: a task is acknowledged only when it
-  has finished; if the process running it dies, the message goes back to the queue.
-- ``visibility_timeout`` above the hard time limit: Redis redelivers an unacknowledged
-  task only after the longest job could have finished, never while it still runs.
-- ``worker_prefetch_multiplier = 1``: a worker holds one job at a time, so a dose
-  calculation never waits behind another on a busy worker while others are idle.
-- Two queues, ``gpu`` and ``cpu``; GPU workers consume both, CPU workers only ``cpu``.
-
-The job store, not Celery's result backend, holds state and progress, so no backend is set.
+(settings, job store, storage, publisher) is :mod:`service.context`'s; the delivery
+guarantees (late acknowledgement, visibility timeout, one job per worker, cpu/gpu queues)
+are explained in :mod:`service.celery_app`.
 """
 
 from __future__ import annotations
