@@ -16,8 +16,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
 from service.localredis import LocalRedis, free_port
+from service.main import create_app
+
+from .support import make_settings, zip_folder
 
 
 def pytest_configure(config):
@@ -118,3 +122,21 @@ def computed_output(phantom_dir, tmp_path_factory, kernel_cache_dir) -> Path:
     return out
 
 
+
+
+# The gateway under test: a module may define its own ``settings`` (limits, peers); ``client``
+# and ``study_zip`` then follow it.
+@pytest.fixture()
+def settings(tmp_path, redis_url):
+    return make_settings(tmp_path / "data", redis_url=redis_url, peers=["PACS@127.0.0.1:11113"])
+
+
+@pytest.fixture()
+def client(settings):
+    with TestClient(create_app(settings, sweeper=False)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def study_zip(phantom_dir, tmp_path_factory) -> bytes:
+    return zip_folder(phantom_dir / "dicom", tmp_path_factory.mktemp("zip") / "study.zip").read_bytes()

@@ -36,27 +36,16 @@ from service.queue import Enqueuer, sweep_once
 from service.storage import Storage, atomic_write_bytes
 from worker.execute import TransientFailure, run_job
 
-from .support import AUTH, make_settings, zip_folder
+from .support import AUTH, make_settings
 
 
 def _enospc(*_a, **_k):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-@pytest.fixture(scope="module")
-def study_zip(phantom_dir, tmp_path_factory) -> bytes:
-    return zip_folder(phantom_dir / "dicom", tmp_path_factory.mktemp("zip") / "study.zip").read_bytes()
-
-
 @pytest.fixture()
 def settings(tmp_path, redis_url):
     return make_settings(tmp_path / "data", redis_url=redis_url, min_free_disk_mb=100, disk_retry_after_s=120)
-
-
-@pytest.fixture()
-def client(settings):
-    with TestClient(create_app(settings, sweeper=False)) as c:
-        yield c
 
 
 def _post(client, body: bytes):

@@ -18,7 +18,6 @@ from pathlib import Path
 import pydicom
 import pytest
 import uvicorn
-from fastapi.testclient import TestClient
 
 from service.localredis import free_port
 from service.main import create_app
@@ -29,12 +28,6 @@ from .support import AUTH, TOKEN, make_settings, wait_for
 @pytest.fixture()
 def settings(tmp_path, redis_url):
     return make_settings(tmp_path / "data", redis_url=redis_url, body_timeout_s=1.0)
-
-
-@pytest.fixture()
-def client(settings):
-    with TestClient(create_app(settings, sweeper=False)) as c:
-        yield c
 
 
 def _ordered(files: list[Path]) -> list[Path]:

@@ -20,23 +20,7 @@ from service.config import Settings
 from service.main import create_app
 from service.queue import sweep_once
 
-from .support import AUTH, make_settings, zip_folder
-
-
-@pytest.fixture()
-def settings(tmp_path, redis_url):
-    return make_settings(tmp_path / "data", redis_url=redis_url, peers=["PACS@127.0.0.1:11113"])
-
-
-@pytest.fixture()
-def client(settings):
-    with TestClient(create_app(settings, sweeper=False)) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def study_zip(phantom_dir, tmp_path_factory) -> bytes:
-    return zip_folder(phantom_dir / "dicom", tmp_path_factory.mktemp("zip") / "study.zip").read_bytes()
+from .support import AUTH, make_settings
 
 
 def _queue_length(url: str) -> int:

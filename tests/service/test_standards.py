@@ -29,25 +29,9 @@ from service.jobs import ExportItem, content_fingerprint
 from service.localredis import free_port
 from service.main import create_app
 
-from .support import AUTH, make_settings, wait_for, zip_folder
+from .support import AUTH, make_settings, wait_for
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-
-
-@pytest.fixture()
-def settings(tmp_path, redis_url):
-    return make_settings(tmp_path / "data", redis_url=redis_url, peers=["PACS@127.0.0.1:11113"])
-
-
-@pytest.fixture()
-def client(settings):
-    with TestClient(create_app(settings, sweeper=False)) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def study_zip(phantom_dir, tmp_path_factory) -> bytes:
-    return zip_folder(phantom_dir / "dicom", tmp_path_factory.mktemp("zip") / "study.zip").read_bytes()
 
 
 def _zip(client, body: bytes, **params):
