@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from .dose import LOW_DENSITY_CUTOFF_G_CM3
 from .errors import InputError
 from .geometry import Grid, Volume, resample_to_grid
 from .network import DblurDoseNet, NetworkConfig
-from .paths import MODELS_DIR, default_model_path
+from .paths import MODELS_DIR, atomic_write, default_model_path
 
 __all__ = [
     "Normalisation",
@@ -106,41 +105,8 @@ def _from_payload(payload: dict, device) -> TrainedModel:
 
 
 def atomic_torch_save(obj, path: Path) -> Path:
-    """``torch.save`` that never leaves a half-written file, even with concurrent writers.
-
-    A unique temporary file in the target folder is written, fsynced and renamed over the
-    target (``os.replace`` is atomic on POSIX), then the folder is fsynced so the rename
-    survives a crash. Fixed temporary names (``x.tmp``) collide when two processes save at once.
-    """
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not possible on every platform; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """``torch.save`` that never leaves a half-written file, even with concurrent writers."""
+    return atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
 def load_model(path: Path, *, device: str | torch.device | None = None) -> TrainedModel:

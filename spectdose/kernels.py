@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 
 from . import _kernel_mc as mc
 from .errors import KernelError
+from .paths import atomic_write
 
 __all__ = [
     "DoseVoxelKernel",
@@ -581,21 +581,16 @@ def get_kernel(
             warnings.warn(f"kernel cache entry {path} unreadable ({exc}); recomputing", stacklevel=2)
     kernel = compute_kernel(v, **options)
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".dvk-", suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    beta=kernel.beta_mgy_per_mbq_s,
-                    photon=kernel.photon_mgy_per_mbq_s,
-                    key=np.array(key_json),
-                    provenance=np.array(json.dumps(kernel.provenance)),
-                )
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(
+            path,
+            lambda f: np.savez(
+                f,
+                beta=kernel.beta_mgy_per_mbq_s,
+                photon=kernel.photon_mgy_per_mbq_s,
+                key=np.array(key_json),
+                provenance=np.array(json.dumps(kernel.provenance)),
+            ),
+        )
     except OSError as exc:
         warnings.warn(f"could not write kernel cache {path}: {exc}", stacklevel=2)
     return kernel

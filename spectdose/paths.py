@@ -7,9 +7,12 @@ can find both without importing :mod:`spectdose.cnn`.
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["MODELS_DIR", "default_cache_dir", "default_model_path"]
+__all__ = ["MODELS_DIR", "default_cache_dir", "default_model_path", "atomic_write"]
 
 # $SPECTDOSE_MODELS_DIR (the Docker image sets it), else models/ of the checkout.
 MODELS_DIR = Path(os.environ.get("SPECTDOSE_MODELS_DIR") or Path(__file__).resolve().parent.parent / "models")
@@ -27,3 +30,40 @@ def default_cache_dir() -> Path:
 def default_model_path(variant: str = "dblurdosenet") -> Path:
     """The weights file of ``variant`` in :data:`MODELS_DIR`."""
     return MODELS_DIR / f"{variant}.pt"
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write a file so that readers see the old one or the whole new one, never a part.
+
+    ``write`` fills a unique temporary file in the target folder, which is fsynced and renamed
+    over the target (``os.replace`` is atomic on POSIX); the folder is then fsynced so the
+    rename survives a crash. Fixed temporary names (``x.tmp``) collide when two processes write
+    at once. The temporary file is removed on any failure.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on every platform; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

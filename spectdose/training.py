@@ -20,9 +20,7 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +39,7 @@ from .cnn import (
 from .errors import InputError
 from .geometry import Volume
 from .network import DblurDoseNet, NetworkConfig
+from .paths import atomic_write
 
 __all__ = [
     "DATASETS",
@@ -228,17 +227,7 @@ def prepare_dataset(data_dir: Path, cache_dir: Path, *, kernel_cache: Path | Non
             if progress:
                 progress(f"preparing {phantom.parent.name}/{phantom.name}")
             arrays = prepare_case(phantom, kernel_cache=kernel_cache)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".npz")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    np.savez(f, **arrays)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(target, lambda f, arrays=arrays: np.savez(f, **arrays))
         out.append(target)
     return out
 
