@@ -20,7 +20,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from .dose import LU177_HALF_LIFE_H
 from .errors import InputError, SpectdoseError
 from .geometry import Volume
 from .ingest import load_study
-from .pipeline import DoseOptions, compute_dose_rate, option_hint, spect_on_ct_grid
+from .pipeline import DoseOptions, compute_dose_rate, option_hint, spect_on_ct_grid, stage_timer
 from .study import Study
 from .timeseries import TimePoint, integrate_cycle, target_registration_error_mm
 
@@ -273,14 +272,7 @@ def run_cycle(
         raise InputError("a cycle needs at least 2 studies (time points)")
     _refuse_single_study_options(options)
     out_dir = Path(out_dir)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal t0
-        now = time.perf_counter()
-        timings[name] = round(timings.get(name, 0.0) + now - t0, 3)
-        t0 = now
+    timings, lap = stage_timer()
 
     _note(progress, "ingest", 0.0)
     loaded = [_load_time_point(p, k, options) for k, p in enumerate(paths)]

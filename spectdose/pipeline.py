@@ -235,6 +235,21 @@ class DoseResult:
     summary: dict
 
 
+def stage_timer() -> tuple[dict[str, float], Callable[[str], None]]:
+    """Seconds per stage for the summary's ``timings_s``: ``lap(name)`` closes a stage (a stage
+    closed twice adds up, as for the time points of a cycle)."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t0
+        now = time.perf_counter()
+        timings[name] = round(timings.get(name, 0.0) + now - t0, 3)
+        t0 = now
+
+    return timings, lap
+
+
 def _note(progress: ProgressCallback | None, stage: str, fraction: float) -> None:
     if progress is not None:
         progress(stage, fraction)
@@ -347,14 +362,7 @@ def run(
 
     options = options or DoseOptions()
     out_dir = Path(out_dir)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal t0
-        now = time.perf_counter()
-        timings[name] = round(now - t0, 3)
-        t0 = now
+    timings, lap = stage_timer()
 
     _note(progress, "ingest", 0.0)
     study = load_study(
