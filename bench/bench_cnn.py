@@ -7,13 +7,13 @@ Times, on the same machine and in the same run:
   * the paper's network at the CT grid (depth-padded stem, pack by pack),
   * the depth-valid variant at the CT grid (stem shared over a slab of packs),
   * the shipped model (models/dblurdosenet.pt) on its own grid, end to end through
-    `spectdose.cnn.predict_on_ct_grid` (resampling both ways included),
+    `spectdose.cnn.inference.predict_on_ct_grid` (resampling both ways included),
 each extrapolated from ``--slices`` output slices to 130 (the work is the same per slice),
 with GMAC per slice counted from the layers. With ``--study`` (a clinical-size phantom from
 `spectdose phantom`), the shipped model's bf16 output is compared with its fp32 output on
 that study: bf16 is only recommended where that deviation is small. With ``--members K``, the
 cost of the uncertainty (a deep ensemble of K members through
-`spectdose.cnn.predict_with_uncertainty`) is timed on an N-slice 512x512 study made of K copies
+`spectdose.cnn.inference.predict_with_uncertainty`) is timed on an N-slice 512x512 study made of K copies
 of the shipped weights (the cost does not depend on the weights) and extrapolated linearly to
 130 slices, next to the single model on the same slices. Targets: <= 60 s on this 2-core CPU, <= 0.5 s
 on an H100 (paper: about 20 min CPU, 20 s on a V100).
@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from spectdose.network import DEPTH_VALID, PAPER, DblurDoseNet
+from spectdose.cnn.model import DEPTH_VALID, PAPER, DblurDoseNet
 
 NZ, NY, NX = 130, 512, 512
 
@@ -98,7 +98,7 @@ def main() -> None:
         t16 = time_network(net, args.slices, device, True) * NZ / args.slices
         print(f"{name:<28}{g:>11.1f}{t32:>12.1f}{t16:>12.1f}")
 
-    from spectdose.cnn import MODELS_DIR, load_model, predict_on_ct_grid
+    from spectdose.cnn.inference import MODELS_DIR, load_model, predict_on_ct_grid
     from spectdose.geometry import Grid, Volume
 
     path = MODELS_DIR / "dblurdosenet.pt"
@@ -125,7 +125,7 @@ def main() -> None:
 def uncertainty_cost(device: torch.device, k: int, n_slices: int) -> None:
     """Seconds for mean + sigma of a K-member ensemble on an n-slice 512x512 study, and the
     single model on the same study, both extrapolated linearly to 130 slices."""
-    from spectdose.cnn import (
+    from spectdose.cnn.inference import (
         MODELS_DIR,
         Ensemble,
         SigmaCalibration,
@@ -160,8 +160,8 @@ def bf16_deviation(model, phantom_dir: str) -> None:
     from pathlib import Path
 
     from spectdose.cli import default_cache_dir
-    from spectdose.cnn import predict_on_ct_grid
-    from spectdose.evaluate import network_inputs
+    from spectdose.cnn.inference import predict_on_ct_grid
+    from spectdose.pipeline import network_inputs
 
     act, rho, dvk = network_inputs(Path(phantom_dir) / "dicom", default_cache_dir() / "kernels")
     fp32 = predict_on_ct_grid(model, act, rho, dvk).array.astype(np.float64)

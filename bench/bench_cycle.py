@@ -4,7 +4,7 @@ Usage: python bench/bench_cycle.py [--cycle DIR] [--seed 101] [--time-points 4,2
                                    [--camera ideal|simulated] [--registration rigid|deformable]
 
 Without --cycle it generates (once, cached under bench/.data/) a clinical-size virtual
-patient over the time points with `spectdose.phantom_cycle.generate_cycle`. The default
+patient over the time points with `spectdose.phantoms.cycle.generate_cycle`. The default
 camera is "ideal" (the truth on the SPECT grid): the benchmark times the dose route, which
 does not depend on how the SPECT was made, and a simulated clinical SPECT costs ~6 min per
 time point on 2 cores. Kernel generation is excluded (warmed once before timing). Target
@@ -42,9 +42,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from spectdose.cycle import cycle_study_paths, run_cycle
-    from spectdose.ingest import load_study
+    from spectdose.dicom.ingest import load_study
     from spectdose.kernels import get_kernel
-    from spectdose.phantom_cycle import generate_cycle, parse_time_points
+    from spectdose.phantoms.cycle import generate_cycle, parse_time_points
     from spectdose.pipeline import DoseOptions
 
     cycle = args.cycle

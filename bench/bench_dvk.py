@@ -3,7 +3,7 @@
 Usage: python bench/bench_dvk.py [--study DIR] [--seed 101] [--repeat 3]
 
 Without --study it generates (once, cached under bench/.data/) a clinical-size virtual
-patient with `spectdose.phantom.generate`. Kernel generation is reported apart: once from
+patient with `spectdose.phantoms.generate`. Kernel generation is reported apart: once from
 an empty cache (first run) and once from the cache. The target is <= 5 s for the whole
 cached DVK path on 2 cores; the paper's DVK took 20 s on a desktop i9.
 """
@@ -24,13 +24,13 @@ def peak_rss_mib() -> float:
 
 def _one_run(study_dir: Path, cache: Path, out: Path):
     """One pass of the DVK path with each stage timed: (seconds per stage, study, kernel)."""
-    from spectdose.density import hu_to_density
+    from spectdose.constants import MGY_PER_H_PER_GY_PER_S
+    from spectdose.dicom.export import write_dose_rate_map, write_rtdose
+    from spectdose.dicom.ingest import load_study
     from spectdose.dose import dvk_dose_rate
-    from spectdose.export import write_dose_rate_map, write_rtdose
     from spectdose.geometry import Volume
-    from spectdose.ingest import load_study
     from spectdose.kernels import get_kernel
-    from spectdose.pipeline import spect_on_ct_grid
+    from spectdose.pipeline import prepare_inputs, stage_timer
 
     stages: dict[str, float] = {}
 
@@ -42,8 +42,10 @@ def _one_run(study_dir: Path, cache: Path, out: Path):
 
     study = timed("ingest", load_study, study_dir)
     grid = study.ct.grid
-    activity, _ = timed("resample", spect_on_ct_grid, study, [])
-    density = timed("density", hu_to_density, study.ct.array)
+    laps, lap = stage_timer()
+    prepared = prepare_inputs(study, lap=lap)  # laps "resample" and "density"
+    stages.update(laps)
+    activity, density = prepared.activity_bq_per_ml, prepared.density_g_cm3.array
     kernel = timed("kernels (cached)", get_kernel, grid.spacing_mm, cache_dir=cache)
 
     rate = timed(
@@ -57,7 +59,7 @@ def _one_run(study_dir: Path, cache: Path, out: Path):
 
     def write():
         out.mkdir(parents=True)
-        write_dose_rate_map(out / "pm.dcm", Volume(rate * 3.6e6, grid, "mGy/h"), study, method="dvk")
+        write_dose_rate_map(out / "pm.dcm", Volume(rate * MGY_PER_H_PER_GY_PER_S, grid, "mGy/h"), study, method="dvk")
         write_rtdose(out / "rtdose.dcm", Volume(rate * 1e6, grid, "Gy"), study, method="dvk", description="bench")
 
     timed("writing", write)
@@ -71,14 +73,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of the cached path")
     args = parser.parse_args()
 
-    from spectdose.ingest import load_study
+    from spectdose.dicom.ingest import load_study
     from spectdose.kernels import get_kernel
 
     study_dir = args.study
     if study_dir is None:
         base = Path(__file__).parent / ".data" / f"clinical-{args.seed}"
         if not (base / "dicom").is_dir():
-            from spectdose.phantom import generate
+            from spectdose.phantoms import generate
 
             print(f"generating clinical virtual patient seed {args.seed} into {base} (once) ...", flush=True)
             t = time.perf_counter()
@@ -106,9 +108,9 @@ def main() -> None:
         import scipy.signal
 
         from spectdose.dose import activity_mbq_per_voxel
-        from spectdose.pipeline import spect_on_ct_grid
+        from spectdose.pipeline import prepare_inputs
 
-        activity, _ = spect_on_ct_grid(study, [])
+        activity = prepare_inputs(study).activity_bq_per_ml
         a_mbq = activity_mbq_per_voxel(activity.array, study.ct.grid.voxel_volume_ml)
         t = time.perf_counter()
         scipy.signal.fftconvolve(a_mbq, kernel.total_mgy_per_mbq_s, mode="same")

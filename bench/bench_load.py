@@ -52,7 +52,7 @@ def phantom(cache: Path) -> Path:
     """The small virtual patient (seed 1), generated once into the cache folder."""
     folder = cache / "bench-phantom-seed1"
     if not (folder / "dicom").exists():
-        from spectdose.phantom import generate
+        from spectdose.phantoms import generate
 
         print(f"writing the virtual patient (seed 1, small) to {folder} ...", flush=True)
         generate(folder, 1, size="small")

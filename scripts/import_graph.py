@@ -17,6 +17,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The core's floor plan, top first: a module imports its own layer or those below, never above.
+# Offline work (learning) sits above the pipeline it uses; the pipeline above its stages.
+CORE_LAYERS = (
+    ("spectdose.cli",),
+    ("spectdose.learning",),
+    ("spectdose.cycle", "spectdose.phantoms"),
+    ("spectdose.pipeline",),
+    ("spectdose.region_report",),
+    ("spectdose",),  # the stages, dicom/, kernels/, cnn/ and the foundations (errors, constants, ...)
+)
+
+
+def core_layer(module: str) -> int | None:
+    for i, prefixes in enumerate(CORE_LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    return None
+
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
@@ -106,6 +124,15 @@ def main() -> int:
     print(f"core modules importing an adapter: {len(core_up)}")
     for a, b in core_up:
         print(f"  {a} -> {b}")
+    upward = sorted(
+        (a, b)
+        for a, deps in graph.items()
+        for b in deps
+        if core_layer(a) is not None and core_layer(b) is not None and core_layer(b) < core_layer(a)
+    )
+    print(f"upward imports in the core: {len(upward)}")
+    for a, b in upward:
+        print(f"  {a} -> {b}")
     top = {(a.split(".")[0], b.split(".")[0]) for a, deps in graph.items() for b in deps}
     mutual = sorted({tuple(sorted(e)) for e in top if e[0] != e[1] and (e[1], e[0]) in top})
     print(f"packages importing each other: {len(mutual)}")
@@ -113,7 +140,7 @@ def main() -> int:
         print(f"  {a} <-> {b}")
     deepest = max(graph, key=depth)
     print(f"import depth (longest chain, in modules): {depth(deepest)} (from {deepest})")
-    return 1 if cycles or core_up or mutual else 0
+    return 1 if cycles or core_up or mutual or upward else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """``spectdose serve --demo``: push a virtual patient to the node and show where results land.
 
 The demo plays the hospital's two sides on loopback: a *modality* pushes a small virtual
-patient (written by :mod:`spectdose.phantom`) to our DICOM node over C-STORE, and a
+patient (written by :mod:`spectdose.phantoms.anatomy`) to our DICOM node over C-STORE, and a
 *PACS* (a real C-STORE SCP, ``DEMO_PACS``) receives the RT Dose and the dose-rate map
 that the service sends back. The same job is visible over REST.
 """
@@ -74,7 +74,7 @@ DEMO_SEED = 8
 
 def run_demo(settings: Settings, pacs: DemoPacs, *, http_url: str, say=print, timeout_s: float = 1800) -> int:
     """Generate, push, wait for the result to come back; print every place to look. Returns 0 if done."""
-    from spectdose.phantom import generate
+    from spectdose.phantoms import generate
 
     study = settings.data_dir / "demo" / f"virtual-patient-seed{DEMO_SEED}"
     files = sorted((study / "dicom").rglob("*.dcm")) if (study / "dicom").exists() else []

@@ -296,8 +296,8 @@ def _check_complete(files_dir: Path, inv) -> None:
 
 def _check_study(files_dir: Path, max_bytes: int) -> tuple[str | None, int]:
     """Refuse uploads that cannot be a SPECT/CT study; return (study UID, ignored file count)."""
+    from spectdose.dicom.ingest import scan_dicom
     from spectdose.errors import SpectdoseError
-    from spectdose.ingest import scan_dicom
 
     try:
         inv = scan_dicom(files_dir, max_zip_bytes=max_bytes)

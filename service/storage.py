@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from spectdose.archive import UnsafeArchiveError, unpack_zip
+from spectdose.dicom.archive import UnsafeArchiveError, unpack_zip
 
 __all__ = ["Storage", "UnsafeArchive", "extract_zip", "atomic_write_bytes", "safe_component", "fsync_dir"]
 

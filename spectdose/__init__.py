@@ -1,7 +1,13 @@
 """spectdose: Lu-177 SPECT/CT voxel dosimetry as a pure library (no web, queue or database)."""
 
-from .errors import CalibrationError, GeometryError, InputError, KernelError, SpectdoseError
-from .geometry import Grid, Volume, resample_to_grid
+from spectdose.errors import (
+    CalibrationError,
+    GeometryError,
+    InputError,
+    KernelError,
+    SpectdoseError,
+)
+from spectdose.geometry import Grid, Volume, resample_to_grid
 
 __all__ = [
     "SpectdoseError",

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .errors import InputError, SpectdoseError
-from .paths import default_cache_dir
+from spectdose import __version__
+from spectdose.errors import InputError, SpectdoseError
+from spectdose.paths import default_cache_dir
 
 __all__ = ["main", "build_parser", "default_cache_dir", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "EXIT_INTERNAL"]
 
@@ -59,7 +59,7 @@ def _positive_float(text: str) -> float:
 
 def _add_dose_options(p: argparse.ArgumentParser) -> None:
     """One flag per DoseOptions field, spelled as its public name (``--`` + name with ``-``)."""
-    from .pipeline import ASSUMPTIONS, DoseOptions
+    from spectdose.pipeline import ASSUMPTIONS, DoseOptions
 
     defaults = DoseOptions()
     p.add_argument(
@@ -250,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _dose_options(args: argparse.Namespace):
     """DoseOptions from the flags, by the public names the REST fields share (one vocabulary)."""
-    from .ingest import load_calibrations
-    from .pipeline import PUBLIC_NAMES, DoseOptions
+    from spectdose.dicom.ingest import load_calibrations
+    from spectdose.pipeline import PUBLIC_NAMES, DoseOptions
 
     data = {name: getattr(args, name) for name in PUBLIC_NAMES.values() if hasattr(args, name)}
     return DoseOptions.from_dict(
@@ -283,8 +283,8 @@ def _check_out_dir(out: Path) -> None:
 
 
 def _cmd_dose(args: argparse.Namespace) -> int:
-    from .cycle import cycle_study_paths
-    from .pipeline import run
+    from spectdose.cycle import cycle_study_paths
+    from spectdose.pipeline import run
 
     options = _dose_options(args)
     _check_out_dir(args.out)
@@ -292,18 +292,24 @@ def _cmd_dose(args: argparse.Namespace) -> int:
     cycle = paths if len(paths) > 1 else cycle_study_paths(paths[0])
     if cycle:
         return _cmd_dose_cycle(args, options, cycle)
+    return _run_and_report(lambda: run(paths[0], args.out, options, progress=_print_progress), args.out)
+
+
+def _run_and_report(compute, out: Path) -> int:
+    """Run a dose computation, print its summary; a file the system refused (permissions, full
+    disk) is an input error with the file named, not a bug."""
     try:
-        result = run(paths[0], args.out, options, progress=_print_progress)
-    except OSError as exc:  # a file the system refused (permissions, full disk): not a bug
+        result = compute()
+    except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         raise InputError(f"file system error{where}: {exc.strerror or exc}") from exc
-    print((args.out / "summary.txt").read_text(), end="")
-    print(f"Written to {args.out.resolve()}")
+    print((out / "summary.txt").read_text(), end="")
+    print(f"Written to {out.resolve()}")
     return EXIT_OK if result.outputs else EXIT_INTERNAL
 
 
 def _cmd_regions(args: argparse.Namespace) -> int:
-    from .region_report import region_report
+    from spectdose.region_report import region_report
 
     _check_out_dir(args.out)
     outputs = region_report(args.result, args.regions, args.out)
@@ -313,30 +319,26 @@ def _cmd_regions(args: argparse.Namespace) -> int:
 
 def _cmd_dose_cycle(args: argparse.Namespace, options, paths: list[Path]) -> int:
     """Several time points of one cycle: registered, integrated (spectdose.cycle)."""
-    from .cycle import run_cycle
+    from spectdose.cycle import run_cycle
 
-    try:
-        result = run_cycle(
+    return _run_and_report(
+        lambda: run_cycle(
             paths,
             args.out,
             options,
             registration=args.registration,
             integration_model=args.integration_model,
             progress=_print_progress,
-        )
-    except OSError as exc:
-        where = f" ({exc.filename})" if exc.filename else ""
-        raise InputError(f"file system error{where}: {exc.strerror or exc}") from exc
-    print((args.out / "summary.txt").read_text(), end="")
-    print(f"Written to {args.out.resolve()}")
-    return EXIT_OK if result.outputs else EXIT_INTERNAL
+        ),
+        args.out,
+    )
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
-    from .phantom import generate
+    from spectdose.phantoms import generate
 
     if args.time_points:
-        from .phantom_cycle import generate_cycle, parse_time_points
+        from spectdose.phantoms.cycle import generate_cycle, parse_time_points
 
         if args.counts or args.noise_seed is not None or args.spect_units != "Bq/ml":
             raise InputError("--counts, --noise-seed and --spect-units apply to a single study, not to --time-points")
@@ -370,7 +372,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def _cmd_kernel(args: argparse.Namespace) -> int:
-    from .kernels import get_kernel
+    from spectdose.kernels import get_kernel
 
     x, y, z = args.voxel_mm
     kernel = get_kernel(
@@ -390,8 +392,8 @@ def _cmd_kernel(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .cnn import MODELS_DIR
-    from .evaluate import evaluate
+    from spectdose.cnn.inference import MODELS_DIR
+    from spectdose.learning.evaluation import evaluate
 
     models_dir = args.models_dir or MODELS_DIR
     models = {
@@ -413,7 +415,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_dataset(args: argparse.Namespace) -> int:
-    from .training import generate_dataset
+    from spectdose.learning.training import generate_dataset
 
     manifest = generate_dataset(args.out_dir, args.version, workers=args.workers, progress=lambda m: print(m, flush=True))
     print(f"data set {args.version} complete: {manifest}")
@@ -421,7 +423,7 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .training import train_command
+    from spectdose.learning.training import train_command
 
     return train_command(
         data=args.data,
@@ -436,8 +438,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .phantom import generate
-    from .pipeline import DoseOptions, run
+    from spectdose.phantoms import generate
+    from spectdose.pipeline import DoseOptions, run
 
     study_dir = args.out_dir / "study"
     dose_dir = args.out_dir / "dose"

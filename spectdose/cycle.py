@@ -25,15 +25,22 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .density import hu_to_density, load_curve
-from .dose import LU177_HALF_LIFE_H
-from .errors import InputError, SpectdoseError
-from .geometry import Volume
-from .ingest import load_study
-from .pipeline import DoseOptions, compute_dose_rate, option_hint, spect_on_ct_grid, stage_timer
-from .study import Study
-from .timeseries import TimePoint, integrate_cycle, target_registration_error_mm
+from spectdose import __version__
+from spectdose.constants import LU177_HALF_LIFE_H, MGY_PER_H_PER_GY_PER_S
+from spectdose.density import load_curve
+from spectdose.dicom.ingest import load_study
+from spectdose.errors import InputError, SpectdoseError
+from spectdose.geometry import Volume
+from spectdose.pipeline import (
+    DoseOptions,
+    compute_dose_rate,
+    json_default,
+    option_hint,
+    prepare_inputs,
+    stage_timer,
+)
+from spectdose.study import Study
+from spectdose.timeseries import TimePoint, integrate_cycle, target_registration_error_mm
 
 __all__ = [
     "run_cycle",
@@ -115,14 +122,6 @@ def phantom_landmarks(study_paths: Sequence[Path]) -> list[dict[str, list[float]
 
 def is_cycle_folder(path: Path) -> bool:
     return cycle_study_paths(path) is not None
-
-
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path | dt.datetime):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
 def _note(progress: ProgressCallback | None, stage: str, fraction: float) -> None:
@@ -287,7 +286,7 @@ def run_cycle(
     facts = [facts[k] for k in order]
     lap("ingest")
 
-    curve = load_curve(options.density_curve)
+    load_curve(options.density_curve)  # a bad curve fails before any time point is computed
     warnings: list[str] = []
     time_points: list[TimePoint] = []
     tp_summaries: list[dict] = []
@@ -297,8 +296,9 @@ def run_cycle(
             progress, f"dose rate, time point {k + 1}/{len(studies)}", 0.05 + 0.5 * k / len(studies)
         )
         tp_warnings = list(study.warnings) + facts[k]["warnings"]
-        activity, resample_info = spect_on_ct_grid(study, tp_warnings)
-        density = Volume(hu_to_density(study.ct.array, curve), study.ct.grid, "g/cm3")
+        prepared = prepare_inputs(study, density_curve=options.density_curve, warnings=tp_warnings)
+        activity, density = prepared.activity_bq_per_ml, prepared.density_g_cm3
+        resample_info = prepared.resample_info
         rate, rate_info = compute_dose_rate(activity, density, options=options)
         label = f"t{k + 1}"
         time_points.append(TimePoint(hours[k], study.ct, rate, activity, label))
@@ -315,7 +315,7 @@ def run_cycle(
                 "hours": round(hours[k], 4),
                 "time_source": facts[k]["source"],
                 "activity_in_spect_fov_mbq": resample_info["activity_in_spect_fov_bq"] / 1e6,
-                "dose_rate_max_mgy_per_h": float(rate.array.max() * 3.6e6),
+                "dose_rate_max_mgy_per_h": float(rate.array.max() * MGY_PER_H_PER_GY_PER_S),
                 "reference": k == 0,
             }
         )
@@ -323,7 +323,7 @@ def run_cycle(
 
     masks: dict[str, np.ndarray] = {}
     if options.regions_path is not None:
-        from .regions import load_segmentation_masks
+        from spectdose.regions import load_segmentation_masks
 
         masks = load_segmentation_masks(options.regions_path, studies[0].ct.grid)
     _note(progress, "registration and integration", 0.6)
@@ -408,7 +408,7 @@ def run_cycle(
             "summary_txt": CYCLE_OUTPUT_NAMES["summary_txt"],
         }
     )
-    outputs["summary_json"].write_text(json.dumps(summary, indent=2, default=_json_default))
+    outputs["summary_json"].write_text(json.dumps(summary, indent=2, default=json_default))
     outputs["summary_txt"].write_text(format_cycle_summary(summary))
     _note(progress, "done", 1.0)
     return CycleResult(studies, result.dose_gy, result.effective_half_life_h, outputs, summary)
@@ -425,7 +425,7 @@ def _export(
     warnings: list[str],
 ) -> tuple[dict[str, Path], dict]:
     """RT Dose of the cycle dose and Parametric Map of the effective half-life, on the reference CT."""
-    from .export import content_digest, write_dose_rate_map, write_rtdose
+    from spectdose.dicom.export import content_digest, write_dose_rate_map, write_rtdose
 
     ref = studies[0]
     per_study = [content_digest(s, {}) for s in studies]

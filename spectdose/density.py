@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from spectdose.errors import InputError
 
-__all__ = ["CalibrationCurve", "SCHNEIDER_2000", "BILINEAR", "CURVES", "hu_to_density", "density_to_hu", "load_curve"]
+__all__ = ["CalibrationCurve", "DEFAULT_DENSITY_CURVE", "SCHNEIDER_2000", "BILINEAR", "CURVES", "hu_to_density", "density_to_hu", "load_curve"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +58,7 @@ BILINEAR = CalibrationCurve(
 )
 
 CURVES = {c.name: c for c in (SCHNEIDER_2000, BILINEAR)}
+DEFAULT_DENSITY_CURVE = SCHNEIDER_2000.name
 
 # Values at or below this are scanner padding (e.g. -2048 outside the reconstruction
 # circle), not tissue: they are mapped to air rather than interpolated.

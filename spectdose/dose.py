@@ -14,13 +14,15 @@ from typing import Literal
 import numpy as np
 import scipy.fft
 
-from .errors import InputError
-from .option_names import option_hint
+from spectdose.constants import (
+    KERNEL_MEDIUM_DENSITY_G_CM3,
+    LOW_DENSITY_CUTOFF_G_CM3,
+    LU177_HALF_LIFE_H,
+)
+from spectdose.errors import InputError
+from spectdose.option_names import option_hint
 
 __all__ = [
-    "KERNEL_MEDIUM_DENSITY_G_CM3",
-    "LOW_DENSITY_CUTOFF_G_CM3",
-    "LU177_HALF_LIFE_H",
     "fft_convolve",
     "dvk_dose_rate",
     "activity_mbq_per_voxel",
@@ -29,12 +31,6 @@ __all__ = [
     "outside_model_range",
 ]
 
-# ICRU soft tissue, the medium of the paper's kernels (Li et al. 2022, sec. 2.2).
-KERNEL_MEDIUM_DENSITY_G_CM3 = 1.04
-# Below this density the paper sets the dose rate to zero (Li et al. 2022, sec. 2.2).
-LOW_DENSITY_CUTOFF_G_CM3 = 0.1
-# Lu-177 physical half-life 6.647 d (ICRP Publication 107, 2008).
-LU177_HALF_LIFE_H = 6.647 * 24.0
 
 
 def activity_mbq_per_voxel(activity_bq_per_ml: np.ndarray, voxel_volume_ml: float) -> np.ndarray:

@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import GeometryError
+from spectdose.errors import GeometryError
 
 __all__ = ["Volume", "Grid", "resample_to_grid", "register_rigid"]
 

@@ -42,8 +42,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .dose import LU177_HALF_LIFE_H
-from .errors import InputError
+from spectdose.constants import LU177_HALF_LIFE_H
+from spectdose.errors import InputError
 
 __all__ = [
     "MODELS",

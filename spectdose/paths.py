@@ -1,7 +1,7 @@
 """Where spectdose keeps files by default: the kernel cache and the network weights.
 
 Torch-free and dependency-free, so a process that never runs the network (the gateway)
-can find both without importing :mod:`spectdose.cnn`.
+can find both without importing :mod:`spectdose.cnn.inference`.
 """
 
 from __future__ import annotations

@@ -17,23 +17,27 @@ from typing import Literal
 
 import numpy as np
 
-from . import __version__
-from .density import hu_to_density, load_curve
-from .dose import dvk_dose_rate, outside_model_range, time_integration_factor_s
-from .errors import InputError
-from .export_regions import REGION_OUTPUT_NAMES
-from .export_rtdose import Replaces
-from .geometry import Volume, register_rigid, resample_to_grid
-from .ingest import CameraCalibration, load_study
-from .kernels import get_kernel
-from .option_names import PUBLIC_NAMES, option_hint, public_name
-from .study import Study
+from spectdose import __version__
+from spectdose.constants import LOW_DENSITY_CUTOFF_G_CM3, MGY_PER_H_PER_GY_PER_S
+from spectdose.density import DEFAULT_DENSITY_CURVE, CalibrationCurve, hu_to_density, load_curve
+from spectdose.dicom.ingest import CameraCalibration, load_study
+from spectdose.dicom.region_outputs import REGION_OUTPUT_NAMES
+from spectdose.dicom.rtdose import Replaces
+from spectdose.dose import dvk_dose_rate, outside_model_range, time_integration_factor_s
+from spectdose.errors import InputError
+from spectdose.geometry import Volume, register_rigid, resample_to_grid
+from spectdose.kernels import get_kernel
+from spectdose.option_names import PUBLIC_NAMES, option_hint, public_name
+from spectdose.study import Study
 
 __all__ = [
     "DoseOptions",
     "DoseResult",
     "run",
     "compute_dose_rate",
+    "PreparedInputs",
+    "prepare_inputs",
+    "network_inputs",
     "OUTPUT_NAMES",
     "ASSUMPTIONS",
     "PUBLIC_NAMES",
@@ -73,7 +77,7 @@ class DoseOptions:
     # De-identified data: the acquisition date-time, or the hours since administration directly.
     acquisition_datetime: dt.datetime | None = None
     hours_after_administration: float | None = None
-    density_curve: str = "schneider2000"
+    density_curve: str = DEFAULT_DENSITY_CURVE
     kernel_medium: str = "soft"
     sensitivity_cps_per_mbq: float | None = None
     calibrations: tuple[CameraCalibration, ...] = ()
@@ -125,7 +129,7 @@ class DoseOptions:
             )
 
     def resolved_model_path(self) -> Path:
-        from .cnn import default_model_path
+        from spectdose.cnn.inference import default_model_path
 
         return Path(self.model_path) if self.model_path else default_model_path()
 
@@ -293,6 +297,51 @@ def spect_on_ct_grid(study: Study, warnings: list[str]) -> tuple[Volume, dict]:
     return on_ct, info
 
 
+@dataclasses.dataclass
+class PreparedInputs:
+    """What every dose method starts from: the activity and the mass density on the CT grid."""
+
+    activity_bq_per_ml: Volume
+    density_g_cm3: Volume
+    resample_info: dict
+    density_curve: CalibrationCurve
+
+
+def prepare_inputs(
+    study: Study,
+    *,
+    density_curve: str | Path = DEFAULT_DENSITY_CURVE,
+    warnings: list[str] | None = None,
+    progress: ProgressCallback | None = None,
+    lap: Callable[[str], None] | None = None,
+) -> PreparedInputs:
+    """The one chain SPECT -> activity on the CT grid, CT -> density: the pipeline, the
+    evaluation, the training and the benchmarks all start here, so they cannot drift apart."""
+    warnings = [] if warnings is None else warnings
+    _note(progress, "resample", 0.1)
+    activity, resample_info = spect_on_ct_grid(study, warnings)
+    if lap is not None:
+        lap("resample")
+    _note(progress, "density", 0.25)
+    curve = load_curve(density_curve)
+    density = Volume(hu_to_density(study.ct.array, curve), study.ct.grid, "g/cm3")
+    if lap is not None:
+        lap("density")
+    return PreparedInputs(activity, density, resample_info, curve)
+
+
+def network_inputs(study_dir: Path, kernel_cache: Path | None = None, device=None) -> tuple[Volume, Volume, Volume]:
+    """Activity (Bq/ml), density (g/cm3) and DVK dose rate (Gy/s) on the CT grid of a study with
+    the default options: the network's inputs, for training, evaluation and the benchmarks."""
+    prepared = prepare_inputs(load_study(Path(study_dir)))
+    dvk, _ = compute_dose_rate(
+        prepared.activity_bq_per_ml,
+        prepared.density_g_cm3,
+        options=DoseOptions(kernel_cache_dir=kernel_cache, device=device),
+    )
+    return prepared.activity_bq_per_ml, prepared.density_g_cm3, dvk
+
+
 def compute_dose_rate(
     activity_bq_per_ml: Volume,
     density_g_cm3: Volume,
@@ -302,7 +351,7 @@ def compute_dose_rate(
     """Dose rate (Gy/s) on the activity's grid by the selected method, with provenance."""
     model = None
     if options.method == "cnn":
-        from .cnn import load_model
+        from spectdose.cnn.inference import load_model
 
         model = load_model(options.resolved_model_path(), device=options.device)  # fail before the DVK work
     grid = activity_bq_per_ml.grid
@@ -318,7 +367,7 @@ def compute_dose_rate(
     dvk = Volume(rate, grid, "Gy/s")
     if model is None:
         return dvk, info
-    from .cnn import predict_on_ct_grid
+    from spectdose.cnn.inference import predict_on_ct_grid
 
     cnn = predict_on_ct_grid(model, activity_bq_per_ml, density_g_cm3, dvk, autocast_bf16=options.autocast_bf16)
     info["network"] = {
@@ -327,7 +376,7 @@ def compute_dose_rate(
         "config": model.config.to_dict(),
         "trained_spacing_mm": list(model.spacing_mm),
         "bf16": options.autocast_bf16,
-        "dvk_max_mgy_per_h": float(rate.max() * 3.6e6),
+        "dvk_max_mgy_per_h": float(rate.max() * MGY_PER_H_PER_GY_PER_S),
     }
     return cnn, info
 
@@ -383,8 +432,8 @@ def run(
     # A region problem never discards the dose: it is reported as regions_error (docs/regions.md).
     region_set, regions_error = None, None
     if options.regions_path is not None:
-        from .errors import SpectdoseError
-        from .regions import load_regions
+        from spectdose.errors import SpectdoseError
+        from spectdose.regions import load_regions
 
         try:
             region_set = load_regions(options.regions_path, study.ct.grid)
@@ -420,21 +469,20 @@ def run(
     else:
         warnings.append("activity is MBq-normalised: the dose-rate map is per MBq in the field of view; no RT Dose in Gy")
 
-    _note(progress, "resample", 0.1)
-    activity, resample_info = spect_on_ct_grid(study, warnings)
-    lap("resample")
-
-    _note(progress, "density", 0.25)
-    curve = load_curve(options.density_curve)
-    density = Volume(hu_to_density(study.ct.array, curve), study.ct.grid, "g/cm3")
-    lap("density")
+    prepared = prepare_inputs(study, density_curve=options.density_curve, warnings=warnings, progress=progress, lap=lap)
+    activity, density, resample_info, curve = (
+        prepared.activity_bq_per_ml,
+        prepared.density_g_cm3,
+        prepared.resample_info,
+        prepared.density_curve,
+    )
 
     _note(progress, "dose_rate", 0.35)
     rate, rate_info = compute_dose_rate(activity, density, options=options)
     lap("dose_rate")
 
     _note(progress, "export", 0.85)
-    rate_mgy_per_h = Volume(rate.array * np.float32(3.6e6), rate.grid, "mGy/h" if integrate else "mGy/h/MBq")
+    rate_mgy_per_h = Volume(rate.array * np.float32(MGY_PER_H_PER_GY_PER_S), rate.grid, "mGy/h" if integrate else "mGy/h/MBq")
     dose = Volume(rate.array * np.float32(factor_s), rate.grid, "Gy") if integrate else None
     time_facts = {"administration": administration, "acquisition": acquisition, "hours": hours,
                   "integration_factor_s": factor_s}
@@ -442,17 +490,17 @@ def run(
                                    replaces or {})
     lap("export")
 
-    tissue = density.array >= 0.1
+    tissue = density.array >= LOW_DENSITY_CUTOFF_G_CM3
     regions = None
     region_warnings: list[str] = []
     if options.regions_path is None:
-        from .region_report import automatic_lesions
+        from spectdose.region_report import automatic_lesions
 
         region_set = automatic_lesions(activity, tissue)
         region_warnings.append(f"regions: none given; {len(region_set.regions)} automatic lesion region(s) "
                                f"({region_set.description}); review autoseg.dcm before use")
     if region_set is not None and region_set.regions:
-        from .region_report import safe_regions_after_dose
+        from spectdose.region_report import safe_regions_after_dose
 
         region_warnings += region_set.warnings
         regions, region_outputs, region_info, regions_error = safe_regions_after_dose(
@@ -490,7 +538,7 @@ def run(
             "conserved_on_resampling_pct": resample_info.get("activity_conserved_pct"),
         },
         "registration": resample_info.get("registration"),
-        "density": {"curve": curve.name, "source": curve.source, "low_density_cutoff_g_cm3": 0.1},
+        "density": {"curve": curve.name, "source": curve.source, "low_density_cutoff_g_cm3": LOW_DENSITY_CUTOFF_G_CM3},
         "dose_rate": {
             **rate_info,
             "max_mgy_per_h": float(rate_mgy_per_h.array.max()),
@@ -528,7 +576,7 @@ def run(
     outputs["summary_json"] = out_dir / OUTPUT_NAMES["summary_json"]
     outputs["summary_txt"] = out_dir / OUTPUT_NAMES["summary_txt"]
     summary["outputs"].update({"summary_json": OUTPUT_NAMES["summary_json"], "summary_txt": OUTPUT_NAMES["summary_txt"]})
-    outputs["summary_json"].write_text(json.dumps(summary, indent=2, default=_json_default))
+    outputs["summary_json"].write_text(json.dumps(summary, indent=2, default=json_default))
     outputs["summary_txt"].write_text(format_summary(summary))
     _note(progress, "done", 1.0)
     return DoseResult(study, rate, dose, outputs, summary)
@@ -546,7 +594,7 @@ def _export(
     replaces: Mapping[str, Replaces],
 ) -> tuple[dict[str, Path], dict]:
     """Write the dose-rate map and RT Dose on the chosen output grid; UIDs from the content."""
-    from .export import (
+    from spectdose.dicom.export import (
         average_onto_grid,
         check_replacements,
         content_digest,
@@ -614,7 +662,8 @@ def _output_uids(path: Path) -> dict:
     return {"series_instance_uid": header.SeriesInstanceUID, "sop_instance_uid": header.SOPInstanceUID}
 
 
-def _json_default(obj):
+def json_default(obj):
+    """``json.dumps(default=...)`` for the summaries: numpy scalars, paths and times."""
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, Path | dt.datetime):

@@ -24,14 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .dose import LOW_DENSITY_CUTOFF_G_CM3, activity_mbq_per_voxel, fft_convolve
-from .geometry import Volume
-from .kernels import get_kernel
+from spectdose.constants import LOW_DENSITY_CUTOFF_G_CM3
+from spectdose.dose import activity_mbq_per_voxel, fft_convolve
+from spectdose.geometry import Volume
+from spectdose.kernels import MEDIUM_DENSITY_G_CM3, get_kernel
 
 __all__ = ["REFERENCE_MEDIA", "medium_weights", "reference_dose_rate"]
 
-# (kernel medium, its density g/cm^3): densities from spectdose._kernel_mc.MEDIA
-REFERENCE_MEDIA: tuple[tuple[str, float], ...] = (("lung", 0.26), ("soft", 1.04), ("bone", 1.85))
+# (kernel medium, its density g/cm^3): densities from spectdose.kernels._mc.MEDIA
+REFERENCE_MEDIA: tuple[tuple[str, float], ...] = tuple((m, MEDIUM_DENSITY_G_CM3[m]) for m in ("lung", "soft", "bone"))
 
 
 def medium_weights(density_g_cm3: np.ndarray) -> list[np.ndarray]:

@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from . import __version__
-from .errors import InputError, SpectdoseError
-from .export_regions import REGION_OUTPUT_NAMES, RegionContext, write_region_outputs
-from .geometry import Grid, Volume, resample_to_grid
-from .lesions import LesionMethod, segment_hot_spots
-from .regions import Region, RegionSet, load_regions
+from spectdose import __version__
+from spectdose.constants import MGY_PER_H_PER_GY_PER_S
+from spectdose.dicom.region_outputs import REGION_OUTPUT_NAMES, RegionContext, write_region_outputs
+from spectdose.errors import InputError, SpectdoseError
+from spectdose.geometry import Grid, Volume, resample_to_grid
+from spectdose.lesions import LesionMethod, segment_hot_spots
+from spectdose.regions import Region, RegionSet, load_regions
 
 __all__ = ["region_report", "automatic_lesions", "regions_after_dose", "REGIONS_JSON"]
 
@@ -79,7 +80,7 @@ def region_report(result: str | Path, regions_path: str | Path, out_dir: str | P
     GeometryError
         Regions not on the CT's frame of reference, or outside the CT.
     """
-    from .export import read_dose_rate_map, read_rtdose
+    from spectdose.dicom.export import read_dose_rate_map, read_rtdose
 
     result = Path(result)
     folder = result.parent if result.is_file() else result
@@ -103,7 +104,7 @@ def region_report(result: str | Path, regions_path: str | Path, out_dir: str | P
     rate_path = folder / "doserate_pm.dcm"
     if rate_path.is_file():
         rate = read_dose_rate_map(rate_path)
-        rate_gy_per_s = resample_to_grid(rate, ct_grid, interpolation="linear").array / 3.6e6
+        rate_gy_per_s = resample_to_grid(rate, ct_grid, interpolation="linear").array / MGY_PER_H_PER_GY_PER_S
     else:
         factor_h = (summary.get("time") or {}).get("integration_factor_h")
         if not factor_h:

@@ -14,9 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from pydicom.uid import SegmentationStorage
 
-from .errors import GeometryError, InputError
-from .geometry import Grid, Volume, resample_to_grid
+from spectdose.constants import MGY_PER_H_PER_GY_PER_S
+from spectdose.errors import GeometryError, InputError
+from spectdose.geometry import Grid, Volume, resample_to_grid
 
 __all__ = [
     "Region",
@@ -26,10 +28,8 @@ __all__ = [
     "region_statistics",
     "cumulative_dvh",
     "V_THRESHOLDS_GY",
-    "SEGMENTATION_STORAGE",
 ]
 
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"  # PS3.4 B.5
 # V(x Gy) reported per region: 2 Gy, the red-marrow limit used in PRRT (EANM dosimetry
 # guidance, Sjögreen Gleisner et al., EJNMMI 2022, 49:1778); 23 Gy, the kidney limit taken
 # over from external-beam tolerance (Emami et al., IJROBP 1991, 21:109; used in PRRT
@@ -86,7 +86,7 @@ def load_regions(path: str | Path, ct_grid: Grid) -> RegionSet:
     """
     import pydicom
 
-    from .rtstruct import RT_STRUCTURE_SET_STORAGE
+    from spectdose.dicom.rtstruct import RTStructureSetStorage
 
     path = Path(path)
     try:
@@ -94,9 +94,9 @@ def load_regions(path: str | Path, ct_grid: Grid) -> RegionSet:
     except (OSError, pydicom.errors.InvalidDicomError, ValueError, EOFError) as exc:
         raise InputError(f"regions file {path.name} is not a readable DICOM file ({type(exc).__name__})") from exc
     sop_class = header.get("SOPClassUID")
-    if sop_class == SEGMENTATION_STORAGE:
+    if sop_class == SegmentationStorage:
         return _load_seg(path, ct_grid)
-    if sop_class == RT_STRUCTURE_SET_STORAGE:
+    if sop_class == RTStructureSetStorage:
         return _load_rtstruct(path, ct_grid)
     raise InputError(
         f"regions file {path.name} is neither a DICOM SEG nor an RT Structure Set "
@@ -149,14 +149,14 @@ def _load_seg(path: Path, ct_grid: Grid) -> RegionSet:
             continue
         region.mask = resample_to_grid(Volume(planes, grid, "label"), ct_grid, interpolation="nearest").array > 0
         candidates.append((region, None if region.mask.any() else f"segment {number} '{label}' lies outside the CT"))
-    out = RegionSet(_usable(candidates, f"segmentation {path.name}"), "SEG", SEGMENTATION_STORAGE,
+    out = RegionSet(_usable(candidates, f"segmentation {path.name}"), "SEG", SegmentationStorage,
                     str(seg.SOPInstanceUID), str(seg.SeriesInstanceUID), str(seg.get("SeriesDescription", "")), path)
     out.warnings = [f"regions: {p}; left out" for _, p in candidates if p]
     return out
 
 
 def _load_rtstruct(path: Path, ct_grid: Grid) -> RegionSet:
-    from .rtstruct import RT_STRUCTURE_SET_STORAGE, contours_to_mask, read_rtstruct
+    from spectdose.dicom.rtstruct import RTStructureSetStorage, contours_to_mask, read_rtstruct
 
     ds, structures = read_rtstruct(path)
     what = f"RT Structure Set {path.name}"
@@ -182,7 +182,7 @@ def _load_rtstruct(path: Path, ct_grid: Grid) -> RegionSet:
             notes.append(f"regions: {info['between_slices']} contours of '{s.name}' lie between CT slices and were "
                          "put on the nearest slice")
         candidates.append((region, None))
-    out = RegionSet(_usable(candidates, what), "RTSTRUCT", RT_STRUCTURE_SET_STORAGE, str(ds.SOPInstanceUID),
+    out = RegionSet(_usable(candidates, what), "RTSTRUCT", RTStructureSetStorage, str(ds.SOPInstanceUID),
                     str(ds.get("SeriesInstanceUID", "")), str(ds.get("StructureSetLabel", "")), path)
     out.warnings = [f"regions: {p}; left out" for _, p in candidates if p] + notes
     return out
@@ -236,7 +236,7 @@ def region_statistics(
     """
     rows = []
     for label, mask in masks.items():
-        rate_mgy_per_h = dose_rate_gy_per_s[mask].astype(np.float64) * 3.6e6
+        rate_mgy_per_h = dose_rate_gy_per_s[mask].astype(np.float64) * MGY_PER_H_PER_GY_PER_S
         volume_ml = float(mask.sum()) * voxel_volume_ml
         row = {
             "region": label,

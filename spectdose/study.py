@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 
-from .geometry import Volume
-from .option_names import option_hint, public_name
+from spectdose.geometry import Volume
+from spectdose.option_names import option_hint, public_name
 
 __all__ = ["SeriesRef", "PatientInfo", "Administration", "Study", "TimeFacts", "resolve_times"]
 
@@ -127,7 +127,7 @@ def resolve_times(
     InputError
         the time since administration cannot be known without a guess.
     """
-    from .errors import InputError
+    from spectdose.errors import InputError
 
     warnings: list[str] = []
     if hours_after_administration is not None:

@@ -27,9 +27,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .errors import GeometryError, InputError
-from .geometry import Volume, resample_to_grid
-from .integration import bed_gy, fit_time_curve, integrate_voxels, radiobiology_for
+from spectdose.errors import GeometryError, InputError
+from spectdose.geometry import Volume, resample_to_grid
+from spectdose.integration import bed_gy, fit_time_curve, integrate_voxels, radiobiology_for
 
 __all__ = [
     "TimePoint",

@@ -28,7 +28,7 @@ SMALL_STUDY_SEED = 8
 @pytest.fixture(scope="session")
 def small_study(tmp_path_factory) -> Path:
     """A small virtual patient written by `spectdose phantom` (DICOM under ./dicom, truth under ./truth)."""
-    from spectdose.phantom import generate
+    from spectdose.phantoms import generate
 
     out = tmp_path_factory.mktemp("vp-small")
     generate(out, SMALL_STUDY_SEED, size="small")

@@ -15,15 +15,20 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    MediaStorageDirectoryStorage,
+    NuclearMedicineImageStorage,
+    PositronEmissionTomographyImageStorage,
+    RTDoseStorage,
+    generate_uid,
+)
 
 from spectdose.geometry import Grid
 
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-NM_IMAGE = "1.2.840.10008.5.1.4.1.1.20"
-PET_IMAGE = "1.2.840.10008.5.1.4.1.1.128"
-RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
-MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+RT_DOSE = RTDoseStorage
+MEDIA_STORAGE_DIRECTORY = MediaStorageDirectoryStorage
 
 SLICE_VECTOR = 0x00540080
 ENERGY_WINDOW_VECTOR = 0x00540010
@@ -154,7 +159,7 @@ def write_ct_series(
     for k in range(n):
         stored = np.round((hu[k] - b[k]) / slope).astype(np.int16)
         values[k] = stored * slope + b[k]
-        ds = _base(CT_IMAGE, "CT", study, series_uid, description, frame_of_reference_uid)
+        ds = _base(CTImageStorage, "CT", study, series_uid, description, frame_of_reference_uid)
         ds.ImageType = list(image_type)
         ds.InstanceNumber = k + 1
         ipp = (
@@ -278,7 +283,7 @@ def write_nm_recon(
     series_uid = series_uid or generate_uid()
     stored = np.asarray(stored, dtype=np.uint16)
     n, rows, cols = stored.shape
-    ds = _base(NM_IMAGE, "NM", study, series_uid, description, frame_of_reference_uid)
+    ds = _base(NuclearMedicineImageStorage, "NM", study, series_uid, description, frame_of_reference_uid)
     ds.Manufacturer = manufacturer
     ds.StationName = station_name
     ds.DeviceSerialNumber = device_serial_number
@@ -401,7 +406,7 @@ def write_nm_slices(
     n, rows, cols = stored.shape
     paths = []
     for k in range(n):
-        ds = _base(NM_IMAGE, "NM", study, series_uid, description, None)
+        ds = _base(NuclearMedicineImageStorage, "NM", study, series_uid, description, None)
         ds.StationName = "NM-ROOM-1"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "RECON TOMO", "EMISSION"]
         ds.InstanceNumber = k + 1
@@ -452,7 +457,7 @@ def write_nm_projections(
 ) -> Written:
     """Raw tomographic projections: frames indexed by energy window, detector and rotation."""
     series_uid = generate_uid()
-    ds = _base(NM_IMAGE, "NM", study, series_uid, description, None)
+    ds = _base(NuclearMedicineImageStorage, "NM", study, series_uid, description, None)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "TOMO", "EMISSION"]
     ds.NumberOfFrames = views
     ds.FrameIncrementPointer = [
@@ -497,7 +502,7 @@ def write_pt_series(
         peak = float(bq_per_ml[k].max())
         slope = peak / 32000.0 if peak > 0 else 1.0
         stored = np.round(bq_per_ml[k] / slope).astype(np.uint16)
-        ds = _base(PET_IMAGE, "PT", study, series_uid, description, frame_of_reference_uid)
+        ds = _base(PositronEmissionTomographyImageStorage, "PT", study, series_uid, description, frame_of_reference_uid)
         ds.ImageType = ["ORIGINAL", "PRIMARY"]
         ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = [

@@ -19,12 +19,12 @@ import pytest
 
 from spectdose.cli import main
 from spectdose.cycle import cycle_study_paths, run_cycle
+from spectdose.dicom.export import read_rtdose
 from spectdose.errors import CalibrationError, InputError
-from spectdose.export import read_rtdose
 from spectdose.geometry import Grid, Volume
 from spectdose.integration import bed_gy, bed_mono_exponential_gy, fit_time_curve, integrate_voxels
-from spectdose.phantom import study_uids
-from spectdose.phantom_cycle import Kinetics, generate_cycle, parse_time_points
+from spectdose.phantoms.anatomy import study_uids
+from spectdose.phantoms.cycle import Kinetics, generate_cycle, parse_time_points
 from spectdose.pipeline import DoseOptions
 from spectdose.timeseries import (
     RegistrationError,

@@ -8,7 +8,7 @@ from spectdose.errors import InputError
 
 
 def test_schneider_reference_points():
-    # Breakpoints quoted in physics-data.md (Schneider et al. 2000 as shipped with GATE).
+    # Breakpoints of Schneider et al., Phys Med Biol 45 (2000) 459, as shipped with GATE.
     hu = np.array([-1000.0, -98.0, 14.0, 100.0, 1600.0, 3000.0])
     expected = [0.00121, 0.93, 1.03, 1.12, 1.0164 + 0.000592 * 1600, 2.8]
     np.testing.assert_allclose(hu_to_density(hu), expected, rtol=1e-4)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import scipy.signal
 
+from spectdose.constants import LU177_HALF_LIFE_H
 from spectdose.dose import (
-    LU177_HALF_LIFE_H,
     dvk_dose_rate,
     fft_convolve,
     outside_model_range,

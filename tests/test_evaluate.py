@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from spectdose.cli import main
-from spectdose.evaluate import METRIC_COLUMNS, voi_metrics
+from spectdose.learning.evaluation import METRIC_COLUMNS, voi_metrics
 
 from .conftest import SMALL_STUDY_SEED
 
@@ -46,7 +46,7 @@ def test_evaluate_writes_metrics_for_every_voi_of_a_phantom(small_study, kernel_
 
 
 def test_lesion_volume_bins_cover_half_to_two_hundred_ml():
-    from spectdose.evaluate import lesion_volume_table
+    from spectdose.learning.evaluation import lesion_volume_table
 
     rows = [
         {"voi": f"lesion_{i}", "method": m, "voi_ml": v, "mean_error_pct": e, "nrmse_pct": 2 * e, "signed_mean_error_pct": -e}
@@ -66,15 +66,15 @@ def test_evaluate_with_ablations_and_an_ensemble(small_study, kernel_cache_dir, 
     its coverage (voxels and VOI means) and a sigma band."""
     import torch
 
-    from spectdose.cnn import (
+    from spectdose.cnn.inference import (
         Normalisation,
         SigmaCalibration,
         TrainedModel,
         save_ensemble,
         save_model,
     )
-    from spectdose.evaluate import evaluate
-    from spectdose.network import TINY, DblurDoseNet, NetworkConfig
+    from spectdose.cnn.model import TINY, DblurDoseNet, NetworkConfig
+    from spectdose.learning.evaluation import evaluate
 
     models = tmp_path / "models"
     members = []
@@ -110,7 +110,7 @@ def test_evaluate_with_ablations_and_an_ensemble(small_study, kernel_cache_dir, 
 def test_profiles_show_different_patients():
     from types import SimpleNamespace
 
-    from spectdose.evaluate import one_per_patient
+    from spectdose.learning.evaluation import one_per_patient
 
     cases = [SimpleNamespace(patient=p) for p in ("vp0201", "vp0201", "vp0201", "vp0202", "vp0203", "vp0204")]
     picked = one_per_patient([(c, i) for i, c in enumerate(cases)])

@@ -19,13 +19,19 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    NuclearMedicineImageStorage,
+    ParametricMapStorage,
+    RTDoseStorage,
+    generate_uid,
+)
 from scipy.spatial.transform import Rotation
 
-from spectdose.export import (
+from spectdose.dicom.export import (
     DOSE_SUMMATION_TYPE,
-    PARAMETRIC_MAP_STORAGE,
-    RT_DOSE_STORAGE,
     ExportError,
     Replaces,
     average_onto_grid,
@@ -48,8 +54,6 @@ PLASTIMATCH = shutil.which("plastimatch", path="/usr/bin") or shutil.which("plas
 PARAMAP2ITKIMAGE = shutil.which(
     "paramap2itkimage", path=str(Path(sys.executable).parent)
 ) or shutil.which("paramap2itkimage")
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-NM_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
 UINT32_MAX = 2**32 - 1
 CREATED = dt.datetime(2024, 3, 5, 14, 30, 0)
 DESCRIPTION = "Lu-177 absorbed dose (DVK, Hanscheid STP)"
@@ -107,7 +111,7 @@ def make_study(orientation: str = "hfs", *, nm_in_other_study: bool = False) -> 
         study_uid,
         generate_uid(entropy_srcs=[seed, "ct-series"]),
         "CT",
-        CT_IMAGE_STORAGE,
+        CTImageStorage,
         tuple(generate_uid(entropy_srcs=[seed, "ct", str(k)]) for k in range(shape[0])),
         "CT low dose",
         2,
@@ -117,7 +121,7 @@ def make_study(orientation: str = "hfs", *, nm_in_other_study: bool = False) -> 
         generate_uid(entropy_srcs=[seed, "other-study"]) if nm_in_other_study else study_uid,
         generate_uid(entropy_srcs=[seed, "nm-series"]),
         "NM",
-        NM_IMAGE_STORAGE,
+        NuclearMedicineImageStorage,
         (generate_uid(entropy_srcs=[seed, "nm"]),),
         "SPECT Lu177 recon",
         3,
@@ -152,9 +156,9 @@ def ct_headers(study: Study) -> list[pydicom.Dataset]:
         ds = pydicom.Dataset()
         ds.file_meta = pydicom.dataset.FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
         ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-        ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE_STORAGE, sop_uid
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop_uid
         ds.Modality = "CT"
         ds.StudyInstanceUID, ds.SeriesInstanceUID = ref.study_instance_uid, ref.series_instance_uid
         ds.FrameOfReferenceUID = grid.frame_of_reference_uid
@@ -252,7 +256,7 @@ def _rtdose(dose, study, **kwargs):
 def test_rtdose_header_states_what_the_dose_is_and_where_it_came_from(dose, study):
     ds = _rtdose(dose, study, options_key="hanscheid-stp")
 
-    assert ds.SOPClassUID == RT_DOSE_STORAGE == ds.file_meta.MediaStorageSOPClassUID
+    assert ds.SOPClassUID == RTDoseStorage == ds.file_meta.MediaStorageSOPClassUID
     assert ds.Modality == "RTDOSE"
     assert (ds.DoseUnits, ds.DoseType, ds.DoseSummationType) == (
         "GY",
@@ -635,7 +639,7 @@ def test_parametric_map_round_trip_is_exact(tmp_path, orientation):
     ds = pydicom.dcmread(path)
     back = read_dose_rate_map(path)
 
-    assert ds.SOPClassUID == PARAMETRIC_MAP_STORAGE
+    assert ds.SOPClassUID == ParametricMapStorage
     assert "FloatPixelData" in ds and ds.BitsAllocated == 32
     mapping = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
     unit = mapping.MeasurementUnitsCodeSequence[0]
@@ -1246,7 +1250,7 @@ def test_run_writes_warnings_and_provenance_into_every_output(tmp_path, stand_in
 
 
 def test_run_marks_a_correction_of_an_earlier_result(tmp_path, stand_in_engine):
-    from spectdose.export import replacements_from_summary
+    from spectdose.dicom.export import replacements_from_summary
 
     study_dir = _write_study(tmp_path / "study")
     earlier = _run(study_dir, tmp_path / "a")

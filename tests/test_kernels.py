@@ -20,6 +20,7 @@ import pytest
 
 from spectdose import kernels as K
 from spectdose.errors import KernelError
+from spectdose.kernels import validation as V
 
 # Lanconelli's S-values appear to be beta-only: compare with emission_set="beta".
 LANCONELLI = {
@@ -56,7 +57,7 @@ TOLERANCE_PCT = {"self": 5.0, "face": 10.0, "edge": 25.0, "corner": 25.0, "dista
 # below 0.5 % in every voxel compared here.
 FAST = {"electron_histories": 60_000, "photon_histories": 60_000}
 
-# ICRP-107 Lu-177 energies per decay (MeV), quoted in docs/physics-data.md.
+# ICRP Publication 107 (2008), Lu-177: mean energies emitted per decay (MeV).
 ICRP107_ELECTRON_MEV = 0.1479
 ICRP107_BETA_MEV = 0.1333
 ICRP107_PHOTON_MEV = 0.0351
@@ -79,13 +80,13 @@ def _lanconelli_kernel(medium: str, mm: float, emission_set: str = "beta") -> K.
 
 @pytest.mark.parametrize(("medium", "mm"), sorted(LANCONELLI))
 def test_matches_lanconelli_2012(medium, mm):
-    deviations = K.compare_with_lanconelli(_lanconelli_kernel(medium, mm), LANCONELLI[(medium, mm)])
+    deviations = V.compare_with_lanconelli(_lanconelli_kernel(medium, mm), LANCONELLI[(medium, mm)])
     assert len(deviations) == len(LANCONELLI[(medium, mm)])
     for offset, pct in deviations.items():
-        cls = K.voxel_class(offset)
+        cls = V.voxel_class(offset)
         assert abs(pct) <= TOLERANCE_PCT[cls], f"{medium} {mm} mm {offset} ({cls}): {pct:+.1f} %"
     # the photon-dominated tail agrees much better than the README demands (measured <= 2 %)
-    distant = [p for o, p in deviations.items() if K.voxel_class(o) == "distant"]
+    distant = [p for o, p in deviations.items() if V.voxel_class(o) == "distant"]
     assert max(abs(p) for p in distant) < 3.0
 
 
@@ -97,12 +98,12 @@ def test_full_lanconelli_tables_when_available():
     for f in files:
         medium = "soft" if f.stem.endswith("soft") else "bone"
         mm = float(f.stem[len("177Lu") : -len("mm" + medium)])
-        table = K.read_lanconelli(f)
+        table = V.read_lanconelli(f)
         assert len(table) == 216
         kernel = _lanconelli_kernel(medium, mm)
-        for offset, pct in K.compare_with_lanconelli(kernel, table).items():
-            assert abs(pct) <= TOLERANCE_PCT[K.voxel_class(offset)], f"{f.name} {offset}: {pct:+.1f} %"
-        implied.append(K.lanconelli_implied_electron_mev(kernel, table))
+        for offset, pct in V.compare_with_lanconelli(kernel, table).items():
+            assert abs(pct) <= TOLERANCE_PCT[V.voxel_class(offset)], f"{f.name} {offset}: {pct:+.1f} %"
+        implied.append(V.lanconelli_implied_electron_mev(kernel, table))
     # Every table implies the same electron energy per decay (~0.1378 MeV, 3 % above the
     # ICRP-107 beta mean): the ~-3 % self-voxel gap is their emission normalisation, not
     # transport, and our photon part matches theirs in every table.
@@ -139,7 +140,8 @@ def test_unit_conversion_of_the_self_voxel():
 
 def test_photon_energy_captured_by_paper_kernel(paper_kernel):
     absorbed = paper_kernel.absorbed_energy_mev("photon")
-    # physics-data.md: the 99^3 kernel on 0.98 x 0.98 x 3 mm captures ~0.0099 MeV of 0.0351
+    # The paper's 99^3 photon kernel on 0.98 x 0.98 x 3 mm spans only +-48 x 48 x 147 mm: it
+    # captures ~0.0099 MeV of the 0.0351 MeV photon energy per decay (docs/kernels.md)
     assert absorbed == pytest.approx(0.0099, rel=0.03)
     assert absorbed < ICRP107_PHOTON_MEV
 
@@ -191,7 +193,7 @@ def test_default_shapes_follow_the_electron_range():
 
 
 def test_reproducible_with_a_seed():
-    from spectdose import _kernel_mc
+    from spectdose.kernels import _mc as _kernel_mc
 
     # the Monte Carlo itself (not only the in-process memo) repeats bit for bit
     e1 = _kernel_mc.electron_radial_kernel("Lu-177", "soft", "all", 5_000, seed=11)

@@ -6,9 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from spectdose.cnn import Normalisation, TrainedModel, load_model, predict_dose_rate, save_model
+from spectdose.cnn.inference import (
+    Normalisation,
+    TrainedModel,
+    load_model,
+    predict_dose_rate,
+    save_model,
+)
+from spectdose.cnn.model import DEPTH_VALID, PAPER, TINY, DblurDoseNet, NetworkConfig
 from spectdose.errors import InputError
-from spectdose.network import DEPTH_VALID, PAPER, TINY, DblurDoseNet, NetworkConfig
 
 
 @pytest.mark.parametrize(

@@ -14,13 +14,15 @@ from types import SimpleNamespace
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import NuclearMedicineImageStorage
 from scipy import ndimage
 
 from spectdose.errors import InputError
 from spectdose.geometry import resample_to_grid
-from spectdose.phantom import SIZES, generate, make_virtual_patient
-from spectdose.phantom_dicom import SEG_VOIS, study_uids, write_phantom_study
-from spectdose.spect_sim import mass_attenuation_cm2_g, simulate_spect
+from spectdose.phantoms import generate
+from spectdose.phantoms.anatomy import SIZES, make_virtual_patient
+from spectdose.phantoms.spect_sim import mass_attenuation_cm2_g, simulate_spect
+from spectdose.phantoms.study_io import SEG_VOIS, study_uids, write_phantom_study
 
 SEED = 3
 SCALE3 = SIZES["small"].anatomy_scale ** 3  # small-phantom volumes = clinical x SCALE3
@@ -183,7 +185,7 @@ def test_projector_matches_pytomography_system_matrix():
     one grid: same geometry, attenuation and depth-dependent Gaussian blur."""
     import torch
 
-    from spectdose import spect_sim as ss
+    from spectdose.phantoms import spect_sim as ss
 
     rng = np.random.default_rng(0)
     n, nz, dx_cm, radius_cm = 32, 12, 0.48, 20.0
@@ -216,7 +218,7 @@ def test_projector_matches_pytomography_system_matrix():
 def test_pytomography_import_leaves_warnings_and_numpy_state_alone():
     code = (
         "import warnings, numpy as np\n"
-        "from spectdose.spect_sim import _import_pytomography\n"
+        "from spectdose.phantoms.spect_sim import _import_pytomography\n"
         "before = (list(warnings.filters), np.geterr())\n"
         "_import_pytomography()\n"
         "assert (list(warnings.filters), np.geterr()) == before\n"
@@ -254,7 +256,7 @@ def test_ct_series_geometry_and_hu(study, ct_slices, nm):
 
 def test_nm_frames_lie_on_the_spect_grid(study, nm):
     grid = study.spect.recon.grid
-    assert nm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.20"
+    assert nm.SOPClassUID == NuclearMedicineImageStorage
     assert list(nm.ImageType) == ["ORIGINAL", "PRIMARY", "RECON TOMO", "EMISSION"]
     assert int(nm.NumberOfFrames) == int(nm.NumberOfSlices) == grid.shape[0]
     assert nm.FrameIncrementPointer == pydicom.tag.Tag("SliceVector")

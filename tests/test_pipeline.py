@@ -11,11 +11,11 @@ import pytest
 import SimpleITK as sitk
 
 from spectdose.density import hu_to_density
+from spectdose.dicom.export import read_dose_rate_map, read_rtdose
+from spectdose.dicom.ingest import load_study
 from spectdose.dose import dvk_dose_rate
 from spectdose.errors import CalibrationError, GeometryError, InputError
-from spectdose.export import read_dose_rate_map, read_rtdose
 from spectdose.geometry import Grid, Volume
-from spectdose.ingest import load_study
 from spectdose.kernels import get_kernel
 from spectdose.pipeline import DoseOptions, run
 
@@ -121,7 +121,7 @@ def test_all_zero_activity_is_refused_and_writes_no_dose(small_study, kernel_cac
 
 
 def test_counts_spect_needs_a_calibration_and_then_matches(small_study, kernel_cache_dir, tmp_path):
-    from spectdose.phantom import generate
+    from spectdose.phantoms import generate
 
     info = generate(tmp_path / "counts", SMALL_STUDY_SEED, size="small", spect_units="counts")
     meta = json.loads((tmp_path / "counts" / "truth" / "phantom.json").read_text())

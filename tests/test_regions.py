@@ -9,10 +9,15 @@ import pytest
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
+from spectdose.dicom.rtstruct import (
+    build_rtstruct,
+    contours_to_mask,
+    mask_to_contours,
+    read_rtstruct,
+)
 from spectdose.errors import GeometryError, InputError
 from spectdose.geometry import Grid
 from spectdose.regions import cumulative_dvh, load_regions, region_statistics
-from spectdose.rtstruct import build_rtstruct, contours_to_mask, mask_to_contours, read_rtstruct
 
 FOR = "1.2.826.0.1.3680043.8.498.1"
 
@@ -155,7 +160,7 @@ def test_an_empty_structure_among_good_ones_is_left_out_with_a_warning(tmp_path)
 
 
 def test_a_per_mbq_run_gets_statistics_and_a_seg_that_reads_back_on_an_oblique_ct(tmp_path):
-    from spectdose.export_regions import RegionContext, write_region_outputs
+    from spectdose.dicom.region_outputs import RegionContext, write_region_outputs
     from spectdose.regions import Region, RegionSet
 
     grid = _oblique_feet_first_grid()

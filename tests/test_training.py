@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from spectdose.cnn import load_model, predict_on_ct_grid
+from spectdose.cnn.inference import load_model, predict_on_ct_grid
 from spectdose.errors import InputError
-from spectdose.training import (
+from spectdose.learning.training import (
     DATASETS,
     TrainConfig,
     dataset_members,
@@ -81,22 +81,16 @@ def test_tiny_training_runs_resumes_and_gives_a_usable_model(prepared, tmp_path,
     with pytest.raises(InputError, match="network configuration differs"):
         train({"train": [path], "val": [path]}, tmp_path / "ft2", other, progress=False)
 
-    from spectdose.density import hu_to_density
-    from spectdose.geometry import Volume
-    from spectdose.ingest import load_study
-    from spectdose.pipeline import DoseOptions, compute_dose_rate, spect_on_ct_grid
+    from spectdose.pipeline import network_inputs
 
-    study = load_study(small_study / "dicom")
-    act, _ = spect_on_ct_grid(study, [])
-    rho = Volume(hu_to_density(study.ct.array), study.ct.grid, "g/cm3")
-    dvk, _ = compute_dose_rate(act, rho, options=DoseOptions(kernel_cache_dir=kernel_cache_dir))
+    act, rho, dvk = network_inputs(small_study / "dicom", kernel_cache_dir)
     out = predict_on_ct_grid(model, act, rho, dvk)
-    assert out.grid is study.ct.grid and np.all(np.isfinite(out.array)) and np.all(out.array >= 0)
+    assert out.grid is act.grid and np.all(np.isfinite(out.array)) and np.all(out.array >= 0)
     assert not np.any(out.array[rho.array < 0.1])
 
     # The command a user runs: `spectdose dose STUDY -o OUT --method cnn --model W`.
     from spectdose.cli import main
-    from spectdose.export import read_rtdose
+    from spectdose.dicom.export import read_rtdose
 
     assert main(["dose", str(small_study / "dicom"), "-o", str(tmp_path / "cnn"), "--method", "cnn",
                  "--model", str(tmp_path / "tiny.pt"), "--kernel-cache", str(kernel_cache_dir)]) == 0  # fmt: skip
@@ -162,7 +156,7 @@ def test_resume_gives_the_uninterrupted_result(prepared, tmp_path, small_study, 
 
 
 def test_sampling_favours_lesions_edges_and_marrow(prepared):
-    from spectdose.training import REGION_EDGE, REGION_LESION, REGION_MARROW, _PatchSampler
+    from spectdose.learning.training import REGION_EDGE, REGION_LESION, REGION_MARROW, _PatchSampler
 
     path, arrays = prepared
     regions = arrays["regions"]
@@ -189,7 +183,7 @@ def test_sampling_favours_lesions_edges_and_marrow(prepared):
 
 
 def test_intensity_augmentation_scales_activity_dvk_and_label_together(prepared):
-    from spectdose.training import _PatchSampler
+    from spectdose.learning.training import _PatchSampler
 
     path, _ = prepared
     base = TrainConfig.from_file(TINY_CONFIG)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from spectdose.cnn import (
+from spectdose.cnn.inference import (
     Ensemble,
     Normalisation,
     SigmaCalibration,
@@ -21,10 +21,10 @@ from spectdose.cnn import (
     save_ensemble,
     save_model,
 )
+from spectdose.cnn.model import TINY, DblurDoseNet
 from spectdose.errors import InputError
-from spectdose.evaluate import coverage_pct
 from spectdose.geometry import Grid, Volume
-from spectdose.network import TINY, DblurDoseNet
+from spectdose.learning.evaluation import coverage_pct
 
 SPACING = (3.0, 1.953125, 1.953125)
 
@@ -111,7 +111,7 @@ def test_ensemble_file_round_trip_and_refusals(tmp_path):
 
 
 def test_build_ensemble_calibrates_on_validation_cases(tmp_path):
-    from spectdose.training import build_ensemble, ensemble_card
+    from spectdose.learning.training import build_ensemble, ensemble_card
 
     rng = np.random.default_rng(2)
     shape = (12, 16, 16)

@@ -56,7 +56,7 @@ Outcome = dict
 
 def dose_options(options: dict, settings: Settings):
     """The core's DoseOptions from a job's stored options (public names) and the service settings."""
-    from spectdose.ingest import load_calibrations
+    from spectdose.dicom.ingest import load_calibrations
     from spectdose.pipeline import DoseOptions
 
     stored = dict(options)

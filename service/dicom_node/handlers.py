@@ -18,6 +18,8 @@ import threading
 import uuid
 from pathlib import Path
 
+from pydicom.uid import ParametricMapStorage, RTDoseStorage
+
 from ..config import Settings
 from ..diskguard import DiskFull, check_free_space
 from ..jobs import JobStore
@@ -54,8 +56,8 @@ _REJECT_CALLED_AET = (0x01, 0x01, 0x07)  # permanent; service user; called AE ti
 _REJECT_NO_SPACE = (0x02, 0x03, 0x02)  # transient; service provider (presentation); local limit exceeded
 
 INPUT_MODALITIES = frozenset({"CT", "NM", "PT"})
-_OUR_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.481.2", "1.2.840.10008.5.1.4.1.1.30"})  # RT Dose, Parametric Map
-_OUR_MANUFACTURER = "spectdose"  # spectdose.export_rtdose.MANUFACTURER
+_OUR_SOP_CLASSES = frozenset({RTDoseStorage, ParametricMapStorage})  # RT Dose, Parametric Map
+_OUR_MANUFACTURER = "spectdose"  # spectdose.dicom.rtdose.MANUFACTURER
 
 
 @dataclasses.dataclass

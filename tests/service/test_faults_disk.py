@@ -24,7 +24,7 @@ from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
-import spectdose.archive
+import spectdose.dicom.archive
 from service.celery_app import make_celery
 from service.db import Job
 from service.dicom_node import DicomNode
@@ -82,7 +82,7 @@ def test_rest_enospc_is_507_never_a_damaged_archive(client, settings, study_zip,
                 _enospc()
             return real_open(path, mode, *a, **k)
 
-        monkeypatch.setattr(spectdose.archive, "open", full_disk_open, raising=False)
+        monkeypatch.setattr(spectdose.dicom.archive, "open", full_disk_open, raising=False)
     else:
         monkeypatch.setattr(Storage, "publish_input", _enospc)
     r = _post(client, study_zip)
@@ -265,5 +265,5 @@ def test_zip_io_helpers_still_refuse_real_damage(tmp_path):
     data = bytearray(buf.getvalue())
     data[100:120] = b"\0" * 20  # the member's bytes no longer match its CRC
     (tmp_path / "bad.zip").write_bytes(bytes(data))
-    members = spectdose.archive.unpack_zip(tmp_path / "bad.zip", tmp_path / "out", max_bytes=10**6, max_members=10)
+    members = spectdose.dicom.archive.unpack_zip(tmp_path / "bad.zip", tmp_path / "out", max_bytes=10**6, max_members=10)
     assert members and members[0].problem and "damaged" in members[0].problem

@@ -31,8 +31,6 @@ from service.main import create_app
 
 from .support import AUTH, make_settings, wait_for
 
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-
 
 def _zip(client, body: bytes, **params):
     return client.post("/studies", content=body, headers={**AUTH, "Content-Type": "application/zip"}, params=params)

@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, RTStructureSetStorage, SegmentationStorage
 
-from .geometry import Grid
-from .regions import SEGMENTATION_STORAGE, RegionSet, region_statistics
-from .rtstruct import RT_STRUCTURE_SET_STORAGE, build_rtstruct
+from spectdose.dicom.rtstruct import build_rtstruct
+from spectdose.geometry import Grid
+from spectdose.regions import RegionSet, region_statistics
 
 __all__ = ["RegionContext", "write_region_outputs", "REGION_OUTPUT_NAMES", "add_dvhs"]
 
@@ -39,7 +40,6 @@ REGION_OUTPUT_NAMES = {
     "regions_rtstruct": "regions_rtstruct.dcm",
     "sr": "sr.dcm",
 }
-_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 _UID_ROOT = "2.25."
 # Codes of our own (PS3.16 8.2: a private coding scheme designator starts with 99).
 _SCHEME = "99SPECTDOSE"
@@ -81,7 +81,7 @@ def _pseudo_ct_headers(ctx: RegionContext) -> list[Dataset]:
         for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
                         "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"):
             setattr(d, keyword, h.get(keyword, ""))
-        d.SOPClassUID, d.SOPInstanceUID, d.Modality = _CT_IMAGE_STORAGE, uid, "CT"
+        d.SOPClassUID, d.SOPInstanceUID, d.Modality = CTImageStorage, uid, "CT"
         d.SeriesInstanceUID = ctx.ct_series_uid
         d.FrameOfReferenceUID = g.frame_of_reference_uid
         d.Rows, d.Columns = g.shape[1], g.shape[2]
@@ -121,7 +121,7 @@ def _build_seg(regions: RegionSet, ctx: RegionContext, *, description: str, meth
         ))
     pixels = np.stack([r.mask for r in regions.regions], axis=-1).astype(np.uint8)
     digest = _masks_digest(regions)
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=_pseudo_ct_headers(ctx),
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -138,6 +138,14 @@ def _build_seg(regions: RegionSet, ctx: RegionContext, *, description: str, meth
         content_label="AUTOLESIONS" if regions.source == "automatic" else "REGIONS",
         content_description=(method or description)[:64],
     )
+    # highdicom draws the Dimension Organization UID at random; derive it from the content so an
+    # identical rerun is the identical object (the node and REST de-duplicate by content digest).
+    organisation_uid = _uid("SEG-dimension-organisation", seg.SOPInstanceUID)
+    for item in seg.DimensionOrganizationSequence:
+        item.DimensionOrganizationUID = organisation_uid
+    for item in seg.DimensionIndexSequence:
+        item.DimensionOrganizationUID = organisation_uid
+    return seg
 
 
 def add_dvhs(rtdose: Dataset, rows: Sequence[dict], roi_numbers: Sequence[int], structure_set_uid: str) -> None:
@@ -147,7 +155,7 @@ def add_dvhs(rtdose: Dataset, rows: Sequence[dict], roi_numbers: Sequence[int], 
     receiving at least (n - 1) bin widths, so the first is the whole region.
     """
     ref = Dataset()
-    ref.ReferencedSOPClassUID = RT_STRUCTURE_SET_STORAGE
+    ref.ReferencedSOPClassUID = RTStructureSetStorage
     ref.ReferencedSOPInstanceUID = structure_set_uid
     rtdose.ReferencedStructureSetSequence = [ref]
     items = []
@@ -205,7 +213,7 @@ def _build_sr(rows, regions: RegionSet, seg_uid: str, segment_numbers, rtdose: D
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=_uid("tracking", seg_uid, str(number)), identifier=region.name[:64]),
             referenced_segment=hd.sr.ReferencedSegment(
-                sop_class_uid=SEGMENTATION_STORAGE, sop_instance_uid=seg_uid, segment_number=int(number),
+                sop_class_uid=SegmentationStorage, sop_instance_uid=seg_uid, segment_number=int(number),
                 source_series=hd.sr.SourceSeriesForSegmentation(ctx.ct_series_uid)),
             finding_type=codes.SCT.Neoplasm if region.lesion else codes.SCT.Organ,
             measurements=measurements,

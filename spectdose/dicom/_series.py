@@ -1,6 +1,6 @@
 """Grouping DICOM files into series, telling CTs from SPECTs, and placing them in space.
 
-Private to :mod:`spectdose.ingest`. Geometry follows PS3.3 C.7.6.2 (Image Plane) for
+Private to :mod:`spectdose.dicom.ingest`. Geometry follows PS3.3 C.7.6.2 (Image Plane) for
 single-frame CT/PET/NM slices and C.8.4.9/C.8.4.15 (NM Image / NM Detector) for
 reconstructed multi-frame NM, and returns :class:`~spectdose.geometry.Grid` objects in
 the core's (slice, row, column) convention.
@@ -18,27 +18,40 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    CTImageStorage,
+    DeformableSpatialRegistrationStorage,
+    EncapsulatedPDFStorage,
+    EnhancedCTImageStorage,
+    EnhancedPETImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    NuclearMedicineImageStorage,
+    ParametricMapStorage,
+    PositronEmissionTomographyImageStorage,
+    RTDoseStorage,
+    RTStructureSetStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+    SpatialRegistrationStorage,
+)
 
-from ._dicom_files import FileHeader, convert_all_elements, ds_float
-from .errors import GeometryError, InputError
-from .geometry import Grid
+from spectdose.dicom._files import FileHeader, convert_all_elements, ds_float
+from spectdose.errors import GeometryError, InputError
+from spectdose.geometry import Grid
 
 # SOP Class UIDs (PS3.4 Annex B.5)
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-NM_IMAGE = "1.2.840.10008.5.1.4.1.1.20"
-PET_IMAGE = "1.2.840.10008.5.1.4.1.1.128"
 _NOT_INPUTS = {
-    "1.2.840.10008.5.1.4.1.1.481.2": "RT Dose (e.g. an earlier dose output); not an input",
-    "1.2.840.10008.5.1.4.1.1.481.3": "RT Structure Set; not an image input",
-    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation; not an image input",
-    "1.2.840.10008.5.1.4.1.1.30": "Parametric Map (e.g. an earlier output); not an input",
-    "1.2.840.10008.5.1.4.1.1.66.1": "Spatial Registration; not used (registration is redone)",
-    "1.2.840.10008.5.1.4.1.1.66.3": "Deformable Spatial Registration; not used",
-    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT (multi-frame) is not supported; export classic CT images",
-    "1.2.840.10008.5.1.4.1.1.130": "Enhanced PET is not supported; export classic PET images",
-    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture (screenshot); not quantitative",
-    "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF; not an image input",
+    RTDoseStorage: "RT Dose (e.g. an earlier dose output); not an input",
+    RTStructureSetStorage: "RT Structure Set; not an image input",
+    SegmentationStorage: "Segmentation; not an image input",
+    ParametricMapStorage: "Parametric Map (e.g. an earlier output); not an input",
+    SpatialRegistrationStorage: "Spatial Registration; not used (registration is redone)",
+    DeformableSpatialRegistrationStorage: "Deformable Spatial Registration; not used",
+    EnhancedCTImageStorage: "Enhanced CT (multi-frame) is not supported; export classic CT images",
+    EnhancedPETImageStorage: "Enhanced PET is not supported; export classic PET images",
+    SecondaryCaptureImageStorage: "Secondary Capture (screenshot); not quantitative",
+    EncapsulatedPDFStorage: "Encapsulated PDF; not an image input",
 }
 _NOT_INPUT_PREFIXES = {
     "1.2.840.10008.5.1.4.1.1.88.": "Structured Report; not an image input",
@@ -238,7 +251,7 @@ def _not_input_reason(sop_class: str, modality: str) -> str:
     for prefix, reason in _NOT_INPUT_PREFIXES.items():
         if sop_class.startswith(prefix):
             return reason
-    if sop_class not in (CT_IMAGE, NM_IMAGE, PET_IMAGE):
+    if sop_class not in (CTImageStorage, NuclearMedicineImageStorage, PositronEmissionTomographyImageStorage):
         return f"{modality or 'unknown modality'} object of SOP Class {sop_class or '(none)'} is not used"
     return ""
 
@@ -334,13 +347,13 @@ def group_series(headers: list[FileHeader]) -> tuple[list[Candidate], list[tuple
             candidates.append(
                 Candidate(key=series_uid, files=files, kind="", reason=reason, **base)
             )
-        elif sop_class == CT_IMAGE:
+        elif sop_class == CTImageStorage:
             candidates.append(
                 Candidate(
                     key=series_uid, files=files, kind="ct", reason=_classify_ct(files), **base
                 )
             )
-        elif sop_class == PET_IMAGE:
+        elif sop_class == PositronEmissionTomographyImageStorage:
             units = str(ds.get("Units", "") or "").upper()
             reason = ""
             if len(files) < 2:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import KernelError
+from spectdose.errors import KernelError
 
 # --- constants -----------------------------------------------------------------------
 # CODATA 2018 (NIST): electron rest energy, classical electron radius, fine-structure

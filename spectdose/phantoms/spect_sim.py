@@ -27,10 +27,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .density import hu_to_density
-from .errors import InputError
-from .geometry import Grid, Volume, resample_to_grid
-from .phantom import TISSUES, VirtualPatient, sample_patient
+from spectdose.density import hu_to_density
+from spectdose.errors import InputError
+from spectdose.geometry import Grid, Volume, resample_to_grid
+from spectdose.phantoms.anatomy import TISSUES, VirtualPatient, sample_patient
 
 __all__ = [
     "SimulatedSpect",
@@ -134,7 +134,7 @@ def mass_attenuation_cm2_g(material: str, energy_kev: float = PHOTOPEAK_KEV) -> 
     """Total mass attenuation coefficient (with coherent scattering) of ``material``.
 
     Log-log interpolation of the NIST table (e.g. water 0.1353 cm^2/g at 208.4 keV, cf.
-    0.1350 quoted in physics-data.md). ``"spongiosa"`` is a mixture: 1.18 g/cm^3 of
+    0.1350 of the NIST XCOM web table). ``"spongiosa"`` is a mixture: 1.18 g/cm^3 of
     cortical bone (1.92) in marrow-like soft tissue (1.03), 27.5 % bone by mass.
     """
     if material == "spongiosa":
@@ -399,8 +399,8 @@ def ideal_spect(patient: VirtualPatient, *, view_duration_s: float = 20.0, n_vie
     seconds instead of a projection and OSEM. Marked as such: ``n_iters == n_subsets == 0``,
     no projections, counts as the expected ones of ``view_duration_s`` per view.
     """
-    from .errors import GeometryError
-    from .export_grid import average_onto_grid
+    from spectdose.dose_grid import average_onto_grid
+    from spectdose.errors import GeometryError
 
     sg = patient.spect_grid
     t0 = time.perf_counter()

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from . import _dicom_activity as act
-from ._dicom_files import FileHeader, ds_float, input_files, read_header
-from ._dicom_series import (
+from spectdose.dicom import _activity as act
+from spectdose.dicom._files import FileHeader, ds_float, input_files, read_header
+from spectdose.dicom._series import (
     Candidate,
     approx_bounds_lps,
     candidate_grid,
@@ -36,10 +36,13 @@ from ._dicom_series import (
     read_pixels,
     stack_geometry,
 )
-from .errors import CalibrationError, GeometryError, InputError
-from .geometry import Grid, Volume
-from .option_names import option_hint
-from .study import Administration, PatientInfo, SeriesRef, Study, resolve_times
+from spectdose.errors import CalibrationError, GeometryError, InputError
+from spectdose.geometry import Grid, Volume
+from spectdose.option_names import option_hint
+from spectdose.study import Administration, PatientInfo, SeriesRef, Study, resolve_times
+
+# What pydicom and our readers raise on malformed content that the specific checks did not name.
+MALFORMED_CONTENT_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError, NotImplementedError)
 
 __all__ = [
     "CameraCalibration",
@@ -304,14 +307,7 @@ def scan_dicom(path: str | Path, *, max_zip_bytes: int = 4 * 2**30) -> Inventory
         return Inventory(
             [_summary(c) for c in candidates], ignored, notes, sorted(orphans + in_series)
         )
-    except (
-        ValueError,
-        TypeError,
-        AttributeError,
-        KeyError,
-        IndexError,
-        NotImplementedError,
-    ) as exc:
+    except MALFORMED_CONTENT_ERRORS as exc:
         raise InputError(f"malformed DICOM content while scanning ({type(exc).__name__})") from exc
 
 
@@ -871,14 +867,7 @@ def load_study(
             },
             max_zip_bytes=max_zip_bytes,
         )
-    except (
-        ValueError,
-        TypeError,
-        AttributeError,
-        KeyError,
-        IndexError,
-        NotImplementedError,
-    ) as exc:
+    except MALFORMED_CONTENT_ERRORS as exc:
         # A safety net: specific checks above name the attribute; anything that still slips
         # through is malformed DICOM content, reported without echoing header values.
         raise InputError(

@@ -23,11 +23,16 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import Tag
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    ExplicitVRLittleEndian,
+    RTDoseStorage,
+    generate_uid,
+)
 
-from .errors import SpectdoseError
-from .geometry import Grid, Volume
-from .study import SeriesRef, Study
+from spectdose.errors import SpectdoseError
+from spectdose.geometry import Grid, Volume
+from spectdose.study import SeriesRef, Study
 
 __all__ = [
     "ExportError",
@@ -39,7 +44,6 @@ __all__ = [
     "DoseUnits",
     "DoseType",
     "DoseSummationType",
-    "RT_DOSE_STORAGE",
     "DOSE_SUMMATION_TYPE",
     "build_rtdose",
     "write_rtdose",
@@ -48,7 +52,6 @@ __all__ = [
     "derive_uid",
 ]
 
-RT_DOSE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.2"  # PS3.4 B.5, RT Dose Storage
 GRID_FRAME_OFFSET_VECTOR = Tag(0x3004, 0x000C)  # PS3.6: Grid Frame Offset Vector
 MANUFACTURER = "spectdose"
 # DICOM DS values are at most 16 bytes (PS3.5 6.2, Value Representation DS).
@@ -315,7 +318,7 @@ def check_on_ct_frame(volume: Volume, study: Study, what: str) -> None:
 
     The volume may lie on the CT grid itself or on a coarser output grid built from it
     (``--dose-grid``): same axes and frame of reference, its outer edges within half an
-    output voxel of the CT's field of view (see :func:`spectdose.export_grid.output_grid`).
+    output voxel of the CT's field of view (see :func:`spectdose.dose_grid.output_grid`).
     """
     array = np.asarray(volume.array)
     if array.ndim != 3:
@@ -458,7 +461,7 @@ def add_patient_and_study(ds_out: Dataset, study: Study) -> None:
 
 
 def software_version() -> str:
-    from . import __version__
+    from spectdose import __version__
 
     return __version__
 
@@ -540,7 +543,7 @@ def build_rtdose(
     ----------
     dose_gy : absorbed dose, units ``"Gy"`` (or ``"mGy"``, converted), on ``study.ct.grid``
         or an output grid built from it (same axes and frame of reference, see
-        :func:`spectdose.export_grid.output_grid`).
+        :func:`spectdose.dose_grid.output_grid`).
     study : the source study; patient, study and series references are copied from it.
     method : short name of the dose method (e.g. ``"DVK"``), part of the UIDs.
     description : Series Description, e.g. ``"Lu-177 absorbed dose (DVK, Hanscheid STP)"``;
@@ -613,7 +616,7 @@ def build_rtdose(
     out = Dataset()
     out.SpecificCharacterSet = "ISO_IR 192"
     # SOP Common
-    out.SOPClassUID = RT_DOSE_STORAGE
+    out.SOPClassUID = RTDoseStorage
     out.SOPInstanceUID = sop_uid
     out.InstanceCreationDate = created_date
     out.InstanceCreationTime = created_time
@@ -684,7 +687,7 @@ def build_rtdose(
     out.PixelData = np.ascontiguousarray(stored).tobytes()
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RT_DOSE_STORAGE
+    meta.MediaStorageSOPClassUID = RTDoseStorage
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
@@ -749,7 +752,7 @@ def read_rtdose(path: str | os.PathLike) -> Volume:
         units are not GY, or its frames are not evenly spaced.
     """
     dataset = pydicom.dcmread(path)
-    if dataset.get("SOPClassUID") != RT_DOSE_STORAGE or dataset.get("Modality") != "RTDOSE":
+    if dataset.get("SOPClassUID") != RTDoseStorage or dataset.get("Modality") != "RTDOSE":
         raise ExportError(
             f"{path} is not an RT Dose (SOP Class {dataset.get('SOPClassUID')}, "
             f"modality {dataset.get('Modality')})"

@@ -15,6 +15,7 @@ time, the acquisition start, the energy window, the collimator and the view dura
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import platform
@@ -26,17 +27,21 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.tag import Tag
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    NuclearMedicineImageStorage,
+    generate_uid,
+)
 
-from .errors import InputError
-from .geometry import Grid
-from .phantom import LU177_HALF_LIFE_S, SIZES, TISSUES, UPTAKE_24H, VirtualPatient, study_uids
-from .spect_sim import INTRINSIC_FWHM_140KEV_CM, SimulatedSpect
+from spectdose.constants import LU177_HALF_LIFE_S
+from spectdose.errors import InputError
+from spectdose.geometry import Grid, Volume
+from spectdose.phantoms.anatomy import SIZES, TISSUES, UPTAKE_24H, VirtualPatient, study_uids
+from spectdose.phantoms.spect_sim import INTRINSIC_FWHM_140KEV_CM, SimulatedSpect
 
-__all__ = ["write_phantom_study", "study_uids", "SEG_VOIS"]
+__all__ = ["write_phantom_study", "study_uids", "SEG_VOIS", "PhantomCase", "load_phantom_case"]
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-NM_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
 _MANUFACTURER = "spectdose"
 _MODEL = "spectdose virtual camera"
 _STATION = "VIRTUAL01"
@@ -128,7 +133,7 @@ def _base_dataset(sop_class: str, sop_instance: str, patient: VirtualPatient, ui
 
 
 def _version() -> str:
-    from . import __version__
+    from spectdose import __version__
 
     return __version__
 
@@ -151,7 +156,7 @@ def _ct_datasets(patient: VirtualPatient, uids: dict) -> list[FileDataset]:
     out = []
     for k in range(nz):
         sop = _ct_instance_uid(patient.seed, patient.size, k, patient.time_point)
-        ds = _base_dataset(CT_IMAGE_STORAGE, sop, patient, uids, ct_time)
+        ds = _base_dataset(CTImageStorage, sop, patient, uids, ct_time)
         ds.Modality = "CT"
         ds.SeriesInstanceUID = uids["ct_series"]
         ds.SeriesNumber = 2
@@ -204,7 +209,7 @@ def _nm_dataset(patient: VirtualPatient, spect: SimulatedSpect, uids: dict, spec
     grid = spect.recon.grid
     acq = patient.acquisition_datetime
     nz, ny, nx = grid.shape
-    ds = _base_dataset(NM_IMAGE_STORAGE, uids["nm_instance"], patient, uids, acq)
+    ds = _base_dataset(NuclearMedicineImageStorage, uids["nm_instance"], patient, uids, acq)
     ds.Modality = "NM"
     ds.SeriesInstanceUID = uids["nm_series"]
     ds.SeriesNumber = 1
@@ -580,3 +585,44 @@ def write_phantom_study(
         "npz": npz_path,
         "json": json_path,
     }
+
+
+@dataclasses.dataclass
+class PhantomCase:
+    """One phantom study as written by `spectdose phantom`, with its truth."""
+
+    path: Path
+    patient: str
+    realisation: int
+    labels: dict[str, np.ndarray]
+    activity_true: Volume
+    density_true: Volume
+
+
+def load_phantom_case(path: str | Path) -> PhantomCase:
+    path = Path(path)
+    truth_npz = path / "truth" / "truth.npz"
+    meta_json = path / "truth" / "phantom.json"
+    if not truth_npz.is_file() or not meta_json.is_file():
+        raise InputError(f"{path} is not a phantom written by `spectdose phantom` (no truth/truth.npz, truth/phantom.json)")
+    meta = json.loads(meta_json.read_text())
+    with np.load(truth_npz) as t:
+        grid = Grid(
+            t["activity_bq_per_ml"].shape,
+            tuple(t["spacing_mm"]),
+            tuple(t["origin_mm"]),
+            t["axes"],
+            meta.get("dicom", {}).get("uids", {}).get("frame_of_reference"),
+        )
+        labels = {k[len("label_") :]: t[k].astype(bool) for k in t.files if k.startswith("label_")}
+        activity = Volume(t["activity_bq_per_ml"].astype(np.float32), grid, "Bq/ml")
+        density = Volume(t["density_g_cm3"].astype(np.float32), grid, "g/cm3")
+    seed = int(meta["seed"])
+    return PhantomCase(
+        path=path,
+        patient=f"vp{seed:04d}",
+        realisation=int(meta.get("counts", {}).get("noise_seed", seed)),
+        labels=labels,
+        activity_true=activity,
+        density_true=density,
+    )

@@ -16,7 +16,7 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from .errors import InputError
+from spectdose.errors import InputError
 
 __all__ = ["MAX_ZIP_RATIO", "MAX_ZIP_MEMBERS", "UnsafeArchiveError", "ArchiveMember", "unpack_zip"]
 

@@ -1,6 +1,6 @@
 """Finding DICOM files in a folder or zip archive and reading their headers safely.
 
-Private to :mod:`spectdose.ingest`. Everything here is about files, not physics: which
+Private to :mod:`spectdose.dicom.ingest`. Everything here is about files, not physics: which
 paths hold DICOM, whether a file is complete, and unpacking archives without letting a
 hostile archive write outside a temporary folder or fill the disk.
 """
@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import MediaStorageDirectoryStorage
 
-from .archive import unpack_zip
-from .errors import InputError
+from spectdose.dicom.archive import unpack_zip
+from spectdose.errors import InputError
 
-_MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR SOP Class (PS3.4 Annex F)
 _ARCHIVE_SUFFIXES = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar")
 
 
@@ -198,7 +198,7 @@ def read_header(item: InputFile) -> FileHeader | str:
     sop_class = str(
         header.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else "")
     )
-    if sop_class == _MEDIA_STORAGE_DIRECTORY:
+    if sop_class == MediaStorageDirectoryStorage:
         return "DICOMDIR index (images are found by scanning, not through the index)"
     if forced and not ("SOPClassUID" in header and "SeriesInstanceUID" in header):
         return "not DICOM (no SOP Class or Series Instance UID)"

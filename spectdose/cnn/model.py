@@ -169,7 +169,7 @@ class _UNet2D(nn.Module):
 class DblurDoseNet(nn.Module):
     """Activity + density packs (and the DVK middle slice) -> dose rate of the middle slice.
 
-    Inputs and outputs are in the network's normalised units (see ``spectdose.cnn``): the
+    Inputs and outputs are in the network's normalised units (see ``spectdose.cnn.inference``): the
     mask of low density is applied by the caller, which knows the physical density.
     """
 

@@ -17,8 +17,9 @@ import numpy as np
 import pydicom
 from highdicom.pm import ParametricMap, RealWorldValueMapping
 from pydicom.dataset import Dataset
+from pydicom.uid import ParametricMapStorage
 
-from .export_rtdose import (
+from spectdose.dicom.rtdose import (
     MANUFACTURER,
     ExportError,
     Replaces,
@@ -33,18 +34,16 @@ from .export_rtdose import (
     software_version,
     source_image_items,
 )
-from .geometry import Grid, Volume
-from .study import Study
+from spectdose.geometry import Grid, Volume
+from spectdose.study import Study
 
 __all__ = [
-    "PARAMETRIC_MAP_STORAGE",
     "DOSE_RATE_UNIT",
     "build_dose_rate_map",
     "write_dose_rate_map",
     "read_dose_rate_map",
 ]
 
-PARAMETRIC_MAP_STORAGE = "1.2.840.10008.5.1.4.1.1.30"  # PS3.4 B.5, Parametric Map Storage
 # UCUM unit codes for the stored values (PS3.16 CID 7181 allows any UCUM unit). A map of an
 # MBq-normalised activity is per MBq in the field of view: "mGy/h/MBq" is valid UCUM
 # (mGy.h-1.MBq-1; UCUM 2.1, section 2.1 "/" is left-associative division).
@@ -93,11 +92,11 @@ def build_dose_rate_map(
     ----------
     dose_rate_mgy_per_h : dose rate, units ``"mGy/h"`` (or ``"Gy/h"``, converted), or per
         MBq of a normalised activity, ``"mGy/h/MBq"`` (``"Gy/h/MBq"``); on the CT grid or an
-        output grid built from it (:func:`spectdose.export_grid.output_grid`).
+        output grid built from it (:func:`spectdose.dose_grid.output_grid`).
     study : the source study; patient, study and references are copied from it.
     method : short name of the dose method (e.g. ``"DVK"``), part of the UIDs.
     options_key : everything else that changes the values, part of the UIDs.
-    content_digest : :func:`spectdose.export_rtdose.content_digest` of the inputs, part of the UIDs.
+    content_digest : :func:`spectdose.dicom.rtdose.content_digest` of the inputs, part of the UIDs.
     warnings : caveats; written to Image Comments, their count to the descriptions.
     provenance : how the map was made; written to Image Comments.
     replaces : the earlier map series this one corrects; said in the comments and
@@ -349,7 +348,7 @@ def read_dose_rate_map(path: str | os.PathLike) -> Volume:
         known dose-rate unit, or its frames are not an evenly spaced stack of parallel planes.
     """
     dataset = pydicom.dcmread(path)
-    if dataset.get("SOPClassUID") != PARAMETRIC_MAP_STORAGE:
+    if dataset.get("SOPClassUID") != ParametricMapStorage:
         raise ExportError(
             f"{path} is not a Parametric Map (SOP Class {dataset.get('SOPClassUID')})"
         )

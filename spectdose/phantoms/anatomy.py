@@ -10,7 +10,7 @@ Coordinates are DICOM LPS for a head-first-supine patient: +x = patient left,
 +y = posterior, +z = superior (head). Arrays are ``(z, y, x)`` = (slice, row, column).
 
 Public API: :class:`VirtualPatient`, :func:`make_virtual_patient`, :func:`sample_anatomy`,
-:data:`SIZES`, :func:`generate` (patient -> SPECT -> DICOM study + truth in one call).
+:data:`SIZES`. :func:`spectdose.phantoms.generate` makes a whole study from it.
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from .density import density_to_hu
-from .errors import InputError
-from .geometry import Grid, Volume
+from spectdose.density import density_to_hu
+from spectdose.errors import InputError
+from spectdose.geometry import Grid, Volume
 
 __all__ = [
     "PhantomSize",
@@ -37,14 +36,9 @@ __all__ = [
     "sample_patient",
     "RigidPose",
     "study_uids",
-    "generate",
-    "LU177_HALF_LIFE_S",
     "TISSUES",
     "UPTAKE_24H",
 ]
-
-# ICRP Publication 107 (2008): Lu-177 half-life 6.647 d = 574300.8 s.
-LU177_HALF_LIFE_S = 6.647 * 86400.0
 
 # Nominal administered activity per cycle of Lutathera (177Lu-DOTATATE): 7.4 GBq
 # (NETTER-1 protocol; Strosberg et al., N Engl J Med 376 (2017) 125).
@@ -144,7 +138,8 @@ _T = {name: code for name, (code, _, _) in TISSUES.items()}
 # Activity concentration 24 h after 7.4 GBq 177Lu-DOTATATE (MBq/ml) and the effective
 # half-life (h) that carries it to the acquisition time. Representative values, chosen so
 # that the absorbed doses they imply (mono-exponential, dose rate 0.085 Gy/h per MBq/ml,
-# local absorption of electrons + a little photon energy; physics-data.md) match published
+# local absorption of the ICRP-107 electron energy, 0.1479 MeV per decay, + a little photon
+# energy) match published
 # dosimetry: kidneys 0.46-0.57 Gy/GBq (Staanum et al., EJNMMI Phys 8 (2021) 78; Clin Nucl
 # Med 38 (2013) "Dosimetric analyses of kidneys, liver, spleen, pituitary gland, and
 # neuroendocrine tumors ... 177Lu-DOTATATE": kidneys 0.57, liver 0.27, spleen 1.17, NET
@@ -269,7 +264,7 @@ class VirtualPatient:
     spect_grid: Grid
     anatomy: _Anatomy
     uptake_bq_per_ml: dict[str, float]
-    # Set for one time point of a cycle (spectdose.phantom_cycle): how the patient lies on
+    # Set for one time point of a cycle (spectdose.phantoms.cycle): how the patient lies on
     # the couch relative to the first time point, and a tag that keeps its UIDs apart.
     pose: RigidPose | None = None
     time_point: str | None = None
@@ -408,7 +403,7 @@ class _Lesion:
     conc_bq_ml: float
     texture_shift_mm: tuple[float, float, float]
     shape_offset: float = 0.0  # mean of the shape field over the surface (keeps the volume)
-    # What the kinetics of a cycle start from (spectdose.phantom_cycle): the drawn 24 h
+    # What the kinetics of a cycle start from (spectdose.phantoms.cycle): the drawn 24 h
     # concentration and effective half-life behind conc_bq_ml.
     conc_24h_bq_ml: float = 0.0
     t_eff_h: float = 0.0
@@ -1004,7 +999,7 @@ def sample_patient(
     """
     if pose is None:
         return sample_anatomy(anatomy, grid, with_activity=with_activity)
-    from .geometry import resample_to_grid
+    from spectdose.geometry import resample_to_grid
 
     forward = pose.to_sitk()
     inverse = forward.GetInverse()  # this position -> reference position: where to sample
@@ -1234,41 +1229,3 @@ def _ct_numbers(s: SampledAnatomy, rng: np.random.Generator) -> np.ndarray:
     noise *= _CT_NOISE_HU / max(float(noise.std()), 1e-6)
     hu = hu + np.where(s.tissue == _T["air"], 0.2, 1.0).astype(np.float32) * noise
     return np.clip(np.rint(hu), -1024, 3071).astype(np.float32)
-
-
-def generate(
-    out_dir: str | Path,
-    seed: int,
-    size: str = "small",
-    *,
-    total_counts: float | None = None,
-    device: str | None = None,
-    n_iters: int | None = None,
-    n_subsets: int | None = None,
-    spect_units: str = "Bq/ml",
-    noise_seed: int | None = None,
-    num_threads: int | None = None,
-) -> dict:
-    """Make patient ``seed``, simulate and reconstruct its SPECT, write DICOM + truth.
-
-    Writes ``out_dir/dicom/CT/*.dcm``, ``out_dir/dicom/NM/*.dcm`` and
-    ``out_dir/truth/{truth.npz, seg.dcm, phantom.json}``; returns the written paths
-    (see :func:`spectdose.phantom_dicom.write_phantom_study`). Keyword arguments are those
-    of :func:`make_virtual_patient`, :func:`spectdose.spect_sim.simulate_spect` and
-    ``write_phantom_study``.
-
-    Raises
-    ------
-    InputError
-        Unknown size or units, bad seed, counts or reconstruction settings.
-    """
-    from .phantom_dicom import write_phantom_study
-    from .spect_sim import simulate_spect
-
-    if spect_units not in ("Bq/ml", "counts"):
-        raise InputError(f"spect_units must be 'Bq/ml' or 'counts', got {spect_units!r}")
-    patient = make_virtual_patient(seed, size, total_counts=total_counts)
-    spect = simulate_spect(
-        patient, device=device, n_iters=n_iters, n_subsets=n_subsets, num_threads=num_threads, seed=noise_seed
-    )
-    return write_phantom_study(out_dir, patient, spect, spect_units=spect_units)

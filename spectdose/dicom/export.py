@@ -8,18 +8,16 @@ software and model version), so an identical retry overwrites and any change is 
 object. They carry their warnings and how they were made. See ``docs/rtdose.md``.
 """
 
-from .export_grid import average_onto_grid, grid_for_option, output_grid
-from .export_pmap import (
+
+from spectdose.dicom.pmap import (
     DOSE_RATE_PER_MBQ_UNIT,
     DOSE_RATE_UNIT,
-    PARAMETRIC_MAP_STORAGE,
     build_dose_rate_map,
     read_dose_rate_map,
     write_dose_rate_map,
 )
-from .export_rtdose import (
+from spectdose.dicom.rtdose import (
     DOSE_SUMMATION_TYPE,
-    RT_DOSE_STORAGE,
     DoseSummationType,
     DoseType,
     DoseUnits,
@@ -33,6 +31,7 @@ from .export_rtdose import (
     replacements_from_summary,
     write_rtdose,
 )
+from spectdose.dose_grid import average_onto_grid, grid_for_option, output_grid
 
 __all__ = [
     "ExportError",
@@ -48,8 +47,6 @@ __all__ = [
     "DoseType",
     "DoseSummationType",
     "DOSE_SUMMATION_TYPE",
-    "RT_DOSE_STORAGE",
-    "PARAMETRIC_MAP_STORAGE",
     "DOSE_RATE_UNIT",
     "build_rtdose",
     "write_rtdose",

@@ -2,16 +2,16 @@
 
 Clinics image a Lu-177 DOTATATE cycle 3-4 times between about 4 h and 7 days, and the
 patient lies a little differently on the couch each time. This module takes the virtual
-patient of :mod:`spectdose.phantom` (same anatomy, same seed) and, per time point,
+patient of :mod:`spectdose.phantoms.anatomy` (same anatomy, same seed) and, per time point,
 
 * scales every tissue's and lesion's activity by its own kinetics, drawn per patient
   (:func:`draw_kinetics`; uptake-washout for kidneys, liver, spleen and tumours, fast + slow
   washout for red marrow and the remainder);
 * moves the patient rigidly (:func:`draw_poses`: shifts of a few cm, rotations of a few
   degrees; the first time point is the reference position);
-* samples the anatomy again with :func:`spectdose.phantom.sample_patient`, simulates the SPECT
-  with :func:`spectdose.spect_sim.simulate_spect` and writes the study with
-  :func:`spectdose.phantom_dicom.write_phantom_study`: no second generator.
+* samples the anatomy again with :func:`spectdose.phantoms.anatomy.sample_patient`, simulates the SPECT
+  with :func:`spectdose.phantoms.spect_sim.simulate_spect` and writes the study with
+  :func:`spectdose.phantoms.study_io.write_phantom_study`: no second generator.
 
 The truth of the cycle: the true dose rate of each time point on its own CT grid, the true
 cycle absorbed dose on the first time point's CT grid, and landmark points (organ and lesion
@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
-from .geometry import Volume
-from .phantom import (
-    LU177_HALF_LIFE_S,
+from spectdose.constants import LU177_HALF_LIFE_H
+from spectdose.errors import InputError
+from spectdose.geometry import Volume
+from spectdose.phantoms.anatomy import (
     SIZES,
     UPTAKE_24H,
     RigidPose,
@@ -61,7 +61,6 @@ __all__ = [
     "CYCLE_MANIFEST",
 ]
 
-LU177_HALF_LIFE_H = LU177_HALF_LIFE_S / 3600.0
 CYCLE_MANIFEST = "cycle.json"
 
 # ---------------------------------------------------------------------------------------
@@ -74,7 +73,7 @@ CYCLE_MANIFEST = "cycle.json"
 #            Eur J Nucl Med Mol Imaging 45 (2018) 970; Hanscheid et al., J Nucl Med 59
 #            (2018) 75 (kidney and tumour effective half-lives behind the single-time-point rule).
 #   liver, spleen  T_eff ~70 h (about 45-120 h), same sources.
-#   tumours  T_eff 60-150 h (drawn per lesion in spectdose.phantom), Hanscheid et al. 2018.
+#   tumours  T_eff 60-150 h (drawn per lesion in spectdose.phantoms.anatomy), Hanscheid et al. 2018.
 #   red marrow  follows the blood: a fast phase of a few hours (renal excretion of the
 #            unbound peptide) and a slow ~40 h phase, Sandstrom et al. 2013.
 #   remainder  (all other tissues) a fast renal-clearance phase (1-3 h) carrying most of the
@@ -169,7 +168,7 @@ def _lognormal(
 
 
 def draw_kinetics(seed: int, patient: VirtualPatient) -> tuple[dict[str, Kinetics], list[Kinetics]]:
-    """Per-patient kinetics: one per tissue of :data:`spectdose.phantom.UPTAKE_24H`, one per lesion.
+    """Per-patient kinetics: one per tissue of :data:`spectdose.phantoms.anatomy.UPTAKE_24H`, one per lesion.
 
     Necrotic cores follow their lesion (their concentration is a fraction of it).
     """
@@ -387,14 +386,14 @@ def _true_dose_rate(
 ) -> Volume:
     """The true dose rate (Gy/s) on the patient's CT grid from the true activity."""
     if engine == "reference":
-        from .reference import reference_dose_rate
+        from spectdose.reference import reference_dose_rate
 
         rate, _ = reference_dose_rate(
             patient.activity_bq_per_ml, patient.density_g_cm3, cache_dir=cache_dir, device=device
         )
         return rate
-    from .dose import dvk_dose_rate
-    from .kernels import get_kernel
+    from spectdose.dose import dvk_dose_rate
+    from spectdose.kernels import get_kernel
 
     grid = patient.hu.grid
     kernel = get_kernel(grid.spacing_mm, medium="soft", cache_dir=cache_dir)
@@ -462,13 +461,13 @@ def generate_cycle(
 ) -> dict:
     """Write one SPECT/CT study per time point under ``out_dir`` plus the cycle's truth.
 
-    Layout: ``out_dir/tp004h/{dicom,truth}`` ... (each as :func:`spectdose.phantom.generate`
+    Layout: ``out_dir/tp004h/{dicom,truth}`` ... (each as :func:`spectdose.phantoms.generate`
     writes, its ``truth.npz`` adding ``dose_rate_gy_per_s`` and its ``phantom.json`` the pose
     and landmarks), ``out_dir/truth/cycle_truth.npz`` (``cycle_dose_gy``,
     ``tia_bq_h_per_ml``, labels, grid of the first time point) and ``out_dir/cycle.json``.
     ``simulate=False`` skips the SPECT (truth only: for tests of integration alone);
     ``camera="ideal"`` writes the truth averaged onto the SPECT grid instead of a simulated
-    SPECT (:func:`spectdose.spect_sim.ideal_spect`; seconds instead of minutes). ``seg``:
+    SPECT (:func:`spectdose.phantoms.spect_sim.ideal_spect`; seconds instead of minutes). ``seg``:
     write the DICOM SEG of the VOIs for the "first" time point only (the reference the
     regions are given on) or for "all".
 
@@ -477,8 +476,8 @@ def generate_cycle(
     InputError
         Bad seed, size, time points or truth engine.
     """
-    from .phantom_dicom import write_phantom_study
-    from .spect_sim import ideal_spect, simulate_spect
+    from spectdose.phantoms.spect_sim import ideal_spect, simulate_spect
+    from spectdose.phantoms.study_io import write_phantom_study
 
     if camera not in ("simulated", "ideal"):
         raise InputError(f"camera must be 'simulated' or 'ideal', got {camera!r}")
@@ -571,7 +570,7 @@ def generate_cycle(
                 les.name: k.to_dict()
                 for les, k in zip(base.anatomy.lesions, cycle.lesion_kinetics, strict=True)
             },
-            "model": "Kinetics.relative(t) x concentration at 24 h; see spectdose.phantom_cycle",
+            "model": "Kinetics.relative(t) x concentration at 24 h; see spectdose.phantoms.cycle",
         },
         "landmarks_mm_reference": cycle.landmarks_mm,
         "truth": {

@@ -1,6 +1,6 @@
 """From SPECT pixel values and header facts to activity concentration, and the times that go with it.
 
-Private to :mod:`spectdose.ingest`. SimpleITK and most viewers ignore NM Real World Value
+Private to :mod:`spectdose.dicom.ingest`. SimpleITK and most viewers ignore NM Real World Value
 Mapping; here units are read explicitly and every conversion is written in one place:
 
 * Real World Value Mapping (PS3.3 C.7.6.16.2.11) with units Bq/ml: ``c = slope*SV + intercept``
@@ -20,11 +20,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.valuerep import DA, DT, TM
 
-from ._dicom_files import ds_float
-from .errors import CalibrationError
-
-# Lu-177 half-life 6.647 d (ICRP Publication 107), in seconds.
-LU177_HALF_LIFE_S = 6.647 * 86400.0
+from spectdose.constants import LU177_HALF_LIFE_S
+from spectdose.dicom._files import ds_float
+from spectdose.errors import CalibrationError
 
 # RadionuclideTotalDose is MBq in the NM Isotope Module (PS3.3 C.8.4.10.1.7) but Bq in the
 # PET Isotope Module (PS3.3 C.8.9.2). No patient receives < 1e5 Bq (0.1 MBq) for imaging

@@ -4,7 +4,7 @@ Data: a versioned, seeded set of clinical-size virtual patients (``DATASETS``), 
 patient into train / validation / test, with extra Poisson realisations for some test
 patients. Each phantom is turned into four arrays on the model grid (activity, density,
 DVK dose rate from the SPECT, reference dose rate from the truth), normalised per patient
-as the network expects (``spectdose.cnn.Normalisation``).
+as the network expects (``spectdose.cnn.inference.Normalisation``).
 
 Training: MSE on the middle-slice dose rate of 11-slice packs (Li et al. 2022), Adam at
 1e-3 with ReduceLROnPlateau, patches in-plane so it runs on a CPU; slabs of packs share the
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cnn import (
+from spectdose.cnn.inference import (
     Normalisation,
     atomic_torch_save,
     model_grid,
@@ -36,10 +36,11 @@ from .cnn import (
     save_model,
     to_model_grid,
 )
-from .errors import InputError
-from .geometry import Volume
-from .network import DblurDoseNet, NetworkConfig
-from .paths import atomic_write
+from spectdose.cnn.model import DblurDoseNet, NetworkConfig
+from spectdose.constants import LOW_DENSITY_CUTOFF_G_CM3
+from spectdose.errors import InputError
+from spectdose.geometry import Volume
+from spectdose.paths import atomic_write
 
 __all__ = [
     "DATASETS",
@@ -85,7 +86,7 @@ def dataset_members(version: str) -> list[tuple[str, str, int, int | None]]:
 
 
 def _generate_member(job: tuple[str, str, int, int | None, str]) -> str:
-    from .phantom import generate
+    from spectdose.phantoms import generate
 
     out_dir, name, seed, noise, size = job
     target = Path(out_dir) / name
@@ -145,22 +146,17 @@ def prepare_case(
     Returns float32 arrays ``activity``, ``density``, ``dvk``, ``label`` (z, y, x) and the
     scalar ``total_mbq``; the volume is cropped in-plane to the body's bounding box.
     """
-    from .density import hu_to_density
-    from .evaluate import load_phantom_case
-    from .ingest import load_study
-    from .pipeline import DoseOptions, compute_dose_rate, spect_on_ct_grid
-    from .reference import reference_dose_rate
+    from spectdose.phantoms.study_io import load_phantom_case
+    from spectdose.pipeline import network_inputs
+    from spectdose.reference import reference_dose_rate
 
     normalisation = normalisation or Normalisation()
     case = load_phantom_case(phantom_dir)
-    study = load_study(Path(phantom_dir) / "dicom")
-    activity, _ = spect_on_ct_grid(study, [])
-    density = Volume(hu_to_density(study.ct.array), study.ct.grid, "g/cm3")
-    dvk, _ = compute_dose_rate(activity, density, options=DoseOptions(kernel_cache_dir=kernel_cache))
+    activity, density, dvk = network_inputs(Path(phantom_dir) / "dicom", kernel_cache)
     ref, _ = reference_dose_rate(case.activity_true, case.density_true, cache_dir=kernel_cache)
-    grid, block = model_grid(study.ct.grid, spacing_mm)
+    grid, block = model_grid(activity.grid, spacing_mm)
     a, rho, d, r = (to_model_grid(v, grid, block).array for v in (activity, density, dvk, ref))
-    regions = sampling_regions(case.labels, study.ct.grid, grid, block)
+    regions = sampling_regions(case.labels, activity.grid, grid, block)
     a_n, rho_n, d_n, total_mbq = normalised_inputs(a, rho, d, grid.voxel_volume_ml, normalisation)
     label = (r.astype(np.float64) / total_mbq * normalisation.dose_scale_per_gy_s).astype(np.float32)
     body = np.any(rho > 0.5, axis=0)
@@ -329,7 +325,7 @@ class _PatchSampler:
         self.probs: list[tuple[list[str], np.ndarray]] = []
         for c in self.cases:
             lab, reg = c["label"].ravel(), c["regions"].ravel()
-            tissue = c["density"].ravel() >= 0.1
+            tissue = c["density"].ravel() >= LOW_DENSITY_CUTOFF_G_CM3
             pools: dict[str, np.ndarray] = {}
             w = np.clip(lab, 0, None).astype(np.float64)
             if w.sum() > 0:
@@ -414,7 +410,7 @@ def _loss(net, batch, cfg: TrainConfig) -> torch.Tensor:
     losses = []
     for inp, dvk, lab in batch:
         out = _forward(net, inp, dvk)
-        tissue = (inp[:, 1, half : half + dvk.shape[0]] >= 0.1).reshape(-1, 1, *inp.shape[-2:])
+        tissue = (inp[:, 1, half : half + dvk.shape[0]] >= LOW_DENSITY_CUTOFF_G_CM3).reshape(-1, 1, *inp.shape[-2:])
         loss = ((out - lab) ** 2 * tissue).mean()
         if cfg.rel_loss_weight:
             rel = (out - lab) / (lab.clamp(min=0) + cfg.rel_loss_floor)
@@ -470,7 +466,7 @@ def train(
         else:  # checkpoints from before the RNG states were kept: a fresh, epoch-seeded stream
             train_sampler.rng = np.random.default_rng([cfg.seed, start_epoch])
     elif cfg.init_from:
-        from .cnn import load_model
+        from spectdose.cnn.inference import load_model
 
         init = load_model(Path(cfg.init_from), device="cpu")
         if init.config.to_dict() != net_cfg.to_dict():
@@ -693,9 +689,9 @@ def build_ensemble(member_weights: list[Path], val_files: list[Path], out_path: 
     """An ensemble file from trained members, its sigma calibrated on the validation cases.
 
     Calibration runs on the prepared cases (model grid, normalised units: coverage does not
-    depend on the unit). Returns the ``spectdose.cnn.Ensemble``.
+    depend on the unit). Returns the ``spectdose.cnn.inference.Ensemble``.
     """
-    from .cnn import (
+    from spectdose.cnn.inference import (
         Ensemble,
         ensemble_mean_sd,
         fit_sigma_calibration,
@@ -738,10 +734,10 @@ def ensemble_card(ensemble) -> str:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    """`python -m spectdose.training ensemble OUT.pt --data D --members A.pt B.pt ...`"""
+    """`python -m spectdose.learning.training ensemble OUT.pt --data D --members A.pt B.pt ...`"""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m spectdose.training")
+    parser = argparse.ArgumentParser(prog="python -m spectdose.learning.training")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("ensemble", help="combine trained members and calibrate their sigma on the validation split")
     p.add_argument("out", type=Path, help="ensemble weights, e.g. models/dblurdosenet_ensemble.pt")

@@ -12,8 +12,8 @@ import math
 
 import numpy as np
 
-from .errors import GeometryError
-from .geometry import Grid, Volume
+from spectdose.errors import GeometryError
+from spectdose.geometry import Grid, Volume
 
 __all__ = ["output_grid", "average_onto_grid", "grid_for_option"]
 

@@ -14,25 +14,20 @@ reference dose rate, and of VOI means, whose true error lies within +-1 / +-2 si
 from __future__ import annotations
 
 import csv
-import dataclasses
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .density import hu_to_density
-from .errors import InputError
-from .geometry import Grid, Volume
+from spectdose.constants import MGY_PER_H_PER_GY_PER_S
+from spectdose.errors import InputError
+from spectdose.phantoms.study_io import PhantomCase, load_phantom_case
 
 __all__ = [
     "METRIC_COLUMNS",
-    "network_inputs",
     "VOI_ORDER",
     "voi_metrics",
     "ensemble_noise_pct",
-    "PhantomCase",
-    "load_phantom_case",
     "evaluate",
     "coverage_pct",
     "voi_mean_sigma",
@@ -156,47 +151,6 @@ def lesion_volume_table(rows: list[dict]) -> list[dict]:
     return out
 
 
-@dataclasses.dataclass
-class PhantomCase:
-    """One phantom study as written by `spectdose phantom`, with its truth."""
-
-    path: Path
-    patient: str
-    realisation: int
-    labels: dict[str, np.ndarray]
-    activity_true: Volume
-    density_true: Volume
-
-
-def load_phantom_case(path: str | Path) -> PhantomCase:
-    path = Path(path)
-    truth_npz = path / "truth" / "truth.npz"
-    meta_json = path / "truth" / "phantom.json"
-    if not truth_npz.is_file() or not meta_json.is_file():
-        raise InputError(f"{path} is not a phantom written by `spectdose phantom` (no truth/truth.npz, truth/phantom.json)")
-    meta = json.loads(meta_json.read_text())
-    with np.load(truth_npz) as t:
-        grid = Grid(
-            t["activity_bq_per_ml"].shape,
-            tuple(t["spacing_mm"]),
-            tuple(t["origin_mm"]),
-            t["axes"],
-            meta.get("dicom", {}).get("uids", {}).get("frame_of_reference"),
-        )
-        labels = {k[len("label_") :]: t[k].astype(bool) for k in t.files if k.startswith("label_")}
-        activity = Volume(t["activity_bq_per_ml"].astype(np.float32), grid, "Bq/ml")
-        density = Volume(t["density_g_cm3"].astype(np.float32), grid, "g/cm3")
-    seed = int(meta["seed"])
-    return PhantomCase(
-        path=path,
-        patient=f"vp{seed:04d}",
-        realisation=int(meta.get("counts", {}).get("noise_seed", seed)),
-        labels=labels,
-        activity_true=activity,
-        density_true=density,
-    )
-
-
 def _vois(labels: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
     names = [v for v in VOI_ORDER if v in labels]
     lesions = sorted((k for k in labels if k.startswith("lesion_") and k[7:].isdigit()), key=lambda k: int(k[7:]))
@@ -204,23 +158,11 @@ def _vois(labels: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
     return [(n, m) for n, m in out if int(m.sum()) >= _MIN_VOI_VOXELS]
 
 
-def network_inputs(study_dir: Path, kernel_cache: Path | None, device=None) -> tuple[Volume, Volume, Volume]:
-    """Activity (Bq/ml), density (g/cm3) and DVK dose rate (Gy/s) on the CT grid of a study:
-    what every method starts from (the pipeline's stages with default options)."""
-    from .ingest import load_study
-    from .pipeline import DoseOptions, compute_dose_rate, spect_on_ct_grid
-
-    study = load_study(Path(study_dir))
-    activity, _ = spect_on_ct_grid(study, [])
-    density = Volume(hu_to_density(study.ct.array), study.ct.grid, "g/cm3")
-    dvk, _ = compute_dose_rate(activity, density, options=DoseOptions(kernel_cache_dir=kernel_cache, device=device))
-    return activity, density, dvk
-
-
 def _method_dose_rates(case: PhantomCase, methods: dict[str, Path | None], kernel_cache: Path | None, device, ensemble=None):
     """Dose rate (Gy/s, CT grid) of each method from the case's SPECT, plus the DVK map;
     with an ensemble also its mean (as ``cnn_ensemble``) and its calibrated 1-sigma map."""
-    from .cnn import load_model, predict_on_ct_grid, predict_with_uncertainty
+    from spectdose.cnn.inference import load_model, predict_on_ct_grid, predict_with_uncertainty
+    from spectdose.pipeline import network_inputs
 
     activity, density, dvk = network_inputs(case.path / "dicom", kernel_cache, device)
     if not activity.grid.same_as(case.activity_true.grid, tol_mm=0.01):
@@ -267,8 +209,8 @@ def evaluate(
     ensemble), ``noise.csv`` (when a patient has several realisations), ``profiles.png``
     (one per patient, up to three) and ``drvh.png``.
     """
-    from .cnn import load_ensemble
-    from .reference import reference_dose_rate
+    from spectdose.cnn.inference import load_ensemble
+    from spectdose.reference import reference_dose_rate
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -503,11 +445,11 @@ def _plot(plots, out_dir: Path) -> None:
         centre = np.argwhere(lesion).mean(0).round().astype(int) if lesion is not None and lesion.any() else np.array(np.unravel_index(np.argmax(ref), ref.shape))
         k, j, _ = centre
         x_mm = np.arange(ref.shape[2]) * case.activity_true.grid.spacing_mm[2]
-        ax.plot(x_mm, ref[k, j] * 3.6e6, "k-", lw=2, label="reference (truth)")
+        ax.plot(x_mm, ref[k, j] * MGY_PER_H_PER_GY_PER_S, "k-", lw=2, label="reference (truth)")
         for name, est in rates.items():
-            ax.plot(x_mm, est[k, j] * 3.6e6, label=name)
+            ax.plot(x_mm, est[k, j] * MGY_PER_H_PER_GY_PER_S, label=name)
             if name == "cnn_ensemble" and sigma is not None:
-                lo, hi = ((est[k, j] + f * 2 * sigma[k, j]) * 3.6e6 for f in (-1, 1))
+                lo, hi = ((est[k, j] + f * 2 * sigma[k, j]) * MGY_PER_H_PER_GY_PER_S for f in (-1, 1))
                 ax.fill_between(x_mm, lo, hi, alpha=0.25, label="cnn_ensemble +-2 sigma")
         ax.set_title(f"{case.patient}: profile through lesion_1 (slice {k}, row {j})")
         ax.set_xlabel("x (mm)")
@@ -523,7 +465,7 @@ def _plot(plots, out_dir: Path) -> None:
     for ax, voi in zip(axes[0], vois, strict=True):
         mask = case.labels[voi]
         for name, arr in [("reference", ref), *rates.items()]:
-            vals = np.sort(arr[mask] * 3.6e6)[::-1]
+            vals = np.sort(arr[mask] * MGY_PER_H_PER_GY_PER_S)[::-1]
             frac = 100.0 * np.arange(1, vals.size + 1) / vals.size
             ax.plot(vals, frac, "k-" if name == "reference" else "-", lw=2 if name == "reference" else 1, label=name)
         ax.set_title(voi)

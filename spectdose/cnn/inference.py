@@ -17,11 +17,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .dose import LOW_DENSITY_CUTOFF_G_CM3
-from .errors import InputError
-from .geometry import Grid, Volume, resample_to_grid
-from .network import DblurDoseNet, NetworkConfig
-from .paths import MODELS_DIR, atomic_write, default_model_path
+from spectdose.cnn.model import DblurDoseNet, NetworkConfig
+from spectdose.constants import LOW_DENSITY_CUTOFF_G_CM3
+from spectdose.errors import InputError
+from spectdose.geometry import Grid, Volume, resample_to_grid
+from spectdose.paths import MODELS_DIR, atomic_write, default_model_path
 
 __all__ = [
     "Normalisation",
@@ -356,7 +356,7 @@ def save_ensemble(path: Path, members: list[TrainedModel], calibration: SigmaCal
 def load_ensemble(path: Path, *, device: str | torch.device | None = None) -> Ensemble:
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"no DblurDoseNet ensemble at {path}: build one with `python -m spectdose.training ensemble`")
+        raise InputError(f"no DblurDoseNet ensemble at {path}: build one with `python -m spectdose.learning.training ensemble`")
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if payload.get("format") != _ENSEMBLE_FORMAT:
         raise InputError(f"{path.name} is not a spectdose DblurDoseNet ensemble file")

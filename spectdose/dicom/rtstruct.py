@@ -26,13 +26,18 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    RTStructureSetStorage,
+    SegmentationStorage,
+)
 
-from .errors import GeometryError, InputError
-from .geometry import Grid
+from spectdose.errors import GeometryError, InputError
+from spectdose.geometry import Grid
 
 __all__ = [
-    "RT_STRUCTURE_SET_STORAGE",
     "Structure",
     "read_rtstruct",
     "contours_to_mask",
@@ -40,8 +45,6 @@ __all__ = [
     "build_rtstruct",
 ]
 
-RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"  # PS3.4 B.5
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"  # PS3.4 B.5
 # RT Referenced Study Sequence items name the study with this SOP Class (PS3.3 C.8.8.5.4,
 # the retired Detached Study Management SOP Class that RT objects keep using).
 _STUDY_MANAGEMENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
@@ -81,7 +84,7 @@ def read_rtstruct(path: str | Path) -> tuple[Dataset, list[Structure]]:
         ds = pydicom.dcmread(path)
     except (OSError, pydicom.errors.InvalidDicomError, ValueError, EOFError) as exc:
         raise InputError(f"{path.name} is not a readable DICOM file ({type(exc).__name__})") from exc
-    if ds.get("SOPClassUID") != RT_STRUCTURE_SET_STORAGE:
+    if ds.get("SOPClassUID") != RTStructureSetStorage:
         raise InputError(
             f"{path.name} is not an RT Structure Set (SOP Class {ds.get('SOPClassUID')}, modality {ds.get('Modality')})"
         )
@@ -291,7 +294,7 @@ def build_rtstruct(
     created_at = created_at or dt.datetime.now()
     date, time = created_at.strftime("%Y%m%d"), created_at.strftime("%H%M%S")
     per_slice_images = len(ct_instance_uids) == grid.shape[0]
-    ct_class = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+    ct_class = CTImageStorage  # CT Image Storage
 
     def image_ref(uid: str) -> Dataset:
         item = Dataset()
@@ -301,7 +304,7 @@ def build_rtstruct(
 
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE
+    ds.SOPClassUID = RTStructureSetStorage
     ds.SOPInstanceUID = sop_instance_uid
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
@@ -345,7 +348,7 @@ def build_rtstruct(
         if source_segments and name in source_segments:
             seg_uid, segment_number = source_segments[name]
             src = Dataset()
-            src.ReferencedSOPClassUID = SEGMENTATION_STORAGE
+            src.ReferencedSOPClassUID = SegmentationStorage
             src.ReferencedSOPInstanceUID = seg_uid
             src.ReferencedSegmentNumber = int(segment_number)
             roi.DefinitionSourceSequence = [src]
@@ -375,7 +378,7 @@ def build_rtstruct(
     ds.ROIContourSequence = contour_items
     ds.RTROIObservationsSequence = observations
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET_STORAGE
+    meta.MediaStorageSOPClassUID = RTStructureSetStorage
     meta.MediaStorageSOPInstanceUID = sop_instance_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
