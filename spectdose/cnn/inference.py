@@ -241,6 +241,15 @@ def to_model_grid(volume: Volume, grid: Grid, block: tuple[int, int, int] | None
     return resample_to_grid(Volume.from_sitk(smooth, volume.units, volume.grid.frame_of_reference_uid), grid)
 
 
+def _on_model_grid(spacing_mm, *volumes: Volume):
+    """The CT-grid volumes on the model's grid (the same objects where the grids agree):
+    ``(grid, block, same, volumes)``."""
+    ct_grid = volumes[0].grid
+    grid, block = model_grid(ct_grid, spacing_mm)
+    same = grid.same_as(ct_grid)
+    return grid, block, same, tuple(v if same else to_model_grid(v, grid, block) for v in volumes)
+
+
 def predict_on_ct_grid(
     model: TrainedModel,
     activity_bq_per_ml: Volume,
@@ -255,12 +264,7 @@ def predict_on_ct_grid(
     and added to the full-resolution DVK map, so a model trained at a coarser spacing
     keeps the DVK map's fine detail. Models without the residual return their own output.
     """
-    ct_grid = activity_bq_per_ml.grid
-    grid, block = model_grid(ct_grid, model.spacing_mm)
-    same = grid.same_as(ct_grid)
-    act = activity_bq_per_ml if same else to_model_grid(activity_bq_per_ml, grid, block)
-    rho = density_g_cm3 if same else to_model_grid(density_g_cm3, grid, block)
-    dvk = dvk_gy_per_s if same else to_model_grid(dvk_gy_per_s, grid, block)
+    grid, _, _, (act, rho, dvk) = _on_model_grid(model.spacing_mm, activity_bq_per_ml, density_g_cm3, dvk_gy_per_s)
     out = predict_dose_rate(model, act.array, rho.array, dvk.array, grid.voxel_volume_ml, autocast_bf16=autocast_bf16)
     return _back_to_ct_grid(out, grid, dvk.array, dvk_gy_per_s, density_g_cm3, residual=model.config.residual)
 
@@ -413,11 +417,7 @@ def predict_with_uncertainty(
     gives zero mean and zero sigma; both are zero where density < 0.1 g/cm3.
     """
     ct_grid = activity_bq_per_ml.grid
-    grid, block = model_grid(ct_grid, ensemble.spacing_mm)
-    same = grid.same_as(ct_grid)
-    act = activity_bq_per_ml if same else to_model_grid(activity_bq_per_ml, grid, block)
-    rho = density_g_cm3 if same else to_model_grid(density_g_cm3, grid, block)
-    dvk = dvk_gy_per_s if same else to_model_grid(dvk_gy_per_s, grid, block)
+    grid, _, same, (act, rho, dvk) = _on_model_grid(ensemble.spacing_mm, activity_bq_per_ml, density_g_cm3, dvk_gy_per_s)
     outputs = (
         predict_dose_rate(m, act.array, rho.array, dvk.array, grid.voxel_volume_ml, autocast_bf16=autocast_bf16)
         for m in ensemble.members

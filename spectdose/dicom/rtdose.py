@@ -21,15 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    ExplicitVRLittleEndian,
     RTDoseStorage,
     generate_uid,
 )
 
+from spectdose.dicom._derived import file_meta
 from spectdose.errors import SpectdoseError
 from spectdose.geometry import Grid, Volume
 from spectdose.study import SeriesRef, Study
@@ -686,12 +685,7 @@ def build_rtdose(
         out.StudiesContainingOtherReferencedInstancesSequence = other_studies
     out.PixelData = np.ascontiguousarray(stored).tobytes()
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RTDoseStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    out.file_meta = meta
+    out.file_meta = file_meta(RTDoseStorage, sop_uid)
     return out
 
 

@@ -25,15 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
-    ExplicitVRLittleEndian,
     RTStructureSetStorage,
     SegmentationStorage,
 )
 
+from spectdose.dicom._derived import file_meta
 from spectdose.errors import GeometryError, InputError
 from spectdose.geometry import Grid
 
@@ -377,10 +376,5 @@ def build_rtstruct(
     ds.StructureSetROISequence = rois
     ds.ROIContourSequence = contour_items
     ds.RTROIObservationsSequence = observations
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RTStructureSetStorage
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
+    ds.file_meta = file_meta(RTStructureSetStorage, sop_instance_uid)
     return ds
