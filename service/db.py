@@ -39,6 +39,7 @@ __all__ = [
     "OutputInstance",
     "ExportRecord",
     "AuditEvent",
+    "RegionSetRecord",
     "make_engine",
     "make_sessionmaker",
     "utcnow",
@@ -161,6 +162,32 @@ class ExportRecord(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class RegionSetRecord(Base):
+    """A region set (SEG or RT Structure Set) applied to a finished job: one version of its region outputs.
+
+    Each version's outputs are new files and new DICOM objects beside the job's result
+    (``jobs/<job>/regions/v<N>/``); nothing of an earlier version is overwritten.
+    """
+
+    __tablename__ = "region_sets"
+    __table_args__ = (UniqueConstraint("job_id", "version"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(32), ForeignKey("jobs.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), index=True)  # JobState names: received .. done | failed
+    reason: Mapped[str | None] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(16))  # "rest" or "dicom"
+    submitted_by: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # "SEG" or "RTSTRUCT"
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)  # of the region set received
+    digest: Mapped[str] = mapped_column(String(64))  # sha256 of the file received
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    result: Mapped[dict | None] = mapped_column(JSON(none_as_null=True))  # region rows, output UIDs, warnings
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
 
 
 class AuditEvent(Base):

@@ -5,7 +5,9 @@ never sent again, so a retried or redelivered job does not store a second copy. 
 would not make a second series anyway: the core derives the output UIDs from the inputs'
 content, options and version, so an identical resend replaces the same instance in the
 PACS, and a changed result is a new instance next to the old one.) Sending is retried a bounded number
-of times with a doubling delay; every network call has a timeout.
+of times with a doubling delay; every network call has a timeout. An object whose SOP Class a
+destination refuses in association negotiation (a PACS without Segmentation Storage, say) is
+recorded as failed with that reason and not retried; the others are sent.
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ log = logging.getLogger("spectdose.service.export")
 # warnings Coercion of Data Elements (B000), Data Set Does Not Match SOP Class (B007),
 # Elements Discarded (B006).
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+_NOT_ACCEPTED = "does not accept SOP Class"  # in the error of an object whose presentation context was rejected
 
 
 @dataclasses.dataclass(frozen=True)
 class OutputFile:
-    kind: str  # "rtdose" or "doserate"
+    kind: str  # the output's name: "rtdose", "doserate", "sr", "autoseg", ...
     path: Path
     sop_instance_uid: str
     sop_class_uid: str
@@ -99,8 +102,12 @@ def c_store(peer: DicomPeer, files: list[OutputFile], *, calling_aet: str, timeo
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no connection"
         return {f.sop_instance_uid: f"association with {peer} failed ({why})" for f in files}
+    accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
     try:
         for f in files:
+            if f.sop_class_uid not in accepted:
+                result[f.sop_instance_uid] = f"{peer} {_NOT_ACCEPTED} {f.sop_class_uid} (presentation context rejected)"
+                continue
             ds = pydicom.dcmread(f.path)
             status = assoc.send_c_store(ds)
             code = getattr(status, "Status", None)
@@ -202,7 +209,13 @@ def export_outputs(
                 err = errors.get(f.sop_instance_uid)
                 store.record_export(job_id, dest, ExportItem(f.kind, f.sop_instance_uid), sent=err is None,
                                     attempts=1, error=err)
-            pending = [f for f in pending if errors.get(f.sop_instance_uid) is not None]
+            refused = [f for f in pending if _NOT_ACCEPTED in (errors.get(f.sop_instance_uid) or "")]
+            if refused:  # the destination does not store this class: retrying cannot change that
+                log.warning("job %s: %s does not accept %s; not sent", job_id, dest, ", ".join(f.kind for f in refused))
+                store.audit(settings.ae_title, "results_refused_by_destination", job_id=job_id, destination=dest,
+                            kinds=[f.kind for f in refused], sop_classes=sorted({f.sop_class_uid for f in refused}))
+                to_send -= len(refused)
+            pending = [f for f in pending if errors.get(f.sop_instance_uid) is not None and f not in refused]
             if pending and attempt < settings.export_retries:
                 delay = settings.export_backoff_s * 2 ** (attempt - 1)
                 log.warning("job %s: export to %s failed (%d left); retry %d/%d in %.1f s",

@@ -26,9 +26,11 @@ from .db import JobState
 from .diskguard import DISK_FULL_NAME, DiskFull, check_free_space, is_disk_full
 from .jobs import InstanceDigest, JobStore, content_fingerprint, instance_digest
 from .queue import Enqueuer
-from .storage import Storage, UnsafeArchive, extract_zip
+from .storage import Storage, UnsafeArchive, atomic_write_bytes, extract_zip
 
 __all__ = ["UploadRejected", "SubmitParams", "Accepted", "Sender", "accept_study", "receive_study", "spool_body",
+           "RegionSetAccepted", "accept_region_set", "publish_region_set", "read_region_file", "job_ct", "file_digest",
+           "REGIONS_TASK_NAME",
            "store_upload", "ZIP_TYPES"]
 
 log = logging.getLogger("spectdose.service.intake")
@@ -480,3 +482,110 @@ async def receive_study(request, ctx, actor: str, params: SubmitParams) -> Accep
                             reason=exc.detail[:300])
             log.info("upload from %s refused (%d)", actor, exc.status_code)
         raise
+
+
+# ------------------------------------------------------------------ region sets after the dose
+
+# The Celery task that applies a region set to a finished job (registered by worker.tasks).
+REGIONS_TASK_NAME = "spectdose.process_region_set"
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file: a region set's identity (the same file sent twice is one version)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def job_ct(storage: Storage, job_id: str) -> tuple[str | None, str | None]:
+    """(CT series UID, CT frame of reference UID) of a job's result, from its summary.json."""
+    import json
+
+    manifest = storage.output_manifest(job_id)
+    entry = (manifest or {}).get("files", {}).get("summary_json")
+    if entry is None:
+        return None, None
+    try:
+        ct = json.loads((storage.job_output(job_id) / entry["file"]).read_text())["series"]["ct"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+    return ct.get("series_instance_uid"), ct.get("frame_of_reference_uid")
+
+
+def read_region_file(path: Path):
+    """The header of an uploaded region set; :class:`UploadRejected` (400/415) when it is not one."""
+    from spectdose.dicom.region_inputs import read_region_input
+    from spectdose.errors import InputError
+
+    try:
+        info = read_region_input(path)
+    except InputError as exc:
+        raise UploadRejected(400, f"malformed region set: {exc}") from exc
+    if info is None:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "Modality"])
+        raise UploadRejected(415, f"not a region set: SOP Class {ds.get('SOPClassUID', '(none)')}, modality "
+                                  f"{ds.get('Modality', '(none)')}; send a DICOM SEG or RT Structure Set")
+    return info
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionSetAccepted:
+    region_set_id: str
+    job_id: str
+    version: int
+    state: str
+    created: bool  # False: the same file was applied to the job before (that version is answered)
+    queued: bool
+
+
+def accept_region_set(store: JobStore, storage: Storage, enqueuer: Enqueuer, job, path: Path, *, source: str,
+                      submitted_by: str, info=None) -> RegionSetAccepted:
+    """Store a region set for the finished ``job`` and queue its region report; refuse what cannot apply.
+
+    Refusals (:class:`UploadRejected`) store nothing: 409 when the job is not finished, 422
+    for a set not drawn on the job's CT (another frame of reference). The file is copied
+    into the job's ``regions/`` folder durably before the record is made, and the record
+    before the task is published; a set already received for the job (same content) gives
+    its existing version, published again if its first publication failed.
+    """
+    from spectdose.dicom.region_inputs import not_on_ct
+
+    info = info or read_region_file(path)
+    if job.state != JobState.DONE or storage.output_manifest(job.id) is None:
+        raise UploadRejected(409, f"job {job.id} is {job.state}: a region set is applied to a finished result "
+                                  "(send it with the study, or again once the job is done)")
+    ct_series, ct_frame = job_ct(storage, job.id)
+    why = not_on_ct(info, ct_series_uid=ct_series, ct_frame_of_reference_uid=ct_frame)
+    if why:
+        raise UploadRejected(422, f"region set refused, the dose result is kept: {why}")
+    digest = file_digest(path)
+    folder = storage.job_dir(job.id) / "regions"
+    folder.mkdir(parents=True, exist_ok=True)
+    region_set_id = uuid.uuid4().hex
+    target = folder / f"{region_set_id}.dcm"
+    atomic_write_bytes(target, path.read_bytes())
+    rec, created = store.add_region_set(job.id, region_set_id=region_set_id, source=source, submitted_by=submitted_by,
+                                        kind=info.kind, sop_instance_uid=info.sop_instance_uid, digest=digest)
+    if not created:
+        target.unlink(missing_ok=True)
+    queued = rec.state != JobState.RECEIVED
+    if rec.state == JobState.RECEIVED:
+        queued = publish_region_set(store, enqueuer, rec.id, job.queue)
+    return RegionSetAccepted(rec.id, job.id, rec.version, store.region_set(rec.id).state, created, queued)
+
+
+def publish_region_set(store: JobStore, enqueuer: Enqueuer, region_set_id: str, queue: str) -> bool:
+    """Put the region set's task on ``queue``; False when the broker is unavailable (the record stays ``received``)."""
+    try:
+        enqueuer.app.send_task(REGIONS_TASK_NAME, args=[region_set_id], queue=queue, routing_key=queue)
+    except Exception as exc:  # noqa: BLE001 - kombu/redis raise many types; all mean "not published"
+        log.warning("region set %s: could not publish to queue %s (%s)", region_set_id, queue, type(exc).__name__)
+        return False
+    store.mark_region_set_queued(region_set_id)
+    return True

@@ -35,6 +35,7 @@ from .db import (
     Job,
     JobState,
     OutputInstance,
+    RegionSetRecord,
     make_engine,
     make_sessionmaker,
     utcnow,
@@ -634,6 +635,84 @@ class JobStore:
             if study_instance_uid:
                 q = q.where(IncomingStudy.study_instance_uid == study_instance_uid)
             return list(s.scalars(q))
+
+    # ------------------------------------------------------------------ region sets after the dose
+
+    def add_region_set(self, job_id: str, *, region_set_id: str, source: str, submitted_by: str, kind: str,
+                       sop_instance_uid: str, digest: str, state: JobState = JobState.RECEIVED,
+                       reason: str | None = None) -> tuple[RegionSetRecord, bool]:
+        """The job's region set of this content (``digest``), made as its next version if new; (record, created)."""
+        for _ in range(3):
+            try:
+                with self.session() as s:
+                    same = s.scalars(select(RegionSetRecord).where(
+                        RegionSetRecord.job_id == job_id, RegionSetRecord.digest == digest,
+                        RegionSetRecord.state != str(JobState.FAILED))).first()
+                    if same is not None:
+                        return same, False
+                    last = s.scalar(select(func.max(RegionSetRecord.version)).where(RegionSetRecord.job_id == job_id))
+                    now = utcnow()
+                    rec = RegionSetRecord(
+                        id=region_set_id, job_id=job_id, version=int(last or 0) + 1, state=str(state), reason=reason,
+                        source=source, submitted_by=submitted_by[:64], kind=kind, sop_instance_uid=sop_instance_uid,
+                        digest=digest, attempt=0, created_at=now,
+                        finished_at=now if state in TERMINAL_STATES else None)
+                    s.add(rec)
+                self.audit(submitted_by, "region_set_received", job_id=job_id, region_set=region_set_id,
+                           version=rec.version, kind=kind, sop_instance_uid=sop_instance_uid, state=str(state))
+                return rec, True
+            except IntegrityError:  # another process took the same version number: count again
+                continue
+        raise RuntimeError(f"job {job_id}: could not number a new region set")
+
+    def region_set(self, region_set_id: str) -> RegionSetRecord | None:
+        with self.session(readonly=True) as s:
+            return s.get(RegionSetRecord, region_set_id)
+
+    def region_sets_of(self, job_id: str) -> list[RegionSetRecord]:
+        with self.session(readonly=True) as s:
+            return list(s.scalars(select(RegionSetRecord).where(RegionSetRecord.job_id == job_id)
+                                  .order_by(RegionSetRecord.version)))
+
+    def region_set_applied(self, job_id: str, sop_instance_uid: str) -> bool:
+        """Whether a region set with this SOP Instance UID was already taken for ``job_id`` (done, pending or refused)."""
+        with self.session(readonly=True) as s:
+            return s.scalars(select(RegionSetRecord.id).where(
+                RegionSetRecord.job_id == job_id, RegionSetRecord.sop_instance_uid == sop_instance_uid)).first() is not None
+
+    def _region_update(self, region_set_id: str, sources: Iterable[JobState], **values) -> bool:
+        with self.session() as s:
+            n = s.execute(update(RegionSetRecord).where(
+                RegionSetRecord.id == region_set_id,
+                RegionSetRecord.state.in_([str(x) for x in sources])).values(**values)).rowcount
+        return n == 1
+
+    def mark_region_set_queued(self, region_set_id: str) -> bool:
+        return self._region_update(region_set_id, [JobState.RECEIVED], state=str(JobState.QUEUED))
+
+    def claim_region_set(self, region_set_id: str) -> int | None:
+        """``received``/``queued`` (or ``running`` again, a redelivered task) -> ``running``; the attempt, or None."""
+        with self.session() as s:
+            n = s.execute(update(RegionSetRecord).where(
+                RegionSetRecord.id == region_set_id,
+                RegionSetRecord.state.in_([str(JobState.RECEIVED), str(JobState.QUEUED), str(JobState.RUNNING)]))
+                .values(state=str(JobState.RUNNING), attempt=RegionSetRecord.attempt + 1)).rowcount
+            if n != 1:
+                return None
+            return int(s.scalar(select(RegionSetRecord.attempt).where(RegionSetRecord.id == region_set_id)))
+
+    def finish_region_set(self, region_set_id: str, result: dict) -> bool:
+        return self._region_update(region_set_id, [JobState.RUNNING], state=str(JobState.DONE), reason=None,
+                                   result=result, finished_at=utcnow())
+
+    def fail_region_set(self, region_set_id: str, reason: str) -> bool:
+        ok = self._region_update(region_set_id, [JobState.RECEIVED, JobState.QUEUED, JobState.RUNNING],
+                                 state=str(JobState.FAILED), reason=reason[:4000], finished_at=utcnow())
+        if ok:
+            rec = self.region_set(region_set_id)
+            self.audit("worker", "region_set_failed", job_id=rec.job_id if rec else None, region_set=region_set_id,
+                       reason=reason[:500])
+        return ok
 
     # ------------------------------------------------------------------ audit
 

@@ -18,6 +18,8 @@ from .intake import UploadRejected
 from .metrics import install_metrics
 from .queue import Sweeper
 from .routes import health_router, jobs_router, studies_router
+from .routes.regions import router as regions_router
+from .routes.ui import router as ui_router
 from .throttle import LoginThrottle
 
 __all__ = ["create_app", "build_context", "purge_by_settings"]
@@ -91,7 +93,9 @@ def create_app(settings: Settings | None = None, *, context: ServiceContext | No
     _install_docs(app, settings.docs_mode)
     app.include_router(studies_router)
     app.include_router(jobs_router)
+    app.include_router(regions_router)
     app.include_router(health_router)
+    app.include_router(ui_router)
     app.add_exception_handler(UploadRejected, _upload_rejected)
     install_metrics(app, ctx)
     return app

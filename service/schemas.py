@@ -10,9 +10,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from .db import ExportRecord, Job
+from .db import ExportRecord, Job, RegionSetRecord
 
-__all__ = ["ErrorOut", "ValidationErrorOut", "SubmitOut", "ExportOut", "JobOut", "JobListOut", "HealthOut", "ReadyOut", "job_out"]
+__all__ = ["ErrorOut", "ValidationErrorOut", "SubmitOut", "ExportOut", "JobOut", "JobListOut", "HealthOut", "ReadyOut", "job_out",
+           "RegionSetOut", "RegionSetListOut", "region_set_out"]
 
 JobStateName = Literal["received", "queued", "running", "done", "failed"]
 
@@ -143,4 +144,47 @@ def job_out(job: Job, exports: list[ExportRecord], base_url: str) -> JobOut:
             )
             for e in exports
         ],
+    )
+
+
+class RegionSetOut(BaseModel):
+    """A region set applied to a finished job: one version of its region outputs."""
+
+    region_set_id: str
+    job_id: str
+    version: int = Field(description="1, 2, ... per job; its files are in regions/v<version>/ beside the result")
+    state: JobStateName
+    reason: str | None = Field(None, description="why it was refused or failed; the dose result is kept")
+    source: Literal["rest", "dicom"]
+    kind: Literal["SEG", "RTSTRUCT"]
+    sop_instance_uid: str = Field(description="the region set received")
+    created_at: dt.datetime
+    finished_at: dt.datetime | None = None
+    location: str = Field(description="URL of this region set")
+    regions: list[dict] = Field(default_factory=list, description="per region: volume, mean/median/min/max, "
+                                "D2/D50/D98 (Gy), mean dose rate (mGy/h)")
+    warnings: list[str] = Field(default_factory=list, description="regions left out (empty, outside the CT), "
+                                "a dose on a coarser grid")
+    outputs: dict[str, dict] = Field(default_factory=dict, description="the new DICOM objects (SR, RT Dose with "
+                                     "the DVHs, traced SEG or RT Structure Set): UIDs by kind")
+    exports: list[ExportOut] = Field(default_factory=list, description="where the new objects were sent")
+
+
+class RegionSetListOut(BaseModel):
+    job_id: str
+    region_sets: list[RegionSetOut]
+
+
+def region_set_out(rec: RegionSetRecord, exports: list[ExportRecord], location: str) -> RegionSetOut:
+    result = rec.result or {}
+    outputs = result.get("outputs", {})
+    ours = {e["sop_instance_uid"] for e in outputs.values()}
+    return RegionSetOut(
+        region_set_id=rec.id, job_id=rec.job_id, version=rec.version, state=rec.state, reason=rec.reason,
+        source=rec.source, kind=rec.kind, sop_instance_uid=rec.sop_instance_uid, created_at=rec.created_at,
+        finished_at=rec.finished_at, location=location, regions=result.get("regions", []),
+        warnings=result.get("warnings", []), outputs=outputs,
+        exports=[ExportOut(destination=e.destination, kind=e.kind, sop_instance_uid=e.sop_instance_uid, state=e.state,
+                           attempts=e.attempts, last_error=e.last_error, sent_at=e.sent_at)
+                 for e in exports if e.sop_instance_uid in ours],
     )

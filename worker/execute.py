@@ -5,6 +5,12 @@ classes: a :class:`~spectdose.errors.SpectdoseError` is the study's fault and fi
 job fails with its message); anything else (disk, network, broker) is transient and
 retried a bounded number of times with a doubling delay.
 
+Every DICOM object among the outputs goes back (RT Dose, map, SEG, RT Structure Set, SR and any
+later one), in :func:`export_order`. Region sets in the job's input (a SEG or RT Structure Set
+sent with the study) are the job's regions instead of automatic lesions
+(:func:`region_inputs_of`); one that arrives after the dose is a *region set* of the finished
+job (:func:`run_region_set`): statistics again on the stored dose, new objects beside the result.
+
 A job on a study that already has a result from other input content, other options or
 another software version *replaces* it: the worker records which series and why, and
 the new result (new UIDs) says so. A finished job carries what its result says about
@@ -13,9 +19,12 @@ itself (engine, software, warnings, output UIDs); every warning is also logged o
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
+import os
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -27,16 +36,25 @@ from service.config import Settings
 from service.diskguard import DISK_FULL_NAME, is_disk_full
 from service.export import OutputFile, export_outputs
 from service.jobs import JobStore
-from service.storage import Storage
+from service.storage import Storage, atomic_write_bytes, fsync_dir
 
 __all__ = ["run_job", "dose_options", "build_manifest", "result_of", "find_replaced", "LeaseLost", "TransientFailure",
-           "Outcome"]
+           "Outcome", "export_order", "output_files", "region_inputs_of", "run_region_set", "regions_dir"]
 
 log = logging.getLogger("spectdose.worker")
 
-# The objects sent to the PACS. The region objects (SEG, RTSTRUCT, SR) stay in the output folder
-# until the DICOM node and the export learn them as our own (issue 11).
-_DICOM_OUTPUTS = ("rtdose", "doserate")
+# Every output file with this suffix is a DICOM object: recorded as ours and sent back.
+_DICOM_SUFFIX = ".dcm"
+# Export order by SOP Class: the dose first, then what references it (PS3.4 B.5); any other class last.
+_EXPORT_RANK = {
+    "1.2.840.10008.5.1.4.1.1.481.2": 0,  # RT Dose
+    "1.2.840.10008.5.1.4.1.1.30": 1,  # Parametric Map
+    "1.2.840.10008.5.1.4.1.1.66.4": 2,  # Segmentation
+    "1.2.840.10008.5.1.4.1.1.481.3": 3,  # RT Structure Set
+    "1.2.840.10008.5.1.4.1.1.88.34": 4,  # Comprehensive 3D SR
+    "1.2.840.10008.5.1.4.1.1.88.33": 4,  # Comprehensive SR
+    "1.2.840.10008.5.1.4.1.1.88.22": 4,  # Enhanced SR
+}
 
 
 class LeaseLost(Exception):
@@ -97,7 +115,7 @@ def build_manifest(outputs: dict[str, Path], options_key: str, attempt: int) -> 
     files = {}
     for kind, path in outputs.items():
         entry: dict = {"file": path.name}
-        if kind in _DICOM_OUTPUTS:
+        if path.suffix.lower() == _DICOM_SUFFIX:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             entry.update(
                 sop_instance_uid=str(ds.SOPInstanceUID),
@@ -106,6 +124,17 @@ def build_manifest(outputs: dict[str, Path], options_key: str, attempt: int) -> 
             )
         files[kind] = entry
     return {"options_key": options_key, "attempt": attempt, "files": files}
+
+
+def export_order(files: list[OutputFile]) -> list[OutputFile]:
+    """RT Dose first, then the map, SEG, RT Structure Set, SR, then any other class (by kind, stable)."""
+    return sorted(files, key=lambda f: (_EXPORT_RANK.get(f.sop_class_uid, 9), f.kind))
+
+
+def output_files(out_dir: Path, manifest: dict) -> list[OutputFile]:
+    """The DICOM objects of a manifest, in export order."""
+    return export_order([OutputFile(kind, out_dir / e["file"], e["sop_instance_uid"], e["sop_class_uid"])
+                         for kind, e in manifest["files"].items() if "sop_instance_uid" in e])
 
 
 def result_of(out_dir: Path, manifest: dict) -> dict:
@@ -198,8 +227,13 @@ def _compute(store: JobStore, storage: Storage, job, attempt: int, options, hb: 
     if replaces:
         log.info("job %s replaces series %s of job %s: %s", job.id, replaces["series_instance_uid"],
                  replaces["job_id"], replaces["reason"])
+    region_path, notes = region_inputs_of(store, storage.job_input(job.id))
+    if region_path is not None:
+        options = dataclasses.replace(options, regions_path=region_path)
     work = storage.new_work_dir(job.id, attempt)
     result = run(storage.job_input(job.id), work, options, progress=progress, **_run_kwargs(run, replaces))
+    if notes:
+        _add_region_notes(work, result.outputs, notes)
     manifest = build_manifest(result.outputs, options.key(), attempt)
     same = set(replaces.get("sop_instance_uids", {}).values()) & {
         e["sop_instance_uid"] for e in manifest["files"].values() if "sop_instance_uid" in e}
@@ -253,11 +287,7 @@ def run_job(
             log.info("job %s: output already complete; exporting only", job_id)
         storage.clean_work_dirs(job_id)
         out_dir = storage.job_output(job_id)
-        files = [
-            OutputFile(kind, out_dir / e["file"], e["sop_instance_uid"], e["sop_class_uid"])
-            for kind, e in manifest["files"].items()
-            if "sop_instance_uid" in e
-        ]
+        files = output_files(out_dir, manifest)
         destinations = list(job.export)
         if destinations or settings.stow_url:
             store.set_progress(job_id, attempt, "export", 0.9)
@@ -318,3 +348,154 @@ def run_job(
         raise TransientFailure(reason, delay) from exc
     finally:
         hb.stop()
+
+
+# ------------------------------------------------------------------ region sets
+
+
+def region_inputs_of(store: JobStore, input_dir: Path) -> tuple[Path | None, list[str]]:
+    """The region set sent with the study (the newest SEG or RT Structure Set in the job's input), and notes.
+
+    Our own region objects that came back with a study (recorded output UIDs) are not the
+    clinic's contours and are left out. The frame of reference is checked by the core, which
+    reports a set drawn on another CT in ``region_warnings`` and still computes the dose.
+    """
+    from spectdose.dicom.region_inputs import find_region_inputs
+
+    found = [r for r in find_region_inputs(input_dir) if not store.is_own_output(r.sop_instance_uid)]
+    if not found:
+        return None, []
+    chosen, others = found[0], found[1:]
+    notes = [f"regions: the {chosen.kind} {chosen.sop_instance_uid} sent with the study is used"]
+    if others:
+        notes.append(f"regions: {len(others)} older region set(s) in the study not used "
+                     f"({', '.join(f'{r.kind} {r.sop_instance_uid}' for r in others)}); send one after the dose "
+                     "(POST /jobs/{id}/regions or a DICOM push) to report it as well")
+    return chosen.path, notes
+
+
+def _add_region_notes(work: Path, outputs: dict[str, Path], notes: list[str]) -> None:
+    """The service's notes on the region sets it chose, in summary.json's ``region_warnings``."""
+    path = outputs.get("summary_json")
+    if path is None or not path.is_file():
+        return
+    summary = json.loads(path.read_text())
+    summary["region_warnings"] = notes + list(summary.get("region_warnings") or [])
+    atomic_write_bytes(path, json.dumps(summary, indent=2).encode())
+
+
+def regions_dir(storage: Storage, job_id: str) -> Path:
+    """Where a job's region sets received after the dose and their versions of region outputs live."""
+    return storage.job_dir(job_id) / "regions"
+
+
+def _publish_version(folder: Path, work: Path, manifest: dict) -> None:
+    """``work`` becomes ``folder`` whole (manifest written last); a complete folder is never replaced."""
+    atomic_write_bytes(work / ".complete.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
+    for p in work.iterdir():
+        with open(p, "rb") as fh:
+            os.fsync(fh.fileno())
+    fsync_dir(work)
+    if folder.exists():
+        shutil.rmtree(folder)  # an incomplete folder of a crashed attempt (a complete one is reused)
+    os.replace(work, folder)
+    fsync_dir(folder.parent)
+
+
+def _version_result(folder: Path, manifest: dict, version: int) -> dict:
+    report = json.loads((folder / "regions.json").read_text())
+    keys = ("region", "volume_ml", "mean_gy", "median_gy", "min_gy", "max_gy", "d2_gy", "d50_gy", "d98_gy",
+            "mean_dose_rate_mgy_per_h")
+    return {
+        "version": version,
+        "folder": f"regions/{folder.name}",
+        "source": report.get("source"),
+        "regions": [{k: row.get(k) for k in keys if k in row} for row in report.get("regions", [])],
+        "warnings": list(report.get("warnings") or []),
+        "outputs": {kind: {k: e[k] for k in ("sop_instance_uid", "series_instance_uid", "sop_class_uid")}
+                    for kind, e in manifest["files"].items() if "sop_instance_uid" in e},
+        "files": {kind: e["file"] for kind, e in manifest["files"].items()},
+    }
+
+
+def run_region_set(store: JobStore, storage: Storage, settings: Settings, region_set_id: str, *, worker: str,
+                   sleep: Callable[[float], None] | None = None) -> Outcome:
+    """Apply a region set received after the dose to its finished job, once; raises :class:`TransientFailure` to retry.
+
+    The statistics come from the stored RT Dose and map (``spectdose.region_report``, no dose
+    recomputed); the outputs are a new version folder ``regions/v<N>/`` beside the result and
+    new DICOM objects (new UIDs: the SR, the traced SEG or RT Structure Set, and the RT Dose
+    carrying the new DVHs), sent where the job's results went. A version already written is
+    only exported again.
+    """
+    from spectdose.errors import SpectdoseError
+    from spectdose.region_report import region_report
+
+    rec = store.region_set(region_set_id)
+    if rec is None or rec.state in ("done", "failed"):
+        return {"region_set": region_set_id, "skipped": rec.state if rec else "unknown"}
+    job = store.get(rec.job_id)
+    if job is None or job.state != "done" or storage.output_manifest(job.id) is None:
+        why = f"job {rec.job_id} is {job.state if job else 'unknown'}: regions are applied to a finished result"
+        store.fail_region_set(region_set_id, why)
+        return {"region_set": region_set_id, "state": "failed", "reason": why}
+    attempt = store.claim_region_set(region_set_id)
+    if attempt is None:
+        return {"region_set": region_set_id, "skipped": "taken"}
+    root = regions_dir(storage, job.id)
+    folder = root / f"v{rec.version}"
+    log.info("job %s: region set %s (version %d, %s), attempt %d on %s", job.id, rec.id, rec.version, rec.kind,
+             attempt, worker)
+    try:
+        complete = folder / ".complete.json"
+        if complete.is_file():
+            manifest = json.loads(complete.read_text())
+        else:
+            work = root / f".work-v{rec.version}-{attempt}"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            try:
+                outputs = region_report(storage.job_output(job.id), root / f"{rec.id}.dcm", work)
+            except BaseException:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
+            manifest = build_manifest(outputs, "", attempt)
+            manifest["region_set"] = rec.id
+            _publish_version(folder, work, manifest)
+        files = output_files(folder, manifest)
+        store.record_outputs(job.id, [{"sop_instance_uid": f.sop_instance_uid, "kind": f.kind,
+                                       "sop_class_uid": f.sop_class_uid,
+                                       "series_instance_uid": manifest["files"][f.kind]["series_instance_uid"]}
+                                      for f in files])
+        if job.export or settings.stow_url:
+            failures = export_outputs(store, settings, job.id, destinations=list(job.export), calling_aet=job.calling_aet,
+                                      files=files, **({"sleep": sleep} if sleep else {}))
+            if failures:
+                message = "; ".join(f"{f.destination}: {f.message}" for f in failures)
+                if any(f.permanent for f in failures) or attempt > settings.max_retries:
+                    store.fail_region_set(rec.id, f"regions computed (regions/{folder.name}), but export failed: "
+                                                  f"{message}")
+                    return {"region_set": rec.id, "state": "failed", "reason": message}
+                raise TransientFailure(f"export failed: {message}", settings.retry_backoff_s * 2 ** (attempt - 1))
+        result = _version_result(folder, manifest, rec.version)
+        store.finish_region_set(rec.id, result)
+        store.audit("worker", "region_set_done", job_id=job.id, region_set=rec.id, version=rec.version,
+                    objects=len(files))
+        log.info("job %s: region set version %d done (%d region(s), %d object(s))", job.id, rec.version,
+                 len(result["regions"]), len(files))
+        return {"region_set": rec.id, "state": "done", "version": rec.version}
+    except TransientFailure:
+        raise
+    except SpectdoseError as exc:
+        store.fail_region_set(rec.id, str(exc))
+        log.info("job %s: region set %s refused: %s", job.id, rec.id, type(exc).__name__)
+        return {"region_set": rec.id, "state": "failed", "reason": str(exc)}
+    except Exception as exc:
+        reason = f"{DISK_FULL_NAME} ({type(exc).__name__})" if is_disk_full(exc) else f"{type(exc).__name__}: {exc}"
+        if attempt > settings.max_retries:
+            store.fail_region_set(rec.id, f"gave up after {attempt} attempts; last: {reason}")
+            return {"region_set": rec.id, "state": "failed", "reason": reason}
+        log.warning("job %s: region set %s attempt %d failed (%s); will retry", job.id, rec.id, attempt,
+                    type(exc).__name__)
+        raise TransientFailure(reason, settings.retry_backoff_s * 2 ** (attempt - 1)) from exc
+

@@ -10,6 +10,13 @@ PACS that forwards the whole study again after our results arrived (an auto-rout
 loop) is recognised and ignored. The same instances re-sent with a changed header (same
 SOP Instance UIDs, other content) have another fingerprint and are computed again.
 
+Region sets (SEG, RT Structure Set) are kept with the study. Sent with the images of a new
+job, they are its regions (the worker picks them out). One that arrives later, alone or with
+images already computed, is applied to the study's newest finished job whose CT it was drawn
+on (:func:`service.intake.accept_region_set`: statistics again, no dose recomputed); one on
+another frame of reference is recorded as a refused region set of that job, with the reason.
+While that job is still computing, the burst waits (it is looked at again on the next pass).
+
 The options of a DICOM job are the site's: the default engine, and the assumptions the
 site accepts for every job or for the calling AE (``SPECTDOSE_ACCEPT``,
 ``SPECTDOSE_ACCEPT_BY_AE``), built and stored as :class:`spectdose.pipeline.DoseOptions`.
@@ -22,13 +29,14 @@ import datetime as dt
 import logging
 import threading
 import uuid
+from pathlib import Path
 
 from ..config import Settings
 from ..db import IncomingState, JobState, utcnow
-from ..intake import Sender, accept_study
+from ..intake import Sender, UploadRejected, accept_region_set, accept_study, file_digest, job_ct
 from ..jobs import content_fingerprint
 from ..queue import Enqueuer
-from .handlers import INPUT_MODALITIES, NodeContext
+from .handlers import INPUT_MODALITIES, REGION_KINDS, NodeContext
 
 __all__ = ["dispatch_quiet_studies", "Completer", "job_id_for", "node_options"]
 
@@ -82,6 +90,9 @@ def _dispatch(ctx: NodeContext, enqueuer: Enqueuer, inc) -> str | None:
         return None
     folder = storage.incoming_dir(inc.study_instance_uid)
     files = sorted(p for p in folder.glob("*.dcm") if p.name.split("_", 1)[0] in INPUT_MODALITIES)
+    region_files = sorted(p for p in folder.glob("*.dcm") if p.name.split("_", 1)[0] in set(REGION_KINDS.values()))
+    if not files and region_files:
+        return _regions_later(ctx, enqueuer, inc, region_files, None)
     if not files:
         note = f"no CT/NM/PT instance to compute from ({inc.n_own_outputs} of our own outputs came back)"
         store.settle_incoming(inc.id, IncomingState.IGNORED, note=note)
@@ -90,6 +101,8 @@ def _dispatch(ctx: NodeContext, enqueuer: Enqueuer, inc) -> str | None:
     fingerprint = content_fingerprint(files)
     options = node_options(settings, inc.calling_aet)
     earlier = store.find_duplicate(fingerprint, options, source="dicom", calling_aet=inc.calling_aet)
+    if earlier is not None and _new_region_files(ctx, earlier, region_files):
+        return _regions_later(ctx, enqueuer, inc, region_files, earlier)
     if earlier is not None:
         note = f"same {len(files)} input instances and options as job {earlier.id} ({earlier.state}): not computed again"
         store.settle_incoming(inc.id, IncomingState.DUPLICATE, job_id=earlier.id, note=note)
@@ -109,13 +122,85 @@ def _dispatch(ctx: NodeContext, enqueuer: Enqueuer, inc) -> str | None:
         log.info("study burst %s from %s complete: job %s with %d instance(s)", inc.id[:8], inc.calling_aet, job_id,
                  n_files)
 
-    accept_study(store, storage, enqueuer, job_id=job_id, files=files,
+    # The fingerprint is the images' (as before region sets were kept), so the same images with a
+    # region set added later are recognised as computed, and the set is applied to that result.
+    accept_study(store, storage, enqueuer, job_id=job_id, files=files + region_files,
                  sender=Sender("dicom", inc.calling_aet, inc.remote_host, calling_aet=inc.calling_aet,
                                incoming_id=inc.id),
                  options=options, export=list(settings.export), queue=settings.job_queue,
                  study_instance_uid=inc.study_instance_uid, fingerprint=fingerprint, refused=refused,
                  on_stored=handed_over)
     return job_id
+
+
+def _new_region_files(ctx: NodeContext, job, region_files: list[Path]) -> list[Path]:
+    """Region files not yet taken for ``job``: neither in its input nor received as one of its region sets."""
+    from spectdose.dicom.region_inputs import read_region_input
+    from spectdose.errors import InputError
+
+    new = []
+    for path in region_files:
+        if (ctx.storage.job_input(job.id) / path.name).exists():
+            continue
+        try:
+            info = read_region_input(path)
+        except InputError:
+            continue
+        if info is not None and not ctx.store.region_set_applied(job.id, info.sop_instance_uid):
+            new.append(path)
+    return new
+
+
+def _target_job(ctx: NodeContext, study_uid: str):
+    """The study's newest job that has not failed (the result region sets are applied to), or None."""
+    jobs, _n = ctx.store.list_jobs(study_instance_uid=study_uid, limit=50)
+    return next((j for j in jobs if j.state != JobState.FAILED), None)
+
+
+def _regions_later(ctx: NodeContext, enqueuer: Enqueuer, inc, region_files: list[Path], job) -> str | None:
+    """Region sets that arrived after the dose: applied to the study's finished job, or refused with a reason."""
+    from spectdose.dicom.region_inputs import not_on_ct, read_region_input
+
+    store = ctx.store
+    job = job or _target_job(ctx, inc.study_instance_uid)
+    if job is None:
+        note = (f"{len(region_files)} region set(s) but no job of this study to apply them to: send them with the "
+                "study's CT and SPECT, or after a job of the study has finished")
+        store.settle_incoming(inc.id, IncomingState.IGNORED, note=note)
+        store.audit(inc.calling_aet, "region_set_refused", study_instance_uid=inc.study_instance_uid, why=note)
+        log.info("study burst %s from %s: region set(s) without a job of the study", inc.id[:8], inc.calling_aet)
+        return None
+    if job.state != JobState.DONE:
+        store.settle_incoming(inc.id, IncomingState.RECEIVING)  # looked at again once the job has finished
+        return None
+    pending = _new_region_files(ctx, job, region_files)
+    ct_series, ct_frame = job_ct(ctx.storage, job.id)
+    versions = []
+    for path in pending:
+        info = read_region_input(path)
+        why = not_on_ct(info, ct_series_uid=ct_series, ct_frame_of_reference_uid=ct_frame)
+        if why:  # recorded as a refused region set of the job: visible at GET /jobs/{id}/regions
+            rec, _ = store.add_region_set(job.id, region_set_id=uuid.uuid4().hex, source="dicom",
+                                          submitted_by=inc.calling_aet, kind=info.kind,
+                                          sop_instance_uid=info.sop_instance_uid, digest=file_digest(path),
+                                          state=JobState.FAILED, reason=f"region set refused, the dose result is "
+                                          f"kept: {why}")
+            log.info("job %s: region set from %s refused (frame of reference)", job.id, inc.calling_aet)
+            continue
+        try:
+            accepted = accept_region_set(store, ctx.storage, enqueuer, job, path, source="dicom",
+                                         submitted_by=inc.calling_aet, info=info)
+        except UploadRejected as exc:
+            store.audit(inc.calling_aet, "region_set_refused", job_id=job.id, why=exc.detail[:300])
+            continue
+        if not accepted.queued:
+            raise ConnectionError(f"region set {accepted.region_set_id}: queue unavailable")  # retried next pass
+        versions.append(accepted.version)
+    note = (f"{len(pending)} region set(s) after the dose for job {job.id}"
+            + (f": version(s) {', '.join(map(str, versions))}" if versions else ": refused or already applied"))
+    store.settle_incoming(inc.id, IncomingState.DISPATCHED, job_id=job.id, note=note)
+    log.info("study burst %s from %s: %s", inc.id[:8], inc.calling_aet, note)
+    return None
 
 
 @dataclasses.dataclass

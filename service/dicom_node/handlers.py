@@ -18,7 +18,16 @@ import threading
 import uuid
 from pathlib import Path
 
-from pydicom.uid import ParametricMapStorage, RTDoseStorage
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    EncapsulatedPDFStorage,
+    EnhancedSRStorage,
+    ParametricMapStorage,
+    RTDoseStorage,
+    RTStructureSetStorage,
+    SegmentationStorage,
+)
 
 from ..config import Settings
 from ..diskguard import DiskFull, check_free_space
@@ -28,6 +37,7 @@ from ..storage import Storage, atomic_write_bytes, fsync_dir, safe_component
 __all__ = [
     "NodeContext",
     "INPUT_MODALITIES",
+    "REGION_KINDS",
     "STATUS_SUCCESS",
     "STATUS_OUT_OF_RESOURCES",
     "STATUS_DATASET_MISMATCH",
@@ -56,7 +66,13 @@ _REJECT_CALLED_AET = (0x01, 0x01, 0x07)  # permanent; service user; called AE ti
 _REJECT_NO_SPACE = (0x02, 0x03, 0x02)  # transient; service provider (presentation); local limit exceeded
 
 INPUT_MODALITIES = frozenset({"CT", "NM", "PT"})
-_OUR_SOP_CLASSES = frozenset({RTDoseStorage, ParametricMapStorage})  # RT Dose, Parametric Map
+# Region sets kept with their study (file name prefix by SOP Class): the regions of a job made
+# from it, or of a finished job when they arrive after the dose (dispatch.py).
+REGION_KINDS = {str(SegmentationStorage): "SEG", str(RTStructureSetStorage): "RTSTRUCT"}
+# Every class we send (worker.execute: RT Dose, map, SEG, RT Structure Set, SR, PDF report).
+_OUR_SOP_CLASSES = frozenset({RTDoseStorage, ParametricMapStorage, SegmentationStorage, RTStructureSetStorage,
+                              Comprehensive3DSRStorage, ComprehensiveSRStorage, EnhancedSRStorage,
+                              EncapsulatedPDFStorage})
 _OUR_MANUFACTURER = "spectdose"  # spectdose.dicom.rtdose.MANUFACTURER
 
 
@@ -197,11 +213,15 @@ def handle_store(event, ctx: NodeContext) -> int:
         if not study_uid:
             log.warning("C-STORE from %s: instance %s has no Study Instance UID", state.calling_aet, sop_uid)
             return STATUS_CANNOT_UNDERSTAND
-        if sop_class in _OUR_SOP_CLASSES and (manufacturer == _OUR_MANUFACTURER or ctx.store.is_own_output(sop_uid)):
+        region_kind = REGION_KINDS.get(sop_class)
+        # A region set is ours only by its UID: a viewer's correction of our automatic SEG may keep
+        # our Manufacturer, and it is exactly what the physicist sends back to be reported.
+        if sop_class in _OUR_SOP_CLASSES and ((manufacturer == _OUR_MANUFACTURER and region_kind is None)
+                                              or ctx.store.is_own_output(sop_uid)):
             # Our own result coming back (PACS auto-routing): accepted, never a new job.
             state.own_outputs[study_uid] = state.own_outputs.get(study_uid, 0) + 1
             return STATUS_SUCCESS
-        if modality not in INPUT_MODALITIES:
+        if modality not in INPUT_MODALITIES and region_kind is None:
             state.not_used += 1  # accepted (secondary objects, RT objects...) but not an input
             return STATUS_SUCCESS
         try:
@@ -210,7 +230,8 @@ def handle_store(event, ctx: NodeContext) -> int:
         except DiskFull:
             log.error("C-STORE from %s refused: disk nearly full (A700 out of resources)", state.calling_aet)
             return STATUS_OUT_OF_RESOURCES
-        target = ctx.storage.staging_dir(state.key) / f"{modality}_{safe_component(sop_uid)}.dcm"
+        prefix = region_kind or modality
+        target = ctx.storage.staging_dir(state.key) / f"{prefix}_{safe_component(sop_uid)}.dcm"
         atomic_write_bytes(target, event.encoded_dataset(include_meta=True))
         state.staged[sop_uid] = _Staged(target, study_uid)
         return STATUS_SUCCESS

@@ -33,8 +33,10 @@ __all__ = ["DicomNode", "build_ae", "STORAGE_CLASSES"]
 
 log = logging.getLogger("spectdose.service.dicom")
 
-# Inputs (CT, NM, PET, their enhanced forms) and the secondary objects a PACS routes with a
-# study (secondary captures, RT objects, SR, presentation states); the latter are accepted
+# Inputs (CT, NM, PET, their enhanced forms), region sets (SEG, RT Structure Set: a job's
+# regions), every class we send back (RT Dose, Parametric Map, SEG, RT Structure Set, SRs,
+# Encapsulated PDF: recognised as ours when a PACS routes them back) and the secondary objects
+# a PACS routes with a study (secondary captures, registrations, presentation states), accepted
 # but not used, so a routing rule that sends "the whole study" does not fail.
 STORAGE_CLASSES = (
     sc.CTImageStorage,
@@ -57,6 +59,7 @@ STORAGE_CLASSES = (
     sc.BasicTextSRStorage,
     sc.EnhancedSRStorage,
     sc.ComprehensiveSRStorage,
+    sc.Comprehensive3DSRStorage,
     sc.EncapsulatedPDFStorage,
     sc.GrayscaleSoftcopyPresentationStateStorage,
     sc.RawDataStorage,
