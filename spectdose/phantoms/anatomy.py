@@ -35,6 +35,8 @@ __all__ = [
     "sample_anatomy",
     "sample_patient",
     "RigidPose",
+    "AnatomyVariation",
+    "LesionPlan",
     "study_uids",
     "TISSUES",
     "UPTAKE_24H",
@@ -268,10 +270,13 @@ class VirtualPatient:
     # the couch relative to the first time point, and a tag that keeps its UIDs apart.
     pose: RigidPose | None = None
     time_point: str | None = None
+    # Grids and reconstruction of a patient whose grids are drawn per patient
+    # (spectdose.phantoms.variation); None: those of SIZES[size].
+    spec: PhantomSize | None = None
 
     @property
     def size_spec(self) -> PhantomSize:
-        return SIZES[self.size]
+        return self.spec if self.spec is not None else SIZES[self.size]
 
     @property
     def hours_after_administration(self) -> float:
@@ -429,6 +434,7 @@ class _Anatomy:
     fields: dict[str, _Field]
     hours: float = 24.0  # acquisition time after administration
     dz: float = 0.0  # craniocaudal shift of the organs in the field of view (mm)
+    shape_amplitude: float = 1.0  # scales the random-field perturbation of organ surfaces
 
     def to_anatomy_axes(self, grid: Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """1D anatomy-mm coordinates (z, y, x) of an axis-aligned grid's voxel centres."""
@@ -446,12 +452,51 @@ class _Anatomy:
         return p
 
 
-def _build_anatomy(seed: int, spec: PhantomSize) -> _Anatomy:
-    """Draw every parameter of the patient from ``seed`` (independent of the size)."""
+@dataclasses.dataclass(frozen=True)
+class LesionPlan:
+    """One lesion of a varied patient, decided before placement (clinical-scale volume)."""
+
+    volume_ml: float
+    location: str  # "liver" or "outside"
+    tumour_to_liver_24h: float
+    necrotic_core_fraction: float | None = None  # core semi-axes / lesion's; None: no core
+    necrotic_uptake_fraction: float = 1.0  # core concentration / rim's
+
+
+@dataclasses.dataclass(frozen=True)
+class AnatomyVariation:
+    """Anatomy parameters set from outside instead of drawn from the seed's default ranges
+    (:mod:`spectdose.phantoms.variation`, data set v2). Everything else (random fields,
+    rotations, uptake levels, lesion orientation and texture) is still drawn from the seed.
+    """
+
+    body_scale: tuple[float, float, float]  # lateral, AP, craniocaudal
+    craniocaudal_shift_mm: float  # of all organs in the field of view
+    organ_volume_factor: tuple[float, float, float]  # liver, spleen, kidneys
+    organ_shift_mm: tuple[tuple[str, tuple[float, float, float]], ...]  # organ -> (x, y, z)
+    shape_amplitude: float
+    lesions: tuple[LesionPlan, ...]
+    min_lesion_ml: float = 0.5  # a lesion that finds no room shrinks down to this
+
+
+def _shifted(e: _Ellipsoid, shift_xyz) -> _Ellipsoid:
+    return dataclasses.replace(e, centre=tuple(float(c + d) for c, d in zip(e.centre, shift_xyz, strict=True)))
+
+
+def _build_anatomy(seed: int, spec: PhantomSize, variation: AnatomyVariation | None = None) -> _Anatomy:
+    """Draw every parameter of the patient from ``seed`` (independent of the size).
+
+    ``variation`` replaces the body scales, organ sizes and positions, surface roughness
+    and the lesion plan; the random stream is drawn as without it, so a patient without a
+    variation is exactly the one it always was. With a variation the concentrations are
+    those at 24 h (``hours`` 24): the caller applies the kinetics of its time point.
+    """
     rng = np.random.default_rng([int(seed), 17701])
     sx, sy, sz = rng.uniform(0.88, 1.12), rng.uniform(0.85, 1.18), rng.uniform(0.94, 1.06)
-    s = (sx, sy, sz)
     dz = rng.uniform(-12.0, 12.0)  # craniocaudal placement of the anatomy in the FOV
+    if variation is not None:
+        (sx, sy, sz), dz = variation.body_scale, variation.craniocaudal_shift_mm
+    s = (sx, sy, sz)
 
     def at(x, y, z):
         return (x * sx, y * sy, z * sz + dz)
@@ -463,6 +508,8 @@ def _build_anatomy(seed: int, spec: PhantomSize) -> _Anatomy:
     liver_f = rng.uniform(0.85, 1.2)
     spleen_f = rng.uniform(0.6, 1.6)
     kid_f = rng.uniform(0.8, 1.2)
+    if variation is not None:
+        liver_f, spleen_f, kid_f = variation.organ_volume_factor
     organs = {
         "liver_right": _Ellipsoid(at(-62, -5, 55), semi(76, 74, 68, liver_f), _rotation(rng.uniform(-8, 8))),
         "liver_left": _Ellipsoid(at(10, -55, 82), semi(60, 28, 34, liver_f), _rotation(-15 + rng.uniform(-8, 8))),
@@ -475,6 +522,12 @@ def _build_anatomy(seed: int, spec: PhantomSize) -> _Anatomy:
         "kidney_left": _Ellipsoid(at(70, 55, -25), semi(28, 24, 55, kid_f), _rotation(25, 12, 8)),
         "kidney_right": _Ellipsoid(at(-70, 55, -40), semi(28, 24, 55, kid_f), _rotation(-25, -12, 8)),
     }
+    if variation is not None:
+        shifts = dict(variation.organ_shift_mm)
+        for name in ("liver_right", "liver_left", "spleen", "stomach"):
+            organs[name] = _shifted(organs[name], shifts.get("liver" if name.startswith("liver") else name, (0.0, 0.0, 0.0)))
+        for name in kidney_frames:
+            kidney_frames[name] = _shifted(kidney_frames[name], shifts.get(name, (0.0, 0.0, 0.0)))
     # fields first in a fixed order so that the stream stays size-independent
     fields = {
         "tex_fine": _Field(rng, 5.0, 2.5),
@@ -484,6 +537,8 @@ def _build_anatomy(seed: int, spec: PhantomSize) -> _Anatomy:
         "gas": _Field(rng, 5.0, 2.5),
     }
     hours = rng.uniform(22.0, 96.0)
+    if variation is not None:
+        hours = 24.0  # concentrations at 24 h; the caller applies the time point's kinetics
     conc_24h = {}
     liver_24h = UPTAKE_24H["liver"][0] * math.exp(rng.normal(0.0, _LIVER_SPREAD))
     bg = math.exp(rng.normal(0.0, _BACKGROUND_SPREAD))
@@ -517,8 +572,9 @@ def _build_anatomy(seed: int, spec: PhantomSize) -> _Anatomy:
         fields=fields,
         hours=hours,
         dz=dz,
+        shape_amplitude=1.0 if variation is None else float(variation.shape_amplitude),
     )
-    anatomy.lesions = _place_lesions(rng, anatomy, hours, liver_24h)
+    anatomy.lesions = _place_lesions(rng, anatomy, hours, liver_24h, variation)
     return anatomy
 
 
@@ -536,16 +592,26 @@ def _surface_mean(field: _Field, ell: _Ellipsoid, shift) -> float:
     return float(np.mean(vals))
 
 
-def _place_lesions(rng: np.random.Generator, anatomy: _Anatomy, hours: float, liver_24h_mbq_ml: float) -> list[_Lesion]:
-    """Draw 3-7 lesions of 2-180 ml (clinical scale) in and outside the liver."""
-    n = int(rng.integers(3, 8))
-    volumes = np.exp(rng.uniform(np.log(2.5), np.log(150.0), size=n))
-    volumes[0] = rng.uniform(2.5, 8.0)  # always one small lesion
-    volumes[1] = rng.uniform(60.0, 150.0)  # and one large one
-    locations = ["liver" if rng.random() < 0.6 else "outside" for _ in range(n)]
-    locations[0], locations[1], locations[2] = "outside", "liver", "liver"
-    if n > 3:
-        locations[3] = "outside"
+def _place_lesions(
+    rng: np.random.Generator, anatomy: _Anatomy, hours: float, liver_24h_mbq_ml: float, variation: AnatomyVariation | None = None
+) -> list[_Lesion]:
+    """Draw 3-7 lesions of 2-180 ml (clinical scale) in and outside the liver, or place the
+    lesions of ``variation.lesions`` (volumes, locations, uptake and necrosis given)."""
+    plan = None if variation is None else variation.lesions
+    min_ml = 2.5 if variation is None else float(variation.min_lesion_ml)
+    if plan is None:
+        n = int(rng.integers(3, 8))
+        volumes = np.exp(rng.uniform(np.log(2.5), np.log(150.0), size=n))
+        volumes[0] = rng.uniform(2.5, 8.0)  # always one small lesion
+        volumes[1] = rng.uniform(60.0, 150.0)  # and one large one
+        locations = ["liver" if rng.random() < 0.6 else "outside" for _ in range(n)]
+        locations[0], locations[1], locations[2] = "outside", "liver", "liver"
+        if n > 3:
+            locations[3] = "outside"
+    else:
+        n = len(plan)
+        volumes = np.array([p.volume_ml for p in plan], dtype=float)
+        locations = [p.location for p in plan]
     # coarse sample of the lesion-free anatomy to find room (4 mm, anatomy mm)
     step = 4.0
     coarse = Grid(
@@ -575,7 +641,7 @@ def _place_lesions(rng: np.random.Generator, anatomy: _Anatomy, hours: float, li
             cand = np.argwhere((room >= need) & ~taken)
             if len(cand):
                 break
-            vol = max(2.5, vol * 0.75)
+            vol = max(min_ml, vol * 0.75)
         else:  # pragma: no cover - the reference anatomy always has room for 2.5 ml
             raise InputError(f"virtual patient: no room for a {loc} lesion of {vol:.1f} ml")
         k, j, i = cand[int(rng.integers(len(cand)))]
@@ -583,16 +649,23 @@ def _place_lesions(rng: np.random.Generator, anatomy: _Anatomy, hours: float, li
         aspect = rng.uniform(0.8, 1.25, size=3)
         aspect /= np.prod(aspect) ** (1.0 / 3.0)
         ell = _Ellipsoid(centre, tuple(r * aspect), _rotation(*rng.uniform(0, 180, size=3)))
-        necrotic = vol >= 15.0 and (rng.random() < 0.6 or idx == 1)
+        if plan is None:
+            necrotic = vol >= 15.0 and (rng.random() < 0.6 or idx == 1)
+        else:
+            necrotic = plan[idx].necrotic_core_fraction is not None
         core = None
         nec_frac = 1.0
         if necrotic:
             cf = rng.uniform(0.45, 0.7)
             off = rng.normal(0.0, 0.1 * r, size=3)
+            if plan is not None:
+                cf = plan[idx].necrotic_core_fraction
             core = _Ellipsoid(tuple(np.asarray(centre) + off), tuple(r * aspect * cf), ell.rot)
-            nec_frac = rng.uniform(0.05, 0.15)
+            nec_frac = rng.uniform(0.05, 0.15) if plan is None else plan[idx].necrotic_uptake_fraction
         shift = tuple(rng.uniform(-40.0, 40.0, size=3))
         c24 = liver_24h_mbq_ml * math.exp(rng.uniform(*np.log(_TUMOUR_TO_LIVER_24H)))
+        if plan is not None:
+            c24 = liver_24h_mbq_ml * plan[idx].tumour_to_liver_24h
         t_eff = rng.uniform(*_TUMOUR_T_EFF_H)
         placed[int(idx)] = _Lesion(
             name="",
@@ -748,13 +821,13 @@ def _paint_organs(c: _Canvas) -> None:
     if b:
         sl, Z, Y, X = b  # noqa: N806
         d = np.minimum(lobes[0].distance(Z, Y, X)[0], lobes[1].distance(Z, Y, X)[0])
-        d = c.inside_cavity(sl, d - 4.0 * c.field("shape", sl, (0.0, 0.0, 50.0)))
+        d = c.inside_cavity(sl, d - 4.0 * a.shape_amplitude * c.field("shape", sl, (0.0, 0.0, 50.0)))
         c.paint(sl, d, _OBJ["liver"], "liver", edge_mm=_EDGE_ORGAN_MM)
     e = a.organs["spleen"]
     b = c.block(*e.bbox(6.0 + 2.5 * _EDGE_ORGAN_MM))
     if b:
         sl, Z, Y, X = b  # noqa: N806
-        d = c.inside_cavity(sl, e.distance(Z, Y, X)[0] - 3.0 * c.field("shape", sl, (0.0, 60.0, 0.0)))
+        d = c.inside_cavity(sl, e.distance(Z, Y, X)[0] - 3.0 * a.shape_amplitude * c.field("shape", sl, (0.0, 60.0, 0.0)))
         c.paint(sl, d, _OBJ["spleen"], "spleen", edge_mm=_EDGE_ORGAN_MM)
     e = a.organs["stomach"]
     b = c.block(*e.bbox(4.0))
@@ -772,7 +845,7 @@ def _paint_organs(c: _Canvas) -> None:
             continue
         sl, Z, Y, X = b  # noqa: N806
         d, f = e.distance(Z, Y, X)
-        d = c.inside_cavity(sl, d - 1.5 * c.field("shape", sl, (80.0, 0.0, 0.0)), 0.0)
+        d = c.inside_cavity(sl, d - 1.5 * a.shape_amplitude * c.field("shape", sl, (80.0, 0.0, 0.0)), 0.0)
         c.paint(sl, d, _OBJ[name], "kidney_cortex", edge_mm=_EDGE_ORGAN_MM)
         # medulla: pyramids between 40 % and 78 % of the normalised radius, separated by
         # cortical columns (lobulation in the angle around the long axis)
@@ -1165,9 +1238,14 @@ def _patient_on_grids(
     pose: RigidPose | None = None,
     time_point: str | None = None,
     ct_noise_key: tuple[int, ...] = (),
+    spec: PhantomSize | None = None,
 ) -> VirtualPatient:
-    """The patient's truth and CT on its grids (moved by ``pose``; UIDs tagged by ``time_point``)."""
-    spec = SIZES[size]
+    """The patient's truth and CT on its grids (moved by ``pose``; UIDs tagged by ``time_point``).
+
+    ``spec`` gives grids of the patient's own (data set v2); default ``SIZES[size]``.
+    """
+    own_spec = spec
+    spec = SIZES[size] if spec is None else spec
     frame_uid = study_uids(seed, size, time_point)["frame_of_reference"]
     ct_grid, spect_grid = _grids(spec, anatomy.z_table_mm, frame_uid)
     s = sample_patient(anatomy, ct_grid, pose)
@@ -1208,6 +1286,7 @@ def _patient_on_grids(
         uptake_bq_per_ml={k: float(v) for k, v in anatomy.conc_bq_ml.items()},
         pose=pose,
         time_point=time_point,
+        spec=own_spec,
     )
 
 

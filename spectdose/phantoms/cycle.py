@@ -172,6 +172,11 @@ def draw_kinetics(seed: int, patient: VirtualPatient) -> tuple[dict[str, Kinetic
 
     Necrotic cores follow their lesion (their concentration is a fraction of it).
     """
+    return kinetics_for_lesions(seed, patient.anatomy.lesions)
+
+
+def kinetics_for_lesions(seed: int, lesions) -> tuple[dict[str, Kinetics], list[Kinetics]]:
+    """:func:`draw_kinetics` for the lesions of an anatomy (``t_eff_h`` drawn with them)."""
     rng = np.random.default_rng([int(seed), 12012])
     groups: dict[str, Kinetics] = {}
     for group in ("kidney", "liver", "spleen", "marrow", "remainder"):
@@ -195,7 +200,7 @@ def draw_kinetics(seed: int, patient: VirtualPatient) -> tuple[dict[str, Kinetic
             min(les.t_eff_h, 0.98 * LU177_HALF_LIFE_H),
             t_uptake_h=float(rng.uniform(*KINETIC_RANGES["tumour"]["t_uptake_h"])),
         )
-        for les in patient.anatomy.lesions
+        for les in lesions
     ]
     return tissues, lesions
 

@@ -43,6 +43,7 @@ __all__ = [
     "ENERGY_WINDOW_KEV",
     "COLLIMATOR",
     "INTRINSIC_FWHM_140KEV_CM",
+    "collimator_geometry_cm",
 ]
 
 # Lu-177 gamma used for imaging: 208.366 keV, 10.4 % (ICRP-107).
@@ -104,6 +105,13 @@ class SimulatedSpect:
     collimator: str = COLLIMATOR
     energy_window_kev: tuple[float, float] = ENERGY_WINDOW_KEV
     photopeak_kev: float = PHOTOPEAK_KEV
+    intrinsic_fwhm_140kev_cm: float = INTRINSIC_FWHM_140KEV_CM
+    # whether OSEM modelled the collimator-detector response ("resolution recovery")
+    resolution_recovery: bool = True
+
+    def fwhm_mm_at(self, distance_mm: float) -> float:
+        """System FWHM (collimator + intrinsic) at ``distance_mm`` from the collimator face."""
+        return float(_sigma_cm(np.asarray(distance_mm / 10.0), self.psf_sigma_params_cm)) * 10.0 * 2.0 * math.sqrt(2.0 * math.log(2.0))
 
     @property
     def n_views(self) -> int:
@@ -215,8 +223,25 @@ def _import_pytomography() -> SimpleNamespace:
     )
 
 
-def _psf_sigma_params(energy_kev: float) -> tuple[float, float, float]:
-    """(a, b, c) of sigma(d) = sqrt((a d + b)^2 + c^2), cm, for :data:`COLLIMATOR`.
+def collimator_geometry_cm(collimator: str = COLLIMATOR) -> tuple[float, float]:
+    """(hole diameter, hole length) in cm of a parallel-hole collimator of the SIMIND
+    collimator database shipped with PyTomography (e.g. "SY-ME", "GI-MEGP", "PB-MEGP")."""
+    spec = importlib.util.find_spec("pytomography")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("PyTomography is not installed: it provides the collimator database and OSEM")
+    table = Path(spec.submodule_search_locations[0]) / "data" / "collim.col"
+    for line in table.read_text().splitlines():
+        fields = line.split()
+        if fields and fields[0] == f"*{collimator}":
+            return float(fields[1]), float(fields[3])
+    raise InputError(f"collimator {collimator!r} not found in PyTomography's collimator database")
+
+
+def _psf_sigma_params(
+    energy_kev: float, collimator: str = COLLIMATOR, intrinsic_fwhm_140kev_cm: float = INTRINSIC_FWHM_140KEV_CM
+) -> tuple[float, float, float]:
+    """(a, b, c) of sigma(d) = sqrt((a d + b)^2 + c^2), cm, for ``collimator`` (default
+    :data:`COLLIMATOR`) and an intrinsic resolution given at 140 keV.
 
     Geometric response of a parallel-hole collimator, FWHM = D (1 + d / L_eff) with the
     effective length L_eff = L - 2 / mu_Pb (Anger; Cherry, Sorenson & Phelps, Physics in
@@ -224,22 +249,12 @@ def _psf_sigma_params(energy_kev: float) -> tuple[float, float, float]:
     but with mu_Pb from the NIST table by log-log interpolation (PyTomography fits a curve
     over 50-550 keV across the K edge). Intrinsic FWHM scales as E^-1/2 from 140 keV.
     """
-    spec = importlib.util.find_spec("pytomography")
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError("PyTomography is not installed: it provides the collimator database and OSEM")
-    table = Path(spec.submodule_search_locations[0]) / "data" / "collim.col"
-    for line in table.read_text().splitlines():
-        fields = line.split()
-        if fields and fields[0] == f"*{COLLIMATOR}":
-            hole_cm, length_cm = float(fields[1]), float(fields[3])
-            break
-    else:  # pragma: no cover - the database ships with the pinned PyTomography
-        raise InputError(f"collimator {COLLIMATOR} not found in PyTomography's collimator database")
+    hole_cm, length_cm = collimator_geometry_cm(collimator)
     mu_lead = _LEAD_DENSITY_G_CM3 * mass_attenuation_cm2_g("lead", energy_kev)
     fwhm_to_sigma = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
     a = hole_cm / (length_cm - 2.0 / mu_lead) * fwhm_to_sigma
     b = hole_cm * fwhm_to_sigma
-    c = INTRINSIC_FWHM_140KEV_CM * (energy_kev / 140.0) ** -0.5 * fwhm_to_sigma
+    c = intrinsic_fwhm_140kev_cm * (energy_kev / 140.0) ** -0.5 * fwhm_to_sigma
     return a, b, c
 
 
@@ -342,6 +357,9 @@ def simulate_spect(
     seed: int | None = None,
     n_views: int | None = None,
     num_threads: int | None = None,
+    collimator: str = COLLIMATOR,
+    intrinsic_fwhm_140kev_cm: float = INTRINSIC_FWHM_140KEV_CM,
+    resolution_recovery: bool = True,
 ) -> SimulatedSpect:
     """Project, add Poisson noise at the patient's total counts, reconstruct with OSEM.
 
@@ -363,6 +381,11 @@ def simulate_spect(
         PyTomography's many small operations gain little from threads and slow down
         several-fold when the cores are shared (measured on a loaded 2-core machine:
         6 OSEM iterations of the small phantom 13 s with 1 thread, 75 s with 2).
+    collimator, intrinsic_fwhm_140kev_cm : optional
+        The camera: a parallel-hole collimator of PyTomography's SIMIND database and the
+        intrinsic FWHM (cm at 140 keV); default Siemens ME, 0.38 cm.
+    resolution_recovery : bool
+        Model the collimator-detector response in OSEM (default) or not (attenuation only).
 
     Raises
     ------
@@ -387,7 +410,8 @@ def simulate_spect(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(int(num_threads))
     try:
-        return _simulate(patient, device, n_iters, n_subsets, n_views, seed)
+        camera = (str(collimator), float(intrinsic_fwhm_140kev_cm), bool(resolution_recovery))
+        return _simulate(patient, device, n_iters, n_subsets, n_views, seed, camera)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -433,7 +457,10 @@ def ideal_spect(patient: VirtualPatient, *, view_duration_s: float = 20.0, n_vie
     )
 
 
-def _simulate(patient: VirtualPatient, device: str, n_iters: int, n_subsets: int, n_views: int, seed: int) -> SimulatedSpect:
+def _simulate(
+    patient: VirtualPatient, device: str, n_iters: int, n_subsets: int, n_views: int, seed: int,
+    camera: tuple[str, float, bool] = (COLLIMATOR, INTRINSIC_FWHM_140KEV_CM, True),
+) -> SimulatedSpect:
     import torch
 
     spec = patient.size_spec
@@ -459,7 +486,8 @@ def _simulate(patient: VirtualPatient, device: str, n_iters: int, n_subsets: int
 
     # -- projection: count rate per view (cps), then counts ----------------------------------
     t1 = time.perf_counter()
-    psf = _psf_sigma_params(PHOTOPEAK_KEV)
+    collimator, intrinsic_cm, resolution_recovery = camera
+    psf = _psf_sigma_params(PHOTOPEAK_KEV, collimator, intrinsic_cm)
     angles = np.arange(n_views) * 360.0 / n_views
     rate_cps = fine.activity_bq_per_ml * (fine_grid.voxel_volume_ml * 1e-6 * SENSITIVITY_CPS_PER_MBQ)
     to_xyz = (2, 1, 0)  # our (z, y, x) -> PyTomography [x, y, z]
@@ -489,7 +517,7 @@ def _simulate(patient: VirtualPatient, device: str, n_iters: int, n_subsets: int
     # -- reconstruction -------------------------------------------------------------------
     t2 = time.perf_counter()
     mu_recon = mu_map_from_hu(patient.hu, sg)
-    recon_counts = _osem(counts, mu_recon.array, sg, angles, radius_mm, psf, n_iters, n_subsets, device)
+    recon_counts = _osem(counts, mu_recon.array, sg, angles, radius_mm, psf if resolution_recovery else None, n_iters, n_subsets, device)
     timings["reconstruction"] = time.perf_counter() - t2
     bq_per_count = 1e6 / (SENSITIVITY_CPS_PER_MBQ * view_s) / sg.voxel_volume_ml
     recon = Volume((recon_counts * bq_per_count).astype(np.float32), sg, "Bq/ml")
@@ -512,11 +540,15 @@ def _simulate(patient: VirtualPatient, device: str, n_iters: int, n_subsets: int
         device=str(device),
         seed=seed,
         timings_s=timings,
+        collimator=collimator,
+        intrinsic_fwhm_140kev_cm=intrinsic_cm,
+        resolution_recovery=resolution_recovery,
     )
 
 
 def _osem(counts, mu_zyx, grid: Grid, angles, radius_mm, psf, n_iters, n_subsets, device) -> np.ndarray:
-    """OSEM with attenuation and collimator response modelling (PyTomography)."""
+    """OSEM with attenuation and collimator response modelling (PyTomography); ``psf`` None:
+    attenuation only (no resolution recovery)."""
     import torch
 
     pt = _import_pytomography()
@@ -529,10 +561,8 @@ def _osem(counts, mu_zyx, grid: Grid, angles, radius_mm, psf, n_iters, n_subsets
         proj_meta = pt.SPECTProjMeta([ny, nz], [dx_cm, dx_cm], angles, np.full(len(angles), radius_mm / 10.0))
         mu = torch.from_numpy(np.ascontiguousarray(mu_zyx.transpose(2, 1, 0))).to(device)
         system = pt.SPECTSystemMatrix(
-            obj2obj_transforms=[
-                pt.SPECTAttenuationTransform(attenuation_map=mu),
-                _fft_psf_transform(pt.Transform, psf, radius_mm / 10.0),
-            ],
+            obj2obj_transforms=[pt.SPECTAttenuationTransform(attenuation_map=mu)]
+            + ([_fft_psf_transform(pt.Transform, psf, radius_mm / 10.0)] if psf is not None else []),
             proj2proj_transforms=[],
             object_meta=object_meta,
             proj_meta=proj_meta,

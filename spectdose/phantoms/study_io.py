@@ -37,8 +37,9 @@ from pydicom.uid import (
 from spectdose.constants import LU177_HALF_LIFE_S
 from spectdose.errors import InputError
 from spectdose.geometry import Grid, Volume
-from spectdose.phantoms.anatomy import SIZES, TISSUES, UPTAKE_24H, VirtualPatient, study_uids
-from spectdose.phantoms.spect_sim import INTRINSIC_FWHM_140KEV_CM, SimulatedSpect
+from spectdose.paths import atomic_write
+from spectdose.phantoms.anatomy import TISSUES, UPTAKE_24H, VirtualPatient, study_uids
+from spectdose.phantoms.spect_sim import SimulatedSpect
 
 __all__ = ["write_phantom_study", "study_uids", "SEG_VOIS", "PhantomCase", "load_phantom_case"]
 
@@ -215,7 +216,9 @@ def _nm_dataset(patient: VirtualPatient, spect: SimulatedSpect, uids: dict, spec
     ds.SeriesNumber = 1
     ideal = spect.n_iters == 0  # spect_sim.ideal_spect: the truth on the SPECT grid, no camera
     ds.SeriesDescription = (
-        "SPECT Lu177 ideal camera (truth)" if ideal else f"SPECT Lu177 OSEM {spect.n_iters}i{spect.n_subsets}s AC RR"
+        "SPECT Lu177 ideal camera (truth)"
+        if ideal
+        else f"SPECT Lu177 OSEM {spect.n_iters}i{spect.n_subsets}s AC" + (" RR" if spect.resolution_recovery else "")
     )
     ds.SeriesDate = _da(acq)
     ds.SeriesTime = _tm(acq)
@@ -273,7 +276,8 @@ def _nm_dataset(patient: VirtualPatient, spect: SimulatedSpect, uids: dict, spec
     ds.RadiopharmaceuticalInformationSequence = Sequence([rp])
     # NM detector: one item for RECON TOMO, with the geometry of frame 1
     det = Dataset()
-    det.CollimatorGridName = "MELP"
+    # Siemens names its ME collimator "MELP" (low penetration); GE and Philips "MEGP"
+    det.CollimatorGridName = "MELP" if spect.collimator == "SY-ME" else "MEGP"
     det.CollimatorType = "PARA"
     det.FieldOfViewShape = "RECTANGLE"
     det.FieldOfViewDimensions = [533, 387]
@@ -303,7 +307,7 @@ def _nm_dataset(patient: VirtualPatient, spect: SimulatedSpect, uids: dict, spec
     ds.SpacingBetweenSlices = _ds(grid.spacing_mm[0])
     ds.SliceThickness = _ds(grid.spacing_mm[0])
     ds.ReconstructionDiameter = _ds(nx * grid.spacing_mm[2])
-    ds.ConvolutionKernel = "NONE" if ideal else f"OSEM {spect.n_iters}i{spect.n_subsets}s AC CDR"
+    ds.ConvolutionKernel = "NONE" if ideal else f"OSEM {spect.n_iters}i{spect.n_subsets}s AC" + (" CDR" if spect.resolution_recovery else "")
     # values: stored uint16 -> Bq/ml (or reconstructed counts) by the RWVM
     if spect_units == "Bq/ml":
         values = spect.recon.array
@@ -462,7 +466,7 @@ def write_phantom_study(
     uids = study_uids(patient.seed, patient.size, patient.time_point)
     # The NM object differs with the noise realisation, reconstruction and units: so do its UIDs
     # (the default realisation keeps the UIDs a rerun of the same phantom gives).
-    spec = SIZES[patient.size]
+    spec = patient.size_spec
     variant = [spect_units, str(spect.seed), str(spect.n_iters), str(spect.n_subsets)]
     if variant != ["Bq/ml", str(patient.seed), str(spec.n_iters), str(spec.n_subsets)]:
         from pydicom.uid import generate_uid
@@ -505,7 +509,7 @@ def write_phantom_study(
     info = {
         "seed": patient.seed,
         "size": patient.size,
-        "size_spec": {k: v for k, v in vars(SIZES[patient.size]).items()},
+        "size_spec": {k: v for k, v in vars(patient.size_spec).items()},
         "patient": {"name": f"VP^{patient.seed}", "weight_kg": _patient_weight_kg(patient)},
         "radiopharmaceutical": "Lu-177 DOTATATE",
         "injected_activity_bq": patient.injected_activity_bq,
@@ -545,7 +549,7 @@ def write_phantom_study(
             "orbit": "circular",
             "orbit_radius_mm": spect.orbit_radius_mm,
             "collimator": spect.collimator,
-            "intrinsic_fwhm_140kev_cm": INTRINSIC_FWHM_140KEV_CM,
+            "intrinsic_fwhm_140kev_cm": spect.intrinsic_fwhm_140kev_cm,
             "psf_sigma_params_cm": list(spect.psf_sigma_params_cm),
             "photopeak_kev": spect.photopeak_kev,
             "energy_window_kev": list(spect.energy_window_kev),
@@ -556,7 +560,7 @@ def write_phantom_study(
             "n_iters": spect.n_iters,
             "n_subsets": spect.n_subsets,
             "attenuation_correction": "mu map from the CT (Schneider density x NIST mu/rho)",
-            "resolution_modelling": "Gaussian collimator-detector response",
+            "resolution_modelling": "Gaussian collimator-detector response" if spect.resolution_recovery else "none",
             "post_filter": "none",
             "device": spect.device,
             "timings_s": spect.timings_s,
@@ -575,7 +579,9 @@ def write_phantom_study(
         info["pose"] = patient.pose.to_dict() if patient.pose is not None else None
     info.update(extra_truth_info or {})
     json_path = truth_dir / "phantom.json"
-    json_path.write_text(json.dumps(info, indent=2))
+    # written last and atomically: a phantom.json that parses means the study is whole
+    text = json.dumps(info, indent=2).encode()
+    atomic_write(json_path, lambda f: f.write(text))
     return {
         "out_dir": out,
         "dicom_dir": out / "dicom",
