@@ -52,6 +52,11 @@ OUTPUT_NAMES = {
     "doserate": "doserate_pm.dcm",
     "summary_json": "summary.json",
     "summary_txt": "summary.txt",
+    # The one-page report (PDF, and the same as a DICOM Encapsulated PDF) and the reduced CT,
+    # dose and region volumes the gateway's results page draws from (spectdose.report).
+    "report": "report.pdf",
+    "report_pdf": "report_pdf.dcm",
+    "view": "view.npz",
     # Region outputs: written when regions are given or found.
     **REGION_OUTPUT_NAMES,
 }
@@ -573,6 +578,13 @@ def run(
         "timings_s": timings,
         "outputs": {k: p.name for k, p in outputs.items()},
     }
+    _note(progress, "report", 0.95)
+    report_outputs = _write_report(out_dir, study, dose if dose is not None else rate_mgy_per_h,
+                                   region_set if regions else None, summary, outputs)
+    outputs.update(report_outputs)
+    summary["outputs"].update({k: p.name for k, p in report_outputs.items()})
+    summary["uids"]["report_pdf"] = _output_uids(report_outputs["report_pdf"])
+    lap("report")
     outputs["summary_json"] = out_dir / OUTPUT_NAMES["summary_json"]
     outputs["summary_txt"] = out_dir / OUTPUT_NAMES["summary_txt"]
     summary["outputs"].update({"summary_json": OUTPUT_NAMES["summary_json"], "summary_txt": OUTPUT_NAMES["summary_txt"]})
@@ -653,6 +665,33 @@ def _export(
         "replaces": {k: {"series_instance_uid": r.series_instance_uid, "reason": r.reason} for k, r in replaces.items()},
     }
     return outputs, info
+
+
+def _write_report(out_dir: Path, study: Study, dose: Volume, regions, summary: dict,
+                  outputs: Mapping[str, Path]) -> dict[str, Path]:
+    """The view volumes of the results page, the one-page PDF report and its Encapsulated PDF.
+
+    ``dose`` is the absorbed dose (Gy) on the CT grid, or the dose rate when there is none;
+    ``regions`` the region set whose statistics are in ``summary`` (None when none were reported).
+    """
+    import pydicom
+
+    from spectdose.dicom.pdf import write_encapsulated_pdf
+    from spectdose.report import ViewVolumes, identifiers_from_study, report_pdf_bytes
+
+    view = ViewVolumes.from_volumes(study.ct, dose, regions)
+    written = {"view": view.save(out_dir / OUTPUT_NAMES["view"])}
+    pdf = report_pdf_bytes(view, summary, identifiers_from_study(study))
+    written["report"] = out_dir / OUTPUT_NAMES["report"]
+    written["report"].write_bytes(pdf)
+    sources = []
+    for kind in ("rtdose", "doserate"):
+        if kind in outputs:
+            header = pydicom.dcmread(outputs[kind], stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+            sources.append((str(header.SOPClassUID), str(header.SOPInstanceUID)))
+    written["report_pdf"] = write_encapsulated_pdf(out_dir / OUTPUT_NAMES["report_pdf"], pdf, study,
+                                                   content_digest=summary["content_sha256"], sources=sources)
+    return written
 
 
 def _output_uids(path: Path) -> dict:

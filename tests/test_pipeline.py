@@ -77,7 +77,7 @@ def test_summary_records_what_was_done(result):
     assert s["dose_rate"]["kernel"]["shape"]
     # No regions given: automatic lesion regions and their files come with the dose (issue 11).
     assert set(s["outputs"]) == {"rtdose", "doserate", "summary_json", "summary_txt", "regions_csv", "dvh_csv",
-                                 "autoseg", "regions_rtstruct", "sr"}
+                                 "autoseg", "regions_rtstruct", "sr", "report", "report_pdf", "view"}
     text = result.outputs["summary_txt"].read_text()
     assert "Absorbed dose" in text and "MBq" in text
     # No patient identity in the summary (it may travel in logs and tickets).

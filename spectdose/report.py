@@ -1,0 +1,529 @@
+"""The one-page PDF report of a result, and the slice pictures of the gateway's results page.
+
+A physicist signs off numbers and pictures: the region table, the DVHs and the dose over the
+CT. One renderer (:func:`render_slice`) draws the CT with the dose as a colour wash, isodose
+lines and region outlines, for the report's three key images and for the results page, so
+the two never show different things. The page reads the volumes from ``view.npz``
+(:class:`ViewVolumes`), written next to the RT Dose, so it needs neither the input CT (which
+the service purges) nor a full-resolution dose in memory. matplotlib only, no network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from spectdose.geometry import Volume
+from spectdose.regions import V_THRESHOLDS_GY, RegionSet
+
+__all__ = [
+    "ViewVolumes",
+    "PLANES",
+    "render_slice",
+    "key_point",
+    "default_window",
+    "default_isodose_levels",
+    "isodose_colours",
+    "region_colours",
+    "plot_dvh",
+    "report_pdf_bytes",
+    "identifiers_from_study",
+    "identifiers_from_header",
+    "VIEW_FILE",
+]
+
+VIEW_FILE = "view.npz"
+PLANES = ("axial", "coronal", "sagittal")
+# The view volumes keep at most this many voxels along an axis (a 512 x 512 CT is averaged
+# 2 x 2 in-plane): enough for a screen, and a clinical view file stays a few MB.
+VIEW_MAX_VOXELS = 256
+# Soft-tissue CT window, level 40 HU / width 400 HU: the usual abdominal window
+# (e.g. Hofer, CT Teaching Manual, 4th ed., Thieme 2010, window settings table).
+CT_WINDOW_HU = (-160.0, 240.0)
+# Isodose lines of an absorbed dose: the dose levels regions.py reports V(x Gy) for (2 Gy red
+# marrow, 10 and 100 Gy lesion levels, 23 Gy kidney; sources cited at V_THRESHOLDS_GY).
+# A dose-rate-only result (no time integration) gets lines at fractions of its maximum instead.
+ISODOSE_FRACTIONS_OF_MAX = (0.2, 0.5, 0.8)
+# The wash starts at this fraction of the maximum: below it the CT shows through unchanged.
+WASH_FLOOR_FRACTION = 0.05
+_ISODOSE_RGB = ((0, 255, 255), (0, 255, 0), (255, 255, 0), (255, 0, 255), (255, 255, 255), (255, 128, 0))
+# Region outlines: matplotlib's tab10 qualitative palette without its dose-like reds.
+_REGION_RGB = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (140, 86, 75), (227, 119, 194),
+               (127, 127, 127), (188, 189, 34), (23, 190, 207), (255, 255, 255))
+# Pictures are drawn so the largest extent of the view is this many pixels.
+DISPLAY_PX = 512
+
+
+# --------------------------------------------------------------------------------- view volumes
+
+
+def _to_canonical(array: np.ndarray, axes: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int], tuple[bool, ...]]:
+    """``array`` turned so that its axes run superior->inferior, anterior->posterior, right->left.
+
+    Then an axial slice shows anterior at the top and the patient's right on the left (the
+    radiological convention), and coronal/sagittal slices show the head at the top. Axes are
+    matched to the nearest patient axis, so an oblique CT is shown as the nearest straight one.
+    """
+    # Target directions in LPS: towards inferior (-S), posterior (+P), left (+L).
+    target = np.array([[0.0, 0.0, -1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    dots = np.asarray(axes, dtype=float) @ target.T  # dots[k, t]: array axis k along target t
+    perm = tuple(int(np.argmax(np.abs(dots[:, t]))) for t in range(3))
+    if sorted(perm) != [0, 1, 2]:
+        perm = (0, 1, 2)
+    out = np.transpose(array, perm)
+    flips = tuple(bool(dots[perm[t], t] < 0) for t in range(3))
+    for t, flip in enumerate(flips):
+        if flip:
+            out = np.flip(out, axis=t)
+    return out, perm, flips
+
+
+def _block_mean(array: np.ndarray, factors: Sequence[int]) -> np.ndarray:
+    """Mean over blocks of ``factors`` voxels (edges padded by repetition)."""
+    if tuple(factors) == (1, 1, 1):
+        return np.ascontiguousarray(array, dtype=np.float32)
+    pad = [(0, (-n) % f) for n, f in zip(array.shape, factors, strict=True)]
+    a = np.pad(array, pad, mode="edge")
+    s = a.shape
+    f = factors
+    return a.reshape(s[0] // f[0], f[0], s[1] // f[1], f[1], s[2] // f[2], f[2]).mean(axis=(1, 3, 5), dtype=np.float32)
+
+
+@dataclasses.dataclass
+class ViewVolumes:
+    """CT, dose and region masks on one reduced grid, turned for display (see :func:`_to_canonical`).
+
+    ``dose`` is absorbed dose in Gy, or the dose rate (mGy/h, or mGy/h/MBq for a normalised
+    SPECT) when the result has no absorbed dose; ``dose_unit`` says which.
+    """
+
+    ct_hu: np.ndarray
+    dose: np.ndarray
+    dose_unit: str
+    spacing_mm: tuple[float, float, float]
+    region_names: list[str]
+    region_masks: np.ndarray  # (n_regions, z, y, x) bool
+    region_lesion: list[bool]
+
+    @classmethod
+    def from_volumes(cls, ct_hu: Volume, dose: Volume, regions: RegionSet | None = None) -> ViewVolumes:
+        """From the CT and the dose on the CT grid (as in :func:`spectdose.pipeline.run`)."""
+        if ct_hu.grid.shape != dose.grid.shape:
+            raise ValueError("the dose must be on the CT grid to build the view volumes")
+        factors = [max(1, math.ceil(n / VIEW_MAX_VOXELS)) for n in ct_hu.grid.shape]
+        ct, perm, _ = _to_canonical(ct_hu.array, ct_hu.grid.axes)
+        f = [factors[k] for k in perm]
+        spacing = tuple(float(ct_hu.grid.spacing_mm[k] * factors[k]) for k in perm)
+        ct_view = np.clip(np.rint(_block_mean(ct, f)), -32768, 32767).astype(np.int16)
+        dose_view = _block_mean(_to_canonical(dose.array, dose.grid.axes)[0], f)
+        names, masks, lesion = [], [], []
+        for r in regions.regions if regions is not None else []:
+            mask = _block_mean(_to_canonical(r.mask.astype(np.float32), ct_hu.grid.axes)[0], f) >= 0.5
+            names.append(r.name)
+            masks.append(mask)
+            lesion.append(bool(r.lesion))
+        stack = np.stack(masks) if masks else np.zeros((0, *ct_view.shape), dtype=bool)
+        return cls(ct_view, dose_view.astype(np.float32), dose.units, spacing, names, stack, lesion)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        with path.open("wb") as fh:
+            np.savez_compressed(
+                fh, ct_hu=self.ct_hu, dose=self.dose, dose_unit=np.array(self.dose_unit),
+                spacing_mm=np.array(self.spacing_mm), region_names=np.array(self.region_names, dtype=str),
+                region_masks=np.packbits(self.region_masks, axis=-1), region_lesion=np.array(self.region_lesion, bool),
+            )
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ViewVolumes:
+        with np.load(Path(path), allow_pickle=False) as z:
+            ct = z["ct_hu"]
+            packed = z["region_masks"]
+            masks = np.unpackbits(packed, axis=-1, count=ct.shape[2]).astype(bool) if packed.size else \
+                np.zeros((0, *ct.shape), dtype=bool)
+            return cls(ct, z["dose"], str(z["dose_unit"]), tuple(float(s) for s in z["spacing_mm"]),
+                       [str(n) for n in z["region_names"]], masks, [bool(b) for b in z["region_lesion"]])
+
+    @property
+    def absorbed(self) -> bool:
+        return self.dose_unit == "Gy"
+
+    def n_slices(self, plane: str) -> int:
+        return self.ct_hu.shape[PLANES.index(plane)]
+
+    def pixel_mm(self) -> float:
+        """Display pixel size: the largest extent of the view spans :data:`DISPLAY_PX` pixels."""
+        return max(n * s for n, s in zip(self.ct_hu.shape, self.spacing_mm, strict=True)) / DISPLAY_PX
+
+
+def default_window(view: ViewVolumes) -> tuple[float, float]:
+    """Colour-wash window: from :data:`WASH_FLOOR_FRACTION` of the maximum to the maximum."""
+    top = float(view.dose.max()) if view.dose.size else 0.0
+    top = top if top > 0 else 1.0
+    return WASH_FLOOR_FRACTION * top, top
+
+
+def default_isodose_levels(view: ViewVolumes) -> list[float]:
+    """The isodose levels drawn by default (see :data:`V_THRESHOLDS_GY`), those below the maximum."""
+    top = float(view.dose.max()) if view.dose.size else 0.0
+    if view.absorbed:
+        return [x for x in V_THRESHOLDS_GY if x < top]
+    return [float(f"{f * top:.3g}") for f in ISODOSE_FRACTIONS_OF_MAX] if top > 0 else []
+
+
+def isodose_colours(levels: Sequence[float]) -> list[tuple[int, int, int]]:
+    return [_ISODOSE_RGB[i % len(_ISODOSE_RGB)] for i in range(len(levels))]
+
+
+def region_colours(n: int) -> list[tuple[int, int, int]]:
+    return [_REGION_RGB[i % len(_REGION_RGB)] for i in range(n)]
+
+
+def key_point(view: ViewVolumes) -> tuple[int, int, int]:
+    """Where the key images cut: the hottest voxel of the region with the highest mean dose
+    (the whole volume's hottest voxel when there are no regions)."""
+    best, where = -np.inf, None
+    for mask in view.region_masks:
+        if mask.any():
+            mean = float(view.dose[mask].mean())
+            if mean > best:
+                best, where = mean, mask
+    dose = np.where(where, view.dose, -np.inf) if where is not None else view.dose
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(dose)), dose.shape))
+
+
+# --------------------------------------------------------------------------------- rendering
+
+
+def _slice(array: np.ndarray, plane: str, index: int) -> np.ndarray:
+    if plane == "axial":
+        return array[..., index, :, :]
+    if plane == "coronal":
+        return array[..., :, index, :]
+    if plane == "sagittal":
+        return array[..., :, :, index]
+    raise ValueError(f"unknown plane {plane!r}; use one of {PLANES}")
+
+
+def _plane_spacing(view: ViewVolumes, plane: str) -> tuple[float, float]:
+    z, y, x = view.spacing_mm
+    return {"axial": (y, x), "coronal": (z, x), "sagittal": (z, y)}[plane]
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """The one-pixel rim of a 2D mask (pixels inside with a 4-neighbour outside)."""
+    padded = np.pad(mask, 1, mode="constant")
+    inner = padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+def render_slice(
+    view: ViewVolumes,
+    plane: str,
+    index: int,
+    *,
+    opacity: float = 0.5,
+    window: tuple[float, float] | None = None,
+    isodose_levels: Sequence[float] | None = None,
+    regions: bool = True,
+    pixel_mm: float | None = None,
+) -> np.ndarray:
+    """One slice as RGB (uint8, rows x columns x 3) at square display pixels.
+
+    The CT in a soft-tissue window; the dose as a jet colour wash of ``opacity`` between the
+    ``window`` limits (transparent below the lower one); isodose lines at ``isodose_levels``
+    (colours from :func:`isodose_colours`); region outlines (:func:`region_colours`).
+    """
+    from matplotlib import colormaps
+    from scipy.ndimage import map_coordinates
+
+    n = view.n_slices(plane)
+    if not 0 <= index < n:
+        raise ValueError(f"{plane} slice {index} is outside 0..{n - 1}")
+    window = window or default_window(view)
+    lo, hi = float(window[0]), float(window[1])
+    if not hi > lo:
+        raise ValueError(f"the dose window needs its upper limit above the lower one, got {lo}..{hi}")
+    levels = default_isodose_levels(view) if isodose_levels is None else list(isodose_levels)
+    pixel_mm = pixel_mm or view.pixel_mm()
+    row_mm, col_mm = _plane_spacing(view, plane)
+    ct2d = _slice(view.ct_hu, plane, index).astype(np.float32)
+    dose2d = _slice(view.dose, plane, index)
+    rows = max(1, round(ct2d.shape[0] * row_mm / pixel_mm))
+    cols = max(1, round(ct2d.shape[1] * col_mm / pixel_mm))
+    # Display pixel centres in slice-voxel coordinates (voxel centres at integer positions).
+    r = (np.arange(rows) + 0.5) * ct2d.shape[0] / rows - 0.5
+    c = (np.arange(cols) + 0.5) * ct2d.shape[1] / cols - 0.5
+    rr, cc = np.meshgrid(r, c, indexing="ij")
+    coords = np.stack([rr, cc])
+    ct = map_coordinates(ct2d, coords, order=1, mode="nearest")
+    dose = map_coordinates(dose2d.astype(np.float32), coords, order=1, mode="nearest")
+    grey = np.clip((ct - CT_WINDOW_HU[0]) / (CT_WINDOW_HU[1] - CT_WINDOW_HU[0]), 0.0, 1.0)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    wash = colormaps["jet"](np.clip((dose - lo) / (hi - lo), 0.0, 1.0))[..., :3]
+    alpha = (float(np.clip(opacity, 0.0, 1.0)) * (dose >= lo))[..., None]
+    rgb = rgb * (1.0 - alpha) + wash * alpha
+    out = np.round(rgb * 255.0).astype(np.uint8)
+    for level, colour in zip(levels, isodose_colours(levels), strict=True):
+        out[_outline(dose >= level)] = colour
+    if regions and len(view.region_masks):
+        nearest = (np.clip(np.round(rr), 0, ct2d.shape[0] - 1).astype(int), np.clip(np.round(cc), 0, ct2d.shape[1] - 1).astype(int))
+        masks2d = _slice(view.region_masks, plane, index)
+        for mask, colour in zip(masks2d, region_colours(len(masks2d)), strict=True):
+            if mask.any():
+                out[_outline(mask[nearest])] = colour
+    return out
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """An RGB array as PNG (matplotlib's writer: no other imaging library needed)."""
+    from matplotlib.image import imsave
+
+    buf = io.BytesIO()
+    imsave(buf, rgb, format="png")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------- DVH and table
+
+
+def _dvh_curve(row: Mapping, absorbed: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    dvh = row.get("dvh_gy") if absorbed else row.get("dvh_dose_rate_mgy_per_h")
+    if not dvh or not dvh.get("volume_ml"):
+        return None
+    volume = np.asarray(dvh["volume_ml"], dtype=float)
+    total = volume[0] if volume[0] > 0 else 1.0
+    return np.arange(len(volume)) * float(dvh["bin_width"]), 100.0 * volume / total
+
+
+def plot_dvh(ax, rows: Sequence[Mapping], *, absorbed: bool, fontsize: float = 7) -> None:
+    """Cumulative DVHs (volume % receiving at least the dose) of the summary's region rows."""
+    colours = region_colours(len(rows))
+    for row, colour in zip(rows, colours, strict=True):
+        curve = _dvh_curve(row, absorbed)
+        if curve is not None:
+            ax.step(curve[0], curve[1], where="post", color=np.asarray(colour) / 255.0, lw=1.2, label=row["region"])
+    ax.set_xlabel("absorbed dose (Gy)" if absorbed else "dose rate (mGy/h)", fontsize=fontsize)
+    ax.set_ylabel("volume (%)", fontsize=fontsize)
+    ax.set_ylim(0, 102)
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=fontsize)
+    if rows:
+        ax.legend(fontsize=fontsize - 1, loc="upper right", frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no regions", ha="center", va="center", transform=ax.transAxes, fontsize=fontsize)
+
+
+def table_rows(rows: Sequence[Mapping]) -> tuple[list[str], list[list[str]]]:
+    """The region table as text: Gy columns for an absorbed dose, mGy/h otherwise."""
+    def f(value, digits=3):
+        return "" if value is None else f"{value:.{digits}g}"
+
+    absorbed = any("mean_gy" in r for r in rows)
+    if absorbed:
+        header = ["region", "volume (ml)", "mean (Gy)", "D2 (Gy)", "D50 (Gy)", "D98 (Gy)", "max (Gy)", "mean (mGy/h)"]
+        body = [[str(r["region"]), f"{r['volume_ml']:.1f}", f(r.get("mean_gy")), f(r.get("d2_gy")), f(r.get("d50_gy")),
+                 f(r.get("d98_gy")), f(r.get("max_gy")), f(r.get("mean_dose_rate_mgy_per_h"))] for r in rows]
+    else:
+        header = ["region", "volume (ml)", "mean (mGy/h)", "median (mGy/h)", "max (mGy/h)"]
+        body = [[str(r["region"]), f"{r['volume_ml']:.1f}", f(r.get("mean_dose_rate_mgy_per_h")),
+                 f(r.get("median_dose_rate_mgy_per_h")), f(r.get("max_dose_rate_mgy_per_h"))] for r in rows]
+    return header, body
+
+
+# --------------------------------------------------------------------------------- identifiers
+
+
+def identifiers_from_study(study) -> dict:
+    """Patient, study and administration facts of a :class:`spectdose.study.Study` for the report."""
+    p, a = study.patient, study.administration
+    return {
+        "patient_name": str(p.patient_name).replace("^", " ").strip(),
+        "patient_id": p.patient_id,
+        "patient_birth_date": p.patient_birth_date,
+        "patient_sex": p.patient_sex,
+        "study_date": p.study_date,
+        "study_time": p.study_time,
+        "accession_number": p.accession_number,
+        "study_id": p.study_id,
+        "study_instance_uid": study.ct_series.study_instance_uid,
+        "radiopharmaceutical": a.radiopharmaceutical,
+        "nuclide": a.nuclide,
+        "injected_activity_mbq": a.injected_activity_bq / 1e6 if a.injected_activity_bq else None,
+    }
+
+
+def identifiers_from_header(header) -> dict:
+    """The same facts from an output's DICOM header (what the results page has at hand)."""
+    def get(keyword):
+        return str(header.get(keyword, "") or "")
+
+    return {
+        "patient_name": get("PatientName").replace("^", " ").strip(),
+        "patient_id": get("PatientID"),
+        "patient_birth_date": get("PatientBirthDate"),
+        "patient_sex": get("PatientSex"),
+        "study_date": get("StudyDate"),
+        "study_time": get("StudyTime"),
+        "accession_number": get("AccessionNumber"),
+        "study_id": get("StudyID"),
+        "study_instance_uid": get("StudyInstanceUID"),
+    }
+
+
+def _date(text: str) -> str:
+    text = (text or "").strip()
+    return f"{text[:4]}-{text[4:6]}-{text[6:8]}" if len(text) >= 8 and text[:8].isdigit() else text
+
+
+def _wrap(text: str, width: int = 118) -> list[str]:
+    return textwrap.wrap(text, width=width, break_long_words=True) or [""]
+
+
+def report_lines(identifiers: Mapping, summary: Mapping) -> dict[str, list[str]]:
+    """The report's text blocks: who and what, the administration, the method and its provenance."""
+    i, prov, t = identifiers, summary.get("provenance") or {}, summary.get("time") or {}
+    activity = i.get("injected_activity_mbq") or (summary.get("activity") or {}).get("injected_activity_mbq")
+    hours = t.get("hours_since_administration")
+    regions_source = summary.get("regions_source") or {}
+    who = [
+        f"Patient: {i.get('patient_name') or '(no name)'}    ID: {i.get('patient_id') or '(none)'}    "
+        f"Birth date: {_date(i.get('patient_birth_date', '')) or '-'}    Sex: {i.get('patient_sex') or '-'}",
+        f"Study date: {_date(i.get('study_date', '')) or '-'}    Accession: {i.get('accession_number') or '-'}    "
+        f"Study ID: {i.get('study_id') or '-'}",
+        f"Study Instance UID: {i.get('study_instance_uid') or '-'}",
+    ]
+    administration = _wrap(
+        f"Administration: {i.get('radiopharmaceutical') or i.get('nuclide') or 'Lu-177'}, "
+        f"{f'{activity:.0f} MBq' if activity else 'activity not in the header'}, "
+        f"at {t.get('administration') or 'unknown'}; imaged {t.get('acquisition') or 'unknown'}"
+        + (f" ({hours:.1f} h after administration)" if isinstance(hours, int | float) else "")
+    )
+    method = [
+        *_wrap(f"Method: {prov.get('method') or summary.get('method', '').upper()}; time model: "
+               f"{prov.get('time_model') or 'n/a'}; density: {prov.get('density_curve') or '-'}; "
+               f"dose grid: {prov.get('dose_grid') or '-'}"),
+        *_wrap(f"Calibration: {prov.get('calibration') or (summary.get('activity') or {}).get('calibration') or '-'}"),
+        *_wrap(f"Software: {prov.get('software') or '-'}; model: {(prov.get('model_sha256') or 'none')[:16]}; "
+               f"inputs: {prov.get('inputs_sha256') or '-'}"),
+        *_wrap("Regions: " + (
+            f"{regions_source.get('kind')} {regions_source.get('method') or ''}".strip() if regions_source else "none")
+            + (" (automatic: review before use)" if regions_source.get("kind") == "automatic" else "")),
+    ]
+    warnings = [f"WARNING: {w}" for w in summary.get("warnings") or []]
+    warnings += [f"REGIONS: {w}" for w in summary.get("region_warnings") or []]
+    return {"who": who, "administration": administration, "method": method, "warnings": warnings}
+
+
+# --------------------------------------------------------------------------------- the PDF
+
+
+_A4_IN = (8.27, 11.69)
+_TABLE_MAX_ROWS = 14
+
+
+def report_pdf_bytes(view: ViewVolumes, summary: Mapping, identifiers: Mapping) -> bytes:
+    """The one-page A4 report: identifiers, administration, method and provenance, three key
+    images through the hottest region, the DVHs and the region table.
+
+    Deterministic for identical inputs (no creation date in the file), so the Encapsulated
+    PDF made from it keeps its content-derived UIDs on a rerun.
+    """
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    rows = list(summary.get("regions") or [])
+    absorbed = view.absorbed
+    lines = report_lines(identifiers, summary)
+    with matplotlib.rc_context({"pdf.fonttype": 42, "font.family": "DejaVu Sans"}):
+        fig = Figure(figsize=_A4_IN)
+        fig.text(0.05, 0.965, "Lu-177 SPECT/CT dosimetry", fontsize=14, weight="bold")
+        fig.text(0.95, 0.967, (summary.get("provenance") or {}).get("software") or "spectdose", fontsize=8, ha="right")
+        y = 0.945
+        for block in ("who", "administration", "method"):
+            for line in lines[block]:
+                fig.text(0.05, y, line, fontsize=7.2, family="DejaVu Sans")
+                y -= 0.0135
+            y -= 0.004
+
+        # Three key images through the hottest region.
+        point = key_point(view)
+        window = default_window(view)
+        levels = default_isodose_levels(view)
+        pixel_mm = view.pixel_mm()
+        top = y - 0.005
+        height = 0.27
+        for n, plane in enumerate(PLANES):
+            index = point[n]
+            ax = fig.add_axes((0.05 + n * 0.29, top - height, 0.27, height))
+            ax.imshow(render_slice(view, plane, index, opacity=0.5, window=window, isodose_levels=levels,
+                                   pixel_mm=pixel_mm), interpolation="nearest")
+            ax.set_title(f"{plane} {index + 1}/{view.n_slices(plane)}", fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        cax = fig.add_axes((0.93, top - height + 0.03, 0.012, height - 0.06))
+        from matplotlib import colormaps
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        bar = fig.colorbar(ScalarMappable(Normalize(*window), colormaps["jet"]), cax=cax)
+        bar.set_label(view.dose_unit, fontsize=7)
+        bar.ax.tick_params(labelsize=6)
+        iso_text = "Isodose lines: " + (", ".join(
+            f"{level:g} {view.dose_unit} ({_colour_name(c)})" for level, c in zip(levels, isodose_colours(levels), strict=True))
+            or "none below the maximum") + f"; colour wash from {window[0]:.3g} {view.dose_unit}; images cut through " \
+            + ("the hottest voxel of the region with the highest mean dose" if len(view.region_masks) else "the hottest voxel")
+        y = top - height - 0.018
+        for line in _wrap(iso_text, 130):
+            fig.text(0.05, y, line, fontsize=6.5)
+            y -= 0.012
+
+        # DVHs and the region table.
+        dvh_top = y - 0.01
+        ax = fig.add_axes((0.08, dvh_top - 0.25, 0.36, 0.23))
+        plot_dvh(ax, rows[:len(_REGION_RGB)], absorbed=absorbed)
+        ax.set_title("Cumulative DVH", fontsize=8)
+        header, body = table_rows(rows)
+        tax = fig.add_axes((0.48, dvh_top - 0.26, 0.48, 0.25))
+        tax.axis("off")
+        tax.set_title("Regions", fontsize=8)
+        shown = body[:_TABLE_MAX_ROWS]
+        if shown:
+            table = tax.table(cellText=shown, colLabels=header, loc="upper center", cellLoc="right", colLoc="center")
+            table.auto_set_font_size(False)
+            table.set_fontsize(5.8)
+            table.auto_set_column_width(list(range(len(header))))
+            for (r, c), cell in table.get_celld().items():
+                cell.set_linewidth(0.3)
+                if c == 0 and r > 0:
+                    cell.get_text().set_ha("left")
+        else:
+            tax.text(0.5, 0.8, summary.get("regions_error") or "no regions reported", ha="center", fontsize=7, wrap=True)
+        if len(body) > len(shown):
+            tax.text(0.0, -0.02, f"+ {len(body) - len(shown)} more regions in regions.csv", fontsize=6,
+                     transform=tax.transAxes)
+
+        # Warnings and the footer.
+        y = dvh_top - 0.29
+        for line in [x for w in lines["warnings"][:6] for x in _wrap(w, 135)][:10]:
+            fig.text(0.05, y, line, fontsize=6.2, color="#a00000")
+            y -= 0.0115
+        fig.text(0.05, 0.02, "Computed by software; to be reviewed and signed by a medical physicist before clinical use. "
+                 "Full numbers: regions.csv, dvh.csv, summary.json, the RT Dose and the SR.", fontsize=6, color="#444444")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="pdf", metadata={"CreationDate": None, "Creator": "spectdose", "Producer": "spectdose"})
+    return buf.getvalue()
+
+
+def _colour_name(rgb: tuple[int, int, int]) -> str:
+    names = {(0, 255, 255): "cyan", (0, 255, 0): "green", (255, 255, 0): "yellow", (255, 0, 255): "magenta",
+             (255, 255, 255): "white", (255, 128, 0): "orange"}
+    return names.get(tuple(rgb), "#" + "".join(f"{v:02x}" for v in rgb))
