@@ -12,7 +12,8 @@ pairs=()
 case "${1:-}" in
   --service-tools) pairs=(redis-server:/usr/bin/redis-server) ;;
   --test-tools) pairs=(dcmtk:/usr/bin/dcmdump dicom3tools:/usr/bin/dciodvfy plastimatch:/usr/bin/plastimatch
-                       orthanc:/usr/sbin/Orthanc redis-server:/usr/bin/redis-server postgresql:/usr/bin/pg_ctlcluster) ;;
+                       orthanc:/usr/sbin/Orthanc redis-server:/usr/bin/redis-server postgresql:/usr/bin/pg_ctlcluster
+                       chromium:/usr/bin/chromium chromium-driver:/usr/bin/chromedriver) ;;
 esac
 need=()
 for pair in "${pairs[@]}"; do

@@ -19,6 +19,7 @@ from .metrics import install_metrics
 from .queue import Sweeper
 from .routes import health_router, jobs_router, studies_router
 from .routes.regions import router as regions_router
+from .routes.ui import router as ui_router
 from .throttle import LoginThrottle
 
 __all__ = ["create_app", "build_context", "purge_by_settings"]
@@ -94,6 +95,7 @@ def create_app(settings: Settings | None = None, *, context: ServiceContext | No
     app.include_router(jobs_router)
     app.include_router(regions_router)
     app.include_router(health_router)
+    app.include_router(ui_router)
     app.add_exception_handler(UploadRejected, _upload_rejected)
     install_metrics(app, ctx)
     return app

@@ -1,4 +1,4 @@
-"""GET /jobs, /jobs/{job_id} and the job's outputs (RT Dose, dose-rate map, summary)."""
+"""GET /jobs, /jobs/{job_id} and the job's outputs (RT Dose, dose-rate map, summary, PDF report)."""
 
 from __future__ import annotations
 
@@ -92,6 +92,15 @@ def get_rtdose(ctx: Ctx, _actor: Actor, job_id: str) -> FileResponse:
 def get_doserate(ctx: Ctx, _actor: Actor, job_id: str) -> FileResponse:
     path = _output_path(ctx, job_id, "doserate")
     return FileResponse(path, media_type="application/dicom", filename=f"{job_id}-doserate.dcm")
+
+
+@router.get("/{job_id}/report", response_class=FileResponse,
+            responses=_AUTH | _NOT_FOUND | _NOT_READY | {
+                200: {"content": {"application/pdf": {"schema": {"type": "string", "format": "binary"}}}}},
+            summary="The one-page PDF report (identifiers, administration, method, region table, DVHs, key images)")
+def get_report(ctx: Ctx, _actor: Actor, job_id: str) -> FileResponse:
+    path = _output_path(ctx, job_id, "report")
+    return FileResponse(path, media_type="application/pdf", filename=f"{job_id}-report.pdf")
 
 
 @router.get(
