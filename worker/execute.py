@@ -33,6 +33,7 @@ import pydicom
 from celery.exceptions import SoftTimeLimitExceeded
 
 from service.config import Settings
+from service.cycles import time_point_done
 from service.diskguard import DISK_FULL_NAME, is_disk_full
 from service.export import OutputFile, export_outputs
 from service.jobs import JobStore
@@ -45,6 +46,8 @@ log = logging.getLogger("spectdose.worker")
 
 # Every output file with this suffix is a DICOM object: recorded as ours and sent back.
 _DICOM_SUFFIX = ".dcm"
+# The outputs a recomputation replaces (series marked CORRECTED): the ones that carry the dose.
+_REPLACED_KINDS = ("rtdose", "doserate")
 # Export order by SOP Class: the dose first, then what references it (PS3.4 B.5); any other class last.
 _EXPORT_RANK = {
     "1.2.840.10008.5.1.4.1.1.481.2": 0,  # RT Dose
@@ -207,7 +210,7 @@ def _run_kwargs(run, replaces: dict) -> dict:
     if not replaces or "replaces" not in inspect.signature(run).parameters:
         return {}
     return {"replaces": {kind: {"series_instance_uid": uid, "reason": replaces["reason"]}
-                         for kind, uid in replaces["series"].items() if kind in ("rtdose", "doserate")}}
+                         for kind, uid in replaces["series"].items() if kind in _REPLACED_KINDS}}
 
 
 def _compute(store: JobStore, storage: Storage, job, attempt: int, options, hb: _Heartbeat) -> dict:
@@ -235,8 +238,10 @@ def _compute(store: JobStore, storage: Storage, job, attempt: int, options, hb: 
     if notes:
         _add_region_notes(work, result.outputs, notes)
     manifest = build_manifest(result.outputs, options.key(), attempt)
-    same = set(replaces.get("sop_instance_uids", {}).values()) & {
-        e["sop_instance_uid"] for e in manifest["files"].values() if "sop_instance_uid" in e}
+    # Judged on the dose objects: the automatic-lesion SEG (from the activity alone) is the same object
+    # after a changed time model, and that does not make the new dose the old one.
+    same = {uid for kind, uid in replaces.get("sop_instance_uids", {}).items() if kind in _REPLACED_KINDS} & {
+        e["sop_instance_uid"] for kind, e in manifest["files"].items() if kind in _REPLACED_KINDS and "sop_instance_uid" in e}
     if same and not store.set_replaces(job.id, attempt, {}):  # the same objects again: they replace nothing
         raise LeaseLost(f"job {job.id} attempt {attempt} was taken over")
     if hb.lost.is_set() or not store.heartbeat(job.id, attempt):
@@ -309,6 +314,7 @@ def run_job(
             log.warning("job %s: result warning: %s", job_id, warning)
         log.info("job %s done (attempt %d, %s, %d warning(s))", job_id, attempt, result["method"],
                  len(result["warnings"]))
+        time_point_done(store, storage, settings, job_id)  # a time point of a therapy cycle (service/cycles.py)
         return {"job_id": job_id, "state": "done", "attempt": attempt}
     except LeaseLost as exc:
         log.warning("%s; leaving it to the new owner", exc)

@@ -8,6 +8,7 @@ module runs the full pipeline only a handful of times.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -204,9 +205,10 @@ def test_storescu_push_comes_back_as_dicom_to_sender_and_archive(service, phanto
     assert job["source"] == "dicom" and job["files"] == len(phantom_files)
     expected = _sop_uids(service.data_dir / "jobs" / job["job_id"])
     for folder in (service.modality_dir, service.archive_dir):
-        got = wait_for(lambda f=folder: len(_dicom_files(f)) >= 2 and _dicom_files(f), 30, what=f"results in {folder}")
+        got = wait_for(lambda f=folder: len(_dicom_files(f)) >= len(expected) and _dicom_files(f), 30,
+                       what=f"results in {folder}")
         assert {str(d.SOPInstanceUID) for d in got} == set(expected.values())
-        assert {d.Modality for d in got} >= {"RTDOSE"}
+        assert {d.Modality for d in got} >= {"RTDOSE", "SEG", "RTSTRUCT", "SR"}
         assert {str(d.StudyInstanceUID) for d in got} == {job["study_instance_uid"]}
     assert {(e["destination"], e["state"]) for e in job["exports"]} == {
         (f"MODALITY@127.0.0.1:{service.modality_port}", "sent"), (f"ARCHIVE@127.0.0.1:{service.archive_port}", "sent")}
@@ -249,16 +251,47 @@ def test_orthanc_autoforward_gets_results_back_without_a_loop(service, phantom_f
                 "StudyInstanceUID": study_uid}, "Expand": True}).json()
             return {s["MainDicomTags"].get("Modality") for s in found}
 
-        mods = wait_for(lambda: "RTDOSE" in (m := orthanc_modalities()) and len(m) >= 4 and m, 60,
+        mods = wait_for(lambda: {"RTDOSE", "SR", "SEG", "RTSTRUCT"} <= (m := orthanc_modalities()) and m, 60,
                         what="the results stored in Orthanc")
         assert {"CT", "NM", "RTDOSE"} <= mods
+        _results_in_the_source_study(orthanc_url, study_uid, job, files)
         # Orthanc now sees a changed study, waits StableAge and forwards all of it again,
         # our results included: recognised, and no second job.
         wait_for(lambda: [i for i in _incoming(service) if i == "duplicate"], 60, what="the re-forwarded study")
         time.sleep(3)
         assert [j["job_id"] for j in service.jobs(calling_aet="ORTHANC")] == [job["job_id"]]
         sent = [e for e in job["exports"] if e["destination"].startswith("ORTHANC@")]
-        assert len(sent) == 2 and all(e["state"] == "sent" for e in sent)
+        assert {e["sop_instance_uid"] for e in sent} == set(_sop_uids(service.data_dir / "jobs" / job["job_id"]).values())
+        assert all(e["state"] == "sent" for e in sent)
+
+
+def _results_in_the_source_study(orthanc_url: str, study_uid: str, job: dict, files: list[Path]) -> None:
+    """In Orthanc: the SR, the RT Dose with its DVHs and the automatic-lesion SEG are in the patient and
+    study of the pushed CT and SPECT (Orthanc's own patient/study resources, checked over its REST API)."""
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    studies = httpx.post(f"{orthanc_url}/tools/find", json={"Level": "Study", "Query": {
+        "StudyInstanceUID": study_uid}}, timeout=30).json()
+    assert len(studies) == 1, "one study in the PACS: results and source together"
+    study = httpx.get(f"{orthanc_url}/studies/{studies[0]}", timeout=30).json()
+    patient = httpx.get(f"{orthanc_url}/patients/{study['ParentPatient']}", timeout=30).json()
+    assert patient["MainDicomTags"]["PatientID"] == str(source.PatientID)
+    assert len(httpx.get(f"{orthanc_url}/patients", timeout=30).json()) == 1, "no second patient"
+    outputs = job["provenance"]["outputs"]
+    for kind in ("sr", "rtdose", "autoseg"):
+        found = httpx.post(f"{orthanc_url}/tools/lookup", content=outputs[kind]["sop_instance_uid"], timeout=30).json()
+        instance = next(f for f in found if f["Type"] == "Instance")
+        meta = httpx.get(f"{orthanc_url}/instances/{instance['ID']}", timeout=30).json()
+        series = httpx.get(f"{orthanc_url}/series/{meta['ParentSeries']}", timeout=30).json()
+        assert series["ParentStudy"] == studies[0], f"{kind} in the source study"
+        ds = pydicom.dcmread(io.BytesIO(httpx.get(f"{orthanc_url}/instances/{instance['ID']}/file",
+                                                   timeout=30).content))
+        assert (str(ds.StudyInstanceUID), str(ds.PatientID)) == (study_uid, str(source.PatientID))
+        if kind == "rtdose":
+            assert len(ds.DVHSequence) >= 1 and "ReferencedStructureSetSequence" in ds, "the RT DVH module"
+        if kind == "autoseg":
+            assert ds.Modality == "SEG" and ds.ContentLabel == "AUTOLESIONS"
+        if kind == "sr":
+            assert ds.Modality == "SR" and ds.ContentTemplateSequence[0].TemplateIdentifier == "1500"
 
 
 def _orthanc_up(url: str) -> bool:
@@ -346,7 +379,7 @@ def test_recomputation_reaches_orthanc_as_new_instances_an_identical_retry_does_
 
         first = service.wait_done(submit(study_zip, 202))
         assert first["method"] == "dvk" and first["replaces"] is None
-        assert [e["state"] for e in first["exports"]] == ["sent", "sent"]
+        assert {e["state"] for e in first["exports"]} == {"sent"} and len(first["exports"]) == len(outputs(first))
         ours = set(outputs(first).values())
         held = _orthanc_sops(orthanc_url, study_uid)
         assert held == ours and _orthanc_sops(orthanc_url, study_uid, "RTDOSE") == {outputs(first)["rtdose"]}
@@ -355,12 +388,15 @@ def test_recomputation_reaches_orthanc_as_new_instances_an_identical_retry_does_
         assert submit(study_zip, 200) == first["job_id"]
         retry = service.wait_done(submit(study_zip, 202, recompute="true"))
         assert retry["job_id"] != first["job_id"] and outputs(retry) == outputs(first)
-        assert retry["replaces"] is None and [e["state"] for e in retry["exports"]] == ["sent", "sent"]
+        assert retry["replaces"] is None and {e["state"] for e in retry["exports"]} == {"sent"}
         assert _orthanc_sops(orthanc_url, study_uid) == held, "no new instance in the PACS"
 
         # another option: new objects next to the old ones, naming what they replace
         physical = service.wait_done(submit(study_zip, 202, time_model="physical"))
-        assert not set(outputs(physical).values()) & ours
+        # every object that carries the dose is new; the automatic lesions (from the activity alone) are the same
+        dosed = ("rtdose", "doserate", "sr")
+        assert not {outputs(physical)[k] for k in dosed} & ours
+        assert outputs(physical)["autoseg"] == outputs(first)["autoseg"]
         assert physical["replaces"]["series_instance_uid"] == first["provenance"]["outputs"]["rtdose"][
             "series_instance_uid"]
         assert physical["replaces"]["reason"] == "options changed (time_model)"
@@ -369,7 +405,7 @@ def test_recomputation_reaches_orthanc_as_new_instances_an_identical_retry_does_
         # the same instances with a corrected administration time: computed again, a third RT Dose
         corrected = service.wait_done(submit(changed_zip, 202))
         assert corrected["replaces"]["reason"].startswith("input changed")
-        assert not set(outputs(corrected).values()) & (ours | set(outputs(physical).values()))
+        assert not {outputs(corrected)[k] for k in dosed} & (ours | set(outputs(physical).values()))
         assert _orthanc_sops(orthanc_url, study_uid) == held | set(outputs(physical).values()) | set(
             outputs(corrected).values())
         assert _orthanc_sops(orthanc_url, study_uid, "RTDOSE") == {outputs(j)["rtdose"] for j in
@@ -409,7 +445,8 @@ def test_worker_killed_mid_job_is_restarted_and_finishes_once(service, phantom_f
     assert new_pid != pid
     job_dir = service.data_dir / "jobs" / job_id
     assert sorted(p.name for p in job_dir.iterdir()) == ["input", "output"], "no leftover work folder"
-    assert [e["state"] for e in job["exports"]] == ["sent", "sent"] and all(e["attempts"] == 1 for e in job["exports"])
+    n_objects = len(job["provenance"]["outputs"])
+    assert [e["state"] for e in job["exports"]] == ["sent"] * n_objects and all(e["attempts"] == 1 for e in job["exports"])
     # The killed worker's message is still unacknowledged in Redis and comes back one day
     # (visibility timeout); delivering it now must change nothing.
     from service.celery_app import make_celery
@@ -425,7 +462,7 @@ def test_worker_killed_mid_job_is_restarted_and_finishes_once(service, phantom_f
     time.sleep(1.0)
     again = service.job(job_id)
     assert (again["state"], again["attempt"], again["finished_at"]) == ("done", 2, job["finished_at"])
-    assert len(again["exports"]) == 2
+    assert len(again["exports"]) == n_objects
 
 
 # ------------------------------------------------------------------ the README's main command
