@@ -286,7 +286,7 @@ def test_openapi_documents_every_route_and_response(client):
     spec = client.get("/openapi.json", headers=AUTH).json()  # behind the token in production
     paths = spec["paths"]
     assert set(paths) == {"/studies", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/rtdose", "/jobs/{job_id}/doserate",
-                          "/jobs/{job_id}/summary", "/health", "/ready", "/metrics"}
+                          "/jobs/{job_id}/summary", "/jobs/{job_id}/report", "/health", "/ready", "/metrics"}
     post = paths["/studies"]["post"]
     assert set(post["requestBody"]["content"]) == {"application/zip", "multipart/form-data",
                                                    'multipart/related; type="application/dicom"'}
