@@ -16,12 +16,17 @@ everything a continued run needs (model, optimiser, scheduler, RNG states, best 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import math
+import os
 import random
+import shutil
+import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +51,7 @@ __all__ = [
     "DATASETS",
     "TrainConfig",
     "generate_dataset",
+    "member_complete",
     "prepare_case",
     "train",
     "train_command",
@@ -66,7 +72,21 @@ DATASETS: dict[str, dict] = {
     },
     # For tests and smoke runs: the same pipeline on small phantoms.
     "tiny": {"size": "small", "train": [11, 12], "val": [13], "test": [14], "test_realisations": {}},
+    # Varied patients (spectdose.phantoms.variation): anatomy, lesions, time point, counts,
+    # camera, reconstruction and grids drawn per patient from its seed; two more noise
+    # realisations of two test patients for ensemble noise.
+    "v2": {
+        "size": "varied",
+        "train": list(range(2001, 2041)),
+        "val": list(range(2101, 2111)),
+        "test": list(range(2201, 2206)),
+        "test_realisations": {2201: [72201, 82201], 2202: [72202, 82202]},
+    },
+    # The v2 generator on coarse grids (seconds per patient): tests and smoke runs only.
+    "v2-tiny": {"size": "varied-tiny", "train": [2001], "val": [2101], "test": [], "test_realisations": {}},
 }
+# Phantom sizes of the varied generator -> its profile (spectdose.phantoms.variation.PROFILES).
+_VARIED_PROFILES = {"varied": "clinical", "varied-tiny": "tiny"}
 
 MODEL_SPACING_MM = (3.0, 1.953125, 1.953125)  # CT slices, 2 x the paper's 0.98 mm in-plane
 
@@ -85,52 +105,118 @@ def dataset_members(version: str) -> list[tuple[str, str, int, int | None]]:
     return out
 
 
-def _generate_member(job: tuple[str, str, int, int | None, str]) -> str:
-    from spectdose.phantoms import generate
+def member_complete(member_dir: Path, seed: int, noise_seed: int | None = None) -> bool:
+    """Whether ``member_dir`` holds the whole study of patient ``seed`` (and noise realisation).
 
-    out_dir, name, seed, noise, size = job
-    target = Path(out_dir) / name
-    tmp = target.with_name(target.name + ".partial")
-    generate(tmp, seed, size=size, noise_seed=noise)
-    tmp.rename(target)
-    return name
+    phantom.json is written last and atomically, so one that parses, names this patient and
+    realisation, and whose CT slice count, NM file and truth.npz (a readable zip) are all
+    there means the member is complete; anything else is redone.
+    """
+    member_dir = Path(member_dir)
+    try:
+        meta = json.loads((member_dir / "truth" / "phantom.json").read_text())
+        n_ct = int(meta["grids"]["ct"]["shape"][0])
+        same = int(meta["seed"]) == seed and int(meta["counts"]["noise_seed"]) == (seed if noise_seed is None else noise_seed)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+    if not same or len(list((member_dir / "dicom" / "CT").glob("CT_*.dcm"))) != n_ct:
+        return False
+    nm, npz = member_dir / "dicom" / "NM" / "NM_SPECT.dcm", member_dir / "truth" / "truth.npz"
+    if not nm.is_file() or nm.stat().st_size == 0:
+        return False
+    try:
+        with zipfile.ZipFile(npz) as z:
+            return len(z.namelist()) > 0
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _generate_member(job: tuple) -> tuple[str, float]:
+    """Make one member in a temporary folder next to it, then move it into place whole."""
+    from spectdose.phantoms import generate
+    from spectdose.phantoms.variation import generate_varied
+
+    split_dir, split, name, seed, noise, size, version = job
+    split_dir = Path(split_dir)
+    target = split_dir / name
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(dir=split_dir, prefix=f".{name}.", suffix=".partial"))
+    try:
+        if size in _VARIED_PROFILES:
+            member = {"version": version, "split": split, "name": name}
+            generate_varied(tmp, seed, _VARIED_PROFILES[size], noise_seed=noise, extra_truth_info={"dataset_member": member})
+        else:
+            generate(tmp, seed, size=size, noise_seed=noise)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the member is as readable as any folder
+        if target.exists():  # an incomplete member left by an older or interrupted run
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return f"{split}/{name}", time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path):
+    """One generator per data set folder: a second one would remove the first one's work."""
+    import fcntl
+
+    with open(folder / ".generate.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise InputError(f"another `spectdose dataset` is writing {folder}") from exc
+        yield
 
 
 def generate_dataset(
     out_dir: Path, version: str = "v1", *, workers: int = 1, progress: Callable[[str], None] | None = None
 ) -> Path:
-    """Write every phantom of ``version`` (skipping finished ones) and a manifest.
+    """Write every phantom of ``version`` and a manifest; resumable.
 
-    ``workers`` phantoms are made at once (each simulation uses one CPU thread).
+    A member whose study is complete (:func:`member_complete`) is skipped; a missing or
+    incomplete one is made again, in a temporary folder renamed into place when whole, so
+    an interrupted run leaves no half member under a member's name. ``workers`` members are
+    made at once (each simulation uses one CPU thread); the time of each is reported.
     """
     out_dir = Path(out_dir)
-    spec = DATASETS.get(version) or {}
     members = dataset_members(version)
-    jobs = [
-        (str(out_dir / split), name, seed, noise, spec["size"])
-        for split, name, seed, noise in members
-        if not (out_dir / split / name / "truth" / "phantom.json").is_file()
-    ]
+    spec = DATASETS[version]
     for split in ("train", "val", "test"):
         (out_dir / split).mkdir(parents=True, exist_ok=True)
-    if workers > 1 and len(jobs) > 1:
-        import multiprocessing
+    with _exclusive(out_dir):
+        for stale in [*out_dir.glob("*/.*.partial"), *out_dir.glob("*/*.partial")]:  # interrupted runs
+            shutil.rmtree(stale, ignore_errors=True)
+        jobs = [
+            (str(out_dir / split), split, name, seed, noise, spec["size"], version)
+            for split, name, seed, noise in members
+            if not member_complete(out_dir / split / name, seed, noise)
+        ]
+        if progress:
+            progress(f"data set {version}: {len(members) - len(jobs)} of {len(members)} members complete, {len(jobs)} to make")
+        t0 = time.perf_counter()
 
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for name in pool.imap_unordered(_generate_member, jobs):
-                if progress:
-                    progress(f"generated {name}")
-    else:
-        for job in jobs:
-            _generate_member(job)
+        def report(done: int, name: str, seconds: float) -> None:
             if progress:
-                progress(f"generated {job[1]}")
-    manifest = {
-        "version": version,
-        "size": spec["size"],
-        "members": [{"split": s, "name": n, "seed": p, "noise_seed": q} for s, n, p, q in members],
-    }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+                progress(f"generated {name} in {seconds:.0f} s ({done}/{len(jobs)}, {time.perf_counter() - t0:.0f} s elapsed)")
+
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing
+
+            with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+                for done, (name, seconds) in enumerate(pool.imap_unordered(_generate_member, jobs), 1):
+                    report(done, name, seconds)
+        else:
+            for done, job in enumerate(jobs, 1):
+                report(done, *_generate_member(job))
+        manifest = {
+            "version": version,
+            "size": spec["size"],
+            "members": [{"split": s, "name": n, "seed": p, "noise_seed": q} for s, n, p, q in members],
+        }
+        text = json.dumps(manifest, indent=2).encode()
+        atomic_write(out_dir / "manifest.json", lambda f: f.write(text))
     return out_dir / "manifest.json"
 
 
