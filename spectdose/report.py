@@ -55,7 +55,7 @@ WASH_FLOOR_FRACTION = 0.05
 _ISODOSE_RGB = ((0, 255, 255), (0, 255, 0), (255, 255, 0), (255, 0, 255), (255, 255, 255), (255, 128, 0))
 # Region outlines: matplotlib's tab10 qualitative palette without its dose-like reds.
 _REGION_RGB = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (140, 86, 75), (227, 119, 194),
-               (127, 127, 127), (188, 189, 34), (23, 190, 207), (255, 255, 255))
+               (127, 127, 127), (188, 189, 34), (23, 190, 207), (255, 187, 120))
 # Pictures are drawn so the largest extent of the view is this many pixels.
 DISPLAY_PX = 512
 
@@ -95,6 +95,22 @@ def _block_mean(array: np.ndarray, factors: Sequence[int]) -> np.ndarray:
     return a.reshape(s[0] // f[0], f[0], s[1] // f[1], f[1], s[2] // f[2], f[2]).mean(axis=(1, 3, 5), dtype=np.float32)
 
 
+def _mask_on_view(mask: np.ndarray, factors: Sequence[int], shape: tuple[int, ...]) -> np.ndarray:
+    """A mask averaged onto the view grid (a view voxel is in when half of it is), block-averaging
+    only the box around the mask: a clinical CT has ~80 M voxels, a region a few thousand."""
+    out = np.zeros(shape, dtype=bool)
+    box = []
+    for axis, f in enumerate(factors):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if hit.size == 0:
+            return out
+        box.append(slice(hit[0] // f * f, min(mask.shape[axis], (hit[-1] // f + 1) * f)))
+    part = _block_mean(mask[tuple(box)], factors) >= 0.5
+    start = [b.start // f for b, f in zip(box, factors, strict=True)]
+    out[tuple(slice(s0, s0 + n) for s0, n in zip(start, part.shape, strict=True))] = part
+    return out
+
+
 @dataclasses.dataclass
 class ViewVolumes:
     """CT, dose and region masks on one reduced grid, turned for display (see :func:`_to_canonical`).
@@ -124,7 +140,7 @@ class ViewVolumes:
         dose_view = _block_mean(_to_canonical(dose.array, dose.grid.axes)[0], f)
         names, masks, lesion = [], [], []
         for r in regions.regions if regions is not None else []:
-            mask = _block_mean(_to_canonical(r.mask.astype(np.float32), ct_hu.grid.axes)[0], f) >= 0.5
+            mask = _mask_on_view(_to_canonical(r.mask.view(np.uint8), ct_hu.grid.axes)[0], f, ct_view.shape)
             names.append(r.name)
             masks.append(mask)
             lesion.append(bool(r.lesion))
@@ -505,6 +521,7 @@ def report_pdf_bytes(view: ViewVolumes, summary: Mapping, identifiers: Mapping) 
                 cell.set_linewidth(0.3)
                 if c == 0 and r > 0:
                     cell.get_text().set_ha("left")
+                    cell.get_text().set_color(np.asarray(region_colours(len(shown))[r - 1]) / 255.0)
         else:
             tax.text(0.5, 0.8, summary.get("regions_error") or "no regions reported", ha="center", fontsize=7, wrap=True)
         if len(body) > len(shown):
