@@ -402,8 +402,11 @@ def _publish_version(folder: Path, work: Path, manifest: dict) -> None:
         with open(p, "rb") as fh:
             os.fsync(fh.fileno())
     fsync_dir(work)
+    if (folder / ".complete.json").is_file():  # another attempt finished first: its objects stand
+        shutil.rmtree(work, ignore_errors=True)
+        return
     if folder.exists():
-        shutil.rmtree(folder)  # an incomplete folder of a crashed attempt (a complete one is reused)
+        shutil.rmtree(folder)  # an incomplete folder of a crashed attempt
     os.replace(work, folder)
     fsync_dir(folder.parent)
 
@@ -468,6 +471,7 @@ def run_region_set(store: JobStore, storage: Storage, settings: Settings, region
             manifest = build_manifest(outputs, "", attempt)
             manifest["region_set"] = rec.id
             _publish_version(folder, work, manifest)
+            manifest = json.loads(complete.read_text())
         files = output_files(folder, manifest)
         store.record_outputs(job.id, [{"sop_instance_uid": f.sop_instance_uid, "kind": f.kind,
                                        "sop_class_uid": f.sop_class_uid,

@@ -191,6 +191,17 @@ def test_rest_submission_with_an_http_client(service, phantom_dir, tmp_path):
     assert job_id in [j["job_id"] for j in service.jobs(state="done", source="rest")]
     assert 'spectdose_jobs{state="done"}' in httpx.get(f"{service.url}/metrics").text
 
+    # regions after the dose: the clinic's SEG, through the Celery worker, a new version beside the result
+    r = service.http.post(f"/jobs/{job_id}/regions", content=(phantom_dir / "truth" / "seg.dcm").read_bytes(),
+                          headers={"Content-Type": "application/dicom"})
+    assert r.status_code == 202, r.text
+    version = wait_for(lambda: (v := service.http.get(r.headers["location"]).json())["state"] in ("done", "failed")
+                       and v, 120, 0.5, what="the region set version")
+    assert version["state"] == "done" and version["version"] == 1, version
+    assert version["regions"] and set(version["outputs"]) >= {"sr", "rtdose"}
+    assert (service.data_dir / "jobs" / job_id / "regions" / "v1" / "sr.dcm").is_file()
+    assert service.http.get(f"/jobs/{job_id}/rtdose").content == rtdose.content, "the result is untouched"
+
 
 # ------------------------------------------------------------------ DIMSE: storescu -> node -> storescp
 
