@@ -30,7 +30,7 @@ WORKER_MODULE = "worker.app"  # its signal handlers; imported by `spectdose work
 
 def make_celery(settings: Settings) -> Celery:
     """A Celery app for ``settings``; a worker imports :data:`TASK_MODULE`, which registers the task."""
-    app = Celery("spectdose", broker=settings.redis_url, include=[TASK_MODULE])
+    app = Celery("spectdose", broker=settings.redis_url, include=[TASK_MODULE, "worker.cycle_tasks"])  # + cycle jobs
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

@@ -58,6 +58,7 @@ class SubmitParams:
     options: dict
     export: list[str]
     recompute: bool = False  # a new job even when the same content with the same options has one
+    cycle_id: str | None = None  # the therapy cycle a client names for the study (service/cycles.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -435,6 +436,9 @@ def store_upload(
         store.audit(actor, "study_received", job_id=job_id, remote_host=remote_host, files=n_files, bytes=n_bytes,
                     ignored_files=ignored, study_instance_uid=study_uid, media_type=content_type.split(";")[0])
         log.info("job %s: %d file(s) received over REST from %s", job_id, n_files, actor)
+        if params.cycle_id:  # recorded before the job is queued, so its worker sees it
+            from .cycles import note_cycle_request
+            note_cycle_request(store, job_id, params.cycle_id)
 
     n_files, _ = accept_study(store, storage, enqueuer, job_id=job_id, files=files,
                               sender=Sender("rest", actor, remote_host), options=params.options,

@@ -18,6 +18,7 @@ from .intake import UploadRejected
 from .metrics import install_metrics
 from .queue import Sweeper
 from .routes import health_router, jobs_router, studies_router
+from .routes.cycles import router as cycles_router
 from .routes.regions import router as regions_router
 from .routes.ui import router as ui_router
 from .throttle import LoginThrottle
@@ -94,6 +95,7 @@ def create_app(settings: Settings | None = None, *, context: ServiceContext | No
     app.include_router(studies_router)
     app.include_router(jobs_router)
     app.include_router(regions_router)
+    app.include_router(cycles_router)
     app.include_router(health_router)
     app.include_router(ui_router)
     app.add_exception_handler(UploadRejected, _upload_rejected)

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from ..config import SENDER
+from ..cycles import CYCLE_ID_PATTERN
 from ..deps import Actor, Ctx
 from ..intake import Accepted, SubmitParams, UploadRejected, receive_study
 from ..jobs import InstanceDigest
@@ -103,6 +104,8 @@ def submit_params(
         Query(description="AE titles of configured peers (SPECTDOSE_PEERS) to C-STORE the results to; "
               "'default' for the configured export destinations"),
     ] = [],  # noqa: B006 - FastAPI copies query defaults
+    cycle_id: Annotated[str | None, Query(max_length=64, description="therapy cycle this study is a time point of "
+                                          "(else grouped by PatientID and administration; GET /cycles/{id})")] = None,
 ) -> SubmitParams:
     from spectdose.density import CURVES
     from spectdose.errors import InputError
@@ -145,7 +148,9 @@ def submit_params(
         options = DoseOptions.from_dict(public)
     except InputError as exc:
         raise HTTPException(422, str(exc)) from exc
-    return SubmitParams(options.to_dict(), destinations, recompute)
+    if cycle_id is not None and not CYCLE_ID_PATTERN.match(cycle_id):  # service.cycles.check_cycle_id's rule
+        raise HTTPException(422, f"cycle_id must be 1-64 letters, digits, '.', '_' or '-', got {cycle_id!r}")
+    return SubmitParams(options.to_dict(), destinations, recompute, cycle_id=cycle_id)
 
 
 def _element(vr: str, *values) -> dict:
