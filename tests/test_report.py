@@ -199,3 +199,20 @@ def test_encapsulated_pdf_files_into_the_source_study_with_content_derived_uids(
     messages = (out.stdout + out.stderr).splitlines()
     assert "EncapsulatedPDF" in messages[0]
     assert not [m for m in messages if m.startswith(("Error", "Warning"))], "\n".join(messages)
+
+
+def test_a_dose_rate_only_result_reports_the_rate_and_says_there_are_no_regions(tmp_path):
+    # A normalised SPECT (no calibration) gives a per-MBq dose-rate map and no absorbed dose.
+    study = _study()
+    rate = Volume(_dose(study).array / 300.0, study.ct.grid, "mGy/h/MBq")
+    view = ViewVolumes.from_volumes(study.ct, rate)
+    assert not view.absorbed and len(view.region_masks) == 0
+    top = float(view.dose.max())
+    assert default_isodose_levels(view) == pytest.approx([0.2 * top, 0.5 * top, 0.8 * top], rel=1e-2)
+    summary = {**_summary(_dose(study), _regions()), "regions": None, "regions_error": "no regions reported here",
+               "time": {}, "provenance": {"method": "DVK", "time_model": "none (dose rate only)"}}
+    pdf = report_pdf_bytes(view, summary, identifiers_from_study(study))
+    text = pdf_text(pdf)
+    assert len(re.findall(rb"/Type\s*/Page(?!s)", pdf)) == 1
+    assert "mGy/h/MBq" in text and "none (dose rate only)" in text and "no regions reported here" in text
+    assert "P-REPORT-42" in text
