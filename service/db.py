@@ -274,6 +274,7 @@ def _upgrade_columns(engine: Engine) -> None:
 
 def _create_tables(engine: Engine) -> None:
     """Create missing tables (and added columns); tolerate another process doing it at the same moment."""
+    from . import cycle_db  # noqa: F401 - registers the cycle tables (service/cycles.py) on Base
     for attempt in range(3):
         try:
             Base.metadata.create_all(engine)
