@@ -27,7 +27,7 @@ from service.config import DicomPeer
 from service.demo import DemoPacs
 from service.dicom_node import DicomNode
 from service.export import push_files
-from service.jobs import JobStore
+from service.jobs import JobStore, content_fingerprint
 from service.localredis import free_port
 from service.main import create_app
 from service.queue import Enqueuer
@@ -316,3 +316,41 @@ def test_dicom_pushed_region_sets_after_the_dose(env, phantom_files, computed_ou
     assert [j.id for j in store.list_jobs()[0]] == [job_id], "no dose recomputed"
     assert run_region_set(store, storage, settings, good.id, worker="w1")["state"] == "done"
     assert store.region_set(good.id).result["folder"] == f"regions/v{good.version}"
+
+
+def test_region_sets_travel_with_the_study_into_the_jobs_input(gateway, phantom_dir, phantom_files, truth_seg,
+                                                              tmp_path):
+    """REST upload and DICOM push alike: the SEG is stored with the images (the worker takes it as the regions)."""
+    settings, store, storage, client = gateway
+    import zipfile
+
+    body = tmp_path / "study.zip"
+    with zipfile.ZipFile(body, "w") as zf:
+        for p in [*phantom_files, truth_seg]:
+            zf.write(p, p.relative_to(phantom_dir).as_posix())
+    r = client.post("/studies", content=body.read_bytes(), headers={"Content-Type": "application/zip", **AUTH})
+    assert r.status_code == 202, r.text
+    seg_uid = str(pydicom.dcmread(truth_seg, stop_before_pixels=True).SOPInstanceUID)
+
+    def region_uids(folder: Path) -> list[str]:
+        from spectdose.dicom.region_inputs import find_region_inputs
+
+        return [x.sop_instance_uid for x in find_region_inputs(folder)]
+
+    assert region_uids(storage.job_input(r.json()["job_id"])) == [seg_uid]
+
+    node_settings = make_settings(tmp_path / "node", database_url=settings.database_url, redis_url=settings.redis_url,
+                                  dicom_port=free_port(), allowed_calling_aets=["MODALITY"])
+    node = DicomNode(node_settings, store, Storage(node_settings.data_dir), Enqueuer(make_celery(node_settings), store))
+    node.start()
+    try:
+        peer = DicomPeer(node_settings.ae_title, "127.0.0.1", node_settings.dicom_port)
+        assert push_files(peer, [*phantom_files, truth_seg], calling_aet="MODALITY") == len(phantom_files) + 1
+        job = wait_for(lambda: [j for j in store.list_jobs(source="dicom")[0]], 20, what="the pushed job")[0]
+    finally:
+        node.stop()
+    node_storage = Storage(node_settings.data_dir)
+    assert region_uids(node_storage.job_input(job.id)) == [seg_uid]
+
+    assert job.fingerprint == content_fingerprint(sorted(p for p in node_storage.job_input(job.id).iterdir()
+                                                         if not p.name.startswith("SEG_"))), "the images' fingerprint"
