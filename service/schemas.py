@@ -105,6 +105,8 @@ _OUTPUT_ROUTES = {"rtdose": "rtdose", "doserate": "doserate", "summary_json": "s
 def job_out(job: Job, exports: list[ExportRecord], base_url: str) -> JobOut:
     outputs = job.outputs or {}
     links = {route: f"{base_url}/jobs/{job.id}/{route}" for kind, route in _OUTPUT_ROUTES.items() if kind in outputs}
+    if job.state == "done":  # region sets after the dose: POST a SEG/RTSTRUCT there, GET its versions
+        links["regions"] = f"{base_url}/jobs/{job.id}/regions"
     options = job.options or {}
     result = job.result or {}
     replaces = job.replaces
