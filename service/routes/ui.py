@@ -284,6 +284,12 @@ def job_page(request: Request, ctx: Ctx, job_id: str):
                 + '<p><a href="">refresh</a> · <a href="/ui/jobs">all jobs</a></p>')
         return _page(f"Job {job_id[:12]}", body, actor=actor)
     summary = _summary(ctx, job_id)
+    if "view" not in ctx.storage.output_manifest(job_id)["files"]:
+        body = (f'<p id="job-state">Job {_esc(job_id)} is done, but its result has no view.npz (computed before '
+                'the results page existed): recompute it to see it here. <a href="/ui/jobs">all jobs</a></p>'
+                f"<section><h2>Regions</h2>{_table_html(summary)}</section>"
+                f"<section><h2>Provenance</h2>{_provenance_html(summary)}</section>")
+        return _page(f"Job {job_id[:12]}", body, actor=actor)
     view = _view(ctx, job_id)
     ident = _identifiers(ctx, job_id)
     lo, hi = default_window(view)

@@ -36,7 +36,7 @@ def settings(tmp_path):
     return make_settings(tmp_path / "data")
 
 
-def _finished_job(settings, phantom_files, computed_output: Path) -> str:
+def _finished_job(settings, phantom_files, computed_output: Path, without: tuple[str, ...] = ()) -> str:
     """A job of the virtual patient, done through the worker with the pipeline's real outputs."""
     store, storage = JobStore(settings.db_url), Storage(settings.data_dir)
     job_id = uuid.uuid4().hex
@@ -48,6 +48,8 @@ def _finished_job(settings, phantom_files, computed_output: Path) -> str:
     summary = json.loads((computed_output / "summary.json").read_text())
     outputs = {}
     for kind, name in summary["outputs"].items():
+        if kind in without:
+            continue
         shutil.copy(computed_output / name, work / name)
         outputs[kind] = work / name
     storage.publish_output(job_id, work, build_manifest(outputs, dose_options(store.get(job_id).options, settings).key(), 1))
@@ -134,6 +136,17 @@ def test_slice_pictures_follow_the_controls_and_refuse_bad_values(client, job_id
     assert client.get(f"{base}/axial/{k}.png?lo=5&hi=1").status_code == 422
     assert client.get(f"{base}/axial/{k}.png?iso=2,abc").status_code == 422
     assert client.get(f"{base}/axial/{k}.png?opacity=3").status_code == 422
+
+
+def test_a_result_from_before_the_results_page_shows_its_numbers_and_says_why_no_images(
+        client, settings, phantom_files, computed_output):
+    old = _finished_job(settings, phantom_files, computed_output, without=("view", "report", "report_pdf"))
+    assert _login(client).status_code == 303
+    page = client.get(f"/ui/jobs/{old}")
+    assert page.status_code == 200 and "has no view.npz" in page.text and 'id="regions"' in page.text
+    r = client.get(f"/ui/jobs/{old}/slice/axial/0.png")
+    assert r.status_code == 404 and "has no view" in r.json()["detail"]
+    assert client.get(f"/jobs/{old}/report", headers=AUTH).status_code == 404
 
 
 def _coloured_pixels(image) -> int:
