@@ -244,3 +244,11 @@ def test_results_page_in_headless_chromium(live_gateway, browser, tmp_path):
     wait.until(lambda d: "/ui/login" in d.current_url)
     browser.get(f"{base}/ui/jobs/{job_id}")
     assert "/ui/login" in browser.current_url, "logged out, the page must be closed again"
+
+
+def test_the_session_cookie_is_secure_behind_https(tmp_path):
+    settings = make_settings(tmp_path / "data", public_url="https://dosimetry.example.org")
+    with TestClient(create_app(settings, sweeper=False)) as client:
+        r = _login(client)
+        assert r.status_code == 303 and "Secure" in r.headers["set-cookie"]
+        assert client.get("/ui", follow_redirects=False).headers["location"] == "/ui/jobs"
