@@ -52,7 +52,7 @@ __all__ = ["V2_RANGES", "PROFILES", "VariedSettings", "draw_settings", "make_var
 # Camera: medium-energy collimators of Siemens (SY-ME), GE (Infinia GI-MEGP, 870 DR
 # G8-MEGP) and Philips (BrightView PB-MEGP) from the SIMIND database shipped with
 # PyTomography; intrinsic FWHM 3.3-4.2 mm at 140 keV (vendor specifications of current NaI
-# cameras, 3.5-3.9 mm, with a margin). Together: system FWHM ~9-11.5 mm at 10 cm.
+# cameras, 3.5-3.9 mm, with a margin). Together: system FWHM 8.8-11.1 mm at 10 cm at 208 keV.
 # Reconstruction: subsets 4, 8 or 16 of 128 views, iterations 2-12 with 16-128 updates
 # (iterations x subsets; the paper used 64), resolution recovery on with probability 0.75.
 # Grids: SPECT voxels 3.9-4.8 mm (128 x 128 matrices of 499-614 mm; GE 4.42 mm, Siemens
