@@ -23,6 +23,7 @@ import logging
 import threading
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
@@ -93,9 +94,12 @@ def _shift(value: str, days: int, vr: str) -> str:
 
 
 def variant(study: Path, dest: Path, *, patient_id: str | None = None, days: int = 0,
-            activity_factor: float = 1.0, with_seg: bool = False) -> Path:
+            activity_factor: float = 1.0, with_seg: bool = False, move_administration: bool = True,
+            flip_ct: bool = False, uncalibrated: bool = False) -> Path:
     """A copy of a phantom time point as another visit: new UIDs (references kept consistent),
-    dates moved by ``days``, optionally another PatientID or ``activity_factor`` x the activity."""
+    dates moved by ``days`` (the administration's too unless not ``move_administration``),
+    optionally another PatientID, ``activity_factor`` x the activity, the CT mirrored front to
+    back (a CT that cannot be registered), or a SPECT without its Bq/ml mapping (uncalibrated)."""
     files = sorted((study / "dicom").rglob("*.dcm")) + ([study / "truth" / "seg.dcm"] if with_seg else [])
     datasets = [pydicom.dcmread(p) for p in files]
     mapping: dict[str, str] = {}
@@ -108,7 +112,8 @@ def variant(study: Path, dest: Path, *, patient_id: str | None = None, days: int
         if elem.VR == "UI" and isinstance(elem.value, str) and elem.value in mapping:
             elem.value = mapping[elem.value]
         elif elem.VR in ("DA", "DT") and days and isinstance(elem.value, str):
-            elem.value = _shift(elem.value, days, elem.VR)
+            if move_administration or not elem.keyword.startswith("Radiopharmaceutical"):
+                elem.value = _shift(elem.value, days, elem.VR)
         elif elem.keyword == "RealWorldValueSlope" and activity_factor != 1.0:
             elem.value = float(elem.value) * activity_factor
         elif elem.keyword == "RadionuclideTotalDose" and activity_factor != 1.0:
@@ -119,6 +124,10 @@ def variant(study: Path, dest: Path, *, patient_id: str | None = None, days: int
         ds.walk(rewrite)
         if patient_id is not None:
             ds.PatientID = patient_id
+        if flip_ct and ds.Modality == "CT":
+            ds.PixelData = np.ascontiguousarray(ds.pixel_array[::-1, :]).tobytes()
+        if uncalibrated and ds.Modality == "NM":
+            del ds.RealWorldValueMappingSequence
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.save_as(dest / f"{i:05d}.dcm", enforce_file_format=True)
     return dest
@@ -325,6 +334,46 @@ def test_cumulative_sums_two_cycles_and_flags_the_kidney_limits(service, first_c
     assert service_logs and not [r for r in service_logs if patient_id in r.getMessage()]
     assert patient_key(patient_id) != patient_id
     assert service.client.get("/patients/NOBODY/cumulative", headers=AUTH).status_code == 404
+
+
+def test_studies_that_cannot_join_get_a_reason_and_keep_their_own_result(service, first_cycle, cycle_dir, tmp_path):
+    cycle_id = first_cycle["cycle_id"]
+    tp2 = first_cycle["jobs"][1]
+    duplicate = variant(cycle_dir / LABELS[1], tmp_path / "dup")  # the 24 h session again, as another study
+    early = variant(cycle_dir / LABELS[0], tmp_path / "early", days=-2)  # a session before this administration
+    uncalibrated = variant(cycle_dir / LABELS[2], tmp_path / "uncal", days=2, move_administration=False,
+                           uncalibrated=True)
+    jobs = {"duplicate": service.submit(duplicate, cycle_id=cycle_id),
+            "early": service.submit(early, cycle_id=cycle_id),
+            "uncalibrated": service.submit(uncalibrated, cycle_id=cycle_id, normalised="true")}
+    ran = service.drain()
+    assert [t for t, _ in ran] == [TASK_NAME] * 3, "no cycle job: nothing joined"
+    for job_id in jobs.values():
+        assert service.get(f"/jobs/{job_id}")["state"] == "done", "each is still computed on its own"
+    cycle = service.get(f"/cycles/{cycle_id}")
+    reasons = {what: next(t for t in cycle["time_points"] if t["job_id"] == job_id) for what, job_id in jobs.items()}
+    assert all(tp["state"] == "rejected" for tp in reasons.values()), reasons
+    assert "duplicate time point" in reasons["duplicate"]["reason"] and tp2 in reasons["duplicate"]["reason"]
+    assert "before the cycle's administration" in reasons["early"]["reason"]
+    assert "not calibrated to Bq/ml" in reasons["uncalibrated"]["reason"]
+    assert cycle["joined"] == 3 and len(cycle["results"]) == 2
+
+
+def test_a_time_point_failing_registration_is_left_out_with_its_metric(service, first_cycle, cycle_dir, tmp_path):
+    cycle_id = first_cycle["cycle_id"]
+    # A fourth session a day after the third, its CT mirrored front to back: it cannot be registered.
+    bad = variant(cycle_dir / LABELS[2], tmp_path / "bad", days=1, move_administration=False, flip_ct=True)
+    job_id = service.submit(bad, cycle_id=cycle_id)
+    ran = service.drain()
+    assert [t for t, _ in ran] == [TASK_NAME, CYCLE_TASK_NAME]
+    cycle = service.get(f"/cycles/{cycle_id}")
+    tp = next(t for t in cycle["time_points"] if t["job_id"] == job_id)
+    assert tp["state"] == "rejected" and "registration" in tp["reason"], tp
+    assert "CT correlation r = " in tp["reason"] and "needs >= 0.8" in tp["reason"]
+    newest = cycle["results"][0]
+    assert newest["state"] == "done" and newest["time_points"] == first_cycle["jobs"] + [job_id]
+    assert newest["used"] == first_cycle["jobs"], "integrated without the time point that failed"
+    assert newest["excluded"] == [{"job_id": job_id, "reason": tp["reason"]}]
 
 
 def test_routes_need_the_token_and_refuse_bad_ids(service):
