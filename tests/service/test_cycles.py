@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -389,3 +390,93 @@ def test_the_worker_registers_the_cycle_task(service):
     app = make_celery(service.settings)
     app.loader.import_default_modules()
     assert {TASK_NAME, CYCLE_TASK_NAME} <= set(app.tasks)
+
+
+# ------------------------------------------------------------------ the cycle tables on SQLite and PostgreSQL
+
+
+def _finished_job(store, storage, tmp_path, *, patient_id: str, administration: dt.datetime, hours: float,
+                  units: str = "Bq/ml") -> str:
+    """A done dose job as the worker leaves it (input NM header, summary.json), without computing a dose."""
+    from pydicom.dataset import FileMetaDataset
+
+    job_id = uuid.uuid4().hex
+    series, study = str(generate_uid()), str(generate_uid())
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.20"  # NM Image Storage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = str(generate_uid())
+    ds.Modality, ds.PatientID, ds.PatientName = "NM", patient_id, "VP^X"
+    ds.SeriesInstanceUID, ds.StudyInstanceUID = series, study
+    src = tmp_path / f"{job_id}.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    storage.publish_input(job_id, [src])
+    store.create_job(job_id, source="rest", submitted_by="token:x", options={"method": "dvk"}, export=[],
+                     queue="cpu", n_files=1, study_instance_uid=study)
+    attempt = store.claim(job_id, "w", lease_s=60, max_attempts=3)
+    work = storage.new_work_dir(job_id, attempt)
+    acquisition = administration + dt.timedelta(hours=hours)
+    (work / "summary.json").write_text(json.dumps({
+        "series": {"spect": {"series_instance_uid": series}}, "activity": {"units": units},
+        "time": {"administration": administration.isoformat(), "acquisition": acquisition.isoformat(),
+                 "hours_since_administration": hours}}))
+    storage.publish_output(job_id, work, {"files": {"summary_json": {"file": "summary.json"}}})
+    assert store.finish(job_id, attempt, {"summary_json": "summary.json"})
+    return job_id
+
+
+def test_grouping_results_and_superseding_in_the_job_store(db_url, tmp_path):
+    from service import cycles
+
+    settings = make_settings(tmp_path / "data", database_url=db_url)
+    store, storage = JobStore(settings.db_url), Storage(settings.data_dir)
+    published: list[str] = []
+
+    def publish(result_id: str) -> bool:
+        published.append(result_id)
+        return True
+
+    def offer(**kw) -> tuple[str, str | None]:
+        job_id = _finished_job(store, storage, tmp_path, **kw)
+        return job_id, cycles.time_point_done(store, storage, settings, job_id, publish=publish)
+
+    t0 = dt.datetime(2026, 3, 2, 9, 30)
+    try:
+        a, none = offer(patient_id="P1", administration=t0, hours=4.0)
+        assert none is None and published == [], "one time point: nothing to integrate"
+        b, r1 = offer(patient_id="P1", administration=t0 + dt.timedelta(seconds=60), hours=24.0)
+        assert published == [r1]
+        cycle_id = cycles.cycles_of_job(store, a)[0]["cycle_id"]
+        assert cycles.cycles_of_job(store, b)[0]["cycle_id"] == cycle_id
+        assert cycles.time_point_done(store, storage, settings, b, publish=publish) is None, "offered once"
+        dup, _ = offer(patient_id="P1", administration=t0, hours=24.2)
+        later, _ = offer(patient_id="P1", administration=t0 + dt.timedelta(days=56), hours=4.0)
+        other, _ = offer(patient_id="P2", administration=t0, hours=96.0)
+        uncal, _ = offer(patient_id="P1", administration=t0, hours=48.0, units="counts")
+        view = cycles.cycle_view(store, cycle_id)
+        states = {tp["job_id"]: (tp["state"], tp["reason"] or "") for tp in view["time_points"]}
+        assert states[a][0] == states[b][0] == "joined" and view["joined"] == 2
+        assert states[dup][0] == "rejected" and "duplicate time point" in states[dup][1]
+        assert later not in states and other not in states, "another administration, another patient: own cycles"
+        assert cycles.cycles_of_job(store, later)[0]["cycle_id"] not in (cycle_id,)
+        assert cycles.cycles_of_job(store, other)[0]["cycle_id"] not in (cycle_id,)
+        assert states[uncal][0] == "rejected" and "not calibrated to Bq/ml" in states[uncal][1]
+        c, r2 = offer(patient_id="P1", administration=t0, hours=96.0)
+        assert published == [r1, r2]
+        # r2 (newer) finishes first; r1 finishing later is superseded at once and is not the one to send.
+        for rid in (r2, r1):
+            row = cycles.claim_result(store, rid, "w", lease_s=60)
+            assert row is not None and cycles.claim_result(store, rid, "w2", lease_s=60) is None, "claimed once"
+            assert cycles.is_newest(store, rid) == (rid == r2)
+            assert cycles.finish_result(store, rid, row.attempt, outputs={}, result={"regions": []},
+                                        used=list(row.time_points))
+        assert cycles.get_result(store, r1).superseded_by == r2 and cycles.get_result(store, r2).superseded_by is None
+        assert cycles.newest_result(store, cycle_id).id == r2
+        view = cycles.cycle_view(store, cycle_id)
+        assert view["state"] == "integrated" and [r["result_id"] for r in view["results"]] == [r2, r1]
+        summed = cycles.cumulative(store, "P1")
+        assert summed["cycles_included"] == 1 and len(summed["cycles"]) == 2  # and the later administration's
+        assert cycles.cumulative(store, "NOBODY") is None
+    finally:
+        store.close()
