@@ -8,20 +8,23 @@ readable DICOM, 415 not a region set, 422 drawn on another CT (frame of referenc
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from ..db import utcnow
 from ..deps import Actor, Ctx, ServiceContext
 from ..diskguard import DISK_FULL_NAME, check_free_space, is_disk_full
-from ..intake import UploadRejected, accept_region_set, spool_body
+from ..intake import UploadRejected, accept_region_set, publish_region_set, spool_body
 from ..schemas import ErrorOut, RegionSetListOut, RegionSetOut, region_set_out
 
 log = logging.getLogger("spectdose.service.gateway")
 
 router = APIRouter(prefix="/jobs", tags=["regions"])
 
+_REPUBLISH_AFTER = dt.timedelta(seconds=5)  # a set just stored is being published by its request
 _MEDIA = ("application/dicom", "application/octet-stream", "")
 _REQUEST_BODY = {"requestBody": {"required": True, "description": "one DICOM SEG or RT Structure Set file, drawn "
                                  "on the job's CT (its frame of reference)",
@@ -86,7 +89,8 @@ async def post_regions(request: Request, response: Response, ctx: Ctx, actor: Ac
     response.headers["Location"] = out.location
     if not accepted.queued:
         raise HTTPException(503, f"region set stored as version {rec.version} of job {job_id}, but the queue is "
-                                 "unavailable: send the same file again to queue it", headers={"Retry-After": "10"})
+                                 "unavailable: send the same file again to queue it (or poll it: polling queues it)",
+                            headers={"Retry-After": "10", "Location": out.location})
     if not accepted.created:
         response.status_code = 200
     log.info("job %s: region set %s received from %s (version %d)", job_id, rec.id, actor, rec.version)
@@ -103,8 +107,12 @@ def list_regions(request: Request, ctx: Ctx, _actor: Actor, job_id: str) -> Regi
 @router.get("/{job_id}/regions/{version}", response_model=RegionSetOut, responses={k: _ERRORS[k] for k in (401, 404)},
             summary="One version of a job's region outputs (poll it after POST)")
 def get_region_version(request: Request, ctx: Ctx, _actor: Actor, job_id: str, version: int) -> RegionSetOut:
-    _job_or_404(ctx, job_id)
+    job = _job_or_404(ctx, job_id)
     for rec in ctx.store.region_sets_of(job_id):
         if rec.version == version:
+            if rec.state == "received" and utcnow() - rec.created_at > _REPUBLISH_AFTER:
+                # stored while the queue was down: polling it puts it on the queue (as re-sending would)
+                publish_region_set(ctx.store, ctx.enqueuer, rec.id, job.queue)
+                rec = ctx.store.region_set(rec.id)
             return _out(request, ctx, rec)
     raise HTTPException(404, f"job {job_id} has no region set version {version}")

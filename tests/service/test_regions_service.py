@@ -28,7 +28,7 @@ from service.demo import DemoPacs
 from service.dicom_node import DicomNode
 from service.export import push_files
 from service.jobs import JobStore, content_fingerprint
-from service.localredis import free_port
+from service.localredis import LocalRedis, free_port
 from service.main import create_app
 from service.queue import Enqueuer
 from service.storage import Storage
@@ -79,8 +79,9 @@ class AllClassesPacs:
 @pytest.fixture()
 def env(tmp_path, redis_url):
     def build(**kw):
+        kw = {"redis_url": redis_url, **kw}
         settings = make_settings(tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'jobs.sqlite'}",
-                                 redis_url=redis_url, export_retries=1, **kw)
+                                 export_retries=1, **kw)
         return settings, JobStore(settings.db_url), Storage(settings.data_dir)
 
     return build
@@ -354,3 +355,50 @@ def test_region_sets_travel_with_the_study_into_the_jobs_input(gateway, phantom_
 
     assert job.fingerprint == content_fingerprint(sorted(p for p in node_storage.job_input(job.id).iterdir()
                                                          if not p.name.startswith("SEG_"))), "the images' fingerprint"
+
+
+def test_region_set_records_number_versions_and_keep_one_per_content(db_url):
+    """SQLite and PostgreSQL: versions 1, 2 per job; the same file is one version (a failed one may be retried)."""
+    store = JobStore(db_url)
+    store.create_job("b" * 32, source="rest", submitted_by="token:x", options={}, export=[], queue="cpu", n_files=1)
+    first, created = store.add_region_set("b" * 32, region_set_id="1" * 32, source="rest", submitted_by="token:x",
+                                          kind="SEG", sop_instance_uid="1.2.3", digest="d1")
+    again, created_again = store.add_region_set("b" * 32, region_set_id="2" * 32, source="dicom",
+                                                submitted_by="PACS", kind="SEG", sop_instance_uid="1.2.3", digest="d1")
+    assert (first.version, created, again.id, created_again) == (1, True, "1" * 32, False)
+    other, _ = store.add_region_set("b" * 32, region_set_id="3" * 32, source="rest", submitted_by="token:x",
+                                    kind="RTSTRUCT", sop_instance_uid="1.2.4", digest="d2")
+    assert other.version == 2 and store.region_set_applied("b" * 32, "1.2.4")
+    assert store.claim_region_set(other.id) == 1 and store.fail_region_set(other.id, "export failed")
+    assert store.claim_region_set(other.id) is None, "a failed set is not run again"
+    retried, created = store.add_region_set("b" * 32, region_set_id="4" * 32, source="rest", submitted_by="token:x",
+                                            kind="RTSTRUCT", sop_instance_uid="1.2.4", digest="d2")
+    assert created and retried.version == 3
+    assert store.mark_region_set_queued(first.id) and store.claim_region_set(first.id) == 1
+    assert store.finish_region_set(first.id, {"version": 1}) and store.region_set(first.id).state == "done"
+    assert [r.version for r in store.region_sets_of("b" * 32)] == [1, 2, 3]
+    store.close()
+
+
+def test_a_region_set_stored_while_the_queue_was_down_is_queued_when_polled(env, phantom_files, computed_output,
+                                                                            truth_seg, tmp_path):
+    port = free_port()
+    settings, store, storage = env(redis_url=f"redis://127.0.0.1:{port}/0")  # the broker is down
+    job_id = _done_job(settings, store, storage, phantom_files, computed_output)
+    with TestClient(create_app(settings, sweeper=False)) as client:
+        r = client.post(f"/jobs/{job_id}/regions", content=truth_seg.read_bytes(),
+                        headers={"Content-Type": "application/dicom", **AUTH})
+        assert r.status_code == 503 and "send the same file again" in r.json()["detail"]
+        rec = store.region_sets_of(job_id)[0]
+        assert rec.state == "received" and (storage.job_dir(job_id) / "regions" / f"{rec.id}.dcm").is_file()
+        redis = LocalRedis(port, tmp_path / "redis").start()  # the broker is back
+        try:
+            time.sleep(5.5)
+            polled = client.get(r.headers["location"], headers=AUTH).json()
+            assert polled["state"] == "queued" and polled["region_set_id"] == rec.id
+            import redis as redis_client
+
+            with redis_client.Redis.from_url(settings.redis_url) as conn:
+                assert conn.llen("cpu") == 1, "one message for the worker"
+        finally:
+            redis.stop()
