@@ -425,8 +425,12 @@ def republish_pending(store: JobStore, publish: Callable[[str], bool], *, older_
     return n
 
 
-def claim_result(store: JobStore, result_id: str, worker: str, *, lease_s: float) -> CycleResult | None:
-    """``received``/``queued`` (or ``running`` with a stale heartbeat) -> ``running``; the claimed row or None."""
+def claim_result(store: JobStore, result_id: str, worker: str, *, lease_s: float,
+                 max_attempts: int | None = None) -> CycleResult | None:
+    """``received``/``queued`` (or ``running`` with a stale heartbeat) -> ``running``; the claimed row or None.
+
+    A result claimed more than ``max_attempts`` times fails instead (its workers keep dying).
+    """
     now = utcnow()
     with store.session() as s:
         n = s.execute(
@@ -439,7 +443,13 @@ def claim_result(store: JobStore, result_id: str, worker: str, *, lease_s: float
         ).rowcount
         if n != 1:
             return None
-        return s.get(CycleResult, result_id)
+        row = s.get(CycleResult, result_id)
+        if max_attempts is not None and row.attempt > max_attempts:
+            row.state, row.stage, row.finished_at = "failed", None, now
+            row.reason = (f"given up: the cycle job was started {row.attempt - 1} times without finishing "
+                          "(workers lost or killed while running it)")
+            return None
+        return row
 
 
 def _fenced(store: JobStore, result_id: str, attempt: int, **values) -> bool:

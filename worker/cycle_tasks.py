@@ -23,7 +23,7 @@ import threading
 import uuid
 from pathlib import Path
 
-from celery import shared_task
+from celery import shared_task, signals
 from celery.exceptions import SoftTimeLimitExceeded
 
 from service import cycles
@@ -124,7 +124,7 @@ def _excerpt(summary: dict, by_path: dict[str, str]) -> dict:
 
 
 def _compute(store: JobStore, storage: Storage, settings: Settings, row, attempt: int, hb: _Heartbeat,
-             base: Path) -> tuple[dict, list[str]]:
+             base: Path) -> dict:
     """run_cycle over the result's time points; a time point failing registration is left out."""
     from spectdose.cycle import run_cycle
     from spectdose.timeseries import RegistrationError
@@ -197,7 +197,7 @@ def _compute(store: JobStore, storage: Storage, settings: Settings, row, attempt
             shutil.rmtree(work, ignore_errors=True)
             raise _LeaseLost(f"cycle result {row.id} attempt {attempt} was taken over before publishing")
         _publish(work, base / "output", manifest)
-        return manifest, [tp.job_id for tp in points]
+        return manifest
 
 
 class _NotEnough(Exception):
@@ -212,7 +212,8 @@ def run_cycle_job(store: JobStore, storage: Storage, settings: Settings, result_
     from spectdose.errors import SpectdoseError
 
     cycles.ensure_tables(store)
-    row = cycles.claim_result(store, result_id, worker, lease_s=settings.lease_s)
+    row = cycles.claim_result(store, result_id, worker, lease_s=settings.lease_s,
+                               max_attempts=settings.max_attempts)
     if row is None:
         current = cycles.get_result(store, result_id)
         state = current.state if current else "unknown"
@@ -227,7 +228,7 @@ def run_cycle_job(store: JobStore, storage: Storage, settings: Settings, result_
     try:
         manifest = _manifest(base / "output")
         if manifest is None:
-            manifest, _used = _compute(store, storage, settings, row, attempt, hb, base)
+            manifest = _compute(store, storage, settings, row, attempt, hb, base)
         for p in base.glob("work-*"):
             shutil.rmtree(p, ignore_errors=True)
         out = base / "output"
@@ -245,7 +246,7 @@ def run_cycle_job(store: JobStore, storage: Storage, settings: Settings, result_
             if not cycles.result_heartbeat(store, result_id, attempt, "export"):
                 raise _LeaseLost(f"cycle result {result_id} attempt {attempt} was taken over before exporting")
             failures = export_outputs(store, settings, row.trigger_job_id, destinations=destinations,
-                                      calling_aet=trigger.calling_aet, files=sent,
+                                      calling_aet=trigger.calling_aet if trigger else None, files=sent,
                                       **({"sleep": sleep} if sleep else {}))
             if failures:
                 message = "; ".join(f"{f.destination}: {f.message}" for f in failures)
@@ -298,3 +299,13 @@ def process_cycle(self, result_id: str) -> dict:
     except TransientFailure as exc:
         queue = (self.request.delivery_info or {}).get("routing_key")
         raise self.retry(countdown=exc.delay_s, max_retries=None, exc=exc, queue=queue) from exc
+
+
+@signals.task_failure.connect
+def _hard_time_limit(sender=None, exception=None, args=None, **_kwargs) -> None:
+    """A cycle job killed at the hard time limit fails at once with a reason (as dose jobs do, worker/app.py)."""
+    from billiard.exceptions import TimeLimitExceeded
+
+    if getattr(sender, "name", None) == cycles.CYCLE_TASK_NAME and isinstance(exception, TimeLimitExceeded) and args:
+        rt = process_context()
+        cycles.fail_result(rt.store, str(args[0]), f"killed at the hard time limit of {rt.settings.task_time_limit_s} s")
