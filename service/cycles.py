@@ -92,7 +92,7 @@ SAME_ADMINISTRATION_S = 120.0
 DUPLICATE_WITHIN_H = 0.5
 
 # Options that name one study's fact or a single-time-point model: not carried to a cycle job.
-_SINGLE_STUDY_OPTIONS = ("time_model", "effective_half_life_h", "dose_grid")
+_SINGLE_STUDY_OPTIONS = ("time_model", "effective_half_life_h", "dose_grid", "uncertainty")
 # Options a time point must not have needed: spectdose.cycle refuses them for a cycle.
 _REFUSED_OPTIONS = {
     "acquisition_time": "its acquisition time was given as an option (acquisition_time)",
