@@ -123,6 +123,9 @@ def _add_dose_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel-cache", type=Path, help="kernel cache folder (default: $SPECTDOSE_CACHE_DIR or ~/.cache)")
     p.add_argument("--model", type=Path, help="DblurDoseNet weights for --method cnn (default: models/dblurdosenet.pt)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the network (see the model card)")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="with --method cnn: a calibrated 1-sigma per voxel from the deep ensemble beside the weights "
+                   "(<model>_ensemble.pt), written as doserate_sigma_pm.dcm and per region")
     p.add_argument("--regions", type=Path, help="DICOM SEG or RT Structure Set on the CT: statistics, DVHs and SR per region "
                    "(without it: automatic lesion regions, autoseg.dcm)")
 

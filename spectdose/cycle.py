@@ -147,6 +147,11 @@ def _refuse_single_study_options(options: DoseOptions) -> None:
                 f"{option_hint(field)} names one study's fact and cannot apply to all time points of a cycle; "
                 "each study's header must carry it (give one study to use the flag)"
             )
+    if options.uncertainty:
+        raise InputError(
+            f"{option_hint('uncertainty')} is given for one time point (a dose-rate map and its sigma); the cycle's "
+            "integration does not carry it yet: give one study"
+        )
     if options.time_model != "hanscheid" or options.effective_half_life_h is not None:
         raise InputError(
             f"{option_hint('time_model')} / {option_hint('effective_half_life_h')} are single-time-point models; "

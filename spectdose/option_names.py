@@ -28,6 +28,7 @@ PUBLIC_NAMES: dict[str, str] = {
     "accepted_assumptions": "accept",
     "calling_ae_title": "calling_aet",
     "autocast_bf16": "bf16",
+    "uncertainty": "uncertainty",
 }
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "DoseResult",
     "run",
     "compute_dose_rate",
+    "compute_dose_rate_and_sigma",
     "PreparedInputs",
     "prepare_inputs",
     "network_inputs",
@@ -50,6 +51,8 @@ ProgressCallback = Callable[[str, float], None]
 OUTPUT_NAMES = {
     "rtdose": "rtdose.dcm",
     "doserate": "doserate_pm.dcm",
+    # The calibrated 1-sigma of the dose rate (CNN deep ensemble, --uncertainty): same grid and units.
+    "doserate_sigma": "doserate_sigma_pm.dcm",
     "summary_json": "summary.json",
     "summary_txt": "summary.txt",
     # The one-page report (PDF, and the same as a DICOM Encapsulated PDF) and the reduced CT,
@@ -101,6 +104,8 @@ class DoseOptions:
     model_path: Path | None = None
     autocast_bf16: bool = False
     regions_path: Path | None = None
+    # A calibrated 1-sigma per voxel from the deep ensemble beside the CNN's weights.
+    uncertainty: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -127,6 +132,10 @@ class DoseOptions:
                 "date-times, not both"
             )
         dose_grid_spacing_mm(self.dose_grid)
+        if self.uncertainty and self.method != "cnn":
+            raise InputError(
+                f"{option_hint('uncertainty')} comes from the DblurDoseNet ensemble: it needs {option_hint('method')} cnn"
+            )
         unknown = sorted(set(self.accepted_assumptions) - set(ASSUMPTIONS))
         if unknown:
             raise InputError(
@@ -137,6 +146,11 @@ class DoseOptions:
         from spectdose.cnn.inference import default_model_path
 
         return Path(self.model_path) if self.model_path else default_model_path()
+
+    def resolved_ensemble_path(self) -> Path:
+        """The ensemble that gives the uncertainty: ``<weights stem>_ensemble.pt`` beside the weights."""
+        model = self.resolved_model_path()
+        return model.with_name(model.stem + "_ensemble.pt")
 
     def to_dict(self) -> dict:
         """The stored, JSON-ready form under public names; runtime-only settings left out."""
@@ -194,6 +208,7 @@ class DoseOptions:
             "energy_window_kev": self.energy_window_kev,
             "dose_grid": None if self.dose_grid == "ct" else self.dose_grid,
             "accepted_assumptions": sorted(self.accepted_assumptions) or None,
+            "uncertainty_ensemble_sha256": _file_sha256(self.resolved_ensemble_path()) if self.uncertainty else None,
         }
         parts.update({k: v for k, v in extra.items() if v is not None})
         if self.method == "cnn":
@@ -354,11 +369,26 @@ def compute_dose_rate(
     options: DoseOptions,
 ) -> tuple[Volume, dict]:
     """Dose rate (Gy/s) on the activity's grid by the selected method, with provenance."""
-    model = None
+    rate, _, info = compute_dose_rate_and_sigma(activity_bq_per_ml, density_g_cm3, options=options)
+    return rate, info
+
+
+def compute_dose_rate_and_sigma(
+    activity_bq_per_ml: Volume,
+    density_g_cm3: Volume,
+    *,
+    options: DoseOptions,
+) -> tuple[Volume, Volume | None, dict]:
+    """Dose rate (Gy/s), its calibrated 1-sigma (Gy/s; None unless ``options.uncertainty``) and
+    the provenance. With the uncertainty the dose rate is the ensemble's mean, the estimate the
+    sigma was calibrated for, not the single network's output."""
+    model = ensemble = None
     if options.method == "cnn":
-        from spectdose.cnn.inference import load_model
+        from spectdose.cnn.inference import load_ensemble, load_model
 
         model = load_model(options.resolved_model_path(), device=options.device)  # fail before the DVK work
+        if options.uncertainty:
+            ensemble = load_ensemble(options.resolved_ensemble_path(), device=options.device)
     grid = activity_bq_per_ml.grid
     kernel = get_kernel(grid.spacing_mm, medium=options.kernel_medium, cache_dir=options.kernel_cache_dir)
     rate = dvk_dose_rate(
@@ -371,10 +401,9 @@ def compute_dose_rate(
     info: dict = {"kernel": {"shape": list(kernel.total_mgy_per_mbq_s.shape), **kernel.provenance}}
     dvk = Volume(rate, grid, "Gy/s")
     if model is None:
-        return dvk, info
-    from spectdose.cnn.inference import predict_on_ct_grid
+        return dvk, None, info
+    from spectdose.cnn.inference import predict_on_ct_grid, predict_with_uncertainty
 
-    cnn = predict_on_ct_grid(model, activity_bq_per_ml, density_g_cm3, dvk, autocast_bf16=options.autocast_bf16)
     info["network"] = {
         "name": model.name,
         "weights_sha256": _file_sha256(options.resolved_model_path()),
@@ -383,7 +412,19 @@ def compute_dose_rate(
         "bf16": options.autocast_bf16,
         "dvk_max_mgy_per_h": float(rate.max() * MGY_PER_H_PER_GY_PER_S),
     }
-    return cnn, info
+    if ensemble is None:
+        cnn = predict_on_ct_grid(model, activity_bq_per_ml, density_g_cm3, dvk, autocast_bf16=options.autocast_bf16)
+        return cnn, None, info
+    mean, sigma = predict_with_uncertainty(ensemble, activity_bq_per_ml, density_g_cm3, dvk,
+                                           autocast_bf16=options.autocast_bf16)
+    info["uncertainty"] = {
+        "method": f"deep ensemble of {len(ensemble.members)} DblurDoseNets, sigma calibrated on validation patients",
+        "ensemble": ensemble.name,
+        "ensemble_sha256": _file_sha256(options.resolved_ensemble_path()),
+        "calibration": ensemble.calibration.to_dict(),
+        "dose_rate_is": "the ensemble mean",
+    }
+    return mean, sigma, info
 
 
 def _hours_between(start: dt.datetime | None, end: dt.datetime | None) -> float | None:
@@ -483,16 +524,20 @@ def run(
     )
 
     _note(progress, "dose_rate", 0.35)
-    rate, rate_info = compute_dose_rate(activity, density, options=options)
+    rate, sigma, rate_info = compute_dose_rate_and_sigma(activity, density, options=options)
     lap("dose_rate")
 
     _note(progress, "export", 0.85)
     rate_mgy_per_h = Volume(rate.array * np.float32(MGY_PER_H_PER_GY_PER_S), rate.grid, "mGy/h" if integrate else "mGy/h/MBq")
     dose = Volume(rate.array * np.float32(factor_s), rate.grid, "Gy") if integrate else None
+    # D = Ddot * tau with a fixed tau: sigma_D = tau * sigma_Ddot (the time model's own error is not in it).
+    dose_sigma = Volume(sigma.array * np.float32(factor_s), sigma.grid, "Gy") if sigma is not None and integrate else None
     time_facts = {"administration": administration, "acquisition": acquisition, "hours": hours,
                   "integration_factor_s": factor_s}
+    sigma_mgy_per_h = (Volume(sigma.array * np.float32(MGY_PER_H_PER_GY_PER_S), sigma.grid, rate_mgy_per_h.units)
+                       if sigma is not None else None)
     outputs, export_info = _export(out_dir, rate_mgy_per_h, dose, study, options, rate_info, time_facts, warnings,
-                                   replaces or {})
+                                   replaces or {}, sigma_mgy_per_h=sigma_mgy_per_h)
     lap("export")
 
     tissue = density.array >= LOW_DENSITY_CUTOFF_G_CM3
@@ -509,7 +554,7 @@ def run(
 
         region_warnings += region_set.warnings
         regions, region_outputs, region_info, regions_error = safe_regions_after_dose(
-            out_dir, study, region_set, dose, rate, outputs)
+            out_dir, study, region_set, dose, rate, outputs, rate_sigma_gy_per_s=sigma, dose_sigma_gy=dose_sigma)
         outputs.update(region_outputs)
         export_info["uids"].update(region_info.get("uids", {}))
     if regions_error:
@@ -563,6 +608,18 @@ def run(
             if dose is not None
             else None
         ),
+        "uncertainty": (
+            {
+                **rate_info["uncertainty"],
+                "map": OUTPUT_NAMES["doserate_sigma"],
+                "mean_in_tissue_dose_rate_sigma_mgy_per_h": float(sigma_mgy_per_h.array[tissue].mean()) if tissue.any() else 0.0,
+                "absorbed_dose": "sigma_D = integration factor x sigma of the dose rate; the time model's own error is not included",
+                "regions": "per region: the mean of its voxels' sigmas (errors taken as fully correlated), "
+                "uncertainty_dose_rate_mgy_per_h and uncertainty_gy",
+            }
+            if sigma_mgy_per_h is not None
+            else None
+        ),
         "regions": regions,
         "regions_source": (
             {"kind": region_set.source, "file": str(options.regions_path) if options.regions_path else None,
@@ -604,8 +661,10 @@ def _export(
     time_facts: dict,
     warnings: list[str],
     replaces: Mapping[str, Replaces],
+    *,
+    sigma_mgy_per_h: Volume | None = None,
 ) -> tuple[dict[str, Path], dict]:
-    """Write the dose-rate map and RT Dose on the chosen output grid; UIDs from the content."""
+    """Write the dose-rate map (and its 1-sigma map) and RT Dose on the chosen output grid; UIDs from the content."""
     from spectdose.dicom.export import (
         average_onto_grid,
         check_replacements,
@@ -647,6 +706,12 @@ def _export(
         "doserate": write_dose_rate_map(out_dir / OUTPUT_NAMES["doserate"], average_onto_grid(rate_mgy_per_h, grid),
                                         study, replaces=replaces.get("doserate"), **common)
     }
+    if sigma_mgy_per_h is not None:
+        # Averaging sigma over output voxels treats the errors within one as fully correlated
+        # (they are, over the SPECT resolution): the conservative choice.
+        outputs["doserate_sigma"] = write_dose_rate_map(
+            out_dir / OUTPUT_NAMES["doserate_sigma"], average_onto_grid(sigma_mgy_per_h, grid), study,
+            replaces=replaces.get("doserate_sigma"), sigma=True, series_number=903, **common)
     if dose_gy is not None:
         outputs["rtdose"] = write_rtdose(
             out_dir / OUTPUT_NAMES["rtdose"],
@@ -759,6 +824,10 @@ def format_summary(s: dict) -> str:
             f"Absorbed dose ({t['model']}, factor {_fmt(t['integration_factor_h'], 'h', 4)}): max "
             f"{_fmt(s['dose']['max_gy'], 'Gy')}, mean in tissue {_fmt(s['dose']['mean_in_tissue_gy'], 'Gy')}"
         )
+    if s.get("uncertainty"):
+        u = s["uncertainty"]
+        lines.append(f"Uncertainty (1 sigma, {u['method']}): mean in tissue "
+                     f"{_fmt(u['mean_in_tissue_dose_rate_sigma_mgy_per_h'], 'mGy/h')}; map {u['map']}")
     if s.get("regions"):
         lines.append("")
         lines.append(f"{'region':<22}{'ml':>9}{'mGy/h':>10}{'mean Gy':>10}{'D2 Gy':>9}{'D98 Gy':>9}")

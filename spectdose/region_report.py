@@ -33,7 +33,8 @@ def automatic_lesions(activity_bq_per_ml: Volume, tissue: np.ndarray, method: Le
 
 
 def regions_after_dose(out_dir: Path, study, region_set: RegionSet, dose_gy: Volume | None, rate_gy_per_s: Volume,
-                       outputs: dict[str, Path]) -> tuple[list[dict], dict[str, Path], dict]:
+                       outputs: dict[str, Path], *, rate_sigma_gy_per_s: Volume | None = None,
+                       dose_sigma_gy: Volume | None = None) -> tuple[list[dict], dict[str, Path], dict]:
     """The pipeline's region step: statistics on the CT grid and the region files next to the RT Dose."""
     reference = outputs.get("rtdose") or outputs["doserate"]
     ctx = RegionContext(
@@ -47,6 +48,8 @@ def regions_after_dose(out_dir: Path, study, region_set: RegionSet, dose_gy: Vol
     new, rows, info = write_region_outputs(
         out_dir, region_set, dose_gy.array if dose_gy is not None else None, rate_gy_per_s.array, ctx,
         method=region_set.description if region_set.source == "automatic" else "",
+        dose_rate_sigma_gy_per_s=rate_sigma_gy_per_s.array if rate_sigma_gy_per_s is not None else None,
+        dose_sigma_gy=dose_sigma_gy.array if dose_sigma_gy is not None else None,
     )
     return rows, new, info
 
@@ -125,10 +128,10 @@ def region_report(result: str | Path, regions_path: str | Path, out_dir: str | P
     return outputs
 
 
-def safe_regions_after_dose(out_dir, study, region_set, dose_gy, rate, outputs) -> tuple[list | None, dict, dict, str | None]:
+def safe_regions_after_dose(out_dir, study, region_set, dose_gy, rate, outputs, **sigmas) -> tuple[list | None, dict, dict, str | None]:
     """:func:`regions_after_dose` whose failure is reported, never raised: the dose is kept."""
     try:
-        rows, new, info = regions_after_dose(Path(out_dir), study, region_set, dose_gy, rate, outputs)
+        rows, new, info = regions_after_dose(Path(out_dir), study, region_set, dose_gy, rate, outputs, **sigmas)
     except (SpectdoseError, ValueError) as exc:
         return None, {}, {}, f"region outputs could not be written: {exc}"
     return rows, new, info, None

@@ -225,14 +225,18 @@ def region_statistics(
     *,
     v_thresholds_gy: Sequence[float] = V_THRESHOLDS_GY,
     with_dvh: bool = True,
+    dose_rate_sigma_gy_per_s: np.ndarray | None = None,
+    dose_sigma_gy: np.ndarray | None = None,
 ) -> list[dict]:
     """Per region: volume; dose rate (mean, DVH); absorbed dose (mean, median, min, max,
     D2/D50/D98, V(x Gy), DVH) when a dose is given.
 
     Dx is the minimum dose to the hottest x % of the region (so D98 is near the minimum),
     from linear interpolation between voxel values. V(x Gy) is the volume (ml and % of the
-    region) receiving at least x Gy. No method here gives an uncertainty yet, so
-    ``uncertainty_gy`` is None (a field kept for when one does).
+    region) receiving at least x Gy. With a voxel 1-sigma (the CNN ensemble) the region's is
+    the mean of its voxels' sigmas: errors left by SPECT blur are correlated over about a
+    centimetre, so this is the conservative bound (independent errors would give sigma/sqrt(n));
+    without one ``uncertainty_gy`` and ``uncertainty_dose_rate_mgy_per_h`` are None.
     """
     rows = []
     for label, mask in masks.items():
@@ -246,6 +250,10 @@ def region_statistics(
             "median_dose_rate_mgy_per_h": float(np.median(rate_mgy_per_h)),
             "min_dose_rate_mgy_per_h": float(rate_mgy_per_h.min()),
             "max_dose_rate_mgy_per_h": float(rate_mgy_per_h.max()),
+            "uncertainty_dose_rate_mgy_per_h": (
+                float(dose_rate_sigma_gy_per_s[mask].astype(np.float64).mean()) * MGY_PER_H_PER_GY_PER_S
+                if dose_rate_sigma_gy_per_s is not None else None
+            ),
         }
         if dose_gy is not None:
             d = dose_gy[mask].astype(np.float64)
@@ -259,7 +267,7 @@ def region_statistics(
                 d98_gy=float(np.percentile(d, 2)),
                 v_gy={f"{x:g}": {"ml": round(float((d >= x).sum()) * voxel_volume_ml, 3),
                                  "pct": round(100.0 * float((d >= x).mean()), 2)} for x in v_thresholds_gy},
-                uncertainty_gy=None,
+                uncertainty_gy=float(dose_sigma_gy[mask].astype(np.float64).mean()) if dose_sigma_gy is not None else None,
             )
         if with_dvh:
             row["dvh_dose_rate_mgy_per_h"] = cumulative_dvh(rate_mgy_per_h, voxel_volume_ml)

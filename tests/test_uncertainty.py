@@ -141,3 +141,63 @@ def test_absorbed_dose_uncertainty_is_linear_in_the_time_integral():
     assert dose[0] == 0 and s_dose[0] == 0  # zero in, zero out
     _, s2 = absorbed_dose_with_uncertainty(rate, sigma, 3.6e5, 3.6e4)  # 10 % on tau adds in quadrature
     np.testing.assert_allclose(s2, np.hypot(sigma * 3.6e5, rate * 3.6e4), rtol=1e-6)
+
+
+def test_dose_with_uncertainty_writes_a_sigma_map_and_region_sigmas(tmp_path, small_study, kernel_cache_dir):
+    """`spectdose dose --method cnn --uncertainty`: the ensemble beside the weights gives a second
+    Parametric Map (same grid and units, coded as a standard deviation) and a sigma per region;
+    without the ensemble, or with DVK, the request is refused naming what supplies it."""
+    import json
+
+    import pydicom
+
+    from spectdose.cli import main
+    from spectdose.cnn.inference import save_model
+    from spectdose.dicom.export import read_dose_rate_map
+
+    weights = tmp_path / "models" / "tiny.pt"
+    weights.parent.mkdir()
+    member = _member(3)
+    save_model(weights, member.net, normalisation=member.normalisation, spacing_mm=member.spacing_mm, name="tiny",
+               metadata={})
+    common = [str(small_study / "dicom"), "--method", "cnn", "--model", str(weights), "--uncertainty",
+              "--kernel-cache", str(kernel_cache_dir)]
+    assert main(["dose", *common, "-o", str(tmp_path / "refused")]) == 2  # no tiny_ensemble.pt yet
+    assert main(["dose", str(small_study / "dicom"), "--uncertainty", "-o", str(tmp_path / "dvk")]) in (2, 64)
+
+    cal = SigmaCalibration(scale=1.5, rel_floor=0.05, fitted_on=("test",), coverage_1sigma_pct=68.0,
+                           coverage_2sigma_pct=95.0, n_voxels=1)
+    save_ensemble(weights.with_name("tiny_ensemble.pt"), [_member(1), _member(2)], cal, name="tiny-ens", metadata={})
+    out = tmp_path / "out"
+    assert main(["dose", *common, "-o", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    unc = summary["uncertainty"]
+    assert unc["map"] == "doserate_sigma_pm.dcm" and unc["dose_rate_is"] == "the ensemble mean"
+    rate, sigma = read_dose_rate_map(out / "doserate_pm.dcm"), read_dose_rate_map(out / "doserate_sigma_pm.dcm")
+    assert sigma.grid.same_as(rate.grid) and sigma.units == rate.units
+    assert np.all(sigma.array >= 0) and sigma.array.max() > 0
+    # the calibration's floor alone gives sigma >= 5 % of the dose rate wherever there is dose
+    hot = rate.array > 0.1 * rate.array.max()
+    assert np.all(sigma.array[hot] >= 0.05 * rate.array[hot] * 0.99)
+    ds = pydicom.dcmread(out / "doserate_sigma_pm.dcm")
+    mapping = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    assert "1-sigma" in mapping.LUTExplanation
+    assert mapping.QuantityDefinitionSequence[0].ConceptCodeSequence[0].CodeValue == "386136009"
+    assert ds.SeriesInstanceUID != pydicom.dcmread(out / "doserate_pm.dcm").SeriesInstanceUID
+    rows = [r for r in summary["regions"] if r["voxels"] > 0]
+    assert rows and all(r["uncertainty_dose_rate_mgy_per_h"] > 0 for r in rows)
+    if summary["dose"] is not None:
+        factor_h = summary["time"]["integration_factor_h"]
+        r = rows[0]
+        assert r["uncertainty_gy"] == pytest.approx(r["uncertainty_dose_rate_mgy_per_h"] * factor_h / 1000.0, rel=1e-3)
+    assert "uncertainty_dose_rate_mgy_per_h" in (out / "regions.csv").read_text().splitlines()[0]
+
+
+def test_uncertainty_is_refused_for_dvk_and_for_a_cycle(tmp_path):
+    from spectdose.cycle import run_cycle
+    from spectdose.pipeline import DoseOptions
+
+    with pytest.raises(InputError, match="--method cnn"):
+        DoseOptions(uncertainty=True)
+    with pytest.raises(InputError, match="give one study"):
+        run_cycle([tmp_path / "a", tmp_path / "b"], tmp_path / "out", DoseOptions(method="cnn", uncertainty=True))

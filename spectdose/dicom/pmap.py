@@ -17,6 +17,7 @@ import numpy as np
 import pydicom
 from highdicom.pm import ParametricMap, RealWorldValueMapping
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 from pydicom.uid import ParametricMapStorage
 
 from spectdose.dicom.rtdose import (
@@ -85,6 +86,7 @@ def build_dose_rate_map(
     description: str | None = None,
     series_number: int = 902,
     created_at: dt.datetime | None = None,
+    sigma: bool = False,
 ) -> ParametricMap:
     """A Parametric Map of the dose rate on the CT frame, referencing the CT and NM series.
 
@@ -107,6 +109,8 @@ def build_dose_rate_map(
     description : Series Description / Content Description; a default names the method.
     series_number : Series Number of the new series.
     created_at : content and creation date/time; defaults to now.
+    sigma : the map holds the 1-sigma uncertainty of the dose rate (same units), coded as a
+        Standard Deviation (SCT 386136009) in the Real World Value Mapping; other UIDs.
 
     Returns
     -------
@@ -135,15 +139,20 @@ def build_dose_rate_map(
     if not np.all(np.isfinite(values_f32)):
         raise ExportError("dose-rate values overflow float32")
     grid = dose_rate_mgy_per_h.grid
+    quantity = "dose rate 1-sigma" if sigma else "dose rate"
     description = description or (
-        f"{study.administration.nuclide} dose rate per MBq ({method})"
+        f"{study.administration.nuclide} {quantity} per MBq ({method})"
         if per_mbq
-        else f"{study.administration.nuclide} dose rate ({method})"
+        else f"{study.administration.nuclide} {quantity} ({method})"
     )
     if len(description) > 64:
         raise ExportError(f"description must be at most 64 characters, got {len(description)}")
     sources = _source_images(study, grid, ct_datasets)
     uid_parts = (method, options_key, content_digest, replaces.text() if replaces else "")
+    explanation = "Absorbed dose rate per MBq in the field of view" if per_mbq else "Absorbed dose rate"
+    if sigma:
+        uid_parts = ("sigma", *uid_parts)
+        explanation = "1-sigma uncertainty of the " + explanation[0].lower() + explanation[1:]
 
     created_at = created_at or dt.datetime.now()
     created_date, created_time = da_tm(created_at)
@@ -165,11 +174,8 @@ def build_dose_rate_map(
         real_world_value_mappings=[
             RealWorldValueMapping(
                 lut_label=_LUT_LABEL,
-                lut_explanation=(
-                    "Absorbed dose rate per MBq in the field of view"
-                    if per_mbq
-                    else "Absorbed dose rate"
-                ),
+                lut_explanation=explanation,
+                quantity_definition=codes.SCT.StandardDeviation if sigma else None,
                 unit=unit,
                 value_range=(float(values_f32.min()), maximum),
                 slope=1.0,

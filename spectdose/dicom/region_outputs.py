@@ -252,7 +252,8 @@ def _build_sr(rows, regions: RegionSet, seg_uid: str, segment_numbers, rtdose: D
 def _write_csvs(out_dir: Path, rows: list[dict]) -> dict[str, Path]:
     flat_keys = ["region", "volume_ml", "voxels", "mean_gy", "median_gy", "min_gy", "max_gy", "d2_gy", "d50_gy",
                  "d98_gy", "uncertainty_gy", "mean_dose_rate_mgy_per_h", "median_dose_rate_mgy_per_h",
-                 "min_dose_rate_mgy_per_h", "max_dose_rate_mgy_per_h", "automatic", "source"]
+                 "min_dose_rate_mgy_per_h", "max_dose_rate_mgy_per_h", "uncertainty_dose_rate_mgy_per_h",
+                 "automatic", "source"]
     thresholds = sorted({x for r in rows for x in (r.get("v_gy") or {})}, key=float)
     header = flat_keys + [f"v{x}gy_ml" for x in thresholds] + [f"v{x}gy_pct" for x in thresholds]
     path = out_dir / REGION_OUTPUT_NAMES["regions_csv"]
@@ -286,6 +287,8 @@ def write_region_outputs(
     ctx: RegionContext,
     *,
     method: str = "",
+    dose_rate_sigma_gy_per_s: np.ndarray | None = None,
+    dose_sigma_gy: np.ndarray | None = None,
 ) -> tuple[dict[str, Path], list[dict], dict]:
     """Statistics, CSVs, SEG/RTSTRUCT as needed, RT Dose with DVHs and the SR, written to ``out_dir``.
 
@@ -295,7 +298,8 @@ def write_region_outputs(
     new SOP Instance UID (same series): the DVHs are new content of the same dose.
     """
     out_dir = Path(out_dir)
-    rows = region_statistics(dose_gy, dose_rate_gy_per_s, regions.masks, ctx.ct_grid.voxel_volume_ml)
+    rows = region_statistics(dose_gy, dose_rate_gy_per_s, regions.masks, ctx.ct_grid.voxel_volume_ml,
+                             dose_rate_sigma_gy_per_s=dose_rate_sigma_gy_per_s, dose_sigma_gy=dose_sigma_gy)
     for row, r in zip(rows, regions.regions, strict=True):
         row.update(number=r.number, automatic=r.automatic, lesion=r.lesion, source=regions.source)
     outputs = _write_csvs(out_dir, rows)
