@@ -197,7 +197,7 @@ def test_uncertainty_is_refused_for_dvk_and_for_a_cycle(tmp_path):
     from spectdose.cycle import run_cycle
     from spectdose.pipeline import DoseOptions
 
-    with pytest.raises(InputError, match="--method cnn"):
+    with pytest.raises(InputError, match="needs --method"):
         DoseOptions(uncertainty=True)
     with pytest.raises(InputError, match="give one study"):
         run_cycle([tmp_path / "a", tmp_path / "b"], tmp_path / "out", DoseOptions(method="cnn", uncertainty=True))
