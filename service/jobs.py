@@ -675,10 +675,14 @@ class JobStore:
                                   .order_by(RegionSetRecord.version)))
 
     def region_set_applied(self, job_id: str, sop_instance_uid: str) -> bool:
-        """Whether a region set with this SOP Instance UID was already taken for ``job_id`` (done, pending or refused)."""
+        """Whether a region set with this SOP Instance UID was taken for ``job_id`` (queued, done or refused).
+
+        One stored but not yet published (``received``) does not count: offering it again publishes it.
+        """
         with self.session(readonly=True) as s:
             return s.scalars(select(RegionSetRecord.id).where(
-                RegionSetRecord.job_id == job_id, RegionSetRecord.sop_instance_uid == sop_instance_uid)).first() is not None
+                RegionSetRecord.job_id == job_id, RegionSetRecord.sop_instance_uid == sop_instance_uid,
+                RegionSetRecord.state != str(JobState.RECEIVED))).first() is not None
 
     def _region_update(self, region_set_id: str, sources: Iterable[JobState], **values) -> bool:
         with self.session() as s:

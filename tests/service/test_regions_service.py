@@ -368,8 +368,9 @@ def test_region_set_records_number_versions_and_keep_one_per_content(db_url):
     assert (first.version, created, again.id, created_again) == (1, True, "1" * 32, False)
     other, _ = store.add_region_set("b" * 32, region_set_id="3" * 32, source="rest", submitted_by="token:x",
                                     kind="RTSTRUCT", sop_instance_uid="1.2.4", digest="d2")
-    assert other.version == 2 and store.region_set_applied("b" * 32, "1.2.4")
+    assert other.version == 2 and not store.region_set_applied("b" * 32, "1.2.4"), "stored, not yet published"
     assert store.claim_region_set(other.id) == 1 and store.fail_region_set(other.id, "export failed")
+    assert store.region_set_applied("b" * 32, "1.2.4"), "a refused set is not taken again from the same burst"
     assert store.claim_region_set(other.id) is None, "a failed set is not run again"
     retried, created = store.add_region_set("b" * 32, region_set_id="4" * 32, source="rest", submitted_by="token:x",
                                             kind="RTSTRUCT", sop_instance_uid="1.2.4", digest="d2")
@@ -402,3 +403,26 @@ def test_a_region_set_stored_while_the_queue_was_down_is_queued_when_polled(env,
                 assert conn.llen("cpu") == 1, "one message for the worker"
         finally:
             redis.stop()
+
+
+def test_a_pushed_region_set_waits_out_a_broker_outage(env, phantom_files, computed_output, truth_seg, tmp_path):
+    port = free_port()
+    settings, store, storage = env(redis_url=f"redis://127.0.0.1:{port}/0", dicom_port=free_port(),
+                                   allowed_calling_aets=["VIEWER"])  # the broker is down
+    job_id = _done_job(settings, store, storage, phantom_files, computed_output)
+    node = DicomNode(settings, store, storage, Enqueuer(make_celery(settings), store))
+    node.start()
+    redis = None
+    try:
+        peer = DicomPeer(settings.ae_title, "127.0.0.1", settings.dicom_port)
+        assert push_files(peer, [truth_seg], calling_aet="VIEWER") == 1
+        stored = wait_for(lambda: store.region_sets_of(job_id), 30, what="the stored region set")[0]
+        assert stored.state == "received" and [i.state for i in store.incoming()] in (["receiving"], ["dispatching"])
+        redis = LocalRedis(port, tmp_path / "redis").start()  # the broker is back: the next pass publishes it
+        wait_for(lambda: store.region_sets_of(job_id)[0].state == "queued", 30, what="the region set queued")
+        wait_for(lambda: [i.state for i in store.incoming()] == ["dispatched"], 10, what="the burst dispatched")
+    finally:
+        node.stop()
+        if redis is not None:
+            redis.stop()
+    assert [r.id for r in store.region_sets_of(job_id)] == [stored.id], "one region set, published once stored"
