@@ -94,6 +94,14 @@ def get_doserate(ctx: Ctx, _actor: Actor, job_id: str) -> FileResponse:
     return FileResponse(path, media_type="application/dicom", filename=f"{job_id}-doserate.dcm")
 
 
+@router.get("/{job_id}/uncertainty", response_class=FileResponse,
+            responses=_AUTH | _NOT_FOUND | _NOT_READY | {200: _DICOM},
+            summary="The 1-sigma uncertainty of the dose rate (Parametric Map, mGy/h; jobs with uncertainty=true)")
+def get_uncertainty(ctx: Ctx, _actor: Actor, job_id: str) -> FileResponse:
+    path = _output_path(ctx, job_id, "doserate_sigma")
+    return FileResponse(path, media_type="application/dicom", filename=f"{job_id}-doserate-sigma.dcm")
+
+
 @router.get("/{job_id}/report", response_class=FileResponse,
             responses=_AUTH | _NOT_FOUND | _NOT_READY | {
                 200: {"content": {"application/pdf": {"schema": {"type": "string", "format": "binary"}}}}},

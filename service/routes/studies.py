@@ -97,6 +97,8 @@ def submit_params(
     calling_aet: Annotated[
         str | None, Query(max_length=16, description="AE title whose camera calibration applies")] = None,
     bf16: Annotated[bool, Query(description="CNN in bfloat16 (GPU)")] = False,
+    uncertainty: Annotated[bool, Query(description="with method=cnn: a calibrated 1-sigma map from the deep ensemble "
+                                       "(GET /jobs/{id}/uncertainty) and a sigma per region")] = False,
     recompute: Annotated[
         bool, Query(description="compute again even if the same content with the same options has a job")] = False,
     export: Annotated[
@@ -143,6 +145,7 @@ def submit_params(
         "accept": sorted(set(accept) | set(ctx.settings.accepted_assumptions())),
         "calling_aet": calling_aet,
         "bf16": bf16,
+        "uncertainty": uncertainty,
     }
     try:
         options = DoseOptions.from_dict(public)

@@ -286,7 +286,10 @@ def test_openapi_documents_every_route_and_response(client):
     spec = client.get("/openapi.json", headers=AUTH).json()  # behind the token in production
     paths = spec["paths"]
     assert set(paths) == {"/studies", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/rtdose", "/jobs/{job_id}/doserate",
-                          "/jobs/{job_id}/summary", "/jobs/{job_id}/report", "/health", "/ready", "/metrics"}
+                          "/jobs/{job_id}/uncertainty", "/jobs/{job_id}/summary", "/jobs/{job_id}/report",
+                          "/jobs/{job_id}/regions", "/jobs/{job_id}/regions/{version}", "/cycles", "/cycles/{cycle_id}",
+                          "/cycles/{cycle_id}/rtdose", "/cycles/{cycle_id}/integrate",
+                          "/patients/{patient_id}/cumulative", "/health", "/ready", "/metrics"}
     post = paths["/studies"]["post"]
     assert set(post["requestBody"]["content"]) == {"application/zip", "multipart/form-data",
                                                    'multipart/related; type="application/dicom"'}
@@ -297,7 +300,7 @@ def test_openapi_documents_every_route_and_response(client):
     from spectdose.pipeline import PUBLIC_NAMES
 
     fields = {p["name"] for p in post["parameters"] if p["in"] == "query"}
-    assert set(PUBLIC_NAMES.values()) | {"export", "recompute"} == fields, "every DoseOptions public name"
+    assert set(PUBLIC_NAMES.values()) | {"export", "recompute", "cycle_id"} == fields, "every DoseOptions public name"
     for path, ops in paths.items():
         for op in ops.values():
             protected = path not in ("/health", "/ready", "/metrics")
