@@ -79,36 +79,33 @@ def get_job(request: Request, ctx: Ctx, _actor: Actor, job_id: str) -> JobOut:
     return job_out(job, ctx.store.exports_of(job_id), _base(request, ctx))
 
 
-@router.get("/{job_id}/rtdose", response_class=FileResponse, responses=_AUTH | _NOT_FOUND | _NOT_READY | {200: _DICOM},
-            summary="The RT Dose (absorbed dose, Gy) as a DICOM file")
-def get_rtdose(ctx: Ctx, _actor: Actor, job_id: str) -> FileResponse:
-    path = _output_path(ctx, job_id, "rtdose")
-    return FileResponse(path, media_type="application/dicom", filename=f"{job_id}-rtdose.dcm")
+_PDF = {"content": {"application/pdf": {"schema": {"type": "string", "format": "binary"}}}}
+
+# The result files a client fetches: route, output kind (the manifest's key), media type, what it is.
+RESULT_FILES = (
+    ("rtdose", "rtdose", "application/dicom", "The RT Dose (absorbed dose, Gy) as a DICOM file"),
+    ("doserate", "doserate", "application/dicom", "The dose-rate Parametric Map (mGy/h) as a DICOM file"),
+    ("uncertainty", "doserate_sigma", "application/dicom",
+     "The 1-sigma uncertainty of the dose rate (Parametric Map, mGy/h; jobs with uncertainty=true)"),
+    ("report", "report", "application/pdf",
+     "The one-page PDF report (identifiers, administration, method, region table, DVHs, key images)"),
+)
 
 
-@router.get("/{job_id}/doserate", response_class=FileResponse,
-            responses=_AUTH | _NOT_FOUND | _NOT_READY | {200: _DICOM},
-            summary="The dose-rate Parametric Map (mGy/h) as a DICOM file")
-def get_doserate(ctx: Ctx, _actor: Actor, job_id: str) -> FileResponse:
-    path = _output_path(ctx, job_id, "doserate")
-    return FileResponse(path, media_type="application/dicom", filename=f"{job_id}-doserate.dcm")
+def _result_file_route(route: str, kind: str, media_type: str, summary: str) -> None:
+    suffix = ".pdf" if media_type == "application/pdf" else ".dcm"
+
+    def get_result_file(ctx: Ctx, _actor: Actor, job_id: str) -> FileResponse:
+        return FileResponse(_output_path(ctx, job_id, kind), media_type=media_type, filename=f"{job_id}-{route}{suffix}")
+
+    router.add_api_route(
+        f"/{{job_id}}/{route}", get_result_file, methods=["GET"], response_class=FileResponse, name=f"get_{route}",
+        summary=summary, responses=_AUTH | _NOT_FOUND | _NOT_READY | {200: _PDF if suffix == ".pdf" else _DICOM},
+    )
 
 
-@router.get("/{job_id}/uncertainty", response_class=FileResponse,
-            responses=_AUTH | _NOT_FOUND | _NOT_READY | {200: _DICOM},
-            summary="The 1-sigma uncertainty of the dose rate (Parametric Map, mGy/h; jobs with uncertainty=true)")
-def get_uncertainty(ctx: Ctx, _actor: Actor, job_id: str) -> FileResponse:
-    path = _output_path(ctx, job_id, "doserate_sigma")
-    return FileResponse(path, media_type="application/dicom", filename=f"{job_id}-doserate-sigma.dcm")
-
-
-@router.get("/{job_id}/report", response_class=FileResponse,
-            responses=_AUTH | _NOT_FOUND | _NOT_READY | {
-                200: {"content": {"application/pdf": {"schema": {"type": "string", "format": "binary"}}}}},
-            summary="The one-page PDF report (identifiers, administration, method, region table, DVHs, key images)")
-def get_report(ctx: Ctx, _actor: Actor, job_id: str) -> FileResponse:
-    path = _output_path(ctx, job_id, "report")
-    return FileResponse(path, media_type="application/pdf", filename=f"{job_id}-report.pdf")
+for _route in RESULT_FILES:
+    _result_file_route(*_route)
 
 
 @router.get(
