@@ -5,7 +5,8 @@ Usage: nice python bench/bench_dataset_v2.py OUT_DIR [--members 3] [--version v2
 Makes ``--members`` members of the data set (one worker, one torch thread, exactly as
 `spectdose dataset --workers 1` does, through the same ``_generate_member``), chosen at the
 25th, 50th and 75th percentile (and evenly between for other counts) of a cost proxy over
-the whole member list, so the sample spans cheap and dear patients. The cost of a member
+the whole member list, so the sample spans cheap and dear patients. Cost is counted in CPU
+seconds of the member's process (its wall time, also printed, depends on what else runs). The cost of a member
 scales with its SPECT voxels x (OSEM iterations + the projection's cost in iterations) and
 with its CT voxels (painting, DICOM, truth); both coefficients are fitted to the measured
 members (least squares) and applied to every member of the set. Disk size is fitted the
@@ -46,7 +47,8 @@ def du_mb(path: Path) -> float:
 
 def _child(job):
     name, seconds = _generate_member(job)
-    return name, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return name, seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,11 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         job = (str(split_dir), split, name, seed, noise, spec["size"], args.version)
         # a fresh process per member, as a pool worker is: its peak RSS is the member's
         with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-            label, seconds, rss_mb = pool.apply(_child, (job,))
+            label, seconds, cpu_s, rss_mb = pool.apply(_child, (job,))
         s = draw_settings(seed)
         row = {
             "member": label,
             "seconds": round(seconds, 1),
+            "cpu_seconds": round(cpu_s, 1),
+            "load_average_1min": os.getloadavg()[0],
             "mb": round(du_mb(split_dir / name), 1),
             "peak_rss_mb": round(rss_mb),
             "spect_shape": list(s.spect_shape),
@@ -85,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     x = np.array([r["features"] for r in rows])
-    t = np.array([r["seconds"] for r in rows])
+    # CPU seconds: what the member costs one core of this machine unshared (the wall time
+    # depends on what else runs; both are reported)
+    t = np.array([r["cpu_seconds"] for r in rows])
     mb = np.array([r["mb"] for r in rows])
     coef_t = np.linalg.lstsq(x, t, rcond=None)[0]
     coef_mb = np.linalg.lstsq(x, mb, rcond=None)[0]
@@ -106,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         "measured": rows,
         "fit_seconds_per_feature": list(coef_t),
         "fit_mb_per_feature": list(coef_mb),
-        "mean_seconds_per_member_measured": float(t.mean()),
+        "mean_cpu_seconds_per_member_measured": float(t.mean()),
+        "mean_wall_seconds_per_member_measured": float(np.mean([r["seconds"] for r in rows])),
         "mean_mb_per_member_measured": float(mb.mean()),
         "extrapolated_cpu_hours_one_worker": total_s / 3600.0,
         "extrapolated_hours_2_workers": wall(2) / 3600.0,
