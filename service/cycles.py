@@ -37,8 +37,17 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from .config import Settings
-from .cycle_db import CYCLE_TABLES, Cycle, CycleRequest, CycleResult, CycleTimePoint
-from .db import Base, Job, JobState, utcnow
+from .db import (
+    CYCLE_TABLES,
+    Base,
+    Cycle,
+    CycleRequest,
+    CycleResult,
+    CycleTimePoint,
+    Job,
+    JobState,
+    utcnow,
+)
 from .jobs import JobStore
 from .storage import Storage, safe_component
 
