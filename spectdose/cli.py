@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dataset", help="generate the versioned virtual-patient training/validation/test set")
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--version", default="v1")
+    p.add_argument("--version", default="v1", help="v1 (the shipped model's data), v2 (varied patients: docs/phantom.md) or v2-tiny (a smoke test)")
     p.add_argument("--workers", type=int, default=1, help="phantoms made at once (one CPU thread each)")
     p.set_defaults(func=_cmd_dataset)
 
