@@ -16,7 +16,14 @@ from pathlib import Path
 import httpx
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import ParametricMapStorage, RTDoseStorage
+from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage,
+    EncapsulatedPDFStorage,
+    ParametricMapStorage,
+    RTDoseStorage,
+    RTStructureSetStorage,
+    SegmentationStorage,
+)
 
 from .config import DicomPeer, Settings
 from .export import push_files
@@ -31,12 +38,19 @@ DEMO_SCU_AET = "DEMO_MODALITY"
 DEMO_PACS_AET = "DEMO_PACS"
 
 
-class DemoPacs:
-    """A C-STORE SCP that files what it receives under ``folder/<modality>_<SOP UID>.dcm``."""
+# Every class the service sends back: the dose objects, the region objects and the PDF report.
+RESULT_SOP_CLASSES = (RTDoseStorage, ParametricMapStorage, SegmentationStorage, RTStructureSetStorage,
+                      Comprehensive3DSRStorage, EncapsulatedPDFStorage)
 
-    def __init__(self, folder: Path, port: int | None = None):
+
+class DemoPacs:
+    """A C-STORE SCP that files what it receives under ``folder/<modality>_<SOP UID>.dcm``;
+    ``sop_classes`` narrows what it accepts (a PACS that refuses some classes)."""
+
+    def __init__(self, folder: Path, port: int | None = None, sop_classes=RESULT_SOP_CLASSES):
         self.folder = Path(folder)
         self.port = port or free_port()
+        self.sop_classes = tuple(sop_classes)
         self.received: list[Path] = []
         self._lock = threading.Lock()
         self._server = None
@@ -56,7 +70,7 @@ class DemoPacs:
     def start(self) -> DemoPacs:
         self.folder.mkdir(parents=True, exist_ok=True)
         ae = AE(ae_title=DEMO_PACS_AET)
-        for uid in (RTDoseStorage, ParametricMapStorage):
+        for uid in self.sop_classes:
             ae.add_supported_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         self._server = ae.start_server(("127.0.0.1", self.port), block=False,
                                        evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
@@ -110,7 +124,8 @@ def run_demo(settings: Settings, pacs: DemoPacs, *, http_url: str, say=print, ti
     say(f"[demo] 4/4 results came back to {pacs.peer} by C-STORE:")
     for path in sorted(pacs.received):
         say(f"[demo]     {path}")
-    say(f"[demo] and over REST: {http_url}/jobs/{job['job_id']} (rtdose, doserate, summary)")
+    say(f"[demo] and over REST: {http_url}/jobs/{job['job_id']} (rtdose, doserate, report, summary); "
+        f"in a browser: {http_url}/ui/jobs/{job['job_id']} (log in with the API token)")
     summary = settings.data_dir / "jobs" / job["job_id"] / "output" / "summary.txt"
     if summary.exists():
         say(summary.read_text().rstrip())

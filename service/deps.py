@@ -25,7 +25,7 @@ from .context import ServiceContext
 from .jobs import token_label
 from .throttle import LoginThrottle
 
-__all__ = ["ServiceContext", "Ctx", "Actor", "get_context", "require_token", "check_token", "make_session",
+__all__ = ["ServiceContext", "Ctx", "Actor", "public_base_url", "job_or_404", "get_context", "require_token", "check_token", "make_session",
            "session_actor", "require_session", "Viewer", "SESSION_COOKIE", "SESSION_MAX_AGE_S"]
 
 _bearer = HTTPBearer(auto_error=False, description="one of SPECTDOSE_API_TOKENS")
@@ -38,6 +38,19 @@ _SESSION_KEY_FILE = "ui-session.key"
 
 def get_context(request: Request) -> ServiceContext:
     return request.app.state.ctx
+
+
+def public_base_url(request: Request, ctx: ServiceContext) -> str:
+    """The gateway's address for links in answers: the configured public URL, else the request's."""
+    return ctx.settings.public_url.rstrip("/") if ctx.settings.public_url else str(request.base_url).rstrip("/")
+
+
+def job_or_404(ctx: ServiceContext, job_id: str):
+    """The job, or 404 (an id that cannot be one is not looked up)."""
+    job = ctx.store.get(job_id) if len(job_id) == 32 else None
+    if job is None:
+        raise HTTPException(404, f"no job {job_id!r}")
+    return job
 
 
 def check_token(request: Request, offered: str | None) -> str:

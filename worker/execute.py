@@ -31,6 +31,15 @@ from pathlib import Path
 
 import pydicom
 from celery.exceptions import SoftTimeLimitExceeded
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    EnhancedSRStorage,
+    ParametricMapStorage,
+    RTDoseStorage,
+    RTStructureSetStorage,
+    SegmentationStorage,
+)
 
 from service.config import Settings
 from service.cycles import time_point_done
@@ -50,13 +59,13 @@ _DICOM_SUFFIX = ".dcm"
 _REPLACED_KINDS = ("rtdose", "doserate")
 # Export order by SOP Class: the dose first, then what references it (PS3.4 B.5); any other class last.
 _EXPORT_RANK = {
-    "1.2.840.10008.5.1.4.1.1.481.2": 0,  # RT Dose
-    "1.2.840.10008.5.1.4.1.1.30": 1,  # Parametric Map
-    "1.2.840.10008.5.1.4.1.1.66.4": 2,  # Segmentation
-    "1.2.840.10008.5.1.4.1.1.481.3": 3,  # RT Structure Set
-    "1.2.840.10008.5.1.4.1.1.88.34": 4,  # Comprehensive 3D SR
-    "1.2.840.10008.5.1.4.1.1.88.33": 4,  # Comprehensive SR
-    "1.2.840.10008.5.1.4.1.1.88.22": 4,  # Enhanced SR
+    RTDoseStorage: 0,
+    ParametricMapStorage: 1,
+    SegmentationStorage: 2,
+    RTStructureSetStorage: 3,
+    Comprehensive3DSRStorage: 4,
+    ComprehensiveSRStorage: 4,
+    EnhancedSRStorage: 4,
 }
 
 

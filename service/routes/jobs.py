@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 
-from ..deps import Actor, Ctx, ServiceContext
+from ..deps import Actor, Ctx, ServiceContext, job_or_404, public_base_url
 from ..schemas import ErrorOut, JobListOut, JobOut, job_out
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -20,20 +20,9 @@ _NOT_READY = {409: {"model": ErrorOut, "description": "the job has not finished 
 _DICOM = {"content": {"application/dicom": {"schema": {"type": "string", "format": "binary"}}}}
 
 
-def _base(request: Request, ctx: ServiceContext) -> str:
-    return ctx.settings.public_url.rstrip("/") if ctx.settings.public_url else str(request.base_url).rstrip("/")
-
-
-def _job_or_404(ctx: ServiceContext, job_id: str):
-    job = ctx.store.get(job_id) if len(job_id) == 32 else None
-    if job is None:
-        raise HTTPException(404, f"no job {job_id!r}")
-    return job
-
-
 def _output_path(ctx: ServiceContext, job_id: str, kind: str):
     """The file of output ``kind``, or 404/409 saying why there is none."""
-    job = _job_or_404(ctx, job_id)
+    job = job_or_404(ctx, job_id)
     manifest = ctx.storage.output_manifest(job_id)
     if manifest is None:
         if job.state in ("done", "failed"):
@@ -68,15 +57,15 @@ def list_jobs(
         state=state, source=source, calling_aet=calling_aet, study_instance_uid=study_instance_uid,
         since=naive_utc(since), until=naive_utc(until), limit=limit, offset=offset,
     )
-    base = _base(request, ctx)
+    base = public_base_url(request, ctx)
     exports = ctx.store.exports_for([j.id for j in jobs])
     return JobListOut(total=total, limit=limit, offset=offset, jobs=[job_out(j, exports[j.id], base) for j in jobs])
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=_AUTH | _NOT_FOUND, summary="A job's state")
 def get_job(request: Request, ctx: Ctx, _actor: Actor, job_id: str) -> JobOut:
-    job = _job_or_404(ctx, job_id)
-    return job_out(job, ctx.store.exports_of(job_id), _base(request, ctx))
+    job = job_or_404(ctx, job_id)
+    return job_out(job, ctx.store.exports_of(job_id), public_base_url(request, ctx))
 
 
 _PDF = {"content": {"application/pdf": {"schema": {"type": "string", "format": "binary"}}}}

@@ -15,7 +15,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..db import utcnow
-from ..deps import Actor, Ctx, ServiceContext
+from ..deps import Actor, Ctx, ServiceContext, job_or_404, public_base_url
 from ..diskguard import DISK_FULL_NAME, check_free_space, is_disk_full
 from ..intake import UploadRejected, accept_region_set, publish_region_set, spool_body
 from ..schemas import ErrorOut, RegionSetListOut, RegionSetOut, region_set_out
@@ -43,26 +43,15 @@ _ERRORS = {
 }
 
 
-def _base(request: Request, ctx: ServiceContext) -> str:
-    return ctx.settings.public_url.rstrip("/") if ctx.settings.public_url else str(request.base_url).rstrip("/")
-
-
-def _job_or_404(ctx: ServiceContext, job_id: str):
-    job = ctx.store.get(job_id) if len(job_id) == 32 else None
-    if job is None:
-        raise HTTPException(404, f"no job {job_id!r}")
-    return job
-
-
 def _out(request: Request, ctx: ServiceContext, rec) -> RegionSetOut:
-    location = f"{_base(request, ctx)}/jobs/{rec.job_id}/regions/{rec.version}"
+    location = f"{public_base_url(request, ctx)}/jobs/{rec.job_id}/regions/{rec.version}"
     return region_set_out(rec, ctx.store.exports_of(rec.job_id), location)
 
 
 @router.post("/{job_id}/regions", status_code=202, response_model=RegionSetOut, responses=_ERRORS,
              openapi_extra=_REQUEST_BODY, summary="Regions after the dose: a SEG or RT Structure Set for a finished job")
 async def post_regions(request: Request, response: Response, ctx: Ctx, actor: Actor, job_id: str) -> RegionSetOut:
-    job = _job_or_404(ctx, job_id)
+    job = job_or_404(ctx, job_id)
     settings = ctx.settings
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media not in _MEDIA:
@@ -100,14 +89,14 @@ async def post_regions(request: Request, response: Response, ctx: Ctx, actor: Ac
 @router.get("/{job_id}/regions", response_model=RegionSetListOut, responses={k: _ERRORS[k] for k in (401, 404)},
             summary="The region sets applied to a job after the dose, oldest first")
 def list_regions(request: Request, ctx: Ctx, _actor: Actor, job_id: str) -> RegionSetListOut:
-    _job_or_404(ctx, job_id)
+    job_or_404(ctx, job_id)
     return RegionSetListOut(job_id=job_id, region_sets=[_out(request, ctx, r) for r in ctx.store.region_sets_of(job_id)])
 
 
 @router.get("/{job_id}/regions/{version}", response_model=RegionSetOut, responses={k: _ERRORS[k] for k in (401, 404)},
             summary="One version of a job's region outputs (poll it after POST)")
 def get_region_version(request: Request, ctx: Ctx, _actor: Actor, job_id: str, version: int) -> RegionSetOut:
-    job = _job_or_404(ctx, job_id)
+    job = job_or_404(ctx, job_id)
     for rec in ctx.store.region_sets_of(job_id):
         if rec.version == version:
             if rec.state == "received" and utcnow() - rec.created_at > _REPUBLISH_AFTER:

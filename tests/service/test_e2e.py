@@ -499,8 +499,11 @@ def test_serve_demo_brings_everything_up_and_shows_the_results(tmp_path, phantom
     assert "results came back to DEMO_PACS@127.0.0.1" in text
     paths = [Path(line.split("[demo]", 1)[1].strip()) for line in text.splitlines()
              if line.startswith("[demo]") and line.strip().endswith(".dcm")]
-    assert {pydicom.dcmread(p, stop_before_pixels=True).Modality for p in paths} >= {"RTDOSE"}
-    assert len(paths) == 2 and all(p.parent == data / "demo-pacs" for p in paths)
+    # every result object: RT Dose (with DVHs), dose-rate map, automatic-lesion SEG, their RT Structure Set,
+    # the TID 1500 SR and the PDF report
+    assert {pydicom.dcmread(p, stop_before_pixels=True).Modality for p in paths} >= {"RTDOSE", "SEG", "RTSTRUCT", "SR",
+                                                                                    "DOC"}
+    assert len(paths) == 6 and all(p.parent == data / "demo-pacs" for p in paths)
 
 
 # ------------------------------------------------------------------ logs

@@ -145,7 +145,7 @@ def truth_seg(phantom_dir) -> Path:
 def test_every_dicom_output_goes_back_dose_first_and_is_ours_when_it_returns(env, phantom_files, computed_output,
                                                                              tmp_path):
     with AllClassesPacs(tmp_path / "pacs") as pacs:
-        demo = DemoPacs(tmp_path / "demo").start()  # accepts only RT Dose and Parametric Map
+        demo = DemoPacs(tmp_path / "demo", sop_classes=(RT_DOSE, PMAP)).start()  # only RT Dose and Parametric Map
         try:
             settings, store, storage = env(peers=[str(pacs.peer), str(demo.peer)], dicom_port=free_port(),
                                            allowed_calling_aets=["ALLPACS"])
