@@ -262,7 +262,7 @@ def test_orthanc_autoforward_gets_results_back_without_a_loop(service, phantom_f
                 "StudyInstanceUID": study_uid}, "Expand": True}).json()
             return {s["MainDicomTags"].get("Modality") for s in found}
 
-        mods = wait_for(lambda: {"RTDOSE", "SR", "SEG", "RTSTRUCT"} <= (m := orthanc_modalities()) and m, 60,
+        mods = wait_for(lambda: {"RTDOSE", "SR", "SEG", "RTSTRUCT", "DOC"} <= (m := orthanc_modalities()) and m, 60,
                         what="the results stored in Orthanc")
         assert {"CT", "NM", "RTDOSE"} <= mods
         _results_in_the_source_study(orthanc_url, study_uid, job, files)
@@ -277,7 +277,7 @@ def test_orthanc_autoforward_gets_results_back_without_a_loop(service, phantom_f
 
 
 def _results_in_the_source_study(orthanc_url: str, study_uid: str, job: dict, files: list[Path]) -> None:
-    """In Orthanc: the SR, the RT Dose with its DVHs and the automatic-lesion SEG are in the patient and
+    """In Orthanc: the SR, the RT Dose with its DVHs, the automatic-lesion SEG and the PDF report are in the patient and
     study of the pushed CT and SPECT (Orthanc's own patient/study resources, checked over its REST API)."""
     source = pydicom.dcmread(files[0], stop_before_pixels=True)
     studies = httpx.post(f"{orthanc_url}/tools/find", json={"Level": "Study", "Query": {
@@ -288,7 +288,7 @@ def _results_in_the_source_study(orthanc_url: str, study_uid: str, job: dict, fi
     assert patient["MainDicomTags"]["PatientID"] == str(source.PatientID)
     assert len(httpx.get(f"{orthanc_url}/patients", timeout=30).json()) == 1, "no second patient"
     outputs = job["provenance"]["outputs"]
-    for kind in ("sr", "rtdose", "autoseg"):
+    for kind in ("sr", "rtdose", "autoseg", "report_pdf"):
         found = httpx.post(f"{orthanc_url}/tools/lookup", content=outputs[kind]["sop_instance_uid"], timeout=30).json()
         instance = next(f for f in found if f["Type"] == "Instance")
         meta = httpx.get(f"{orthanc_url}/instances/{instance['ID']}", timeout=30).json()
@@ -303,6 +303,9 @@ def _results_in_the_source_study(orthanc_url: str, study_uid: str, job: dict, fi
             assert ds.Modality == "SEG" and ds.ContentLabel == "AUTOLESIONS"
         if kind == "sr":
             assert ds.Modality == "SR" and ds.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+        if kind == "report_pdf":
+            assert ds.Modality == "DOC" and ds.MIMETypeOfEncapsulatedDocument == "application/pdf"
+            assert bytes(ds.EncapsulatedDocument).startswith(b"%PDF-")
 
 
 def _orthanc_up(url: str) -> bool:
