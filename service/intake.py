@@ -11,6 +11,7 @@ its folder is removed, so nothing stored before is touched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import uuid
@@ -447,6 +448,20 @@ def store_upload(
     return Accepted(job_id, n_files, ignored, study_uid, instances=instances)
 
 
+@contextlib.asynccontextmanager
+async def spooled_request_body(request, ctx, name: str):
+    """``(folder, file)``: the request body on disk in a fresh upload folder, after the free-space
+    check; the folder goes when the block ends. A full disk raises for the caller to answer 507."""
+    settings = ctx.settings
+    length = request.headers.get("content-length", "")
+    check_free_space(ctx.storage.free_bytes(), settings.min_free_disk_bytes, settings.disk_retry_after_s,
+                     int(length) if length.isdigit() else 0)
+    with ctx.storage.upload_dir() as work:
+        path = work / name
+        await spool_body(request.stream(), path, settings.max_upload_bytes, settings.body_timeout_s)
+        yield work, path
+
+
 async def receive_study(request, ctx, actor: str, params: SubmitParams) -> Accepted:
     """The POST /studies body -> a stored, queued job; :class:`UploadRejected` for a bad upload."""
     settings = ctx.settings
@@ -457,11 +472,7 @@ async def receive_study(request, ctx, actor: str, params: SubmitParams) -> Accep
             raise UploadRejected(413, f"upload of {int(length) / 2**20:.1f} MiB exceeds the limit of "
                                       f"{settings.max_upload_bytes / 2**20:.1f} MiB")
         try:
-            check_free_space(ctx.storage.free_bytes(), settings.min_free_disk_bytes, settings.disk_retry_after_s,
-                             int(length) if length.isdigit() else 0)
-            with ctx.storage.upload_dir() as work:
-                spool = work / "body"
-                await spool_body(request.stream(), spool, settings.max_upload_bytes, settings.body_timeout_s)
+            async with spooled_request_body(request, ctx, "body") as (work, spool):
                 return await run_in_threadpool(
                     store_upload, spool, request.headers.get("content-type", ""), work, settings=settings,
                     store=ctx.store, storage=ctx.storage, enqueuer=ctx.enqueuer, params=params, actor=actor,

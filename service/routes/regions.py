@@ -16,8 +16,8 @@ from starlette.concurrency import run_in_threadpool
 
 from ..db import utcnow
 from ..deps import Actor, Ctx, ServiceContext, job_or_404, public_base_url
-from ..diskguard import DISK_FULL_NAME, check_free_space, is_disk_full
-from ..intake import UploadRejected, accept_region_set, publish_region_set, spool_body
+from ..diskguard import DISK_FULL_NAME, is_disk_full
+from ..intake import UploadRejected, accept_region_set, publish_region_set, spooled_request_body
 from ..schemas import ErrorOut, RegionSetListOut, RegionSetOut, region_set_out
 
 log = logging.getLogger("spectdose.service.gateway")
@@ -56,13 +56,8 @@ async def post_regions(request: Request, response: Response, ctx: Ctx, actor: Ac
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media not in _MEDIA:
         raise UploadRejected(415, f"send one DICOM file as application/dicom, not {media!r}")
-    length = request.headers.get("content-length", "")
     try:
-        check_free_space(ctx.storage.free_bytes(), settings.min_free_disk_bytes, settings.disk_retry_after_s,
-                         int(length) if length.isdigit() else 0)
-        with ctx.storage.upload_dir() as work:
-            body = work / "regions.dcm"
-            await spool_body(request.stream(), body, settings.max_upload_bytes, settings.body_timeout_s)
+        async with spooled_request_body(request, ctx, "regions.dcm") as (_, body):
             accepted = await run_in_threadpool(accept_region_set, ctx.store, ctx.storage, ctx.enqueuer, job, body,
                                                source="rest", submitted_by=actor)
     except UploadRejected as exc:
