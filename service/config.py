@@ -153,6 +153,12 @@ class Settings(BaseSettings):
         "dvk", description="engine for jobs that name none: dvk like the CLI (the shipped CNN does not yet beat "
         "DVK in every tissue, models/dblurdosenet.md); auto (an explicit choice): the CNN once weights are installed"
     )
+    # A site that images every cycle at several time points asks for "none": each study gives its
+    # dose-rate map, the absorbed dose comes from the cycle (no single-time-point dose to misread).
+    default_time_model: Literal["hanscheid", "physical", "none"] = Field(
+        "hanscheid", description="time model for jobs that name none: hanscheid (single time point, 48-168 h), "
+        "physical, or none (dose-rate maps only; cycles give the absorbed dose)"
+    )
     # Assumptions the site allows (spectdose.pipeline.ASSUMPTIONS; each refused by default):
     # for every job, or per calling AE as AET:assumption. Never on unless configured here.
     accept: CommaList = Field(default_factory=list, description="assumptions allowed for every job")

@@ -70,10 +70,11 @@ def _add_dose_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--time-model",
-        choices=["hanscheid", "physical", "effective"],
+        choices=["hanscheid", "physical", "effective", "none"],
         default=defaults.time_model,
         help="time integration: hanscheid (D = Ddot*2t/ln2, default; refused outside about 48-168 h), physical "
-        "(Lu-177 decay only), effective (needs --effective-half-life-h)",
+        "(Lu-177 decay only), effective (needs --effective-half-life-h), none (the dose-rate map only, e.g. one "
+        "time point of a cycle)",
     )
     p.add_argument("--effective-half-life-h", type=_positive_float, help="effective half-life in hours")
     p.add_argument(

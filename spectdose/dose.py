@@ -203,8 +203,9 @@ def time_integration_factor_s(
     if why and not allow_outside_model_range:
         raise InputError(
             f"{why}. Use a model that holds at this time ({option_hint('time_model')} physical, or effective "
-            f"with {option_hint('effective_half_life_h')}), check the times, or accept the model outside its "
-            "range with --accept time_outside_model_range (CLI) / accept=time_outside_model_range (REST)"
+            f"with {option_hint('effective_half_life_h')}), ask for the dose rate only ({option_hint('time_model')} "
+            "none; the absorbed dose then comes from several time points), check the times, or accept the model "
+            "outside its range with --accept time_outside_model_range (CLI) / accept=time_outside_model_range (REST)"
         )
     if model == "hanscheid":
         half_life_h = t_h

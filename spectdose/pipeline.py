@@ -79,7 +79,8 @@ class DoseOptions:
     """
 
     method: Literal["dvk", "cnn"] = "dvk"
-    time_model: Literal["hanscheid", "physical", "effective"] = "hanscheid"
+    # "none": the dose-rate map only, no absorbed dose (a time point of a cycle, integrated with the others).
+    time_model: Literal["hanscheid", "physical", "effective", "none"] = "hanscheid"
     effective_half_life_h: float | None = None
     administration_datetime: dt.datetime | None = None
     # De-identified data: the acquisition date-time, or the hours since administration directly.
@@ -114,9 +115,10 @@ class DoseOptions:
         """Refuse contradictory or incomplete options, naming the flag/field that fixes them."""
         if self.method not in ("dvk", "cnn"):
             raise InputError(f"unknown dose method {self.method!r}: use dvk or cnn ({option_hint('method')})")
-        if self.time_model not in ("hanscheid", "physical", "effective"):
+        if self.time_model not in ("hanscheid", "physical", "effective", "none"):
             raise InputError(
-                f"unknown time model {self.time_model!r}: use hanscheid, physical or effective ({option_hint('time_model')})"
+                f"unknown time model {self.time_model!r}: use hanscheid, physical, effective or none "
+                f"({option_hint('time_model')})"
             )
         if self.time_model == "effective" and self.effective_half_life_h is None:
             raise InputError(f"the effective time model needs {option_hint('effective_half_life_h')}")
@@ -490,7 +492,7 @@ def run(
     # Time integration is checked before the expensive stages so a missing time fails fast.
     # No date is guessed: study.resolve_times refuses, or warns for an assumption the options accept.
     normalised = study.spect.units != "Bq/ml"
-    integrate = not normalised
+    integrate = not normalised and options.time_model != "none"
     times = study.resolve_times(
         administration_datetime=options.administration_datetime,
         acquisition_given=options.acquisition_datetime,
@@ -512,8 +514,11 @@ def run(
         why = outside_model_range(options.time_model, hours)
         if why:
             warnings.append(f"ASSUMED (time_outside_model_range): {why}; the dose may be off by tens of %")
-    else:
+    elif normalised:
         warnings.append("activity is MBq-normalised: the dose-rate map is per MBq in the field of view; no RT Dose in Gy")
+    else:
+        warnings.append("dose rate only (time model none): no absorbed dose and no RT Dose; the absorbed dose comes "
+                        "from several time points of the cycle")
 
     prepared = prepare_inputs(study, density_curve=options.density_curve, warnings=warnings, progress=progress, lap=lap)
     activity, density, resample_info, curve = (
@@ -528,7 +533,7 @@ def run(
     lap("dose_rate")
 
     _note(progress, "export", 0.85)
-    rate_mgy_per_h = Volume(rate.array * np.float32(MGY_PER_H_PER_GY_PER_S), rate.grid, "mGy/h" if integrate else "mGy/h/MBq")
+    rate_mgy_per_h = Volume(rate.array * np.float32(MGY_PER_H_PER_GY_PER_S), rate.grid, "mGy/h/MBq" if normalised else "mGy/h")
     dose = Volume(rate.array * np.float32(factor_s), rate.grid, "Gy") if integrate else None
     # D = Ddot * tau with a fixed tau: sigma_D = tau * sigma_Ddot (the time model's own error is not in it).
     dose_sigma = Volume(sigma.array * np.float32(factor_s), sigma.grid, "Gy") if sigma is not None and integrate else None

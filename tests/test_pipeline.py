@@ -207,3 +207,18 @@ def test_segmentation_on_another_frame_of_reference_is_refused(small_study, kern
     assert res.outputs["rtdose"].is_file() and res.summary["regions"] is None
     assert "frame of reference" in res.summary["regions_error"]
     assert any(w.startswith("REGIONS NOT REPORTED: segmentation other.dcm is on frame of reference") for w in res.summary["region_warnings"])
+
+
+def test_time_model_none_gives_the_dose_rate_map_and_no_absorbed_dose(result, small_study, kernel_cache_dir,
+                                                                       tmp_path):
+    """A time point of a cycle: the same dose-rate map as with a time model, in mGy/h, but no RT Dose
+    (no single-time-point dose that could be read as the cycle's), and the result says so."""
+    out = run(small_study / "dicom", tmp_path / "none", DoseOptions(time_model="none", kernel_cache_dir=kernel_cache_dir))
+    assert out.dose_gy is None and "rtdose" not in out.outputs and out.summary["dose"] is None
+    rate = read_dose_rate_map(out.outputs["doserate"])
+    assert rate.units == "mGy/h"
+    assert np.array_equal(rate.array, read_dose_rate_map(result.outputs["doserate"]).array)
+    assert any("dose rate only (time model none)" in w for w in out.summary["warnings"])
+    assert all("mean_gy" not in r for r in out.summary["regions"] or [])
+    with pytest.raises(InputError, match="hanscheid, physical, effective or none"):
+        DoseOptions(time_model="trapezoid")

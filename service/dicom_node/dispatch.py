@@ -56,6 +56,7 @@ def node_options(settings: Settings, calling_aet: str) -> dict:
 
     return DoseOptions.from_dict({
         "method": settings.resolved_method,
+        "time_model": settings.default_time_model,
         "calling_aet": calling_aet,
         "accept": settings.accepted_assumptions(calling_aet),
     }).to_dict()

@@ -69,7 +69,9 @@ def submit_params(
         Query(description="dose-rate engine (default: SPECTDOSE_DEFAULT_METHOD, dvk like the CLI)"),
     ] = None,
     time_model: Annotated[
-        Literal["hanscheid", "physical", "effective"] | None, Query(description="time integration model (hanscheid)")
+        Literal["hanscheid", "physical", "effective", "none"] | None,
+        Query(description="time integration model (default SPECTDOSE_DEFAULT_TIME_MODEL, hanscheid); none: the "
+              "dose-rate map only (a time point of a cycle)")
     ] = None,
     effective_half_life_h: Annotated[float | None, Query(gt=0, description="for time_model=effective")] = None,
     administration_time: Annotated[
@@ -129,7 +131,7 @@ def submit_params(
             raise HTTPException(422, f"export destination {name!r} is not a configured peer (SPECTDOSE_PEERS)")
     public = {
         "method": method or ctx.settings.resolved_method,
-        "time_model": time_model,
+        "time_model": time_model or ctx.settings.default_time_model,
         "effective_half_life_h": effective_half_life_h,
         "administration_time": administration_time.isoformat() if administration_time else None,
         "acquisition_time": acquisition_time.isoformat() if acquisition_time else None,

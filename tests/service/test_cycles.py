@@ -51,9 +51,10 @@ from .support import AUTH, make_settings, zip_folder
 SEED = 8
 TIME_POINTS_H = (4, 24, 96)
 LABELS = ("tp004h", "tp024h", "tp096h")
-# The single-study job of a 4 h or 24 h time point: Hanscheid's model is refused there by
-# default; a site imaging cycles allows it (the result says ASSUMED), as SPECTDOSE_ACCEPT would.
-TP_OPTIONS = {"accept": "time_outside_model_range", "export": "PACS"}
+# The single-study job of a 4 h or 24 h time point: Hanscheid's model is refused there, so a site
+# imaging cycles asks for the dose rate only (time_model=none, or SPECTDOSE_DEFAULT_TIME_MODEL=none):
+# each time point gives its dose-rate map, the cycle the absorbed dose.
+TP_OPTIONS = {"time_model": "none", "export": "PACS"}
 
 
 # ------------------------------------------------------------------ helpers
@@ -273,11 +274,15 @@ def test_each_time_point_is_computed_and_the_cycle_reintegrated_as_time_points_a
     assert all(uid in second.DerivationDescription for uid in studies)
     assert studies[2] not in first.DerivationDescription and studies[1] in first.DerivationDescription
     assert str(second.SeriesInstanceUID) == newest["rtdose"]["series_instance_uid"]
-    # Sent to the PACS: each time point's RT Dose, and each cycle RT Dose when it was the newest.
+    # Sent to the PACS: each cycle RT Dose when it was the newest; the time points (time model none)
+    # sent their dose-rate maps and no single-time-point RT Dose to be misread as the cycle's dose.
     assert str(first.SOPInstanceUID) in after[1]["pacs_rtdose"]
     pacs = after[2]["pacs_rtdose"]
-    assert {str(first.SOPInstanceUID), str(second.SOPInstanceUID)} <= set(pacs)
-    assert len(pacs) == 3 + 2, "three time points' RT Doses and two cycle RT Doses"
+    assert set(pacs) == {str(first.SOPInstanceUID), str(second.SOPInstanceUID)}, "the two cycle RT Doses only"
+    for job_id in jobs:
+        job = service.get(f"/jobs/{job_id}")
+        assert "doserate" in job["outputs"] and "rtdose" not in job["outputs"], job["outputs"]
+        assert any("dose rate only (time model none)" in w for w in job["warnings"])
     # The regions of the SEG sent with time point 1: kidneys with BED, lesions.
     regions = {r["region"]: r for r in newest["regions"]}
     assert {"kidney_left", "kidney_right", "lumbar_vertebrae", "lesion_1"} <= set(regions)
