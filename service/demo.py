@@ -125,7 +125,8 @@ def run_demo(settings: Settings, pacs: DemoPacs, *, http_url: str, say=print, ti
     for path in sorted(pacs.received):
         say(f"[demo]     {path}")
     say(f"[demo] and over REST: {http_url}/jobs/{job['job_id']} (rtdose, doserate, report, summary); "
-        f"in a browser: {http_url}/ui/jobs/{job['job_id']} (log in with the API token)")
+        f"in a browser: {http_url}/ui/jobs/{job['job_id']}"
+        + (" (log in with the API token)" if settings.auth_enabled else ""))
     summary = settings.data_dir / "jobs" / job["job_id"] / "output" / "summary.txt"
     if summary.exists():
         say(summary.read_text().rstrip())
