@@ -19,7 +19,6 @@ import json
 import logging
 import re
 import shutil
-import threading
 import uuid
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from service.jobs import JobStore
 from service.storage import Storage, atomic_write_bytes, fsync_dir
 
 from . import app as _app  # noqa: F401 - the worker's signal handlers, connected on import
-from .execute import TransientFailure, dose_options
+from .execute import Heartbeat, LeaseLost, TransientFailure, dose_options, region_inputs_of
 
 __all__ = ["process_cycle", "run_cycle_job"]
 
@@ -45,44 +44,6 @@ _COMPLETE = ".complete.json"
 # Outputs of a cycle result sent to the PACS: the cycle RT Dose and the effective half-life map.
 _SENT_KINDS = {"rtdose": "cycle_rtdose", "effective_half_life": "cycle_teff"}
 _REGISTRATION_LABEL = re.compile(r"time point t(\d+):")
-
-
-class _LeaseLost(Exception):
-    pass
-
-
-class _Heartbeat(threading.Thread):
-    def __init__(self, store: JobStore, result_id: str, attempt: int, every_s: float):
-        super().__init__(name=f"cycle-heartbeat-{result_id[:8]}", daemon=True)
-        self.store, self.result_id, self.attempt, self.every_s = store, result_id, attempt, every_s
-        self.lost = threading.Event()
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self.every_s):
-            try:
-                if not cycles.result_heartbeat(self.store, self.result_id, self.attempt):
-                    self.lost.set()
-                    return
-            except Exception:  # noqa: BLE001 - a DB hiccup: next beat
-                log.warning("cycle result %s: heartbeat failed", self.result_id, exc_info=True)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-
-
-def _region_file(input_dir: Path) -> Path | None:
-    """A SEG or RT Structure Set sent with the reference time point's study (the cycle's regions)."""
-    import pydicom
-
-    for path in sorted(input_dir.iterdir()):
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"])
-        except Exception:  # noqa: BLE001 - not DICOM
-            continue
-        if str(ds.get("Modality", "")) in ("SEG", "RTSTRUCT"):
-            return path
-    return None
 
 
 def _manifest(out: Path) -> dict | None:
@@ -123,7 +84,7 @@ def _excerpt(summary: dict, by_path: dict[str, str]) -> dict:
     }
 
 
-def _compute(store: JobStore, storage: Storage, settings: Settings, row, attempt: int, hb: _Heartbeat,
+def _compute(store: JobStore, storage: Storage, settings: Settings, row, attempt: int, hb: Heartbeat,
              base: Path) -> dict:
     """run_cycle over the result's time points; a time point failing registration is left out."""
     from spectdose.cycle import run_cycle
@@ -144,15 +105,15 @@ def _compute(store: JobStore, storage: Storage, settings: Settings, row, attempt
 
     def progress(stage: str, fraction: float) -> None:
         if hb.lost.is_set() or not cycles.result_heartbeat(store, row.id, attempt, stage):
-            raise _LeaseLost(f"cycle result {row.id} attempt {attempt} was taken over")
+            raise LeaseLost(f"cycle result {row.id} attempt {attempt} was taken over")
 
     while True:
         if len(points) < 2:
             raise _NotEnough(excluded)
         if not cycles.set_excluded(store, row.id, attempt, excluded):
-            raise _LeaseLost(f"cycle result {row.id} attempt {attempt} was taken over")
+            raise LeaseLost(f"cycle result {row.id} attempt {attempt} was taken over")
         paths = [storage.job_input(tp.job_id) for tp in points]
-        regions = _region_file(paths[0])
+        regions, _ = region_inputs_of(store, paths[0])  # the reference time point's, not our own returned
         if regions is not None:
             import dataclasses
 
@@ -195,7 +156,7 @@ def _compute(store: JobStore, storage: Storage, settings: Settings, row, attempt
                     "result": excerpt}
         if hb.lost.is_set() or not cycles.result_heartbeat(store, row.id, attempt, "publishing"):
             shutil.rmtree(work, ignore_errors=True)
-            raise _LeaseLost(f"cycle result {row.id} attempt {attempt} was taken over before publishing")
+            raise LeaseLost(f"cycle result {row.id} attempt {attempt} was taken over before publishing")
         _publish(work, base / "output", manifest)
         return manifest
 
@@ -223,7 +184,8 @@ def run_cycle_job(store: JobStore, storage: Storage, settings: Settings, result_
     base = cycles.result_dir(storage, row.cycle_id, result_id)
     base.mkdir(parents=True, exist_ok=True)
     log.info("cycle result %s (cycle %s): attempt %d on %s", result_id, row.cycle_id, attempt, worker)
-    hb = _Heartbeat(store, result_id, attempt, settings.heartbeat_s)
+    hb = Heartbeat(lambda: cycles.result_heartbeat(store, result_id, attempt), f"cycle result {result_id}",
+                   settings.heartbeat_s)
     hb.start()
     try:
         manifest = _manifest(base / "output")
@@ -244,7 +206,7 @@ def run_cycle_job(store: JobStore, storage: Storage, settings: Settings, result_
         if cycles.is_newest(store, result_id) and (destinations or settings.stow_url):
             # Only the newest result goes to the PACS; an older one finishing late stays stored, superseded.
             if not cycles.result_heartbeat(store, result_id, attempt, "export"):
-                raise _LeaseLost(f"cycle result {result_id} attempt {attempt} was taken over before exporting")
+                raise LeaseLost(f"cycle result {result_id} attempt {attempt} was taken over before exporting")
             failures = export_outputs(store, settings, row.trigger_job_id, destinations=destinations,
                                       calling_aet=trigger.calling_aet if trigger else None, files=sent,
                                       **({"sleep": sleep} if sleep else {}))
@@ -256,10 +218,10 @@ def run_cycle_job(store: JobStore, storage: Storage, settings: Settings, result_
         outputs = {k: e["file"] for k, e in manifest["files"].items()}
         if not cycles.finish_result(store, result_id, attempt, outputs=outputs, result=manifest["result"],
                                     used=manifest["used"], note=export_note):
-            raise _LeaseLost(f"cycle result {result_id} attempt {attempt} was taken over before finishing")
+            raise LeaseLost(f"cycle result {result_id} attempt {attempt} was taken over before finishing")
         log.info("cycle result %s done: %d time points", result_id, len(manifest["used"]))
         return {"result_id": result_id, "state": "done", "attempt": attempt}
-    except _LeaseLost as exc:
+    except LeaseLost as exc:
         log.warning("%s; leaving it to the new owner", exc)
         return {"result_id": result_id, "skipped": "taken over"}
     except _NotEnough as exc:

@@ -49,6 +49,7 @@ from service.jobs import JobStore
 from service.storage import Storage, atomic_write_bytes, fsync_dir
 
 __all__ = ["run_job", "dose_options", "build_manifest", "result_of", "find_replaced", "LeaseLost", "TransientFailure",
+           "Heartbeat",
            "Outcome", "export_order", "output_files", "region_inputs_of", "run_region_set", "regions_dir"]
 
 log = logging.getLogger("spectdose.worker")
@@ -100,23 +101,24 @@ def dose_options(options: dict, settings: Settings):
     )
 
 
-class _Heartbeat(threading.Thread):
-    """Renews the job's lease while the pipeline computes; notices when it was taken over."""
+class Heartbeat(threading.Thread):
+    """Renews a lease while the work computes (``beat()`` returns False once another attempt took
+    it over); a dose job and a cycle job each give their own ``beat``."""
 
-    def __init__(self, store: JobStore, job_id: str, attempt: int, every_s: float):
-        super().__init__(name=f"heartbeat-{job_id[:8]}", daemon=True)
-        self.store, self.job_id, self.attempt, self.every_s = store, job_id, attempt, every_s
+    def __init__(self, beat: Callable[[], bool], label: str, every_s: float):
+        super().__init__(name=f"heartbeat-{label}", daemon=True)
+        self.beat, self.label, self.every_s = beat, label, every_s
         self.lost = threading.Event()
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.wait(self.every_s):
             try:
-                if not self.store.heartbeat(self.job_id, self.attempt):
+                if not self.beat():
                     self.lost.set()
                     return
             except Exception:  # noqa: BLE001 - a DB hiccup: try again next beat
-                log.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
+                log.warning("%s: heartbeat failed", self.label, exc_info=True)
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -222,7 +224,7 @@ def _run_kwargs(run, replaces: dict) -> dict:
                          for kind, uid in replaces["series"].items() if kind in _REPLACED_KINDS}}
 
 
-def _compute(store: JobStore, storage: Storage, job, attempt: int, options, hb: _Heartbeat) -> dict:
+def _compute(store: JobStore, storage: Storage, job, attempt: int, options, hb: Heartbeat) -> dict:
     """Run the pipeline into a fresh work folder and publish it as the job's output."""
     from spectdose.pipeline import run
 
@@ -290,7 +292,7 @@ def run_job(
         return {"job_id": job_id, "skipped": state}
     job = store.get(job_id)
     log.info("job %s: attempt %d on %s", job_id, attempt, worker)
-    hb = _Heartbeat(store, job_id, attempt, settings.heartbeat_s)
+    hb = Heartbeat(lambda: store.heartbeat(job_id, attempt), f"job {job_id}", settings.heartbeat_s)
     hb.start()
     try:
         options = dose_options(job.options, settings)
