@@ -530,6 +530,7 @@ def run(
 
     _note(progress, "dose_rate", 0.35)
     rate, sigma, rate_info = compute_dose_rate_and_sigma(activity, density, options=options)
+    uncertainty_info = rate_info.pop("uncertainty", None)  # summary["uncertainty"], not under dose_rate too
     lap("dose_rate")
 
     _note(progress, "export", 0.85)
@@ -615,7 +616,7 @@ def run(
         ),
         "uncertainty": (
             {
-                **rate_info["uncertainty"],
+                **uncertainty_info,
                 "map": OUTPUT_NAMES["doserate_sigma"],
                 "mean_in_tissue_dose_rate_sigma_mgy_per_h": float(sigma_mgy_per_h.array[tissue].mean()) if tissue.any() else 0.0,
                 "absorbed_dose": "sigma_D = integration factor x sigma of the dose rate; the time model's own error is not included",
