@@ -32,7 +32,8 @@ from pathlib import Path
 
 from spectdose.dicom.archive import UnsafeArchiveError, unpack_zip
 
-__all__ = ["Storage", "UnsafeArchive", "extract_zip", "atomic_write_bytes", "safe_component", "fsync_dir"]
+__all__ = ["Storage", "UnsafeArchive", "extract_zip", "atomic_write_bytes", "safe_component", "fsync_dir",
+           "publish_folder", "folder_manifest"]
 
 log = logging.getLogger("spectdose.service.storage")
 
@@ -89,6 +90,37 @@ def _fsync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         fsync_dir(Path(dirpath))
+
+
+def publish_folder(work: Path, final: Path, manifest: dict, *, keep_complete: bool = False) -> Path:
+    """Make ``work`` the folder ``final`` whole: the manifest (``.complete.json``) is written last and
+    everything is on disk before the rename, so a half-written folder is never taken for a finished one.
+
+    An earlier ``final`` is replaced, unless ``keep_complete`` and it is complete (another attempt
+    finished first: its objects stand, ``work`` is dropped).
+    """
+    atomic_write_bytes(work / _COMPLETE, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    _fsync_tree(work)
+    if keep_complete and (final / _COMPLETE).is_file():
+        shutil.rmtree(work, ignore_errors=True)
+        return final
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}-old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(work, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def folder_manifest(folder: Path) -> dict | None:
+    """The manifest of a complete folder (:func:`publish_folder`), or None."""
+    try:
+        return json.loads((folder / _COMPLETE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def extract_zip(archive: Path, dest: Path, *, max_bytes: int, max_members: int, prefix: str = "z") -> list[Path]:
@@ -205,31 +237,12 @@ class Storage:
         return work
 
     def publish_output(self, job_id: str, work: Path, manifest: dict) -> Path:
-        """Make ``work`` the job's output folder, replacing any earlier one whole.
-
-        A manifest (``.complete.json``) written last marks the folder complete, so a
-        half-written output is never mistaken for a finished one.
-        """
-        atomic_write_bytes(work / _COMPLETE, json.dumps(manifest, indent=2, sort_keys=True).encode())
-        _fsync_tree(work)
-        final = self.job_output(job_id)
-        old = None
-        if final.exists():
-            old = final.with_name(f".output-old-{uuid.uuid4().hex[:8]}")
-            os.replace(final, old)
-        os.replace(work, final)
-        fsync_dir(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
+        """Make ``work`` the job's output folder, replacing any earlier one whole (:func:`publish_folder`)."""
+        return publish_folder(work, self.job_output(job_id), manifest)
 
     def output_manifest(self, job_id: str) -> dict | None:
         """The manifest of a complete output folder, or None."""
-        path = self.job_output(job_id) / _COMPLETE
-        try:
-            return json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+        return folder_manifest(self.job_output(job_id))
 
     def clean_work_dirs(self, job_id: str) -> None:
         for p in self.job_dir(job_id).glob("work-*"):

@@ -15,11 +15,9 @@ arrival made it (its export records and own-output records are that job's).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
-import uuid
 from pathlib import Path
 
 from celery import shared_task, signals
@@ -31,7 +29,7 @@ from service.context import process_context
 from service.diskguard import DISK_FULL_NAME, is_disk_full
 from service.export import OutputFile, export_outputs
 from service.jobs import JobStore
-from service.storage import Storage, atomic_write_bytes, fsync_dir
+from service.storage import Storage, folder_manifest, publish_folder
 
 from . import app as _app  # noqa: F401 - the worker's signal handlers, connected on import
 from .execute import Heartbeat, LeaseLost, TransientFailure, dose_options, region_inputs_of
@@ -40,27 +38,9 @@ __all__ = ["process_cycle", "run_cycle_job"]
 
 log = logging.getLogger("spectdose.worker.cycles")
 
-_COMPLETE = ".complete.json"
 # Outputs of a cycle result sent to the PACS: the cycle RT Dose and the effective half-life map.
 _SENT_KINDS = {"rtdose": "cycle_rtdose", "effective_half_life": "cycle_teff"}
 _REGISTRATION_LABEL = re.compile(r"time point t(\d+):")
-
-
-def _manifest(out: Path) -> dict | None:
-    try:
-        return json.loads((out / _COMPLETE).read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _publish(work: Path, out: Path, manifest: dict) -> None:
-    atomic_write_bytes(work / _COMPLETE, json.dumps(manifest, indent=2, sort_keys=True).encode())
-    if out.exists():
-        old = out.with_name(f".output-old-{uuid.uuid4().hex[:8]}")
-        out.rename(old)
-        shutil.rmtree(old, ignore_errors=True)
-    work.rename(out)
-    fsync_dir(out.parent)
 
 
 def _excerpt(summary: dict, by_path: dict[str, str]) -> dict:
@@ -157,7 +137,7 @@ def _compute(store: JobStore, storage: Storage, settings: Settings, row, attempt
         if hb.lost.is_set() or not cycles.result_heartbeat(store, row.id, attempt, "publishing"):
             shutil.rmtree(work, ignore_errors=True)
             raise LeaseLost(f"cycle result {row.id} attempt {attempt} was taken over before publishing")
-        _publish(work, base / "output", manifest)
+        publish_folder(work, base / "output", manifest)
         return manifest
 
 
@@ -188,7 +168,7 @@ def run_cycle_job(store: JobStore, storage: Storage, settings: Settings, result_
                    settings.heartbeat_s)
     hb.start()
     try:
-        manifest = _manifest(base / "output")
+        manifest = folder_manifest(base / "output")
         if manifest is None:
             manifest = _compute(store, storage, settings, row, attempt, hb, base)
         for p in base.glob("work-*"):

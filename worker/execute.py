@@ -23,7 +23,6 @@ import dataclasses
 import inspect
 import json
 import logging
-import os
 import shutil
 import threading
 from collections.abc import Callable
@@ -46,7 +45,7 @@ from service.cycles import time_point_done
 from service.diskguard import DISK_FULL_NAME, is_disk_full
 from service.export import OutputFile, export_outputs
 from service.jobs import JobStore
-from service.storage import Storage, atomic_write_bytes, fsync_dir
+from service.storage import Storage, atomic_write_bytes, folder_manifest, publish_folder
 
 __all__ = ["run_job", "dose_options", "build_manifest", "result_of", "find_replaced", "LeaseLost", "TransientFailure",
            "Heartbeat",
@@ -406,22 +405,6 @@ def regions_dir(storage: Storage, job_id: str) -> Path:
     return storage.job_dir(job_id) / "regions"
 
 
-def _publish_version(folder: Path, work: Path, manifest: dict) -> None:
-    """``work`` becomes ``folder`` whole (manifest written last); a complete folder is never replaced."""
-    atomic_write_bytes(work / ".complete.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
-    for p in work.iterdir():
-        with open(p, "rb") as fh:
-            os.fsync(fh.fileno())
-    fsync_dir(work)
-    if (folder / ".complete.json").is_file():  # another attempt finished first: its objects stand
-        shutil.rmtree(work, ignore_errors=True)
-        return
-    if folder.exists():
-        shutil.rmtree(folder)  # an incomplete folder of a crashed attempt
-    os.replace(work, folder)
-    fsync_dir(folder.parent)
-
-
 def _version_result(folder: Path, manifest: dict, version: int) -> dict:
     report = json.loads((folder / "regions.json").read_text())
     keys = ("region", "volume_ml", "mean_gy", "median_gy", "min_gy", "max_gy", "d2_gy", "d50_gy", "d98_gy",
@@ -467,10 +450,8 @@ def run_region_set(store: JobStore, storage: Storage, settings: Settings, region
     log.info("job %s: region set %s (version %d, %s), attempt %d on %s", job.id, rec.id, rec.version, rec.kind,
              attempt, worker)
     try:
-        complete = folder / ".complete.json"
-        if complete.is_file():
-            manifest = json.loads(complete.read_text())
-        else:
+        manifest = folder_manifest(folder)
+        if manifest is None:
             work = root / f".work-v{rec.version}-{attempt}"
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
@@ -481,8 +462,8 @@ def run_region_set(store: JobStore, storage: Storage, settings: Settings, region
                 raise
             manifest = build_manifest(outputs, "", attempt)
             manifest["region_set"] = rec.id
-            _publish_version(folder, work, manifest)
-            manifest = json.loads(complete.read_text())
+            publish_folder(work, folder, manifest, keep_complete=True)
+            manifest = folder_manifest(folder)  # this attempt's, or the one that finished first
         files = output_files(folder, manifest)
         store.record_outputs(job.id, [{"sop_instance_uid": f.sop_instance_uid, "kind": f.kind,
                                        "sop_class_uid": f.sop_class_uid,
