@@ -21,7 +21,7 @@ import SimpleITK as sitk
 
 from spectdose.errors import GeometryError
 
-__all__ = ["Volume", "Grid", "resample_to_grid", "register_rigid"]
+__all__ = ["Volume", "Grid", "resample_to_grid", "register_rigid", "block_mean"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,3 +208,15 @@ def register_rigid(fixed_ct: Volume, moving_spect: Volume) -> tuple[sitk.Transfo
     except RuntimeError as exc:
         raise GeometryError(f"SPECT-to-CT registration failed: {exc}") from exc
     return transform, reg.GetMetricValue()
+
+
+def block_mean(array: np.ndarray, factors) -> np.ndarray:
+    """Mean over blocks of ``factors`` (z, y, x) voxels, float32 (summed in float64); the far
+    edges are padded by repetition, so a partial block is the mean of what it holds."""
+    factors = tuple(int(f) for f in factors)
+    if factors == (1, 1, 1):
+        return np.ascontiguousarray(array, dtype=np.float32)
+    pads = [(0, (-n) % f) for n, f in zip(array.shape, factors, strict=True)]
+    a = np.pad(array, pads, mode="edge") if any(p[1] for p in pads) else array
+    z, y, x = (n // f for n, f in zip(a.shape, factors, strict=True))
+    return a.reshape(z, factors[0], y, factors[1], x, factors[2]).mean(axis=(1, 3, 5), dtype=np.float64).astype(np.float32)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spectdose.geometry import Volume
+from spectdose.geometry import Volume, block_mean
 from spectdose.regions import V_THRESHOLDS_GY, RegionSet
 
 __all__ = [
@@ -84,17 +84,6 @@ def _to_canonical(array: np.ndarray, axes: np.ndarray) -> tuple[np.ndarray, tupl
     return out, perm, flips
 
 
-def _block_mean(array: np.ndarray, factors: Sequence[int]) -> np.ndarray:
-    """Mean over blocks of ``factors`` voxels (edges padded by repetition)."""
-    if tuple(factors) == (1, 1, 1):
-        return np.ascontiguousarray(array, dtype=np.float32)
-    pad = [(0, (-n) % f) for n, f in zip(array.shape, factors, strict=True)]
-    a = np.pad(array, pad, mode="edge")
-    s = a.shape
-    f = factors
-    return a.reshape(s[0] // f[0], f[0], s[1] // f[1], f[1], s[2] // f[2], f[2]).mean(axis=(1, 3, 5), dtype=np.float32)
-
-
 def _mask_on_view(mask: np.ndarray, factors: Sequence[int], shape: tuple[int, ...]) -> np.ndarray:
     """A mask averaged onto the view grid (a view voxel is in when half of it is), block-averaging
     only the box around the mask: a clinical CT has ~80 M voxels, a region a few thousand."""
@@ -105,7 +94,7 @@ def _mask_on_view(mask: np.ndarray, factors: Sequence[int], shape: tuple[int, ..
         if hit.size == 0:
             return out
         box.append(slice(hit[0] // f * f, min(mask.shape[axis], (hit[-1] // f + 1) * f)))
-    part = _block_mean(mask[tuple(box)], factors) >= 0.5
+    part = block_mean(mask[tuple(box)], factors) >= 0.5
     start = [b.start // f for b, f in zip(box, factors, strict=True)]
     out[tuple(slice(s0, s0 + n) for s0, n in zip(start, part.shape, strict=True))] = part
     return out
@@ -136,8 +125,8 @@ class ViewVolumes:
         ct, perm, _ = _to_canonical(ct_hu.array, ct_hu.grid.axes)
         f = [factors[k] for k in perm]
         spacing = tuple(float(ct_hu.grid.spacing_mm[k] * factors[k]) for k in perm)
-        ct_view = np.clip(np.rint(_block_mean(ct, f)), -32768, 32767).astype(np.int16)
-        dose_view = _block_mean(_to_canonical(dose.array, dose.grid.axes)[0], f)
+        ct_view = np.clip(np.rint(block_mean(ct, f)), -32768, 32767).astype(np.int16)
+        dose_view = block_mean(_to_canonical(dose.array, dose.grid.axes)[0], f)
         names, masks, lesion = [], [], []
         for r in regions.regions if regions is not None else []:
             mask = _mask_on_view(_to_canonical(r.mask.view(np.uint8), ct_hu.grid.axes)[0], f, ct_view.shape)

@@ -20,7 +20,7 @@ import torch
 from spectdose.cnn.model import DblurDoseNet, NetworkConfig
 from spectdose.constants import LOW_DENSITY_CUTOFF_G_CM3
 from spectdose.errors import InputError
-from spectdose.geometry import Grid, Volume, resample_to_grid
+from spectdose.geometry import Grid, Volume, block_mean, resample_to_grid
 from spectdose.paths import MODELS_DIR, atomic_write, default_model_path
 
 __all__ = [
@@ -220,17 +220,10 @@ def model_grid(ct_grid: Grid, spacing_mm) -> tuple[Grid, tuple[int, int, int] | 
     return grid, block
 
 
-def _block_mean(arr: np.ndarray, block: tuple[int, int, int]) -> np.ndarray:
-    pads = [(0, (-n) % f) for n, f in zip(arr.shape, block, strict=True)]
-    a = np.pad(arr, pads, mode="edge") if any(p[1] for p in pads) else arr
-    z, y, x = (n // f for n, f in zip(a.shape, block, strict=True))
-    return a.reshape(z, block[0], y, block[1], x, block[2]).mean(axis=(1, 3, 5), dtype=np.float64).astype(np.float32)
-
-
 def to_model_grid(volume: Volume, grid: Grid, block: tuple[int, int, int] | None) -> Volume:
     """Average (not sample) a CT-grid volume onto the model grid, so totals are kept."""
     if block is not None:
-        return Volume(_block_mean(volume.array, block), grid, volume.units)
+        return Volume(block_mean(volume.array, block), grid, volume.units)
     # Anti-aliasing: a Gaussian whose FWHM makes up the difference between the voxel sizes
     # (a tiny floor where there is none: the filter refuses sigma 0).
     sigma_mm = [
