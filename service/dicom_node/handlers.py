@@ -29,6 +29,8 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 
+from spectdose.dicom.region_inputs import REGION_SOP_CLASSES
+
 from ..config import Settings
 from ..diskguard import DiskFull, check_free_space
 from ..jobs import JobStore
@@ -66,9 +68,9 @@ _REJECT_CALLED_AET = (0x01, 0x01, 0x07)  # permanent; service user; called AE ti
 _REJECT_NO_SPACE = (0x02, 0x03, 0x02)  # transient; service provider (presentation); local limit exceeded
 
 INPUT_MODALITIES = frozenset({"CT", "NM", "PT"})
-# Region sets kept with their study (file name prefix by SOP Class): the regions of a job made
-# from it, or of a finished job when they arrive after the dose (dispatch.py).
-REGION_KINDS = {str(SegmentationStorage): "SEG", str(RTStructureSetStorage): "RTSTRUCT"}
+# Region sets kept with their study (file name prefix by SOP Class, the core's table): the regions of
+# a job made from it, or of a finished job when they arrive after the dose (dispatch.py).
+REGION_KINDS = REGION_SOP_CLASSES
 # Every class we send (worker.execute: RT Dose, map, SEG, RT Structure Set, SR, PDF report).
 _OUR_SOP_CLASSES = frozenset({RTDoseStorage, ParametricMapStorage, SegmentationStorage, RTStructureSetStorage,
                               Comprehensive3DSRStorage, ComprehensiveSRStorage, EnhancedSRStorage,
