@@ -219,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--version", default="v1", help="v1 (the shipped model's data), v2 (varied patients: docs/phantom.md) or v2-tiny (a smoke test)")
     p.add_argument("--workers", type=int, default=1, help="phantoms made at once (one CPU thread each)")
+    p.add_argument(
+        "--limit",
+        metavar="SPLIT=N[,SPLIT=N]",
+        help="only the first N patients of these splits (e.g. train=16,val=4); the whole set later resumes onto it",
+    )
     p.set_defaults(func=_cmd_dataset)
 
     p = sub.add_parser("train", help="train DblurDoseNet on a generated data set (resumes from checkpoints)")
@@ -421,7 +426,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_dataset(args: argparse.Namespace) -> int:
     from spectdose.learning.training import generate_dataset
 
-    manifest = generate_dataset(args.out_dir, args.version, workers=args.workers, progress=lambda m: print(m, flush=True))
+    limit = None
+    if args.limit:
+        try:
+            limit = {k.strip(): int(v) for k, v in (part.split("=", 1) for part in args.limit.split(","))}
+        except ValueError as exc:
+            raise InputError(f"--limit is SPLIT=N[,SPLIT=N], not {args.limit!r}") from exc
+    manifest = generate_dataset(args.out_dir, args.version, workers=args.workers, limit=limit, progress=lambda m: print(m, flush=True))
     print(f"data set {args.version} complete: {manifest}")
     return 0
 

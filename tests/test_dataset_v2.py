@@ -177,3 +177,18 @@ def test_generation_records_settings_resumes_and_redoes_an_incomplete_member(tmp
 
     with _exclusive(out), pytest.raises(InputError, match="another"):
         generate_dataset(out, "v2-tiny")
+
+
+def test_a_limited_subset_takes_the_first_patients_of_each_split_and_rejects_bad_limits():
+    full = dataset_members("v2")
+    subset = dataset_members("v2", {"train": 3, "test": 1})
+    train = [m for m in subset if m[0] == "train"]
+    assert train == [m for m in full if m[0] == "train"][:3]
+    assert [m for m in subset if m[0] == "val"] == [m for m in full if m[0] == "val"]  # no limit: whole split
+    # a test patient keeps its noise realisations (ensemble noise needs them)
+    first_test = DATASETS["v2"]["test"][0]
+    assert [m for m in subset if m[0] == "test"] == [m for m in full if m[0] == "test" and m[2] == first_test]
+    assert len([m for m in subset if m[0] == "test"]) == 1 + len(DATASETS["v2"]["test_realisations"][first_test])
+    for bad in ({"training": 3}, {"train": -1}):
+        with pytest.raises(InputError, match="SPLIT=N"):
+            dataset_members("v2", bad)

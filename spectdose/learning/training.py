@@ -91,14 +91,23 @@ _VARIED_PROFILES = {"varied": "clinical", "varied-tiny": "tiny"}
 MODEL_SPACING_MM = (3.0, 1.953125, 1.953125)  # CT slices, 2 x the paper's 0.98 mm in-plane
 
 
-def dataset_members(version: str) -> list[tuple[str, str, int, int | None]]:
-    """(split, folder name, patient seed, noise seed or None) of every study in a version."""
+def dataset_members(version: str, limit: dict[str, int] | None = None) -> list[tuple[str, str, int, int | None]]:
+    """(split, folder name, patient seed, noise seed or None) of every study in a version.
+
+    ``limit`` ({"train": 16, ...}) keeps the first N patients of a split (with their noise
+    realisations): a subset made where the whole set does not fit the time, which the whole
+    set later completes (the same seeds, so its members are skipped as complete).
+    """
     if version not in DATASETS:
         raise InputError(f"unknown data set version {version!r}: one of {sorted(DATASETS)}")
+    bad = set(limit or {}) - {"train", "val", "test"}
+    if bad or any(n < 0 for n in (limit or {}).values()):
+        raise InputError(f"a limit is SPLIT=N with SPLIT one of train, val, test and N >= 0, not {limit}")
     spec = DATASETS[version]
     out = []
     for split in ("train", "val", "test"):
-        for seed in spec[split]:
+        seeds = spec[split] if limit is None or split not in limit else spec[split][: limit[split]]
+        for seed in seeds:
             out.append((split, f"vp{seed:04d}", seed, None))
             for noise in spec["test_realisations"].get(seed, []) if split == "test" else []:
                 out.append((split, f"vp{seed:04d}-r{noise}", seed, noise))
@@ -171,7 +180,12 @@ def _exclusive(folder: Path):
 
 
 def generate_dataset(
-    out_dir: Path, version: str = "v1", *, workers: int = 1, progress: Callable[[str], None] | None = None
+    out_dir: Path,
+    version: str = "v1",
+    *,
+    workers: int = 1,
+    limit: dict[str, int] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Write every phantom of ``version`` and a manifest; resumable.
 
@@ -181,7 +195,7 @@ def generate_dataset(
     made at once (each simulation uses one CPU thread); the time of each is reported.
     """
     out_dir = Path(out_dir)
-    members = dataset_members(version)
+    members = dataset_members(version, limit)
     spec = DATASETS[version]
     for split in ("train", "val", "test"):
         (out_dir / split).mkdir(parents=True, exist_ok=True)
@@ -213,6 +227,7 @@ def generate_dataset(
         manifest = {
             "version": version,
             "size": spec["size"],
+            "limit": limit,  # null: the whole version
             "members": [{"split": s, "name": n, "seed": p, "noise_seed": q} for s, n, p, q in members],
         }
         text = json.dumps(manifest, indent=2).encode()
