@@ -159,6 +159,12 @@ class Settings(BaseSettings):
         "hanscheid", description="time model for jobs that name none: hanscheid (single time point, 48-168 h), "
         "physical, or none (dose-rate maps only; cycles give the absorbed dose)"
     )
+    # The calibrated 1-sigma map of a CNN dose rate needs the deep ensemble beside the weights
+    # (<weights stem>_ensemble.pt); DVK has none, so a DVK job never gets one by default.
+    default_uncertainty: Literal["auto", "on", "off"] = Field(
+        "auto", description="uncertainty map for jobs that do not ask: auto = for CNN jobs once the ensemble "
+        "beside the weights is installed; on = every CNN job (a missing ensemble fails the job); off = never"
+    )
     # Assumptions the site allows (spectdose.pipeline.ASSUMPTIONS; each refused by default):
     # for every job, or per calling AE as AET:assumption. Never on unless configured here.
     accept: CommaList = Field(default_factory=list, description="assumptions allowed for every job")
@@ -172,11 +178,29 @@ class Settings(BaseSettings):
 
     @property
     def resolved_method(self) -> Literal["dvk", "cnn"]:
+        """The engine of a job that names none: "auto" looks at the installed weights."""
         if self.default_method != "auto":
             return self.default_method
-        from spectdose.paths import default_model_path
+        from spectdose.paths import installed_models
 
-        return "cnn" if default_model_path().is_file() else "dvk"
+        weights_installed, _ = installed_models()
+        return "cnn" if weights_installed else "dvk"
+
+    def resolved_uncertainty(self, method: str) -> bool:
+        """Whether a job of ``method`` that does not ask gets the uncertainty map.
+
+        Only a CNN job can (the ensemble is the CNN's): "auto" asks when the ensemble is
+        installed, the same look at the files as the "auto" engine; "on" always asks, so a
+        missing ensemble fails the job with the core's message instead of silently giving none.
+        """
+        if method != "cnn" or self.default_uncertainty == "off":
+            return False
+        if self.default_uncertainty == "on":
+            return True
+        from spectdose.paths import installed_models
+
+        _, ensemble_installed = installed_models()
+        return ensemble_installed
 
     def accepted_assumptions(self, calling_aet: str | None = None) -> list[str]:
         """The site's accepted assumptions for a job (global, plus the calling AE's own)."""

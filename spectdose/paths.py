@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["MODELS_DIR", "default_cache_dir", "default_model_path", "atomic_write"]
+__all__ = ["MODELS_DIR", "default_cache_dir", "default_model_path", "ensemble_path", "installed_models", "atomic_write"]
 
 # $SPECTDOSE_MODELS_DIR (the Docker image sets it), else models/ of the checkout.
 MODELS_DIR = Path(os.environ.get("SPECTDOSE_MODELS_DIR") or Path(__file__).resolve().parent.parent / "models")
@@ -30,6 +30,22 @@ def default_cache_dir() -> Path:
 def default_model_path(variant: str = "dblurdosenet") -> Path:
     """The weights file of ``variant`` in :data:`MODELS_DIR`."""
     return MODELS_DIR / f"{variant}.pt"
+
+
+def ensemble_path(model_path: Path) -> Path:
+    """The deep ensemble that gives the uncertainty of ``model_path``: ``<weights stem>_ensemble.pt`` beside it."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.stem + "_ensemble.pt")
+
+
+def installed_models(variant: str = "dblurdosenet") -> tuple[bool, bool]:
+    """(weights installed, ensemble installed) for ``variant`` in :data:`MODELS_DIR`.
+
+    One look at the files for every default that depends on them (the service's "auto"
+    engine and "auto" uncertainty), so the two can never disagree about what is installed.
+    """
+    weights = default_model_path(variant)
+    return weights.is_file(), ensemble_path(weights).is_file()
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:

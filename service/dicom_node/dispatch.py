@@ -17,8 +17,9 @@ on (:func:`service.intake.accept_region_set`: statistics again, no dose recomput
 another frame of reference is recorded as a refused region set of that job, with the reason.
 While that job is still computing, the burst waits (it is looked at again on the next pass).
 
-The options of a DICOM job are the site's: the default engine, and the assumptions the
-site accepts for every job or for the calling AE (``SPECTDOSE_ACCEPT``,
+The options of a DICOM job are the site's: the default engine, time model and uncertainty
+map (``SPECTDOSE_DEFAULT_UNCERTAINTY``: a C-STORE cannot ask for one), and the assumptions
+the site accepts for every job or for the calling AE (``SPECTDOSE_ACCEPT``,
 ``SPECTDOSE_ACCEPT_BY_AE``), built and stored as :class:`spectdose.pipeline.DoseOptions`.
 """
 
@@ -54,9 +55,11 @@ def node_options(settings: Settings, calling_aet: str) -> dict:
     """The stored options of a job pushed by ``calling_aet``: DoseOptions.to_dict() of the site's choices."""
     from spectdose.pipeline import DoseOptions
 
+    method = settings.resolved_method
     return DoseOptions.from_dict({
-        "method": settings.resolved_method,
+        "method": method,
         "time_model": settings.default_time_model,
+        "uncertainty": settings.resolved_uncertainty(method),
         "calling_aet": calling_aet,
         "accept": settings.accepted_assumptions(calling_aet),
     }).to_dict()

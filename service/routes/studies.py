@@ -99,8 +99,12 @@ def submit_params(
     calling_aet: Annotated[
         str | None, Query(max_length=16, description="AE title whose camera calibration applies")] = None,
     bf16: Annotated[bool, Query(description="CNN in bfloat16 (GPU)")] = False,
-    uncertainty: Annotated[bool, Query(description="with method=cnn: a calibrated 1-sigma map from the deep ensemble "
-                                       "(GET /jobs/{id}/uncertainty) and a sigma per region")] = False,
+    uncertainty: Annotated[
+        bool | None,
+        Query(description="with method=cnn: a calibrated 1-sigma map from the deep ensemble (GET /jobs/{id}/uncertainty) "
+              "and a sigma per region (default: SPECTDOSE_DEFAULT_UNCERTAINTY, auto = for CNN jobs once the ensemble "
+              "is installed)"),
+    ] = None,
     recompute: Annotated[
         bool, Query(description="compute again even if the same content with the same options has a job")] = False,
     export: Annotated[
@@ -129,8 +133,11 @@ def submit_params(
             destinations.append(name)
         else:
             raise HTTPException(422, f"export destination {name!r} is not a configured peer (SPECTDOSE_PEERS)")
+    method = method or ctx.settings.resolved_method
+    if uncertainty is None:  # the site's default; an explicit true/false wins (true with dvk is refused below)
+        uncertainty = ctx.settings.resolved_uncertainty(method)
     public = {
-        "method": method or ctx.settings.resolved_method,
+        "method": method,
         "time_model": time_model or ctx.settings.default_time_model,
         "effective_half_life_h": effective_half_life_h,
         "administration_time": administration_time.isoformat() if administration_time else None,
