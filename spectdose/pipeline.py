@@ -20,7 +20,7 @@ import numpy as np
 from spectdose import __version__
 from spectdose.constants import LOW_DENSITY_CUTOFF_G_CM3, MGY_PER_H_PER_GY_PER_S
 from spectdose.density import DEFAULT_DENSITY_CURVE, CalibrationCurve, hu_to_density, load_curve
-from spectdose.dicom.ingest import CameraCalibration, load_study
+from spectdose.dicom.ingest import NO_ACTIVITY_ASSUMPTION, CameraCalibration, load_study
 from spectdose.dicom.region_outputs import REGION_OUTPUT_NAMES
 from spectdose.dicom.rtdose import Replaces
 from spectdose.dose import dvk_dose_rate, outside_model_range, time_integration_factor_s
@@ -227,6 +227,8 @@ ASSUMPTIONS: dict[str, str] = {
     "acquisition_time_from_series_or_study": "a SPECT without Acquisition Date/Time is taken as acquired at its "
     "series (or study) date/time",
     "radionuclide_lu177_assumed": "a SPECT whose header does not name the radionuclide is taken as Lu-177",
+    NO_ACTIVITY_ASSUMPTION: "a SPECT that holds no activity (a blank or QA acquisition) gives an all-zero dose (and "
+    "uncertainty) instead of being refused",
 }
 
 
@@ -549,7 +551,11 @@ def run(
     tissue = density.array >= LOW_DENSITY_CUTOFF_G_CM3
     regions = None
     region_warnings: list[str] = []
-    if options.regions_path is None:
+    if options.regions_path is None and not np.any(study.spect.array > 0):
+        # Hot spots need activity: with none (accepted by NO_ACTIVITY_ASSUMPTION) there is nothing to segment.
+        region_warnings.append(f"regions: none given; no automatic lesion regions: the SPECT holds no activity "
+                               f"({NO_ACTIVITY_ASSUMPTION})")
+    elif options.regions_path is None:
         from spectdose.region_report import automatic_lesions
 
         region_set = automatic_lesions(activity, tissue)

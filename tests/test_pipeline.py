@@ -113,10 +113,12 @@ def _copy_study(src, dst):
 
 
 def test_all_zero_activity_is_refused_and_writes_no_dose(small_study, kernel_cache_dir, tmp_path):
-    """Issue 8: a SPECT with no activity is refused, never a 0 Gy RT Dose."""
+    """Issue 8: a SPECT with no activity is refused, never a 0 Gy RT Dose; the refusal names the
+    assumption that allows an all-zero dose (issue 10) for a blank or QA acquisition."""
     study_dir = copy_with_zero_activity(small_study / "dicom", tmp_path / "zero")
-    with pytest.raises(InputError, match="pixel data are all zero"):
+    with pytest.raises(InputError, match="pixel data are all zero") as refused:
         run(study_dir, tmp_path / "out", DoseOptions(kernel_cache_dir=kernel_cache_dir))
+    assert "--accept no_activity_gives_zero_dose (CLI) / accept=no_activity_gives_zero_dose (REST)" in str(refused.value)
     assert not (tmp_path / "out" / "rtdose.dcm").exists()
 
 

@@ -39,7 +39,14 @@ from spectdose.dicom._series import (
 from spectdose.errors import CalibrationError, GeometryError, InputError
 from spectdose.geometry import Grid, Volume
 from spectdose.option_names import option_hint
-from spectdose.study import Administration, PatientInfo, SeriesRef, Study, resolve_times
+from spectdose.study import (
+    Administration,
+    PatientInfo,
+    SeriesRef,
+    Study,
+    _accept_hint,
+    resolve_times,
+)
 
 # What pydicom and our readers raise on malformed content that the specific checks did not name.
 MALFORMED_CONTENT_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError, NotImplementedError)
@@ -512,7 +519,7 @@ def _read_ct(ct: Candidate, order: list[int], grid: Grid) -> Volume:
 
 
 def _read_spect_values(
-    spect: Candidate, order: list[int], notes: list[str]
+    spect: Candidate, order: list[int], notes: list[str], accepted: Sequence[str] = ()
 ) -> tuple[np.ndarray, act.Scaling, list[Dataset]]:
     """SPECT values after the header's own scaling (Bq/ml, or counts), slices in grid order."""
     if spect.kind == "nm-multiframe":
@@ -544,7 +551,7 @@ def _read_spect_values(
                 per_slice[0].units,
                 per_slice[0].note,
             )
-    _check_scaling(stored, scaling, spect.label())
+    _check_scaling(stored, scaling, spect.label(), accepted, notes)
     values = (
         stored.astype(np.float64) * scaling.slope[:, None, None] + scaling.intercept[:, None, None]
     )
@@ -560,8 +567,30 @@ def _read_spect_values(
 NEGATIVE_NOISE_FRACTION = 0.05
 
 
-def _check_scaling(stored: np.ndarray, scaling: act.Scaling, what: str) -> None:
-    """Refuse a SPECT whose header scaling or pixels cannot hold any activity (never a 0 Gy dose)."""
+# The assumption that lets a SPECT without activity (a blank or QA acquisition) through as an
+# all-zero dose; refused by default so that a broken export never becomes a silent 0 Gy RT Dose.
+NO_ACTIVITY_ASSUMPTION = "no_activity_gives_zero_dose"
+
+
+def _no_activity(what: str, why: str, accepted: Sequence[str], notes: list[str]) -> None:
+    """Refuse a SPECT without activity, naming the flag that allows it; or note that it was allowed."""
+    name = NO_ACTIVITY_ASSUMPTION
+    if name not in accepted:
+        raise InputError(
+            f"{what}: {why}: the SPECT holds no activity, so there is no dose; if that is expected (a blank or "
+            f"QA acquisition), allow an all-zero dose with {_accept_hint(name)}"
+        )
+    notes.append(f"ASSUMED ({name}): {what}: {why}; accepted as no activity by {name}: the dose is zero everywhere")
+
+
+def _check_scaling(
+    stored: np.ndarray, scaling: act.Scaling, what: str, accepted: Sequence[str], notes: list[str]
+) -> None:
+    """Refuse a SPECT whose header scaling or pixels cannot hold any activity (never a silent 0 Gy dose).
+
+    All-zero pixels pass only when :data:`NO_ACTIVITY_ASSUMPTION` is accepted (then a note);
+    a slope of 0 never does: it is a broken header, not an image without activity.
+    """
     zero = np.flatnonzero(scaling.slope == 0)
     if zero.size:
         where = "every slice" if zero.size == scaling.slope.size else f"{zero.size} of {scaling.slope.size} slices"
@@ -570,21 +599,35 @@ def _check_scaling(stored: np.ndarray, scaling: act.Scaling, what: str) -> None:
             "so the SPECT holds no activity there; the header's Real World Value / Rescale Slope is wrong"
         )
     if not np.any(stored):
-        raise InputError(f"{what}: the pixel data are all zero: the SPECT holds no activity, so there is no dose")
+        if np.any(scaling.intercept):
+            raise InputError(
+                f"{what}: the pixel data are all zero but the value scaling ({scaling.note}) adds a non-zero "
+                "intercept, so the values are a constant: neither an image of activity nor an image without it; "
+                "the header's Real World Value / Rescale Intercept is wrong"
+            )
+        _no_activity(what, "the pixel data are all zero", accepted, notes)
 
 
-def _check_activity(values: np.ndarray, what: str, notes: list[str]) -> None:
-    """Refuse no positive activity or negative values beyond noise; note the noise that will be clipped."""
+def _check_activity(values: np.ndarray, what: str, notes: list[str], accepted: Sequence[str]) -> None:
+    """Refuse no positive activity (unless accepted, see :func:`_no_activity`) or negative values
+    beyond noise; note the noise that will be clipped."""
     finite = np.isfinite(values)
     if not finite.all():
         raise InputError(f"{what}: {int((~finite).sum())} voxel(s) are not finite numbers (NaN or infinite)")
     positive = float(values[values > 0].sum(dtype=np.float64))
     negative = float(-values[values < 0].sum(dtype=np.float64))
-    if positive <= 0:
+    if positive <= 0 and negative > 0:
+        # Negative values without any positive one are beyond any noise: a wrong intercept or an
+        # offset, not an image without activity, so never taken as one (clipping would hide it).
         raise InputError(
             f"{what}: no voxel holds positive activity (minimum {values.min():.4g}, maximum {values.max():.4g} "
-            "after the header's scaling), so there is no dose"
+            f"after the header's scaling) and {int((values < 0).sum())} voxel(s) are negative: negative values "
+            "beyond noise, not an image without activity. Check the Real World Value / Rescale Intercept"
         )
+    if positive <= 0:
+        if not any(n.startswith(f"ASSUMED ({NO_ACTIVITY_ASSUMPTION})") for n in notes):  # not noted for the pixels
+            _no_activity(what, "every voxel is zero after the header's scaling", accepted, notes)
+        return
     if negative > NEGATIVE_NOISE_FRACTION * positive:
         share = float((values < 0).mean())
         raise InputError(
@@ -620,8 +663,7 @@ def _reversed_stack(grid: Grid) -> Grid:
 def _check_overlap(
     values: np.ndarray, spect: Candidate, grid: Grid, ct_grid: Grid, notes: list[str]
 ) -> None:
-    if not np.any(values > 0):
-        notes.append("the SPECT holds no positive values (no activity)")
+    if not np.any(values > 0):  # no activity, allowed by NO_ACTIVITY_ASSUMPTION and noted there
         return
     fraction = _activity_fraction_inside(values, grid, ct_grid)
     if fraction < MIN_ACTIVITY_FRACTION_IN_CT:
@@ -926,7 +968,7 @@ def _load(
                 ignored.append(
                     (fh.relpath, reason + (f"; truncated: {fh.truncated}" if fh.truncated else ""))
                 )
-        values, scaling, datasets = _read_spect_values(spect, spect_order, notes)
+        values, scaling, datasets = _read_spect_values(spect, spect_order, notes, time_options["accepted"])
         ct_volume = _read_ct(ct, ct_order, ct_grid)
 
     what = "SPECT"
@@ -958,7 +1000,7 @@ def _load(
             elapsed_s = times.hours * 3600.0
             notes.extend(times.warnings)
         decay = act.pet_decay_factor(datasets, rp, elapsed_s, what, notes)
-    _check_activity(values, spect.label(), notes)
+    _check_activity(values, spect.label(), notes, time_options["accepted"])
     if spect.frame_of_reference_uid and spect.frame_of_reference_uid == ct.frame_of_reference_uid:
         _check_overlap(values, spect, spect_grid, ct_grid, notes)
     array, units, calibration_note = _to_activity(
