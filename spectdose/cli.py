@@ -211,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("phantom_dirs", type=Path, nargs="+", help="folders written by `spectdose phantom`")
     p.add_argument("-o", "--out", type=Path, required=True)
     p.add_argument("--models-dir", type=Path, help="folder with dblurdosenet*.pt (default: the shipped models/)")
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME=WEIGHTS",
+        help="another network to compare, e.g. cnn_v1=runs/dblurdosenet_v1.pt (repeatable)",
+    )
+    p.add_argument("--ensemble", type=Path, help="ensemble file (default: <cnn weights>_ensemble.pt beside the CNN's)")
     p.add_argument("--device")
     p.add_argument("--kernel-cache", type=Path)
     p.set_defaults(func=_cmd_evaluate)
@@ -410,10 +418,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         "cnn_no_residual": models_dir / "dblurdosenet_no_residual.pt",
         "cnn_2d": models_dir / "dblurdosenet_2d.pt",
     }
+    for entry in args.also:
+        name, sep, weights = entry.partition("=")
+        if not sep or not name.strip() or name.strip() in models or name.strip() in ("dvk", "cnn_ensemble"):
+            raise InputError(f"--also is NAME=WEIGHTS with a new method name, not {entry!r}")
+        if not Path(weights).is_file():
+            raise InputError(f"--also {entry}: no weights file {weights}")
+        models[name.strip()] = Path(weights)
+    if args.ensemble is not None and not args.ensemble.is_file():
+        raise InputError(f"--ensemble: no ensemble file {args.ensemble}")
     result = evaluate(
         args.phantom_dirs,
         args.out,
         models=models,
+        ensemble=args.ensemble,
         kernel_cache=args.kernel_cache or default_cache_dir() / "kernels",
         device=args.device,
         progress=lambda m: print(m, flush=True),

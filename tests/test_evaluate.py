@@ -115,3 +115,25 @@ def test_profiles_show_different_patients():
     cases = [SimpleNamespace(patient=p) for p in ("vp0201", "vp0201", "vp0201", "vp0202", "vp0203", "vp0204")]
     picked = one_per_patient([(c, i) for i, c in enumerate(cases)])
     assert [c.patient for c, _ in picked] == ["vp0201", "vp0202", "vp0203"] and [i for _, i in picked] == [0, 3, 4]
+
+
+def test_evaluate_compares_another_network_given_by_name(small_study, kernel_cache_dir, tmp_path):
+    """`--also cnn_v1=W.pt` puts an older network's rows beside the current one's (e.g. v1 vs v2)."""
+    import torch
+
+    from spectdose.cnn.inference import Normalisation, save_model
+    from spectdose.cnn.model import TINY, DblurDoseNet
+
+    torch.manual_seed(3)
+    weights = tmp_path / "old.pt"
+    save_model(weights, DblurDoseNet(TINY).eval(), normalisation=Normalisation(), spacing_mm=(6.0, 3.90625, 3.90625), name="old", metadata={})
+    out = tmp_path / "eval"
+    common = ["--models-dir", str(tmp_path / "none"), "--kernel-cache", str(kernel_cache_dir)]
+    # a name that would hide a built-in method, or a missing file, is refused before any work
+    assert main(["evaluate", str(small_study), "-o", str(out), *common, "--also", f"dvk={weights}"]) != 0
+    assert main(["evaluate", str(small_study), "-o", str(out), *common, "--also", f"cnn_v1={tmp_path / 'no.pt'}"]) != 0
+    assert not (out / "metrics.csv").exists()
+    assert main(["evaluate", str(small_study), "-o", str(out), *common, "--also", f"cnn_v1={weights}"]) == 0
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert {r["method"] for r in rows} == {"dvk", "cnn_v1"}
+    assert "| lesions | cnn_v1 |" in (out / "metrics.md").read_text()

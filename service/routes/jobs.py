@@ -20,6 +20,13 @@ _NOT_READY = {409: {"model": ErrorOut, "description": "the job has not finished 
 _DICOM = {"content": {"application/dicom": {"schema": {"type": "string", "format": "binary"}}}}
 
 
+# Why an output a client asks for can be missing from a finished job.
+_WHY_ABSENT = {
+    "doserate_sigma": "the job ran without the uncertainty map: uncertainty=false, method dvk, or no "
+    "DblurDoseNet ensemble installed (SPECTDOSE_DEFAULT_UNCERTAINTY)",
+}
+
+
 def _output_path(ctx: ServiceContext, job_id: str, kind: str):
     """The file of output ``kind``, or 404/409 saying why there is none."""
     job = job_or_404(ctx, job_id)
@@ -32,7 +39,7 @@ def _output_path(ctx: ServiceContext, job_id: str, kind: str):
                                  "outputs are not ready yet")
     entry = manifest["files"].get(kind)
     if entry is None:
-        raise HTTPException(404, f"job {job_id} produced no {kind} (e.g. no RT Dose for a normalised SPECT)")
+        raise HTTPException(404, f"job {job_id} produced no {kind} ({_WHY_ABSENT.get(kind, 'e.g. no RT Dose for a normalised SPECT')})")
     return ctx.storage.job_output(job_id) / entry["file"]
 
 
@@ -75,7 +82,8 @@ RESULT_FILES = (
     ("rtdose", "rtdose", "application/dicom", "The RT Dose (absorbed dose, Gy) as a DICOM file"),
     ("doserate", "doserate", "application/dicom", "The dose-rate Parametric Map (mGy/h) as a DICOM file"),
     ("uncertainty", "doserate_sigma", "application/dicom",
-     "The 1-sigma uncertainty of the dose rate (Parametric Map, mGy/h; jobs with uncertainty=true)"),
+     "The 1-sigma uncertainty of the dose rate (Parametric Map, mGy/h; CNN jobs with the ensemble installed "
+     "unless uncertainty=false, see SPECTDOSE_DEFAULT_UNCERTAINTY)"),
     ("report", "report", "application/pdf",
      "The one-page PDF report (identifiers, administration, method, region table, DVHs, key images)"),
 )

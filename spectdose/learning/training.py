@@ -312,13 +312,18 @@ def sampling_regions(labels: dict[str, np.ndarray], ct_grid, grid, block) -> np.
     return out
 
 
-def prepare_dataset(data_dir: Path, cache_dir: Path, *, kernel_cache: Path | None, progress=None) -> list[Path]:
-    """``prepare_case`` for every phantom under ``data_dir/{train,val,test}``, cached as npz.
+def prepare_dataset(
+    data_dir: Path, cache_dir: Path, *, kernel_cache: Path | None, progress=None, splits=("train", "val")
+) -> list[Path]:
+    """``prepare_case`` for every phantom under ``data_dir/<split>`` of ``splits``, cached as npz.
 
-    A cached case from before the sampling regions existed is prepared again.
+    Training reads train and val only; the test patients are evaluated from their DICOM
+    studies (``spectdose evaluate``), so preparing them would be wasted time. A cached case
+    from before the sampling regions existed is prepared again.
     """
     out = []
-    for phantom in sorted(p.parent.parent for p in Path(data_dir).glob("*/*/truth/phantom.json")):
+    phantoms = [p.parent.parent for split in splits for p in Path(data_dir).glob(f"{split}/*/truth/phantom.json")]
+    for phantom in sorted(phantoms):
         target = Path(cache_dir) / phantom.parent.name / f"{phantom.name}.npz"
         if not target.is_file() or not _has_regions(target):
             if progress:

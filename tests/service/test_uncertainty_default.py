@@ -245,7 +245,7 @@ def test_a_job_without_the_map_gives_a_404_that_says_so(tmp_path):
     )
     with TestClient(create_app(settings, sweeper=False)) as client:
         r = client.get(f"/jobs/{job_id}/uncertainty", headers=AUTH)
-    assert r.status_code == 404 and "doserate_sigma" in r.json()["detail"]
+    assert r.status_code == 404 and "doserate_sigma" in r.json()["detail"] and "without the uncertainty map" in r.json()["detail"]
 
 
 # ------------------------------------------------------------------ one job, end to end
