@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import math
@@ -249,9 +250,24 @@ def dose_grid_spacing_mm(dose_grid: str) -> float | None:
 
 
 def _file_sha256(path: Path) -> str | None:
-    if not path.is_file():
+    """SHA-256 of a weights file, read once per version of the file (a run asks several times)."""
+    try:
+        st = Path(path).stat()
+    except OSError:
         return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    if not Path(path).is_file():
+        return None
+    return _sha256_of(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_of(path: str, _mtime_ns: int, _size: int) -> str:
+    """Keyed by modification time and size too: a replaced file is hashed again."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @dataclasses.dataclass

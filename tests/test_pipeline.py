@@ -224,3 +224,20 @@ def test_time_model_none_gives_the_dose_rate_map_and_no_absorbed_dose(result, sm
     assert all("mean_gy" not in r for r in out.summary["regions"] or [])
     with pytest.raises(InputError, match="hanscheid, physical, effective or none"):
         DoseOptions(time_model="trapezoid")
+
+
+def test_weights_hash_in_the_provenance_follows_the_file_when_it_is_replaced(tmp_path):
+    """The result names the weights it used: a replaced weights file must give its own hash, not a cached one."""
+    import hashlib
+    import os
+
+    from spectdose.pipeline import _file_sha256
+
+    w = tmp_path / "w.pt"
+    w.write_bytes(b"first weights")
+    assert _file_sha256(w) == hashlib.sha256(b"first weights").hexdigest() == _file_sha256(w)
+    w.write_bytes(b"other weights!")
+    st = w.stat()
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a later write, even on a coarse clock
+    assert _file_sha256(w) == hashlib.sha256(b"other weights!").hexdigest()
+    assert _file_sha256(tmp_path / "absent.pt") is None
