@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -460,8 +460,13 @@ def run(
     *,
     progress: ProgressCallback | None = None,
     replaces: Mapping[str, Replaces] | None = None,
+    region_notes: Sequence[str] = (),
 ) -> DoseResult:
     """Read a SPECT/CT study, compute dose rate and absorbed dose, write DICOM + summary.
+
+    ``region_notes``: the caller's notes on how the regions were chosen (e.g. the service's
+    choice among the region sets sent with the study), first in ``region_warnings`` of
+    summary.json and summary.txt.
 
     ``replaces`` says which earlier output series this run corrects, by output name:
     ``{"rtdose": Replaces(old_rtdose_series_uid, "corrected administration time"),
@@ -566,7 +571,7 @@ def run(
 
     tissue = density.array >= LOW_DENSITY_CUTOFF_G_CM3
     regions = None
-    region_warnings: list[str] = []
+    region_warnings: list[str] = list(region_notes)
     if options.regions_path is None and not np.any(study.spect.array > 0):
         # Hot spots need activity: with none (accepted by NO_ACTIVITY_ASSUMPTION) there is nothing to segment.
         region_warnings.append(f"regions: none given; no automatic lesion regions: the SPECT holds no activity "

@@ -45,7 +45,7 @@ from service.cycles import time_point_done
 from service.diskguard import DISK_FULL_NAME, is_disk_full
 from service.export import OutputFile, export_outputs
 from service.jobs import JobStore
-from service.storage import Storage, atomic_write_bytes, folder_manifest, publish_folder
+from service.storage import Storage, folder_manifest, publish_folder
 
 __all__ = ["run_job", "dose_options", "build_manifest", "result_of", "find_replaced", "LeaseLost", "TransientFailure",
            "Heartbeat",
@@ -215,12 +215,15 @@ def find_replaced(store: JobStore, storage: Storage, job, options_key: str) -> d
     }
 
 
-def _run_kwargs(run, replaces: dict) -> dict:
-    """``replaces=`` for the core's run(): each earlier output series of the same kind, with the reason."""
-    if not replaces or "replaces" not in inspect.signature(run).parameters:
-        return {}
-    return {"replaces": {kind: {"series_instance_uid": uid, "reason": replaces["reason"]}
-                         for kind, uid in replaces["series"].items() if kind in _REPLACED_KINDS}}
+def _run_kwargs(run, replaces: dict, region_notes: list[str]) -> dict:
+    """``replaces=`` for the core's run() (each earlier output series of the same kind, with the
+    reason) and ``region_notes=`` (which region set sent with the study was used, and why)."""
+    params = inspect.signature(run).parameters
+    kwargs: dict = {"region_notes": list(region_notes)} if region_notes and "region_notes" in params else {}
+    if replaces and "replaces" in params:
+        kwargs["replaces"] = {kind: {"series_instance_uid": uid, "reason": replaces["reason"]}
+                              for kind, uid in replaces["series"].items() if kind in _REPLACED_KINDS}
+    return kwargs
 
 
 def _compute(store: JobStore, storage: Storage, job, attempt: int, options, hb: Heartbeat) -> dict:
@@ -244,9 +247,7 @@ def _compute(store: JobStore, storage: Storage, job, attempt: int, options, hb: 
     if region_path is not None:
         options = dataclasses.replace(options, regions_path=region_path)
     work = storage.new_work_dir(job.id, attempt)
-    result = run(storage.job_input(job.id), work, options, progress=progress, **_run_kwargs(run, replaces))
-    if notes:
-        _add_region_notes(work, result.outputs, notes)
+    result = run(storage.job_input(job.id), work, options, progress=progress, **_run_kwargs(run, replaces, notes))
     manifest = build_manifest(result.outputs, options.key(), attempt)
     # Judged on the dose objects: the automatic-lesion SEG (from the activity alone) is the same object
     # after a changed time model, and that does not make the new dose the old one.
@@ -388,16 +389,6 @@ def region_inputs_of(store: JobStore, input_dir: Path) -> tuple[Path | None, lis
                      f"({', '.join(f'{r.kind} {r.sop_instance_uid}' for r in others)}); send one after the dose "
                      "(POST /jobs/{id}/regions or a DICOM push) to report it as well")
     return chosen.path, notes
-
-
-def _add_region_notes(work: Path, outputs: dict[str, Path], notes: list[str]) -> None:
-    """The service's notes on the region sets it chose, in summary.json's ``region_warnings``."""
-    path = outputs.get("summary_json")
-    if path is None or not path.is_file():
-        return
-    summary = json.loads(path.read_text())
-    summary["region_warnings"] = notes + list(summary.get("region_warnings") or [])
-    atomic_write_bytes(path, json.dumps(summary, indent=2).encode())
 
 
 def regions_dir(storage: Storage, job_id: str) -> Path:

@@ -206,6 +206,7 @@ def test_a_seg_sent_with_the_study_is_the_jobs_regions(env, phantom_files, truth
     assert seg_uid in str(sr), "the SR measures the segments of the SEG that came with the study"
     job = store.get(job_id)
     assert any("sent with the study is used" in w for w in job.result["region_warnings"])
+    assert "sent with the study is used" in (out / "summary.txt").read_text(), "the text summary says it too"
     assert {"sr", "rtdose", "regions_rtstruct"} <= set(job.result["outputs"])
 
 
