@@ -307,7 +307,10 @@ def _nm_dataset(patient: VirtualPatient, spect: SimulatedSpect, uids: dict, spec
     ds.SpacingBetweenSlices = _ds(grid.spacing_mm[0])
     ds.SliceThickness = _ds(grid.spacing_mm[0])
     ds.ReconstructionDiameter = _ds(nx * grid.spacing_mm[2])
-    ds.ConvolutionKernel = "NONE" if ideal else f"OSEM {spect.n_iters}i{spect.n_subsets}s AC" + (" CDR" if spect.resolution_recovery else "")
+    # SH holds 16 characters a value, so the parts are values of their own (VM 1-n).
+    ds.ConvolutionKernel = (
+        "NONE" if ideal else [f"OSEM {spect.n_iters}i{spect.n_subsets}s", "AC", *(["CDR"] if spect.resolution_recovery else [])]
+    )
     # values: stored uint16 -> Bq/ml (or reconstructed counts) by the RWVM
     if spect_units == "Bq/ml":
         values = spect.recon.array
