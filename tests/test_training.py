@@ -70,6 +70,9 @@ def test_tiny_training_runs_resumes_and_gives_a_usable_model(prepared, tmp_path,
     model = load_model(tmp_path / "tiny.pt", device="cpu")
     card = model_card(summary2, data_version="tiny")
     assert "validation" in card and json.dumps(cfg.network)[:20] in card
+    # a subset names the patients it used, not the whole version's
+    sub = model_card(summary2, data_version="v2", patients={"train": ["vp2001", "vp2002"], "val": ["vp2101"], "test": ["vp2201"]})
+    assert "train ['vp2001', 'vp2002'], validation ['vp2101']" in sub and "2040" not in sub
 
     # Fine-tuning starts from given weights (here: no epochs, so it returns them unchanged),
     # and refuses weights of another architecture.

@@ -698,10 +698,23 @@ def _write_history(out_dir: Path, history: list[dict]) -> None:
     plt.close(fig)
 
 
-def model_card(summary: dict, *, data_version: str, eval_table: str | None = None, notes: str = "") -> str:
-    """Markdown model card for a trained weight file."""
+def model_card(
+    summary: dict, *, data_version: str, eval_table: str | None = None, notes: str = "", patients: dict | None = None
+) -> str:
+    """Markdown model card for a trained weight file.
+
+    ``patients`` ({"train": [...], "val": [...], "test": [...]}): the studies actually used,
+    which for a subset (``spectdose dataset --limit``) are fewer than the version lists.
+    """
     cfg = summary["config"]
     spec = DATASETS.get(data_version, {})
+    if patients is not None:
+        used = (
+            f"train {patients.get('train')}, validation {patients.get('val')}, test {patients.get('test')} "
+            f"(never seen in training) - a subset of the version"
+        )
+    else:
+        used = f"train seeds {spec.get('train')}, validation seeds {spec.get('val')}, test seeds {spec.get('test')} (never seen in training)"
     loss = "MSE loss"
     if cfg.get("rel_loss_weight"):
         loss += f" + {cfg['rel_loss_weight']} x relative term ((out - label) / (label + {cfg['rel_loss_floor']}))^2"
@@ -711,8 +724,7 @@ def model_card(summary: dict, *, data_version: str, eval_table: str | None = Non
         "DblurDoseNet (Li et al., Med Phys 49 (2022) 1216) trained by spectdose on its own virtual patients.",
         "",
         "## Data",
-        f"- data set `{data_version}` ({spec.get('size', '?')} phantoms): train seeds {spec.get('train')}, "
-        f"validation seeds {spec.get('val')}, test seeds {spec.get('test')} (never seen in training); "
+        f"- data set `{data_version}` ({spec.get('size', '?')} phantoms): {used}; "
         f"`spectdose dataset OUT --version {data_version}` regenerates them",
         "- inputs: SPECT (OSEM, attenuation and resolution modelling) on the CT grid, CT-derived density, DVK dose rate;"
         " labels: reference dose rate of the true activity (`spectdose.reference`, multi-medium kernel superposition)",
@@ -780,7 +792,9 @@ def train_command(
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({"data": str(data.resolve()), "data_version": manifest["version"]}, indent=2))
     summary = train(prepared, out, cfg, device=device)
-    card = model_card(summary, data_version=manifest["version"])
+    patients = {split: [f.stem for f in prepared[split]] for split in ("train", "val")}
+    patients["test"] = [m["name"] for m in manifest.get("members", []) if m.get("split") == "test"]
+    card = model_card(summary, data_version=manifest["version"], patients=patients if manifest.get("limit") else None)
     (out / f"{cfg.name}.md").write_text(card)
     print(card)
     if install:
