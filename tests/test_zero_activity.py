@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import torch
 
 from spectdose.cli import main
 from spectdose.dicom.export import read_dose_rate_map, read_rtdose
@@ -23,12 +22,11 @@ from spectdose.pipeline import ASSUMPTIONS
 
 from . import dicom_factory as f
 from .dicom_factory import copy_with_zero_activity
+from .tiny_models import install_tiny_cnn
 
 NAME = "no_activity_gives_zero_dose"
 ACCEPT = ("--accept", NAME)
 NM_SHAPE = (8, 10, 12)
-# A coarse model grid keeps the network part quick (as in tests/test_evaluate.py).
-COARSE_MM = (6.0, 3.90625, 3.90625)
 
 
 def _small_ingest_study(
@@ -178,48 +176,10 @@ def test_dvk_refuses_by_default_and_gives_zero_with_the_assumption(
         ]
 
 
-def _tiny_cnn(folder: Path) -> Path:
-    """A tiny DblurDoseNet (untrained) and its two-member ensemble beside it, as installed weights."""
-    from spectdose.cnn.inference import (
-        Normalisation,
-        SigmaCalibration,
-        TrainedModel,
-        save_ensemble,
-        save_model,
-    )
-    from spectdose.cnn.model import TINY, DblurDoseNet
-
-    def member(seed: int) -> TrainedModel:
-        torch.manual_seed(seed)
-        return TrainedModel(
-            DblurDoseNet(TINY).eval(), TINY, Normalisation(), COARSE_MM, f"m{seed}", {}
-        )
-
-    weights = member(3)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_model(
-        folder / "tiny.pt",
-        weights.net,
-        normalisation=weights.normalisation,
-        spacing_mm=COARSE_MM,
-        name="tiny",
-        metadata={},
-    )
-    # A relative floor: sigma is at least 5 % of the dose rate, so zero only where the dose rate is.
-    save_ensemble(
-        folder / "tiny_ensemble.pt",
-        [member(1), member(2)],
-        SigmaCalibration(scale=1.5, rel_floor=0.05),
-        name="tiny-ens",
-        metadata={},
-    )
-    return folder / "tiny.pt"
-
-
 def test_cnn_and_its_uncertainty_give_zero_with_the_assumption(
     zero_study, small_study, kernel_cache_dir, tmp_path
 ):
-    weights = _tiny_cnn(tmp_path / "models")
+    weights = install_tiny_cnn(tmp_path / "models", "tiny")
     common = ["dose", str(zero_study), "--method", "cnn", "--model", str(weights), "--kernel-cache",
               str(kernel_cache_dir), *ACCEPT]  # fmt: skip
     assert main([*common, "-o", str(tmp_path / "cnn")]) == 0

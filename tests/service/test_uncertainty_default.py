@@ -22,50 +22,15 @@ from service.dicom_node.dispatch import node_options
 from service.main import create_app
 from service.routes.studies import submit_params
 
+from ..tiny_models import install_tiny_cnn
 from .support import AUTH, make_settings, wait_for
 
 STORESCU = Path("/usr/bin/storescu")
-# A coarse model grid keeps the network part of the end-to-end job quick (as in tests/test_evaluate.py).
-COARSE_MM = (6.0, 3.90625, 3.90625)
 
 
 def _tiny_models(folder: Path, *, ensemble: bool) -> Path:
     """An installed tiny CNN (dblurdosenet.pt) and, if asked, its two-member ensemble beside it."""
-    import torch
-
-    from spectdose.cnn.inference import (
-        Normalisation,
-        SigmaCalibration,
-        TrainedModel,
-        save_ensemble,
-        save_model,
-    )
-    from spectdose.cnn.model import TINY, DblurDoseNet
-
-    def member(seed: int) -> TrainedModel:
-        torch.manual_seed(seed)
-        return TrainedModel(
-            DblurDoseNet(TINY).eval(), TINY, Normalisation(), COARSE_MM, f"m{seed}", {}
-        )
-
-    weights = member(3)
-    save_model(
-        folder / "dblurdosenet.pt",
-        weights.net,
-        normalisation=weights.normalisation,
-        spacing_mm=COARSE_MM,
-        name="dblurdosenet",
-        metadata={},
-    )
-    if ensemble:
-        save_ensemble(
-            folder / "dblurdosenet_ensemble.pt",
-            [member(1), member(2)],
-            SigmaCalibration(scale=1.5, rel_floor=0.05),
-            name="dblurdosenet_ensemble",
-            metadata={},
-        )
-    return folder
+    return install_tiny_cnn(folder, ensemble=ensemble).parent
 
 
 @pytest.fixture(scope="module")
