@@ -152,8 +152,9 @@ class DoseOptions:
 
     def resolved_ensemble_path(self) -> Path:
         """The ensemble that gives the uncertainty: ``<weights stem>_ensemble.pt`` beside the weights."""
-        model = self.resolved_model_path()
-        return model.with_name(model.stem + "_ensemble.pt")
+        from spectdose.paths import ensemble_path
+
+        return ensemble_path(self.resolved_model_path())
 
     def to_dict(self) -> dict:
         """The stored, JSON-ready form under public names; runtime-only settings left out."""

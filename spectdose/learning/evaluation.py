@@ -185,7 +185,9 @@ def ensemble_path_for(models: dict[str, Path | None]) -> Path | None:
     cnn = (models or {}).get("cnn")
     if cnn is None:
         return None
-    path = Path(cnn).with_name(f"{Path(cnn).stem}_ensemble.pt")
+    from spectdose.paths import ensemble_path
+
+    path = ensemble_path(Path(cnn))
     return path if path.is_file() else None
 
 
