@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import math
+import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -256,7 +257,7 @@ def _file_sha256(path: Path) -> str | None:
         st = Path(path).stat()
     except OSError:
         return None
-    if not Path(path).is_file():
+    if not stat.S_ISREG(st.st_mode):
         return None
     return _sha256_of(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
 
