@@ -65,3 +65,27 @@ def wait_for(predicate, timeout_s: float, interval_s: float = 0.2, what: str = "
             return value
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def push_study(peer, paths: list[Path], *, calling_aet: str, attempts: int = 4, backoff_s: float = 2.0) -> int:
+    """C-STORE ``paths`` as a modality does: a refused, dropped or aborted association is tried again, whole.
+
+    The node keeps an association's instances only once it is released (an aborted one leaves
+    nothing), so every try sends the whole study on a new association. On a loaded machine an
+    association can be dropped before or while sending ("must be established before sending a
+    C-STORE request"); a modality retries, and so do the tests. Returns the count stored by the
+    try that went through; raises after ``attempts`` failed tries.
+    """
+    from service.export import push_files
+
+    last: Exception | None = None
+    for k in range(attempts):
+        try:
+            stored = push_files(peer, list(paths), calling_aet=calling_aet)
+            if stored == len(paths):
+                return stored
+            last = RuntimeError(f"{stored} of {len(paths)} instances stored")
+        except (ConnectionError, RuntimeError, OSError) as exc:
+            last = exc
+        time.sleep(backoff_s * (k + 1))
+    raise AssertionError(f"{peer}: the study was not stored after {attempts} associations ({last})")

@@ -20,10 +20,9 @@ import pydicom
 import pytest
 
 from service.config import DicomPeer
-from service.export import push_files
 from service.localredis import free_port
 
-from .support import AUTH, TOKEN, running, wait_for
+from .support import AUTH, TOKEN, push_study, running, wait_for
 from .test_cycles import Pacs
 
 pytestmark = [
@@ -70,7 +69,7 @@ def test_four_time_points_pushed_on_four_days_give_cycle_doses_after_2_3_and_4(t
                 jobs, seen = [], []
                 for k, label in enumerate(LABELS):
                     files = sorted((cycle_dir / label / "dicom").rglob("*.dcm"))
-                    assert push_files(node, files, calling_aet="MODALITY") == len(files)
+                    assert push_study(node, files, calling_aet="MODALITY") == len(files)  # retried as a modality does
                     study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
                     job = wait_for(lambda s=study: _done(http, s), TIMEOUT_S, 0.5, what=f"the job of {label}")
                     assert job["state"] == "done", job
