@@ -545,7 +545,7 @@ def _plots(out_dir: Path, regions: list[dict], hours: Sequence[float]) -> dict[s
                 ax2.plot(s, np.asarray(r["_activity_curve"](s)), ":", color="tab:green")
             ax2.set_ylabel("activity (MBq)", color="tab:green")
             ax2.set_ylim(bottom=0)
-        ax.set_title(f"{r['region']}: {r['absorbed_dose_gy']:.3g} Gy", fontsize=10)
+        ax.set_title(f"{r['region']}: {r['absorbed_dose_gy']:.3g} Gy", fontsize=10, parse_math=False)
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=8, loc="upper right")
         fig.tight_layout()

@@ -569,6 +569,7 @@ def run(
                        if sigma is not None else None)
     outputs, export_info = _export(out_dir, rate_mgy_per_h, dose, study, options, rate_info, time_facts, warnings,
                                    replaces or {}, sigma_mgy_per_h=sigma_mgy_per_h)
+    delivered = export_info.pop("delivered")
     lap("export")
 
     tissue = density.array >= LOW_DENSITY_CUTOFF_G_CM3
@@ -595,6 +596,11 @@ def run(
     if regions_error:
         region_warnings.append(f"REGIONS NOT REPORTED: {regions_error}")
     lap("regions")
+    from spectdose.maxima import maxima_summary
+
+    # Maxima of what is delivered (the RT Dose, else the map), with where they lie (issue 18).
+    maxima = maxima_summary(delivered["rtdose"] if dose is not None else delivered["doserate"], density,
+                            region_set, grid_name=export_info["output_grid"]["name"])
     summary = {
         "software": {"name": "spectdose", "version": __version__},
         "created": dt.datetime.now().isoformat(timespec="seconds"),
@@ -626,7 +632,7 @@ def run(
         "density": {"curve": curve.name, "source": curve.source, "low_density_cutoff_g_cm3": LOW_DENSITY_CUTOFF_G_CM3},
         "dose_rate": {
             **rate_info,
-            "max_mgy_per_h": float(rate_mgy_per_h.array.max()),
+            "max_mgy_per_h": float(delivered["doserate"].array.max()),
             "mean_in_tissue_mgy_per_h": float(rate_mgy_per_h.array[tissue].mean()) if tissue.any() else 0.0,
         },
         "time": {
@@ -636,10 +642,12 @@ def run(
             "source": times.source,
             "model": options.time_model if integrate else None,
             "effective_half_life_h": options.effective_half_life_h,
+            **(_model_half_life(options.time_model, hours, options.effective_half_life_h) if integrate else {}),
             "integration_factor_h": factor_s / 3600.0 if factor_s else None,
         },
         "dose": (
-            {"max_gy": float(dose.array.max()), "mean_in_tissue_gy": float(dose.array[tissue].mean()) if tissue.any() else 0.0}
+            {"max_gy": float(delivered["rtdose"].array.max()),
+             "mean_in_tissue_gy": float(dose.array[tissue].mean()) if tissue.any() else 0.0}
             if dose is not None
             else None
         ),
@@ -655,6 +663,7 @@ def run(
             if sigma_mgy_per_h is not None
             else None
         ),
+        "maxima": maxima,
         "regions": regions,
         "regions_source": (
             {"kind": region_set.source, "file": str(options.regions_path) if options.regions_path else None,
@@ -737,8 +746,10 @@ def _export(
     common = dict(method=options.method, options_key=options.key(), content_digest=digest, warnings=warnings,
                   provenance=provenance)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The volumes as delivered (on the output grid): the summary's maxima are theirs (issue 18).
+    delivered = {"doserate": average_onto_grid(rate_mgy_per_h, grid)}
     outputs = {
-        "doserate": write_dose_rate_map(out_dir / OUTPUT_NAMES["doserate"], average_onto_grid(rate_mgy_per_h, grid),
+        "doserate": write_dose_rate_map(out_dir / OUTPUT_NAMES["doserate"], delivered["doserate"],
                                         study, replaces=replaces.get("doserate"), **common)
     }
     if sigma_mgy_per_h is not None:
@@ -748,9 +759,10 @@ def _export(
             out_dir / OUTPUT_NAMES["doserate_sigma"], average_onto_grid(sigma_mgy_per_h, grid), study,
             replaces=replaces.get("doserate_sigma"), sigma=True, series_number=903, **common)
     if dose_gy is not None:
+        delivered["rtdose"] = average_onto_grid(dose_gy, grid)
         outputs["rtdose"] = write_rtdose(
             out_dir / OUTPUT_NAMES["rtdose"],
-            average_onto_grid(dose_gy, grid),
+            delivered["rtdose"],
             study,
             description=f"{study.administration.nuclide} absorbed dose ({options.method.upper()}, {options.time_model})",
             replaces=replaces.get("rtdose"),
@@ -763,6 +775,7 @@ def _export(
         "content_sha256": digest,
         "uids": {name: _output_uids(path) for name, path in outputs.items()},
         "replaces": {k: {"series_instance_uid": r.series_instance_uid, "reason": r.reason} for k, r in replaces.items()},
+        "delivered": delivered,  # popped by run(): volumes, not summary facts
     }
     return outputs, info
 
@@ -792,6 +805,21 @@ def _write_report(out_dir: Path, study: Study, dose: Volume, regions, summary: d
     written["report_pdf"] = write_encapsulated_pdf(out_dir / OUTPUT_NAMES["report_pdf"], pdf, study,
                                                    content_digest=summary["content_sha256"], sources=sources)
     return written
+
+
+def _model_half_life(model: str, hours: float | None, effective_half_life_h: float | None) -> dict:
+    """The half-life the single-time-point model integrates with (spectdose.dose.time_integration_factor_s)."""
+    from spectdose.constants import LU177_HALF_LIFE_H
+
+    if model == "hanscheid":
+        return {"model_half_life_h": hours, "half_life_note": "Hanscheid: effective half-life taken equal to the "
+                "imaging time t (Hanscheid et al., J Nucl Med 59 (2018) 75)"}
+    if model == "physical":
+        return {"model_half_life_h": LU177_HALF_LIFE_H, "half_life_note": "physical decay of Lu-177 only (no "
+                "biological washout): an upper bound"}
+    if model == "effective":
+        return {"model_half_life_h": effective_half_life_h, "half_life_note": "effective half-life given by the user"}
+    return {}
 
 
 def _output_uids(path: Path) -> dict:
@@ -835,6 +863,12 @@ def _fmt(value, unit: str = "", digits: int = 3) -> str:
     return f"{value:.{digits}g} {unit}".strip()
 
 
+def _highest_d2(rows) -> dict | None:
+    """The region row with the highest D2 (regions without a dose statistic left out)."""
+    rows = [r for r in rows if isinstance(r.get("d2_gy"), int | float)]
+    return max(rows, key=lambda r: r["d2_gy"]) if rows else None
+
+
 def format_summary(s: dict) -> str:
     """The human-readable twin of summary.json."""
     a, t, g = s["activity"], s["time"], s["geometry"]
@@ -850,15 +884,26 @@ def format_summary(s: dict) -> str:
         f"{_fmt(a['total_on_ct_grid_mbq'], 'MBq', 4)}; injected {_fmt(a['injected_activity_mbq'], 'MBq', 4)}",
         f"Density: {s['density']['curve']} ({s['density']['source']})",
         f"Time: administration {t['administration'] or 'unknown'}, acquisition {t['acquisition'] or 'unknown'}, "
-        f"t = {_fmt(t['hours_since_administration'], 'h', 4)}",
+        f"t = {_fmt(t['hours_since_administration'], 'h', 4)}"
+        + (f"; time model {t['model']}, half-life {_fmt(t['model_half_life_h'], 'h', 4)} ({t['half_life_note']})"
+           if t.get("model_half_life_h") is not None else ""),
         f"Dose rate: max {_fmt(s['dose_rate']['max_mgy_per_h'], 'mGy/h')}, mean in tissue "
         f"{_fmt(s['dose_rate']['mean_in_tissue_mgy_per_h'], 'mGy/h')}",
     ]
+    m = s.get("maxima") or {}
+    grid = f" (on the {m['grid']} grid of the {'RT Dose' if s['dose'] else 'dose-rate map'})" if m.get("grid") else ""
     if s["dose"]:
         lines.append(
             f"Absorbed dose ({t['model']}, factor {_fmt(t['integration_factor_h'], 'h', 4)}): max "
-            f"{_fmt(s['dose']['max_gy'], 'Gy')}, mean in tissue {_fmt(s['dose']['mean_in_tissue_gy'], 'Gy')}"
+            f"{_fmt(s['dose']['max_gy'], 'Gy')}{grid}, mean in tissue {_fmt(s['dose']['mean_in_tissue_gy'], 'Gy')}"
         )
+    if m:
+        lines.append(f"  Maximum in soft tissue (density >= {m['soft_tissue_min_density_g_cm3']:g} g/cm3): "
+                     f"{m['max_in_soft_tissue_text']}")
+        lines.append(f"  Voxel maximum: {m['max_location_text']}")
+    top = _highest_d2(s.get("regions") or [])
+    if top:
+        lines.append(f"  Highest region D2 (dose to the hottest 2 % of a region): {top['region']} {_fmt(top['d2_gy'], 'Gy')}")
     if s.get("uncertainty"):
         u = s["uncertainty"]
         lines.append(f"Uncertainty (1 sigma, {u['method']}): mean in tissue "
@@ -867,9 +912,18 @@ def format_summary(s: dict) -> str:
         lines.append("")
         lines.append(f"{'region':<22}{'ml':>9}{'mGy/h':>10}{'mean Gy':>10}{'D2 Gy':>9}{'D98 Gy':>9}")
         for r in s["regions"]:
+            def num(key, width, r=r):
+                value = r.get(key)
+                return f"{value:>{width}.3g}" if isinstance(value, int | float) else f"{'-':>{width}}"
+
+            coverage = r.get("coverage")
             lines.append(
-                f"{r['region'][:21]:<22}{r['volume_ml']:>9.1f}{r['mean_dose_rate_mgy_per_h']:>10.3g}"
-                + (f"{r['mean_gy']:>10.3g}{r['d2_gy']:>9.3g}{r['d98_gy']:>9.3g}" if "mean_gy" in r else "")
+                f"{r['region'][:21]:<22}{r['volume_ml']:>9.1f}{num('mean_dose_rate_mgy_per_h', 10)}"
+                + (num("mean_gy", 10) + num("d2_gy", 9) + num("d98_gy", 9) if "mean_gy" in r else "")
+                + (f"  {coverage}" + (f" ({100 * r['spect_coverage_fraction']:.0f} % in SPECT)"
+                                      if isinstance(r.get("spect_coverage_fraction"), int | float) else "")
+                   if coverage and coverage != "covered" else "")
+                + ("  automatic" if r.get("automatic") else "")
             )
         lines.append("")
     for w in s["warnings"]:

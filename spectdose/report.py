@@ -32,6 +32,11 @@ __all__ = [
     "isodose_colours",
     "region_colours",
     "plot_dvh",
+    "table_rows",
+    "region_notes",
+    "headline_lines",
+    "ORIENTATION",
+    "TEXT_RC",
     "report_pdf_bytes",
     "identifiers_from_study",
     "identifiers_from_header",
@@ -53,9 +58,19 @@ ISODOSE_FRACTIONS_OF_MAX = (0.2, 0.5, 0.8)
 # The wash starts at this fraction of the maximum: below it the CT shows through unchanged.
 WASH_FLOOR_FRACTION = 0.05
 _ISODOSE_RGB = ((0, 255, 255), (0, 255, 0), (255, 255, 0), (255, 0, 255), (255, 255, 255), (255, 128, 0))
-# Region outlines: matplotlib's tab10 qualitative palette without its dose-like reds.
+# Region outlines: matplotlib's tab10 qualitative palette without its dose-like red, then the
+# light halves of tab20 (without its light red), then Okabe-Ito's colour-blind-safe set
+# (Okabe & Ito, "Color Universal Design", 2002): 24 distinct colours before any is computed.
 _REGION_RGB = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (140, 86, 75), (227, 119, 194),
-               (127, 127, 127), (188, 189, 34), (23, 190, 207), (255, 187, 120))
+               (127, 127, 127), (188, 189, 34), (23, 190, 207), (255, 187, 120),
+               (174, 199, 232), (152, 223, 138), (197, 176, 213), (196, 156, 148), (247, 182, 210),
+               (199, 199, 199), (219, 219, 141), (158, 218, 229),
+               (0, 114, 178), (230, 159, 0), (0, 158, 115), (204, 121, 167), (86, 180, 233), (240, 228, 66))
+# Orientation letters at the (top, bottom, left, right) edges of a slice of the view (see
+# _to_canonical): radiological convention, the patient's right on the viewer's left, head up.
+ORIENTATION = {"axial": ("A", "P", "R", "L"), "coronal": ("S", "I", "R", "L"), "sagittal": ("S", "I", "A", "P")}
+# Header and label text (patient names, SEG labels) is drawn as literal text: no mathtext, no TeX.
+TEXT_RC = {"pdf.fonttype": 42, "font.family": "DejaVu Sans", "text.parse_math": False, "text.usetex": False}
 # Pictures are drawn so the largest extent of the view is this many pixels.
 DISPLAY_PX = 512
 
@@ -188,7 +203,21 @@ def isodose_colours(levels: Sequence[float]) -> list[tuple[int, int, int]]:
 
 
 def region_colours(n: int) -> list[tuple[int, int, int]]:
-    return [_REGION_RGB[i % len(_REGION_RGB)] for i in range(n)]
+    """``n`` distinct colours: the palette above, then golden-angle hues (never a repeat)."""
+    import colorsys
+
+    colours = list(_REGION_RGB[:n])
+    seen = set(colours)
+    k = 0
+    while len(colours) < n:
+        hue = (0.1 + 0.618033988749895 * k) % 1.0
+        value = (0.95, 0.75, 0.55)[(k // 7) % 3]
+        rgb = tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(hue, 0.75, value))
+        k += 1
+        if rgb not in seen and not (rgb[0] > 200 and rgb[1] < 80 and rgb[2] < 80):  # no dose-like red
+            seen.add(rgb)
+            colours.append(rgb)
+    return colours
 
 
 def key_point(view: ViewVolumes) -> tuple[int, int, int]:
@@ -308,13 +337,25 @@ def _dvh_curve(row: Mapping, absorbed: bool) -> tuple[np.ndarray, np.ndarray] | 
     return np.arange(len(volume)) * float(dvh["bin_width"]), 100.0 * volume / total
 
 
-def plot_dvh(ax, rows: Sequence[Mapping], *, absorbed: bool, fontsize: float = 7) -> None:
-    """Cumulative DVHs (volume % receiving at least the dose) of the summary's region rows."""
-    colours = region_colours(len(rows))
-    for row, colour in zip(rows, colours, strict=True):
+_LINESTYLES = ("-", "--", "-.", ":")
+
+
+def plot_dvh(ax, rows: Sequence[Mapping], *, absorbed: bool, fontsize: float = 7,
+             colours: Sequence[tuple[int, int, int]] | None = None) -> None:
+    """Cumulative DVHs (volume % receiving at least the dose) of the summary's region rows.
+
+    ``colours`` are the rows' colours in the report (:func:`region_colours` of the whole list);
+    a region without a dose statistic (not covered by the SPECT) is named in the legend, not drawn.
+    """
+    colours = list(colours) if colours is not None else region_colours(len(rows))
+    for n, (row, colour) in enumerate(zip(rows, colours, strict=True)):
         curve = _dvh_curve(row, absorbed)
-        if curve is not None:
-            ax.step(curve[0], curve[1], where="post", color=np.asarray(colour) / 255.0, lw=1.2, label=row["region"])
+        label = str(row["region"])
+        if curve is None:
+            ax.plot([], [], color=np.asarray(colour) / 255.0, lw=1.2, ls=":", label=f"{label} (no DVH: {_coverage_text(row)})")
+            continue
+        ax.step(curve[0], curve[1], where="post", color=np.asarray(colour) / 255.0, lw=1.2,
+                ls=_LINESTYLES[(n // 10) % len(_LINESTYLES)], label=label)
     ax.set_xlabel("absorbed dose (Gy)" if absorbed else "dose rate (mGy/h)", fontsize=fontsize)
     ax.set_ylabel("volume (%)", fontsize=fontsize)
     ax.set_ylim(0, 102)
@@ -327,21 +368,83 @@ def plot_dvh(ax, rows: Sequence[Mapping], *, absorbed: bool, fontsize: float = 7
         ax.text(0.5, 0.5, "no regions", ha="center", va="center", transform=ax.transAxes, fontsize=fontsize)
 
 
+def _coverage_text(row: Mapping) -> str:
+    """What the regions helper says about a region's field-of-view coverage ("" when it says nothing)."""
+    coverage = row.get("coverage")
+    if not coverage:
+        return ""
+    fraction = row.get("spect_coverage_fraction")
+    if coverage != "covered" and isinstance(fraction, int | float):
+        return f"{coverage} ({100 * fraction:.0f} % in SPECT)"
+    return str(coverage)
+
+
+def region_notes(row: Mapping) -> str:
+    """Automatic or not, anatomical location and size note of a region (fields absent: nothing)."""
+    parts = []
+    if row.get("automatic"):
+        parts.append("automatic")
+    for key in ("location", "size_note"):
+        if row.get(key):
+            parts.append(str(row[key]))
+    return "; ".join(parts)
+
+
 def table_rows(rows: Sequence[Mapping]) -> tuple[list[str], list[list[str]]]:
-    """The region table as text: Gy columns for an absorbed dose, mGy/h otherwise."""
+    """The region table as text: Gy columns for an absorbed dose, mGy/h otherwise.
+
+    A region without a dose statistic (not covered by the SPECT) shows "-" and its coverage;
+    the uncertainty, coverage and notes columns appear when some region has them.
+    """
     def f(value, digits=3):
-        return "" if value is None else f"{value:.{digits}g}"
+        return "-" if not isinstance(value, int | float) else f"{value:.{digits}g}"
 
     absorbed = any("mean_gy" in r for r in rows)
+    sigma = any(isinstance(r.get("uncertainty_gy" if absorbed else "uncertainty_dose_rate_mgy_per_h"), int | float)
+                for r in rows)
+    coverage = any(r.get("coverage") for r in rows)
+    notes = any(region_notes(r) for r in rows)
+    header = ["region", "volume (ml)"] + (["coverage"] if coverage else [])
     if absorbed:
-        header = ["region", "volume (ml)", "mean (Gy)", "D2 (Gy)", "D50 (Gy)", "D98 (Gy)", "max (Gy)", "mean (mGy/h)"]
-        body = [[str(r["region"]), f"{r['volume_ml']:.1f}", f(r.get("mean_gy")), f(r.get("d2_gy")), f(r.get("d50_gy")),
-                 f(r.get("d98_gy")), f(r.get("max_gy")), f(r.get("mean_dose_rate_mgy_per_h"))] for r in rows]
+        header += ["mean (Gy)"] + (["1 sigma (Gy)"] if sigma else []) + [
+            "D2 (Gy)", "D50 (Gy)", "D98 (Gy)", "max (Gy)", "mean (mGy/h)"]
     else:
-        header = ["region", "volume (ml)", "mean (mGy/h)", "median (mGy/h)", "max (mGy/h)"]
-        body = [[str(r["region"]), f"{r['volume_ml']:.1f}", f(r.get("mean_dose_rate_mgy_per_h")),
-                 f(r.get("median_dose_rate_mgy_per_h")), f(r.get("max_dose_rate_mgy_per_h"))] for r in rows]
+        header += ["mean (mGy/h)"] + (["1 sigma (mGy/h)"] if sigma else []) + ["median (mGy/h)", "max (mGy/h)"]
+    header += ["notes"] if notes else []
+    body = []
+    for r in rows:
+        cells = [str(r["region"]), f"{r['volume_ml']:.1f}"] + ([_coverage_text(r) or "-"] if coverage else [])
+        if absorbed:
+            cells += [f(r.get("mean_gy"))] + ([f(r.get("uncertainty_gy"), 2)] if sigma else []) + [
+                f(r.get("d2_gy")), f(r.get("d50_gy")), f(r.get("d98_gy")), f(r.get("max_gy")),
+                f(r.get("mean_dose_rate_mgy_per_h"))]
+        else:
+            cells += [f(r.get("mean_dose_rate_mgy_per_h"))] + (
+                [f(r.get("uncertainty_dose_rate_mgy_per_h"), 2)] if sigma else []) + [
+                f(r.get("median_dose_rate_mgy_per_h")), f(r.get("max_dose_rate_mgy_per_h"))]
+        if notes:
+            note = region_notes(r)
+            cells.append(note if len(note) <= 70 else note[:69] + "…")
+        body.append(cells)
     return header, body
+
+
+def headline_lines(summary: Mapping) -> list[str]:
+    """The figures a physicist quotes, each stated as what it is, and where the maximum lies."""
+    m = summary.get("maxima") or {}
+    lines = []
+    if m:
+        what = "absorbed dose" if m.get("unit") == "Gy" else "dose rate"
+        lines.append(f"Maximum {what} in soft tissue (density >= {m.get('soft_tissue_min_density_g_cm3', 0.9):g} g/cm3): "
+                     f"{m.get('max_in_soft_tissue_text') or 'n/a'}")
+        lines.append(f"Voxel maximum on the {m.get('grid') or '-'} grid of the delivered "
+                     f"{'RT Dose' if m.get('unit') == 'Gy' else 'dose-rate map'}: {m.get('max_location_text') or 'n/a'}")
+    rows = [r for r in summary.get("regions") or [] if isinstance(r.get("d2_gy"), int | float)]
+    if rows:
+        top = max(rows, key=lambda r: r["d2_gy"])
+        lines.append(f"Highest region D2 (minimum dose to the hottest 2 % of the region): {top['region']} "
+                     f"{top['d2_gy']:.3g} Gy")
+    return lines
 
 
 # --------------------------------------------------------------------------------- identifiers
@@ -399,6 +502,7 @@ def report_lines(identifiers: Mapping, summary: Mapping) -> dict[str, list[str]]
     activity = i.get("injected_activity_mbq") or (summary.get("activity") or {}).get("injected_activity_mbq")
     hours = t.get("hours_since_administration")
     regions_source = summary.get("regions_source") or {}
+    uncertainty = summary.get("uncertainty") or {}
     who = [
         f"Patient: {i.get('patient_name') or '(no name)'}    ID: {i.get('patient_id') or '(none)'}    "
         f"Birth date: {_date(i.get('patient_birth_date', '')) or '-'}    Sex: {i.get('patient_sex') or '-'}",
@@ -412,11 +516,16 @@ def report_lines(identifiers: Mapping, summary: Mapping) -> dict[str, list[str]]
         f"at {t.get('administration') or 'unknown'}; imaged {t.get('acquisition') or 'unknown'}"
         + (f" ({hours:.1f} h after administration)" if isinstance(hours, int | float) else "")
     )
+    half_life = t.get("model_half_life_h")
     method = [
         *_wrap(f"Method: {prov.get('method') or summary.get('method', '').upper()}; time model: "
-               f"{prov.get('time_model') or 'n/a'}; density: {prov.get('density_curve') or '-'}; "
-               f"dose grid: {prov.get('dose_grid') or '-'}"),
+               f"{prov.get('time_model') or 'n/a'}"
+               + (f"; half-life used {half_life:.4g} h ({t.get('half_life_note') or t.get('model')})"
+                  if isinstance(half_life, int | float) else "")
+               + f"; density: {prov.get('density_curve') or '-'}; dose grid: {prov.get('dose_grid') or '-'}"),
         *_wrap(f"Calibration: {prov.get('calibration') or (summary.get('activity') or {}).get('calibration') or '-'}"),
+        *_wrap("Uncertainty: " + (f"1 sigma from {uncertainty.get('method')}; {uncertainty.get('absorbed_dose') or ''}"
+                                  if uncertainty else "none estimated by this method (the table has no sigma column)")),
         *_wrap(f"Software: {prov.get('software') or '-'}; model: {(prov.get('model_sha256') or 'none')[:16]}; "
                f"inputs: {prov.get('inputs_sha256') or '-'}"),
         *_wrap("Regions: " + (
@@ -425,47 +534,79 @@ def report_lines(identifiers: Mapping, summary: Mapping) -> dict[str, list[str]]
     ]
     warnings = [f"WARNING: {w}" for w in summary.get("warnings") or []]
     warnings += [f"REGIONS: {w}" for w in summary.get("region_warnings") or []]
-    return {"who": who, "administration": administration, "method": method, "warnings": warnings}
+    return {"who": who, "administration": administration, "method": method, "warnings": warnings,
+            "headline": [x for line in headline_lines(summary) for x in _wrap(line, 125)]}
 
 
 # --------------------------------------------------------------------------------- the PDF
 
 
 _A4_IN = (8.27, 11.69)
-_TABLE_MAX_ROWS = 14
+_DVH_PER_PANEL = 8  # curves per DVH panel: more are not told apart
+_TABLE_ROWS_PER_PAGE = 44
+_DVH_PANELS_PER_PAGE = 6
+
+
+def _chunks(items: Sequence, size: int) -> list[list]:
+    return [list(items[k:k + size]) for k in range(0, len(items), size)] or [[]]
 
 
 def report_pdf_bytes(view: ViewVolumes, summary: Mapping, identifiers: Mapping) -> bytes:
-    """The one-page A4 report: identifiers, administration, method and provenance, three key
-    images through the hottest region, the DVHs and the region table.
+    """The A4 report a physicist signs: identifiers, administration, method, time model and
+    half-life, the headline figures and where the maximum lies, three key images with
+    orientation letters, every region's DVH, the region table (uncertainty, coverage, notes)
+    and the reviewer's name, date and signature fields; further pages when the regions need them.
 
-    Deterministic for identical inputs (no creation date in the file), so the Encapsulated
-    PDF made from it keeps its content-derived UIDs on a rerun.
+    Header and label text is drawn literally (:data:`TEXT_RC`). Deterministic for identical
+    inputs (no creation date in the file), so the Encapsulated PDF made from it keeps its
+    content-derived UIDs on a rerun.
     """
     import matplotlib
+    from matplotlib.backends.backend_pdf import PdfPages
     from matplotlib.figure import Figure
 
     rows = list(summary.get("regions") or [])
+    colours = region_colours(len(rows))
     absorbed = view.absorbed
     lines = report_lines(identifiers, summary)
-    with matplotlib.rc_context({"pdf.fonttype": 42, "font.family": "DejaVu Sans"}):
+    header, body = table_rows(rows)
+    dvh_groups = [list(range(k, min(k + _DVH_PER_PANEL, len(rows)))) for k in range(0, len(rows), _DVH_PER_PANEL)]
+    first_dvh, later_dvh = dvh_groups[:2], dvh_groups[2:]
+    table_pages = _chunks(list(range(len(body))), _TABLE_ROWS_PER_PAGE) if body else []
+    dvh_pages = _chunks(later_dvh, _DVH_PANELS_PER_PAGE) if later_dvh else []
+    n_pages = 1 + len(table_pages) + len(dvh_pages)
+    who_line = (f"{identifiers.get('patient_name') or '(no name)'} · ID {identifiers.get('patient_id') or '-'} · "
+                f"study {_date(identifiers.get('study_date', '')) or '-'}")
+
+    def footer(fig, page: int) -> None:
+        fig.text(0.05, 0.02, "Computed by software: to be reviewed and signed by a medical physicist before clinical "
+                 "use. Full numbers: regions.csv, dvh.csv, summary.json, RT Dose, SR.", fontsize=6, color="#444444")
+        fig.text(0.95, 0.02, f"page {page} of {n_pages}", fontsize=6.5, ha="right", color="#444444")
+
+    buf = io.BytesIO()
+    with matplotlib.rc_context(TEXT_RC), PdfPages(buf, metadata={"CreationDate": None, "Creator": "spectdose",
+                                                                 "Producer": "spectdose"}) as pdf:
         fig = Figure(figsize=_A4_IN)
         fig.text(0.05, 0.965, "Lu-177 SPECT/CT dosimetry", fontsize=14, weight="bold")
         fig.text(0.95, 0.967, (summary.get("provenance") or {}).get("software") or "spectdose", fontsize=8, ha="right")
         y = 0.945
         for block in ("who", "administration", "method"):
             for line in lines[block]:
-                fig.text(0.05, y, line, fontsize=7.2, family="DejaVu Sans")
+                fig.text(0.05, y, line, fontsize=7.2)
                 y -= 0.0135
             y -= 0.004
+        for line in lines["headline"]:
+            fig.text(0.05, y, line, fontsize=7.2, weight="bold")
+            y -= 0.0135
+        y -= 0.004
 
-        # Three key images through the hottest region.
+        # Three key images through the hottest region, with orientation letters.
         point = key_point(view)
         window = default_window(view)
         levels = default_isodose_levels(view)
         pixel_mm = view.pixel_mm()
         top = y - 0.005
-        height = 0.27
+        height = 0.25
         for n, plane in enumerate(PLANES):
             index = point[n]
             ax = fig.add_axes((0.05 + n * 0.29, top - height, 0.27, height))
@@ -474,6 +615,13 @@ def report_pdf_bytes(view: ViewVolumes, summary: Mapping, identifiers: Mapping) 
             ax.set_title(f"{plane} {index + 1}/{view.n_slices(plane)}", fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
+            letter = dict(fontsize=7, color="white", weight="bold", transform=ax.transAxes,
+                          bbox=dict(facecolor="black", alpha=0.6, pad=0.8, linewidth=0))
+            t_, b_, l_, r_ = ORIENTATION[plane]
+            ax.text(0.5, 0.985, t_, ha="center", va="top", **letter)
+            ax.text(0.5, 0.015, b_, ha="center", va="bottom", **letter)
+            ax.text(0.015, 0.5, l_, ha="left", va="center", **letter)
+            ax.text(0.985, 0.5, r_, ha="right", va="center", **letter)
         cax = fig.add_axes((0.93, top - height + 0.03, 0.012, height - 0.06))
         from matplotlib import colormaps
         from matplotlib.cm import ScalarMappable
@@ -485,48 +633,98 @@ def report_pdf_bytes(view: ViewVolumes, summary: Mapping, identifiers: Mapping) 
         iso_text = "Isodose lines: " + (", ".join(
             f"{level:g} {view.dose_unit} ({_colour_name(c)})" for level, c in zip(levels, isodose_colours(levels), strict=True))
             or "none below the maximum") + f"; colour wash from {window[0]:.3g} {view.dose_unit}; images cut through " \
-            + ("the hottest voxel of the region with the highest mean dose" if len(view.region_masks) else "the hottest voxel")
+            + ("the hottest voxel of the region with the highest mean dose" if len(view.region_masks) else "the hottest voxel") \
+            + "; patient's right on the viewer's left (A anterior, P posterior, R right, L left, S superior, I inferior)"
         y = top - height - 0.018
         for line in _wrap(iso_text, 130):
             fig.text(0.05, y, line, fontsize=6.5)
             y -= 0.012
 
-        # DVHs and the region table.
+        # DVHs of the first 16 regions (the rest on later pages); the table on the next page.
         dvh_top = y - 0.01
-        ax = fig.add_axes((0.08, dvh_top - 0.25, 0.36, 0.23))
-        plot_dvh(ax, rows[:len(_REGION_RGB)], absorbed=absorbed)
-        ax.set_title("Cumulative DVH", fontsize=8)
-        header, body = table_rows(rows)
-        tax = fig.add_axes((0.48, dvh_top - 0.26, 0.48, 0.25))
-        tax.axis("off")
-        tax.set_title("Regions", fontsize=8)
-        shown = body[:_TABLE_MAX_ROWS]
-        if shown:
-            table = tax.table(cellText=shown, colLabels=header, loc="upper center", cellLoc="right", colLoc="center")
+        dvh_height = 0.20
+        if not first_dvh:
+            ax = fig.add_axes((0.08, dvh_top - dvh_height - 0.02, 0.38, dvh_height))
+            plot_dvh(ax, [], absorbed=absorbed)
+            ax.set_title("Cumulative DVH", fontsize=8)
+            ax.text(0.5, 0.35, summary.get("regions_error") or "no regions reported", ha="center", fontsize=7,
+                    transform=ax.transAxes, wrap=True)
+        for n, group in enumerate(first_dvh):
+            ax = fig.add_axes((0.08 + n * 0.47, dvh_top - dvh_height - 0.02, 0.38, dvh_height))
+            plot_dvh(ax, [rows[k] for k in group], absorbed=absorbed, colours=[colours[k] for k in group])
+            ax.set_title(f"Cumulative DVH ({group[0] + 1}-{group[-1] + 1} of {len(rows)})", fontsize=8)
+        y = dvh_top - dvh_height - 0.075
+        if table_pages:
+            fig.text(0.05, y, f"Region table ({len(rows)} regions): page 2" + (f"-{1 + len(table_pages)}"
+                     if len(table_pages) > 1 else "") + (f"; further DVHs: page {2 + len(table_pages)}"
+                     + (f"-{n_pages}" if len(dvh_pages) > 1 else "") if dvh_pages else ""), fontsize=7)
+            y -= 0.015
+
+        # Warnings, the reviewer's fields and the footer.
+        warn = [x for w in lines["warnings"] for x in _wrap(w, 135)]
+        room = max(0, int((y - 0.115) / 0.0115))
+        if len(warn) > room:
+            warn = warn[:max(0, room - 1)] + [f"... {len(warn) - max(0, room - 1)} more warning lines in summary.txt"]
+        for line in warn:
+            fig.text(0.05, y, line, fontsize=6.2, color="#a00000")
+            y -= 0.0115
+        _reviewer_fields(fig, 0.045)
+        footer(fig, 1)
+        pdf.savefig(fig)
+
+        page = 1
+        for chunk in table_pages:
+            page += 1
+            fig = Figure(figsize=_A4_IN)
+            fig.text(0.05, 0.965, f"Regions ({chunk[0] + 1}-{chunk[-1] + 1} of {len(rows)})", fontsize=11, weight="bold")
+            fig.text(0.95, 0.967, who_line, fontsize=7, ha="right")
+            row_h = 0.0185
+            tax = fig.add_axes((0.04, 0.93 - row_h * (len(chunk) + 1), 0.92, row_h * (len(chunk) + 1)))
+            tax.axis("off")
+            table = tax.table(cellText=[body[k] for k in chunk], colLabels=header, loc="upper center",
+                              cellLoc="right", colLoc="center", bbox=(0, 0, 1, 1))
             table.auto_set_font_size(False)
-            table.set_fontsize(5.8)
+            table.set_fontsize(6.2)
             table.auto_set_column_width(list(range(len(header))))
             for (r, c), cell in table.get_celld().items():
                 cell.set_linewidth(0.3)
                 if c == 0 and r > 0:
                     cell.get_text().set_ha("left")
-                    cell.get_text().set_color(np.asarray(region_colours(len(shown))[r - 1]) / 255.0)
-        else:
-            tax.text(0.5, 0.8, summary.get("regions_error") or "no regions reported", ha="center", fontsize=7, wrap=True)
-        if len(body) > len(shown):
-            tax.text(0.0, -0.02, f"+ {len(body) - len(shown)} more regions in regions.csv", fontsize=6,
-                     transform=tax.transAxes)
-
-        # Warnings and the footer.
-        y = dvh_top - 0.29
-        for line in [x for w in lines["warnings"][:6] for x in _wrap(w, 135)][:10]:
-            fig.text(0.05, y, line, fontsize=6.2, color="#a00000")
-            y -= 0.0115
-        fig.text(0.05, 0.02, "Computed by software; to be reviewed and signed by a medical physicist before clinical use. "
-                 "Full numbers: regions.csv, dvh.csv, summary.json, the RT Dose and the SR.", fontsize=6, color="#444444")
-        buf = io.BytesIO()
-        fig.savefig(buf, format="pdf", metadata={"CreationDate": None, "Creator": "spectdose", "Producer": "spectdose"})
+                    cell.get_text().set_color(np.asarray(colours[chunk[r - 1]]) / 255.0)
+                if header[c] == "notes" and r > 0:
+                    cell.get_text().set_ha("left")
+            fig.text(0.05, 0.93 - row_h * (len(chunk) + 1) - 0.02,
+                     "- : no dose statistic (region not covered by the SPECT, or no value). Region names in their "
+                     "DVH colours. D2/D50/D98: minimum dose to the hottest 2/50/98 % of the region.", fontsize=6.2)
+            footer(fig, page)
+            pdf.savefig(fig)
+        for panels in dvh_pages:
+            page += 1
+            fig = Figure(figsize=_A4_IN)
+            fig.text(0.05, 0.965, "Cumulative DVHs (continued)", fontsize=11, weight="bold")
+            fig.text(0.95, 0.967, who_line, fontsize=7, ha="right")
+            for n, group in enumerate(panels):
+                col, line_no = n % 2, n // 2
+                ax = fig.add_axes((0.08 + col * 0.47, 0.66 - line_no * 0.3, 0.38, 0.24))
+                plot_dvh(ax, [rows[k] for k in group], absorbed=absorbed, colours=[colours[k] for k in group])
+                ax.set_title(f"Cumulative DVH ({group[0] + 1}-{group[-1] + 1} of {len(rows)})", fontsize=8)
+            footer(fig, page)
+            pdf.savefig(fig)
     return buf.getvalue()
+
+
+def _reviewer_fields(fig, y: float) -> None:
+    """Name, date and signature lines for the reviewing physicist."""
+    fig.text(0.05, y + 0.028, "Reviewed and approved by the medical physicist:", fontsize=7.5, weight="bold")
+    for x0, width, label in ((0.05, 0.33, "Name"), (0.41, 0.17, "Date"), (0.61, 0.34, "Signature")):
+        fig.add_artist(_line(fig, x0, x0 + width, y))
+        fig.text(x0, y - 0.011, label, fontsize=6.5, color="#444444")
+
+
+def _line(fig, x0: float, x1: float, y: float):
+    from matplotlib.lines import Line2D
+
+    return Line2D([x0, x1], [y, y], transform=fig.transFigure, color="black", lw=0.6)
 
 
 def _colour_name(rgb: tuple[int, int, int]) -> str:

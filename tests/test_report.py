@@ -8,6 +8,7 @@ strings of every ``TJ`` array as UTF-16-BE gives the text as drawn.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
 import shutil
@@ -32,8 +33,10 @@ from spectdose.report import (
     default_isodose_levels,
     identifiers_from_study,
     key_point,
+    region_colours,
     render_slice,
     report_pdf_bytes,
+    table_rows,
 )
 from spectdose.study import Administration, PatientInfo, SeriesRef, Study
 
@@ -84,7 +87,8 @@ def _summary(dose: Volume, regions: RegionSet) -> dict:
                        "calibration": "test calibration", "density_curve": "schneider2000", "dose_grid": "CT",
                        "inputs_sha256": "0123456789abcdef", "model_sha256": None},
         "time": {"administration": "2024-03-01T09:00:00", "acquisition": "2024-03-05T10:00:00",
-                 "hours_since_administration": 97.0},
+                 "hours_since_administration": 97.0, "model": "hanscheid", "model_half_life_h": 97.0,
+                 "half_life_note": "Hanscheid: effective half-life taken equal to the imaging time t"},
         "activity": {"injected_activity_mbq": 7400.0, "calibration": "test calibration"},
         "regions": rows,
         "regions_source": {"kind": "SEG", "method": None},
@@ -125,16 +129,19 @@ def report():
     return study, view, summary, report_pdf_bytes(view, summary, identifiers_from_study(study))
 
 
-def test_report_is_one_a4_page_with_identifiers_administration_method_and_regions(report):
+def test_report_is_a4_with_identifiers_administration_method_regions_and_reviewer_fields(report):
     study, view, summary, pdf = report
     assert pdf.startswith(b"%PDF-")
-    assert len(re.findall(rb"/Type\s*/Page(?!s)", pdf)) == 1
+    assert len(re.findall(rb"/Type\s*/Page(?!s)", pdf)) == 2  # the key page, then the region table
     box = [float(v) for v in re.search(rb"/MediaBox\s*\[\s*([\d.\s]+)\]", pdf).group(1).split()]
     assert box[2] == pytest.approx(595.3, abs=1) and box[3] == pytest.approx(841.9, abs=1)  # A4 in points
     text = pdf_text(pdf)
     for expected in ("Müller Jürgen", "P-REPORT-42", "ACC-991", study.ct_series.study_instance_uid, "7400 MBq",
                      "2024-03-01T09:00:00", "DVK", "hanscheid", "test calibration", "kidney_left", "lesion_liver_1",
-                     "D98 (Gy)", "a warning the physicist must see", "Cumulative DVH", "axial", "coronal", "sagittal"):
+                     "D98 (Gy)", "a warning the physicist must see", "Cumulative DVH", "axial", "coronal", "sagittal",
+                     "half-life used 97 h", "Reviewed and approved by the medical physicist", "Name", "Date",
+                     "Signature", "patient's right on the viewer's left", "page 1 of 2", "page 2 of 2",
+                     "Uncertainty: none estimated by this method"):
         assert expected in text, f"{expected!r} is not in the report"
     lesion = next(r for r in summary["regions"] if r["region"] == "lesion_liver_1")
     assert f"{lesion['mean_gy']:.3g}" in text  # the table's numbers are the summary's
@@ -213,6 +220,85 @@ def test_a_dose_rate_only_result_reports_the_rate_and_says_there_are_no_regions(
                "time": {}, "provenance": {"method": "DVK", "time_model": "none (dose rate only)"}}
     pdf = report_pdf_bytes(view, summary, identifiers_from_study(study))
     text = pdf_text(pdf)
-    assert len(re.findall(rb"/Type\s*/Page(?!s)", pdf)) == 1
+    assert len(re.findall(rb"/Type\s*/Page(?!s)", pdf)) == 1  # no regions: no table page
     assert "mGy/h/MBq" in text and "none (dose rate only)" in text and "no regions reported here" in text
     assert "P-REPORT-42" in text
+
+
+def _many_regions(n: int) -> RegionSet:
+    """``n`` small boxes along the body, each its own region (a 15-segment SEG in miniature)."""
+    regions = []
+    for r in range(n):
+        mask = np.zeros(SHAPE, bool)
+        k, j = 2 + (r % 10) * 2, 4 + (r // 10) * 5
+        mask[k:k + 2, j:j + 4, 20:26] = True
+        regions.append(Region(f"lesion_{r + 1}" if r >= 11 else f"organ_{r + 1}", mask, r + 1, lesion=r >= 11))
+    return RegionSet(regions, "SEG", description="many regions")
+
+
+def test_every_region_of_a_15_segment_seg_is_in_the_table_and_a_dvh_with_its_own_colour():
+    study = _study()
+    dose, regions = _dose(study), _many_regions(15)
+    view = ViewVolumes.from_volumes(study.ct, dose, regions)
+    summary = _summary(dose, regions)
+    names = [r.name for r in regions.regions]
+    text = pdf_text(report_pdf_bytes(view, summary, identifiers_from_study(study)))
+    for name in names:
+        # once in a DVH legend (page 1) and once in the table (page 2)
+        assert len(re.findall(rf"(?m)^{name}$", text)) >= 2, f"{name} is not in both a DVH and the table"
+    last = summary["regions"][-1]
+    assert f"{last['mean_gy']:.3g}" in text and "Cumulative DVH (9-15 of 15)" in text
+    colours = np.asarray(region_colours(40), float)
+    distance = np.sqrt(((colours[:, None] - colours[None]) ** 2).sum(axis=-1)) + np.eye(40) * 1e9
+    assert distance.min() > 20  # 40 regions, no colour repeated or nearly so (RGB distance)
+
+
+def test_sixty_regions_take_further_pages_and_none_is_left_off():
+    study = _study()
+    dose, regions = _dose(study), _many_regions(60)
+    summary = _summary(dose, regions)
+    pdf = report_pdf_bytes(ViewVolumes.from_volumes(study.ct, dose, regions), summary, identifiers_from_study(study))
+    text = pdf_text(pdf)
+    # page 1, two table pages (44 rows each), one page of further DVHs (regions 17-60: six panels)
+    assert len(re.findall(rb"/Type\s*/Page(?!s)", pdf)) == 4
+    for r in regions.regions:
+        assert len(re.findall(rf"(?m)^{r.name}$", text)) >= 2, r.name
+    assert "Cumulative DVH (57-60 of 60)" in text and "Regions (45-60 of 60)" in text
+
+
+def test_header_and_label_text_is_drawn_literally_never_as_mathtext():
+    study = _study()
+    study.patient = dataclasses.replace(study.patient, patient_name="A$x^{$^B", patient_id="ID$1$")
+    dose = _dose(study)
+    regions = _regions()
+    regions.regions[0].name = "A$x^{$^B"
+    summary = _summary(dose, regions)
+    view = ViewVolumes.from_volumes(study.ct, dose, regions)
+    text = pdf_text(report_pdf_bytes(view, summary, identifiers_from_study(study)))
+    assert "A$x {$ B" in text and "ID$1$" in text  # the name's components, as a name is shown
+    assert len(re.findall(r"(?m)^A\$x\^\{\$\^B$", text)) >= 2  # the label, in the DVH legend and the table
+
+
+def test_uncertainty_coverage_and_notes_are_columns_and_an_uncovered_region_has_no_numbers():
+    rows = [
+        {"region": "liver", "volume_ml": 1500.0, "mean_gy": 3.0, "uncertainty_gy": 0.21, "d2_gy": 6.0, "d50_gy": 3.0,
+         "d98_gy": 1.0, "max_gy": 7.0, "mean_dose_rate_mgy_per_h": 11.0, "coverage": "covered",
+         "spect_coverage_fraction": 1.0, "automatic": False, "location": "abdomen, right"},
+        {"region": "kidney_left", "volume_ml": 150.0, "mean_gy": None, "uncertainty_gy": None, "d2_gy": None,
+         "d50_gy": None, "d98_gy": None, "max_gy": None, "mean_dose_rate_mgy_per_h": None, "coverage": "not covered",
+         "spect_coverage_fraction": 0.0, "automatic": True, "location": "abdomen, left", "size_note": "below 2 ml"},
+        {"region": "lesion_1", "volume_ml": 5.0, "mean_gy": 9.0, "uncertainty_gy": 1.1, "d2_gy": 12.0, "d50_gy": 9.0,
+         "d98_gy": 4.0, "max_gy": 13.0, "mean_dose_rate_mgy_per_h": 30.0, "coverage": "partly covered",
+         "spect_coverage_fraction": 0.62},
+    ]
+    header, body = table_rows(rows)
+    assert header[:4] == ["region", "volume (ml)", "coverage", "mean (Gy)"] and "1 sigma (Gy)" in header
+    cells = dict(zip(header, body[1], strict=True))
+    assert cells["mean (Gy)"] == cells["D2 (Gy)"] == cells["1 sigma (Gy)"] == "-"
+    assert cells["coverage"] == "not covered (0 % in SPECT)" and cells["notes"] == "automatic; abdomen, left; below 2 ml"
+    assert dict(zip(header, body[2], strict=True))["coverage"] == "partly covered (62 % in SPECT)"
+    assert dict(zip(header, body[0], strict=True))["1 sigma (Gy)"] == "0.21"
+    # the old form (no coverage fields) still renders, without the new columns
+    old_header, _ = table_rows([{k: v for k, v in rows[0].items() if k not in ("coverage", "automatic", "location",
+                                                                              "spect_coverage_fraction")}])
+    assert "coverage" not in old_header and "notes" not in old_header
