@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -56,6 +57,84 @@ def _logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _private_files() -> None:
+    """Files 0640 and folders 0750 at most from here on (patient data: the service's alone)."""
+    from .storage import PRIVATE_UMASK
+
+    os.umask(PRIVATE_UMASK)
+
+
+def _configured_names(config: Path | None) -> set[str]:
+    """The settings named in the environment or in the settings file (lower-case field names)."""
+    from dotenv import dotenv_values
+
+    names = {k[len("SPECTDOSE_"):].lower() for k in os.environ if k.upper().startswith("SPECTDOSE_")}
+    path = config or os.environ.get("SPECTDOSE_CONFIG")
+    if path and Path(path).is_file():
+        names |= {k[len("SPECTDOSE_"):].lower() for k, v in dotenv_values(path).items()
+                  if k.upper().startswith("SPECTDOSE_") and v is not None}
+    return names
+
+
+def _reaches(path: Path, uid: int, gid: int) -> bool:
+    """Whether user ``uid`` (group ``gid``) can pass through every folder above ``path``."""
+    import stat
+
+    for parent in path.resolve().parents:
+        st = parent.stat()
+        bit = stat.S_IXUSR if st.st_uid == uid else stat.S_IXGRP if st.st_gid == gid else stat.S_IXOTH
+        if not st.st_mode & bit:
+            return False
+    return True
+
+
+def _drop_root(settings):
+    """``serve`` started as root runs as ``RUN_AS_USER`` (default: spectdose if it exists, else nobody).
+
+    Before switching, the data directory is given to that user and the kernel cache copied into it
+    (the default one lies in root's home). Returns (settings, who we run as, a warning or None). A
+    data directory that user cannot reach keeps root, with the warning saying why and how to fix it.
+    """
+    import pwd
+
+    if os.geteuid() != 0:
+        return settings, pwd.getpwuid(os.geteuid()).pw_name, None
+    name = settings.run_as_user
+    if name is None:
+        try:
+            pwd.getpwnam("spectdose")
+            name = "spectdose"
+        except KeyError:
+            name = "nobody"
+    if name == "root":
+        return settings, "root", "running as root because SPECTDOSE_RUN_AS_USER=root"
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        raise RuntimeError(f"SPECTDOSE_RUN_AS_USER: no user {name!r} on this machine") from None
+    data = settings.data_dir
+    if not _reaches(data, pw.pw_uid, pw.pw_gid):
+        return settings, "root", (f"STILL RUNNING AS ROOT: user {name} cannot reach the data directory {data} (a folder "
+                                  "above it is closed to it); use a data directory it can reach, or set "
+                                  "SPECTDOSE_RUN_AS_USER")
+    updates = {}
+    if settings.kernel_cache_dir is None:
+        own = data / "kernel-cache"
+        if settings.kernel_dir.is_dir():
+            shutil.copytree(settings.kernel_dir, own, dirs_exist_ok=True)
+        updates["kernel_cache_dir"] = own
+    (data / "run").mkdir(exist_ok=True)
+    for dirpath, dirs, files in os.walk(data):
+        for entry in [dirpath, *(os.path.join(dirpath, n) for n in dirs + files)]:
+            os.lchown(entry, pw.pw_uid, pw.pw_gid)
+    os.environ["MPLCONFIGDIR"] = str(data / "run")  # matplotlib's cache: root's home is closed to the user
+    os.environ["HOME"] = str(data)
+    os.setgroups([])
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    return settings.model_copy(update=updates), name, None
+
+
 def _no_extra(args: argparse.Namespace, module: str | None) -> int:
     print(f"spectdose {args.command}: error: {module or 'a dependency'} is not installed; the service commands "
           "need the service extra: pip install 'spectdose[service]'", file=sys.stderr)
@@ -97,14 +176,18 @@ def add_serve(sub) -> None:
     p = sub.add_parser(
         "serve",
         help="run gateway, DICOM node and a worker in one command (starts a local Redis if none answers)",
-        description="Local all-in-one service for a workstation or a demo. API authentication is off unless "
-        "SPECTDOSE_API_TOKENS is set, and then the gateway listens on loopback only.",
+        description="Local all-in-one service for a workstation or a demo. Every setting of --config FILE (or "
+        "the environment) applies, tokens included; options given here win. Without SPECTDOSE_API_TOKENS the API "
+        "is open and may listen on loopback only (--no-auth opens it to the network knowingly). Started as root, "
+        "it runs as SPECTDOSE_RUN_AS_USER (default: spectdose, else nobody).",
     )
     _common(p)
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--dicom-port", type=int, default=11112)
-    p.add_argument("--ae-title", default="SPECTDOSE")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (HTTP and DICOM)")
+    p.add_argument("--http-port", type=int, default=None, help="default: $SPECTDOSE_HTTP_PORT or 8000")
+    p.add_argument("--dicom-port", type=int, default=None, help="default: $SPECTDOSE_DICOM_PORT or 11112")
+    p.add_argument("--ae-title", default=None, help="default: $SPECTDOSE_AE_TITLE or SPECTDOSE")
+    p.add_argument("--host", default=None, help="address to listen on, HTTP and DICOM (default: 127.0.0.1)")
+    p.add_argument("--no-auth", action="store_true",
+                   help="no API tokens even on a network address: anyone who reaches it reads patient data")
     p.add_argument("--export", action="append", metavar="AET@HOST:PORT",
                    help="send results here (repeatable; default: back to the sender, see --peer)")
     p.add_argument("--peer", action="append", metavar="AET@HOST:PORT",
@@ -185,18 +268,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .dicom_node import DicomNode
     from .localredis import ensure_redis, redacted
     from .main import create_app
+    from .storage import private_tree
 
-    tokens_set = bool(os.environ.get("SPECTDOSE_API_TOKENS"))
-    extra = {
-        "environment": "development",
-        "auth_enabled": tokens_set,
-        "http_host": args.host,
-        "http_port": args.http_port,
-        "dicom_host": args.host,
-        "dicom_port": args.dicom_port,
-        "ae_title": args.ae_title,
-        "data_dir": args.data_dir or Path("spectdose-data"),
-    }
+    _private_files()
+    # The file and the environment give every setting (tokens included); serve's own defaults fill in
+    # only what neither names, and options given on the command line win.
+    configured = _configured_names(args.config)
+    given = {"http_host": args.host, "dicom_host": args.host, "http_port": args.http_port,
+             "dicom_port": args.dicom_port, "ae_title": args.ae_title}
+    extra = {k: v for k, v in given.items() if v is not None}
+    if "environment" not in configured:
+        extra["environment"] = "development"
+    if args.data_dir is None and "data_dir" not in configured:
+        extra["data_dir"] = Path("spectdose-data")
+    if args.no_auth:
+        extra.update(auth_enabled=False, no_auth_beyond_loopback=True)
     if args.export:
         extra["export"] = args.export
     if args.peer:
@@ -206,9 +292,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.quiet_s is not None:
         extra["study_quiet_s"] = args.quiet_s
     settings = _settings(args, **extra)
+    if not settings.api_tokens and "auth_enabled" not in extra and "auth_enabled" not in configured:
+        extra["auth_enabled"] = False  # no token anywhere: the open local demo (loopback only, checked)
+        settings = _settings(args, **extra)
     _logging(settings.log_level)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
     settings = settings.model_copy(update={"data_dir": settings.data_dir.resolve()})
+    settings, user, user_warning = _drop_root(settings)
+    private_tree(settings.data_dir)
 
     redis_url, local_redis = ensure_redis(settings.redis_url, settings.data_dir / "redis")
     settings = settings.model_copy(update={"redis_url": redis_url})
@@ -236,14 +327,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         node.start()
         worker.start()
+        if settings.auth_enabled:
+            auth = f"ON ({len(settings.api_tokens)} token(s))"
+        elif settings.no_auth_beyond_loopback:
+            auth = "OFF (--no-auth)"
+        else:
+            auth = "OFF (local demo, loopback only)"
         print(
-            f"spectdose serve: gateway {http_url} (docs {http_url}/docs), DICOM node {settings.ae_title}@"
-            f"{settings.dicom_host}:{settings.dicom_port}, broker {redacted(redis_url)}"
+            f"spectdose serve: gateway {http_url} (docs {http_url}/docs: {settings.docs_mode}), DICOM node "
+            f"{settings.ae_title}@{settings.dicom_host}:{settings.dicom_port}, broker {redacted(redis_url)}"
             f"{' (started here)' if local_redis else ''}, data {settings.data_dir}\n"
             f"  results go to: {', '.join(settings.export) or 'nowhere (REST only)'}; "
-            f"API authentication {'ON' if settings.auth_enabled else 'OFF (local demo)'}",
+            f"API authentication {auth}; running as {user}",
             flush=True,
         )
+        shout = []
+        if not settings.auth_enabled and settings.no_auth_beyond_loopback:
+            shout.append(f"API AUTHENTICATION IS OFF ON {settings.http_host}:{settings.http_port} (--no-auth): ANYONE "
+                         "WHO CAN REACH THIS ADDRESS READS AND SUBMITS PATIENT DATA")
+        if user_warning:
+            shout.append(user_warning)
+        for line in shout:
+            print(f"!!! WARNING: {line} !!!", flush=True)
+            print(f"spectdose serve: WARNING: {line}", file=sys.stderr, flush=True)
         if args.demo:
             def demo() -> None:
                 while not server.started:
@@ -293,9 +399,13 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     from .main import create_app
 
+    _private_files()
     extra = {k: v for k, v in {"http_host": args.host, "http_port": args.port}.items() if v is not None}
     settings = _settings(args, **extra)
     _logging(settings.log_level)
+    from .storage import private_tree
+
+    private_tree(settings.data_dir)  # what an older version left readable to other users
     if args.workers > 1:
         os.environ.update(settings.to_env())
         uvicorn.run("service.main:create_app", factory=True, host=settings.http_host, port=settings.http_port,
@@ -320,6 +430,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from .context import build_context
     from .dicom_node import DicomNode
 
+    _private_files()
     extra = {k: v for k, v in {"dicom_host": args.host, "dicom_port": args.port, "ae_title": args.ae_title}.items()
              if v is not None}
     settings = _settings(args, **extra)
@@ -361,6 +472,7 @@ def _auto_queues() -> str:
 def cmd_worker(args: argparse.Namespace) -> int:
     from .celery_app import QUEUES, WORKER_MODULE, make_celery
 
+    _private_files()
     settings = _settings(args)
     _logging(settings.log_level)
     queues = _auto_queues() if args.queues == "auto" else args.queues

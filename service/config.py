@@ -7,6 +7,7 @@ deployment sets each value once. Validators refuse unsafe values outside develop
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import os
@@ -93,6 +94,16 @@ class Settings(BaseSettings):
     max_unzipped_mb: float = Field(8192, gt=0, description="largest total size unpacked from uploads")
     max_upload_files: int = Field(20000, gt=0)
     public_url: str | None = Field(None, description="base URL put in Location headers (default: relative)")
+    # Host names (Host header, Origin of a posting page) the gateway answers to: a DNS-rebinding page
+    # or a cross-site form must not reach an open (no token) gateway on loopback. "*" = any.
+    allowed_hosts: CommaList = Field(
+        default_factory=list, description="host names the gateway answers to besides localhost, IP addresses, the "
+        "listen address and PUBLIC_URL's host ('.example.org' = a domain and its subdomains, '*' = any); checked "
+        "whenever authentication is off, and always once set",
+    )
+    # Only `serve --no-auth`: the operator's explicit choice of an open gateway beyond loopback.
+    no_auth_beyond_loopback: bool = Field(
+        False, description="authentication off on a non-loopback address (serve --no-auth; development only)")
 
     # DICOM node
     ae_title: str = "SPECTDOSE"
@@ -114,6 +125,10 @@ class Settings(BaseSettings):
 
     # client faults and exposure (gateway)
     body_timeout_s: float = Field(60.0, gt=0, description="an upload that sends nothing for this long is dropped")
+    upload_deadline_s: float = Field(3600.0, gt=0, description="a request body must arrive whole within this")
+    upload_min_bytes_per_s: float = Field(
+        10240.0, ge=0, description="a request body slower than this on average (measured once it is older than "
+        "BODY_TIMEOUT_S) is dropped; 0 = no minimum")
     auth_max_failures: int = Field(10, gt=0, description="failed logins per client and window before 429")
     auth_failure_window_s: float = Field(300.0, gt=0)
     api_docs: Literal["public", "token", "off"] | None = Field(
@@ -146,7 +161,12 @@ class Settings(BaseSettings):
     )
     export_retries: int = Field(3, ge=1)
     export_backoff_s: float = Field(2.0, ge=0)
-    export_timeout_s: float = Field(30.0, gt=0)
+    export_timeout_s: float = Field(30.0, gt=0, description="C-STORE (DIMSE) and STOW-RS answers")
+    # A destination that accepts TCP and never answers must not hold the worker that computes doses:
+    # connecting and association negotiation get short limits, and a failed association is retried by
+    # the task later (the worker computes other jobs meanwhile), not in the task.
+    export_connect_timeout_s: float = Field(5.0, gt=0, description="TCP connect to an export destination")
+    export_associate_timeout_s: float = Field(10.0, gt=0, description="A-ASSOCIATE answer of an export destination")
 
     # dose options shared by every job
     default_method: Literal["auto", "dvk", "cnn"] = Field(
@@ -175,6 +195,10 @@ class Settings(BaseSettings):
     device: str | None = None
 
     log_level: str = "INFO"
+    # Who `serve` runs as when started as root (it drops root before anything else starts).
+    run_as_user: str | None = Field(
+        None, description="user `serve` switches to when started as root (default: spectdose if it exists, else "
+        "nobody); the data directory is given to it")
 
     @property
     def resolved_method(self) -> Literal["dvk", "cnn"]:
@@ -224,7 +248,8 @@ class Settings(BaseSettings):
                 raise ValueError(f"unknown assumption in {entry!r}; known: {sorted(ASSUMPTIONS)}")
         return value
 
-    @field_validator("api_tokens", "allowed_calling_aets", "peers", "export", "accept", "accept_by_ae", mode="before")
+    @field_validator("api_tokens", "allowed_calling_aets", "peers", "export", "accept", "accept_by_ae", "allowed_hosts",
+                     mode="before")
     @classmethod
     def _comma_list(cls, value):
         return _split_list(value)
@@ -288,9 +313,10 @@ class Settings(BaseSettings):
             for token in self.api_tokens:
                 if len(token) < _MIN_TOKEN_CHARS or token.lower() in _WEAK_TOKENS:
                     raise ValueError(f"API tokens must be at least {_MIN_TOKEN_CHARS} characters and not a common word")
-        elif not self.auth_enabled and not _is_loopback(self.http_host):
+        elif not self.auth_enabled and not _is_loopback(self.http_host) and not self.no_auth_beyond_loopback:
             raise ValueError(
-                f"authentication is off: the gateway may only listen on loopback, not {self.http_host!r}"
+                f"authentication is off: the gateway may only listen on loopback, not {self.http_host!r} (set "
+                "SPECTDOSE_API_TOKENS, or run `spectdose serve --no-auth` to open it to the network knowingly)"
             )
         return self
 
@@ -319,7 +345,32 @@ class Settings(BaseSettings):
 
     @property
     def docs_mode(self) -> str:
-        return self.api_docs or ("public" if self.environment == "development" else "token")
+        """/docs, /redoc, /openapi.json: API_DOCS, else behind the token whenever there is one."""
+        return self.api_docs or ("token" if self.auth_enabled else "public")
+
+    @property
+    def checks_host(self) -> bool:
+        """Whether the Host header is checked: always without authentication (DNS rebinding would
+        otherwise read results), and once ALLOWED_HOSTS is set."""
+        return not self.auth_enabled or bool(self.allowed_hosts)
+
+    def host_allowed(self, host: str) -> bool:
+        """Whether ``host`` (a Host header or an Origin's host, port left out) is one we answer to."""
+        name = host.strip().lower().rstrip(".")
+        if name.startswith("["):
+            name = name[1:].split("]", 1)[0]
+        if not name:
+            return False
+        if name == "localhost" or "*" in self.allowed_hosts:
+            return True
+        with contextlib.suppress(ValueError):
+            ipaddress.ip_address(name)
+            return True  # an address literal cannot be a rebound name
+        names = {h.lower().rstrip(".") for h in self.allowed_hosts}
+        names.add(self.http_host.lower())
+        if self.public_url:
+            names.add((urlsplit(self.public_url).hostname or "").lower())
+        return name in names or any(n.startswith(".") and (name.endswith(n) or name == n[1:]) for n in names)
 
     @property
     def peer_map(self) -> dict[str, DicomPeer]:

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import time
 from pathlib import Path
@@ -23,10 +24,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .context import ServiceContext
 from .jobs import token_label
+from .storage import atomic_write_bytes
 from .throttle import LoginThrottle
 
 __all__ = ["ServiceContext", "Ctx", "Actor", "public_base_url", "job_or_404", "get_context", "require_token", "check_token", "make_session",
-           "session_actor", "require_session", "Viewer", "SESSION_COOKIE", "SESSION_MAX_AGE_S"]
+           "session_actor", "revoke_session", "require_session", "Viewer", "SESSION_COOKIE", "SESSION_MAX_AGE_S"]
 
 _bearer = HTTPBearer(auto_error=False, description="one of SPECTDOSE_API_TOKENS")
 
@@ -34,6 +36,8 @@ SESSION_COOKIE = "spectdose_session"
 # A browser session lasts a working day; then the token is asked for again.
 SESSION_MAX_AGE_S = 8 * 3600
 _SESSION_KEY_FILE = "ui-session.key"
+_REVOKED_DIR = "ui-sessions-revoked"  # one file per logged-out session (its nonce), until it expires
+_NONCE = re.compile(r"[0-9a-f]{16,64}")
 
 
 def get_context(request: Request) -> ServiceContext:
@@ -41,8 +45,11 @@ def get_context(request: Request) -> ServiceContext:
 
 
 def public_base_url(request: Request, ctx: ServiceContext) -> str:
-    """The gateway's address for links in answers: the configured public URL, else the request's."""
-    return ctx.settings.public_url.rstrip("/") if ctx.settings.public_url else str(request.base_url).rstrip("/")
+    """The base of links in answers: the configured public URL, else none (links stay relative).
+
+    Never the request's Host header: behind a proxy or under DNS rebinding it names someone else.
+    """
+    return ctx.settings.public_url.rstrip("/") if ctx.settings.public_url else ""
 
 
 def job_or_404(ctx: ServiceContext, job_id: str):
@@ -54,23 +61,27 @@ def job_or_404(ctx: ServiceContext, job_id: str):
 
 
 def check_token(request: Request, offered: str | None) -> str:
-    """The audit label of ``offered`` if it is one of the API tokens; else 401 (or 429 after
-    too many failures from this client), audited. One check for the API and the login form."""
+    """The audit label of ``offered`` if it is one of the API tokens; else 401 (or 429 while this
+    client is throttled), audited. One check for the API and the login form.
+
+    A valid token always passes, even from a throttled address: behind a NAT or a proxy one
+    bad script must not lock the clinic out. Failures while throttled are answered 429 and not
+    counted again, so the lock ends when its window does (it does not renew itself).
+    """
     ctx: ServiceContext = request.app.state.ctx
     settings = ctx.settings
     client = request.client.host if request.client else "?"
+    if offered:
+        for token in settings.api_tokens:
+            if hmac.compare_digest(token.encode(), offered.encode()):
+                return token_label(token)
     throttle: LoginThrottle | None = getattr(request.app.state, "login_throttle", None)
     wait = throttle.retry_after(client) if throttle else None
     if wait is not None:
         raise HTTPException(status_code=status.HTTP_429_TOO_MANY_REQUESTS,
-                            detail=f"too many failed logins from this client: retry in {wait} s",
+                            detail=f"too many failed logins from this client: retry in {wait} s (a valid token "
+                                   "is still accepted)",
                             headers={"Retry-After": str(wait)})
-    if offered:
-        for token in settings.api_tokens:
-            if hmac.compare_digest(token.encode(), offered.encode()):
-                if throttle:
-                    throttle.succeeded(client)
-                return token_label(token)
     if throttle:
         n = throttle.failed(client)
         # Audited up to the limit, then once as throttled: a guesser cannot flood the audit log.
@@ -139,11 +150,10 @@ def make_session(request: Request, token: str, *, now: float | None = None) -> s
     return f"{body}.{_b64(hmac.new(key, body.encode(), hashlib.sha256).digest())}"
 
 
-def session_actor(request: Request, *, now: float | None = None) -> str | None:
-    """The audit label of a valid session cookie, else None (absent, forged, expired, revoked)."""
+def _session_payload(request: Request, *, now: float | None = None) -> dict | None:
+    """The checked payload of the request's session cookie, else None (absent, forged, expired,
+    its token removed, logged out)."""
     ctx: ServiceContext = request.app.state.ctx
-    if not ctx.settings.auth_enabled:
-        return "anonymous"
     value = request.cookies.get(SESSION_COOKIE)
     if not value or value.count(".") != 1:
         return None
@@ -153,14 +163,48 @@ def session_actor(request: Request, *, now: float | None = None) -> str | None:
         return None
     try:
         payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-        expires, fingerprint, label = int(payload["e"]), str(payload["f"]), str(payload["l"])
+        expires, fingerprint, nonce = int(payload["e"]), str(payload["f"]), str(payload["n"])
+        str(payload["l"])
     except (ValueError, KeyError, TypeError):
         return None
-    if expires < (now or time.time()):
+    if expires < (now or time.time()) or not _NONCE.fullmatch(nonce):
         return None
     if not any(hmac.compare_digest(_token_fingerprint(key, t), fingerprint) for t in ctx.settings.api_tokens):
         return None
-    return label
+    if (_revoked_dir(ctx) / nonce).exists():
+        return None
+    return payload
+
+
+def session_actor(request: Request, *, now: float | None = None) -> str | None:
+    """The audit label of a valid session cookie, else None (absent, forged, expired, revoked)."""
+    if not request.app.state.ctx.settings.auth_enabled:
+        return "anonymous"
+    payload = _session_payload(request, now=now)
+    return None if payload is None else str(payload["l"])
+
+
+def _revoked_dir(ctx: ServiceContext) -> Path:
+    return Path(ctx.settings.data_dir) / _REVOKED_DIR
+
+
+def revoke_session(request: Request, *, now: float | None = None) -> str | None:
+    """End the request's session on the server (logout): its nonce is recorded under the data
+    directory, which every gateway on it reads, until the cookie would have expired anyway.
+    Returns the session's audit label, or None when there was no valid session."""
+    ctx: ServiceContext = request.app.state.ctx
+    payload = _session_payload(request, now=now)
+    if payload is None:
+        return None
+    folder = _revoked_dir(ctx)
+    folder.mkdir(mode=0o700, exist_ok=True)
+    atomic_write_bytes(folder / str(payload["n"]), str(int(payload["e"])).encode())
+    t = now or time.time()
+    for old in folder.iterdir():  # revocations of sessions that have expired anyway
+        with contextlib.suppress(OSError, ValueError):
+            if not old.name.startswith(".") and int(old.read_text()) < t:
+                old.unlink()
+    return str(payload["l"])
 
 
 def require_session(request: Request) -> str:

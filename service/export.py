@@ -5,7 +5,10 @@ never sent again, so a retried or redelivered job does not store a second copy. 
 would not make a second series anyway: the core derives the output UIDs from the inputs'
 content, options and version, so an identical resend replaces the same instance in the
 PACS, and a changed result is a new instance next to the old one.) Sending is retried a bounded number
-of times with a doubling delay; every network call has a timeout. An object whose SOP Class a
+of times with a doubling delay; every network call has a timeout. A destination that cannot be
+associated with (no answer within the short connect/association limits, or a rejection) is not
+retried inside the task: the job's task is retried later with its backoff, and the worker
+computes other jobs in between. An object whose SOP Class a
 destination refuses in association negotiation (a PACS without Segmentation Storage, say) is
 recorded as failed with that reason and not retried; the others are sent.
 """
@@ -44,6 +47,7 @@ log = logging.getLogger("spectdose.service.export")
 # Elements Discarded (B006).
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 _NOT_ACCEPTED = "does not accept SOP Class"  # in the error of an object whose presentation context was rejected
+NO_ASSOCIATION = "association with"  # the start of the error of a destination that could not be associated with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,18 +94,30 @@ def resolve_destinations(entries: list[str], *, calling_aet: str | None, peers: 
     return out, problems
 
 
-def c_store(peer: DicomPeer, files: list[OutputFile], *, calling_aet: str, timeout_s: float) -> dict[str, str | None]:
-    """Send ``files`` over one association; map each SOP Instance UID to None (stored) or an error."""
+def c_store(peer: DicomPeer, files: list[OutputFile], *, calling_aet: str, timeout_s: float,
+            connect_timeout_s: float = 5.0, associate_timeout_s: float = 10.0) -> dict[str, str | None]:
+    """Send ``files`` over one association; map each SOP Instance UID to None (stored) or an error.
+
+    Connecting and association negotiation have their own short limits (a peer that accepts TCP
+    and never answers costs ``connect_timeout_s + associate_timeout_s`` at most); ``timeout_s``
+    bounds each C-STORE answer. An error of an association that was never set up starts with
+    :data:`NO_ASSOCIATION`.
+    """
     ae = AE(ae_title=calling_aet)
     for sop_class in sorted({f.sop_class_uid for f in files}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    ae.connection_timeout = min(timeout_s, 10.0)
+    ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.acse_timeout = associate_timeout_s
+    ae.connection_timeout = connect_timeout_s
     result: dict[str, str | None] = {}
+    started = time.monotonic()
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no connection"
-        return {f.sop_instance_uid: f"association with {peer} failed ({why})" for f in files}
+        waited = time.monotonic() - started
+        why = ("rejected" if assoc.is_rejected else
+               f"no answer within {waited:.0f} s" if waited >= min(connect_timeout_s, associate_timeout_s) * 0.9 else
+               "aborted" if assoc.is_aborted else "no connection")
+        return {f.sop_instance_uid: f"{NO_ASSOCIATION} {peer} failed ({why})" for f in files}
     accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
     try:
         for f in files:
@@ -153,7 +169,8 @@ def push_files(peer: DicomPeer, paths: list[Path], *, calling_aet: str, timeout_
     return stored
 
 
-def stow_rs(url: str, files: list[OutputFile], *, token: str | None, timeout_s: float) -> dict[str, str | None]:
+def stow_rs(url: str, files: list[OutputFile], *, token: str | None, timeout_s: float,
+            connect_timeout_s: float | None = None) -> dict[str, str | None]:
     """POST ``files`` as one STOW-RS request (PS3.18 10.5) to ``url`` (a base URL or .../studies)."""
     target = url if url.rstrip("/").endswith("/studies") else url.rstrip("/") + "/studies"
     boundary = uuid.uuid4().hex
@@ -170,7 +187,8 @@ def stow_rs(url: str, files: list[OutputFile], *, token: str | None, timeout_s: 
     if token:
         headers["Authorization"] = f"Bearer {token}"
     try:
-        rsp = httpx.post(target, content=bytes(body), headers=headers, timeout=timeout_s)
+        rsp = httpx.post(target, content=bytes(body), headers=headers,
+                         timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s or timeout_s))
     except httpx.HTTPError as exc:
         return {f.sop_instance_uid: f"STOW-RS to {target} failed ({type(exc).__name__}: {exc})" for f in files}
     if rsp.status_code in (200, 202):
@@ -191,12 +209,15 @@ def export_outputs(
     """Send every output to every destination not yet sent; return what still failed."""
     peers, failures = resolve_destinations(destinations, calling_aet=calling_aet, peers=settings.peer_map)
     senders: list[tuple[str, Callable[[list[OutputFile]], dict[str, str | None]]]] = [
-        (str(p), lambda fs, p=p: c_store(p, fs, calling_aet=settings.ae_title, timeout_s=settings.export_timeout_s))
+        (str(p), lambda fs, p=p: c_store(p, fs, calling_aet=settings.ae_title, timeout_s=settings.export_timeout_s,
+                                         connect_timeout_s=settings.export_connect_timeout_s,
+                                         associate_timeout_s=settings.export_associate_timeout_s))
         for p in peers
     ]
     if settings.stow_url:
         senders.append((settings.stow_url, lambda fs: stow_rs(
-            settings.stow_url, fs, token=settings.stow_token, timeout_s=settings.export_timeout_s)))
+            settings.stow_url, fs, token=settings.stow_token, timeout_s=settings.export_timeout_s,
+            connect_timeout_s=settings.export_connect_timeout_s)))
     for dest, send in senders:
         pending = [f for f in files if not store.export_sent(job_id, dest, f.sop_instance_uid)]
         to_send = len(pending)
@@ -216,6 +237,11 @@ def export_outputs(
                             kinds=[f.kind for f in refused], sop_classes=sorted({f.sop_class_uid for f in refused}))
                 to_send -= len(refused)
             pending = [f for f in pending if errors.get(f.sop_instance_uid) is not None and f not in refused]
+            if pending and all((errors.get(f.sop_instance_uid) or "").startswith(NO_ASSOCIATION) for f in pending):
+                # Nobody answered (or the peer refused us): the task retries later with its backoff, so
+                # the worker computes other jobs meanwhile instead of waiting here.
+                log.warning("job %s: no association with %s; the task retries later", job_id, dest)
+                break
             if pending and attempt < settings.export_retries:
                 delay = settings.export_backoff_s * 2 ** (attempt - 1)
                 log.warning("job %s: export to %s failed (%d left); retry %d/%d in %.1f s",
@@ -223,8 +249,9 @@ def export_outputs(
                 sleep(delay)
         if pending:
             first = errors.get(pending[0].sop_instance_uid) or "unknown error"
+            tries = attempt if first.startswith(NO_ASSOCIATION) else settings.export_retries
             failures.append(ExportFailure(dest, f"{len(pending)} object(s) not sent after "
-                                                f"{settings.export_retries} tries: {first}", permanent=False))
+                                                f"{tries} tr{'y' if tries == 1 else 'ies'}: {first}", permanent=False))
         elif to_send:
             store.audit(settings.ae_title, "results_sent", job_id=job_id, destination=dest, objects=to_send)
     return failures

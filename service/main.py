@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from .config import Settings, load_settings
 from .context import ServiceContext, build_context
 from .deps import Actor
+from .guards import RequestGuard
 from .intake import UploadRejected
 from .metrics import install_metrics
 from .queue import Sweeper
@@ -48,10 +49,10 @@ async def _upload_rejected(_request: Request, exc: UploadRejected) -> JSONRespon
 
 
 def _install_docs(app: FastAPI, mode: str) -> None:
-    """/docs and /openapi.json behind the API token (production) or left out ("off")."""
+    """/docs, /redoc and /openapi.json behind the API token (whenever there is one) or left out ("off")."""
     if mode != "token":
         return
-    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi_json(_actor: Actor) -> JSONResponse:
@@ -60,6 +61,10 @@ def _install_docs(app: FastAPI, mode: str) -> None:
     @app.get("/docs", include_in_schema=False)
     def swagger_ui(_actor: Actor):
         return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc(_actor: Actor):
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
 
 
 def create_app(settings: Settings | None = None, *, context: ServiceContext | None = None,
@@ -80,7 +85,8 @@ def create_app(settings: Settings | None = None, *, context: ServiceContext | No
                              purge=lambda: purge_by_settings(ctx), purge_interval_s=settings.retention_interval_s)
             thread.start()
         if not settings.auth_enabled:
-            log.warning("API authentication is OFF (development mode, loopback only)")
+            log.warning("API authentication is OFF (%s)", "on a network address: anyone who reaches it reads "
+                        "patient data" if settings.no_auth_beyond_loopback else "development mode, loopback only")
         yield
         if thread is not None:
             thread.stop()
@@ -100,4 +106,5 @@ def create_app(settings: Settings | None = None, *, context: ServiceContext | No
     app.include_router(ui_router)
     app.add_exception_handler(UploadRejected, _upload_rejected)
     install_metrics(app, ctx)
+    app.add_middleware(RequestGuard, settings=settings)  # outermost: Host/Origin, then the body's deadline
     return app

@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -33,10 +34,14 @@ from pathlib import Path
 from spectdose.dicom.archive import UnsafeArchiveError, unpack_zip
 
 __all__ = ["Storage", "UnsafeArchive", "extract_zip", "atomic_write_bytes", "safe_component", "fsync_dir",
-           "publish_folder", "folder_manifest"]
+           "publish_folder", "folder_manifest", "private_tree", "PRIVATE_UMASK"]
 
 log = logging.getLogger("spectdose.service.storage")
 
+# Patient data is readable by the service alone: files 0640, folders 0750 at most (owner and the
+# service's own group; nothing for other local users). The commands set this umask at start-up,
+# and what is published is brought to it explicitly (private_tree), whatever the umask was.
+PRIVATE_UMASK = 0o027
 _UID = re.compile(r"^[0-9][0-9.]{0,63}$")
 _COMPLETE = ".complete.json"
 
@@ -62,6 +67,23 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def private_tree(root: Path) -> None:
+    """Take group write and every permission of other users off ``root`` and everything under it
+    (symbolic links left alone); files and folders already private are not touched."""
+    def tighten(path: str) -> None:
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            st = os.lstat(path)
+            if not stat.S_ISLNK(st.st_mode) and st.st_mode & PRIVATE_UMASK:
+                os.chmod(path, stat.S_IMODE(st.st_mode) & ~PRIVATE_UMASK)
+
+    if not os.path.lexists(root):
+        return
+    tighten(str(root))
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            tighten(os.path.join(dirpath, name))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
@@ -100,6 +122,7 @@ def publish_folder(work: Path, final: Path, manifest: dict, *, keep_complete: bo
     finished first: its objects stand, ``work`` is dropped).
     """
     atomic_write_bytes(work / _COMPLETE, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    private_tree(work)  # results name the patient: never readable by other local users
     _fsync_tree(work)
     if keep_complete and (final / _COMPLETE).is_file():
         shutil.rmtree(work, ignore_errors=True)
@@ -156,8 +179,14 @@ class Storage:
         self.staging = self.root / "staging"
         self.incoming_root = self.root / "incoming"
         self.jobs_root = self.root / "jobs"
+        self.root.mkdir(mode=0o750, parents=True, exist_ok=True)
         for d in (self.uploads, self.staging, self.incoming_root, self.jobs_root):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=0o750, exist_ok=True)
+        for d in (self.root, self.uploads, self.staging, self.incoming_root, self.jobs_root):
+            with contextlib.suppress(PermissionError):  # a folder of someone else's: left as it is
+                mode = stat.S_IMODE(d.stat().st_mode)
+                if mode & PRIVATE_UMASK:
+                    os.chmod(d, mode & ~PRIVATE_UMASK)
 
     # ------------------------------------------------------------------ paths
 
@@ -190,7 +219,7 @@ class Storage:
     def upload_dir(self) -> Iterator[Path]:
         """A private folder for one upload; removed on exit unless its content was published."""
         path = self.uploads / uuid.uuid4().hex
-        path.mkdir(parents=True)
+        path.mkdir(mode=0o700, parents=True)
         try:
             yield path
         finally:
@@ -216,6 +245,7 @@ class Storage:
                 except OSError:
                     shutil.copy2(src, target)
                 n_bytes += target.stat().st_size
+            private_tree(tmp)
             _fsync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)  # an earlier, unfinished dispatch of the same job
@@ -233,7 +263,7 @@ class Storage:
         work = self.job_work(job_id, attempt)
         if work.exists():
             shutil.rmtree(work)
-        work.mkdir(parents=True)
+        work.mkdir(mode=0o750, parents=True)
         return work
 
     def publish_output(self, job_id: str, work: Path, manifest: dict) -> Path:

@@ -21,6 +21,12 @@ from spectdose.errors import GeometryError, InputError
 from spectdose.geometry import Grid, Volume, resample_to_grid
 
 __all__ = [
+    "FieldOfView",
+    "COVERED_MIN_FRACTION",
+    "coverage_label",
+    "size_note",
+    "size_bias",
+    "SMALL_REGION_BIAS",
     "Region",
     "RegionSet",
     "load_regions",
@@ -28,6 +34,7 @@ __all__ = [
     "region_statistics",
     "cumulative_dvh",
     "V_THRESHOLDS_GY",
+    "coverage_text",
 ]
 
 # V(x Gy) reported per region: 2 Gy, the red-marrow limit used in PRRT (EANM dosimetry
@@ -40,15 +47,151 @@ V_THRESHOLDS_GY = (2.0, 10.0, 23.0, 100.0)
 _DVH_MAX_BINS = 500
 
 
+# A region is "covered" when at least this fraction of its volume lies inside both the CT and
+# the SPECT field of view. The part outside holds no activity on the CT grid, so a missing 1 %
+# moves a mean dose by about 1 % at most, well inside the quantitative SPECT uncertainty of
+# 5-10 % (EANM/MIRD guideline, Dewaraja et al., J Nucl Med 2012, 53:1310); below it the
+# region gets no dose statistic unless the partial_region_coverage assumption is accepted.
+COVERED_MIN_FRACTION = 0.99
+# Below this fraction nothing of the region is taken as seen.
+_NOT_COVERED_FRACTION = 0.01
+
+# Measured bias of a region's mean dose (rate) against the truth, by region volume and method:
+# (lowest ml, highest ml, method, low %, high %, source). Lesions of the virtual patients;
+# the SPECT resolution is that of spectdose's phantoms (effective FWHM ~11 mm). Sources:
+#   v2 test  = models/dblurdosenet-eval-v2/lesion_volume.csv (signed mean error of the mean
+#              dose rate, v2 test patients vp2201-vp2203, one noise realisation each:
+#              0.5-2 ml n=3, 2-5 ml n=4, 5-20 ml n=9)
+#   issue 17 = the cycle run of issue 17 (spectdose phantom cyc --seed 8, 4 time points, DVK):
+#              lesions of 1.0 / 1.9 / 10.7 ml at -51 / -59 / -29 %
+SMALL_REGION_BIAS: tuple[tuple[float, float, str, float, float, str], ...] = (
+    (0.0, 2.0, "dvk", -68.0, -51.0, "v2 test 0.5-2 ml -68 % (n=3); issue 17 cycle 1.0 / 1.9 ml -51 / -59 %"),
+    (0.0, 2.0, "cnn", -66.0, -65.0, "v2 test 0.5-2 ml -66 % (ensemble) / -65 % (n=3)"),
+    (2.0, 5.0, "dvk", -18.0, -18.0, "v2 test 2-5 ml -18 % (n=4)"),
+    (2.0, 5.0, "cnn", -7.0, -7.0, "v2 test 2-5 ml -7 % (n=4)"),
+)
+# Regions under this volume get a size note: a sphere of 5.6 ml is 22 mm across, two SPECT
+# FWHM (~11 mm), the size below which partial-volume loss dominates (Soret et al., J Nucl Med
+# 2007, 48:932: recovery falls steeply below 2-3 FWHM).
+SMALL_REGION_ML = 5.0
+
+
+def size_bias(volume_ml: float, method: str) -> dict | None:
+    """The measured bias of the mean dose for a region this small (None at or above 5 ml, or
+    where no measurement covers it): ``low_pct``, ``high_pct``, ``method`` it was measured
+    with (DVK when ``method`` has none), ``source``."""
+    if volume_ml >= SMALL_REGION_ML:
+        return None
+    rows = [r for r in SMALL_REGION_BIAS if r[0] <= volume_ml < r[1]]
+    chosen = [r for r in rows if r[2] == method] or [r for r in rows if r[2] == "dvk"]
+    if not chosen:
+        return None
+    _, _, measured_with, low, high, source = chosen[0]
+    return {"low_pct": low, "high_pct": high, "method": measured_with, "source": source}
+
+
+def size_note(volume_ml: float, method: str) -> str:
+    """The measured bias to expect for a region this small with this method ("" above 5 ml)."""
+    bias = size_bias(volume_ml, method)
+    if bias is None:
+        return ""
+    lo, hi = bias["low_pct"], bias["high_pct"]
+    expect = f"{lo:+.0f} %" if lo == hi else f"{lo:+.0f} to {hi:+.0f} %"
+    where = f"with {method.upper()}" if bias["method"] == method else f"no measurement for {method}; with DVK"
+    return (f"{volume_ml:.1f} ml is near the SPECT resolution: expect the mean dose {expect} ({where}; "
+            f"measured: {bias['source']}; docs/regions.md)")
+
+
+def coverage_label(spect_fraction: float, ct_fraction: float) -> str:
+    """"covered", "partly covered" or "not covered" from the two fractions of a region's volume."""
+    seen = spect_fraction * ct_fraction
+    if seen >= COVERED_MIN_FRACTION:
+        return "covered"
+    if seen < _NOT_COVERED_FRACTION:
+        return "not covered"
+    return "partly covered"
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldOfView:
+    """The SPECT's reconstructed volume seen from the CT: its grid and the CT -> SPECT point map.
+
+    ``ct_to_spect`` is a 3 x 4 affine (LPS mm) when the SPECT was registered to the CT, None
+    when both share a frame of reference.
+    """
+
+    spect_grid: Grid
+    ct_to_spect: np.ndarray | None = None
+
+    @classmethod
+    def from_transform(cls, spect_grid: Grid, transform=None) -> FieldOfView:
+        """From a SimpleITK transform that maps CT points to SPECT points (None: same frame)."""
+        if transform is None:
+            return cls(spect_grid)
+        origin = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)))
+        columns = [np.asarray(transform.TransformPoint(tuple(e))) - origin for e in np.eye(3)]
+        return cls(spect_grid, np.column_stack([*columns, origin]))  # rigid: exact affine
+
+    def inside(self, points_lps_mm: np.ndarray) -> np.ndarray:
+        """Whether each (..., 3) CT point lies inside the SPECT volume (voxel edges included)."""
+        points = np.asarray(points_lps_mm, dtype=float)
+        if self.ct_to_spect is not None:
+            points = points @ self.ct_to_spect[:, :3].T + self.ct_to_spect[:, 3]
+        index = self.spect_grid.lps_mm_to_index(points)
+        upper = np.asarray(self.spect_grid.shape) - 0.5
+        return np.all((index >= -0.5) & (index <= upper), axis=-1)
+
+    def fraction_inside(self, mask: np.ndarray, ct_grid: Grid) -> float:
+        """Fraction of a mask's CT voxels whose centres lie inside the SPECT volume."""
+        where = np.argwhere(mask)
+        if not len(where):
+            return 0.0
+        return float(self.inside(ct_grid.index_to_lps_mm(where)).mean())
+
+    def z_span_mm(self) -> tuple[float, float]:
+        """The SPECT volume's extent along the patient axis (LPS z, CT space), mm."""
+        corners = self.spect_grid.corners_lps_mm()
+        if self.ct_to_spect is not None:
+            matrix, shift = self.ct_to_spect[:, :3], self.ct_to_spect[:, 3]
+            corners = (corners - shift) @ np.linalg.inv(matrix).T
+        return float(corners[:, 2].min()), float(corners[:, 2].max())
+
+    def to_json(self) -> dict:
+        g = self.spect_grid
+        return {"shape_zyx": list(g.shape), "spacing_mm_zyx": list(g.spacing_mm), "origin_lps_mm": list(g.origin_mm),
+                "axes": np.asarray(g.axes).tolist(),
+                "ct_to_spect_affine": None if self.ct_to_spect is None else np.asarray(self.ct_to_spect).tolist()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> FieldOfView:
+        grid = Grid(tuple(data["shape_zyx"]), tuple(data["spacing_mm_zyx"]), tuple(data["origin_lps_mm"]),
+                    np.asarray(data["axes"], dtype=float))
+        affine = data.get("ct_to_spect_affine")
+        return cls(grid, None if affine is None else np.asarray(affine, dtype=float))
+
+
 @dataclasses.dataclass
 class Region:
-    """One region: its name, mask on the CT grid and number in its source object."""
+    """One region: its name, mask on the CT grid and number in its source object.
+
+    ``ct_coverage_fraction``: the fraction of the region as drawn that lies inside the CT (the
+    mask holds only that part); ``location``: where an automatic region lies on the CT.
+    """
 
     name: str
     mask: np.ndarray
     number: int
     automatic: bool = False
     lesion: bool = False
+    ct_coverage_fraction: float = 1.0
+    location: str = ""
+    # The segment's own Segmented Property Type (value, scheme, meaning) when it came from a SEG.
+    property_type: tuple[str, str, str] | None = None
+
+    @property
+    def unreviewed(self) -> bool:
+        """An automatic hot spot of spectdose's (named a region in space, not yet said to be anything)."""
+        return self.automatic and (self.property_type is None or self.property_type[:2] == ("130488", "DCM"))
 
 
 @dataclasses.dataclass
@@ -119,6 +262,14 @@ def _usable(candidates: list[tuple[Region, str | None]], what: str) -> list[Regi
         problems = "; ".join(problem for _, problem in candidates if problem) or "it holds no region"
         error = GeometryError if all("outside the CT" in (p or "") for _, p in candidates) and candidates else InputError
         raise error(f"{what}: no usable region ({problems})")
+    numbers: dict[str, list[int]] = {}
+    for r in kept:
+        numbers.setdefault(r.name, []).append(r.number)
+    shared = {name: n for name, n in numbers.items() if len(n) > 1}
+    if shared:  # regions are reported, plotted and referenced by label: two under one label would merge
+        name, n = next(iter(shared.items()))
+        raise InputError(f"{what}: {len(n)} regions ({', '.join(map(str, n))}) share the label {name!r}; each region "
+                         "needs a label of its own: rename them, or merge them into one region")
     return kept
 
 
@@ -141,18 +292,30 @@ def _load_seg(path: Path, ct_grid: Grid) -> RegionSet:
         description = seg.get_segment_description(number)
         label = str(description.SegmentLabel)
         planes = np.ascontiguousarray(vol.array[..., index] > 0).astype(np.uint8)
-        region = Region(label, np.zeros(ct_grid.shape, bool), int(number),
-                        automatic=str(description.get("SegmentAlgorithmType", "")) == "AUTOMATIC",
-                        lesion=label.lower().startswith("lesion"))
+        automatic = str(description.get("SegmentAlgorithmType", "")) == "AUTOMATIC"
+        note = str(description.get("SegmentDescription", ""))
+        region = Region(label, np.zeros(ct_grid.shape, bool), int(number), automatic=automatic,
+                        lesion=label.lower().startswith("lesion"),
+                        location=note.split("; ", 1)[1] if automatic and "; " in note else "",
+                        property_type=_property_type(description))
         if not planes.any():
             candidates.append((region, f"segment {number} '{label}' is empty"))
             continue
         region.mask = resample_to_grid(Volume(planes, grid, "label"), ct_grid, interpolation="nearest").array > 0
+        region.ct_coverage_fraction = _fraction_in_ct(np.argwhere(planes), grid, ct_grid)
         candidates.append((region, None if region.mask.any() else f"segment {number} '{label}' lies outside the CT"))
     out = RegionSet(_usable(candidates, f"segmentation {path.name}"), "SEG", SegmentationStorage,
                     str(seg.SOPInstanceUID), str(seg.SeriesInstanceUID), str(seg.get("SeriesDescription", "")), path)
     out.warnings = [f"regions: {p}; left out" for _, p in candidates if p]
     return out
+
+
+def _property_type(description) -> tuple[str, str, str] | None:
+    items = description.get("SegmentedPropertyTypeCodeSequence") or []
+    if not items:
+        return None
+    code = items[0]
+    return str(code.get("CodeValue", "")), str(code.get("CodingSchemeDesignator", "")), str(code.get("CodeMeaning", ""))
 
 
 def _load_rtstruct(path: Path, ct_grid: Grid) -> RegionSet:
@@ -175,9 +338,10 @@ def _load_rtstruct(path: Path, ct_grid: Grid) -> RegionSet:
         if not region.mask.any():
             candidates.append((region, f"structure {s.number} '{s.name}' lies outside the CT"))
             continue
+        region.ct_coverage_fraction = _contours_fraction_in_ct(s.contours_lps_mm, ct_grid, region.mask, s.name)
         if info["outside_grid"]:
             notes.append(f"regions: {info['outside_grid']} of {info['contours']} contours of '{s.name}' lie outside "
-                         "the CT; its statistics cover the part inside")
+                         f"the CT ({region.ct_coverage_fraction:.2f} of its volume inside)")
         if info["between_slices"]:
             notes.append(f"regions: {info['between_slices']} contours of '{s.name}' lie between CT slices and were "
                          "put on the nearest slice")
@@ -186,6 +350,36 @@ def _load_rtstruct(path: Path, ct_grid: Grid) -> RegionSet:
                     str(ds.get("SeriesInstanceUID", "")), str(ds.get("StructureSetLabel", "")), path)
     out.warnings = [f"regions: {p}; left out" for _, p in candidates if p] + notes
     return out
+
+
+def _fraction_in_ct(index_kji: np.ndarray, grid: Grid, ct_grid: Grid) -> float:
+    """Fraction of voxels (indices on ``grid``) whose centres lie inside the CT volume."""
+    if not len(index_kji):
+        return 0.0
+    on_ct = ct_grid.lps_mm_to_index(grid.index_to_lps_mm(index_kji))
+    upper = np.asarray(ct_grid.shape) - 0.5
+    return float(np.all((on_ct >= -0.5) & (on_ct <= upper), axis=1).mean())
+
+
+def _contours_fraction_in_ct(contours: list[np.ndarray], ct_grid: Grid, mask_on_ct: np.ndarray, name: str) -> float:
+    """Fraction of a structure's filled volume inside the CT: its contours are filled on the CT grid
+    extended to hold them all (same axes and spacing), and the part on the CT is counted."""
+    from spectdose.dicom.rtstruct import contours_to_mask
+
+    index = ct_grid.lps_mm_to_index(np.concatenate(contours))
+    shape = np.asarray(ct_grid.shape)
+    lo = np.minimum(np.floor(index.min(axis=0)).astype(int) - 1, 0)
+    hi = np.maximum(np.ceil(index.max(axis=0)).astype(int) + 2, shape)
+    if np.all(lo == 0) and np.all(hi == shape):
+        return 1.0
+    if np.prod(hi - lo) > 4 * np.prod(shape):  # far outside: count contours instead of filling a huge grid
+        outside = np.any((index < -0.5) | (index > shape - 0.5), axis=1).mean()
+        return float(1.0 - outside)
+    extended = Grid(tuple(hi - lo), ct_grid.spacing_mm, tuple(ct_grid.index_to_lps_mm(lo.astype(float))), ct_grid.axes,
+                    ct_grid.frame_of_reference_uid)
+    full, _ = contours_to_mask(contours, extended, name=name)
+    total = int(full.sum())
+    return float(mask_on_ct.sum()) / total if total else 0.0
 
 
 def load_segmentation_masks(path: str | Path, ct_grid: Grid) -> dict[str, np.ndarray]:
@@ -217,6 +411,11 @@ def cumulative_dvh(values: np.ndarray, voxel_volume_ml: float) -> dict:
     return {"bin_width": width, "volume_ml": [round(float(v), 4) for v in volume_ml]}
 
 
+_DOSE_KEYS = ("mean_gy", "median_gy", "min_gy", "max_gy", "d2_gy", "d50_gy", "d98_gy", "v_gy", "uncertainty_gy")
+_RATE_KEYS = ("mean_dose_rate_mgy_per_h", "median_dose_rate_mgy_per_h", "min_dose_rate_mgy_per_h",
+              "max_dose_rate_mgy_per_h", "uncertainty_dose_rate_mgy_per_h")
+
+
 def region_statistics(
     dose_gy: np.ndarray | None,
     dose_rate_gy_per_s: np.ndarray,
@@ -227,9 +426,23 @@ def region_statistics(
     with_dvh: bool = True,
     dose_rate_sigma_gy_per_s: np.ndarray | None = None,
     dose_sigma_gy: np.ndarray | None = None,
+    regions: Sequence[Region] | None = None,
+    ct_grid: Grid | None = None,
+    field_of_view: FieldOfView | None = None,
+    accept_partial: bool = False,
+    method: str = "dvk",
 ) -> list[dict]:
-    """Per region: volume; dose rate (mean, DVH); absorbed dose (mean, median, min, max,
-    D2/D50/D98, V(x Gy), DVH) when a dose is given.
+    """Per region: volume, coverage, size note; dose rate (mean, DVH); absorbed dose (mean,
+    median, min, max, D2/D50/D98, V(x Gy), DVH) when a dose is given.
+
+    Coverage: ``spect_coverage_fraction`` is the fraction of the region's voxels on the CT
+    that lie inside the SPECT volume (``field_of_view``; 1.0 when none is given),
+    ``ct_coverage_fraction`` the fraction of the region as drawn that lies on the CT
+    (``Region.ct_coverage_fraction``); ``coverage`` is "covered" when their product is
+    >= COVERED_MIN_FRACTION, else "partly covered" or "not covered". A region that is not
+    covered gets every dose and dose-rate statistic as None (the activity outside the SPECT
+    was never measured); with ``accept_partial`` a partly covered region gets the statistics
+    of its part inside the SPECT, still labelled "partly covered".
 
     Dx is the minimum dose to the hottest x % of the region (so D98 is near the minimum),
     from linear interpolation between voxel values. V(x Gy) is the volume (ml and % of the
@@ -238,25 +451,59 @@ def region_statistics(
     centimetre, so this is the conservative bound (independent errors would give sigma/sqrt(n));
     without one ``uncertainty_gy`` and ``uncertainty_dose_rate_mgy_per_h`` are None.
     """
+    by_name = {r.name: r for r in regions or ()}
     rows = []
     for label, mask in masks.items():
-        rate_mgy_per_h = dose_rate_gy_per_s[mask].astype(np.float64) * MGY_PER_H_PER_GY_PER_S
+        region = by_name.get(label)
         volume_ml = float(mask.sum()) * voxel_volume_ml
+        ct_fraction = region.ct_coverage_fraction if region is not None else 1.0
+        if field_of_view is not None and ct_grid is not None:
+            inside = np.zeros_like(mask)
+            where = np.argwhere(mask)
+            inside[tuple(where[field_of_view.inside(ct_grid.index_to_lps_mm(where))].T)] = True
+            spect_fraction = float(inside.sum()) / max(1, int(mask.sum()))
+        else:
+            inside, spect_fraction = mask, 1.0
+        coverage = coverage_label(spect_fraction, ct_fraction)
         row = {
             "region": label,
             "volume_ml": round(volume_ml, 3),
             "voxels": int(mask.sum()),
+            "spect_coverage_fraction": round(spect_fraction, 4),
+            "ct_coverage_fraction": round(ct_fraction, 4),
+            "coverage": coverage,
+            "automatic": region.unreviewed if region is not None else False,
+            "location": region.location if region is not None else "",
+            "size_note": size_note(volume_ml / max(ct_fraction, 1e-6), method),
+            "size_bias_pct": (None if (bias := size_bias(volume_ml / max(ct_fraction, 1e-6), method)) is None
+                              else [bias["low_pct"], bias["high_pct"]]),
+        }
+        measured = coverage == "covered" or (coverage == "partly covered" and accept_partial)
+        if coverage == "partly covered" and accept_partial:
+            row["statistics_cover"] = "the part inside the SPECT field of view"
+        if not measured:
+            row.update(dict.fromkeys(_RATE_KEYS))
+            if dose_gy is not None:
+                row.update(dict.fromkeys(_DOSE_KEYS))
+            if with_dvh:
+                row["dvh_dose_rate_mgy_per_h"] = None
+                if dose_gy is not None:
+                    row["dvh_gy"] = None
+            rows.append(row)
+            continue
+        rate_mgy_per_h = dose_rate_gy_per_s[inside].astype(np.float64) * MGY_PER_H_PER_GY_PER_S
+        row.update({
             "mean_dose_rate_mgy_per_h": float(rate_mgy_per_h.mean()),
             "median_dose_rate_mgy_per_h": float(np.median(rate_mgy_per_h)),
             "min_dose_rate_mgy_per_h": float(rate_mgy_per_h.min()),
             "max_dose_rate_mgy_per_h": float(rate_mgy_per_h.max()),
             "uncertainty_dose_rate_mgy_per_h": (
-                float(dose_rate_sigma_gy_per_s[mask].astype(np.float64).mean()) * MGY_PER_H_PER_GY_PER_S
+                float(dose_rate_sigma_gy_per_s[inside].astype(np.float64).mean()) * MGY_PER_H_PER_GY_PER_S
                 if dose_rate_sigma_gy_per_s is not None else None
             ),
-        }
+        })
         if dose_gy is not None:
-            d = dose_gy[mask].astype(np.float64)
+            d = dose_gy[inside].astype(np.float64)
             row.update(
                 mean_gy=float(d.mean()),
                 median_gy=float(np.median(d)),
@@ -267,7 +514,7 @@ def region_statistics(
                 d98_gy=float(np.percentile(d, 2)),
                 v_gy={f"{x:g}": {"ml": round(float((d >= x).sum()) * voxel_volume_ml, 3),
                                  "pct": round(100.0 * float((d >= x).mean()), 2)} for x in v_thresholds_gy},
-                uncertainty_gy=float(dose_sigma_gy[mask].astype(np.float64).mean()) if dose_sigma_gy is not None else None,
+                uncertainty_gy=float(dose_sigma_gy[inside].astype(np.float64).mean()) if dose_sigma_gy is not None else None,
             )
         if with_dvh:
             row["dvh_dose_rate_mgy_per_h"] = cumulative_dvh(rate_mgy_per_h, voxel_volume_ml)
@@ -275,3 +522,19 @@ def region_statistics(
                 row["dvh_gy"] = cumulative_dvh(d, voxel_volume_ml)
         rows.append(row)
     return rows
+
+
+def coverage_text(row: dict) -> str:
+    """One line on a region's coverage for warnings and reports ("" when covered)."""
+    if row.get("coverage", "covered") == "covered":
+        return ""
+    seen = row["spect_coverage_fraction"] * row["ct_coverage_fraction"]
+    parts = []
+    if row["spect_coverage_fraction"] < 1.0:
+        parts.append(f"{row['spect_coverage_fraction']:.2f} of it inside the SPECT field of view")
+    if row["ct_coverage_fraction"] < 1.0:
+        parts.append(f"{row['ct_coverage_fraction']:.2f} inside the CT")
+    what = ("statistics of the part inside only" if row.get("statistics_cover")
+            else "no dose statistic (the SPECT did not see all of it)")
+    label = row["coverage"] if row["coverage"] == "not covered" else f"partly covered {seen:.2f}"
+    return f"region '{row['region']}' {label} ({', '.join(parts)}): {what}"

@@ -1,9 +1,11 @@
 """What a worker does with one job: claim, compute (once), publish, export, finish.
 
 Kept apart from the Celery task so it reads as a plain function of a job id. Failure
-classes: a :class:`~spectdose.errors.SpectdoseError` is the study's fault and final (the
-job fails with its message); anything else (disk, network, broker) is transient and
-retried a bounded number of times with a doubling delay.
+classes (:func:`is_transient`): a :class:`~spectdose.errors.SpectdoseError` is the study's fault
+and final (the job fails with its message), and so is any other error that the same input
+would raise again (``ValueError``, ``KeyError``, ...: failed once, with its message); only disk,
+network, broker, job-store and memory faults are transient and retried a bounded number of
+times with a doubling delay.
 
 Every DICOM object among the outputs goes back (RT Dose, map, SEG, RT Structure Set, SR and any
 later one), in :func:`export_order`. Region sets in the job's input (a SEG or RT Structure Set
@@ -47,7 +49,7 @@ from service.export import OutputFile, export_outputs
 from service.jobs import JobStore
 from service.storage import Storage, folder_manifest, publish_folder
 
-__all__ = ["run_job", "dose_options", "build_manifest", "result_of", "find_replaced", "LeaseLost", "TransientFailure",
+__all__ = ["run_job", "dose_options", "is_transient", "deterministic_reason", "build_manifest", "result_of", "find_replaced", "LeaseLost", "TransientFailure",
            "Heartbeat",
            "Outcome", "export_order", "output_files", "region_inputs_of", "run_region_set", "regions_dir"]
 
@@ -82,6 +84,46 @@ class TransientFailure(Exception):
 
 
 Outcome = dict
+
+# Exception types whose next try may not meet them: disk, network, the broker, the job store,
+# memory. Anything else a job raises is deterministic (the same input fails the same way again):
+# it fails the job once, with its message, instead of being retried as if transient.
+_TRANSIENT_NAMES = frozenset({
+    "OperationalError", "InterfaceError", "DisconnectionError", "TimeoutError",  # SQLAlchemy, DB drivers
+    "ConnectionError", "BusyLoadingError", "ReadOnlyError",  # redis-py
+    "ChannelError", "ConnectionForced",  # kombu / amqp (their OperationalError is named above)
+    "OutOfMemoryError",  # torch.cuda
+})
+_TRANSIENT_WORDS = ("out of memory", "cuda error", "cudnn", "nccl")  # torch raises these as RuntimeError
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a later try may succeed where ``exc`` failed (see :data:`_TRANSIENT_NAMES`).
+
+    ``OSError`` (disk full, I/O, a network peer, export failures) and ``MemoryError`` are transient;
+    the core's :class:`~spectdose.errors.SpectdoseError` and programming-level errors on the input
+    (``ValueError``, ``KeyError``, ``IndexError``, ``TypeError``, ...) are not.
+    """
+    from spectdose.errors import SpectdoseError
+
+    for e in (exc, exc.__cause__):
+        if e is None:
+            continue
+        if isinstance(e, SpectdoseError):
+            return False
+        if isinstance(e, OSError | MemoryError):
+            return True
+        if any(t.__name__ in _TRANSIENT_NAMES for t in type(e).__mro__):
+            return True
+        if isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _TRANSIENT_WORDS):
+            return True
+    return False
+
+
+def deterministic_reason(exc: BaseException) -> str:
+    """The failure message of a deterministic error: what failed, and that retrying cannot help."""
+    return (f"processing failed on this input ({type(exc).__name__}: {exc}); not retried: the same input fails the "
+            "same way (please report it with the job id)")
 
 
 def dose_options(options: dict, settings: Settings):
@@ -341,6 +383,11 @@ def run_job(
             store.fail(job_id, reason, attempt=attempt)
             return {"job_id": job_id, "state": "failed", "reason": reason}
         storage.discard_work(job_id, attempt)
+        if not is_transient(exc):
+            reason = deterministic_reason(exc)
+            log.error("job %s failed (deterministic %s, not retried)", job_id, type(exc).__name__, exc_info=True)
+            store.fail(job_id, reason, attempt=attempt)
+            return {"job_id": job_id, "state": "failed", "reason": reason}
         disk_full = is_disk_full(exc)
         # A full disk is named as such (never blamed on the study) and waited out, not hammered.
         reason = f"{DISK_FULL_NAME} ({type(exc).__name__})" if disk_full else f"{type(exc).__name__}: {exc}"
@@ -484,6 +531,12 @@ def run_region_set(store: JobStore, storage: Storage, settings: Settings, region
         log.info("job %s: region set %s refused: %s", job.id, rec.id, type(exc).__name__)
         return {"region_set": rec.id, "state": "failed", "reason": str(exc)}
     except Exception as exc:
+        if not is_transient(exc):
+            reason = deterministic_reason(exc)
+            log.error("job %s: region set %s failed (deterministic %s, not retried)", job.id, rec.id,
+                      type(exc).__name__, exc_info=True)
+            store.fail_region_set(rec.id, reason)
+            return {"region_set": rec.id, "state": "failed", "reason": reason}
         reason = f"{DISK_FULL_NAME} ({type(exc).__name__})" if is_disk_full(exc) else f"{type(exc).__name__}: {exc}"
         if attempt > settings.max_retries:
             store.fail_region_set(rec.id, f"gave up after {attempt} attempts; last: {reason}")

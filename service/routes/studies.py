@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 from ..config import SENDER
 from ..cycles import CYCLE_ID_PATTERN
-from ..deps import Actor, Ctx
+from ..deps import Actor, Ctx, public_base_url
 from ..intake import Accepted, SubmitParams, UploadRejected, receive_study
 from ..jobs import InstanceDigest
 from ..schemas import ErrorOut, SubmitOut, ValidationErrorOut
@@ -242,8 +242,7 @@ async def submit_study(
         body, status = store_response(exc.instances, stored=False)
         return JSONResponse(body, status_code=status, media_type="application/dicom+json",
                             headers={"Warning": _warning_header(exc.detail)})
-    location = f"{ctx.settings.public_url.rstrip('/')}/jobs/{accepted.job_id}" if ctx.settings.public_url else str(
-        request.url_for("get_job", job_id=accepted.job_id))
+    location = f"{public_base_url(request, ctx)}/jobs/{accepted.job_id}"  # never from the Host header
     if stow:
         body, status = store_response(accepted.instances, stored=True)
         headers = {"Location": location, "X-Job-Id": accepted.job_id}

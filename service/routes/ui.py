@@ -26,10 +26,13 @@ from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
 from spectdose.report import (
+    ORIENTATION,
     PLANES,
+    TEXT_RC,
     ViewVolumes,
     default_isodose_levels,
     default_window,
+    headline_lines,
     identifiers_from_header,
     isodose_colours,
     key_point,
@@ -48,6 +51,7 @@ from ..deps import (
     Viewer,
     check_token,
     make_session,
+    revoke_session,
     session_actor,
 )
 
@@ -145,6 +149,11 @@ def login(request: Request, ctx: Ctx, token: Annotated[str, Form(max_length=4096
 
 @router.post("/logout")
 def logout(request: Request, ctx: Ctx):
+    """End the session on the server too (service/deps.py: revoke_session), so a copy of the old
+    cookie opens nothing afterwards; then drop it from the browser."""
+    actor = revoke_session(request)
+    if actor is not None:
+        ctx.store.audit(actor, "ui_logout", remote_host=request.client.host if request.client else None)
     response = RedirectResponse("/ui/login", status_code=303, headers=_HEADERS)
     response.delete_cookie(SESSION_COOKIE, path="/ui", httponly=True, samesite="strict", secure=_secure(request, ctx))
     return response
@@ -179,7 +188,8 @@ def jobs_page(request: Request, ctx: Ctx, offset: Annotated[int, Query(ge=0)] = 
         progress = f"{100 * (j.progress or 0):.0f} %" if j.state == "running" else ""
         rows.append(
             f'<tr class="state-{_esc(j.state)}"><td><a href="/ui/jobs/{_esc(j.id)}">{_esc(j.id[:12])}</a></td>'
-            f'<td class="state">{_esc(j.state)}</td><td>{_esc(j.stage or "")} {progress}</td>'
+            + _who_cells(ctx, j.id)
+            + f'<td class="state">{_esc(j.state)}</td><td>{_esc(j.stage or "")} {progress}</td>'
             f"<td>{_esc(j.source)}{' ' + _esc(j.calling_aet) if j.calling_aet else ''}</td>"
             f"<td>{_esc((j.options or {}).get('method', ''))}</td>"
             f"<td>{_esc(j.created_at.isoformat(sep=' ', timespec='seconds') if j.created_at else '')}</td>"
@@ -188,9 +198,43 @@ def jobs_page(request: Request, ctx: Ctx, offset: Annotated[int, Query(ge=0)] = 
         )
     more = (f'<p><a href="/ui/jobs?offset={offset + limit}">older jobs</a></p>' if offset + limit < total else "")
     body = f"""<p>{total} job(s), newest first (times in UTC). <a href="/ui/jobs">refresh</a></p>
-<table id="jobs"><thead><tr><th>job</th><th>state</th><th>stage</th><th>source</th><th>method</th><th>created</th>
-<th>finished</th><th>reason</th></tr></thead><tbody>{''.join(rows) or '<tr><td colspan="8">no jobs yet</td></tr>'}</tbody></table>{more}"""
+<table id="jobs"><thead><tr><th>job</th><th>patient</th><th>patient ID</th><th>study date</th><th>state</th><th>stage</th>
+<th>source</th><th>method</th><th>created</th><th>finished</th><th>reason</th></tr></thead>
+<tbody>{''.join(rows) or '<tr><td colspan="11">no jobs yet</td></tr>'}</tbody></table>{more}"""
     return _page("Jobs", body, actor=actor)
+
+
+_WHO_TAGS = ["PatientName", "PatientID", "StudyDate"]
+
+
+@functools.lru_cache(maxsize=512)
+def _header_who(path: str, _mtime_ns: int) -> tuple[str, str, str]:
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_WHO_TAGS)
+    name = str(ds.get("PatientName", "") or "").replace("^", " ").strip()
+    date = str(ds.get("StudyDate", "") or "")
+    return name, str(ds.get("PatientID", "") or ""), f"{date[:4]}-{date[4:6]}-{date[6:8]}" if len(date) == 8 else date
+
+
+def _who(ctx: ServiceContext, job_id: str) -> tuple[str, str, str]:
+    """Patient name, ID and study date of a job, read from its files (the job store holds none):
+    the result's header when there is one, else the first readable input file; blank once purged."""
+    manifest = ctx.storage.output_manifest(job_id) or {"files": {}}
+    candidates = [ctx.storage.job_output(job_id) / e["file"] for k, e in manifest["files"].items()
+                  if k in ("rtdose", "doserate")]
+    folder = ctx.storage.job_input(job_id)
+    if folder.is_dir():
+        candidates += sorted(p for p in folder.rglob("*") if p.is_file())[:3]
+    for path in candidates:
+        try:
+            return _header_who(str(path), path.stat().st_mtime_ns)
+        except (OSError, pydicom.errors.InvalidDicomError, ValueError, AttributeError, KeyError):
+            continue
+    return "", "", ""
+
+
+def _who_cells(ctx: ServiceContext, job_id: str) -> str:
+    name, patient_id, date = _who(ctx, job_id)
+    return f'<td class="patient">{_esc(name)}</td><td>{_esc(patient_id)}</td><td>{_esc(date)}</td>'
 
 
 def _job(ctx: ServiceContext, job_id: str):
@@ -265,9 +309,11 @@ def _table_html(summary: dict) -> str:
     colours = region_colours(len(rows))
     head = "".join(f"<th>{_esc(h)}</th>" for h in header)
     lines = []
-    for cells, colour in zip(body, colours, strict=True):
+    for cells, colour, row in zip(body, colours, rows, strict=True):
         swatch = f'<span class="swatch" style="background:rgb{colour}"></span>'
-        lines.append(f"<tr><td>{swatch}{_esc(cells[0])}</td>" + "".join(f"<td>{_esc(c)}</td>" for c in cells[1:]) + "</tr>")
+        kind = "covered" if row.get("coverage") in (None, "covered") else "uncovered"
+        lines.append(f'<tr class="{kind}"><td>{swatch}{_esc(cells[0])}</td>'
+                     + "".join(f"<td>{_esc(c)}</td>" for c in cells[1:]) + "</tr>")
     return f'<table id="regions"><thead><tr>{head}</tr></thead><tbody>{"".join(lines)}</tbody></table>'
 
 
@@ -301,11 +347,15 @@ def job_page(request: Request, ctx: Ctx, job_id: str):
         "isodose_colours": [f"rgb{c}" for c in isodose_colours(levels)],
         "regions": [{"name": n, "colour": f"rgb{c}"} for n, c in
                     zip(view.region_names, region_colours(len(view.region_names)), strict=True)],
+        "orientation": ORIENTATION,
     }
     config_json = json.dumps(config).replace("<", "\\u003c")  # nothing in it can close the script element
     panels = "".join(
-        f'<figure class="panel"><figcaption>{p} <span id="{p}-label"></span></figcaption>'
+        f'<figure class="panel"><figcaption>{p} <span id="{p}-label"></span></figcaption><div class="slice">'
         f'<img id="{p}-img" alt="{p} slice" data-plane="{p}">'
+        + "".join(f'<span class="orient {edge}" id="{p}-orient-{edge}">{letter}</span>'
+                  for edge, letter in zip(("top", "bottom", "left", "right"), ORIENTATION[p], strict=True))
+        + '</div>'
         f'<input type="range" id="{p}-slider" min="0" max="{view.n_slices(p) - 1}" value="{point[i]}" '
         f'aria-label="{p} slice"></figure>' for i, p in enumerate(PLANES))
     who = (f"{_esc(ident.get('patient_name') or '(no name)')} · ID {_esc(ident.get('patient_id') or '-')} · "
@@ -319,6 +369,8 @@ def job_page(request: Request, ctx: Ctx, job_id: str):
 <label>isodose lines ({_esc(view.dose_unit)}) <input type="text" id="isodose" value="{', '.join(f'{x:g}' for x in levels)}" size="16"></label>
 <label><input type="checkbox" id="show-regions" checked> region outlines</label>
 <span id="legend"></span></section>
+<section id="maximum">{''.join(f"<p>{_esc(line)}</p>" for line in headline_lines(summary))}</section>
+<p id="cursor">dose under the cursor: <span id="cursor-value">move the pointer over an image</span></p>
 <section id="viewer">{panels}</section>
 <section id="numbers"><div><h2>DVH</h2><img id="dvh-img" src="/ui/jobs/{job_id}/dvh.png" alt="cumulative DVHs"></div>
 <div><h2>Regions</h2>{_table_html(summary)}</div></section>
@@ -369,17 +421,44 @@ def slice_png(
     return Response(png_bytes(rgb), media_type="image/png", headers=_HEADERS)
 
 
+@router.get("/jobs/{job_id}/point/{plane}/{index}")
+def point_value(ctx: Ctx, _viewer: Viewer, job_id: str, plane: str, index: int,
+                u: Annotated[float, Query(ge=0, le=1)], v: Annotated[float, Query(ge=0, le=1)]):
+    """The dose (or dose rate), CT number and regions at a point of a slice picture, given as
+    fractions of its width (``u``) and height (``v``): the page's dose under the cursor."""
+    if plane not in PLANES:
+        raise HTTPException(404, f"no plane {plane!r}: use one of {', '.join(PLANES)}")
+    view = _view(ctx, job_id)
+    if not 0 <= index < view.n_slices(plane):
+        raise HTTPException(404, f"{plane} slice {index} is outside 0..{view.n_slices(plane) - 1}")
+    dose2d = _slice2d(view.dose, plane, index)
+    row = min(dose2d.shape[0] - 1, int(v * dose2d.shape[0]))
+    col = min(dose2d.shape[1] - 1, int(u * dose2d.shape[1]))
+    masks = _slice2d(view.region_masks, plane, index) if len(view.region_masks) else []
+    regions = [name for name, mask in zip(view.region_names, masks, strict=False) if mask[row, col]]
+    body = {"value": round(float(dose2d[row, col]), 4), "unit": view.dose_unit,
+            "ct_hu": int(_slice2d(view.ct_hu, plane, index)[row, col]), "regions": regions}
+    return Response(json.dumps(body), media_type="application/json", headers=_HEADERS)
+
+
+def _slice2d(array, plane: str, index: int):
+    return {"axial": lambda: array[..., index, :, :], "coronal": lambda: array[..., :, index, :],
+            "sagittal": lambda: array[..., :, :, index]}[plane]()
+
+
 @functools.lru_cache(maxsize=8)
 def _dvh_png(path: str, _mtime_ns: int) -> bytes:
+    import matplotlib
     from matplotlib.figure import Figure
 
     summary = json.loads(Path(path).read_text())
     rows = summary.get("regions") or []
-    fig = Figure(figsize=(5.5, 3.6), dpi=110)
-    ax = fig.add_axes((0.12, 0.14, 0.85, 0.82))
-    plot_dvh(ax, rows, absorbed=bool(summary.get("dose")), fontsize=8)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    with matplotlib.rc_context(TEXT_RC):  # region labels are text, never mathtext
+        fig = Figure(figsize=(5.5, 3.6 + 0.12 * max(0, len(rows) - 10)), dpi=110)
+        ax = fig.add_axes((0.12, 0.14, 0.85, 0.82))
+        plot_dvh(ax, rows, absorbed=bool(summary.get("dose")), fontsize=8)
+        fig.savefig(buf, format="png")
     return buf.getvalue()
 
 

@@ -19,7 +19,7 @@ from service.localredis import ensure_redis, free_port, redacted, redis_answers
 from service.main import create_app
 from service.throttle import LoginThrottle
 
-from .support import AUTH, make_settings
+from .support import AUTH, TOKEN, make_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,8 +29,8 @@ def test_failed_logins_are_audited_then_throttled_per_client(tmp_path, redis_url
     with TestClient(create_app(settings, sweeper=False)) as c:
         bad = {"Authorization": "Bearer wrong-token-0000000000"}
         assert [c.get("/jobs", headers=bad).status_code for _ in range(3)] == [401, 401, 401]
-        r = c.get("/jobs", headers=AUTH)
-        assert r.status_code == 429, "throttled: even a right token waits (the client may be guessing)"
+        r = c.get("/jobs", headers=bad)
+        assert r.status_code == 429, "a wrong token from a throttled client waits"
         assert 0 < int(r.headers["Retry-After"]) <= 60 and "too many failed logins" in r.json()["detail"]
         assert c.get("/health").status_code == 200, "monitoring needs no token and is never throttled"
         store = c.app.state.ctx.store
@@ -38,6 +38,33 @@ def test_failed_logins_are_audited_then_throttled_per_client(tmp_path, redis_url
         assert len(failed) == 3 and all(e.remote_host == "testclient" for e in failed)
         assert len(store.audit_events(action="auth_throttled")) == 1
         assert "wrong-token" not in "".join(repr(e.detail) for e in failed), "the offered token is never stored"
+
+
+def test_eleven_wrong_tokens_do_not_lock_out_the_clinic(tmp_path, redis_url):
+    """Issue 19 case 8: eleven wrong tokens from one address (a NAT, a proxy); the valid token and the
+    page login from that address still work, and the lock ends with its window (it does not renew)."""
+    settings = make_settings(tmp_path / "data", redis_url=redis_url)  # the defaults: 10 failures in 300 s
+    now = [1000.0]
+    with TestClient(create_app(settings, sweeper=False)) as c:
+        c.app.state.login_throttle = LoginThrottle(settings.auth_max_failures, settings.auth_failure_window_s,
+                                                   clock=lambda: now[0])
+        bad = {"Authorization": "Bearer wrong-token-0000000000"}
+        codes = []
+        for _ in range(11):
+            codes.append(c.get("/jobs", headers=bad).status_code)
+            now[0] += 1
+        assert codes == [401] * 10 + [429]
+        assert c.get("/jobs", headers=AUTH).status_code == 200, "a valid token passes a throttled address"
+        r = c.post("/ui/login", data={"token": TOKEN, "next": "/ui/jobs"}, follow_redirects=False)
+        assert r.status_code == 303 and "spectdose_session=" in r.headers["set-cookie"], "the page login works too"
+        r = c.post("/ui/login", data={"token": "wrong-token-0000000000"}, follow_redirects=False)
+        assert r.status_code == 429 and "retry in" in r.text, "a wrong one at the form still waits"
+        # the bad script keeps going during the lock: its refusals are not counted, so the lock ends
+        for _ in range(50):
+            assert c.get("/jobs", headers=bad).status_code == 429
+            now[0] += 1
+        now[0] = 1000.0 + settings.auth_failure_window_s + 1
+        assert c.get("/jobs", headers=bad).status_code == 401, "the lock ended with its window, not renewed"
 
 
 def test_throttle_window_and_other_clients():
@@ -53,17 +80,19 @@ def test_throttle_window_and_other_clients():
     assert t.retry_after("a") is None
 
 
-@pytest.mark.parametrize("environment,mode,anonymous,with_token", [
-    ("production", None, 401, 200),
-    ("development", None, 200, 200),
-    ("production", "public", 200, 200),
-    ("production", "off", 404, 404),
+@pytest.mark.parametrize("environment,auth,mode,anonymous,with_token", [
+    ("production", True, None, 401, 200),
+    ("development", True, None, 401, 200),  # serve with tokens (issue 19 case 12): docs follow the token
+    ("development", False, None, 200, 200),  # the open local demo
+    ("production", True, "public", 200, 200),
+    ("production", True, "off", 404, 404),
 ])
-def test_docs_and_openapi_are_protected_in_production(tmp_path, redis_url, environment, mode, anonymous, with_token):
+def test_docs_and_openapi_are_protected_in_production(tmp_path, redis_url, environment, auth, mode, anonymous,
+                                                      with_token):
     kw = {"api_docs": mode} if mode else {}
-    settings = make_settings(tmp_path / "data", redis_url=redis_url, environment=environment, **kw)
-    with TestClient(create_app(settings, sweeper=False)) as c:
-        for path in ("/openapi.json", "/docs"):
+    settings = make_settings(tmp_path / "data", redis_url=redis_url, environment=environment, auth_enabled=auth, **kw)
+    with TestClient(create_app(settings, sweeper=False), base_url="http://127.0.0.1") as c:
+        for path in ("/openapi.json", "/docs", "/redoc"):
             assert c.get(path).status_code == anonymous, path
             assert c.get(path, headers=AUTH).status_code == with_token, path
         if with_token == 200:

@@ -76,7 +76,7 @@ def test_missing_or_wrong_token_is_401(client, settings, headers):
 
 def test_auth_can_be_disabled_in_development(tmp_path, redis_url):
     settings = make_settings(tmp_path / "d", redis_url=redis_url, environment="development", auth_enabled=False)
-    with TestClient(create_app(settings, sweeper=False)) as c:
+    with TestClient(create_app(settings, sweeper=False), base_url="http://127.0.0.1:8000") as c:
         assert c.get("/jobs").status_code == 200
 
 
