@@ -41,6 +41,7 @@ from .db import (
     CYCLE_TABLES,
     Base,
     Cycle,
+    CyclePatient,
     CycleRequest,
     CycleResult,
     CycleTimePoint,
@@ -58,6 +59,9 @@ __all__ = [
     "KIDNEY_BED_LIMIT_GY",
     "SAME_ADMINISTRATION_S",
     "CycleIdError",
+    "ConflictError",
+    "RESOLUTIONS",
+    "resolve_conflict",
     "check_cycle_id",
     "patient_key",
     "ensure_tables",
@@ -99,6 +103,8 @@ KIDNEY_LIMIT_SOURCES = {
 SAME_ADMINISTRATION_S = 120.0
 # Two time points closer than this are the same session (spectdose.cycle: a duplicate).
 DUPLICATE_WITHIN_H = 0.5
+# The same administration's activity in every time point's header (typed once, copied): 1 % for rounding.
+SAME_ACTIVITY_REL = 0.01
 
 # Options that name one study's fact or a single-time-point model: not carried to a cycle job.
 _SINGLE_STUDY_OPTIONS = ("time_model", "effective_half_life_h", "dose_grid", "uncertainty")
@@ -124,13 +130,33 @@ def check_cycle_id(text: str) -> str:
     return text
 
 
-def patient_key(patient_id: str) -> str:
-    """The pseudonym of a PatientID in the tables (SHA-256; the ID itself is never stored)."""
-    return hashlib.sha256(("spectdose-patient-id:" + patient_id.strip()).encode("utf-8")).hexdigest()
+def patient_key(patient_id: str, issuer: str | None = None) -> str:
+    """The pseudonym of a patient in the tables: SHA-256 of PatientID and IssuerOfPatientID (never stored as such).
+
+    Without an issuer it is the hash of the ID alone, as stored before issuers were used: cycles
+    of an earlier release count for the patient of that ID without an issuer.
+    """
+    text = "spectdose-patient-id:" + patient_id.strip()
+    if issuer and issuer.strip():
+        text += "\x00issuer:" + issuer.strip()
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _id_key(patient_id: str) -> str:
+    return patient_key(patient_id)
 
 
 def _name_key(patient_name: str) -> str:
-    return hashlib.sha256(("spectdose-patient-name:" + patient_name.strip()).encode("utf-8")).hexdigest()
+    """Hash of a PatientName, compared without case, spaces or empty trailing components (``DOE^JANE^^``)."""
+    norm = "=".join("^".join(c.strip() for c in group.split("^")).rstrip("^")
+                    for group in patient_name.upper().split("=")).rstrip("=")
+    return hashlib.sha256(("spectdose-patient-name:" + norm).encode("utf-8")).hexdigest()
+
+
+def _birth_key(birth_date: str) -> str | None:
+    """Hash of a PatientBirthDate; None when the header leaves it empty (type 2: nothing to compare)."""
+    text = birth_date.strip()
+    return hashlib.sha256(("spectdose-patient-birth:" + text).encode("utf-8")).hexdigest() if text else None
 
 
 _ensured: set[int] = set()
@@ -188,18 +214,21 @@ def _naive(text: str | None) -> dt.datetime | None:
     return dt.datetime.fromisoformat(text).replace(tzinfo=None)
 
 
-def _patient_of(input_dir: Path, spect_series_uid: str | None) -> tuple[str, str] | None:
-    """(PatientID, PatientName) of the SPECT the job used, read from its stored input."""
+_PATIENT_TAGS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate")
+
+
+def _patient_of(input_dir: Path, spect_series_uid: str | None) -> dict | None:
+    """PatientID, IssuerOfPatientID, PatientName, PatientBirthDate of the SPECT the job used (its stored input)."""
     import pydicom
 
     fallback = None
     for path in sorted(input_dir.iterdir()) if input_dir.is_dir() else []:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True,
-                                 specific_tags=["PatientID", "PatientName", "SeriesInstanceUID", "Modality"])
+                                 specific_tags=[*_PATIENT_TAGS, "SeriesInstanceUID", "Modality"])
         except Exception:  # noqa: BLE001 - not DICOM: the job's scan ignored it too
             continue
-        found = (str(ds.get("PatientID", "") or ""), str(ds.get("PatientName", "") or ""))
+        found = {tag: str(ds.get(tag, "") or "") for tag in _PATIENT_TAGS}
         if spect_series_uid and str(ds.get("SeriesInstanceUID", "")) == spect_series_uid:
             return found
         if fallback is None and str(ds.get("Modality", "")) == "NM":
@@ -219,6 +248,7 @@ def _facts(storage: Storage, job: Job) -> dict:
     timing = summary.get("time") or {}
     units = (summary.get("activity") or {}).get("units")
     facts = {
+        "activity_mbq": (summary.get("activity") or {}).get("injected_activity_mbq"),
         "study_instance_uid": job.study_instance_uid,
         "administration": _naive(timing.get("administration")),
         "acquisition": _naive(timing.get("acquisition")),
@@ -227,10 +257,13 @@ def _facts(storage: Storage, job: Job) -> dict:
     }
     if patient is None:
         return facts | {"reason": "its stored input has no SPECT header to read the patient from (input removed?)"}
-    if not patient[0].strip():
+    if not patient["PatientID"].strip():
         return facts | {"reason": "the study has no PatientID: a cycle is one patient's, and it cannot be matched "
                                   "(send it with the others' PatientID)"}
-    facts["patient_key"], facts["name_key"] = patient_key(patient[0]), _name_key(patient[1])
+    facts["patient_key"] = patient_key(patient["PatientID"], patient["IssuerOfPatientID"])
+    facts["id_key"] = _id_key(patient["PatientID"])
+    facts["name_key"] = _name_key(patient["PatientName"])
+    facts["birth_key"] = _birth_key(patient["PatientBirthDate"])
     refused = [why for key, why in _REFUSED_OPTIONS.items() if job.options.get(key) is not None]
     if refused:
         return facts | {"reason": f"{'; '.join(refused)}: a cycle takes each time point's facts from its own "
@@ -262,8 +295,9 @@ def _derived_cycle_id(facts: dict) -> str:
 
 def _why_not(s, cycle: Cycle, job: Job, facts: dict) -> tuple[str | None, CycleTimePoint | None]:
     """Why a calibrated, dated time point cannot join ``cycle`` (None: it can), and a time point it replaces."""
-    if facts["patient_key"] != cycle.patient_key or facts["name_key"] != cycle.name_key:
-        what = "PatientID" if facts["patient_key"] != cycle.patient_key else "PatientName"
+    if facts["patient_key"] != cycle.patient_key:
+        patient = s.get(CyclePatient, cycle.patient_key)
+        what = ("IssuerOfPatientID" if patient is not None and patient.id_key == facts["id_key"] else "PatientID")
         return (f"another patient: its {what} differs from the cycle's (a cycle is one patient's; the study was "
                 "computed on its own)"), None
     if cycle.administration is not None and facts["acquisition"] < cycle.administration:
@@ -275,6 +309,11 @@ def _why_not(s, cycle: Cycle, job: Job, facts: dict) -> tuple[str | None, CycleT
                 f"differs from the cycle's {cycle.administration.isoformat()} by more than "
                 f"{SAME_ADMINISTRATION_S:.0f} s (a cycle is one administration; if a header is wrong, send the study "
                 "again with administration_time)"), None
+    if cycle.activity_mbq and facts.get("activity_mbq") and abs(
+            facts["activity_mbq"] - cycle.activity_mbq) > SAME_ACTIVITY_REL * cycle.activity_mbq:
+        return (f"another administration: its administered activity (RadionuclideTotalDose) differs from the "
+                f"cycle's by {100 * abs(facts['activity_mbq'] / cycle.activity_mbq - 1):.1f} % (more than "
+                f"{100 * SAME_ACTIVITY_REL:g} %): one administration is one start date-time and one activity"), None
     joined = s.scalars(select(CycleTimePoint).where(CycleTimePoint.cycle_id == cycle.id,
                                                     CycleTimePoint.state == "joined")).all()
     replaces = (job.replaces or {}).get("job_id")
@@ -290,11 +329,77 @@ def _why_not(s, cycle: Cycle, job: Job, facts: dict) -> tuple[str | None, CycleT
     return None, None
 
 
+def _identity_conflict(s, facts: dict) -> list[str]:
+    """The fields (PatientName, PatientBirthDate) in which the study differs from the patient its ID and issuer name.
+
+    The patient is the first one recorded under that ID and issuer (or one a resolution accepted
+    as the same, ``aliases``); for cycles of an earlier release with no patient record, the
+    oldest cycle's name. An empty birth date on either side is not compared (type 2 attribute).
+    """
+    row = s.get(CyclePatient, facts["patient_key"])
+    if row is not None:
+        known = [{"name_key": row.name_key, "birth_key": row.birth_key}, *(row.aliases or [])]
+    else:
+        legacy = s.scalars(select(Cycle).where(Cycle.patient_key == facts["patient_key"])
+                           .order_by(Cycle.created_at)).first()
+        if legacy is None:
+            return []
+        known = [{"name_key": legacy.name_key, "birth_key": None}]
+
+    def differs(k: dict) -> list[str]:
+        out = [] if k["name_key"] == facts["name_key"] else ["PatientName"]
+        if k.get("birth_key") and facts.get("birth_key") and k["birth_key"] != facts["birth_key"]:
+            out.append("PatientBirthDate")
+        return out
+
+    return min((differs(k) for k in known), key=len)
+
+
+def _remember_patient(s, facts: dict) -> None:
+    """Record the patient of a joining study on first sight (and a birth date first seen now)."""
+    row = s.get(CyclePatient, facts["patient_key"])
+    if row is None:
+        legacy = s.scalars(select(Cycle).where(Cycle.patient_key == facts["patient_key"])
+                           .order_by(Cycle.created_at)).first()
+        s.add(CyclePatient(key=facts["patient_key"], id_key=facts["id_key"],
+                           name_key=legacy.name_key if legacy is not None else facts["name_key"],
+                           birth_key=facts.get("birth_key"), aliases=[]))
+        s.flush()
+    elif row.birth_key is None and facts.get("birth_key") and row.name_key == facts["name_key"]:
+        row.birth_key = facts["birth_key"]
+
+
+def _administration_elsewhere(s, facts: dict, requested: str) -> Cycle | None:
+    """Another cycle of the same patient for the same administration than the cycle ``requested`` by name."""
+    if "patient_key" not in facts or facts.get("administration") is None:
+        return None
+    for cycle in s.scalars(select(Cycle).where(Cycle.patient_key == facts["patient_key"], Cycle.id != requested)
+                           .order_by(Cycle.created_at)):
+        if cycle.administration is not None and abs(
+                (cycle.administration - facts["administration"]).total_seconds()) <= SAME_ADMINISTRATION_S:
+            return cycle
+    return None
+
+
+def _conflict_reason(fields: list[str], cycle_id: str, job_id: str) -> str:
+    return (f"identity conflict: PatientID and IssuerOfPatientID match a patient already held, but "
+            f"{' and '.join(fields)} differ{'s' if len(fields) == 1 else ''}; held: not joined to any cycle and not "
+            "counted in any cumulative dose until resolved (POST /cycles/" + cycle_id + "/conflicts/" + job_id
+            + "/resolve with decision same_patient or other_patient)")
+
+
 def _offer(store: JobStore, storage: Storage, job: Job) -> tuple[str | None, bool]:
-    """Record the job as a time point (joined or rejected); returns (cycle id, joined)."""
+    """Record the job as a time point (joined, rejected or held as an identity conflict); returns (cycle id, joined).
+
+    Order of the checks: the facts a cycle needs (calibrated, dated, a PatientID); the patient's
+    identity (ID and issuer against name and birth date: a conflict is held, never counted); the
+    administration (one administration is one cycle: a cycle_id naming a second cycle for it is
+    refused with the first one's id); then the cycle's own rules (:func:`_why_not`).
+    """
     facts = _facts(storage, job)
     for _ in range(3):  # two processes creating the same cycle at once: the loser retries and joins
         try:
+            conflict: list[str] = []
             with store.session() as s:
                 if s.get(CycleTimePoint, job.id) is not None:
                     tp = s.get(CycleTimePoint, job.id)
@@ -303,22 +408,46 @@ def _offer(store: JobStore, storage: Storage, job: Job) -> tuple[str | None, boo
                 requested = request.cycle_id if request is not None else None
                 cycle = _find_cycle(s, facts, requested)
                 reason, replaced = facts.get("reason"), None
-                if reason is None and cycle is not None:
+                if reason is None and (cycle is None or cycle.patient_key == facts["patient_key"]):
+                    conflict = _identity_conflict(s, facts)
+                if reason is None and not conflict and requested is not None:
+                    other = _administration_elsewhere(s, facts, requested)
+                    if other is not None:
+                        reason = (f"this administration (Radiopharmaceutical Start DateTime "
+                                  f"{facts['administration'].isoformat()}) already belongs to cycle {other.id}: one "
+                                  f"administration is one cycle, so the study was not added to cycle {requested} "
+                                  f"(send it with cycle_id={other.id}, or without cycle_id; its own result stands)")
+                if reason is None and not conflict and cycle is not None:
                     reason, replaced = _why_not(s, cycle, job, facts)
-                if reason is None and cycle is None:
+                if reason is None and not conflict and cycle is None:
                     cycle = Cycle(id=requested or _derived_cycle_id(facts), patient_key=facts["patient_key"],
                                   name_key=facts["name_key"], administration=facts["administration"],
+                                  activity_mbq=facts.get("activity_mbq"),
                                   explicit=int(requested is not None), options=cycle_options(job.options))
                     s.add(cycle)
                     s.flush()
                 cycle_id = cycle.id if cycle is not None else requested
-                s.add(CycleTimePoint(job_id=job.id, cycle_id=cycle_id, state="rejected" if reason else "joined",
-                                     reason=reason, study_instance_uid=facts.get("study_instance_uid"),
+                if conflict and cycle_id is None:
+                    cycle_id = _derived_cycle_id(facts)  # the cycle it would have formed (no cycle is made)
+                    reason = _conflict_reason(conflict, cycle_id, job.id)
+                elif conflict:
+                    reason = _conflict_reason(conflict, cycle_id, job.id)
+                state = "conflict" if conflict else "rejected" if reason else "joined"
+                if state == "joined":
+                    _remember_patient(s, facts)
+                identity = ({k: facts.get(k) for k in ("patient_key", "id_key", "name_key", "birth_key")}
+                            if conflict else None)
+                s.add(CycleTimePoint(job_id=job.id, cycle_id=cycle_id, state=state, reason=reason,
+                                     identity=identity, study_instance_uid=facts.get("study_instance_uid"),
                                      hours=facts.get("hours"), acquisition=facts.get("acquisition")))
                 if replaced is not None:
                     replaced.state = "replaced"
                     replaced.reason = f"replaced by job {job.id} (the same study computed again)"
-            if reason:
+            if conflict:
+                log.warning("job %s held as an identity conflict for cycle %s (%s differ)", job.id, cycle_id,
+                            ", ".join(conflict))
+                store.audit("cycles", "cycle_identity_conflict", job_id=job.id, cycle_id=cycle_id, fields=conflict)
+            elif reason:
                 log.info("job %s not joined to a cycle%s: %s", job.id, f" ({cycle_id})" if cycle_id else "",
                          reason.split(":")[0])
             else:
@@ -327,6 +456,67 @@ def _offer(store: JobStore, storage: Storage, job: Job) -> tuple[str | None, boo
         except IntegrityError:
             continue
     raise RuntimeError(f"job {job.id}: could not record its time point (concurrent writers)")
+
+
+class ConflictError(ValueError):
+    """A conflict resolution that cannot apply: ``status`` 404 (no such held study) or 409 (not held)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+RESOLUTIONS = ("same_patient", "other_patient")
+
+
+def resolve_conflict(store: JobStore, storage: Storage, settings: Settings, cycle_id: str, job_id: str, *,
+                     decision: str, actor: str, publish: Callable[[str], bool] | None = None) -> dict:
+    """Resolve a study held as an identity conflict, explicitly (``POST /cycles/{id}/conflicts/{job}/resolve``).
+
+    ``same_patient``: the study is the recorded patient's (e.g. a corrected name): its name and
+    birth date are accepted for that patient from now on and the study is offered to its cycle
+    again (joined, or rejected with the usual reasons). ``other_patient``: another person who
+    shares the PatientID: rejected for good, never counted in that patient's cumulative dose.
+    Returns the time point as ``GET /cycles/{id}`` shows it.
+    """
+    if decision not in RESOLUTIONS:
+        raise ValueError(f"decision must be one of {', '.join(RESOLUTIONS)}, got {decision!r}")
+    ensure_tables(store)
+    with store.session() as s:
+        tp = s.get(CycleTimePoint, job_id)
+        if tp is None or tp.cycle_id != cycle_id:
+            raise ConflictError(404, f"no study of job {job_id} is held for cycle {cycle_id}")
+        if tp.state != "conflict":
+            raise ConflictError(409, f"job {job_id} is not held as an identity conflict (its time point is "
+                                     f"{tp.state}); nothing to resolve")
+        identity = dict(tp.identity or {})
+        fields = [f for f in ("PatientName", "PatientBirthDate") if f in (tp.reason or "")]
+        if decision == "other_patient":
+            tp.state = "rejected"
+            tp.reason = (f"another patient sharing the PatientID ({' and '.join(fields)} differ; resolved "
+                         f"other_patient by {actor}): never counted in that patient's cumulative dose; send it "
+                         "with its own PatientID or IssuerOfPatientID to count it")
+        else:
+            row = s.get(CyclePatient, identity.get("patient_key"))
+            if row is None:
+                legacy = s.scalars(select(Cycle).where(Cycle.patient_key == identity.get("patient_key"))
+                                   .order_by(Cycle.created_at)).first()
+                row = CyclePatient(key=identity["patient_key"], id_key=identity.get("id_key") or "",
+                                   name_key=legacy.name_key if legacy is not None else identity["name_key"],
+                                   birth_key=None, aliases=[])
+                s.add(row)
+            alias = {"name_key": identity.get("name_key"), "birth_key": identity.get("birth_key")}
+            row.aliases = [*(row.aliases or []), alias]
+            s.delete(tp)  # offered again below, now as the recorded patient's
+    store.audit(actor, "cycle_conflict_resolved", job_id=job_id, cycle_id=cycle_id, decision=decision,
+                fields=fields)
+    log.info("job %s: identity conflict for cycle %s resolved as %s", job_id, cycle_id, decision)
+    if decision == "same_patient":
+        time_point_done(store, storage, settings, job_id, publish=publish)
+    with store.session(readonly=True) as s:
+        tp = s.get(CycleTimePoint, job_id)
+        return {"job_id": job_id, "cycle_id": tp.cycle_id if tp else None, "state": tp.state if tp else None,
+                "reason": tp.reason if tp else None, "decision": decision}
 
 
 def time_point_done(store: JobStore, storage: Storage, settings: Settings, job_id: str, *,
@@ -379,9 +569,7 @@ def celery_publisher(settings: Settings) -> Callable[[str], bool]:
 
 
 def _mark_queued(store: JobStore, result_id: str) -> None:
-    with store.session() as s:
-        s.execute(update(CycleResult).where(CycleResult.id == result_id, CycleResult.state == "received")
-                  .values(state="queued", updated_at=utcnow()))
+    mark_result_queued(store, result_id)
 
 
 def request_integration(store: JobStore, cycle_id: str, *, trigger_job_id: str | None,
@@ -432,6 +620,56 @@ def republish_pending(store: JobStore, publish: Callable[[str], bool], *, older_
             _mark_queued(store, result_id)
             n += 1
     return n
+
+
+def mark_result_queued(store: JobStore, result_id: str, *, resend: bool = False) -> bool:
+    """``received`` -> ``queued`` once its message is published; ``resend`` also refreshes a ``queued`` one's time."""
+    states = ("received", "queued") if resend else ("received",)
+    with store.session() as s:
+        return s.execute(update(CycleResult).where(CycleResult.id == result_id, CycleResult.state.in_(states))
+                         .values(state="queued", updated_at=utcnow())).rowcount == 1
+
+
+def results_to_sweep(store: JobStore, *, received_before: dt.datetime, heartbeat_before: dt.datetime,
+                     queued_before: dt.datetime) -> tuple[list[str], list[str], list[str]]:
+    """Cycle results the sweeper repairs, as for dose jobs (:meth:`JobStore.jobs_to_sweep`): left ``received``
+    (publication failed), ``running`` with a heartbeat older than the lease (worker lost), ``queued`` too long."""
+    ensure_tables(store)
+    with store.session(readonly=True) as s:
+        def ids(*where) -> list[str]:
+            return list(s.scalars(select(CycleResult.id).where(*where).order_by(CycleResult.created_at)))
+
+        return (ids(CycleResult.state == "received", CycleResult.created_at < received_before),
+                ids(CycleResult.state == "running", or_(CycleResult.heartbeat_at.is_(None),
+                                                        CycleResult.heartbeat_at < heartbeat_before)),
+                ids(CycleResult.state == "queued", CycleResult.updated_at < queued_before))
+
+
+def requeue_result_if_stale(store: JobStore, result_id: str, *, lease_s: float, reason: str) -> bool:
+    """``running`` whose heartbeat is older than ``lease_s`` -> ``queued`` with the reason (its worker is gone).
+
+    The attempt number stays: the next claim takes a new one, so a worker that was only slow
+    is fenced off from finishing or exporting (:func:`_fenced`).
+    """
+    before = utcnow() - dt.timedelta(seconds=lease_s)
+    with store.session() as s:
+        return s.execute(update(CycleResult).where(
+            CycleResult.id == result_id, CycleResult.state == "running",
+            or_(CycleResult.heartbeat_at.is_(None), CycleResult.heartbeat_at < before))
+            .values(state="queued", stage=None, reason=reason[:4000], updated_at=utcnow())).rowcount == 1
+
+
+def requeue_results_of_worker(store: JobStore, worker: str) -> list[str]:
+    """Cycle results ``running`` on ``worker`` (a worker restarting under its name): back to ``queued`` at once."""
+    ensure_tables(store)
+    with store.session() as s:
+        ids = list(s.scalars(select(CycleResult.id).where(CycleResult.state == "running",
+                                                          CycleResult.worker == worker)))
+        if ids:
+            s.execute(update(CycleResult).where(CycleResult.id.in_(ids), CycleResult.state == "running")
+                      .values(state="queued", stage=None, updated_at=utcnow(),
+                              reason=f"worker {worker} restarted while running it; requeued"))
+    return ids
 
 
 def claim_result(store: JobStore, result_id: str, worker: str, *, lease_s: float,
@@ -641,7 +879,9 @@ def cycle_view(store: JobStore, cycle_id: str) -> dict | None:
     return {
         "cycle_id": cycle_id,
         "state": _state(list(results), joined),
-        "explicit": bool(cycle.explicit) if cycle else True,
+        "explicit": bool(cycle.explicit) if cycle else bool(requests),
+        # Studies held as identity conflicts: not joined, not counted, until POST .../conflicts/{job}/resolve.
+        "conflicts": [{"job_id": tp.job_id, "reason": tp.reason} for tp in tps if tp.state == "conflict"],
         "administration": cycle.administration.isoformat() if cycle and cycle.administration else None,
         "options": dict(cycle.options or {}) if cycle else {},
         "time_points": points,
@@ -665,6 +905,16 @@ def cycles_of_job(store: JobStore, job_id: str | None = None, limit: int = 100) 
     return [v for v in (cycle_view(store, c) for c in ids) if v is not None]
 
 
+def held_conflicts(store: JobStore, patient_key_: str | None = None) -> list[dict]:
+    """Studies held as identity conflicts (all, or those carrying one patient's ID and issuer), oldest first."""
+    ensure_tables(store)
+    with store.session(readonly=True) as s:
+        rows = s.scalars(select(CycleTimePoint).where(CycleTimePoint.state == "conflict")
+                         .order_by(CycleTimePoint.created_at)).all()
+    return [{"job_id": tp.job_id, "cycle_id": tp.cycle_id, "reason": tp.reason} for tp in rows
+            if patient_key_ is None or (tp.identity or {}).get("patient_key") == patient_key_]
+
+
 def _region_kind(name: str) -> str | None:
     from spectdose.integration import radiobiology_for
 
@@ -677,17 +927,23 @@ def _region_kind(name: str) -> str | None:
     return None
 
 
-def cumulative(store: JobStore, patient_id: str) -> dict | None:
+def cumulative(store: JobStore, patient_id: str, issuer: str | None = None) -> dict | None:
     """``GET /patients/{id}/cumulative``: kidney, red-marrow and lesion doses and BED summed over cycles.
 
-    Each cycle counts with its newest finished result; regions are matched across cycles by
-    name (the SEG segment or ROI label), lesions too. None when no cycle of the patient is known.
+    The patient is PatientID with IssuerOfPatientID (``issuer``; none: the ID without an issuer).
+    Each cycle counts with its newest finished result, over the time points joined to it:
+    studies held as identity conflicts never are (listed in ``held_conflicts``). Regions are
+    matched across cycles by name (the SEG segment or ROI label), lesions too. None when
+    nothing of the patient is known.
     """
     ensure_tables(store)
-    key = patient_key(patient_id)
+    key = patient_key(patient_id, issuer)
     with store.session(readonly=True) as s:
         cycles = s.scalars(select(Cycle).where(Cycle.patient_key == key).order_by(Cycle.administration)).all()
-    if not cycles:
+        other_issuers = s.scalar(select(func.count()).select_from(CyclePatient).where(
+            CyclePatient.id_key == _id_key(patient_id), CyclePatient.key != key))
+    held = held_conflicts(store, key)
+    if not cycles and not held:
         return None
     by_region: dict[str, dict] = {}
     cycles_out = []
@@ -733,14 +989,24 @@ def cumulative(store: JobStore, patient_id: str) -> dict | None:
                 flags.append(f"{agg['region']}: cumulative BED {bed:.1f} Gy reaches the {KIDNEY_BED_LIMIT_GY:g} Gy "
                              "kidney limit")
         regions_out.append(out)
+    notes = []
+    if held:
+        notes.append(f"{len(held)} stud{'y' if len(held) == 1 else 'ies'} carrying this PatientID (and issuer) "
+                     "conflict with the patient's name or birth date: held, not counted (held_conflicts; resolve "
+                     "with POST /cycles/{cycle}/conflicts/{job}/resolve)")
+    if other_issuers:
+        notes.append(f"{other_issuers} other patient(s) carry the same PatientID under another IssuerOfPatientID: "
+                     "not counted here (ask with ?issuer=)")
     return {
+        "issuer": issuer or None,
+        "held_conflicts": held,
         "cycles": cycles_out,
         "cycles_included": sum(1 for c in cycles_out if c["included"]),
         "regions": regions_out,
         "kidney_limits": {"absorbed_dose_gy": KIDNEY_ABSORBED_LIMIT_GY, "bed_gy": KIDNEY_BED_LIMIT_GY,
                           "sources": KIDNEY_LIMIT_SOURCES},
         "flags": flags,
-        "notes": ["BED: linear-quadratic with mono-exponential repair per cycle (spectdose.integration: kidneys "
+        "notes": [*notes, "BED: linear-quadratic with mono-exponential repair per cycle (spectdose.integration: kidneys "
                   "alpha/beta 2.6 Gy, T_rep 2.8 h; red marrow 15 Gy, 0.5 h), summed over cycles (full repair "
                   "between cycles)", "regions are matched across cycles by their names"],
     }

@@ -44,6 +44,7 @@ __all__ = [
     "CycleTimePoint",
     "CycleResult",
     "CycleRequest",
+    "CyclePatient",
     "CYCLE_TABLES",
     "make_engine",
     "make_sessionmaker",
@@ -228,6 +229,7 @@ class Cycle(Base):
     patient_key: Mapped[str] = mapped_column(String(64), index=True)
     name_key: Mapped[str] = mapped_column(String(64))
     administration: Mapped[dt.datetime | None] = mapped_column(DateTime)  # naive, as the headers give it
+    activity_mbq: Mapped[float | None] = mapped_column(Float)  # RadionuclideTotalDose of the administration
     explicit: Mapped[int] = mapped_column(Integer, default=0)  # 1: named by a client's cycle_id
     options: Mapped[dict] = mapped_column(JSON, default=dict)  # DoseOptions.to_dict() of the cycle jobs
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
@@ -241,8 +243,10 @@ class CycleTimePoint(Base):
 
     job_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     cycle_id: Mapped[str | None] = mapped_column(String(64), index=True)
-    state: Mapped[str] = mapped_column(String(16), index=True)  # joined | rejected | replaced
+    state: Mapped[str] = mapped_column(String(16), index=True)  # joined | rejected | replaced | conflict
     reason: Mapped[str | None] = mapped_column(Text)
+    # The study's identity keys (patient_key, name_key, birth_key: hashes) while held as a conflict.
+    identity: Mapped[dict | None] = mapped_column(JSON(none_as_null=True))
     study_instance_uid: Mapped[str | None] = mapped_column(String(64))
     hours: Mapped[float | None] = mapped_column(Float)  # after the administration
     acquisition: Mapped[dt.datetime | None] = mapped_column(DateTime)
@@ -289,7 +293,28 @@ class CycleRequest(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
-CYCLE_TABLES = [Cycle.__table__, CycleTimePoint.__table__, CycleResult.__table__, CycleRequest.__table__]
+class CyclePatient(Base):
+    """A patient of the cycles: PatientID with IssuerOfPatientID (``key``), and the name and birth date it came with.
+
+    Only hashes (service.cycles): ``key`` of ID and issuer, ``id_key`` of the ID alone (to tell that
+    other issuers use the same ID), ``name_key`` and ``birth_key``. A study whose ID and issuer
+    match but whose name or birth date does not is held as a conflict; a resolution that says it
+    is the same patient adds its name and birth keys to ``aliases``.
+    """
+
+    __tablename__ = "cycle_patients"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    id_key: Mapped[str] = mapped_column(String(64), index=True)
+    name_key: Mapped[str] = mapped_column(String(64))
+    birth_key: Mapped[str | None] = mapped_column(String(64))
+    aliases: Mapped[list] = mapped_column(JSON, default=list)  # [{name_key, birth_key}] accepted by a resolution
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+CYCLE_TABLES = [Cycle.__table__, CycleTimePoint.__table__, CycleResult.__table__, CycleRequest.__table__,
+                CyclePatient.__table__]
 
 
 
@@ -344,11 +369,24 @@ _UPGRADED_COLUMNS = (
 )
 
 
+# Columns added to a table after it was first released: (table, column, SQL type), added (nullable)
+# to an existing database when a process opens it; older rows read them as NULL.
+_ADDED_COLUMNS = (
+    ("cycles", "activity_mbq", "FLOAT"),
+    ("cycle_time_points", "identity", "JSON"),
+)
+
+
 def _upgrade_columns(engine: Engine) -> None:
     from sqlalchemy import inspect, text
 
-    present = {table: {c["name"] for c in inspect(engine).get_columns(table)}
-               for table in {t for t, _c, _f in _UPGRADED_COLUMNS}}
+    inspector = inspect(engine)
+    present = {table: {c["name"] for c in inspector.get_columns(table)}
+               for table in {t for t, _c, _f in _UPGRADED_COLUMNS} | {t for t, _c, _y in _ADDED_COLUMNS}}
+    for table, column, sql_type in _ADDED_COLUMNS:
+        if column not in present[table]:
+            with engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
     for table, column, former in _UPGRADED_COLUMNS:
         if column in present[table]:
             continue

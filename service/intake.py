@@ -32,7 +32,7 @@ from .storage import Storage, UnsafeArchive, atomic_write_bytes, extract_zip
 __all__ = ["UploadRejected", "SubmitParams", "Accepted", "Sender", "accept_study", "receive_study", "spool_body",
            "RegionSetAccepted", "accept_region_set", "publish_region_set", "read_region_file", "job_ct", "file_digest",
            "REGIONS_TASK_NAME",
-           "store_upload", "ZIP_TYPES"]
+           "store_upload", "study_incomplete", "ZIP_TYPES"]
 
 log = logging.getLogger("spectdose.service.intake")
 
@@ -296,6 +296,17 @@ def _check_complete(files_dir: Path, inv) -> None:
     if problems and len(problems) == len(wanted):
         why = "; ".join(problems.values())
         raise UploadRejected(422, f"incomplete study: the CT series has {why}; send the whole study again")
+    why = study_incomplete(p for p in files_dir.rglob("*") if p.is_file())
+    if why:
+        raise UploadRejected(422, f"incomplete study: {why}; nothing was stored, send the whole study again")
+
+
+def study_incomplete(files) -> str | None:
+    """Why a study's CT cannot be whole (cut at either end of the SPECT, fewer slices than its header counts),
+    or None; for REST uploads and DICOM bursts alike (:func:`spectdose.dicom.completeness.ct_coverage_problem`)."""
+    from spectdose.dicom.completeness import ct_coverage_problem
+
+    return ct_coverage_problem(files)
 
 
 def _check_study(files_dir: Path, max_bytes: int) -> tuple[str | None, int]:

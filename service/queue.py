@@ -28,11 +28,11 @@ _RECEIVED_GRACE_S = 5.0  # a job just stored is being published by its creator
 _PRIORITY_SEP = "\x06\x16"  # kombu's Redis priority queues are "<queue>\x06\x16<priority>"
 
 
-def _job_of(message: bytes | str | dict) -> str | None:
-    """The job id a Celery message carries (first task argument), or None if it is not ours."""
+def _job_of(message: bytes | str | dict, task: str = TASK_NAME) -> str | None:
+    """The job id a Celery message of ``task`` carries (first task argument), or None if it is not one."""
     try:
         msg = json.loads(message) if isinstance(message, (bytes, str)) else message
-        if msg.get("headers", {}).get("task") != TASK_NAME:
+        if msg.get("headers", {}).get("task") != task:
             return None
         body = msg["body"]
         if msg.get("properties", {}).get("body_encoding") == "base64":
@@ -68,7 +68,7 @@ class Enqueuer:
         with self._redis() as client:
             return {q: int(client.llen(q)) for q in QUEUES}
 
-    def broker_job_ids(self) -> set[str]:
+    def broker_job_ids(self, task: str = TASK_NAME) -> set[str]:
         """Job ids that have a message in the broker: waiting in a queue, or delivered and unacked.
 
         kombu keeps each queue as a Redis list (plus priority lists) and a delivered message in
@@ -80,10 +80,10 @@ class Enqueuer:
             for queue in QUEUES:
                 keys = [queue, *client.scan_iter(match=f"{queue}{_PRIORITY_SEP}*", count=100)]
                 for key in keys:
-                    ids.update(filter(None, map(_job_of, client.lrange(key, 0, -1))))
+                    ids.update(filter(None, (_job_of(m, task) for m in client.lrange(key, 0, -1))))
             for raw in client.hvals("unacked"):
                 with contextlib.suppress(ValueError, TypeError, IndexError):
-                    ids.add(_job_of(json.loads(raw)[0]))
+                    ids.add(_job_of(json.loads(raw)[0], task))
         ids.discard(None)
         return ids
 
@@ -97,6 +97,20 @@ class Enqueuer:
             return False
         if not self.store.mark_queued(job_id) and resend:
             self.store.touch_queued(job_id)
+        return True
+
+    def submit_cycle(self, result_id: str) -> bool:
+        """Publish cycle result ``result_id`` (``service.cycles``) on the job queue; False if the broker fails."""
+        from .cycles import CYCLE_TASK_NAME, mark_result_queued
+
+        queue = getattr(getattr(self.app, "spectdose_settings", None), "job_queue", "cpu")
+        try:
+            self.app.send_task(CYCLE_TASK_NAME, args=[result_id], queue=queue, routing_key=queue)
+        except Exception as exc:  # noqa: BLE001 - as submit()
+            log.warning("cycle result %s: could not publish to queue %s (%s: %s); the sweeper will retry",
+                        result_id, queue, type(exc).__name__, exc)
+            return False
+        mark_result_queued(self.store, result_id, resend=True)
         return True
 
 
@@ -132,6 +146,30 @@ def sweep_once(store: JobStore, enqueuer: Enqueuer, *, lease_s: float, visibilit
         job = store.get(job_id)
         if job is not None and enqueuer.submit(job_id, job.queue, resend=True):
             counts["republished"] += 1
+    counts |= _sweep_cycle_results(store, enqueuer, lease_s=lease_s, visibility_timeout_s=visibility_timeout_s, now=now)
+    return counts
+
+
+def _sweep_cycle_results(store: JobStore, enqueuer: Enqueuer, *, lease_s: float, visibility_timeout_s: float,
+                         now: dt.datetime) -> dict[str, int]:
+    """The same three rules for cycle results (``service.cycles``): a cycle integration is as durable as a dose job."""
+    from . import cycles
+
+    received, lost, waiting = cycles.results_to_sweep(
+        store, received_before=now - dt.timedelta(seconds=_RECEIVED_GRACE_S),
+        heartbeat_before=now - dt.timedelta(seconds=lease_s),
+        queued_before=now - dt.timedelta(seconds=visibility_timeout_s))
+    counts = {"cycle_published": 0, "cycle_requeued_lost": 0, "cycle_republished": 0}
+    for result_id in received:
+        counts["cycle_published"] += enqueuer.submit_cycle(result_id)
+    for result_id in lost:
+        reason = f"worker lost (no heartbeat for {lease_s:.0f} s); requeued"
+        if cycles.requeue_result_if_stale(store, result_id, lease_s=lease_s, reason=reason):
+            log.warning("cycle result %s: %s", result_id, reason)
+            store.audit("sweeper", "cycle_result_requeued", result_id=result_id, why="lost worker")
+            counts["cycle_requeued_lost"] += enqueuer.submit_cycle(result_id)
+    for result_id in waiting:
+        counts["cycle_republished"] += enqueuer.submit_cycle(result_id)
     return counts
 
 
@@ -147,8 +185,9 @@ def reconcile_once(store: JobStore, enqueuer: Enqueuer, *, grace_s: float, now: 
     epoch = dt.datetime(1970, 1, 1)
     queued = store.jobs_to_sweep(received_before=epoch, heartbeat_before=epoch,
                                  queued_before=now - dt.timedelta(seconds=grace_s))[2]
+    n_cycles = _reconcile_cycle_results(store, enqueuer, grace_s=grace_s, now=now)
     if not queued:
-        return 0
+        return n_cycles
     present = enqueuer.broker_job_ids()  # read after the job list: a message consumed meanwhile is not missed
     n = 0
     for job_id in queued:
@@ -161,6 +200,30 @@ def reconcile_once(store: JobStore, enqueuer: Enqueuer, *, grace_s: float, now: 
             n += 1
             log.warning("job %s was queued with no message in the broker: republished", job_id)
             store.audit("sweeper", "job_republished", job_id=job_id, why="no message in the broker")
+    return n + n_cycles
+
+
+def _reconcile_cycle_results(store: JobStore, enqueuer: Enqueuer, *, grace_s: float, now: dt.datetime) -> int:
+    """Republish every ``queued`` cycle result (older than ``grace_s``) without a message in the broker."""
+    from . import cycles
+
+    epoch = dt.datetime(1970, 1, 1)
+    queued = cycles.results_to_sweep(store, received_before=epoch, heartbeat_before=epoch,
+                                     queued_before=now - dt.timedelta(seconds=grace_s))[2]
+    if not queued:
+        return 0
+    present = enqueuer.broker_job_ids(cycles.CYCLE_TASK_NAME)
+    n = 0
+    for result_id in queued:
+        if result_id in present:
+            continue
+        row = cycles.get_result(store, result_id)
+        if row is None or row.state != "queued":
+            continue
+        if enqueuer.submit_cycle(result_id):
+            n += 1
+            log.warning("cycle result %s was queued with no message in the broker: republished", result_id)
+            store.audit("sweeper", "cycle_result_republished", result_id=result_id, why="no message in the broker")
     return n
 
 

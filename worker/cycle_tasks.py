@@ -243,6 +243,22 @@ def process_cycle(self, result_id: str) -> dict:
         raise self.retry(countdown=exc.delay_s, max_retries=None, exc=exc, queue=queue) from exc
 
 
+@signals.worker_ready.connect
+def _requeue_own_cycle_results(sender=None, **_kwargs) -> None:
+    """A worker restarting under its name takes back at once the cycle results it was running (as dose jobs,
+    worker/app.py); without this they wait for their lease to lapse and the gateway's sweeper."""
+    hostname = getattr(sender, "hostname", None)
+    if not hostname:
+        return
+    rt = process_context()
+    try:
+        for result_id in cycles.requeue_results_of_worker(rt.store, hostname):
+            log.warning("cycle result %s was running on %s before it restarted: requeued", result_id, hostname)
+            rt.enqueuer.submit_cycle(result_id)
+    except Exception as exc:  # noqa: BLE001 - the gateway's sweeper does it after the lease
+        log.warning("start-up requeue of cycle results failed (%s: %s)", type(exc).__name__, exc)
+
+
 @signals.task_failure.connect
 def _hard_time_limit(sender=None, exception=None, args=None, **_kwargs) -> None:
     """A cycle job killed at the hard time limit fails at once with a reason (as dose jobs do, worker/app.py)."""

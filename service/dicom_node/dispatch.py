@@ -34,7 +34,15 @@ from pathlib import Path
 
 from ..config import Settings
 from ..db import IncomingState, JobState, utcnow
-from ..intake import Sender, UploadRejected, accept_region_set, accept_study, file_digest, job_ct
+from ..intake import (
+    Sender,
+    UploadRejected,
+    accept_region_set,
+    accept_study,
+    file_digest,
+    job_ct,
+    study_incomplete,
+)
 from ..jobs import content_fingerprint
 from ..queue import Enqueuer
 from .handlers import INPUT_MODALITIES, REGION_KINDS, NodeContext
@@ -120,6 +128,15 @@ def _dispatch(ctx: NodeContext, enqueuer: Enqueuer, inc) -> str | None:
     if missing:
         refused = (f"the study has no {' and no '.join(missing)} instances (received {', '.join(sorted(modalities))}); "
                    "a SPECT/CT dosimetry needs both")
+    elif (why := study_incomplete(files)) is not None:
+        # Quiet for STUDY_QUIET_S and still incomplete (e.g. an aborted association and a later one with the
+        # rest of the CT): refused, nothing computed or sent. The instances stay in incoming/: the rest (or the
+        # whole study) sent again makes a new burst of every instance received, computed once it is whole.
+        refused = (f"incomplete study: {why}; nothing was computed or sent: send the rest of the study (or all of "
+                   f"it) again, it is computed once whole")
+        store.audit(inc.calling_aet, "study_incomplete", job_id=job_id, study_instance_uid=inc.study_instance_uid,
+                    instances=len(files))
+        log.warning("study burst %s from %s: incomplete (%s); refused", inc.id[:8], inc.calling_aet, why.split(":")[0])
 
     def handed_over(n_files: int, _n_bytes: int) -> None:
         store.settle_incoming(inc.id, IncomingState.DISPATCHED, job_id=job_id)

@@ -11,8 +11,9 @@ import logging
 import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query
+from fastapi import APIRouter, Body, HTTPException, Path, Query
 from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field
 
 from .. import cycles
 from ..deps import Actor, Ctx
@@ -73,7 +74,10 @@ def list_cycles(ctx: Ctx, _actor: Actor,
                                                     "was rejected from, or was named for")] = None,
                 limit: Annotated[int, Query(ge=1, le=500)] = 100) -> dict[str, Any]:
     found = cycles.cycles_of_job(ctx.store, job_id, limit)
-    return {"cycles": found, "total": len(found)}
+    held = cycles.held_conflicts(ctx.store)
+    if job_id:
+        held = [c for c in held if c["job_id"] == job_id]
+    return {"cycles": found, "total": len(found), "conflicts": held}
 
 
 @router.get("/cycles/{cycle_id}", responses=_AUTH | _NOT_FOUND | _CYCLE, summary="A cycle: time points, state, results")
@@ -108,13 +112,40 @@ def integrate_cycle(ctx: Ctx, actor: Actor, cycle_id: CycleId) -> dict[str, Any]
     return {"cycle_id": cycle_id, "result_id": result_id}
 
 
+class Resolution(BaseModel):
+    """An explicit decision on a study held as an identity conflict."""
+
+    decision: str = Field(description="same_patient: the study is the recorded patient's (its name and birth date "
+                                      "are accepted for that patient, and it is offered to the cycle again); "
+                                      "other_patient: another person sharing the PatientID (rejected for good)",
+                          examples=["other_patient"])
+
+
+@router.post("/cycles/{cycle_id}/conflicts/{job_id}/resolve",
+             responses=_AUTH | _NOT_FOUND | {409: {"model": ErrorOut, "description": "not held as a conflict"},
+                                            422: {"model": ErrorOut, "description": "unknown decision"}},
+             summary="Resolve a study held as an identity conflict (same_patient or other_patient)")
+def resolve_conflict(ctx: Ctx, actor: Actor, cycle_id: CycleId,
+                     job_id: Annotated[str, Path(max_length=32, description="the held study's job id")],
+                     body: Annotated[Resolution, Body()]) -> dict[str, Any]:
+    if body.decision not in cycles.RESOLUTIONS:
+        raise HTTPException(422, f"decision must be one of {', '.join(cycles.RESOLUTIONS)}")
+    try:
+        return cycles.resolve_conflict(ctx.store, ctx.storage, ctx.settings, cycle_id, job_id,
+                                       decision=body.decision, actor=actor)
+    except cycles.ConflictError as exc:
+        raise HTTPException(exc.status, str(exc)) from exc
+
+
 @router.get("/patients/{patient_id}/cumulative", responses=_AUTH | _NOT_FOUND | _CumulativeDoc,
             summary="Cumulative kidney, red-marrow and lesion doses over a patient's cycles, kidney limits flagged")
 def get_cumulative(ctx: Ctx, _actor: Actor,
-                   patient_id: Annotated[str, Path(max_length=64, description="the DICOM PatientID")]
+                   patient_id: Annotated[str, Path(max_length=64, description="the DICOM PatientID")],
+                   issuer: Annotated[str | None, Query(max_length=64, description="the IssuerOfPatientID (none: "
+                                                       "the ID without an issuer)")] = None,
                    ) -> dict[str, Any]:
     _redact_access_log()
-    out = cycles.cumulative(ctx.store, patient_id)
+    out = cycles.cumulative(ctx.store, patient_id, issuer)
     if out is None:
         raise HTTPException(404, "no cycle of this patient is known")  # the ID is not echoed
     return out

@@ -401,7 +401,8 @@ def test_the_worker_registers_the_cycle_task(service):
 
 
 def _finished_job(store, storage, tmp_path, *, patient_id: str, administration: dt.datetime, hours: float,
-                  units: str = "Bq/ml") -> str:
+                  units: str = "Bq/ml", name: str = "VP^X", issuer: str | None = None, birth: str = "",
+                  activity_mbq: float | None = None, cycle_id: str | None = None) -> str:
     """A done dose job as the worker leaves it (input NM header, summary.json), without computing a dose."""
     from pydicom.dataset import FileMetaDataset
 
@@ -412,18 +413,25 @@ def _finished_job(store, storage, tmp_path, *, patient_id: str, administration: 
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.20"  # NM Image Storage
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = str(generate_uid())
-    ds.Modality, ds.PatientID, ds.PatientName = "NM", patient_id, "VP^X"
+    ds.Modality, ds.PatientID, ds.PatientName, ds.PatientBirthDate = "NM", patient_id, name, birth
+    if issuer is not None:
+        ds.IssuerOfPatientID = issuer
     ds.SeriesInstanceUID, ds.StudyInstanceUID = series, study
     src = tmp_path / f"{job_id}.dcm"
     ds.save_as(src, enforce_file_format=True)
     storage.publish_input(job_id, [src])
     store.create_job(job_id, source="rest", submitted_by="token:x", options={"method": "dvk"}, export=[],
                      queue="cpu", n_files=1, study_instance_uid=study)
+    if cycle_id is not None:
+        from service.cycles import note_cycle_request
+
+        note_cycle_request(store, job_id, cycle_id)
     attempt = store.claim(job_id, "w", lease_s=60, max_attempts=3)
     work = storage.new_work_dir(job_id, attempt)
     acquisition = administration + dt.timedelta(hours=hours)
     (work / "summary.json").write_text(json.dumps({
-        "series": {"spect": {"series_instance_uid": series}}, "activity": {"units": units},
+        "series": {"spect": {"series_instance_uid": series}},
+        "activity": {"units": units, "injected_activity_mbq": activity_mbq},
         "time": {"administration": administration.isoformat(), "acquisition": acquisition.isoformat(),
                  "hours_since_administration": hours}}))
     storage.publish_output(job_id, work, {"files": {"summary_json": {"file": "summary.json"}}})
