@@ -12,6 +12,7 @@ SpectdoseError: no usable study, a missing fact, an output path that cannot be w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import importlib.metadata
 import logging
@@ -297,6 +298,22 @@ def _check_out_dir(out: Path) -> None:
         raise InputError(f"output folder {out}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"output folder {out}: {parent} is not writable")
+    # os.access says yes to root and knows nothing of read-only mounts: create the folder and a
+    # file in it now, so an unwritable -o is found before any computation (issue 18 item 10).
+    created = []
+    try:
+        for folder in reversed([out, *out.parents]):
+            if not folder.exists():
+                folder.mkdir()
+                created.append(folder)
+        probe = out / f".spectdose-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise InputError(f"output folder {out} cannot be written ({exc.strerror or exc}); give another -o/--out") from exc
 
 
 def _cmd_dose(args: argparse.Namespace) -> int:

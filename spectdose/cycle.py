@@ -171,6 +171,7 @@ def _load_time_point(path: Path, index: int, options: DoseOptions) -> tuple[Stud
             energy_window_kev=options.energy_window_kev,
             administration_datetime=options.administration_datetime,
             accepted_assumptions=options.accepted_assumptions,
+            single_study=False,
         )
         if study.spect.units != "Bq/ml":
             raise InputError(
@@ -181,6 +182,7 @@ def _load_time_point(path: Path, index: int, options: DoseOptions) -> tuple[Stud
             administration_datetime=options.administration_datetime,
             accepted=options.accepted_assumptions,
             required=True,
+            single_study=False,
         )
     except SpectdoseError as exc:
         raise type(exc)(f"{label}: {exc}") from exc

@@ -22,7 +22,12 @@ import numpy as np
 from spectdose import __version__
 from spectdose.constants import LOW_DENSITY_CUTOFF_G_CM3, MGY_PER_H_PER_GY_PER_S
 from spectdose.density import DEFAULT_DENSITY_CURVE, CalibrationCurve, hu_to_density, load_curve
-from spectdose.dicom.ingest import NO_ACTIVITY_ASSUMPTION, CameraCalibration, load_study
+from spectdose.dicom.ingest import (
+    INGEST_ASSUMPTIONS,
+    NO_ACTIVITY_ASSUMPTION,
+    CameraCalibration,
+    load_study,
+)
 from spectdose.dicom.region_outputs import REGION_OUTPUT_NAMES
 from spectdose.dicom.rtdose import Replaces
 from spectdose.dose import dvk_dose_rate, outside_model_range, time_integration_factor_s
@@ -232,6 +237,7 @@ ASSUMPTIONS: dict[str, str] = {
     "radionuclide_lu177_assumed": "a SPECT whose header does not name the radionuclide is taken as Lu-177",
     NO_ACTIVITY_ASSUMPTION: "a SPECT that holds no activity (a blank or QA acquisition) gives an all-zero dose (and "
     "uncertainty) instead of being refused",
+    **INGEST_ASSUMPTIONS,
 }
 
 

@@ -112,6 +112,7 @@ def resolve_times(
     hours_after_administration: float | None = None,
     accepted: tuple[str, ...] | frozenset[str] = (),
     required: bool = True,
+    single_study: bool = True,
 ) -> TimeFacts:
     """Hours from administration to the acquisition start, never from a guessed date.
 
@@ -121,6 +122,8 @@ def resolve_times(
     after the acquisition, or a missing date refuse with the reason and the flag/field that
     supplies the fact, unless the assumption is listed in ``accepted`` (then a warning).
     With ``required=False`` (no time integration, e.g. a normalised map) nothing is refused.
+    ``single_study=False`` (a time point of a cycle) leaves out the remedies a cycle refuses
+    (the acquisition time and the hours since administration name one study's facts).
 
     Raises
     ------
@@ -155,14 +158,20 @@ def resolve_times(
         else:
             problems.append(
                 f"the SPECT has no Acquisition Date/Time and its {acq_from} date/time ({acquisition.isoformat()}) need "
-                "not be the acquisition start (a reconstruction's series is often written hours later): give "
-                f"{_hint('acquisition_datetime')}, or allow it with {_accept_hint(name)}"
+                "not be the acquisition start (a reconstruction's series is often written hours later): "
+                + (f"give {_hint('acquisition_datetime')}, or " if single_study else "")
+                + f"allow it with {_accept_hint(name)}"
             )
             acquisition = None
     elif acquisition is None:
         problems.append(
             "the acquisition date is unknown (the SPECT header has no Acquisition, Series or Study Date: "
-            f"de-identified?): give the acquisition start with {_hint('acquisition_datetime')}"
+            + (
+                f"de-identified?): give the acquisition start with {_hint('acquisition_datetime')}"
+                if single_study
+                else "de-identified?): a cycle takes each time point's acquisition from its header; send the study "
+                "with its dates, or compute this time point alone (one study) with its acquisition time"
+            )
         )
 
     admin = administration_datetime or administration.administration_datetime
@@ -198,7 +207,11 @@ def resolve_times(
         raise InputError(
             "time since administration unknown: "
             + "; ".join(problems)
-            + f". Or give the hours from administration to acquisition directly with {_hint('hours_after_administration')}"
+            + (
+                f". Or give the hours from administration to acquisition directly with {_hint('hours_after_administration')}"
+                if single_study
+                else ""
+            )
         )
     if (admin.tzinfo is None) != (acquisition.tzinfo is None):
         # One carries a UTC offset (e.g. given as ISO with "+01:00"), the other is a header's local
@@ -207,10 +220,15 @@ def resolve_times(
     hours = (acquisition - admin).total_seconds() / 3600.0
     if hours <= 0 and required:
         where = "given" if admin_from == "given" else "in the header"
+        remedy = (
+            f"check the header, or give {_hint('administration_datetime')} or {_hint('hours_after_administration')}"
+            if single_study
+            else "check this time point's Acquisition Date/Time and Radiopharmaceutical Start DateTime, or give the "
+            f"administration with {_hint('administration_datetime')} (it applies to every time point of the cycle)"
+        )
         raise InputError(
             f"the administration ({admin.isoformat()}, {where}) is not before the acquisition start "
-            f"({acquisition.isoformat()}): check the header, or give {_hint('administration_datetime')} or "
-            f"{_hint('hours_after_administration')}"
+            f"({acquisition.isoformat()}): {remedy}"
         )
     acq_words = {"given": "given", "acquisition": "from the header", "series": "from the series date", "study": "from the study date"}
     source = f"administration {'from the header' if admin_from == 'header' else admin_from}, acquisition {acq_words[acq_from]}"

@@ -327,12 +327,14 @@ def test_time_point_before_the_administration_is_refused(cycle_dir, tmp_path):
     )
     with pytest.raises(
         InputError, match=r"time point 1 .*not before the acquisition start.*--administration-time"
-    ):
+    ) as err:
         run_cycle(
             [cycle_dir / "tp004h" / "dicom", cycle_dir / "tp024h" / "dicom"],
             tmp_path / "out",
             options,
         )
+    # the remedy works on the cycle route, which refuses --hours-after-administration (issue 18 item 10)
+    assert "hours-after-administration" not in str(err.value) and "every time point" in str(err.value)
 
 
 def test_uncalibrated_spect_is_refused_naming_the_time_point(cycle_dir, tmp_path):

@@ -279,6 +279,112 @@ def other_frame_of_reference(root: Path) -> None:
     baseline(root, ct={"frame_of_reference_uid": "1.2.826.0.1.3680043.8.498.4242"})
 
 
+def _set(paths, **attributes) -> None:
+    """Rewrite header attributes of written files (pixel data untouched); None deletes one."""
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for keyword, value in attributes.items():
+            if value is None:
+                if keyword in ds:
+                    delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+        ds.save_as(path)
+
+
+# --- issue 18 item 3: NM values decay-corrected to the administration (Decay Correction ADMIN)
+def nm_decay_correction(mode: str, corrected: tuple[str, ...], **nm) -> Callable[[Path], None]:
+    def write(root: Path) -> None:
+        study = f.StudyIds()
+        _ct(root, study)
+        factor = math.exp(LAMBDA_PER_H * HOURS) if mode == "ADMIN" else 1.0  # values referred to the administration
+        nm_written = _nm(root, study, rwvm=(RWVM_SLOPE * factor, 0.0), **nm)
+        _set(nm_written.paths, DecayCorrection=mode, CorrectedImage=list(corrected))
+
+    return write
+
+
+# --- issue 18 item 2: beds of one acquisition (frames 0-4 and 3-7 of the baseline, 2 slices of overlap)
+BED_UIDS = ("1.2.826.0.1.3680043.8.498.18001", "1.2.826.0.1.3680043.8.498.18002")
+BED_MINUTES = 20.0  # the second bed starts 20 min after the first
+
+
+def _beds(root: Path, study: f.StudyIds, *, same_series: bool = False, second_from: int = 3, description: str = "SPECT",
+          uids: tuple[str, str] = BED_UIDS, first_only: bool = False) -> None:  # fmt: skip
+    counts = _counts()
+    _nm(root, study, f"{description}-bed1.dcm", counts=counts[:5].copy(), series_uid=uids[0], description=description)
+    if first_only:
+        return
+    decayed = math.exp(-LAMBDA_PER_H * BED_MINUTES / 60)  # the second bed sees the activity 20 min later
+    z = NM_FIRST_VOXEL[2] + second_from * NM_SPACING[0]
+    _nm(
+        root, study, f"{description}-bed2.dcm", counts=counts[second_from:].copy(), rwvm=(RWVM_SLOPE * decayed, 0.0),
+        first_voxel_mm=(*NM_FIRST_VOXEL[:2], z), acquisition=("20240305", "095000"),
+        series_uid=uids[0] if same_series else uids[1], description=description,
+    )  # fmt: skip
+
+
+def two_beds(same_series: bool = False, second_from: int = 3) -> Callable[[Path], None]:
+    def write(root: Path) -> None:
+        study = f.StudyIds()
+        _ct(root, study)
+        _beds(root, study, same_series=same_series, second_from=second_from)
+
+    return write
+
+
+def two_beds_ac_and_nac(root: Path) -> None:
+    study = f.StudyIds()
+    _ct(root, study)
+    _beds(root, study, description="SPECT AC")
+    _beds(root, study, description="SPECT NAC", uids=("1.2.826.0.1.3680043.8.498.18003", "1.2.826.0.1.3680043.8.498.18004"))
+
+
+def one_of_two_beds(root: Path) -> None:
+    study = f.StudyIds()
+    _ct(root, study)
+    _beds(root, study, description="SPECT bed 1 of 2", first_only=True)
+
+
+# --- issue 18 item 4: header geometry facts that contradict each other
+def nm_header(**attributes) -> Callable[[Path], None]:
+    def write(root: Path) -> None:
+        study = f.StudyIds()
+        _ct(root, study)
+        _set(_nm(root, study).paths, **attributes)
+
+    return write
+
+
+def ct_header(**attributes) -> Callable[[Path], None]:
+    def write(root: Path) -> None:
+        study = f.StudyIds()
+        _set(_ct(root, study).paths, **attributes)
+        _nm(root, study)
+
+    return write
+
+
+def pet_style_spacing_contradicts_positions(root: Path) -> None:
+    pet_style("START")(root)
+    _set(sorted((root / "PT").glob("*.dcm")), SpacingBetweenSlices="4.8")
+
+
+# --- issue 18 item 5: contrast CT
+def contrast_ct_only(root: Path) -> None:
+    ct_header(ContrastBolusAgent="Iohexol 350")(root)
+
+
+def contrast_and_plain_ct(root: Path) -> None:
+    """The plain CT (the baseline's) and a contrast CT of the same frame of reference, 100 HU higher in tissue."""
+    study = f.StudyIds()
+    _ct(root, study, description="CT low dose")
+    hu = f.smooth_hu(CT_SHAPE)
+    enhanced = _ct(root / "contrast", study, hu=np.where(hu > -500, hu + 100, hu), description="CT venous")
+    _set(enhanced.paths, ContrastBolusAgent="Iohexol 350")
+    _nm(root, study)
+
+
 # ----------------------------------------------------------------------------- the corpus
 
 
@@ -480,6 +586,78 @@ CASES: dict[str, Case] = {
     "two-recons-same-window": Case(
         two_recons, {}, Refused(InputError, r"2 candidate SPECT volumes; choose one with --spect-series \(CLI\) / spect_series \(REST\)")
     ),
+    # --- issue 18 item 3: NM decay correction read from Decay Correction, warnings say what the header says
+    "nm-decay-correction-admin-without-decy": Case(
+        nm_decay_correction("ADMIN", ("ATTN", "SCAT")), {},
+        Same(warning="decay-corrected to the administration (Decay Correction (0054,1102) ADMIN, Corrected Image without DECY)"),
+    ),  # fmt: skip
+    "nm-decay-correction-admin-with-decy": Case(
+        nm_decay_correction("ADMIN", ("ATTN", "SCAT", "DECY")), {},
+        Same(warning="decay-corrected to the administration (Decay Correction (0054,1102) ADMIN, Corrected Image lists DECY)"),
+    ),  # fmt: skip
+    "nm-decay-correction-admin-without-administration-date": Case(
+        nm_decay_correction("ADMIN", ("DECY",), admin_datetime=None, admin_time_only="093000"), {},
+        Refused(InputError, r"time since administration unknown.*but no date.*--administration-time"),
+    ),  # fmt: skip
+    "nm-decay-correction-start": Case(nm_decay_correction("START", ("ATTN", "DECY")), {}, Same()),
+    "nm-decay-correction-none": Case(nm_decay_correction("NONE", ("ATTN",)), {}, Same()),
+    # --- issue 18 item 2: beds of one acquisition are joined (each referred to the first bed's start), never one picked
+    "two-beds-as-two-series": Case(two_beds(), {}, Same(warning="joined from 2 beds of one acquisition")),
+    "two-beds-in-one-series": Case(two_beds(same_series=True), {}, Same(warning="joined from 2 beds of one acquisition")),
+    "two-beds-one-named-with-spect-series": Case(
+        two_beds(), {"spect_series_uid": BED_UIDS[1]}, Same(warning="names one bed of a 2-bed acquisition")
+    ),
+    "two-beds-with-a-gap": Case(
+        two_beds(second_from=6), {}, Refused(GeometryError, r"are beds of one acquisition, but they leave a gap of 1 slice")
+    ),
+    "two-beds-each-with-ac-and-nac": Case(
+        two_beds_ac_and_nac, {},
+        Refused(InputError, r"2 candidate SPECT acquisitions; choose one with --spect-series.*selects all its beds.*"
+                            r"beds of one acquisition, joined when any of them is chosen: .*'SPECT (N?AC)'.*'SPECT (N?AC)'"),
+    ),  # fmt: skip
+    "only-one-of-two-beds-arrived": Case(
+        one_of_two_beds, {}, Refused(InputError, r"bed 1 of 2 .*send all beds.*--accept spect_beds_missing")
+    ),
+    # --- issue 18 item 4: geometry facts of the header that contradict each other
+    "spect-pixel-spacing-contradicts-reconstruction-diameter": Case(
+        nm_header(ReconstructionDiameter="57.6"), {},
+        Refused(GeometryError, r"SPECT header contradicts itself: Pixel Spacing \(0028,0030\) gives 4 mm.*Reconstruction "
+                               r"Diameter \(0018,1100\) 57\.6 mm / Columns 12 = 4\.8 mm.*--accept pixel_spacing_trusted"),
+    ),  # fmt: skip
+    "spect-pixel-spacing-contradiction-accepted": Case(
+        nm_header(ReconstructionDiameter="57.6"), {"accepted_assumptions": ("pixel_spacing_trusted",)},
+        Same(warning="ASSUMED (pixel_spacing_trusted)"),
+    ),  # fmt: skip
+    "spect-reconstruction-diameter-agrees": Case(nm_header(ReconstructionDiameter="48"), {}, Same()),
+    "spect-spacing-between-slices-contradicts-slice-thickness": Case(
+        nm_header(SliceThickness="4.8", PixelSpacing=["4.0", "4.0"]), {},
+        Refused(GeometryError, r"Spacing Between Slices \(0018,0088\) gives 4 mm between slices.*Slice Thickness "
+                               r"\(0018,0050\) is 4\.8 mm.*--accept slice_spacing_trusted"),
+    ),  # fmt: skip
+    "spect-slice-spacing-contradiction-accepted": Case(
+        nm_header(SliceThickness="4.8"), {"accepted_assumptions": ("slice_spacing_trusted",)},
+        Same(warning="ASSUMED (slice_spacing_trusted)"),
+    ),  # fmt: skip
+    "pet-style-spacing-between-slices-contradicts-positions": Case(
+        pet_style_spacing_contradicts_positions, {},
+        Refused(GeometryError, r"slice positions \(Image Position \(Patient\)\) are 4 mm apart.*Spacing Between Slices "
+                               r"\(0018,0088\) is 4\.8 mm.*--accept slice_spacing_trusted"),
+    ),  # fmt: skip
+    "ct-pixel-spacing-contradicts-reconstruction-diameter": Case(
+        ct_header(ReconstructionDiameter="72"), {},
+        Refused(GeometryError, r"CT header contradicts itself: Pixel Spacing.*2\.5 mm.*Reconstruction Diameter.*72 mm / "
+                               r"Columns 24 = 3 mm.*pixel_spacing_trusted"),
+    ),  # fmt: skip
+    # --- issue 18 item 5: a contrast CT gives densities only when told, with the effect stated
+    "contrast-ct-only": Case(
+        contrast_ct_only, {},
+        Refused(InputError, r"contrast-enhanced \(Contrast/Bolus Agent 'Iohexol 350'\).*6 to 7 % lower.*"
+                            r"--accept contrast_ct_density \(CLI\) / accept=contrast_ct_density \(REST\)"),
+    ),  # fmt: skip
+    "contrast-ct-only-accepted": Case(
+        contrast_ct_only, {"accepted_assumptions": ("contrast_ct_density",)}, Same(warning="ASSUMED (contrast_ct_density)")
+    ),
+    "contrast-and-plain-ct": Case(contrast_and_plain_ct, {}, Same(warning="the non-contrast CT is preferred")),
 }
 
 

@@ -360,25 +360,36 @@ def radiopharmaceutical(
     return Radiopharmaceutical(nuclide, half_life_s, activity_bq, admin, agent, start_time_only, nuclide_source)
 
 
-def pet_decay_factor(
+def decay_correction(ds: Dataset) -> tuple[str, bool]:
+    """(Decay Correction (0054,1102) value upper-cased or "", whether Corrected Image (0028,0051) lists DECY)."""
+    mode = str(ds.get("DecayCorrection", "") or "").strip().upper()
+    corrected = [str(v).strip().upper() for v in (ds.get("CorrectedImage", []) or [])]
+    return mode, "DECY" in corrected
+
+
+def decay_factor(
     headers: list[Dataset],
     rp: Radiopharmaceutical,
     elapsed_s: float | None,
     what: str,
     notes: list[str],
+    modality: str = "PT",
 ) -> float:
-    """Factor taking PET-style BQML values to the acquisition start (PS3.3 C.8.9.1.1.x Decay Correction).
+    """Factor taking SPECT values (NM or PET-style) to the acquisition start, read from Decay Correction.
 
-    START: values are decay-corrected to the acquisition start already (factor 1).
-    ADMIN: corrected to the administration time: multiply by exp(-ln2 * dt / T½).
-    NONE: not corrected; for Lu-177 the decay during a SPECT acquisition (< 0.5 % in an
-    hour, T½ = 6.6 d) is neglected and the values are taken as at the acquisition start.
-    ``elapsed_s`` (administration to acquisition start) is needed for ADMIN only; the caller
-    resolves it from the header or the user's time options.
+    PS3.3 C.8.9.1.1 (Decay Correction 0054,1102; NM objects carry it too): START — values are
+    decay-corrected to the acquisition start already (factor 1). ADMIN — corrected to the
+    administration time: multiply by exp(-ln2 * dt / T½), dt = administration to acquisition
+    start. NONE — not corrected; for Lu-177 the decay during a SPECT acquisition (< 0.5 % in an
+    hour, T½ = 6.6 d) is neglected and the values are taken as at the acquisition start. The
+    Decay Correction value decides; Corrected Image (DECY or not) only adds a warning when it
+    disagrees, so every warning says what the header says. ``elapsed_s`` is needed for ADMIN only;
+    the caller resolves it from the header or the user's time options.
     """
     ds = headers[0]
-    mode = str(ds.get("DecayCorrection", "") or "").upper()
-    corrected = [str(v).upper() for v in (ds.get("CorrectedImage", []) or [])]
+    mode, decy = decay_correction(ds)
+    kind = "PET-style" if modality == "PT" else "NM"
+    said = f"Decay Correction (0054,1102) {mode or '(absent)'}, Corrected Image {'lists' if decy else 'without'} DECY"
     if mode == "ADMIN":
         if elapsed_s is None or not math.isfinite(rp.half_life_s):
             raise CalibrationError(
@@ -386,21 +397,33 @@ def pet_decay_factor(
                 "time since administration or the half-life is missing, so they cannot be referred to "
                 "the acquisition start"
             )
+        factor = math.exp(-math.log(2) * elapsed_s / rp.half_life_s)
         notes.append(
-            f"{what}: PET-style values were decay-corrected to administration; referred back to acquisition start"
+            f"{what}: {kind} values are decay-corrected to the administration ({said}); multiplied by "
+            f"{factor:.4f} (decay over {elapsed_s / 3600:.1f} h) to refer them to the acquisition start"
+            + ("" if decy else "; Corrected Image does not list DECY, the Decay Correction value is followed")
         )
-        return math.exp(-math.log(2) * elapsed_s / rp.half_life_s)
+        return factor
     if mode == "START":
-        if "DECY" not in corrected:
+        if not decy:
             notes.append(
-                f"{what}: Decay Correction START but Corrected Image lacks DECY; values taken as at acquisition start"
+                f"{what}: {said}; values taken as at the acquisition start"
             )
         return 1.0
-    if mode in ("", "NONE"):
-        if mode == "":
+    if mode == "NONE":
+        if decy:
             notes.append(
-                f"{what}: PET-style series without Decay Correction; values taken as at acquisition start"
+                f"{what}: {said} (they disagree); values taken as at the acquisition start, as NONE says"
             )
         return 1.0
-    notes.append(f"{what}: unknown Decay Correction '{mode}'; values taken as at acquisition start")
-    return 1.0
+    if mode == "":
+        if modality == "PT" or decy:
+            notes.append(
+                f"{what}: {kind} values with {said}: the header does not state the reference time of the values; "
+                "taken as at the acquisition start"
+            )
+        return 1.0
+    raise CalibrationError(
+        f"{what}: unknown Decay Correction {mode[:16]!r} (PS3.3 defines NONE, START, ADMIN): the time the values "
+        "refer to is unknown"
+    )

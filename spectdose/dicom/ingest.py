@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
+from spectdose.constants import LU177_HALF_LIFE_S
 from spectdose.dicom import _activity as act
+from spectdose.dicom._beds import BedSet, bed_sets, beds_said, join
 from spectdose.dicom._files import FileHeader, ds_float, input_files, read_header
 from spectdose.dicom._series import (
     Candidate,
@@ -352,8 +354,13 @@ def _pick_by_uid(cands: list[Candidate], uid: str, role: str) -> Candidate:
     return usable[0]
 
 
-def _select_spect(cands: list[Candidate], uid: str | None, energy_window_kev: float | None = None) -> Candidate:
-    spects = _by_uid(cands, uid, "spect") if uid else [c for c in cands if c.role == "spect"]
+def _select_spect(
+    cands: list[Candidate], uid: str | None, energy_window_kev: float | None = None, notes: list[str] | None = None
+) -> Candidate | BedSet:
+    """The SPECT: one candidate, or the beds of one acquisition (never one bed of several)."""
+    notes = [] if notes is None else notes
+    all_spects = [c for c in cands if c.role == "spect"]
+    spects = _by_uid(cands, uid, "spect") if uid else all_spects
     if energy_window_kev is not None and spects:
         chosen = [c for c in spects if c.window is not None and c.window.contains(energy_window_kev)]
         if not chosen:
@@ -363,6 +370,17 @@ def _select_spect(cands: list[Candidate], uid: str | None, energy_window_kev: fl
                 + "; ".join(f"[{c.key}] {c.label()}" for c in spects)
             )
         spects = chosen
+    if uid and len(spects) == 1:
+        # a key naming one bed selects every bed of its acquisition
+        sets, _ = bed_sets(all_spects)
+        for bed_set in sets:
+            if any(c is spects[0] for c in bed_set.candidates):
+                notes.append(
+                    f"{_hint('spect_series_uid')} names one bed of a {len(bed_set.beds)}-bed acquisition; all its beds "
+                    "are joined"
+                )
+                return bed_set
+        return spects[0]
     if len(spects) == 1:
         return spects[0]
     if not spects:
@@ -372,13 +390,22 @@ def _select_spect(cands: list[Candidate], uid: str | None, energy_window_kev: fl
             "no reconstructed SPECT in the input (need an NM RECON TOMO volume or a PET-style BQML series)"
             + (f". Found instead: {why}" if why else "")
         )
+    sets, alone = bed_sets(spects)
+    if len(sets) == 1 and not alone:
+        return sets[0]
     windows = {c.window.centre_kev for c in spects if c.window is not None}
     by_window = len(windows) > 1 and energy_window_kev is None
+    listed = [
+        f"beds of one acquisition, joined when any of them is chosen: {bed_set.describe()}"
+        for bed_set in sets
+    ] + [f"[{c.key}] {c.label()}" for c in alone]
+    what = f"{len(sets) + len(alone)} candidate SPECT acquisitions" if sets else f"{len(spects)} candidate SPECT volumes"
     raise InputError(
-        f"{len(spects)} candidate SPECT volumes; choose one with {_hint('spect_series_uid')}"
+        f"{what}; choose one with {_hint('spect_series_uid')}"
+        + (" (the key of any bed of a multi-bed acquisition selects all its beds)" if sets else "")
         + (f" or by its energy window (photopeak in keV) with {_hint('energy_window_kev')}" if by_window else "")
         + ": "
-        + "; ".join(f"[{c.key}] {c.label()}" for c in spects)
+        + "; ".join(listed)
     )
 
 
@@ -398,11 +425,63 @@ def _coverage(ct: Candidate, spect_grid: Grid) -> float:
     return float(inside.mean())
 
 
+# Refused by default: densities from a contrast-enhanced CT (iodine raises HU where it is).
+CONTRAST_CT_ASSUMPTION = "contrast_ct_density"
+# What a contrast CT does to the dose, as measured in issue 18: the virtual patient (phantom ph8,
+# seed 8) with a contrast-enhanced CT gave every region's dose 6 to 7 % lower.
+CONTRAST_CT_EFFECT = "on the virtual patient every region's dose came out 6 to 7 % lower (issue 18)"
+# Contrast/Bolus Agent values that say no agent was given.
+_NO_AGENT = {"", "NONE", "NO", "N/A", "NA", "NIL", "-", "NOT APPLIED", "NO CONTRAST", "WITHOUT"}
+
+
+def _contrast_agent(c: Candidate) -> str:
+    """The Contrast/Bolus Agent (0018,0010) or its code's meaning when any slice names one; "" otherwise."""
+    for fh in c.files:
+        ds = fh.header
+        agent = str(ds.get("ContrastBolusAgent", "") or "").strip()
+        codes = ds.get("ContrastBolusAgentSequence", None)
+        if agent.upper() in _NO_AGENT and codes:
+            agent = str(codes[0].get("CodeMeaning", "") or codes[0].get("CodeValue", "") or "contrast agent").strip()
+        if agent.upper() not in _NO_AGENT:
+            return agent[:64]
+    return ""
+
+
+def _check_contrast(ct: Candidate, accepted: Sequence[str], notes: list[str]) -> None:
+    """A contrast-enhanced CT gives densities only when allowed, and then with its expected effect."""
+    agent = _contrast_agent(ct)
+    if not agent:
+        return
+    name = CONTRAST_CT_ASSUMPTION
+    why = (
+        f"the CT ({ct.label()}) is contrast-enhanced (Contrast/Bolus Agent {agent!r}): the agent raises the HU where it "
+        f"is, so the densities from this CT are too high and the doses too low ({CONTRAST_CT_EFFECT})"
+    )
+    if name not in accepted:
+        raise InputError(
+            f"{why}. Send the non-contrast (low-dose) CT of the SPECT/CT, which is preferred automatically, or choose "
+            f"it with {_hint('ct_series_uid')}; or allow densities from the contrast CT with {_accept_hint(name)}"
+        )
+    notes.append(f"ASSUMED ({name}): {why}")
+
+
 def _select_ct(
     cands: list[Candidate], spect: Candidate, spect_grid: Grid, uid: str | None, notes: list[str]
 ) -> Candidate:
     if uid:
         return _pick_by_uid(cands, uid, "ct")
+    cts = [c for c in cands if c.role == "ct"]
+    contrast = [c for c in cts if _contrast_agent(c)]
+    plain = [c for c in cts if not any(c is x for x in contrast)]
+
+    def same_for(group: list[Candidate]) -> bool:
+        return any(c.frame_of_reference_uid and c.frame_of_reference_uid == spect.frame_of_reference_uid for c in group)
+
+    if plain and contrast and (same_for(plain) or not same_for(contrast)):
+        notes.append(
+            f"contrast-enhanced CT series not used for density: {_listing(contrast)}; the non-contrast CT is preferred"
+        )
+        cands = [c for c in cands if not any(c is x for x in contrast)]
     cts = [c for c in cands if c.role == "ct"]
     if not cts:
         dropped = [c for c in cands if c.modality == "CT"]
@@ -484,15 +563,19 @@ def _check_match(ct: Candidate, spect: Candidate, notes: list[str]) -> None:
 # ----------------------------------------------------------------------------- volumes
 
 
-def _ref(c: Candidate, order: Sequence[int]) -> SeriesRef:
+def _ref(c: Candidate, order: Sequence[int], bed_set: BedSet | None = None) -> SeriesRef:
+    """The source series; for joined beds, the first bed's series and the instances of all beds."""
     ds = c.first
     number = _summary(c).series_number
+    beds = [(b.cand, b.order) for b in bed_set.beds] if bed_set is not None else [(c, order)]
     return SeriesRef(
         study_instance_uid=c.study_uid,
         series_instance_uid=c.series_uid,
         modality=c.modality,
         sop_class_uid=c.sop_class,
-        sop_instance_uids=tuple(str(c.files[i].header.get("SOPInstanceUID", "")) for i in order),
+        sop_instance_uids=tuple(
+            str(bed.files[i].header.get("SOPInstanceUID", "")) for bed, bed_order in beds for i in bed_order
+        ),
         series_description=c.description,
         series_number=number,
         frame_of_reference_uid=c.frame_of_reference_uid or None,
@@ -746,7 +829,9 @@ def _to_activity(
             f"{scaling.note}: Bq/ml = value / ({sensitivity:g} cps/MBq x {view_s:g} s per view) x 1e6 / "
             f"{grid.voxel_volume_ml:.6g} ml per voxel; sensitivity {source}"
         )
-        return values * factor, "Bq/ml", note
+        if decay_factor != 1.0:
+            note += f"; x {decay_factor:.6f} to refer decay-corrected values to acquisition start"
+        return values * (factor * decay_factor), "Bq/ml", note
     if not allow_normalised:
         raise CalibrationError(problem + f"; or ask for MBq-normalised output ({_hint('allow_normalised')})")
     total = float(np.clip(values, 0, None).sum())
@@ -782,6 +867,69 @@ def _check_nuclide(rp: act.Radiopharmaceutical, what: str, accepted: Sequence[st
     notes.append(f"ASSUMED ({name}): the header does not name the radionuclide; Lu-177 assumed")
 
 
+def _join_beds(
+    bed_set: BedSet,
+    read: list[tuple[Candidate, np.ndarray, act.Scaling, list[Dataset]]],
+    rp: act.Radiopharmaceutical,
+    reference: dt.datetime | None,
+    hours_to_reference: float | None,
+    allow_normalised: bool,
+    notes: list[str],
+    time_options: dict,
+    convert: dict,
+) -> tuple[np.ndarray, str, str]:
+    """Each bed in Bq/ml referred to one time (the earliest bed's acquisition start), then joined.
+
+    A bed acquired dt after the reference shows the activity decayed by exp(-ln2 dt / T½)
+    (physical decay of Lu-177, ICRP-107 half-life; biological clearance over the minutes between
+    beds is not known and not corrected); its values are divided by that factor.
+    """
+    arrays, bed_notes = [], []
+    for n, (bed, values, scaling, datasets) in enumerate(read, start=1):
+        what = f"SPECT bed {n} ({bed.label()})"
+        bed_start, source = act.acquisition_start(datasets, what, [])
+        offset_s = 0.0
+        if reference is not None and bed_start is not None and source == "acquisition":
+            offset_s = (bed_start - reference).total_seconds()
+        elif len(read) > 1:
+            notes.append(
+                f"{what}: no Acquisition Date/Time of its own; taken as acquired at the reference time "
+                f"(Lu-177 decays {1 - math.exp(-math.log(2) * 1800 / LU177_HALF_LIFE_S):.2%} in 30 min)"
+            )
+        elapsed_s = None if hours_to_reference is None else hours_to_reference * 3600.0 + offset_s
+        decay = act.decay_factor(datasets, rp, elapsed_s, what, notes, bed.modality)
+        _check_activity(values, what, notes, time_options["accepted"])
+        try:
+            array, units, note = _to_activity(
+                values, scaling, bed, datasets, bed_set.beds[n - 1].grid,
+                allow_normalised=False, decay_factor=decay, notes=notes, **convert,
+            )  # fmt: skip
+        except CalibrationError as exc:
+            if not allow_normalised:
+                raise
+            raise CalibrationError(
+                f"{exc}; MBq-normalised output ({_hint('allow_normalised')}) is not offered for beds of one acquisition: "
+                "each bed needs the calibration to be joined"
+            ) from exc
+        to_reference = math.exp(math.log(2) * offset_s / LU177_HALF_LIFE_S)
+        arrays.append(array * to_reference)
+        bed_notes.append(
+            f"bed {n} acquired {offset_s / 60:+.1f} min from the reference, x {to_reference:.5f}"
+        )
+    joined = join(arrays, bed_set)
+    overlaps = [
+        a_off + a.grid.shape[0] - b_off
+        for a, b, a_off, b_off in zip(bed_set.beds, bed_set.beds[1:], bed_set.offsets, bed_set.offsets[1:], strict=False)
+    ]
+    ref_text = reference.isoformat() if reference is not None else "unknown"
+    notes.append(
+        f"SPECT joined from {len(read)} beds of one acquisition ({bed_set.describe()}); overlaps of "
+        f"{', '.join(str(o) for o in overlaps)} slice(s) blended with linear weights; each bed's activity referred "
+        f"to the first bed's acquisition start ({ref_text}) by Lu-177 physical decay: {'; '.join(bed_notes)}"
+    )
+    return joined, "Bq/ml", f"{note} (each of {len(read)} beds), joined"
+
+
 def _patient(ds: Dataset) -> PatientInfo:
     def s(keyword: str) -> str:
         return str(ds.get(keyword, "") or "")
@@ -799,22 +947,163 @@ def _patient(ds: Dataset) -> PatientInfo:
     )
 
 
+# Refused by default: a SPECT whose header says it is one bed of several, the others absent.
+MISSING_BEDS_ASSUMPTION = "spect_beds_missing"
+
+
+# Header geometry facts must agree: a Pixel Spacing of 4.0 mm where Reconstruction Diameter /
+# Columns says 4.8 mm gave a kidney dose x0.004 (issue 18). Reconstruction Diameter is written
+# to a few digits (e.g. 614 mm for 128 x 4.7952 mm): 2 % allows that rounding.
+_PIXEL_SPACING_RTOL = 0.02
+# Spacing Between Slices, Slice Thickness and slice positions of a reconstruction agree to scanner
+# rounding (slices of a SPECT reconstruction are contiguous: thickness = spacing).
+_SLICE_SPACING_RTOL = 0.01
+PIXEL_SPACING_ASSUMPTION = "pixel_spacing_trusted"
+SLICE_SPACING_ASSUMPTION = "slice_spacing_trusted"
+
+
+def _header_float(ds: Dataset, keyword: str) -> float | None:
+    value = ds.get(keyword, None)
+    try:
+        out = float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+    return out if out is not None and math.isfinite(out) and out != 0 else None
+
+
+def _contradiction(
+    role: str, says: str, other: str, name: str, used: str, accepted: Sequence[str], notes: list[str]
+) -> None:
+    """Refuse two header facts that contradict each other, naming both and the option that settles it."""
+    if name in accepted:
+        notes.append(f"ASSUMED ({name}): the {role} {says} contradicts {other}; {used} is used as the header's geometry")
+        return
+    raise GeometryError(
+        f"the {role} header contradicts itself: {says}, but {other}. Every distance, volume and dose depends on "
+        f"which is right: if {used} is, allow it with {_accept_hint(name)}; otherwise correct the header and resend"
+    )
+
+
+def _check_geometry_facts(
+    role: str, cands: Sequence[Candidate], grid: Grid, accepted: Sequence[str], notes: list[str]
+) -> None:
+    """Cross-check the geometry the grid was built from against the header's other statements of it."""
+    ds = cands[0].first
+    columns = _header_float(ds, "Columns")
+    diameter = _header_float(ds, "ReconstructionDiameter")
+    column_mm = grid.spacing_mm[2]
+    if diameter and columns and abs(diameter / columns / column_mm - 1) > _PIXEL_SPACING_RTOL:
+        _contradiction(
+            role,
+            f"Pixel Spacing (0028,0030) gives {column_mm:g} mm between columns",
+            f"Reconstruction Diameter (0018,1100) {diameter:g} mm / Columns {columns:g} = {diameter / columns:.4g} mm",
+            PIXEL_SPACING_ASSUMPTION,
+            "Pixel Spacing",
+            accepted,
+            notes,
+        )
+    if role == "CT":
+        return
+    slice_mm = grid.spacing_mm[0]
+    multiframe = cands[0].kind == "nm-multiframe"
+    source = "Spacing Between Slices (0018,0088)" if multiframe else "the slice positions (Image Position (Patient))"
+    sbs = _header_float(ds, "SpacingBetweenSlices")
+    if not multiframe and sbs and abs(abs(sbs) / slice_mm - 1) > _SLICE_SPACING_RTOL:
+        _contradiction(
+            role,
+            f"{source} are {slice_mm:g} mm apart",
+            f"Spacing Between Slices (0018,0088) is {abs(sbs):g} mm",
+            SLICE_SPACING_ASSUMPTION,
+            "the slice positions",
+            accepted,
+            notes,
+        )
+    thickness = _header_float(ds, "SliceThickness")
+    if thickness and (sbs or not multiframe) and abs(thickness / slice_mm - 1) > _SLICE_SPACING_RTOL:
+        inplane = (
+            f" (and Pixel Spacing {column_mm:g} mm agrees with the thickness)"
+            if abs(column_mm / thickness - 1) <= _SLICE_SPACING_RTOL
+            else ""
+        )
+        _contradiction(
+            role,
+            f"{source} gives {slice_mm:g} mm between slices",
+            f"Slice Thickness (0018,0050) is {thickness:g} mm{inplane}; the slices of a SPECT reconstruction are "
+            "contiguous",
+            SLICE_SPACING_ASSUMPTION,
+            "Spacing Between Slices" if multiframe else "the slice positions",
+            accepted,
+            notes,
+        )
+
+
+# The assumptions ingest refuses unless allowed by name (--accept / accept / SPECTDOSE_ACCEPT);
+# spectdose.pipeline.ASSUMPTIONS lists them with the others.
+INGEST_ASSUMPTIONS: dict[str, str] = {
+    MISSING_BEDS_ASSUMPTION: "a SPECT whose header says it is bed k of n is used although fewer than n beds arrived "
+    "(regions outside its span get no activity)",
+    PIXEL_SPACING_ASSUMPTION: "Pixel Spacing is used where Reconstruction Diameter / Columns contradicts it",
+    SLICE_SPACING_ASSUMPTION: "a SPECT's Spacing Between Slices (or slice positions) is used where Slice Thickness "
+    "or Spacing Between Slices contradicts it",
+    CONTRAST_CT_ASSUMPTION: "a contrast-enhanced CT (Contrast/Bolus Agent) gives the densities when no non-contrast "
+    "CT is there: doses come out lower (every region -6 to -7 % on the virtual patient, issue 18)",
+}
+
+
+def _check_beds_said(spects: list[Candidate], accepted: Sequence[str], notes: list[str]) -> None:
+    """Refuse a SPECT whose description says "bed k of n" when fewer than n beds are here."""
+    said = [b for b in (beds_said(c) for c in spects) if b is not None]
+    if not said:
+        return
+    n = max(b[1] for b in said)
+    if n <= len(spects):
+        return
+    have = ", ".join(str(b[0]) for b in sorted(said))
+    why = (
+        f"the SPECT's Series Description / Image Comments say it is bed {have} of {n} of one acquisition, but "
+        f"only {len(spects)} of the {n} beds {'is' if len(spects) == 1 else 'are'} in the input: the dose would cover "
+        "only part of what was acquired "
+        "(regions in the missing beds would get a dose from no activity)"
+    )
+    name = MISSING_BEDS_ASSUMPTION
+    if name not in accepted:
+        raise InputError(
+            f"{why}; send all beds (they are joined into one volume), or, if the missing beds are not wanted, allow "
+            f"this with {_accept_hint(name)}"
+        )
+    notes.append(f"ASSUMED ({name}): {why}")
+
+
 def _select(
     candidates: list[Candidate],
     spect_series_uid: str | None,
     ct_series_uid: str | None,
     notes: list[str],
     energy_window_kev: float | None = None,
-) -> tuple[Candidate, list[int], Grid, Candidate, list[int], Grid]:
-    """Pick the SPECT and the CT, check they belong together, and place both (headers only)."""
-    spect = _select_spect(candidates, spect_series_uid, energy_window_kev)
-    for fh in spect.files:
-        if fh.truncated:
-            raise InputError(
-                f"{fh.relpath}: truncated DICOM file ({fh.truncated}); it belongs to the SPECT"
-            )
-    spect_order, spect_grid, geo_notes = candidate_grid(spect)
-    notes.extend(geo_notes)
+    accepted: Sequence[str] = (),
+) -> tuple[Candidate, list[int], Grid, Candidate, list[int], Grid, BedSet | None]:
+    """Pick the SPECT (one volume or the beds of one acquisition) and the CT, check they belong
+    together, and place both (headers only)."""
+    chosen = _select_spect(candidates, spect_series_uid, energy_window_kev, notes)
+    bed_set = chosen if isinstance(chosen, BedSet) else None
+    spects = bed_set.candidates if bed_set is not None else [chosen]
+    spect = spects[0]
+    for c in spects:
+        for fh in c.files:
+            if fh.truncated:
+                raise InputError(
+                    f"{fh.relpath}: truncated DICOM file ({fh.truncated}); it belongs to the SPECT"
+                )
+    _check_beds_said(spects, accepted, notes)
+    if bed_set is None:
+        spect_order, spect_grid, geo_notes = candidate_grid(spect)
+        notes.extend(geo_notes)
+    else:
+        spect_order, spect_grid = bed_set.beds[0].order, bed_set.grid
+        for bed in bed_set.beds:
+            notes.extend(bed.notes)
+    for c, grid in ([(b.cand, b.grid) for b in bed_set.beds] if bed_set is not None else [(spect, spect_grid)]):
+        _check_geometry_facts("SPECT", [c], grid, accepted, notes)
     ct = _select_ct(candidates, spect, spect_grid, ct_series_uid, notes)
     for fh in ct.files:
         if fh.truncated:
@@ -822,8 +1111,10 @@ def _select(
                 f"{fh.relpath}: truncated DICOM file ({fh.truncated}); it belongs to the CT"
             )
     _check_match(ct, spect, notes)
+    _check_contrast(ct, accepted, notes)
     ct_order, ct_grid = stack_geometry(ct.files, ct.label())
-    return spect, spect_order, spect_grid, ct, ct_order, ct_grid
+    _check_geometry_facts("CT", [ct], ct_grid, accepted, notes)
+    return spect, spect_order, spect_grid, ct, ct_order, ct_grid, bed_set
 
 
 def load_study(
@@ -841,6 +1132,7 @@ def load_study(
     hours_after_administration: float | None = None,
     accepted_assumptions: Sequence[str] = (),
     max_zip_bytes: int = 4 * 2**30,
+    single_study: bool = True,
 ) -> Study:
     """Read a SPECT/CT study from a folder, a zip archive or a single file.
 
@@ -870,6 +1162,9 @@ def load_study(
         needed only for PET-style values decay-corrected to the administration.
     max_zip_bytes
         Largest total uncompressed size accepted from a zip archive.
+    single_study
+        False for a time point of a cycle: messages then leave out the one-study remedies
+        (``--hours-after-administration``, ``--acquisition-time``) that a cycle refuses.
 
     Returns
     -------
@@ -906,6 +1201,7 @@ def load_study(
                 "acquisition_given": acquisition_datetime,
                 "hours_after_administration": hours_after_administration,
                 "accepted": tuple(accepted_assumptions),
+                "single_study": single_study,
             },
             max_zip_bytes=max_zip_bytes,
         )
@@ -942,8 +1238,8 @@ def _load(
                 + (f", all ignored: {shown})" if ignored else ")")
             )
         try:
-            spect, spect_order, spect_grid, ct, ct_order, ct_grid = _select(
-                candidates, spect_series_uid, ct_series_uid, notes, energy_window_kev
+            spect, spect_order, spect_grid, ct, ct_order, ct_grid, bed_set = _select(
+                candidates, spect_series_uid, ct_series_uid, notes, energy_window_kev, time_options["accepted"]
             )
         except (InputError, GeometryError) as exc:
             if not orphans:
@@ -952,8 +1248,9 @@ def _load(
             raise type(exc)(
                 f"{exc} (damaged or truncated file(s) {listed} could not be attributed to any series and may belong here)"
             ) from exc
+        used = [ct, *(bed_set.candidates if bed_set is not None else [spect])]
         for c in candidates:
-            if c is ct or c is spect:
+            if any(c is u for u in used):
                 continue
             reason = (
                 f"not used: {c.reason}"
@@ -968,19 +1265,17 @@ def _load(
                 ignored.append(
                     (fh.relpath, reason + (f"; truncated: {fh.truncated}" if fh.truncated else ""))
                 )
-        values, scaling, datasets = _read_spect_values(spect, spect_order, notes, time_options["accepted"])
+        if bed_set is None:
+            read = [(spect, *_read_spect_values(spect, spect_order, notes, time_options["accepted"]))]
+        else:
+            read = [
+                (b.cand, *_read_spect_values(b.cand, b.order, notes, time_options["accepted"])) for b in bed_set.beds
+            ]
         ct_volume = _read_ct(ct, ct_order, ct_grid)
 
     what = "SPECT"
+    datasets = [ds for _, _, _, bed_datasets in read for ds in bed_datasets]
     header = datasets[0]
-    if (
-        "DECY" in [str(v).upper() for v in (header.get("CorrectedImage", []) or [])]
-        and spect.modality == "NM"
-    ):
-        notes.append(
-            "SPECT Corrected Image includes DECY but NM headers do not state the reference time; values are "
-            "taken as at acquisition start"
-        )
     acquisition, acquisition_source = act.acquisition_start(datasets, what, notes)
     rp = act.radiopharmaceutical(header, spect.modality, acquisition, what, notes)
     _check_nuclide(rp, spect.label(), time_options["accepted"], notes)
@@ -991,38 +1286,42 @@ def _load(
         radiopharmaceutical=rp.agent,
         start_time_only=rp.start_time_only,
     )
-    decay = 1.0
-    if spect.kind == "pt-stack":
-        elapsed_s = None
-        if str(header.get("DecayCorrection", "") or "").upper() == "ADMIN":
-            # values referred to the administration: the elapsed time is needed now, from facts only
-            times = resolve_times(administration, acquisition, acquisition_source, **time_options)
-            elapsed_s = times.hours * 3600.0
-            notes.extend(times.warnings)
-        decay = act.pet_decay_factor(datasets, rp, elapsed_s, what, notes)
-    _check_activity(values, spect.label(), notes, time_options["accepted"])
-    if spect.frame_of_reference_uid and spect.frame_of_reference_uid == ct.frame_of_reference_uid:
-        _check_overlap(values, spect, spect_grid, ct_grid, notes)
-    array, units, calibration_note = _to_activity(
-        values,
-        scaling,
-        spect,
-        datasets,
-        spect_grid,
-        calibrations=calibrations,
-        sensitivity_cps_per_mbq=sensitivity_cps_per_mbq,
-        calling_ae_title=calling_ae_title,
-        allow_normalised=allow_normalised,
-        decay_factor=decay,
-        notes=notes,
-    )
+    hours_to_acquisition = None
+    if any(act.decay_correction(bed_datasets[0])[0] == "ADMIN" for _, _, _, bed_datasets in read):
+        # values referred to the administration (NM or PET-style): the elapsed time is needed now, from facts only
+        times = resolve_times(administration, acquisition, acquisition_source, **time_options)
+        hours_to_acquisition = times.hours
+        notes.extend(times.warnings)
+    convert = {
+        "calibrations": calibrations,
+        "sensitivity_cps_per_mbq": sensitivity_cps_per_mbq,
+        "calling_ae_title": calling_ae_title,
+    }
+    if bed_set is None:
+        _, values, scaling, datasets = read[0]
+        elapsed_s = None if hours_to_acquisition is None else hours_to_acquisition * 3600.0
+        decay = act.decay_factor(datasets, rp, elapsed_s, what, notes, spect.modality)
+        _check_activity(values, spect.label(), notes, time_options["accepted"])
+        if spect.frame_of_reference_uid and spect.frame_of_reference_uid == ct.frame_of_reference_uid:
+            _check_overlap(values, spect, spect_grid, ct_grid, notes)
+        array, units, calibration_note = _to_activity(
+            values, scaling, spect, datasets, spect_grid,
+            allow_normalised=allow_normalised, decay_factor=decay, notes=notes, **convert,
+        )  # fmt: skip
+    else:
+        array, units, calibration_note = _join_beds(
+            bed_set, read, rp, acquisition, hours_to_acquisition, allow_normalised, notes, time_options, convert
+        )
+        if spect.frame_of_reference_uid and spect.frame_of_reference_uid == ct.frame_of_reference_uid:
+            _check_overlap(array, spect, spect_grid, ct_grid, notes)
+        header = datasets[0]
     for note in notes:
         log.info("ingest: %s", note)
     return Study(
         ct=ct_volume,
         spect=Volume(array.astype(np.float32), spect_grid, units),
         ct_series=_ref(ct, ct_order),
-        spect_series=_ref(spect, spect_order),
+        spect_series=_ref(spect, spect_order, bed_set),
         patient=_patient(header),
         administration=administration,
         acquisition_datetime=acquisition,
