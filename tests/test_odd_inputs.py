@@ -346,6 +346,19 @@ def one_of_two_beds(root: Path) -> None:
     _beds(root, study, description="SPECT bed 1 of 2", first_only=True)
 
 
+def projections_of_two_beds(bed_text: bool) -> Callable[[Path], None]:
+    """The baseline recon with the raw projections of two beds beside it (named "bed k of 2", or not)."""
+
+    def write(root: Path) -> None:
+        study = f.StudyIds()
+        _ct(root, study)
+        _nm(root, study)
+        for k in (1, 2):
+            f.write_nm_projections(root / "RAW" / f"bed{k}.dcm", study, description=f"TOMO bed {k} of 2" if bed_text else "TOMO")
+
+    return write
+
+
 # --- issue 18 item 4: header geometry facts that contradict each other
 def nm_header(**attributes) -> Callable[[Path], None]:
     def write(root: Path) -> None:
@@ -618,6 +631,13 @@ CASES: dict[str, Case] = {
     "only-one-of-two-beds-arrived": Case(
         one_of_two_beds, {}, Refused(InputError, r"bed 1 of 2 .*send all beds.*--accept spect_beds_missing")
     ),
+    "projections-of-two-beds-beside-one-recon": Case(
+        projections_of_two_beds(False), {}, Same(warning="2 raw projection acquisitions (NM TOMO) of this study")
+    ),
+    "projections-say-bed-2-of-2-beside-one-recon": Case(
+        projections_of_two_beds(True), {},
+        Refused(InputError, r"another NM object of this study .*'TOMO bed 1 of 2'.* says the acquisition had 2 beds, but only 1 of the 2 beds is"),
+    ),  # fmt: skip
     # --- issue 18 item 4: geometry facts of the header that contradict each other
     "spect-pixel-spacing-contradicts-reconstruction-diameter": Case(
         nm_header(ReconstructionDiameter="57.6"), {},

@@ -1050,28 +1050,51 @@ INGEST_ASSUMPTIONS: dict[str, str] = {
 }
 
 
-def _check_beds_said(spects: list[Candidate], accepted: Sequence[str], notes: list[str]) -> None:
-    """Refuse a SPECT whose description says "bed k of n" when fewer than n beds are here."""
-    said = [b for b in (beds_said(c) for c in spects) if b is not None]
-    if not said:
-        return
-    n = max(b[1] for b in said)
-    if n <= len(spects):
-        return
-    have = ", ".join(str(b[0]) for b in sorted(said))
-    why = (
-        f"the SPECT's Series Description / Image Comments say it is bed {have} of {n} of one acquisition, but "
-        f"only {len(spects)} of the {n} beds {'is' if len(spects) == 1 else 'are'} in the input: the dose would cover "
-        "only part of what was acquired "
-        "(regions in the missing beds would get a dose from no activity)"
-    )
-    name = MISSING_BEDS_ASSUMPTION
-    if name not in accepted:
-        raise InputError(
-            f"{why}; send all beds (they are joined into one volume), or, if the missing beds are not wanted, allow "
-            f"this with {_accept_hint(name)}"
+def _check_beds_said(
+    spects: list[Candidate], candidates: Sequence[Candidate], accepted: Sequence[str], notes: list[str]
+) -> None:
+    """Evidence in the study that the acquisition had more beds than the SPECT used.
+
+    Refused (unless accepted): the SPECT's, or another NM object's of its study and frame of
+    reference, Series Description / Image Comments saying "bed k of n" with fewer than n beds here.
+    A warning: more raw projection acquisitions (NM TOMO objects of the study and frame of
+    reference) than beds reconstructed.
+    """
+    first = spects[0]
+    related = [
+        c for c in candidates
+        if c.modality == "NM" and c.study_uid == first.study_uid
+        and c.frame_of_reference_uid == first.frame_of_reference_uid
+    ]  # fmt: skip
+    said = [(c, b) for c in [*spects, *related] if (b := beds_said(c)) is not None]
+    n = max((b[1] for _, b in said), default=0)
+    if n > len(spects):
+        ours = sorted({b[0] for c, b in said if any(c is x for x in spects)})
+        where = (
+            f"the SPECT's Series Description / Image Comments say it is bed {', '.join(map(str, ours))} of {n} of one "
+            "acquisition"
+            if ours
+            else f"another NM object of this study ({said[0][0].label()}) says the acquisition had {n} beds"
         )
-    notes.append(f"ASSUMED ({name}): {why}")
+        why = (
+            f"{where}, but only {len(spects)} of the {n} beds "
+            f"{'is' if len(spects) == 1 else 'are'} in the input: the dose would cover only part of what was acquired "
+            "(regions in the missing beds would get a dose from no activity)"
+        )
+        name = MISSING_BEDS_ASSUMPTION
+        if name not in accepted:
+            raise InputError(
+                f"{why}; send all beds (they are joined into one volume), or, if the missing beds are not wanted, allow "
+                f"this with {_accept_hint(name)}"
+            )
+        notes.append(f"ASSUMED ({name}): {why}")
+    projections = [c for c in related if c.kind == "nm-multiframe" and "projections" in c.reason]
+    if len(projections) > len(spects):
+        notes.append(
+            f"the input holds {len(projections)} raw projection acquisitions (NM TOMO) of this study but the SPECT has "
+            f"{len(spects)} reconstructed bed(s): if the projections are beds of one acquisition, the reconstructions "
+            "of the others did not arrive and the SPECT covers only part of what was acquired"
+        )
 
 
 def _select(
@@ -1094,7 +1117,7 @@ def _select(
                 raise InputError(
                     f"{fh.relpath}: truncated DICOM file ({fh.truncated}); it belongs to the SPECT"
                 )
-    _check_beds_said(spects, accepted, notes)
+    _check_beds_said(spects, candidates, accepted, notes)
     if bed_set is None:
         spect_order, spect_grid, geo_notes = candidate_grid(spect)
         notes.extend(geo_notes)
