@@ -1,6 +1,9 @@
-"""Automatic lesion regions: hot spots in the activity on the CT grid, for a physicist to correct.
+"""Automatic regions: focal hot spots in the activity on the CT grid, for a physicist to review.
 
-Method (stated in every output that carries it, see docs/regions.md):
+They are candidates, never a diagnosis: every output labels them "unreviewed, automatic" with
+their anatomical location, and the SR does not code them as neoplasms (docs/regions.md).
+
+Candidates (unchanged since issue 11):
 
 1. Background ``B0``: the median activity concentration in tissue (density >= 0.1 g/cm3).
 2. Seeds: local maxima (over a cube of 2 x ``seed_radius_mm`` + 1 voxel) at least
@@ -14,9 +17,27 @@ Method (stated in every output that carries it, see docs/regions.md):
    1997, 80:2505).
 4. Components smaller than ``min_volume_ml`` (1 ml) are dropped.
 
-Physiological uptake (kidneys, spleen, liver, bladder) is as hot as lesions under a
-somatostatin-receptor ligand, so such organs can come out as regions too: the result is a
-starting point that is labelled AUTOMATIC, never a diagnosis.
+Physiological uptake left out (issue 18; rules on the SPECT and the CT, no patient-specific
+tuning; each reason is kept with the hot spot):
+
+* **Organ background** (liver texture, the inside of any uptaking organ): a hot spot must
+  stand out from what surrounds it. Its peak over the 75th percentile of the tissue in a
+  shell 5-20 mm outside it must be >= ``contrast_min`` (2). This is the Krenning scale's
+  line between "as the liver" and "above the liver" for NET lesions (Krenning et al., Ann
+  N Y Acad Sci 1994, 733:416; grade 3 = uptake above the liver); the 75th percentile keeps
+  the organ's level when the hot spot sits at the organ's edge next to fat.
+* **Bone marrow** (vertebrae, pelvis): a hot spot mostly in bone (CT density >= 1.1 g/cm3)
+  whose peak is below ``bone_ratio`` (3) x the marrow reference (90th percentile of the
+  activity in bone voxels) is marrow uptake; focal bone metastases of NET are far above
+  marrow (marrow/liver ~0.05-0.3 under Lu-177 DOTATATE, tumour/liver 3-15: see
+  spectdose.phantoms.anatomy for the sources).
+* **Kidneys and spleen**: retroperitoneal organs with the highest physiological uptake of
+  somatostatin-receptor ligands. A soft-tissue hot spot whose centre lies in the renal
+  fossae (beside the spine: 15-65 % of the body's half-width from the spine's midline, from
+  the front of the vertebral body backwards) or in the spleen's place (left, lateral to the
+  kidney: >= 40 % of the half-width, behind the body's coronal midplane) is taken as an
+  organ. A lesion in those places is missed by the automatic regions (docs/regions.md).
+  The spine comes from the CT (bone near the midline, in the body's posterior half).
 """
 
 from __future__ import annotations
@@ -26,12 +47,22 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["LesionMethod", "segment_hot_spots"]
+from spectdose.constants import LOW_DENSITY_CUTOFF_G_CM3
+
+__all__ = ["LesionMethod", "HotSpot", "BodyFrame", "find_hot_spots", "segment_hot_spots", "classify_location",
+           "body_frame", "LOW_DENSITY"]
+
+LOW_DENSITY = LOW_DENSITY_CUTOFF_G_CM3
+# CT density classes (g/cm3) for a region's location: lung below 0.6 (inflated lung ~0.26),
+# fat 0.6-0.985 (adipose ~0.95), soft tissue 0.985-1.1 (water 1.0, organs 1.03-1.06), bone from
+# 1.1 (trabecular ~1.18, cortical ~1.92); ICRU 46 / ICRP 110 tissue densities.
+_DENSITY_CLASSES = ((0.6, "lung"), (0.985, "fat"), (1.1, "soft tissue"), (np.inf, "bone"))
+_BODY_DENSITY = 0.6  # body outline (without lungs) for the body frame
 
 
 @dataclasses.dataclass(frozen=True)
 class LesionMethod:
-    """Parameters of the hot-spot segmentation (defaults as in the module docstring)."""
+    """Parameters of the hot-spot segmentation and of the physiological-uptake rules (module docstring)."""
 
     fraction: float = 0.40
     seed_ratio: float = 4.0
@@ -39,39 +70,128 @@ class LesionMethod:
     background_radius_mm: float = 30.0
     min_volume_ml: float = 1.0
     max_regions: int = 50
+    contrast_min: float = 2.0
+    focality_min: float = 0.55
+    bone_ratio: float = 3.0
+    isolated_contrast: float = 25.0
+    exclude_physiological: bool = True
 
     def describe(self) -> str:
-        return (
+        text = (
             f"hot spots: local maxima >= {self.seed_ratio:g} x median tissue activity; region = connected voxels >= "
             f"B + {self.fraction:.0%} (max - B), B = median within +-{self.background_radius_mm:g} mm "
             f"(Nestle 2005, Erdi 1997); components >= {self.min_volume_ml:g} ml"
         )
+        if self.exclude_physiological:
+            text += (f"; left out: peak < {self.contrast_min:g} x surroundings, marrow-level bone uptake, "
+                     "kidney and spleen regions")
+        return text
 
 
-def segment_hot_spots(
-    activity_bq_per_ml: np.ndarray,
-    spacing_mm: tuple[float, float, float],
-    tissue: np.ndarray,
-    method: LesionMethod | None = None,
-) -> list[np.ndarray]:
-    """Masks of automatic lesion regions, hottest first (see the module docstring).
+@dataclasses.dataclass
+class BodyFrame:
+    """Where the body and its spine are in LPS (mm), from the CT: the frame for locations."""
 
-    Parameters
-    ----------
-    activity_bq_per_ml : (k, j, i) activity concentration on the CT grid, Bq/ml.
-    spacing_mm : voxel spacing (k, j, i), mm.
-    tissue : boolean (k, j, i) mask of tissue (density >= 0.1 g/cm3); outside it nothing is segmented.
-    method : the parameters; :class:`LesionMethod` defaults when None.
+    centre_x: float
+    centre_y: float
+    half_width_mm: float
+    depth_mm: float
+    spine_x: float | None
+    spine_y: float | None
+    spine_front_y: float | None  # the front (anterior edge) of the vertebral bodies
 
-    Returns
-    -------
-    list of boolean arrays of the grid's shape, disjoint.
+    @property
+    def midline_x(self) -> float:
+        return self.spine_x if self.spine_x is not None else self.centre_x
+
+
+@dataclasses.dataclass
+class HotSpot:
+    """One candidate: its mask, size, uptake contrast, location and, when left out, why."""
+
+    mask: np.ndarray
+    volume_ml: float
+    peak_bq_per_ml: float
+    contrast: float
+    location: str
+    excluded: str | None = None
+
+
+def body_frame(density_g_cm3: np.ndarray, grid) -> BodyFrame | None:
+    """Body centre, width and depth, and the spine's midline, from the CT densities (LPS mm)."""
+    step = np.maximum(1, np.round(4.0 / np.asarray(grid.spacing_mm)).astype(int))
+    sub = density_g_cm3[::step[0], ::step[1], ::step[2]]
+    body = sub >= _BODY_DENSITY
+    if body.sum() < 10:
+        return None
+    index = np.argwhere(body) * step
+    lps = grid.index_to_lps_mm(index)
+    x, y = lps[:, 0], lps[:, 1]
+    x_lo, x_hi = np.percentile(x, [2, 98])
+    y_lo, y_hi = np.percentile(y, [2, 98])
+    frame = BodyFrame(float((x_lo + x_hi) / 2), float((y_lo + y_hi) / 2), float((x_hi - x_lo) / 2),
+                      float(y_hi - y_lo), None, None, None)
+    bone = sub[tuple((index // step).T)] >= _DENSITY_CLASSES[2][0]
+    near = bone & (np.abs(x - frame.centre_x) < 0.15 * frame.half_width_mm) & (y > frame.centre_y - 0.05 * frame.depth_mm)
+    if near.sum() >= 5:
+        frame.spine_x = float(np.median(x[near]))
+        frame.spine_y = float(np.median(y[near]))
+        frame.spine_front_y = float(np.percentile(y[near], 5))
+    return frame
+
+
+def _density_class(density: np.ndarray) -> tuple[str, dict[str, float]]:
+    shares, lo = {}, -np.inf
+    for hi, name in _DENSITY_CLASSES:
+        shares[name] = float(((density >= lo) & (density < hi)).mean()) if density.size else 0.0
+        lo = hi
+    return max(shares, key=shares.get), shares
+
+
+def _place(centre_lps: np.ndarray, frame: BodyFrame | None) -> tuple[str, str | None]:
+    """(position words, organ zone or None) of a centre in the body frame."""
+    if frame is None:
+        return "", None
+    dx = (float(centre_lps[0]) - frame.midline_x) / frame.half_width_mm  # + = patient left (LPS)
+    side = "midline" if abs(dx) < 0.15 else ("left" if dx > 0 else "right")
+    ap = "posterior" if centre_lps[1] > frame.centre_y else "anterior"
+    zone = None
+    front = frame.spine_front_y if frame.spine_front_y is not None else frame.centre_y
+    if 0.15 <= abs(dx) <= 0.65 and centre_lps[1] >= front:
+        zone = "kidney or spleen region" if dx > 0 else "kidney region"
+    return f"{side} {ap}", zone
+
+
+def classify_location(mask: np.ndarray, density_g_cm3: np.ndarray, grid, frame: BodyFrame | None = None) -> str:
+    """Where a region lies on the CT: density class of most of its voxels, side, depth, zone, z.
+
+    e.g. "soft tissue, left posterior (kidney region), z -40 mm". Zones are the places of
+    the organs with physiological uptake (kidneys, spleen) in the body frame of the CT.
     """
-    method = method or LesionMethod()
-    a = np.where(tissue, activity_bq_per_ml, 0.0).astype(np.float64)
-    if not tissue.any() or a.max() <= 0:
-        return []
-    spacing = np.asarray(spacing_mm, dtype=float)
+    if frame is None:
+        frame = body_frame(density_g_cm3, grid)
+    cls, shares = _density_class(density_g_cm3[mask])
+    centre = grid.index_to_lps_mm(np.argwhere(mask).mean(axis=0))
+    words, zone = _place(centre, frame)
+    text = f"{cls} {shares[cls]:.0%}"
+    if words:
+        text += f", {words}" + (f" ({zone})" if zone else "")
+    return text + f", z {centre[2]:.0f} mm"
+
+
+def _shell_background(a: np.ndarray, tissue: np.ndarray, mask: np.ndarray, spacing: np.ndarray) -> float:
+    """75th percentile of the tissue activity 5-20 mm outside ``mask`` (0 when there is none)."""
+    pad = np.ceil(20.0 / spacing).astype(int) + 1
+    where = np.argwhere(mask)
+    lo = np.maximum(where.min(axis=0) - pad, 0)
+    hi = np.minimum(where.max(axis=0) + pad + 1, a.shape)
+    box = tuple(slice(int(low), int(high)) for low, high in zip(lo, hi, strict=True))
+    distance = ndimage.distance_transform_edt(~mask[box], sampling=spacing)
+    shell = (distance > 5.0) & (distance <= 20.0) & tissue[box]
+    return float(np.percentile(a[box][shell], 75)) if shell.any() else 0.0
+
+
+def _candidates(a: np.ndarray, tissue: np.ndarray, spacing: np.ndarray, method: LesionMethod) -> list[np.ndarray]:
     voxel_ml = float(np.prod(spacing)) / 1000.0
     background0 = float(np.median(a[tissue]))
     seed_size = np.maximum(1, 2 * np.round(method.seed_radius_mm / spacing).astype(int) + 1)
@@ -83,7 +203,7 @@ def segment_hot_spots(
     regions = []
     structure = np.ones((3, 3, 3), dtype=bool)
     for seed in seeds:
-        if taken[tuple(seed)] or len(regions) >= method.max_regions:
+        if taken[tuple(seed)] or len(regions) >= 4 * method.max_regions:
             continue
         lo = np.maximum(seed - half, 0)
         hi = np.minimum(seed + half + 1, a.shape)
@@ -105,3 +225,69 @@ def segment_hot_spots(
         mask[box] = component
         regions.append(mask)
     return regions
+
+
+def find_hot_spots(
+    activity_bq_per_ml: np.ndarray,
+    grid,
+    density_g_cm3: np.ndarray,
+    method: LesionMethod | None = None,
+) -> list[HotSpot]:
+    """Every candidate hot spot, hottest first, with its location and (when left out) the reason."""
+    method = method or LesionMethod()
+    tissue = density_g_cm3 >= LOW_DENSITY
+    a = np.where(tissue, activity_bq_per_ml, 0.0).astype(np.float64)
+    if not tissue.any() or a.max() <= 0:
+        return []
+    spacing = np.asarray(grid.spacing_mm, dtype=float)
+    frame = body_frame(density_g_cm3, grid)
+    bone = density_g_cm3 >= _DENSITY_CLASSES[2][0]
+    marrow_reference = float(np.percentile(a[bone], 90)) if bone.any() else 0.0
+    out = []
+    for mask in _candidates(a, tissue, spacing, method):
+        peak = float(a[mask].max())
+        background = _shell_background(a, tissue, mask, spacing)
+        contrast = peak / background if background > 0 else float("inf")
+        cls, shares = _density_class(density_g_cm3[mask])
+        centre = grid.index_to_lps_mm(np.argwhere(mask).mean(axis=0))
+        _, zone = _place(centre, frame)
+        spot = HotSpot(mask, float(mask.sum()) * grid.voxel_volume_ml, peak, contrast,
+                       classify_location(mask, density_g_cm3, grid, frame))
+        if method.exclude_physiological:
+            focality = float(a[mask].mean()) / peak
+            if contrast < method.contrast_min:
+                spot.excluded = f"peak only {contrast:.1f} x its surroundings (organ background)"
+            elif focality < method.focality_min:
+                spot.excluded = f"not focal: mean {focality:.2f} x its peak (a peak on an organ's plateau)"
+            elif shares["bone"] >= 0.3 and peak < method.bone_ratio * marrow_reference:
+                spot.excluded = f"in bone at {peak / marrow_reference:.1f} x the marrow reference (marrow uptake)"
+            elif zone is not None and cls == "soft tissue" and contrast < method.isolated_contrast:
+                spot.excluded = f"in the {zone} (physiological uptake)"
+        out.append(spot)
+    kept = [s for s in out if s.excluded is None]
+    for s in kept[method.max_regions:]:
+        s.excluded = f"beyond the first {method.max_regions} regions"
+    return out
+
+
+def segment_hot_spots(
+    activity_bq_per_ml: np.ndarray,
+    spacing_mm: tuple[float, float, float],
+    tissue: np.ndarray,
+    method: LesionMethod | None = None,
+    *,
+    density_g_cm3: np.ndarray | None = None,
+    grid=None,
+) -> list[np.ndarray]:
+    """Masks of the automatic regions kept, hottest first (see the module docstring).
+
+    Without ``density_g_cm3`` and ``grid`` no physiological-uptake rule can be applied and
+    every candidate is returned.
+    """
+    method = method or LesionMethod()
+    if density_g_cm3 is None or grid is None:
+        a = np.where(tissue, activity_bq_per_ml, 0.0).astype(np.float64)
+        if not tissue.any() or a.max() <= 0:
+            return []
+        return _candidates(a, tissue, np.asarray(spacing_mm, float), method)[: method.max_regions]
+    return [s.mask for s in find_hot_spots(activity_bq_per_ml, grid, density_g_cm3, method) if s.excluded is None]

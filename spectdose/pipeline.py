@@ -227,6 +227,8 @@ class DoseOptions:
         return json.dumps(parts, sort_keys=True)
 
 
+# Regions partly outside the SPECT field of view get dose statistics of their part inside (docs/regions.md).
+PARTIAL_COVERAGE_ASSUMPTION = "partial_region_coverage"
 # Assumptions that change the dose and are refused unless a site or user allows them by name.
 ASSUMPTIONS: dict[str, str] = {
     "administration_date_from_acquisition": "a Radiopharmaceutical Start Time without a date is taken on the "
@@ -237,6 +239,8 @@ ASSUMPTIONS: dict[str, str] = {
     "radionuclide_lu177_assumed": "a SPECT whose header does not name the radionuclide is taken as Lu-177",
     NO_ACTIVITY_ASSUMPTION: "a SPECT that holds no activity (a blank or QA acquisition) gives an all-zero dose (and "
     "uncertainty) instead of being refused",
+    PARTIAL_COVERAGE_ASSUMPTION: "a region only partly inside the SPECT (or CT) field of view gets the dose statistics "
+    "of its part inside (labelled partly covered) instead of none",
     **INGEST_ASSUMPTIONS,
 }
 
@@ -330,6 +334,7 @@ def spect_on_ct_grid(study: Study, warnings: list[str]) -> tuple[Volume, dict]:
             "check the alignment before clinical use"
         )
     on_ct = resample_to_grid(spect, ct.grid, quantity="intensive", interpolation="linear", transform=transform)
+    info["ct_to_spect_transform"] = transform  # for the regions' SPECT coverage (regions.FieldOfView); not a summary fact
     on_ct.array = np.clip(on_ct.array, 0.0, None).astype(np.float32)
     total_spect = float(np.clip(spect.array, 0, None).sum(dtype=np.float64) * spect.grid.voxel_volume_ml)
     total_ct = float(on_ct.array.sum(dtype=np.float64) * ct.grid.voxel_volume_ml)
@@ -588,17 +593,24 @@ def run(
     elif options.regions_path is None:
         from spectdose.region_report import automatic_lesions
 
-        region_set = automatic_lesions(activity, tissue)
-        region_warnings.append(f"regions: none given; {len(region_set.regions)} automatic lesion region(s) "
-                               f"({region_set.description}); review autoseg.dcm before use")
+        region_set = automatic_lesions(activity, density)
+        region_warnings.append(f"regions: none given; {len(region_set.regions)} automatic region(s), unreviewed "
+                               f"focal hot spots ({region_set.description}); review autoseg.dcm before use")
+    from spectdose.region_report import coverage_warnings, field_of_view_summary
+    from spectdose.regions import FieldOfView
+
+    field_of_view = FieldOfView.from_transform(study.spect.grid, resample_info.get("ct_to_spect_transform"))
     if region_set is not None and region_set.regions:
         from spectdose.region_report import safe_regions_after_dose
 
         region_warnings += region_set.warnings
         regions, region_outputs, region_info, regions_error = safe_regions_after_dose(
-            out_dir, study, region_set, dose, rate, outputs, rate_sigma_gy_per_s=sigma, dose_sigma_gy=dose_sigma)
+            out_dir, study, region_set, dose, rate, outputs, rate_sigma_gy_per_s=sigma, dose_sigma_gy=dose_sigma,
+            field_of_view=field_of_view, dose_method=options.method,
+            accept_partial=PARTIAL_COVERAGE_ASSUMPTION in options.accepted_assumptions)
         outputs.update(region_outputs)
         export_info["uids"].update(region_info.get("uids", {}))
+        region_warnings += coverage_warnings(regions or [])
     if regions_error:
         region_warnings.append(f"REGIONS NOT REPORTED: {regions_error}")
     lap("regions")
@@ -677,6 +689,7 @@ def run(
             if region_set is not None else None
         ),
         "regions_error": regions_error,
+        "field_of_view": field_of_view_summary(field_of_view, study.ct.grid, regions),
         # Warnings about the dose travel in every output (RT Dose, map, summary, job); notes about the
         # regions (automatic lesions, a region set that could not be used) do not change the dose.
         "warnings": warnings,
@@ -914,6 +927,10 @@ def format_summary(s: dict) -> str:
         u = s["uncertainty"]
         lines.append(f"Uncertainty (1 sigma, {u['method']}): mean in tissue "
                      f"{_fmt(u['mean_in_tissue_dose_rate_sigma_mgy_per_h'], 'mGy/h')}; map {u['map']}")
+    from spectdose.region_report import field_of_view_text
+
+    if field_of_view_text(s.get("field_of_view")):
+        lines.append(field_of_view_text(s.get("field_of_view")))
     if s.get("regions"):
         lines.append("")
         lines.append(f"{'region':<22}{'ml':>9}{'mGy/h':>10}{'mean Gy':>10}{'D2 Gy':>9}{'D98 Gy':>9}")
@@ -929,8 +946,11 @@ def format_summary(s: dict) -> str:
                 + (f"  {coverage}" + (f" ({100 * r['spect_coverage_fraction']:.0f} % in SPECT)"
                                       if isinstance(r.get("spect_coverage_fraction"), int | float) else "")
                    if coverage and coverage != "covered" else "")
-                + ("  automatic" if r.get("automatic") else "")
+                + ("  unreviewed, automatic" if r.get("automatic") else "")
             )
+            for note in (f"at {r['location']}" if r.get("location") else "", r.get("size_note") or ""):
+                if note:
+                    lines.append(f"    {note}")
         lines.append("")
     for w in s["warnings"]:
         lines.append(f"WARNING: {w}")

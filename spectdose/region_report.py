@@ -14,27 +14,38 @@ from spectdose.constants import MGY_PER_H_PER_GY_PER_S
 from spectdose.dicom.region_outputs import REGION_OUTPUT_NAMES, RegionContext, write_region_outputs
 from spectdose.errors import InputError, SpectdoseError
 from spectdose.geometry import Grid, Volume, resample_to_grid
-from spectdose.lesions import LesionMethod, segment_hot_spots
-from spectdose.regions import Region, RegionSet, load_regions
+from spectdose.lesions import LesionMethod, find_hot_spots
+from spectdose.regions import FieldOfView, Region, RegionSet, coverage_text, load_regions
 
-__all__ = ["region_report", "automatic_lesions", "regions_after_dose", "REGIONS_JSON"]
+__all__ = ["region_report", "automatic_lesions", "regions_after_dose", "REGIONS_JSON", "coverage_warnings",
+           "field_of_view_summary", "field_of_view_text"]
 
 REGIONS_JSON = "regions.json"
 # Two grids are the same when they agree to this many mm (the export contract's tolerance).
 _GRID_TOL_MM = 1e-2
 
 
-def automatic_lesions(activity_bq_per_ml: Volume, tissue: np.ndarray, method: LesionMethod | None = None) -> RegionSet:
-    """Hot spots of the activity on the CT grid as an automatic region set (spectdose.lesions)."""
+def automatic_lesions(activity_bq_per_ml: Volume, density_g_cm3: Volume, method: LesionMethod | None = None) -> RegionSet:
+    """Focal hot spots of the activity on the CT grid as an automatic region set (spectdose.lesions):
+    unreviewed candidates named ``auto_hotspot_N`` with their location on the CT; the
+    candidates left out as physiological uptake are counted, with their reasons, in its warnings."""
     method = method or LesionMethod()
-    masks = segment_hot_spots(activity_bq_per_ml.array, activity_bq_per_ml.grid.spacing_mm, tissue, method)
-    regions = [Region(f"auto_lesion_{n}", m, n, automatic=True, lesion=True) for n, m in enumerate(masks, start=1)]
-    return RegionSet(regions, "automatic", description=method.describe())
+    spots = find_hot_spots(activity_bq_per_ml.array, activity_bq_per_ml.grid, density_g_cm3.array, method)
+    kept = [s for s in spots if s.excluded is None]
+    regions = [Region(f"auto_hotspot_{n}", s.mask, n, automatic=True, lesion=True, location=s.location)
+               for n, s in enumerate(kept, start=1)]
+    out = RegionSet(regions, "automatic", description=method.describe())
+    left_out = [s for s in spots if s.excluded is not None]
+    if left_out:
+        reasons = "; ".join(f"{s.volume_ml:.0f} ml at {s.location}: {s.excluded}" for s in left_out)
+        out.warnings.append(f"automatic regions: {len(left_out)} hot spot(s) left out as physiological uptake ({reasons})")
+    return out
 
 
 def regions_after_dose(out_dir: Path, study, region_set: RegionSet, dose_gy: Volume | None, rate_gy_per_s: Volume,
                        outputs: dict[str, Path], *, rate_sigma_gy_per_s: Volume | None = None,
-                       dose_sigma_gy: Volume | None = None) -> tuple[list[dict], dict[str, Path], dict]:
+                       dose_sigma_gy: Volume | None = None, field_of_view: FieldOfView | None = None,
+                       accept_partial: bool = False, dose_method: str = "dvk") -> tuple[list[dict], dict[str, Path], dict]:
     """The pipeline's region step: statistics on the CT grid and the region files next to the RT Dose."""
     reference = outputs.get("rtdose") or outputs["doserate"]
     ctx = RegionContext(
@@ -50,8 +61,46 @@ def regions_after_dose(out_dir: Path, study, region_set: RegionSet, dose_gy: Vol
         method=region_set.description if region_set.source == "automatic" else "",
         dose_rate_sigma_gy_per_s=rate_sigma_gy_per_s.array if rate_sigma_gy_per_s is not None else None,
         dose_sigma_gy=dose_sigma_gy.array if dose_sigma_gy is not None else None,
+        field_of_view=field_of_view, accept_partial=accept_partial, dose_method=dose_method,
     )
     return rows, new, info
+
+
+def coverage_warnings(rows: list[dict]) -> list[str]:
+    """One warning per region not fully covered by the SPECT or CT, naming it."""
+    return [text for row in rows if (text := coverage_text(row))]
+
+
+def field_of_view_summary(field_of_view: FieldOfView, ct_grid: Grid, rows: list[dict] | None) -> dict:
+    """Which span of the body the SPECT covered, against the CT's, and which regions lie outside it."""
+    spect_lo, spect_hi = field_of_view.z_span_mm()
+    ct_z = ct_grid.corners_lps_mm()[:, 2]
+    rows = rows or []
+    return {
+        "spect_z_mm": [round(spect_lo, 1), round(spect_hi, 1)],
+        "ct_z_mm": [round(float(ct_z.min()), 1), round(float(ct_z.max()), 1)],
+        "spect": field_of_view.to_json(),
+        "regions_not_covered": [r["region"] for r in rows if r.get("coverage") == "not covered"],
+        "regions_partly_covered": [
+            {"region": r["region"], "spect_coverage_fraction": r["spect_coverage_fraction"],
+             "ct_coverage_fraction": r["ct_coverage_fraction"]}
+            for r in rows if r.get("coverage") == "partly covered"],
+    }
+
+
+def field_of_view_text(fov: dict | None) -> str:
+    """summary.txt's line on the SPECT's axial span and the regions outside it ("" without one)."""
+    if not fov:
+        return ""
+    text = (f"SPECT field of view: z {fov['spect_z_mm'][0]:.0f} to {fov['spect_z_mm'][1]:.0f} mm "
+            f"(CT z {fov['ct_z_mm'][0]:.0f} to {fov['ct_z_mm'][1]:.0f} mm)")
+    outside = list(fov.get("regions_not_covered", [])) + [
+        f"{r['region']} (partly covered {r['spect_coverage_fraction'] * r['ct_coverage_fraction']:.2f})"
+        for r in fov.get("regions_partly_covered", [])]
+    if outside:
+        text += "; regions not fully inside: " + ", ".join(
+            f"{name} (not covered)" if "(" not in name else name for name in outside)
+    return text
 
 
 def _ct_grid_from_summary(summary: dict, dose: Volume) -> Grid:
@@ -119,9 +168,17 @@ def region_report(result: str | Path, regions_path: str | Path, out_dir: str | P
     plan = header.get("PlanOverviewSequence")
     ct_uids = tuple(str(i.ReferencedSOPInstanceUID) for i in plan[0].ReferencedImageSequence) if plan else ()
     ctx = RegionContext(ct_grid, summary["series"]["ct"]["series_instance_uid"], ct_uids, header, __version__, rtdose_path)
-    outputs, rows, info = write_region_outputs(out, regions, dose_ct, rate_gy_per_s, ctx)
+    recorded = (summary.get("field_of_view") or {}).get("spect")
+    field_of_view = FieldOfView.from_json(recorded) if recorded else None
+    if field_of_view is None:
+        warnings.append("this result does not record the SPECT field of view (an earlier version wrote it): "
+                        "region coverage by the SPECT is not checked")
+    outputs, rows, info = write_region_outputs(out, regions, dose_ct, rate_gy_per_s, ctx, field_of_view=field_of_view,
+                                               dose_method=str(summary.get("method") or "dvk"))
+    warnings += coverage_warnings(rows)
     report = {"result": str(folder), "regions_file": str(regions_path), "source": regions.source,
               "warnings": regions.warnings + warnings, "regions": rows, "uids": info["uids"],
+              "field_of_view": field_of_view_summary(field_of_view, ct_grid, rows) if field_of_view else None,
               "outputs": {k: p.name for k, p in outputs.items()}}
     outputs["regions_json"] = out / REGIONS_JSON
     outputs["regions_json"].write_text(json.dumps(report, indent=2))

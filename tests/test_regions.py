@@ -175,3 +175,162 @@ def test_a_per_mbq_run_gets_statistics_and_a_seg_that_reads_back_on_an_oblique_c
     assert rows[0]["mean_dose_rate_mgy_per_h"] == pytest.approx(2.0) and "mean_gy" not in rows[0]
     back = load_regions(outputs["autoseg"], grid)
     assert back.regions[0].automatic and np.array_equal(back.masks["auto_lesion_1"], blob)
+
+
+# --- issue 18 item 1 (field of view), item 7 (automatic regions), issue 17 item 5 (small regions)
+
+
+def _half_covering_spect_grid() -> Grid:
+    """A SPECT volume whose top edge (z 19.5 mm) cuts between CT slices 6 (z 18) and 7 (z 21)."""
+    return Grid((4, 16, 16), (6.0, 6.0, 6.0), (-10.0, -10.0, -1.5), frame_of_reference_uid=FOR)  # origin x, y, z
+
+
+def _six_slice_cube(grid):
+    m = np.zeros(grid.shape, bool)
+    m[4:10, 10:20, 10:20] = True  # slices 4-6 inside the SPECT above, 7-9 outside
+    return m
+
+
+def test_a_region_half_outside_the_spect_gets_no_dose_statistic(tmp_path):
+    from spectdose.dicom.region_outputs import (
+        RegionContext,
+        _build_seg,
+        _build_sr,
+        write_region_outputs,
+    )
+    from spectdose.regions import FieldOfView, Region, RegionSet, coverage_text
+
+    grid = _small_grid()
+    inside = _cube(grid)
+    inside[5:10] = False
+    inside[1:4, 2:6, 2:6] = True  # wholly inside the SPECT
+    regions = RegionSet([Region("liver", _six_slice_cube(grid), 1), Region("kidney", inside, 2)], "SEG",
+                        description="test")
+    ctx = RegionContext(grid, "1.2.826.0.1.3680043.8.498.3",
+                        tuple(f"1.2.826.0.1.3680043.8.498.4.{k}" for k in range(grid.shape[0])), _header(), "test")
+    dose = np.full(grid.shape, 3.0)
+    fov = FieldOfView(_half_covering_spect_grid())
+    assert fov.z_span_mm() == (-4.5, 19.5)
+    _, rows, _ = write_region_outputs(tmp_path, regions, dose, dose / 3.6e6, ctx, field_of_view=fov)
+    liver, kidney = rows
+    assert liver["coverage"] == "partly covered" and liver["spect_coverage_fraction"] == 0.5
+    assert liver["ct_coverage_fraction"] == 1.0
+    assert all(liver[k] is None for k in ("mean_gy", "d2_gy", "max_gy", "mean_dose_rate_mgy_per_h", "dvh_gy"))
+    assert "partly covered 0.5" in coverage_text(liver) and "'liver'" in coverage_text(liver)
+    assert kidney["coverage"] == "covered" and kidney["mean_gy"] == pytest.approx(3.0) and coverage_text(kidney) == ""
+    csv_rows = (tmp_path / "regions.csv").read_text().splitlines()
+    header = csv_rows[0].split(",")
+    liver_csv = dict(zip(header, csv_rows[1].split(","), strict=False))
+    assert liver_csv["coverage"] == "partly covered" and liver_csv["spect_coverage_fraction"] == "0.5"
+    assert liver_csv["mean_gy"] == ""
+
+    # The SR says so with standard codes and carries no dose for it.
+    from pydicom.sr.codedict import codes
+
+    seg_ds = _build_seg(regions, ctx, description="test", method="")
+    sr = _build_sr(rows, regions, str(seg_ds.SOPInstanceUID), [1, 2], None, seg_ds, ctx)
+    groups = _groups(sr)
+    liver_group, kidney_group = groups
+    assert not [m for m in liver_group.get_measurements() if m.name == codes.DCM.AbsorbedDose]
+    assert [m for m in kidney_group.get_measurements() if m.name == codes.DCM.AbsorbedDose]
+    evaluations = {(e.name.value, e.value.value) for e in liver_group.get_qualitative_evaluations()}
+    assert (codes.DCM.QualityFinding.value, codes.DCM.AnatomyCoverageIncomplete.value) in evaluations
+    fov_percent = [m.value for m in liver_group.get_measurements() if m.name.value == "SPECTFOV"]
+    assert fov_percent == [50.0]
+
+    # Accepted partial coverage: the statistics of the part inside, still labelled.
+    _, rows, _ = write_region_outputs(tmp_path, regions, np.where(grid_z(grid) < 19.5, 3.0, 99.0),
+                                      dose / 3.6e6, ctx, field_of_view=fov, accept_partial=True)
+    assert rows[0]["coverage"] == "partly covered" and rows[0]["mean_gy"] == pytest.approx(3.0)
+    assert "part inside" in coverage_text(rows[0])
+
+
+def grid_z(grid: Grid) -> np.ndarray:
+    """LPS z of every voxel centre."""
+    k = np.arange(grid.shape[0])
+    z = grid.index_to_lps_mm(np.stack([k, 0 * k, 0 * k], axis=1))[:, 2]
+    return np.broadcast_to(z[:, None, None], grid.shape)
+
+
+def _groups(sr):
+    import highdicom as hd
+
+    path_free = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    return path_free.content.get_volumetric_roi_measurement_groups()
+
+
+def test_a_seg_reaching_beyond_the_ct_reports_the_fraction_inside(tmp_path):
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from spectdose.dicom.region_outputs import RegionContext, _build_seg
+    from spectdose.regions import Region, RegionSet
+
+    wide = Grid((30, 32, 32), (3.0, 2.0, 2.0), (0.0, 0.0, 0.0), frame_of_reference_uid=FOR)  # 10 slices more than the CT
+    mask = np.zeros(wide.shape, bool)
+    mask[15:25, 10:20, 10:20] = True  # slices 15-19 on the CT (20 slices), 20-24 beyond it
+    ctx = RegionContext(wide, "1.2.826.0.1.3680043.8.498.3",
+                        tuple(f"1.2.826.0.1.3680043.8.498.4.{k}" for k in range(wide.shape[0])), _header(), "test")
+    seg = _build_seg(RegionSet([Region("spleen", mask, 1)], "SEG"), ctx, description="wide", method="")
+    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == codes.SCT.Organ.value
+    seg.save_as(tmp_path / "wide.dcm")
+    region = load_regions(tmp_path / "wide.dcm", _small_grid()).regions[0]
+    assert region.ct_coverage_fraction == pytest.approx(0.5) and region.mask.sum() == 500
+    assert hd.seg.segread(tmp_path / "wide.dcm").number_of_segments == 1
+
+
+def test_small_regions_carry_the_measured_bias_for_their_size_and_method():
+    from spectdose.regions import size_bias, size_note
+
+    note = size_note(1.9, "dvk")
+    assert note.startswith("1.9 ml is near the SPECT resolution") and "-68 to -51 %" in note and "DVK" in note
+    assert "v2 test" in note and "issue 17" in note
+    assert size_bias(1.9, "cnn")["low_pct"] == -66.0 and "with CNN" in size_note(1.9, "cnn")
+    assert "-18 %" in size_note(3.0, "dvk")
+    assert size_note(10.7, "dvk") == "" and size_bias(10.7, "dvk") is None
+    dose = np.full((1, 10, 10), 2.0)
+    (row,) = region_statistics(dose, dose / 3.6e6, {"node": np.ones_like(dose, bool)}, 0.019)
+    assert row["size_note"].startswith("1.9 ml") and row["size_bias_pct"] == [-68.0, -51.0]
+    assert row["coverage"] == "covered" and row["automatic"] is False and row["location"] == ""
+
+
+def test_automatic_regions_are_unreviewed_regions_in_space_never_neoplasms(tmp_path):
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from spectdose.dicom.region_outputs import (
+        UNREVIEWED,
+        RegionContext,
+        _build_sr,
+        write_region_outputs,
+    )
+    from spectdose.regions import Region, RegionSet
+
+    grid = _small_grid()
+    regions = RegionSet([Region("auto_hotspot_1", _cube(grid), 1, automatic=True, lesion=True,
+                                location="soft tissue 100%, left posterior, z 20 mm")], "automatic",
+                        description="test method")
+    ctx = RegionContext(grid, "1.2.826.0.1.3680043.8.498.3",
+                        tuple(f"1.2.826.0.1.3680043.8.498.4.{k}" for k in range(grid.shape[0])), _header(), "test")
+    dose = np.full(grid.shape, 3.0)
+    outputs, rows, _ = write_region_outputs(tmp_path, regions, None, dose / 3.6e6, ctx)
+    seg = hd.seg.segread(outputs["autoseg"])
+    item = seg.SegmentSequence[0]
+    assert item.SegmentedPropertyTypeCodeSequence[0].CodeValue == codes.DCM.RegionInSpace.value
+    assert item.SegmentedPropertyCategoryCodeSequence[0].CodeValue == codes.SCT.SpatialAndRelationalConcept.value
+    assert item.SegmentDescription.startswith(UNREVIEWED) and "left posterior" in item.SegmentDescription
+    assert UNREVIEWED in seg.SeriesDescription
+    back = load_regions(outputs["autoseg"], grid).regions[0]
+    assert back.automatic and back.location == "soft tissue 100%, left posterior, z 20 mm"
+    assert rows[0]["automatic"] is True and "left posterior" in rows[0]["location"]
+
+    rows = region_statistics(dose, dose / 3.6e6, regions.masks, grid.voxel_volume_ml, regions=regions.regions)
+    sr = _build_sr(rows, regions, str(seg.SOPInstanceUID), [1], None, pydicom.dcmread(outputs["autoseg"]), ctx)
+    (group,) = _groups(sr)
+    assert group.finding_type == codes.DCM.RegionInSpace and group.finding_type != codes.SCT.Neoplasm
+    assert UNREVIEWED in group.tracking_identifier
+    (site,) = group.finding_sites
+    assert site.value == codes.DCM.SoftTissue and site.laterality == codes.SCT.Left
+    evaluations = {(e.name.value, e.value.value) for e in group.get_qualitative_evaluations()}
+    assert (codes.DCM.CertaintyOfFinding.value, codes.SCT.Indeterminate.value) in evaluations
+    assert sr.VerificationFlag == "UNVERIFIED"

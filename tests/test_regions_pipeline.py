@@ -53,8 +53,38 @@ def test_automatic_lesions_find_the_true_lesions_of_2_ml_and_more(auto_run, smal
     assert min(dice.values()) >= MIN_DICE, dice
     summary = auto_run.summary
     assert summary["regions_source"]["kind"] == "automatic" and "Nestle" in summary["regions_source"]["method"]
-    assert any("automatic lesion region" in w for w in summary["region_warnings"])
-    assert not any("automatic lesion region" in w for w in summary["warnings"])
+    assert any("automatic region(s), unreviewed" in w for w in summary["region_warnings"])
+    assert not any("automatic region" in w for w in summary["warnings"])
+
+
+def test_automatic_regions_leave_out_kidneys_and_spleen_and_are_no_neoplasm_in_the_sr(auto_run, small_study):
+    """Issue 18: 11 of 15 automatic regions were organs, all coded Neoplasm in the SR."""
+    from pydicom.sr.codedict import codes
+
+    truth = np.load(small_study / "truth" / "truth.npz")
+    auto = load_regions(auto_run.outputs["autoseg"], auto_run.study.ct.grid)
+    organs = ("kidney_left", "kidney_right", "spleen", "lumbar_vertebrae")
+    for region in auto.regions:
+        for organ in organs:
+            share = float((truth[f"label_{organ}"] & region.mask).sum()) / region.mask.sum()
+            assert share < 0.5, (region.name, organ, share)
+    assert any("left out as physiological uptake" in w and "kidney" in w for w in auto_run.summary["region_warnings"])
+    rows = auto_run.summary["regions"]
+    assert all(r["automatic"] and r["location"] and r["region"].startswith("auto_hotspot_") for r in rows)
+    assert all(r["coverage"] == "covered" for r in rows)
+
+    sr = hd.sr.srread(auto_run.outputs["sr"])
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == len(rows)
+    for group in groups:
+        assert group.finding_type == codes.DCM.RegionInSpace, group.finding_type
+        assert "unreviewed, automatic" in group.tracking_identifier
+        assert group.finding_sites and group.finding_sites[0].value in (codes.DCM.SoftTissue, codes.SCT.AdiposeTissue,
+                                                                       codes.SCT.Bone, codes.SCT.Lung)
+        evaluations = {(e.name.value, e.value.value) for e in group.get_qualitative_evaluations()}
+        assert (codes.DCM.CertaintyOfFinding.value, codes.SCT.Indeterminate.value) in evaluations
+    assert codes.SCT.Neoplasm.value not in str(pydicom.dcmread(auto_run.outputs["sr"]))
+    assert "unreviewed, automatic" in auto_run.outputs["summary_txt"].read_text()
 
 
 def test_sr_and_rtdose_dvhs_reference_the_regions(auto_run):

@@ -28,7 +28,7 @@ from pydicom.uid import CTImageStorage, RTStructureSetStorage, SegmentationStora
 
 from spectdose.dicom.rtstruct import build_rtstruct
 from spectdose.geometry import Grid
-from spectdose.regions import RegionSet, region_statistics
+from spectdose.regions import FieldOfView, RegionSet, region_statistics
 
 __all__ = ["RegionContext", "write_region_outputs", "REGION_OUTPUT_NAMES", "add_dvhs"]
 
@@ -110,11 +110,12 @@ def _build_seg(regions: RegionSet, ctx: RegionContext, *, description: str, meth
     )
     descriptions = []
     for number, r in enumerate(regions.regions, start=1):
+        category, kind = _segment_codes(r)
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=r.name[:64],
-            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure if r.lesion else codes.SCT.AnatomicalStructure,
-            segmented_property_type=codes.SCT.Neoplasm if r.lesion else codes.SCT.Organ,
+            segmented_property_category=category,
+            segmented_property_type=kind,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC if r.automatic
             else hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
             algorithm_identification=algorithm,
@@ -138,6 +139,10 @@ def _build_seg(regions: RegionSet, ctx: RegionContext, *, description: str, meth
         content_label="AUTOLESIONS" if regions.source == "automatic" else "REGIONS",
         content_description=(method or description)[:64],
     )
+    # Segment Description (0062,0006, LO): an automatic region says it is unreviewed and where it lies.
+    for item, r in zip(seg.SegmentSequence, regions.regions, strict=True):
+        if r.unreviewed:
+            item.SegmentDescription = f"{UNREVIEWED}; {r.location}"[:64]
     # highdicom draws the Dimension Organization UID at random; derive it from the content so an
     # identical rerun is the identical object (the node and REST de-duplicate by content digest).
     organisation_uid = _uid("SEG-dimension-organisation", seg.SOPInstanceUID)
@@ -148,19 +153,38 @@ def _build_seg(regions: RegionSet, ctx: RegionContext, *, description: str, meth
     return seg
 
 
+# How an automatic region is labelled in the SEG, SR, summary and report.
+UNREVIEWED = "unreviewed, automatic"
+
+
+def _segment_codes(region) -> tuple:
+    """SEG category and SR finding type: spectdose's automatic hot spot is a region in space (nobody
+    has reviewed it), never a neoplasm; a region of a given SEG keeps the type its SEG gives; a
+    lesion of a given RT Structure Set is a neoplasm; anything else an organ."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    if region.unreviewed:
+        return codes.SCT.SpatialAndRelationalConcept, codes.DCM.RegionInSpace
+    if region.property_type is not None and all(region.property_type):
+        kind = hd.sr.CodedConcept(*region.property_type)  # a given SEG says what it is: the SR repeats it
+        return (codes.SCT.MorphologicallyAbnormalStructure if region.lesion else codes.SCT.AnatomicalStructure), kind
+    if region.lesion:
+        return codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Neoplasm
+    return codes.SCT.AnatomicalStructure, codes.SCT.Organ
+
+
 def add_dvhs(rtdose: Dataset, rows: Sequence[dict], roi_numbers: Sequence[int], structure_set_uid: str) -> None:
     """Add the RT DVH Module (PS3.3 C.8.8.4): one cumulative absorbed-dose DVH per region, in cm3.
 
     DVH Data holds (bin width, volume) pairs with a uniform bin width; volume n is the volume
     receiving at least (n - 1) bin widths, so the first is the whole region.
     """
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = RTStructureSetStorage
-    ref.ReferencedSOPInstanceUID = structure_set_uid
-    rtdose.ReferencedStructureSetSequence = [ref]
     items = []
     for row, number in zip(rows, roi_numbers, strict=True):
-        dvh = row["dvh_gy"]
+        dvh = row.get("dvh_gy")
+        if not dvh:
+            continue  # not covered by the SPECT: no dose, no DVH
         roi = Dataset()
         roi.ReferencedROINumber = int(number)
         roi.DVHROIContributionType = "INCLUDED"
@@ -176,11 +200,37 @@ def add_dvhs(rtdose: Dataset, rows: Sequence[dict], roi_numbers: Sequence[int], 
         for volume in dvh["volume_ml"]:
             data += [dvh["bin_width"], volume]
         item.DVHData = data
-        item.DVHMinimumDose = row["min_gy"]
-        item.DVHMaximumDose = row["max_gy"]
-        item.DVHMeanDose = row["mean_gy"]
+        # DS values are at most 16 characters (PS3.5 6.2): pydicom's formatter, as rtdose.ds() uses.
+        item.DVHMinimumDose = pydicom.valuerep.format_number_as_ds(float(row["min_gy"]))
+        item.DVHMaximumDose = pydicom.valuerep.format_number_as_ds(float(row["max_gy"]))
+        item.DVHMeanDose = pydicom.valuerep.format_number_as_ds(float(row["mean_gy"]))
         items.append(item)
+    if not items:
+        return  # no region with a dose statistic: no DVH module
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = RTStructureSetStorage
+    ref.ReferencedSOPInstanceUID = structure_set_uid
+    rtdose.ReferencedStructureSetSequence = [ref]
     rtdose.DVHSequence = items
+
+
+def _finding_sites(region) -> list | None:
+    """TID 1411 Finding Site of an automatic region: the CT tissue class it mostly lies in, with
+    laterality (from ``Region.location``, spectdose.lesions.classify_location)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    if not region.unreviewed or not region.location:
+        return None
+    tissue = {"lung": codes.SCT.Lung, "fat": codes.SCT.AdiposeTissue, "soft tissue": codes.DCM.SoftTissue,
+              "bone": codes.SCT.Bone}
+    words = region.location.split(",")
+    kind = next((code for name, code in tissue.items() if words[0].startswith(name)), None)
+    if kind is None:
+        return None
+    side = words[1].split()[0] if len(words) > 1 and words[1].split() else ""
+    laterality = {"right": codes.SCT.Right, "left": codes.SCT.Left}.get(side)
+    return [hd.sr.FindingSite(anatomic_location=kind, laterality=laterality)]
 
 
 def _build_sr(rows, regions: RegionSet, seg_uid: str, segment_numbers, rtdose: Dataset | None, seg_ds: Dataset,
@@ -194,11 +244,33 @@ def _build_sr(rows, regions: RegionSet, seg_uid: str, segment_numbers, rtdose: D
 
     gy, ml = hd.sr.CodedConcept("Gy", "UCUM", "Gy"), hd.sr.CodedConcept("ml", "UCUM", "ml")
     mgy_h = hd.sr.CodedConcept("mGy/h", "UCUM", "mGy/h")
+    percent = hd.sr.CodedConcept("%", "UCUM", "%")
     algorithm = hd.sr.AlgorithmIdentification(name="spectdose", version=ctx.software_version)
     groups = []
     for row, region, number in zip(rows, regions.regions, segment_numbers, strict=True):
         measurements = [hd.sr.Measurement(name=codes.SCT.Volume, value=row["volume_ml"], unit=ml, algorithm_id=algorithm)]
-        if "mean_gy" in row:
+        evaluations = []
+        if row.get("coverage", "covered") != "covered":
+            # (DCM 111052 Quality Finding) = (DCM 130576 Anatomy coverage incomplete); the covered
+            # fractions as measurements; no dose measurement unless the partial statistics were accepted.
+            evaluations.append(hd.sr.QualitativeEvaluation(codes.DCM.QualityFinding, codes.DCM.AnatomyCoverageIncomplete))
+            measurements.append(hd.sr.Measurement(
+                name=code("SPECTFOV", "Fraction of the region in the SPECT field of view"),
+                value=round(100.0 * row["spect_coverage_fraction"], 2), unit=percent, algorithm_id=algorithm))
+            measurements.append(hd.sr.Measurement(
+                name=code("CTFOV", "Fraction of the region in the CT field of view"),
+                value=round(100.0 * row["ct_coverage_fraction"], 2), unit=percent, algorithm_id=algorithm))
+        if row.get("size_bias_pct"):
+            evaluations.append(hd.sr.QualitativeEvaluation(
+                codes.DCM.QualityFinding, code("SMALLVOL", "Volume near the SPECT resolution, dose biased low")))
+            for key, value in zip(("BIASLOW", "BIASHIGH"), row["size_bias_pct"], strict=True):
+                measurements.append(hd.sr.Measurement(
+                    name=code(key, f"Expected bias of the mean absorbed dose, {'lowest' if key == 'BIASLOW' else 'highest'} measured"),
+                    value=value, unit=percent, algorithm_id=algorithm))
+        if region.unreviewed:
+            # Nobody has reviewed it: (DCM 111012 Certainty of Finding) = (SCT 82334004 Indeterminate).
+            evaluations.append(hd.sr.QualitativeEvaluation(codes.DCM.CertaintyOfFinding, codes.SCT.Indeterminate))
+        if row.get("mean_gy") is not None:
             for key, derivation in (("mean_gy", codes.SCT.Mean), ("median_gy", codes.SCT.Median),
                                     ("min_gy", codes.SCT.Minimum), ("max_gy", codes.SCT.Maximum)):
                 measurements.append(hd.sr.Measurement(name=codes.DCM.AbsorbedDose, value=row[key], unit=gy,
@@ -207,16 +279,20 @@ def _build_sr(rows, regions: RegionSet, seg_uid: str, segment_numbers, rtdose: D
                 measurements.append(hd.sr.Measurement(
                     name=code(f"D{x}", f"Minimum absorbed dose to the hottest {x} % of the volume"),
                     value=row[f"d{x}_gy"], unit=gy, algorithm_id=algorithm))
-        measurements.append(hd.sr.Measurement(name=code("DOSERATE", "Absorbed dose rate"),
-                                              value=row["mean_dose_rate_mgy_per_h"], unit=mgy_h,
-                                              derivation=codes.SCT.Mean, algorithm_id=algorithm))
+        if row.get("mean_dose_rate_mgy_per_h") is not None:
+            measurements.append(hd.sr.Measurement(name=code("DOSERATE", "Absorbed dose rate"),
+                                                  value=row["mean_dose_rate_mgy_per_h"], unit=mgy_h,
+                                                  derivation=codes.SCT.Mean, algorithm_id=algorithm))
+        label = f"{region.name} ({UNREVIEWED})" if region.unreviewed else region.name
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=_uid("tracking", seg_uid, str(number)), identifier=region.name[:64]),
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=_uid("tracking", seg_uid, str(number)), identifier=label[:64]),
             referenced_segment=hd.sr.ReferencedSegment(
                 sop_class_uid=SegmentationStorage, sop_instance_uid=seg_uid, segment_number=int(number),
                 source_series=hd.sr.SourceSeriesForSegmentation(ctx.ct_series_uid)),
-            finding_type=codes.SCT.Neoplasm if region.lesion else codes.SCT.Organ,
+            finding_type=_segment_codes(region)[1],
+            finding_sites=_finding_sites(region),
             measurements=measurements,
+            qualitative_evaluations=evaluations or None,
         ))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
@@ -253,7 +329,8 @@ def _write_csvs(out_dir: Path, rows: list[dict]) -> dict[str, Path]:
     flat_keys = ["region", "volume_ml", "voxels", "mean_gy", "median_gy", "min_gy", "max_gy", "d2_gy", "d50_gy",
                  "d98_gy", "uncertainty_gy", "mean_dose_rate_mgy_per_h", "median_dose_rate_mgy_per_h",
                  "min_dose_rate_mgy_per_h", "max_dose_rate_mgy_per_h", "uncertainty_dose_rate_mgy_per_h",
-                 "automatic", "source"]
+                 "coverage", "spect_coverage_fraction", "ct_coverage_fraction", "automatic", "location", "size_note",
+                 "source"]
     thresholds = sorted({x for r in rows for x in (r.get("v_gy") or {})}, key=float)
     header = flat_keys + [f"v{x}gy_ml" for x in thresholds] + [f"v{x}gy_pct" for x in thresholds]
     path = out_dir / REGION_OUTPUT_NAMES["regions_csv"]
@@ -289,8 +366,15 @@ def write_region_outputs(
     method: str = "",
     dose_rate_sigma_gy_per_s: np.ndarray | None = None,
     dose_sigma_gy: np.ndarray | None = None,
+    field_of_view: FieldOfView | None = None,
+    accept_partial: bool = False,
+    dose_method: str = "dvk",
 ) -> tuple[dict[str, Path], list[dict], dict]:
     """Statistics, CSVs, SEG/RTSTRUCT as needed, RT Dose with DVHs and the SR, written to ``out_dir``.
+
+    ``field_of_view``: the SPECT volume, for each region's coverage (regions.region_statistics);
+    ``accept_partial``: partly covered regions get statistics of their part inside;
+    ``dose_method``: the dose method, for the small-region note.
 
     Returns ``(outputs, rows, info)``: paths by output name, the per-region rows for
     summary.json, and the UIDs written (``info["uids"]``). The RT Dose at
@@ -298,10 +382,12 @@ def write_region_outputs(
     new SOP Instance UID (same series): the DVHs are new content of the same dose.
     """
     out_dir = Path(out_dir)
-    rows = region_statistics(dose_gy, dose_rate_gy_per_s, regions.masks, ctx.ct_grid.voxel_volume_ml,
-                             dose_rate_sigma_gy_per_s=dose_rate_sigma_gy_per_s, dose_sigma_gy=dose_sigma_gy)
+    rows = region_statistics(
+        dose_gy, dose_rate_gy_per_s, regions.masks, ctx.ct_grid.voxel_volume_ml,
+        dose_rate_sigma_gy_per_s=dose_rate_sigma_gy_per_s, dose_sigma_gy=dose_sigma_gy, regions=regions.regions,
+        ct_grid=ctx.ct_grid, field_of_view=field_of_view, accept_partial=accept_partial, method=dose_method)
     for row, r in zip(rows, regions.regions, strict=True):
-        row.update(number=r.number, automatic=r.automatic, lesion=r.lesion, source=regions.source)
+        row.update(number=r.number, automatic=r.unreviewed, lesion=r.lesion, source=regions.source)
     outputs = _write_csvs(out_dir, rows)
     info: dict = {"uids": {}}
 
@@ -311,7 +397,7 @@ def write_region_outputs(
         seg_uid, segment_numbers = regions.sop_instance_uid, [r.number for r in regions.regions]
     else:
         name = "autoseg" if regions.source == "automatic" else "regions_seg"
-        description = "Automatic lesions (spectdose) - to review" if regions.source == "automatic" else \
+        description = f"Automatic hot spots (spectdose) - {UNREVIEWED}" if regions.source == "automatic" else \
             f"Regions from RTSTRUCT {regions.description}".strip()
         seg_ds = _build_seg(regions, ctx, description=description, method=method)
         outputs[name] = out_dir / REGION_OUTPUT_NAMES[name]
@@ -334,7 +420,8 @@ def write_region_outputs(
             label="AUTOLESIONS" if regions.source == "automatic" else "REGIONS",
             source_segments={r.name: (seg_uid, n) for r, n in zip(regions.regions, segment_numbers, strict=True)},
             automatic=regions.source == "automatic",
-            interpreted_types={r.name: ("GTV" if r.lesion else "ORGAN") for r in regions.regions},
+            # An unreviewed automatic region is no GTV: its type stays empty (Type 2) until someone says what it is.
+            interpreted_types={r.name: ("" if r.unreviewed else "GTV" if r.lesion else "ORGAN") for r in regions.regions},
             software_version=ctx.software_version,
         )
         outputs["regions_rtstruct"] = out_dir / REGION_OUTPUT_NAMES["regions_rtstruct"]
