@@ -105,6 +105,8 @@ def create_app(settings: Settings | None = None, *, context: ServiceContext | No
     app.include_router(health_router)
     app.include_router(ui_router)
     app.add_exception_handler(UploadRejected, _upload_rejected)
+    # Host/Origin, then the body's deadline; inside the metrics middleware, whose receive runs in a
+    # task group (an UploadRejected raised there would arrive as an ExceptionGroup, a 500).
+    app.add_middleware(RequestGuard, settings=settings)
     install_metrics(app, ctx)
-    app.add_middleware(RequestGuard, settings=settings)  # outermost: Host/Origin, then the body's deadline
     return app
