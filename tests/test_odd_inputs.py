@@ -359,6 +359,20 @@ def projections_of_two_beds(bed_text: bool) -> Callable[[Path], None]:
     return write
 
 
+def pet_style_two_beds(root: Path, *, one_series: bool = False) -> None:
+    """Two overlapping PET-style beds (slices 0-4 and 3-7 of the baseline), as two series or as one."""
+    study = f.StudyIds()
+    _ct(root, study)
+    bq = _counts() * RWVM_SLOPE
+    first = f.write_pt_series(root / "PT1", study, bq[:5], spacing_mm=NM_SPACING, origin_mm=NM_FIRST_VOXEL, admin_datetime=ADMIN)
+    z = NM_FIRST_VOXEL[2] + 3 * NM_SPACING[0]
+    second = f.write_pt_series(
+        root / "PT2", study, bq[3:], spacing_mm=NM_SPACING, origin_mm=(*NM_FIRST_VOXEL[:2], z), admin_datetime=ADMIN
+    )
+    if one_series:
+        _set(second.paths, SeriesInstanceUID=first.series_uid)
+
+
 # --- issue 18 item 4: header geometry facts that contradict each other
 def nm_header(**attributes) -> Callable[[Path], None]:
     def write(root: Path) -> None:
@@ -638,6 +652,10 @@ CASES: dict[str, Case] = {
         projections_of_two_beds(True), {},
         Refused(InputError, r"another NM object of this study .*'TOMO bed 1 of 2'.* says the acquisition had 2 beds, but only 1 of the 2 beds is"),
     ),  # fmt: skip
+    "pet-style-two-beds-as-two-series": Case(pet_style_two_beds, {}, Same(warning="joined from 2 beds of one acquisition")),
+    "pet-style-two-beds-in-one-series": Case(
+        lambda r: pet_style_two_beds(r, one_series=True), {}, Refused(GeometryError, r"two slices at the same position.*Overlapping beds of one SPECT")
+    ),
     # --- issue 18 item 4: geometry facts of the header that contradict each other
     "spect-pixel-spacing-contradicts-reconstruction-diameter": Case(
         nm_header(ReconstructionDiameter="57.6"), {},

@@ -528,6 +528,12 @@ def stack_geometry(files: list[FileHeader], what: str) -> tuple[list[int], Grid]
         raise GeometryError(
             f"{what}: two slices at the same position {dist[k]:.2f} mm along the slice normal "
             f"({files[order[k]].relpath}, {files[order[k + 1]].relpath}); several acquisitions in one series?"
+            + (
+                " (Overlapping beds of one SPECT acquisition exported as one series of slices cannot be told apart: "
+                "export each bed as its own series, and they are joined, or one joined volume)"
+                if str(ref.header.get("Modality", "")) in ("NM", "PT")
+                else ""
+            )
         )
     # in-plane drift: a straight stack along the normal has none; a tilted one drifts linearly
     rel = pos - pos[0]
