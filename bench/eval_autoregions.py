@@ -1,7 +1,7 @@
 """Precision and recall of the automatic regions (spectdose.lesions) against the truth lesions of
 virtual patients (docs/regions.md, issue 18 item 7).
 
-    python bench/eval_autoregions.py PHANTOM_DIR [PHANTOM_DIR ...] [--min-ml 2] [--cache DIR]
+    python bench/eval_autoregions.py PHANTOM_DIR [PHANTOM_DIR ...] [--min-ml 2] [--cache DIR] [--no-rules]
 
 Each PHANTOM_DIR is what ``spectdose phantom DIR --seed N`` wrote (DICOM under ./dicom, truth
 labels on the CT grid under ./truth/truth.npz). The activity and density on the CT grid come
@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-ml", type=float, default=2.0)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/spectdose-autoregions-cache"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--no-rules", action="store_true", help="the candidates alone (issue 11's method)")
     args = parser.parse_args(argv)
-    method = LesionMethod()
+    method = LesionMethod(exclude_physiological=not args.no_rules)
     results = [evaluate(p, args.cache, args.min_ml, method) for p in args.phantoms]
     tp = sum(r["true_positive_regions"] for r in results)
     fp = sum(r["false_positive_regions"] for r in results)
