@@ -63,7 +63,9 @@ _STATIC_TYPES = {".js": "text/javascript", ".css": "text/css"}
 _HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # same-origin, not no-referrer: under no-referrer Chromium sends "Origin: null" with the login form,
+    # which the gateway's cross-site guard (service/guards.py) rightly refuses; no referrer leaves the site.
+    "Referrer-Policy": "same-origin",
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
                                "img-src 'self'; frame-ancestors 'none'; form-action 'self'",
 }

@@ -59,5 +59,33 @@
     s.textContent = r.name;
     legend.appendChild(s);
   });
+  // The dose under the cursor: asked of the server for the voxel under the pointer (one request at a time).
+  const cursor = $("cursor-value");
+  let pending = null, busy = false;
+  function ask() {
+    if (busy || !pending) return;
+    const q = pending; pending = null; busy = true;
+    fetch("/ui/jobs/" + config.job + "/point/" + q.plane + "/" + state.index[q.plane] + "?u=" + q.u.toFixed(4) + "&v=" + q.v.toFixed(4),
+          { credentials: "same-origin" })
+      .then(function (r) { return r.ok ? r.json() : null; })
+      .then(function (p) {
+        if (p) {
+          cursor.textContent = p.value.toPrecision(3) + " " + p.unit + " · CT " + p.ct_hu + " HU" +
+            (p.regions.length ? " · " + p.regions.join(", ") : "") + " (" + q.plane + ")";
+        }
+      })
+      .catch(function () {})
+      .finally(function () { busy = false; ask(); });
+  }
+  planes.forEach(function (plane) {
+    const img = $(plane + "-img");
+    img.addEventListener("mousemove", function (e) {
+      const box = img.getBoundingClientRect();
+      if (box.width <= 0 || box.height <= 0) return;
+      pending = { plane: plane, u: Math.min(1, Math.max(0, (e.clientX - box.left) / box.width)),
+                  v: Math.min(1, Math.max(0, (e.clientY - box.top) / box.height)) };
+      ask();
+    });
+  });
   drawAll();
 })();

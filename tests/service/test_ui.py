@@ -8,6 +8,7 @@ change the slice and see the picture change. Its screenshot is kept in the test'
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import os
@@ -138,6 +139,38 @@ def test_slice_pictures_follow_the_controls_and_refuse_bad_values(client, job_id
     assert client.get(f"{base}/axial/{k}.png?opacity=3").status_code == 422
 
 
+def test_jobs_list_names_the_patient_and_the_page_says_where_the_maximum_lies(client, job_id, computed_output):
+    import pydicom
+
+    header = pydicom.dcmread(computed_output / "rtdose.dcm", stop_before_pixels=True)
+    summary = json.loads((computed_output / "summary.json").read_text())
+    assert _login(client).status_code == 303
+    jobs = client.get("/ui/jobs").text
+    name = str(header.PatientName).replace("^", " ").strip()
+    date = f"{header.StudyDate[:4]}-{header.StudyDate[4:6]}-{header.StudyDate[6:8]}"
+    assert "<th>patient</th>" in jobs and name and name in jobs and header.PatientID in jobs and date in jobs
+    page = client.get(f"/ui/jobs/{job_id}").text
+    maximum = page.split('<section id="maximum">')[1].split("</section>")[0]
+    assert "Maximum absorbed dose in soft tissue (density &gt;= 0.9 g/cm3)" in maximum
+    assert html.escape(summary["maxima"]["max_location_text"], quote=True) in maximum
+    for plane, letters in (("axial", "APRL"), ("coronal", "SIRL"), ("sagittal", "SIAP")):
+        for edge, letter in zip(("top", "bottom", "left", "right"), letters, strict=True):
+            assert f'id="{plane}-orient-{edge}">{letter}</span>' in page
+    # The dose under the cursor: the value of the view's voxel under the point.
+    from spectdose.report import ViewVolumes
+
+    view = ViewVolumes.load(computed_output / "view.npz")
+    k = view.n_slices("axial") // 2
+    r = client.get(f"/ui/jobs/{job_id}/point/axial/{k}?u=0.5&v=0.5")
+    assert r.status_code == 200, r.text
+    point = r.json()
+    rows, cols = view.dose.shape[1:]
+    assert point["unit"] == "Gy" and point["value"] == pytest.approx(float(view.dose[k, rows // 2, cols // 2]), abs=1e-4)
+    assert point["ct_hu"] == int(view.ct_hu[k, rows // 2, cols // 2])
+    assert client.get(f"/ui/jobs/{job_id}/point/axial/{k}?u=1.5&v=0.5").status_code == 422
+    assert client.get(f"/ui/jobs/{job_id}/point/oblique/{k}?u=0.5&v=0.5").status_code == 404
+
+
 def test_a_result_from_before_the_results_page_shows_its_numbers_and_says_why_no_images(
         client, settings, phantom_files, computed_output):
     old = _finished_job(settings, phantom_files, computed_output, without=("view", "report", "report_pdf"))
@@ -226,6 +259,16 @@ def test_results_page_in_headless_chromium(live_gateway, browser, tmp_path):
     after = axial.screenshot_as_png
     assert browser.find_element(By.ID, "axial-label").text != label
     assert Image.open(io.BytesIO(after)).tobytes() != Image.open(io.BytesIO(before)).tobytes(), "the slice did not change"
+
+    # The dose under the cursor and the orientation letters.
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(browser).move_to_element(axial).move_by_offset(3, 3).perform()
+    wait.until(lambda d: " Gy" in d.find_element(By.ID, "cursor-value").text)
+    assert "HU" in browser.find_element(By.ID, "cursor-value").text
+    assert browser.find_element(By.ID, "axial-orient-left").text == "R"
+    assert browser.find_element(By.ID, "sagittal-orient-right").text == "P"
+    assert "soft tissue" in browser.find_element(By.ID, "maximum").text
 
     # The rest of the page: the DVH, the region table and the provenance.
     wait.until(lambda d: d.execute_script("const i = document.getElementById('dvh-img');"
