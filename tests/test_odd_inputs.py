@@ -333,6 +333,16 @@ def two_beds(same_series: bool = False, second_from: int = 3) -> Callable[[Path]
     return write
 
 
+def two_spects_far_apart(root: Path) -> None:
+    """Slices 0-2 and 6-7 of the baseline as two series: 3 slices apart, two SPECTs of different regions."""
+    study = f.StudyIds()
+    _ct(root, study)
+    counts = _counts()
+    _nm(root, study, "upper.dcm", counts=counts[:3].copy(), description="SPECT upper")
+    z = NM_FIRST_VOXEL[2] + 6 * NM_SPACING[0]
+    _nm(root, study, "lower.dcm", counts=counts[6:].copy(), first_voxel_mm=(*NM_FIRST_VOXEL[:2], z), description="SPECT lower")
+
+
 def two_beds_ac_and_nac(root: Path) -> None:
     study = f.StudyIds()
     _ct(root, study)
@@ -637,6 +647,9 @@ CASES: dict[str, Case] = {
     "two-beds-with-a-gap": Case(
         two_beds(second_from=6), {}, Refused(GeometryError, r"are beds of one acquisition, but they leave a gap of 1 slice")
     ),
+    "two-spects-far-apart-are-a-choice": Case(
+        two_spects_far_apart, {}, Refused(InputError, r"2 candidate SPECT volumes; choose one with --spect-series.*'SPECT upper'")
+    ),
     "two-beds-each-with-ac-and-nac": Case(
         two_beds_ac_and_nac, {},
         Refused(InputError, r"2 candidate SPECT acquisitions; choose one with --spect-series.*selects all its beds.*"
@@ -652,6 +665,9 @@ CASES: dict[str, Case] = {
         projections_of_two_beds(True), {},
         Refused(InputError, r"another NM object of this study .*'TOMO bed 1 of 2'.* says the acquisition had 2 beds, but only 1 of the 2 beds is"),
     ),  # fmt: skip
+    "nm-frames-fewer-than-number-of-slices": Case(
+        nm_header(NumberOfSlices=16), {}, Refused(InputError, r"8 frames but Number of Slices \(0054,0081\) 16 .*frames missing")
+    ),
     "pet-style-two-beds-as-two-series": Case(pet_style_two_beds, {}, Same(warning="joined from 2 beds of one acquisition")),
     "pet-style-two-beds-in-one-series": Case(
         lambda r: pet_style_two_beds(r, one_series=True), {}, Refused(GeometryError, r"two slices at the same position.*Overlapping beds of one SPECT")

@@ -31,6 +31,16 @@ _LATTICE_TOLERANCE = 0.05
 # In-plane geometry (pixel spacing, slice spacing) must agree to this relative tolerance.
 _SPACING_RTOL = 1e-3
 
+# Volumes further apart than this fraction of the shorter one's length (and than 2 slices) are two
+# SPECTs of different body regions (a choice for the user), not beds of one acquisition with slices
+# missing between them.
+_MAX_GAP_FRACTION = 0.2
+
+
+class _NotBeds(Exception):
+    """Volumes of one setup that are too far apart to be beds of one acquisition."""
+
+
 # "bed 1 of 2", "Bed 1/2", "BED1 OF 3": a description saying how many beds the acquisition had.
 _BED_OF_N = re.compile(r"\bbed\s*#?\s*(\d+)\s*(?:of|/)\s*(\d+)", re.IGNORECASE)
 
@@ -137,6 +147,8 @@ def _chain(beds: list[Bed]) -> BedSet:
         offsets.append(int(round(k)))
     for a, b, oa, ob in zip(beds, beds[1:], offsets, offsets[1:], strict=False):
         gap = ob - (oa + a.grid.shape[0])
+        if gap > max(2, _MAX_GAP_FRACTION * min(a.grid.shape[0], b.grid.shape[0])):
+            raise _NotBeds  # far apart: two SPECTs of different regions, not beds side by side
         if gap > 0:
             end = starts[0] + (oa + a.grid.shape[0] - 1) * spacing
             raise GeometryError(
@@ -191,7 +203,10 @@ def bed_sets(cands: list[Candidate]) -> tuple[list[BedSet], list[Candidate]]:
             ):
                 alone.extend(b.cand for b in group)
                 continue
-            sets.append(_chain(group))
+            try:
+                sets.append(_chain(group))
+            except _NotBeds:
+                alone.extend(b.cand for b in group)
     position = {id(c): i for i, c in enumerate(cands)}
     alone.sort(key=lambda c: position[id(c)])
     return sets, alone

@@ -281,7 +281,10 @@ def _classify_nm_object(ds: Dataset, n_frames: int | None = None) -> str:
     except (TypeError, ValueError):
         return "NM object with a malformed Number of Slices"
     if n_frames > 1 and n_slices != n_frames:
-        return f"NM reconstruction with {n_frames} frames but {n_slices} slices (several windows or gates?)"
+        return (
+            f"NM reconstruction with {n_frames} frames but Number of Slices (0054,0081) {n_slices} (several windows or "
+            "gates, or frames missing: part of the volume, e.g. of a bed, cut off?)"
+        )
     return ""
 
 
