@@ -51,3 +51,15 @@ def test_an_unwritable_output_folder_is_refused_before_any_computation(tmp_path,
     assert main(["dose", str(tmp_path), "-o", out, "--kernel-cache", str(tmp_path / "k")]) == 2
     err = capsys.readouterr().err
     assert "spectdose-issue18-out" in err and ("cannot be written" in err or "not writable" in err), err
+
+
+def test_dose_help_lists_the_new_assumptions(capsys):
+    """The --accept help is built from ASSUMPTIONS; a '%' in a description broke `spectdose dose --help`."""
+    from spectdose.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["dose", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("contrast_ct_density", "pixel_spacing_trusted", "slice_spacing_trusted", "spect_beds_missing"):
+        assert name in text

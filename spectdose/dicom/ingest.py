@@ -1046,7 +1046,7 @@ INGEST_ASSUMPTIONS: dict[str, str] = {
     SLICE_SPACING_ASSUMPTION: "a SPECT's Spacing Between Slices (or slice positions) is used where Slice Thickness "
     "or Spacing Between Slices contradicts it",
     CONTRAST_CT_ASSUMPTION: "a contrast-enhanced CT (Contrast/Bolus Agent) gives the densities when no non-contrast "
-    "CT is there: doses come out lower (every region -6 to -7 % on the virtual patient, issue 18)",
+    "CT is there: doses come out lower (every region 6 to 7 per cent lower on the virtual patient, issue 18)",
 }
 
 
