@@ -37,8 +37,14 @@ def automatic_lesions(activity_bq_per_ml: Volume, density_g_cm3: Volume, method:
     out = RegionSet(regions, "automatic", description=method.describe())
     left_out = [s for s in spots if s.excluded is not None]
     if left_out:
-        reasons = "; ".join(f"{s.volume_ml:.0f} ml at {s.location}: {s.excluded}" for s in left_out)
-        out.warnings.append(f"automatic regions: {len(left_out)} hot spot(s) left out as physiological uptake ({reasons})")
+        rules: dict[str, int] = {}
+        for s in left_out:
+            rules[s.rule or "other"] = rules.get(s.rule or "other", 0) + 1
+        biggest = sorted(left_out, key=lambda s: -s.volume_ml)[:5]
+        out.warnings.append(
+            f"automatic regions: {len(left_out)} hot spot(s) left out as physiological uptake ("
+            + ", ".join(f"{n} {rule}" for rule, n in rules.items()) + "); the largest: "
+            + "; ".join(f"{s.volume_ml:.0f} ml at {s.location}: {s.excluded}" for s in biggest))
     return out
 
 
