@@ -596,6 +596,8 @@ def run(
         region_set = automatic_lesions(activity, density)
         region_warnings.append(f"regions: none given; {len(region_set.regions)} automatic region(s), unreviewed "
                                f"focal hot spots ({region_set.description}); review autoseg.dcm before use")
+        if not region_set.regions:
+            region_warnings += region_set.warnings  # what was left out, when nothing is kept
     from spectdose.region_report import coverage_warnings, field_of_view_summary
     from spectdose.regions import FieldOfView
 
