@@ -113,10 +113,17 @@ def _drop_root(settings):
     except KeyError:
         raise RuntimeError(f"SPECTDOSE_RUN_AS_USER: no user {name!r} on this machine") from None
     data = settings.data_dir
-    if not _reaches(data, pw.pw_uid, pw.pw_gid):
-        return settings, "root", (f"STILL RUNNING AS ROOT: user {name} cannot reach the data directory {data} (a folder "
-                                  "above it is closed to it); use a data directory it can reach, or set "
-                                  "SPECTDOSE_RUN_AS_USER")
+    needed = {"the data directory": data,
+              "Python": Path(sys.executable).resolve(),  # the interpreter, its standard library, our code
+              "Python's standard library": Path(sys.base_prefix) / "lib" / "_",
+              "the virtual environment": Path(sys.prefix) / "_",
+              "the spectdose code": Path(__file__).resolve()}
+    closed = [f"{what} ({path.parent if path.name == '_' else path})" for what, path in needed.items()
+              if not _reaches(path, pw.pw_uid, pw.pw_gid)]
+    if closed:
+        return settings, "root", (f"STILL RUNNING AS ROOT: user {name} cannot reach {', '.join(closed)} (a folder "
+                                  f"above is closed to it); install so that {name} can reach them, or set "
+                                  "SPECTDOSE_RUN_AS_USER to a user who can")
     updates = {}
     if settings.kernel_cache_dir is None:
         own = data / "kernel-cache"
