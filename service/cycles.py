@@ -2,9 +2,13 @@
 
 A finished dose job (one SPECT/CT study, computed on its own like any other) is offered to a
 cycle by :func:`time_point_done` (called by the worker on the job's success path). It joins
-the cycle of the same patient (PatientID and PatientName) and the same administration
-(Radiopharmaceutical Start DateTime within :data:`SAME_ADMINISTRATION_S`), or the cycle a
-client named with ``POST /studies?cycle_id=`` (:func:`note_cycle_request`), or starts one.
+the cycle of the same patient and the same administration (Radiopharmaceutical Start
+DateTime within :data:`SAME_ADMINISTRATION_S`), or the cycle a client named with ``POST
+/studies?cycle_id=`` (:func:`note_cycle_request`), or starts one. A patient is PatientID with
+IssuerOfPatientID, checked against the name and birth date first recorded for them: a study
+that matches the ID but not the name or birth date is *held* as an identity conflict, never
+integrated or counted, until :func:`resolve_conflict`. One administration is one cycle: a
+``cycle_id`` naming a second cycle for it is refused with the first one's id.
 A study that cannot join (another patient, another administration, acquired before the
 administration, a duplicate time point, an uncalibrated SPECT, a time fixed by a single-study
 option) is recorded as *rejected* with the reason; its own result stands.
@@ -811,6 +815,7 @@ def _result_out(r: CycleResult) -> dict:
         "state": r.state,
         "stage": r.stage,
         "reason": r.reason,
+        "attempt": r.attempt,  # claims so far: 2 after one worker was lost mid-integration
         "time_points": list(r.time_points or []),
         "used": r.used,
         "excluded": list(r.excluded or []),
