@@ -412,12 +412,17 @@ def contrast_ct_only(root: Path) -> None:
     ct_header(ContrastBolusAgent="Iohexol 350")(root)
 
 
+CONTRAST_CT_UID = "1.2.826.0.1.3680043.8.498.18010"
+
+
 def contrast_and_plain_ct(root: Path) -> None:
     """The plain CT (the baseline's) and a contrast CT of the same frame of reference, 100 HU higher in tissue."""
     study = f.StudyIds()
     _ct(root, study, description="CT low dose")
     hu = f.smooth_hu(CT_SHAPE)
-    enhanced = _ct(root / "contrast", study, hu=np.where(hu > -500, hu + 100, hu), description="CT venous")
+    enhanced = _ct(
+        root / "contrast", study, hu=np.where(hu > -500, hu + 100, hu), description="CT venous", series_uid=CONTRAST_CT_UID
+    )
     _set(enhanced.paths, ContrastBolusAgent="Iohexol 350")
     _nm(root, study)
 
@@ -712,6 +717,9 @@ CASES: dict[str, Case] = {
         contrast_ct_only, {"accepted_assumptions": ("contrast_ct_density",)}, Same(warning="ASSUMED (contrast_ct_density)")
     ),
     "contrast-and-plain-ct": Case(contrast_and_plain_ct, {}, Same(warning="the non-contrast CT is preferred")),
+    "contrast-ct-named-with-ct-series": Case(
+        contrast_and_plain_ct, {"ct_series_uid": CONTRAST_CT_UID}, Refused(InputError, r"'CT venous'.*--accept contrast_ct_density")
+    ),
 }
 
 
