@@ -29,7 +29,7 @@ from service.jobs import ExportItem, content_fingerprint
 from service.localredis import free_port
 from service.main import create_app
 
-from .support import AUTH, make_settings, wait_for
+from .support import AUTH, TOKEN, make_settings, wait_for
 
 
 def _zip(client, body: bytes, **params):
@@ -394,3 +394,49 @@ def test_an_existing_job_store_is_upgraded_in_place(db_url):
     assert store.get("b" * 32).result["warnings"] == ["w1"] and store.get("b" * 32).replaces == {}
     store.close()
     JobStore(db_url).close()  # a second start finds nothing left to upgrade
+
+
+# ------------------------------------------------------------------ text is text (issue 19 case 7)
+
+
+def test_a_name_and_a_label_with_two_dollars_are_text_on_the_rest_path(client, settings, small_study, tmp_path):
+    """``A$x^{$^B`` as PatientName and SEG label: the job is done at its first attempt (it once failed
+    as matplotlib mathtext and was retried 4 times as transient), and report, page and SR show it."""
+    from service.jobs import JobStore
+    from service.storage import Storage
+    from spectdose.report import identifiers_from_header
+    from tests.test_conformance import ODD_TEXT, _renamed_study
+    from tests.test_report import pdf_text
+    from worker.execute import run_job
+
+    from .support import zip_folder
+
+    dicom, seg = _renamed_study(small_study, tmp_path)
+    (dicom / "seg.dcm").write_bytes(seg.read_bytes())
+    r = _zip(client, zip_folder(dicom, tmp_path / "study.zip").read_bytes())
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    store, storage = JobStore(settings.db_url), Storage(settings.data_dir)
+    try:
+        assert run_job(store, storage, settings, job_id, worker="w1")["state"] == "done"
+        job = store.get(job_id)
+        assert job.attempt == 1 and job.transient_failures == 0
+    finally:
+        store.close()
+    report = client.get(f"/jobs/{job_id}/report", headers=AUTH)
+    assert report.status_code == 200
+    text = pdf_text(report.content)
+    assert ODD_TEXT in text.splitlines() and "A$x {$ B" in text
+    assert client.post("/ui/login", data={"token": TOKEN, "next": "/ui/jobs"},
+                       follow_redirects=False).status_code == 303
+    page = client.get(f"/ui/jobs/{job_id}").text
+    assert f"{ODD_TEXT}</td>" in page  # the region table cell, as text (html.escape leaves $ ^ { alone)
+    assert "A$x {$ B" in client.get("/ui/jobs").text
+    assert client.get(f"/ui/jobs/{job_id}/dvh.png").status_code == 200
+    manifest = storage.output_manifest(job_id)
+    sr = pydicom.dcmread(storage.job_output(job_id) / manifest["files"]["sr"]["file"])
+    texts = set()
+    sr.walk(lambda _ds, e: texts.add(str(e.value)) if e.keyword == "TextValue" else None)
+    assert ODD_TEXT in texts
+    rtdose = storage.job_output(job_id) / manifest["files"]["rtdose"]["file"]
+    assert identifiers_from_header(pydicom.dcmread(rtdose, stop_before_pixels=True))["patient_name"] == "A$x {$ B"
