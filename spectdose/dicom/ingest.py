@@ -2,7 +2,8 @@
 
 Files may come in any order and nesting, mixed with non-DICOM files, DICOMDIRs and our own
 earlier outputs. We read every header (without pixels), group files into series, pick
-the reconstructed SPECT and the axial CT that goes with it, read only their pixels, and
+the reconstructed SPECT (joining the beds of a multi-bed acquisition) and the axial CT that
+goes with it (not a contrast-enhanced one unless allowed), read only their pixels, and
 turn values into physical units ourselves: CT into HU (Rescale Slope/Intercept per
 slice), SPECT into Bq/ml at acquisition start (Real World Value Mapping, PET-style BQML,
 or counts with a camera sensitivity). See docs/ingest.md for every rule and refusal.
@@ -1193,7 +1194,8 @@ def load_study(
     -------
     Study
         CT in HU (float32) on the CT grid; SPECT in Bq/ml at the acquisition start
-        (float32) on its own grid, or MBq-normalised.
+        (float32) on its own grid, or MBq-normalised. Beds of one multi-bed acquisition
+        are joined into one volume referred to the first bed's acquisition start.
 
     Raises
     ------
@@ -1203,8 +1205,9 @@ def load_study(
         SPECT with no activity in it (slope 0, all-zero pixels, no positive value, or
         negative values beyond noise: see ``NEGATIVE_NOISE_FRACTION``).
     GeometryError
-        Uneven CT spacing or missing slices, gantry tilt, mixed orientations, or a SPECT
-        whose activity lies mostly outside the CT.
+        Uneven CT spacing or missing slices, gantry tilt, mixed orientations, a SPECT
+        whose activity lies mostly outside the CT, beds that cannot be joined, or header
+        geometry facts that contradict each other (unless the assumption is accepted).
     CalibrationError
         Counts without a camera sensitivity or time per view (unless
         ``allow_normalised``), unsupported value mappings, ambiguous calibrations.
