@@ -114,15 +114,26 @@ class BodyFrame:
 
 @dataclasses.dataclass
 class HotSpot:
-    """One candidate: its mask, size, uptake contrast, location and, when left out, why."""
+    """One candidate: where it is (a component in a box of the grid), its size, uptake contrast,
+    location and, when left out, why. Kept box-local: a clinical grid holds ~34 M voxels, and
+    hundreds of full-size candidate masks would not fit in memory."""
 
-    mask: np.ndarray
+    box: tuple[slice, slice, slice]
+    component: np.ndarray
+    shape: tuple[int, int, int]
     volume_ml: float
     peak_bq_per_ml: float
     contrast: float
     location: str
     excluded: str | None = None  # why it was left out (None: kept)
     rule: str | None = None  # which rule left it out, in a word or two
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The full-size boolean mask (made on each call)."""
+        out = np.zeros(self.shape, dtype=bool)
+        out[self.box] = self.component
+        return out
 
 
 def body_frame(density_g_cm3: np.ndarray, grid) -> BodyFrame | None:
@@ -170,16 +181,18 @@ def _place(centre_lps: np.ndarray, frame: BodyFrame | None) -> tuple[str, str | 
     return f"{side} {ap}", zone
 
 
-def classify_location(mask: np.ndarray, density_g_cm3: np.ndarray, grid, frame: BodyFrame | None = None) -> str:
+def classify_location(mask: np.ndarray, density_g_cm3: np.ndarray, grid, frame: BodyFrame | None = None,
+                      offset_kji: np.ndarray | None = None) -> str:
     """Where a region lies on the CT: density class of most of its voxels, side, depth, zone, z.
 
     e.g. "soft tissue, left posterior (kidney region), z -40 mm". Zones are the places of
     the organs with physiological uptake (kidneys, spleen) in the body frame of the CT.
+    ``mask`` and ``density_g_cm3`` may be a box of the grid starting at ``offset_kji``.
     """
     if frame is None:
         frame = body_frame(density_g_cm3, grid)
     cls, shares = _density_class(density_g_cm3[mask])
-    centre = grid.index_to_lps_mm(np.argwhere(mask).mean(axis=0))
+    centre = grid.index_to_lps_mm(np.argwhere(mask).mean(axis=0) + (0 if offset_kji is None else offset_kji))
     words, zone = _place(centre, frame)
     text = f"{cls} {shares[cls]:.0%}"
     if words:
@@ -187,19 +200,24 @@ def classify_location(mask: np.ndarray, density_g_cm3: np.ndarray, grid, frame: 
     return text + f", z {centre[2]:.0f} mm"
 
 
-def _shell_background(a: np.ndarray, tissue: np.ndarray, mask: np.ndarray, spacing: np.ndarray) -> float:
-    """75th percentile of the tissue activity 5-20 mm outside ``mask`` (0 when there is none)."""
+def _shell_background(a: np.ndarray, tissue: np.ndarray, box: tuple[slice, ...], component: np.ndarray,
+                      spacing: np.ndarray) -> float:
+    """75th percentile of the tissue activity 5-20 mm outside a component (0 when there is none)."""
     pad = np.ceil(20.0 / spacing).astype(int) + 1
-    where = np.argwhere(mask)
+    where = np.argwhere(component) + np.array([b.start for b in box])
     lo = np.maximum(where.min(axis=0) - pad, 0)
     hi = np.minimum(where.max(axis=0) + pad + 1, a.shape)
-    box = tuple(slice(int(low), int(high)) for low, high in zip(lo, hi, strict=True))
-    distance = ndimage.distance_transform_edt(~mask[box], sampling=spacing)
-    shell = (distance > 5.0) & (distance <= 20.0) & tissue[box]
-    return float(np.percentile(a[box][shell], 75)) if shell.any() else 0.0
+    outer = tuple(slice(int(low), int(high)) for low, high in zip(lo, hi, strict=True))
+    inside = np.zeros(tuple(hi - lo), dtype=bool)
+    inside[tuple(where.T - lo[:, None])] = True
+    distance = ndimage.distance_transform_edt(~inside, sampling=spacing)
+    shell = (distance > 5.0) & (distance <= 20.0) & tissue[outer]
+    return float(np.percentile(a[outer][shell], 75)) if shell.any() else 0.0
 
 
-def _candidates(a: np.ndarray, tissue: np.ndarray, spacing: np.ndarray, method: LesionMethod) -> list[np.ndarray]:
+def _candidates(a: np.ndarray, tissue: np.ndarray, spacing: np.ndarray,
+                method: LesionMethod) -> list[tuple[tuple[slice, ...], np.ndarray]]:
+    """(box, component in the box) of each candidate, hottest seed first."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
     background0 = float(np.median(a[tissue]))
     seed_size = np.maximum(1, 2 * np.round(method.seed_radius_mm / spacing).astype(int) + 1)
@@ -229,9 +247,7 @@ def _candidates(a: np.ndarray, tissue: np.ndarray, spacing: np.ndarray, method: 
         taken_box |= component  # a seed inside a dropped small component is not tried again
         if component.sum() * voxel_ml < method.min_volume_ml:
             continue
-        mask = np.zeros(a.shape, dtype=bool)
-        mask[box] = component
-        regions.append(mask)
+        regions.append((box, component))
     return regions
 
 
@@ -252,17 +268,19 @@ def find_hot_spots(
     bone = density_g_cm3 >= _DENSITY_CLASSES[2][0]
     marrow_reference = float(np.percentile(a[bone], 90)) if bone.any() else 0.0
     out = []
-    for mask in _candidates(a, tissue, spacing, method):
-        peak = float(a[mask].max())
-        background = _shell_background(a, tissue, mask, spacing)
+    for box, component in _candidates(a, tissue, spacing, method):
+        values = a[box][component]
+        peak = float(values.max())
+        background = _shell_background(a, tissue, box, component, spacing)
         contrast = peak / background if background > 0 else float("inf")
-        cls, shares = _density_class(density_g_cm3[mask])
-        centre = grid.index_to_lps_mm(np.argwhere(mask).mean(axis=0))
+        cls, shares = _density_class(density_g_cm3[box][component])
+        offset = np.array([b.start for b in box])
+        centre = grid.index_to_lps_mm(np.argwhere(component).mean(axis=0) + offset)
         _, zone = _place(centre, frame)
-        spot = HotSpot(mask, float(mask.sum()) * grid.voxel_volume_ml, peak, contrast,
-                       classify_location(mask, density_g_cm3, grid, frame))
+        spot = HotSpot(box, component, a.shape, float(component.sum()) * grid.voxel_volume_ml, peak, contrast,
+                       classify_location(component, density_g_cm3[box], grid, frame, offset))
         if method.exclude_physiological:
-            focality = float(a[mask].mean()) / peak
+            focality = float(values.mean()) / peak
             if contrast < method.contrast_min:
                 spot.rule = "organ background"
                 spot.excluded = f"peak only {contrast:.1f} x its surroundings (organ background)"
@@ -301,5 +319,10 @@ def segment_hot_spots(
         a = np.where(tissue, activity_bq_per_ml, 0.0).astype(np.float64)
         if not tissue.any() or a.max() <= 0:
             return []
-        return _candidates(a, tissue, np.asarray(spacing_mm, float), method)[: method.max_regions]
+        out = []
+        for box, component in _candidates(a, tissue, np.asarray(spacing_mm, float), method)[: method.max_regions]:
+            mask = np.zeros(a.shape, dtype=bool)
+            mask[box] = component
+            out.append(mask)
+        return out
     return [s.mask for s in find_hot_spots(activity_bq_per_ml, grid, density_g_cm3, method) if s.excluded is None]
