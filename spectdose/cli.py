@@ -129,7 +129,7 @@ def _add_dose_options(p: argparse.ArgumentParser) -> None:
                    help="with --method cnn: a calibrated 1-sigma per voxel from the deep ensemble beside the weights "
                    "(<model>_ensemble.pt), written as doserate_sigma_pm.dcm and per region")
     p.add_argument("--regions", type=Path, help="DICOM SEG or RT Structure Set on the CT: statistics, DVHs and SR per region "
-                   "(without it: automatic lesion regions, autoseg.dcm)")
+                   "(without it: automatic regions, unreviewed focal hot spots, autoseg.dcm)")
 
 
 def _common_flags(*, top: bool) -> argparse.ArgumentParser:
