@@ -334,3 +334,17 @@ def test_automatic_regions_are_unreviewed_regions_in_space_never_neoplasms(tmp_p
     evaluations = {(e.name.value, e.value.value) for e in group.get_qualitative_evaluations()}
     assert (codes.DCM.CertaintyOfFinding.value, codes.SCT.Indeterminate.value) in evaluations
     assert sr.VerificationFlag == "UNVERIFIED"
+
+
+def test_field_of_view_follows_the_registration_and_survives_the_summary():
+    import SimpleITK as sitk
+
+    from spectdose.regions import FieldOfView
+
+    # The registration maps CT points 30 mm up into the SPECT: the SPECT saw CT z -34.5 to -10.5 mm.
+    fov = FieldOfView.from_transform(_half_covering_spect_grid(), sitk.TranslationTransform(3, (0.0, 0.0, 30.0)))
+    assert fov.z_span_mm() == pytest.approx((-34.5, -10.5))
+    points = np.array([[20.0, 20.0, -20.0], [20.0, 20.0, 0.0]])
+    assert fov.inside(points).tolist() == [True, False]
+    back = FieldOfView.from_json(fov.to_json())
+    assert back.inside(points).tolist() == [True, False] and back.z_span_mm() == pytest.approx((-34.5, -10.5))
