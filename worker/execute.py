@@ -446,7 +446,8 @@ def regions_dir(storage: Storage, job_id: str) -> Path:
 def _version_result(folder: Path, manifest: dict, version: int) -> dict:
     report = json.loads((folder / "regions.json").read_text())
     keys = ("region", "volume_ml", "mean_gy", "median_gy", "min_gy", "max_gy", "d2_gy", "d50_gy", "d98_gy",
-            "mean_dose_rate_mgy_per_h")
+            "mean_dose_rate_mgy_per_h", "coverage", "spect_coverage_fraction", "ct_coverage_fraction", "automatic",
+            "location", "size_note")
     return {
         "version": version,
         "folder": f"regions/{folder.name}",
