@@ -3,7 +3,8 @@
 The statistics are computed again on the stored dose by a worker (no dose recomputed); each
 set is one version of the region outputs beside the result, sent to the PACS as new
 objects. Refusals store nothing and say why: 404 unknown job, 409 job not finished, 400 not
-readable DICOM, 415 not a region set, 422 drawn on another CT (frame of reference).
+readable DICOM, 415 not a region set, 422 drawn on another CT (frame of reference) or regions
+sharing one label.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ _ERRORS = {
     413: {"model": ErrorOut, "description": "over the upload limit"},
     507: {"model": ErrorOut, "description": "the server's disk is nearly full: nothing stored, retry later"},
     415: {"model": ErrorOut, "description": "not a DICOM SEG or RT Structure Set, or not application/dicom"},
-    422: {"model": ErrorOut, "description": "drawn on another frame of reference than the job's CT"},
+    422: {"model": ErrorOut, "description": "drawn on another frame of reference than the job's CT, or regions "
+          "sharing one label"},
     503: {"model": ErrorOut, "description": "stored, but the queue is unavailable: send the same file again"},
 }
 
@@ -46,6 +48,24 @@ _ERRORS = {
 def _out(request: Request, ctx: ServiceContext, rec) -> RegionSetOut:
     location = f"{public_base_url(request, ctx)}/jobs/{rec.job_id}/regions/{rec.version}"
     return region_set_out(rec, ctx.store.exports_of(rec.job_id), location)
+
+
+def _refuse_shared_labels(path) -> None:
+    """422 for a set whose regions share a label (read from the header, before anything is stored):
+    the core refuses it too, but only once a worker reads it; the client hears it now."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["SegmentSequence", "StructureSetROISequence"])
+    except Exception:  # noqa: BLE001 - not readable: accept_region_set says so (400)
+        return
+    labels = [str(item.get("SegmentLabel", "")) for item in ds.get("SegmentSequence", []) or []]
+    labels += [str(item.get("ROIName", "")) for item in ds.get("StructureSetROISequence", []) or []]
+    shared = sorted({x for x in labels if x and labels.count(x) > 1})
+    if shared:
+        raise UploadRejected(422, f"region set refused, the dose result is kept: {labels.count(shared[0])} regions "
+                                  f"share the label {shared[0]!r}; each region needs a label of its own")
 
 
 @router.post("/{job_id}/regions", status_code=202, response_model=RegionSetOut, responses=_ERRORS,
@@ -58,6 +78,7 @@ async def post_regions(request: Request, response: Response, ctx: Ctx, actor: Ac
         raise UploadRejected(415, f"send one DICOM file as application/dicom, not {media!r}")
     try:
         async with spooled_request_body(request, ctx, "regions.dcm") as (_, body):
+            await run_in_threadpool(_refuse_shared_labels, body)
             accepted = await run_in_threadpool(accept_region_set, ctx.store, ctx.storage, ctx.enqueuer, job, body,
                                                source="rest", submitted_by=actor)
     except UploadRejected as exc:

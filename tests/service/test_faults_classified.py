@@ -84,6 +84,24 @@ def test_regions_after_the_dose_sharing_a_label_fail_once_with_the_reason(env, p
     assert store.get(job_id).state == "done", "the result is untouched"
 
 
+def test_rest_refuses_it_with_422_and_stores_nothing(env, phantom_files, computed_output, shared_label_seg):
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+
+    from .support import AUTH
+    from .test_regions_service import _done_job
+
+    settings, store, storage = env
+    job_id = _done_job(settings, store, storage, phantom_files, computed_output)
+    with TestClient(create_app(settings, sweeper=False)) as c:
+        r = c.post(f"/jobs/{job_id}/regions", content=shared_label_seg.read_bytes(),
+                   headers={**AUTH, "Content-Type": "application/dicom"})
+        assert r.status_code == 422 and "share the label" in r.json()["detail"], r.text
+        assert c.get(f"/jobs/{job_id}/regions", headers=AUTH).json()["region_sets"] == []
+    assert not (storage.job_dir(job_id) / "regions").exists() or not any((storage.job_dir(job_id) / "regions").iterdir())
+
+
 def test_the_cli_refuses_it_with_exit_2(computed_output, shared_label_seg, tmp_path):
     r = subprocess.run([sys.executable, "-m", "spectdose.cli", "regions", str(computed_output), "--regions",
                         str(shared_label_seg), "-o", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
