@@ -213,8 +213,13 @@ _WHO_TAGS = ["PatientName", "PatientID", "StudyDate"]
 def _header_who(path: str, _mtime_ns: int) -> tuple[str, str, str]:
     ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_WHO_TAGS)
     name = str(ds.get("PatientName", "") or "").replace("^", " ").strip()
-    date = str(ds.get("StudyDate", "") or "")
-    return name, str(ds.get("PatientID", "") or ""), f"{date[:4]}-{date[4:6]}-{date[6:8]}" if len(date) == 8 else date
+    return name, str(ds.get("PatientID", "") or ""), _iso_date(str(ds.get("StudyDate", "") or ""))
+
+
+def _iso_date(date: str | None) -> str:
+    """A DICOM DA (YYYYMMDD) as YYYY-MM-DD; anything else as it is."""
+    date = date or ""
+    return f"{date[:4]}-{date[4:6]}-{date[6:8]}" if len(date) == 8 and date.isdigit() else date
 
 
 def _who(ctx: ServiceContext, job_id: str) -> tuple[str, str, str]:
@@ -361,7 +366,7 @@ def job_page(request: Request, ctx: Ctx, job_id: str):
         f'<input type="range" id="{p}-slider" min="0" max="{view.n_slices(p) - 1}" value="{point[i]}" '
         f'aria-label="{p} slice"></figure>' for i, p in enumerate(PLANES))
     who = (f"{_esc(ident.get('patient_name') or '(no name)')} · ID {_esc(ident.get('patient_id') or '-')} · "
-           f"study {_esc(ident.get('study_date') or '-')} · accession {_esc(ident.get('accession_number') or '-')}")
+           f"study {_esc(_iso_date(ident.get('study_date')) or '-')} · accession {_esc(ident.get('accession_number') or '-')}")
     body = f"""<section id="who"><p>{who}</p><p class="links"><a href="/ui/jobs/{job_id}/report.pdf" id="report-link">PDF report</a>
 · <a href="/ui/jobs/{job_id}/summary.json">summary.json</a> · <a href="/ui/jobs">all jobs</a></p></section>
 <section id="controls">
