@@ -537,4 +537,5 @@ def coverage_text(row: dict) -> str:
     what = ("statistics of the part inside only" if row.get("statistics_cover")
             else "no dose statistic (the SPECT did not see all of it)")
     label = row["coverage"] if row["coverage"] == "not covered" else f"partly covered {seen:.2f}"
-    return f"region '{row['region']}' {label} ({', '.join(parts)}): {what}"
+    assumed = "ASSUMED (partial_region_coverage): " if row.get("statistics_cover") else ""
+    return f"{assumed}region '{row['region']}' {label} ({', '.join(parts)}): {what}"
