@@ -424,7 +424,7 @@ def table_rows(rows: Sequence[Mapping]) -> tuple[list[str], list[list[str]]]:
                 f(r.get("median_dose_rate_mgy_per_h")), f(r.get("max_dose_rate_mgy_per_h"))]
         if notes:
             note = region_notes(r)
-            cells.append(note if len(note) <= 70 else note[:69] + "…")
+            cells.append(note)
         body.append(cells)
     return header, body
 
@@ -543,7 +543,9 @@ def report_lines(identifiers: Mapping, summary: Mapping) -> dict[str, list[str]]
 
 _A4_IN = (8.27, 11.69)
 _DVH_PER_PANEL = 8  # curves per DVH panel: more are not told apart
-_TABLE_ROWS_PER_PAGE = 44
+_TABLE_FONT_PT = 6.2
+_TABLE_TOP, _TABLE_BOTTOM = 0.93, 0.08  # figure fractions of a table page
+_TABLE_MAX_NOTE_LINES = 3
 _DVH_PANELS_PER_PAGE = 6
 
 
@@ -572,7 +574,8 @@ def report_pdf_bytes(view: ViewVolumes, summary: Mapping, identifiers: Mapping) 
     header, body = table_rows(rows)
     dvh_groups = [list(range(k, min(k + _DVH_PER_PANEL, len(rows)))) for k in range(0, len(rows), _DVH_PER_PANEL)]
     first_dvh, later_dvh = dvh_groups[:2], dvh_groups[2:]
-    table_pages = _chunks(list(range(len(body))), _TABLE_ROWS_PER_PAGE) if body else []
+    pdf_header, cells, widths, row_heights = _pdf_table(header, body)
+    table_pages = _table_pages(row_heights)
     dvh_pages = _chunks(later_dvh, _DVH_PANELS_PER_PAGE) if later_dvh else []
     n_pages = 1 + len(table_pages) + len(dvh_pages)
     who_line = (f"{identifiers.get('patient_name') or '(no name)'} · ID {identifiers.get('patient_id') or '-'} · "
@@ -678,22 +681,23 @@ def report_pdf_bytes(view: ViewVolumes, summary: Mapping, identifiers: Mapping) 
             fig = Figure(figsize=_A4_IN)
             fig.text(0.05, 0.965, f"Regions ({chunk[0] + 1}-{chunk[-1] + 1} of {len(rows)})", fontsize=11, weight="bold")
             fig.text(0.95, 0.967, who_line, fontsize=7, ha="right")
-            row_h = 0.0185
-            tax = fig.add_axes((0.04, 0.93 - row_h * (len(chunk) + 1), 0.92, row_h * (len(chunk) + 1)))
+            height = _HEADER_ROW_H + sum(row_heights[k] for k in chunk)
+            tax = fig.add_axes((0.04, _TABLE_TOP - height, 0.92, height))
             tax.axis("off")
-            table = tax.table(cellText=[body[k] for k in chunk], colLabels=header, loc="upper center",
-                              cellLoc="right", colLoc="center", bbox=(0, 0, 1, 1))
+            table = tax.table(cellText=[cells[k] for k in chunk], colLabels=pdf_header, cellLoc="right",
+                              colLoc="center", bbox=(0, 0, 1, 1))
             table.auto_set_font_size(False)
-            table.set_fontsize(6.2)
-            table.auto_set_column_width(list(range(len(header))))
+            table.set_fontsize(_TABLE_FONT_PT)
             for (r, c), cell in table.get_celld().items():
                 cell.set_linewidth(0.3)
+                cell.set_width(widths[c])
+                cell.set_height((_HEADER_ROW_H if r == 0 else row_heights[chunk[r - 1]]) / height)
                 if c == 0 and r > 0:
                     cell.get_text().set_ha("left")
                     cell.get_text().set_color(np.asarray(colours[chunk[r - 1]]) / 255.0)
                 if header[c] == "notes" and r > 0:
                     cell.get_text().set_ha("left")
-            fig.text(0.05, 0.93 - row_h * (len(chunk) + 1) - 0.02,
+            fig.text(0.05, _TABLE_TOP - height - 0.02,
                      "- : no dose statistic (region not covered by the SPECT, or no value). Region names in their "
                      "DVH colours. D2/D50/D98: minimum dose to the hottest 2/50/98 % of the region.", fontsize=6.2)
             footer(fig, page)
@@ -711,6 +715,57 @@ def report_pdf_bytes(view: ViewVolumes, summary: Mapping, identifiers: Mapping) 
             footer(fig, page)
             pdf.savefig(fig)
     return buf.getvalue()
+
+
+_LINE_H = _TABLE_FONT_PT * 1.25 / (_A4_IN[1] * 72)  # one text line, figure fraction
+_HEADER_ROW_H = 2 * _LINE_H + 0.006
+
+
+def _pdf_table(header: list[str], body: list[list[str]]):
+    """Header on two lines (name, unit), column widths from the text, notes wrapped in their column.
+
+    Returns (header, cells, widths as axes fractions, row heights as figure fractions).
+    """
+    import textwrap as tw
+
+    pdf_header = [h.replace(" (", "\n(") for h in header]
+    # DejaVu Sans averages about 0.56 em a character; the table spans 0.92 of the page width.
+    char = _TABLE_FONT_PT * 0.56 / (0.92 * _A4_IN[0] * 72)
+    notes = header.index("notes") if "notes" in header else None
+    widths = []
+    for c, h in enumerate(pdf_header):
+        longest = max([len(x) for x in h.split("\n")] + [len(row[c]) for row in body if c != notes] or [4])
+        widths.append((longest + 2) * char)
+    if notes is not None:
+        widths[notes] = max(1.0 - sum(w for c, w in enumerate(widths) if c != notes), 24 * char)
+    total = sum(widths)
+    widths = [w / total for w in widths] if total > 1.0 else widths
+    cells, heights = [], []
+    for row in body:
+        row = list(row)
+        lines = 1
+        if notes is not None:
+            wrapped = tw.wrap(row[notes], max(16, int(widths[notes] / char) - 2)) or [""]
+            if len(wrapped) > _TABLE_MAX_NOTE_LINES:
+                wrapped = wrapped[:_TABLE_MAX_NOTE_LINES]
+                wrapped[-1] = wrapped[-1][:-1] + "…"
+            row[notes], lines = "\n".join(wrapped), len(wrapped)
+        cells.append(row)
+        heights.append(lines * _LINE_H + 0.006)
+    return pdf_header, cells, widths, heights
+
+
+def _table_pages(row_heights: list[float]) -> list[list[int]]:
+    """Rows split into pages by the height they take."""
+    room = _TABLE_TOP - _TABLE_BOTTOM - _HEADER_ROW_H - 0.03
+    pages, current, used = [], [], 0.0
+    for k, h in enumerate(row_heights):
+        if current and used + h > room:
+            pages.append(current)
+            current, used = [], 0.0
+        current.append(k)
+        used += h
+    return pages + ([current] if current else [])
 
 
 def _reviewer_fields(fig, y: float) -> None:
