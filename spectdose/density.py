@@ -68,7 +68,13 @@ _PADDING_HU = -1050.0
 def hu_to_density(hu: np.ndarray, curve: CalibrationCurve = SCHNEIDER_2000) -> np.ndarray:
     """Mass density in g/cm^3 for CT numbers ``hu`` (any shape), float32."""
     hu = np.asarray(hu, dtype=np.float32)
-    rho = np.interp(hu, curve.hu, curve.density_g_cm3).astype(np.float32)
+    rho = np.empty(hu.shape, dtype=np.float32)
+    # Slab by slab: np.interp returns float64, a full-size copy twice the volume's size on a clinical CT.
+    flat_hu, flat_rho = hu.reshape(-1), rho.reshape(-1)
+    step = 1 << 22
+    for start in range(0, flat_hu.size, step):
+        part = flat_hu[start:start + step]
+        flat_rho[start:start + step] = np.interp(part, curve.hu, curve.density_g_cm3)
     rho[hu <= _PADDING_HU] = curve.density_g_cm3[0]
     return rho
 

@@ -74,9 +74,12 @@ def fft_convolve(
     fast = [
         scipy.fft.next_fast_len(max(n + h, 2 * h + 1), real=True) for n, h in zip(image.shape, half, strict=True)
     ]
+    # The kernel with its centre at index 0 (wrapped around), built in place: np.roll would copy the padded volume.
     wrapped = np.zeros(fast, dtype=np.float32)
-    wrapped[: kernel.shape[0], : kernel.shape[1], : kernel.shape[2]] = kernel
-    wrapped = np.roll(wrapped, shift=[-h for h in half], axis=(0, 1, 2))
+    for src_z, dst_z in _wrap_ranges(kernel.shape[0], half[0], fast[0]):
+        for src_y, dst_y in _wrap_ranges(kernel.shape[1], half[1], fast[1]):
+            for src_x, dst_x in _wrap_ranges(kernel.shape[2], half[2], fast[2]):
+                wrapped[dst_z, dst_y, dst_x] = kernel[src_z, src_y, src_x]
     crop = tuple(slice(0, n) for n in image.shape)
 
     use_torch = backend == "torch"
@@ -99,10 +102,19 @@ def fft_convolve(
             return out.float().cpu().numpy()
 
     nworkers = workers if workers is not None else (os.cpu_count() or 1)
-    spec = scipy.fft.rfftn(image, s=fast, workers=nworkers)
-    spec *= scipy.fft.rfftn(wrapped, workers=nworkers)
+    # One padded volume and two spectra alive at most, each freed as soon as it is used (issue 20: memory).
+    spec = scipy.fft.rfftn(wrapped, workers=nworkers, overwrite_x=True)
+    del wrapped
+    spec *= scipy.fft.rfftn(image, s=fast, workers=nworkers)
     out = scipy.fft.irfftn(spec, s=fast, workers=nworkers, overwrite_x=True)
+    del spec
     return np.ascontiguousarray(out[crop], dtype=np.float32)
+
+
+def _wrap_ranges(k: int, half: int, n: int) -> list[tuple[slice, slice]]:
+    """(kernel slice, padded slice) pairs that put kernel index ``half`` at 0 and the part before
+    it at the end of a length-``n`` axis: np.roll's placement without its copy."""
+    return [(slice(half, k), slice(0, k - half))] + ([(slice(0, half), slice(n - half, n))] if half else [])
 
 
 def dvk_dose_rate(
@@ -138,11 +150,14 @@ def dvk_dose_rate(
         raise InputError("activity map has negative values; clip or correct them before dose calculation")
     activity_mbq = activity_mbq_per_voxel(activity_bq_per_ml, voxel_volume_ml)
     dose_mgy_per_s = fft_convolve(activity_mbq, kernel_mgy_per_mbq_s, backend=backend, device=device)
+    del activity_mbq
     density = np.asarray(density_g_cm3, dtype=np.float32)
-    tissue = density >= LOW_DENSITY_CUTOFF_G_CM3
-    scale = np.zeros_like(density)
-    scale[tissue] = np.float32(KERNEL_MEDIUM_DENSITY_G_CM3 * 1e-3) / density[tissue]  # mGy -> Gy
-    dose_mgy_per_s *= scale
+    # Slab by slab (no full-size scale volume): times 1.04e-3 / rho in tissue (mGy -> Gy), 0 below the cutoff.
+    for k in range(density.shape[0]):
+        tissue = density[k] >= LOW_DENSITY_CUTOFF_G_CM3
+        scale = np.zeros_like(density[k])
+        scale[tissue] = np.float32(KERNEL_MEDIUM_DENSITY_G_CM3 * 1e-3) / density[k][tissue]
+        dose_mgy_per_s[k] *= scale
     np.maximum(dose_mgy_per_s, 0.0, out=dose_mgy_per_s)
     return dose_mgy_per_s
 

@@ -8,6 +8,11 @@ software and model version), so an identical retry overwrites and any change is 
 object. They carry their warnings and how they were made. See ``docs/rtdose.md``.
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
 
 from spectdose.dicom.pmap import (
     DOSE_RATE_PER_MBQ_UNIT,
@@ -33,6 +38,35 @@ from spectdose.dicom.rtdose import (
 )
 from spectdose.dose_grid import average_onto_grid, grid_for_option, output_grid
 
+# The RT Dose is written in 16 bits when rounding to the 16-bit step keeps every reference dose
+# (the mean dose in tissue, each given region's mean) within this fraction; else in 32 bits.
+# Rounding moves a voxel by at most half the step, so any mean moves by at most half the step
+# too: the bound holds for the worst case, not only on average (docs/rtdose.md, "16 or 32 bits").
+RTDOSE_16_BIT_MAX_ERROR = 1e-3
+
+
+def rtdose_bits(dose_gy: np.ndarray, reference_gy: Iterable[float]) -> tuple[int, dict]:
+    """16 or 32 bits for an RT Dose, and why: 16 when half the 16-bit Dose Grid Scaling step
+    (max / 65535, see :func:`dose_grid_scaling_ds`) is at most
+    :data:`RTDOSE_16_BIT_MAX_ERROR` of the smallest positive reference dose.
+
+    A PACS stores and shows a 16-bit dose more readily and in half the bytes; a dose whose
+    maximum is so far above what is quoted that the 16-bit step would move a quoted mean by
+    more than 0.1 % keeps 32 bits. Without any positive reference dose: 32 bits.
+    """
+    top = float(np.max(dose_gy)) if np.size(dose_gy) else 0.0
+    references = [float(r) for r in reference_gy if r is not None and np.isfinite(r) and r > 0]
+    facts: dict = {"max_gy": top, "smallest_reference_gy": min(references) if references else None}
+    if top <= 0 or not references:
+        return (16 if top <= 0 else 32), {**facts, "bits": 16 if top <= 0 else 32,
+                                          "max_rounding_error_gy": 0.0 if top <= 0 else None}
+    step16 = float(dose_grid_scaling_ds(top, 2**16 - 1))
+    error = step16 / 2
+    bits = 16 if error <= RTDOSE_16_BIT_MAX_ERROR * min(references) else 32
+    step = step16 if bits == 16 else float(dose_grid_scaling_ds(top, 2**32 - 1))
+    return bits, {**facts, "bits": bits, "max_rounding_error_gy": step / 2,
+                  "max_rounding_error_of_smallest_reference": step / 2 / min(references)}
+
 __all__ = [
     "ExportError",
     "Replaces",
@@ -55,4 +89,6 @@ __all__ = [
     "build_dose_rate_map",
     "write_dose_rate_map",
     "read_dose_rate_map",
+    "RTDOSE_16_BIT_MAX_ERROR",
+    "rtdose_bits",
 ]

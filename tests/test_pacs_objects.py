@@ -1,0 +1,125 @@
+"""Results a PACS takes (issue 20): a 16-bit RT Dose where the dose range allows it, and lossless
+transfer syntaxes that give back exactly the stored dose."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLSLossless,
+    ParametricMapStorage,
+    RTDoseStorage,
+)
+
+from spectdose.dicom.export import RTDOSE_16_BIT_MAX_ERROR, read_rtdose, rtdose_bits, write_rtdose
+from spectdose.dicom.transfer import choose_syntax, encode_for, presentation_contexts
+from spectdose.geometry import Volume
+from tests.test_export import (
+    DESCRIPTION,
+    PLASTIMATCH,
+    assert_same_voxels,
+    dose_pattern_gy,
+    make_study,
+)
+
+
+@pytest.fixture(scope="module")
+def study():
+    return make_study()
+
+
+def _lesion_and_background(dose: Volume) -> dict[str, np.ndarray]:
+    values = dose.array
+    return {"lesion": values >= 0.5 * values.max(), "background": (values > 0) & (values < 0.5)}
+
+
+def test_16_bit_rt_dose_keeps_region_means_within_a_tenth_of_a_percent(tmp_path, study):
+    dose = dose_pattern_gy(study)  # 37 Gy lesion peak on a 0.2-1 Gy background
+    regions = _lesion_and_background(dose)
+    means = {name: float(dose.array[mask].mean()) for name, mask in regions.items()}
+
+    bits, facts = rtdose_bits(dose.array, means.values())
+    path = write_rtdose(tmp_path / "d16.dcm", dose, study, method="DVK", description=DESCRIPTION, bits=bits)
+    back = read_rtdose(path)
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+
+    assert bits == 16 and header.BitsAllocated == 16
+    assert facts["max_rounding_error_of_smallest_reference"] <= RTDOSE_16_BIT_MAX_ERROR
+    step = float(header.DoseGridScaling)
+    assert np.abs(back.array - dose.array).max() <= 0.5 * step * (1 + 1e-9)
+    for name, mask in regions.items():
+        assert abs(float(back.array[mask].mean()) / means[name] - 1) <= RTDOSE_16_BIT_MAX_ERROR, name
+    assert np.all(back.array[:, :, :3] == 0), "zero dose stays exactly zero"
+
+
+def test_32_bit_rt_dose_when_16_bits_would_move_a_quoted_mean(study):
+    dose = dose_pattern_gy(study, peak_gy=37.0)
+    # A region at 1e-4 of the maximum: half the 16-bit step (max / 65535 / 2) is ~8 % of its mean.
+    bits, facts = rtdose_bits(dose.array, [37.0e-4])
+    assert bits == 32
+    assert facts["max_rounding_error_of_smallest_reference"] < 1e-5
+    assert rtdose_bits(dose.array, [])[0] == 32, "no reference dose: nothing shows 16 bits are enough"
+    assert rtdose_bits(np.zeros((2, 2, 2)), [])[0] == 16, "an all-zero dose is exact in any width"
+
+
+@pytest.mark.skipif(PLASTIMATCH is None, reason="plastimatch (Debian) not installed")
+def test_plastimatch_and_pydicom_read_the_same_16_bit_dose(tmp_path, study):
+    dose = dose_pattern_gy(study)
+    path = write_rtdose(tmp_path / "d16.dcm", dose, study, method="DVK", description=DESCRIPTION, bits=16)
+    out = tmp_path / "dose.mha"
+
+    result = subprocess.run([PLASTIMATCH, "convert", "--input", str(path), "--output-dose-img", str(out)],
+                            capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    by_plastimatch = Volume.from_sitk(sitk.ReadImage(str(out)), "Gy")  # plastimatch applies the scaling
+    by_plastimatch.array = by_plastimatch.array.astype(np.float64)
+    by_pydicom = read_rtdose(path)
+    step = float(pydicom.dcmread(path, stop_before_pixels=True).DoseGridScaling)
+    # The same voxels (positions) and values: plastimatch writes float32, so within its rounding.
+    assert_same_voxels(by_plastimatch, by_pydicom, rtol=1e-6)
+    assert_same_voxels(by_plastimatch, dose, rtol=0.5 * step / 0.2 * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("syntax", [JPEGLSLossless, DeflatedExplicitVRLittleEndian])
+def test_lossless_syntaxes_give_back_the_stored_dose(tmp_path, study, syntax):
+    path = write_rtdose(tmp_path / "d16.dcm", dose_pattern_gy(study), study, method="DVK", description=DESCRIPTION,
+                        bits=16)
+    original = pydicom.dcmread(path)
+
+    encoded = encode_for(original, syntax)
+    encoded.save_as(tmp_path / "sent.dcm", enforce_file_format=True)
+    back = pydicom.dcmread(tmp_path / "sent.dcm")
+
+    assert str(back.file_meta.TransferSyntaxUID) == syntax
+    assert back.SOPInstanceUID == original.SOPInstanceUID, "lossless compression is the same instance"
+    assert back.DoseGridScaling == original.DoseGridScaling
+    assert np.array_equal(back.pixel_array, original.pixel_array)
+    assert str(original.file_meta.TransferSyntaxUID) == ExplicitVRLittleEndian, "the original is left as it was"
+
+
+def test_each_object_is_sent_in_the_best_syntax_the_peer_accepted(tmp_path, study):
+    path16 = write_rtdose(tmp_path / "d16.dcm", dose_pattern_gy(study), study, method="DVK", description=DESCRIPTION,
+                          bits=16)
+    path32 = write_rtdose(tmp_path / "d32.dcm", dose_pattern_gy(study), study, method="DVK", description=DESCRIPTION)
+    d16, d32 = (pydicom.dcmread(p, stop_before_pixels=True) for p in (path16, path32))
+
+    contexts = presentation_contexts([d16, d32])
+
+    assert contexts == [(RTDoseStorage, [JPEGLSLossless]), (RTDoseStorage, [DeflatedExplicitVRLittleEndian]),
+                        (RTDoseStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
+    everything = [JPEGLSLossless, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian]
+    assert choose_syntax(d16, everything) == JPEGLSLossless
+    assert choose_syntax(d32, everything) == DeflatedExplicitVRLittleEndian, "JPEG-LS holds at most 16 bits"
+    assert choose_syntax(d16, [ImplicitVRLittleEndian]) == ImplicitVRLittleEndian
+    assert choose_syntax(d16, []) is None
+    pmap = pydicom.Dataset()
+    pmap.SOPClassUID = ParametricMapStorage  # float pixels: deflate or nothing
+    assert choose_syntax(pmap, everything) == DeflatedExplicitVRLittleEndian
