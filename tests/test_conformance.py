@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian
 
 from spectdose.dicom.rtdose import dose_grid_scaling_ds, read_rtdose
 from tests.test_report import pdf_text
@@ -85,6 +86,7 @@ def rtdose_16bit_copy(path: Path, target: Path) -> Path:
     ds.PixelData = np.rint(dose / float(scaling)).astype("<u2").tobytes()
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
     ds.DoseGridScaling = scaling
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # the pixels above are native
     ds.save_as(target, enforce_file_format=True)
     return target
 
