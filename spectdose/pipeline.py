@@ -62,7 +62,7 @@ OUTPUT_NAMES = {
     "doserate_sigma": "doserate_sigma_pm.dcm",
     "summary_json": "summary.json",
     "summary_txt": "summary.txt",
-    # The one-page report (PDF, and the same as a DICOM Encapsulated PDF) and the reduced CT,
+    # The PDF report (PDF, and the same as a DICOM Encapsulated PDF) and the reduced CT,
     # dose and region volumes the gateway's results page draws from (spectdose.report).
     "report": "report.pdf",
     "report_pdf": "report_pdf.dcm",
@@ -803,7 +803,7 @@ def _export(
 
 def _write_report(out_dir: Path, study: Study, dose: Volume, regions, summary: dict,
                   outputs: Mapping[str, Path]) -> dict[str, Path]:
-    """The view volumes of the results page, the one-page PDF report and its Encapsulated PDF.
+    """The view volumes of the results page, the PDF report and its Encapsulated PDF.
 
     ``dose`` is the absorbed dose (Gy) on the CT grid, or the dose rate when there is none;
     ``regions`` the region set whose statistics are in ``summary`` (None when none were reported).

@@ -85,7 +85,7 @@ RESULT_FILES = (
      "The 1-sigma uncertainty of the dose rate (Parametric Map, mGy/h; CNN jobs with the ensemble installed "
      "unless uncertainty=false, see SPECTDOSE_DEFAULT_UNCERTAINTY)"),
     ("report", "report", "application/pdf",
-     "The one-page PDF report (identifiers, administration, method, region table, DVHs, key images)"),
+     "The PDF report to sign (identifiers, administration, method, maxima, key images, every region's DVH and row)"),
 )
 
 
