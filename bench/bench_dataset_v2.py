@@ -1,6 +1,16 @@
 """Time and disk size of data set v2 members, extrapolated to the whole set.
 
-Usage: nice python bench/bench_dataset_v2.py OUT_DIR [--members 3] [--version v2]
+Usage: nice python bench/bench_dataset_v2.py OUT_DIR [--members 3] [--version v2] [--quantiles Q ...]
+       nice python bench/bench_dataset_v2.py OUT_DIR --fast 4 [--quantiles 0.5]   (issue 17)
+       nice python bench/bench_dataset_v2.py OUT_DIR --prepare-only SPLIT/NAME   (labels of a written member)
+
+``--fast N``: the same members made by the training campaign's fast path instead
+(``spectdose.phantoms.fast_cases``: no DICOM, everything on the model grid, N noise
+realisations sharing one projection and the attenuation, inputs including the recovered-DVK
+channel), CPU seconds per stage and per noise realisation. ``--prepare-only``: CPU seconds
+of ``prepare_case`` (labels, DVK, resampling to the model grid: what a DICOM member costs
+before training can use it) on a member already written, in a fresh process (kernels of
+its CT voxel size computed unless cached: ``--kernel-cache``).
 
 Makes ``--members`` members of the data set (one worker, one torch thread, exactly as
 `spectdose dataset --workers 1` does, through the same ``_generate_member``), chosen at the
@@ -51,20 +61,63 @@ def _child(job):
     return name, seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
 
 
+def _fast_child(seed: int, n_noise: int, kernel_cache: str | None):
+    from spectdose.cnn.recovery import DEFAULT_RECOVERY
+    from spectdose.phantoms.fast_cases import fast_training_cases
+
+    p = fast_training_cases(seed, n_noise=n_noise, recovery=DEFAULT_RECOVERY, kernel_cache=kernel_cache)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return p.cpu_s, p.info, len(p.cases), usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
+
+
+def _prepare_child(member_dir: str, kernel_cache: str | None):
+    from spectdose.learning.training import prepare_case
+
+    prepare_case(Path(member_dir), kernel_cache=Path(kernel_cache) if kernel_cache else None)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
+
+
+def _in_child(fn, *args):
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        return pool.apply(fn, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--members", type=int, default=3)
     ap.add_argument("--version", default="v2")
+    ap.add_argument("--quantiles", type=float, nargs="+", help="cost quantiles of the members to make (default by --members)")
+    ap.add_argument("--fast", type=int, metavar="N", help="fast path with N noise realisations per patient")
+    ap.add_argument("--prepare-only", metavar="SPLIT/NAME", help="CPU seconds of prepare_case on this written member")
+    ap.add_argument("--kernel-cache", help="kernel cache folder (default: none, kernels computed as on a fresh machine)")
     args = ap.parse_args(argv)
+    if args.prepare_only:
+        cpu_s, rss = _in_child(_prepare_child, str(args.out_dir / args.prepare_only), args.kernel_cache)
+        print(json.dumps({"member": args.prepare_only, "prepare_cpu_seconds": round(cpu_s, 1), "peak_rss_mb": round(rss)}))
+        return 0
     spec = DATASETS[args.version]
     members = dataset_members(args.version)
     feats = np.array([features(seed) for _, _, seed, _ in members])
     proxy = feats[:, 0] / feats[:, 0].mean() + feats[:, 1] / feats[:, 1].mean()
     order = np.argsort(proxy)
     qs = [0.25, 0.5, 0.75] if args.members == 3 else list(np.linspace(0.1, 0.9, args.members))
+    qs = args.quantiles or qs
     picks = sorted({int(order[min(len(order) - 1, int(round(q * (len(order) - 1))))]) for q in qs})
     rows = []
+    if args.fast:
+        for i in picks:
+            seed = members[i][2]
+            cpu_stages, info, n_cases, cpu_s, rss = _in_child(_fast_child, seed, args.fast, args.kernel_cache)
+            row = {"member": members[i][1], "seed": seed, "noise_realisations": n_cases, "cpu_seconds": round(cpu_s, 1),
+                   "cpu_seconds_per_realisation": round(cpu_s / max(1, n_cases), 1),
+                   "stages_cpu_seconds": {k: round(v, 1) for k, v in cpu_stages.items()}, "peak_rss_mb": round(rss), **info}  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "bench_fast.json").write_text(json.dumps(rows, indent=2))
+        return 0
     for i in picks:
         split, name, seed, noise = members[i]
         split_dir = args.out_dir / split

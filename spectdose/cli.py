@@ -65,9 +65,10 @@ def _add_dose_options(p: argparse.ArgumentParser) -> None:
     defaults = DoseOptions()
     p.add_argument(
         "--method",
-        choices=["dvk", "cnn"],
+        choices=["dvk", "cnn", "dvk-rr"],
         default=defaults.method,
-        help=f"dose-rate engine (default: {defaults.method}; see the README for why)",
+        help=f"dose-rate engine (default: {defaults.method}; see the README for why; dvk-rr: DVK on the "
+        "Richardson-Lucy resolution-recovered SPECT, no learning)",
     )
     p.add_argument(
         "--time-model",
@@ -220,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="another network to compare, e.g. cnn_v1=runs/dblurdosenet_v1.pt (repeatable)",
     )
     p.add_argument("--ensemble", type=Path, help="ensemble file (default: <cnn weights>_ensemble.pt beside the CNN's)")
+    p.add_argument("--dvk-rr", action="store_true",
+                   help="also method dvk-rr: DVK on the Richardson-Lucy resolution-recovered SPECT (no learning)")
     p.add_argument("--device")
     p.add_argument("--kernel-cache", type=Path)
     p.set_defaults(func=_cmd_evaluate)
@@ -244,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--kernel-cache", type=Path)
     p.add_argument("--install", type=Path, help="also copy the weights and a model card into this models folder")
+    p.add_argument("--campaign", type=Path, metavar="DIR",
+                   help="continue the training campaign in DIR (e.g. models/campaign): new patients, a time budget, "
+                        "installation only on improvement")
+    p.add_argument("--minutes", type=float, help="--campaign: stint length in minutes")
+    p.add_argument("--until", metavar="HH:MM", help="--campaign: end the stint at this UTC time")
+    p.add_argument("--threads", type=int, help="torch CPU threads (--campaign; 1 on a shared machine)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="make a small virtual patient and compute its dose")
@@ -437,7 +446,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     }
     for entry in args.also:
         name, sep, weights = entry.partition("=")
-        if not sep or not name.strip() or name.strip() in models or name.strip() in ("dvk", "cnn_ensemble"):
+        if not sep or not name.strip() or name.strip() in models or name.strip() in ("dvk", "dvk-rr", "cnn_ensemble"):
             raise InputError(f"--also is NAME=WEIGHTS with a new method name, not {entry!r}")
         if not Path(weights).is_file():
             raise InputError(f"--also {entry}: no weights file {weights}")
@@ -449,6 +458,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         args.out,
         models=models,
         ensemble=args.ensemble,
+        recovered=args.dvk_rr,
         kernel_cache=args.kernel_cache or default_cache_dir() / "kernels",
         device=args.device,
         progress=lambda m: print(m, flush=True),
@@ -475,6 +485,19 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from spectdose.learning.training import train_command
 
+    if args.campaign is not None:
+        import time
+
+        from spectdose.learning.campaign import parse_until, run_stint
+
+        if (args.minutes is None) == (args.until is None):
+            raise InputError("a campaign stint needs its time budget: --minutes N or --until HH:MM (one of them)")
+        if args.minutes is not None and args.minutes <= 0:
+            raise InputError(f"--minutes must be > 0, not {args.minutes}")
+        deadline = time.time() + 60.0 * args.minutes if args.minutes is not None else parse_until(args.until).timestamp()
+        record = run_stint(args.campaign, deadline=deadline, kernel_cache=args.kernel_cache or default_cache_dir() / "kernels",
+                           threads=args.threads, device=args.device, progress=lambda m: print(m, flush=True))
+        return 0 if record.get("end") in ("done",) or str(record.get("end", "")).startswith("stopped") else 1
     return train_command(
         data=args.data,
         config=args.config,

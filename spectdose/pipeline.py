@@ -85,7 +85,8 @@ class DoseOptions:
     location) are not part of the stored form; they are given to ``from_dict`` separately.
     """
 
-    method: Literal["dvk", "cnn"] = "dvk"
+    # "dvk-rr": DVK on the SPECT after Richardson-Lucy resolution recovery (spectdose.cnn.recovery), no learning
+    method: Literal["dvk", "cnn", "dvk-rr"] = "dvk"
     # "none": the dose-rate map only, no absorbed dose (a time point of a cycle, integrated with the others).
     time_model: Literal["hanscheid", "physical", "effective", "none"] = "hanscheid"
     effective_half_life_h: float | None = None
@@ -120,8 +121,8 @@ class DoseOptions:
 
     def validate(self) -> None:
         """Refuse contradictory or incomplete options, naming the flag/field that fixes them."""
-        if self.method not in ("dvk", "cnn"):
-            raise InputError(f"unknown dose method {self.method!r}: use dvk or cnn ({option_hint('method')})")
+        if self.method not in ("dvk", "cnn", "dvk-rr"):
+            raise InputError(f"unknown dose method {self.method!r}: use dvk, cnn or dvk-rr ({option_hint('method')})")
         if self.time_model not in ("hanscheid", "physical", "effective", "none"):
             raise InputError(
                 f"unknown time model {self.time_model!r}: use hanscheid, physical, effective or none "
@@ -432,6 +433,12 @@ def compute_dose_rate_and_sigma(
         device=options.device,
     )
     info: dict = {"kernel": {"shape": list(kernel.total_mgy_per_mbq_s.shape), **kernel.provenance}}
+    if options.method == "dvk-rr":
+        from spectdose.cnn.recovery import DEFAULT_RECOVERY, richardson_lucy
+
+        recovered = richardson_lucy(activity_bq_per_ml.array, grid.spacing_mm, **DEFAULT_RECOVERY)
+        rate = dvk_dose_rate(recovered, density_g_cm3.array, kernel.total_mgy_per_mbq_s, grid.voxel_volume_ml, device=options.device)
+        info["resolution_recovery"] = {"method": "Richardson-Lucy, Gaussian PSF, then Gaussian smoothing", **DEFAULT_RECOVERY}
     dvk = Volume(rate, grid, "Gy/s")
     if model is None:
         return dvk, None, info
@@ -446,10 +453,11 @@ def compute_dose_rate_and_sigma(
         "dvk_max_mgy_per_h": float(rate.max() * MGY_PER_H_PER_GY_PER_S),
     }
     if ensemble is None:
-        cnn = predict_on_ct_grid(model, activity_bq_per_ml, density_g_cm3, dvk, autocast_bf16=options.autocast_bf16)
+        cnn = predict_on_ct_grid(model, activity_bq_per_ml, density_g_cm3, dvk, autocast_bf16=options.autocast_bf16,
+                                 kernel_cache_dir=options.kernel_cache_dir)
         return cnn, None, info
     mean, sigma = predict_with_uncertainty(ensemble, activity_bq_per_ml, density_g_cm3, dvk,
-                                           autocast_bf16=options.autocast_bf16)
+                                           autocast_bf16=options.autocast_bf16, kernel_cache_dir=options.kernel_cache_dir)
     info["uncertainty"] = {
         "method": f"deep ensemble of {len(ensemble.members)} DblurDoseNets, sigma calibrated on validation patients",
         "ensemble": ensemble.name,
@@ -578,12 +586,20 @@ def run(
                   "integration_factor_s": factor_s}
     sigma_mgy_per_h = (Volume(sigma.array * np.float32(MGY_PER_H_PER_GY_PER_S), sigma.grid, rate_mgy_per_h.units)
                        if sigma is not None else None)
+    tissue = density.array >= LOW_DENSITY_CUTOFF_G_CM3
     outputs, export_info = _export(out_dir, rate_mgy_per_h, dose, study, options, rate_info, time_facts, warnings,
-                                   replaces or {}, sigma_mgy_per_h=sigma_mgy_per_h)
+                                   replaces or {}, sigma_mgy_per_h=sigma_mgy_per_h,
+                                   dose_references_gy=_quoted_means_gy(dose, tissue, region_set))
     delivered = export_info.pop("delivered")
+    # Facts of the dose-rate volume, then the volume itself is let go when there is an absorbed dose
+    # (issue 20: one copy per volume while the regions and the report run).
+    rate_facts = {"max_mgy_per_h": float(delivered["doserate"].array.max()),
+                  "mean_in_tissue_mgy_per_h": float(rate_mgy_per_h.array[tissue].mean()) if tissue.any() else 0.0}
+    if dose is not None:
+        del delivered["doserate"]
+        rate_mgy_per_h = None
     lap("export")
 
-    tissue = density.array >= LOW_DENSITY_CUTOFF_G_CM3
     regions = None
     region_warnings: list[str] = list(region_notes)
     if options.regions_path is None and not np.any(study.spect.array > 0):
@@ -652,8 +668,7 @@ def run(
         "density": {"curve": curve.name, "source": curve.source, "low_density_cutoff_g_cm3": LOW_DENSITY_CUTOFF_G_CM3},
         "dose_rate": {
             **rate_info,
-            "max_mgy_per_h": float(delivered["doserate"].array.max()),
-            "mean_in_tissue_mgy_per_h": float(rate_mgy_per_h.array[tissue].mean()) if tissue.any() else 0.0,
+            **rate_facts,
         },
         "time": {
             "administration": administration.isoformat() if administration else None,
@@ -728,13 +743,18 @@ def _export(
     replaces: Mapping[str, Replaces],
     *,
     sigma_mgy_per_h: Volume | None = None,
+    dose_references_gy: Sequence[float] = (),
 ) -> tuple[dict[str, Path], dict]:
-    """Write the dose-rate map (and its 1-sigma map) and RT Dose on the chosen output grid; UIDs from the content."""
+    """Write the dose-rate map (and its 1-sigma map) and RT Dose on the chosen output grid; UIDs from the content.
+
+    ``dose_references_gy``: the mean doses the summary quotes; the RT Dose is 16-bit when its rounding
+    keeps each within 0.1 % (spectdose.dicom.export.rtdose_bits), else 32-bit."""
     from spectdose.dicom.export import (
         average_onto_grid,
         check_replacements,
         content_digest,
         grid_for_option,
+        rtdose_bits,
         write_dose_rate_map,
         write_rtdose,
     )
@@ -779,19 +799,23 @@ def _export(
         outputs["doserate_sigma"] = write_dose_rate_map(
             out_dir / OUTPUT_NAMES["doserate_sigma"], average_onto_grid(sigma_mgy_per_h, grid), study,
             replaces=replaces.get("doserate_sigma"), sigma=True, series_number=903, **common)
+    rtdose_precision = None
     if dose_gy is not None:
         delivered["rtdose"] = average_onto_grid(dose_gy, grid)
+        bits, rtdose_precision = rtdose_bits(delivered["rtdose"].array, dose_references_gy)
         outputs["rtdose"] = write_rtdose(
             out_dir / OUTPUT_NAMES["rtdose"],
             delivered["rtdose"],
             study,
             description=f"{study.administration.nuclide} absorbed dose ({options.method.upper()}, {options.time_model})",
             replaces=replaces.get("rtdose"),
+            bits=bits,
             **common,
         )
     info = {
         "output_grid": {"name": provenance["dose_grid"], **_grid_summary(grid),
-                        "bytes_per_object": int(np.prod(grid.shape)) * 4},
+                        "bytes_per_object": int(np.prod(grid.shape)) * 4,
+                        **({"rtdose_precision": rtdose_precision} if rtdose_precision else {})},
         "provenance": provenance,
         "content_sha256": digest,
         "uids": {name: _output_uids(path) for name, path in outputs.items()},
@@ -799,6 +823,18 @@ def _export(
         "delivered": delivered,  # popped by run(): volumes, not summary facts
     }
     return outputs, info
+
+
+def _quoted_means_gy(dose: Volume | None, tissue: np.ndarray, region_set) -> list[float]:
+    """The mean doses the summary quotes before the automatic regions exist: in tissue, and in each
+    given region (their means on the CT grid); what the RT Dose's precision is chosen for."""
+    if dose is None:
+        return []
+    means = [float(dose.array[tissue].mean())] if tissue.any() else []
+    for region in getattr(region_set, "regions", None) or []:
+        if region.mask.any():
+            means.append(float(dose.array[region.mask].mean()))
+    return means
 
 
 def _write_report(out_dir: Path, study: Study, dose: Volume, regions, summary: dict,
@@ -813,7 +849,11 @@ def _write_report(out_dir: Path, study: Study, dose: Volume, regions, summary: d
     from spectdose.dicom.pdf import write_encapsulated_pdf
     from spectdose.report import ViewVolumes, identifiers_from_study, report_pdf_bytes
 
-    view = ViewVolumes.from_volumes(study.ct, dose, regions)
+    maxima = summary.get("maxima") or {}
+    points = {name: maxima[key]["lps_mm"] for name, key in (("voxel maximum", "max_location"),
+                                                           ("maximum in soft tissue", "max_in_soft_tissue_location"))
+              if maxima.get(key)}
+    view = ViewVolumes.from_volumes(study.ct, dose, regions, points_lps_mm=points)
     written = {"view": view.save(out_dir / OUTPUT_NAMES["view"])}
     pdf = report_pdf_bytes(view, summary, identifiers_from_study(study))
     written["report"] = out_dir / OUTPUT_NAMES["report"]

@@ -193,3 +193,54 @@ def test_a_limited_subset_takes_the_first_patients_of_each_split_and_rejects_bad
     for bad in ({"training": 3}, {"train": -1}):
         with pytest.raises(InputError, match="SPLIT=N"):
             dataset_members("v2", bad)
+
+
+def test_fast_path_cases_share_one_projection_and_truth_and_match_the_reference(kernel_cache_dir):
+    """Issue 17's training cases: in memory on the model grid, noise realisations that differ only
+    in their noise, labels equal to the reference dose rate of the truth on that grid."""
+    from spectdose.cnn.recovery import DEFAULT_RECOVERY
+    from spectdose.geometry import Volume
+    from spectdose.phantoms.fast_cases import fast_training_cases, model_grid_settings
+    from spectdose.reference import reference_dose_rate
+
+    spacing = (7.2, 4.8, 4.8)
+    p = fast_training_cases(2003, profile="tiny", spacing_mm=spacing, n_noise=2, recovery=DEFAULT_RECOVERY, kernel_cache=kernel_cache_dir)
+    assert p.noise_seeds == [2003, 1_002_003] and len(p.cases) == 2
+    a, b = p.cases
+    assert a["density"] is b["density"] and a["regions"] is b["regions"]
+    # one reference dose rate, normalised by each realisation's own total activity
+    np.testing.assert_allclose(a["label"] * a["total_mbq"], b["label"] * b["total_mbq"], rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(a["activity"], b["activity"])  # another Poisson draw ...
+    assert a["total_mbq"] == pytest.approx(b["total_mbq"], rel=0.05)  # ... of the same counts
+    for c in p.cases:
+        assert {"activity", "density", "dvk", "dvk_rr", "label", "regions"} <= set(c)
+        assert all(c[k].shape == c["label"].shape for k in ("activity", "dvk", "dvk_rr"))
+    assert any(k.startswith("kidney") for k in p.vois) and set(p.cpu_s) >= {"osem", "noise_free_projection", "reference_dose_rate"}
+
+    # the label is spectdose.reference on the truth painted on the model grid, normalised as the network's
+    patient, _, _ = make_varied_patient(model_grid_settings(draw_settings(2003, "tiny"), spacing))
+    ref, _ = reference_dose_rate(patient.activity_bq_per_ml, patient.density_g_cm3, cache_dir=kernel_cache_dir)
+    assert isinstance(ref, Volume) and ref.array.shape[0] == a["label"].shape[0]
+    # the crop to the body leaves out air only, where the dose rate is 0
+    assert float(a["label"].sum(dtype=np.float64)) * float(a["total_mbq"]) / 1e8 == pytest.approx(float(ref.array.sum(dtype=np.float64)), rel=0.01)
+
+
+def test_cached_attenuation_gives_the_same_osem_image():
+    """Attenuation computed once per view is the same computation: the image does not change."""
+    from spectdose.phantoms.spect_sim import (
+        OsemReconstructor,
+        mu_map_from_hu,
+        noise_free_projection,
+        noisy_counts,
+    )
+
+    s = draw_settings(2001, "tiny")
+    patient, _, _ = make_varied_patient(s)
+    proj = noise_free_projection(patient, s.n_views, s.collimator, s.intrinsic_fwhm_140kev_mm / 10.0, "cpu")
+    counts, _, _ = noisy_counts(proj.rate_views, patient.total_counts_target, 1)
+    mu = mu_map_from_hu(patient.hu, patient.spect_grid).array
+    args = (mu, patient.spect_grid, proj.angles_deg, proj.orbit_radius_mm, proj.psf_sigma_params_cm, "cpu")
+    plain = OsemReconstructor(*args)(counts, 2, 4)
+    cached = OsemReconstructor(*args, cache_attenuation=True)
+    np.testing.assert_array_equal(cached(counts, 2, 4), plain)
+    np.testing.assert_array_equal(cached(counts, 2, 4), plain)  # and again, from the cache

@@ -133,7 +133,9 @@ def test_evaluate_compares_another_network_given_by_name(small_study, kernel_cac
     assert main(["evaluate", str(small_study), "-o", str(out), *common, "--also", f"dvk={weights}"]) != 0
     assert main(["evaluate", str(small_study), "-o", str(out), *common, "--also", f"cnn_v1={tmp_path / 'no.pt'}"]) != 0
     assert not (out / "metrics.csv").exists()
-    assert main(["evaluate", str(small_study), "-o", str(out), *common, "--also", f"cnn_v1={weights}"]) == 0
+    assert main(["evaluate", str(small_study), "-o", str(out), *common, "--also", f"cnn_v1={weights}", "--dvk-rr"]) == 0
     rows = list(csv.DictReader((out / "metrics.csv").open()))
-    assert {r["method"] for r in rows} == {"dvk", "cnn_v1"}
-    assert "| lesions | cnn_v1 |" in (out / "metrics.md").read_text()
+    assert {r["method"] for r in rows} == {"dvk", "dvk-rr", "cnn_v1"}
+    # lesions are split at the paper's 4 ml (issue 17)
+    md = (out / "metrics.md").read_text().splitlines()
+    assert any(line.startswith(("| lesions >= 4 ml | cnn_v1 |", "| lesions < 4 ml | cnn_v1 |")) for line in md)

@@ -149,32 +149,53 @@ def predict_dose_rate(
     *,
     slab: int = 8,
     autocast_bf16: bool = False,
+    kernel_cache_dir: Path | None = None,
 ) -> np.ndarray:
     """Dose rate in Gy/s (float32, same grid) from activity, density and the DVK map.
 
     Arrays are (z, y, x) on the grid the model was trained at. Packs of ``cfg.pack``
-    slices slide over z with the end slices replicated, as in the paper.
+    slices slide over z with the end slices replicated, as in the paper. A network with the
+    ``dvk_rr`` input gets it computed here, on this grid, with the deconvolution settings it
+    was trained with (``kernel_cache_dir``: where the DVK kernel of this grid is cached).
     """
     if not (activity_bq_per_ml.shape == density_g_cm3.shape == dvk_gy_per_s.shape):
         raise InputError("activity, density and DVK dose rate must share one grid")
     a, rho, dvk_n, total_mbq = normalised_inputs(activity_bq_per_ml, density_g_cm3, dvk_gy_per_s, voxel_volume_ml, model.normalisation)
     if total_mbq == 0.0:
         return np.zeros(activity_bq_per_ml.shape, np.float32)  # zero activity is zero dose
-    out = predict_normalised(model, a, rho, dvk_n, slab=slab, autocast_bf16=autocast_bf16)
+    extra = {}
+    if "dvk_rr" in model.config.inputs:
+        from spectdose.cnn.recovery import recovered_dvk
+
+        rr = recovered_dvk(activity_bq_per_ml, density_g_cm3, model.spacing_mm, model.config.recovery, kernel_cache=kernel_cache_dir)
+        extra["dvk_rr"] = (rr.astype(np.float64) / total_mbq * model.normalisation.dose_scale_per_gy_s).astype(np.float32)
+    out = predict_normalised(model, a, rho, dvk_n, slab=slab, autocast_bf16=autocast_bf16, extra=extra)
     return (out * np.float32(total_mbq / model.normalisation.dose_scale_per_gy_s)).astype(np.float32)
 
 
 def predict_normalised(
-    model: TrainedModel, a: np.ndarray, rho: np.ndarray, dvk_n: np.ndarray, *, slab: int = 8, autocast_bf16: bool = False
+    model: TrainedModel,
+    a: np.ndarray,
+    rho: np.ndarray,
+    dvk_n: np.ndarray,
+    *,
+    slab: int = 8,
+    autocast_bf16: bool = False,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """The network on normalised inputs (``normalised_inputs``), clamped at 0 and zero where
-    density < 0.1 g/cm3: the dose rate in normalised units (training and calibration use it)."""
+    density < 0.1 g/cm3: the dose rate in normalised units (training and calibration use it).
+    ``extra`` holds the normalised input channels beyond activity and density (``dvk_rr``)."""
     cfg, net = model.config, model.net
+    channels = {"activity": a, "density": rho, **(extra or {})}
+    missing = [c for c in cfg.inputs if c not in channels]
+    if missing:
+        raise InputError(f"network {model.name} needs the input channels {missing}")
     device = next(net.parameters()).device
     half = cfg.pack // 2
     nz = a.shape[0]
-    # (2, nz + 2*half, H, W) with replicated edge slices
-    stacked = np.stack([a, rho])
+    # (C, nz + 2*half, H, W) with replicated edge slices
+    stacked = np.stack([channels[c] for c in cfg.inputs])
     padded = np.concatenate([np.repeat(stacked[:, :1], half, axis=1), stacked, np.repeat(stacked[:, -1:], half, axis=1)], axis=1)
     inputs = torch.from_numpy(np.ascontiguousarray(padded)).to(device)
     dvk_t = torch.from_numpy(dvk_n).to(device)
@@ -250,6 +271,7 @@ def predict_on_ct_grid(
     dvk_gy_per_s: Volume,
     *,
     autocast_bf16: bool = False,
+    kernel_cache_dir: Path | None = None,
 ) -> Volume:
     """CNN dose rate (Gy/s) on the CT grid: resample to the model's spacing and back.
 
@@ -258,7 +280,9 @@ def predict_on_ct_grid(
     keeps the DVK map's fine detail. Models without the residual return their own output.
     """
     grid, _, _, (act, rho, dvk) = _on_model_grid(model.spacing_mm, activity_bq_per_ml, density_g_cm3, dvk_gy_per_s)
-    out = predict_dose_rate(model, act.array, rho.array, dvk.array, grid.voxel_volume_ml, autocast_bf16=autocast_bf16)
+    out = predict_dose_rate(
+        model, act.array, rho.array, dvk.array, grid.voxel_volume_ml, autocast_bf16=autocast_bf16, kernel_cache_dir=kernel_cache_dir
+    )
     return _back_to_ct_grid(out, grid, dvk.array, dvk_gy_per_s, density_g_cm3, residual=model.config.residual)
 
 
@@ -401,6 +425,7 @@ def predict_with_uncertainty(
     dvk_gy_per_s: Volume,
     *,
     autocast_bf16: bool = False,
+    kernel_cache_dir: Path | None = None,
 ) -> tuple[Volume, Volume]:
     """(mean dose rate, calibrated 1-sigma) in Gy/s on the CT grid.
 
@@ -412,7 +437,9 @@ def predict_with_uncertainty(
     ct_grid = activity_bq_per_ml.grid
     grid, _, same, (act, rho, dvk) = _on_model_grid(ensemble.spacing_mm, activity_bq_per_ml, density_g_cm3, dvk_gy_per_s)
     outputs = (
-        predict_dose_rate(m, act.array, rho.array, dvk.array, grid.voxel_volume_ml, autocast_bf16=autocast_bf16)
+        predict_dose_rate(
+            m, act.array, rho.array, dvk.array, grid.voxel_volume_ml, autocast_bf16=autocast_bf16, kernel_cache_dir=kernel_cache_dir
+        )
         for m in ensemble.members
     )
     mean_m, sd_m = ensemble_mean_sd(outputs)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["NetworkConfig", "DblurDoseNet", "PAPER", "DEPTH_VALID", "TINY"]
+__all__ = ["NetworkConfig", "DblurDoseNet", "INPUT_CHANNELS", "PAPER", "DEPTH_VALID", "TINY"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +31,11 @@ class NetworkConfig:
                       once over a whole slab and be shared by all packs;
       ``none``        the paper's "2D only" ablation: the 11 slices x 2 inputs as 22 channels.
     residual: add the DVK dose rate of the middle slice to the output (the paper's choice).
+    inputs: the channels of each 11-slice pack, from ``INPUT_CHANNELS``: the paper's
+      activity and density, optionally ``dvk_rr``, the DVK dose rate of the activity after a
+      Richardson-Lucy deconvolution of the camera blur (``recovery`` holds its settings,
+      see ``spectdose.cnn.recovery``). Weights saved before this field existed have the
+      paper's two channels.
     """
 
     stem: Literal["paper", "depth_valid", "none"] = "depth_valid"
@@ -41,15 +46,39 @@ class NetworkConfig:
     stem_channels: tuple[int, int, int] = (8, 16, 16)
     stem_kernel_xy: int = 7
     leaky_slope: float = 0.1
+    inputs: tuple[str, ...] = ("activity", "density")
+    recovery: dict | None = None  # {"fwhm_mm", "iterations", "smooth_mm"} when "dvk_rr" is an input
+
+    def __post_init__(self) -> None:
+        bad = [c for c in self.inputs if c not in INPUT_CHANNELS]
+        if bad or len(self.inputs) < 1 or self.inputs[:2] != ("activity", "density"):
+            raise ValueError(f"network inputs start with activity, density and come from {INPUT_CHANNELS}: {self.inputs}")
+        if ("dvk_rr" in self.inputs) != (self.recovery is not None):
+            raise ValueError("the dvk_rr input and the recovery settings go together")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.inputs == ("activity", "density") and self.recovery is None:
+            del d["inputs"], d["recovery"]  # the paper's network: saved as before this field existed
+        else:
+            d["inputs"] = list(self.inputs)
+        return d
 
     @classmethod
     def from_dict(cls, data: dict) -> NetworkConfig:
         data = dict(data)
         data["stem_channels"] = tuple(data.get("stem_channels", (8, 16, 16)))
+        data["inputs"] = tuple(data.get("inputs", ("activity", "density")))
         return cls(**data)
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.inputs)
+
+
+# Channels a network may read, per slice: normalised activity, density (g/cm3), and the
+# normalised DVK dose rate of the resolution-recovered activity.
+INPUT_CHANNELS = ("activity", "density", "dvk_rr")
 
 
 PAPER = NetworkConfig(stem="paper")
@@ -66,7 +95,7 @@ class _StemPaper(nn.Module):
         c1, c2, c3 = cfg.stem_channels
         k, p = cfg.stem_kernel_xy, cfg.stem_kernel_xy // 2
         self.block = nn.Sequential(
-            nn.Conv3d(2, c1, (5, k, k), padding=(1, p, p), bias=False),
+            nn.Conv3d(cfg.n_inputs, c1, (5, k, k), padding=(1, p, p), bias=False),
             nn.BatchNorm3d(c1),
             nn.LeakyReLU(cfg.leaky_slope),
             nn.MaxPool3d((2, 1, 1), ceil_mode=True),
@@ -77,7 +106,7 @@ class _StemPaper(nn.Module):
         )
         self.out_channels = c3
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 2, 11, H, W) -> (B, c3, H, W)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, 11, H, W) -> (B, c3, H, W)
         y = self.block(x)
         if y.shape[2] != 1:
             raise ValueError(f"paper stem expects packs of 11 slices, left depth {y.shape[2]}")
@@ -94,7 +123,7 @@ class _StemDepthValid(nn.Module):
         c1, c2, c3 = cfg.stem_channels
         k, p = cfg.stem_kernel_xy, cfg.stem_kernel_xy // 2
         self.block = nn.Sequential(
-            nn.Conv3d(2, c1, (5, k, k), padding=(0, p, p), bias=False),
+            nn.Conv3d(cfg.n_inputs, c1, (5, k, k), padding=(0, p, p), bias=False),
             nn.BatchNorm3d(c1),
             nn.LeakyReLU(cfg.leaky_slope),
             nn.Conv3d(c1, c2, (3, k, k), padding=(0, p, p), bias=False),
@@ -106,7 +135,7 @@ class _StemDepthValid(nn.Module):
         self.out_channels = c3 * self.fold
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem features for a slab: (B, 2, n, H, W) -> (B, c3, n - 8, H, W)."""
+        """Stem features for a slab: (B, C, n, H, W) -> (B, c3, n - 8, H, W)."""
         return self.block(x)
 
     def fold_packs(self, feats: torch.Tensor) -> torch.Tensor:
@@ -116,7 +145,7 @@ class _StemDepthValid(nn.Module):
         windows = windows.permute(0, 2, 1, 5, 3, 4)  # (B, n_out, c, fold, H, W)
         return windows.reshape(b * (m - self.fold + 1), c * self.fold, h, w)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 2, 11, H, W) -> (B, 3*c3, H, W)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, 11, H, W) -> (B, 3*c3, H, W)
         return self.fold_packs(self.features(x))
 
 
@@ -184,13 +213,13 @@ class DblurDoseNet(nn.Module):
             cin = self.stem.out_channels
         elif cfg.stem == "none":
             self.stem = None
-            cin = 2 * cfg.pack
+            cin = cfg.n_inputs * cfg.pack
         else:
             raise ValueError(f"unknown stem {cfg.stem!r}")
         self.unet = _UNet2D(cin, cfg)
 
     def forward(self, packs: torch.Tensor, dvk_mid: torch.Tensor | None = None) -> torch.Tensor:
-        """packs (B, 2, 11, H, W); dvk_mid (B, 1, H, W) -> (B, 1, H, W)."""
+        """packs (B, C, 11, H, W); dvk_mid (B, 1, H, W) -> (B, 1, H, W)."""
         x = packs.flatten(1, 2) if self.stem is None else self.stem(packs)  # (B, C, H, W)
         y = self.unet(x)
         if self.cfg.residual:

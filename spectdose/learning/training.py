@@ -416,38 +416,62 @@ class _PatchSampler:
     proportion to the reference dose rate).
     """
 
-    def __init__(self, files: list[Path], cfg: TrainConfig, rng: np.random.Generator, pack: int):
-        self.cases = []
-        for f in files:
-            with np.load(f) as z:
-                case = {k: z[k] for k in ("activity", "density", "dvk", "label")}
-                case["regions"] = z["regions"] if "regions" in z.files else np.zeros(case["label"].shape, np.uint8)
-            self.cases.append(case)
-        if not self.cases:
-            raise InputError("no prepared training cases")
-        self.cfg, self.rng, self.half = cfg, rng, pack // 2
-        weights = cfg.sampling_weights()
+    def __init__(
+        self,
+        files: list[Path],
+        cfg: TrainConfig,
+        rng: np.random.Generator,
+        pack: int,
+        *,
+        channels: tuple[str, ...] = ("activity", "density"),
+        cases: list[dict] | None = None,
+    ):
+        self.cfg, self.rng, self.half, self.channels = cfg, rng, pack // 2, tuple(channels)
+        self.cases: list[dict] = []
         self.pools: list[dict[str, np.ndarray]] = []  # flat voxel indices (or the dose CDF) per category
         self.probs: list[tuple[list[str], np.ndarray]] = []
-        for c in self.cases:
+        for f in files:
+            with np.load(f) as z:
+                case = {k: z[k] for k in ("activity", "density", "dvk", "label", *channels[2:])}
+                case["regions"] = z["regions"] if "regions" in z.files else np.zeros(case["label"].shape, np.uint8)
+            self.add_case(case)
+        for case in cases or []:
+            self.add_case(case)
+        if not self.cases and cases is None:
+            raise InputError("no prepared training cases")
+
+    def add_case(self, c: dict) -> None:
+        """A case joins the draw. Noise realisations of one patient (``spectdose.phantoms.fast_cases``)
+        share one density array and share the voxel pools too: their labels differ only by the
+        normalisation's factor, and every pool is invariant to it."""
+        weights = self.cfg.sampling_weights()
+        shared = next((i for i, other in enumerate(self.cases) if other["density"] is c["density"]), None)
+        if shared is not None:
+            pools = self.pools[shared]
+        else:
             lab, reg = c["label"].ravel(), c["regions"].ravel()
             tissue = c["density"].ravel() >= LOW_DENSITY_CUTOFF_G_CM3
-            pools: dict[str, np.ndarray] = {}
+            pools = {}
             w = np.clip(lab, 0, None).astype(np.float64)
             if w.sum() > 0:
                 pools["dose"] = np.cumsum(w) / w.sum()
             pools["lesion"] = np.flatnonzero(reg & REGION_LESION)
             pools["edge"] = np.flatnonzero(reg & REGION_EDGE)
             pools["marrow"] = np.flatnonzero(reg & REGION_MARROW)
-            cut = cfg.low_dose_fraction * float(np.percentile(lab[tissue], 99.9)) if tissue.any() else 0.0
+            cut = self.cfg.low_dose_fraction * float(np.percentile(lab[tissue], 99.9)) if tissue.any() else 0.0
             pools["low_dose"] = np.flatnonzero(tissue & (lab < cut))
-            names = [k for k in SAMPLING_CATEGORIES if weights[k] > 0 and (k == "uniform" or (k in pools and pools[k].size))]
-            if not names:
-                names = ["uniform"]
-            p = np.array([weights[k] for k in names])
-            p = p if p.sum() > 0 else np.ones(len(names))
-            self.pools.append(pools)
-            self.probs.append((names, p / p.sum()))
+        names = [k for k in SAMPLING_CATEGORIES if weights[k] > 0 and (k == "uniform" or (k in pools and pools[k].size))]
+        if not names:
+            names = ["uniform"]
+        p = np.array([weights[k] for k in names])
+        p = p if p.sum() > 0 else np.ones(len(names))
+        self.cases.append(c)
+        self.pools.append(pools)
+        self.probs.append((names, p / p.sum()))
+
+    def drop_first(self) -> None:
+        """The oldest case leaves the draw (a campaign's pool of cases is bounded)."""
+        del self.cases[0], self.pools[0], self.probs[0]
 
     def centre(self, ci: int) -> tuple[str, tuple[int, int, int]]:
         """The category drawn and the (z, y, x) centre of a patch of case ``ci``."""
@@ -465,7 +489,7 @@ class _PatchSampler:
         return cat, tuple(int(v) for v in np.unravel_index(flat, shape))
 
     def sample(self, augment: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(inputs (1, 2, slab + 2*half, P, P), dvk (slab, 1, P, P), label (slab, 1, P, P))."""
+        """(inputs (1, C, slab + 2*half, P, P), dvk (slab, 1, P, P), label (slab, 1, P, P))."""
         cfg, rng, half = self.cfg, self.rng, self.half
         ci = int(rng.integers(len(self.cases)))
         c = self.cases[ci]
@@ -477,7 +501,7 @@ class _PatchSampler:
         x0 = int(np.clip(i - p // 2, 0, max(0, nx - p)))
         zs = np.clip(np.arange(z0 - half, z0 + s + half), 0, nz - 1)  # replicated edge slices
         ysl, xsl = slice(y0, y0 + p), slice(x0, x0 + p)
-        inp = np.stack([c["activity"][zs][:, ysl, xsl], c["density"][zs][:, ysl, xsl]])
+        inp = np.stack([c[k][zs][:, ysl, xsl] for k in self.channels])
         dvk = c["dvk"][z0 : z0 + s, ysl, xsl][:, None]
         lab = c["label"][z0 : z0 + s, ysl, xsl][:, None]
         inp, dvk, lab = (_pad_to(a, p) for a in (inp, dvk, lab))
@@ -490,7 +514,7 @@ class _PatchSampler:
             if aug.get("intensity_scale"):
                 lo, hi = aug["intensity_scale"]
                 f = np.float32(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-                inp = np.stack([inp[0] * f, inp[1]])  # activity scaled, density not
+                inp = np.stack([ch if k == "density" else ch * f for k, ch in zip(self.channels, inp, strict=True)])  # not density
                 dvk, lab = dvk * f, lab * f
         as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
         return as_t(inp)[None], as_t(dvk), as_t(lab)

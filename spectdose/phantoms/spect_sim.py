@@ -34,6 +34,10 @@ from spectdose.phantoms.anatomy import TISSUES, VirtualPatient, sample_patient
 
 __all__ = [
     "SimulatedSpect",
+    "NoiseFreeProjection",
+    "noise_free_projection",
+    "noisy_counts",
+    "OsemReconstructor",
     "simulate_spect",
     "ideal_spect",
     "mass_attenuation_cm2_g",
@@ -457,17 +461,30 @@ def ideal_spect(patient: VirtualPatient, *, view_duration_s: float = 20.0, n_vie
     )
 
 
-def _simulate(
-    patient: VirtualPatient, device: str, n_iters: int, n_subsets: int, n_views: int, seed: int,
-    camera: tuple[str, float, bool] = (COLLIMATOR, INTRINSIC_FWHM_140KEV_CM, True),
-) -> SimulatedSpect:
+@dataclasses.dataclass
+class NoiseFreeProjection:
+    """Expected count rates (cps per detector pixel, binned to the SPECT pixel) of every view:
+    what all noise realisations of one patient share."""
+
+    rate_views: np.ndarray  # (views, transaxial, axial), float64
+    angles_deg: np.ndarray
+    orbit_radius_mm: float
+    psf_sigma_params_cm: tuple[float, float, float]
+    fine_grid: Grid
+    true_activity_in_fov_bq: float
+    timings_s: dict[str, float]
+
+
+def noise_free_projection(
+    patient: VirtualPatient, n_views: int, collimator: str = COLLIMATOR,
+    intrinsic_fwhm_140kev_cm: float = INTRINSIC_FWHM_140KEV_CM, device: str = "cpu",
+) -> NoiseFreeProjection:  # fmt: skip
+    """Sample the truth on the 2x finer grid and project it (attenuation, depth-dependent blur)."""
     import torch
 
     spec = patient.size_spec
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-
-    # -- truth on the fine projection grid (concentric with the SPECT grid) --------------
     sg = patient.spect_grid
     os_ = spec.oversample
     fine_spacing = sg.spacing_mm[0] / os_
@@ -484,10 +501,8 @@ def _simulate(
     radius_mm = _orbit_radius_mm(fine.tissue, fine_grid)
     timings["truth_on_projection_grid"] = time.perf_counter() - t0
 
-    # -- projection: count rate per view (cps), then counts ----------------------------------
     t1 = time.perf_counter()
-    collimator, intrinsic_cm, resolution_recovery = camera
-    psf = _psf_sigma_params(PHOTOPEAK_KEV, collimator, intrinsic_cm)
+    psf = _psf_sigma_params(PHOTOPEAK_KEV, collimator, intrinsic_fwhm_140kev_cm)
     angles = np.arange(n_views) * 360.0 / n_views
     rate_cps = fine.activity_bq_per_ml * (fine_grid.voxel_volume_ml * 1e-6 * SENSITIVITY_CPS_PER_MBQ)
     to_xyz = (2, 1, 0)  # our (z, y, x) -> PyTomography [x, y, z]
@@ -503,16 +518,35 @@ def _simulate(
         )
         rate_views = _bin2(proj_fine.double(), os_).numpy()
     del fine, mu_fine, proj_fine
-    rate_total = float(rate_views.sum())
-    if rate_total <= 0:
+    if float(rate_views.sum()) <= 0:
         raise InputError("the virtual patient has no activity in the SPECT field of view")
+    timings["projection"] = time.perf_counter() - t1
+    return NoiseFreeProjection(rate_views, angles, radius_mm, psf, fine_grid, true_bq, timings)
+
+
+def noisy_counts(rate_views: np.ndarray, total_counts_target: float, seed: int) -> tuple[np.ndarray, float, np.ndarray]:
+    """(Poisson counts float32, view duration s, expected counts) of one noise realisation."""
     # the DICOM Actual Frame Duration is an integer number of ms: simulate exactly that
-    view_ms = max(1, round(patient.total_counts_target / rate_total * 1000.0))
+    view_ms = max(1, round(total_counts_target / float(rate_views.sum()) * 1000.0))
     view_s = view_ms / 1000.0
     expected = rate_views * view_s
     rng = np.random.default_rng([seed, 5])
-    counts = rng.poisson(expected).astype(np.float32)
-    timings["projection"] = time.perf_counter() - t1
+    return rng.poisson(expected).astype(np.float32), view_s, expected
+
+
+def _simulate(
+    patient: VirtualPatient, device: str, n_iters: int, n_subsets: int, n_views: int, seed: int,
+    camera: tuple[str, float, bool] = (COLLIMATOR, INTRINSIC_FWHM_140KEV_CM, True),
+) -> SimulatedSpect:
+    t0 = time.perf_counter()
+    collimator, intrinsic_cm, resolution_recovery = camera
+    proj = noise_free_projection(patient, n_views, collimator, intrinsic_cm, device)
+    timings = dict(proj.timings_s)
+    t1 = time.perf_counter()
+    counts, view_s, expected = noisy_counts(proj.rate_views, patient.total_counts_target, seed)
+    timings["projection"] += time.perf_counter() - t1
+    sg, angles, radius_mm, psf = patient.spect_grid, proj.angles_deg, proj.orbit_radius_mm, proj.psf_sigma_params_cm
+    fine_grid, true_bq = proj.fine_grid, proj.true_activity_in_fov_bq
 
     # -- reconstruction -------------------------------------------------------------------
     t2 = time.perf_counter()
@@ -549,30 +583,82 @@ def _simulate(
 def _osem(counts, mu_zyx, grid: Grid, angles, radius_mm, psf, n_iters, n_subsets, device) -> np.ndarray:
     """OSEM with attenuation and collimator response modelling (PyTomography); ``psf`` None:
     attenuation only (no resolution recovery)."""
-    import torch
+    return OsemReconstructor(mu_zyx, grid, angles, radius_mm, psf, device)(counts, n_iters, n_subsets)
 
-    pt = _import_pytomography()
-    previous = pt.module.device
-    pt.module.device = torch.device(device)  # PyTomography reads this global
-    try:
-        dx_cm = grid.spacing_mm[0] / 10.0
-        nz, ny, nx = grid.shape
-        object_meta = pt.SPECTObjectMeta([dx_cm] * 3, [nx, ny, nz])
-        proj_meta = pt.SPECTProjMeta([ny, nz], [dx_cm, dx_cm], angles, np.full(len(angles), radius_mm / 10.0))
-        mu = torch.from_numpy(np.ascontiguousarray(mu_zyx.transpose(2, 1, 0))).to(device)
-        system = pt.SPECTSystemMatrix(
-            obj2obj_transforms=[pt.SPECTAttenuationTransform(attenuation_map=mu)]
-            + ([_fft_psf_transform(pt.Transform, psf, radius_mm / 10.0)] if psf is not None else []),
-            proj2proj_transforms=[],
-            object_meta=object_meta,
-            proj_meta=proj_meta,
-        )
-        likelihood = pt.PoissonLogLikelihood(system, torch.from_numpy(counts).to(device))
-        with torch.no_grad():
-            recon = pt.OSEM(likelihood)(n_iters, n_subsets)
-        return recon.detach().cpu().numpy().transpose(2, 1, 0).copy()
-    finally:
-        pt.module.device = previous
+
+class OsemReconstructor:
+    """PyTomography's OSEM with one system matrix (attenuation, collimator response) that
+    several noise realisations of a patient share.
+
+    ``cache_attenuation``: PyTomography recomputes each view's detection probability
+    (rotate the mu map, cumulative sum, exp) on every forward and back projection; cached,
+    it is computed once per view and phantom (the same numbers, so the same image; memory
+    one padded SPECT volume of float32 per view, ~1.6 GB for a 128 x 128 x 96 grid and 128
+    views).
+    """
+
+    def __init__(self, mu_zyx, grid: Grid, angles, radius_mm, psf, device, *, cache_attenuation: bool = False) -> None:
+        import torch
+
+        self.pt = pt = _import_pytomography()
+        self.device = device
+        previous = pt.module.device
+        pt.module.device = torch.device(device)  # PyTomography reads this global
+        try:
+            dx_cm = grid.spacing_mm[0] / 10.0
+            nz, ny, nx = grid.shape
+            object_meta = pt.SPECTObjectMeta([dx_cm] * 3, [nx, ny, nz])
+            proj_meta = pt.SPECTProjMeta([ny, nz], [dx_cm, dx_cm], angles, np.full(len(angles), radius_mm / 10.0))
+            mu = torch.from_numpy(np.ascontiguousarray(mu_zyx.transpose(2, 1, 0))).to(device)
+            attenuation = (_cached_attenuation(pt.SPECTAttenuationTransform) if cache_attenuation else pt.SPECTAttenuationTransform)(
+                attenuation_map=mu
+            )
+            self.system = pt.SPECTSystemMatrix(
+                obj2obj_transforms=[attenuation] + ([_fft_psf_transform(pt.Transform, psf, radius_mm / 10.0)] if psf is not None else []),
+                proj2proj_transforms=[],
+                object_meta=object_meta,
+                proj_meta=proj_meta,
+            )
+        finally:
+            pt.module.device = previous
+
+    def __call__(self, counts: np.ndarray, n_iters: int, n_subsets: int) -> np.ndarray:
+        """Reconstructed counts per view and voxel, (z, y, x)."""
+        import torch
+
+        pt = self.pt
+        previous = pt.module.device
+        pt.module.device = torch.device(self.device)
+        try:
+            likelihood = pt.PoissonLogLikelihood(self.system, torch.from_numpy(counts).to(self.device))
+            with torch.no_grad():
+                recon = pt.OSEM(likelihood)(n_iters, n_subsets)
+            return recon.detach().cpu().numpy().transpose(2, 1, 0).copy()
+        finally:
+            pt.module.device = previous
+
+
+def _cached_attenuation(base: type):
+    """PyTomography's SPECTAttenuationTransform with each view's detection probability kept."""
+    from pytomography.transforms.SPECT.attenuation import get_prob_of_detection_matrix
+    from pytomography.utils import pad_object, rotate_detector_z
+
+    class CachedAttenuation(base):
+        def _factor(self, ang_idx):
+            key = int(ang_idx)
+            cache = self.__dict__.setdefault("_factors", {})
+            if key not in cache:
+                mu = pad_object(self.attenuation_map) if self.assume_padded else self.attenuation_map.clone()
+                cache[key] = get_prob_of_detection_matrix(rotate_detector_z(mu, self.proj_meta.angles[ang_idx]), self.object_meta.dx)
+            return cache[key]
+
+        def forward(self, object_i, ang_idx):
+            return object_i * self._factor(ang_idx)
+
+        def backward(self, object_i, ang_idx):
+            return object_i * self._factor(ang_idx)
+
+    return CachedAttenuation
 
 
 def _fft_psf_transform(base: type, psf: tuple[float, float, float], radius_cm: float):

@@ -1,0 +1,451 @@
+"""A training campaign that carries over from one stint to the next (issue 17).
+
+`spectdose train --campaign DIR` continues the campaign whose state lives in DIR (committed
+in git, a few MB): ``config.json`` (network, training and data settings, the fixed
+validation seeds), ``state.pt`` (weights, optimiser, scheduler, random states, the next
+patient seed) and ``ledger.json`` / ``ledger.csv`` (every stint: seeds used, model-grid pixel
+passes so far and toward the target, validation scores, CPU and wall time, the installation
+decision). A stint:
+
+1. loads the state (or starts the network from scratch) and makes the fixed validation
+   patients (same seeds, so the same cases, every stint; cached on this machine);
+2. until its time budget is spent, alternates generating patients from seeds never used
+   before (``spectdose.phantoms.fast_cases``: several noise realisations each, in memory)
+   with training on a bounded pool of the newest cases, in one process; generation takes
+   about ``generation_share`` of the CPU time;
+3. saves the state atomically every ``checkpoint_minutes`` and on SIGTERM/SIGINT, so a
+   killed stint loses minutes;
+4. at the end scores the network, DVK and the installed network on the validation set and
+   installs the weights only when the score beats both the campaign's best and the installed
+   network's (lower is better), recording the comparison in the ledger.
+
+Score of a network on a case (normalised units): half the mean absolute relative error of
+the VOI mean dose rate over kidneys, healthy liver, spleen, lumbar vertebrae and lesions,
+half the NRMSE over voxels above 10 % of the case's maximum reference dose rate; averaged
+over the validation cases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spectdose.cnn.inference import (
+    Normalisation,
+    TrainedModel,
+    atomic_torch_save,
+    load_model,
+    predict_normalised,
+    save_model,
+)
+from spectdose.cnn.model import DblurDoseNet, NetworkConfig
+from spectdose.errors import InputError
+from spectdose.learning.training import (
+    TrainConfig,
+    _evaluate_loss,
+    _loss,
+    _PatchSampler,
+    _rng_states,
+    _set_rng_states,
+)
+from spectdose.paths import atomic_write
+
+__all__ = ["CampaignConfig", "run_stint", "score_network", "parse_until"]
+
+_STATE_VERSION = 1
+
+
+@dataclasses.dataclass
+class CampaignConfig:
+    """DIR/config.json: what stays fixed for the whole campaign (changing the network's
+    inputs or architecture starts a new campaign)."""
+
+    name: str = "dblurdosenet_campaign"
+    train: dict = dataclasses.field(default_factory=dict)  # TrainConfig fields (network, patch, lr, ...)
+    profile: str = "clinical"  # spectdose.phantoms.variation profile
+    spacing_mm: tuple[float, float, float] = (3.0, 1.953125, 1.953125)
+    first_seed: int = 300_000  # training patients: first_seed, first_seed + 1, ... (never reused)
+    val_seeds: tuple[int, ...] = (290_001, 290_002)  # below first_seed
+    noise_realisations: int = 4
+    pool_patients: int = 6  # patients whose cases are trained on at once (memory)
+    generation_share: float = 0.5  # of the CPU time
+    checkpoint_minutes: float = 5.0
+    end_reserve_minutes: float = 3.0  # kept at the end for scoring and saving
+    target_pixel_passes: float = 1.2e10  # the paper's 200 epochs on the 1.95 mm model grid
+    install: str = "../dblurdosenet.pt"  # relative to DIR
+    val_cache: str | None = None  # folder for the validation cases (default: the kernel cache's campaign-val/)
+
+    @classmethod
+    def from_file(cls, path: Path) -> CampaignConfig:
+        data = json.loads(Path(path).read_text())
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise InputError(f"unknown campaign options in {path}: {sorted(unknown)}")
+        cfg = cls(**data)
+        cfg.spacing_mm = tuple(float(s) for s in cfg.spacing_mm)
+        cfg.val_seeds = tuple(int(s) for s in cfg.val_seeds)
+        if not 0.0 < cfg.generation_share < 1.0 or cfg.noise_realisations < 1 or cfg.pool_patients < 1 or not cfg.val_seeds:
+            raise InputError(f"{path}: generation_share in (0, 1), noise_realisations, pool_patients >= 1 and val_seeds needed")
+        if max(cfg.val_seeds) >= cfg.first_seed:
+            raise InputError(f"{path}: validation seeds must lie below first_seed (training seeds count up from it)")
+        return cfg
+
+    def train_config(self) -> TrainConfig:
+        cfg = TrainConfig(**{"name": self.name, **self.train})
+        cfg.check()
+        return cfg
+
+    def network(self) -> NetworkConfig:
+        return NetworkConfig.from_dict(self.train_config().network)
+
+
+def parse_until(text: str, now: dt.datetime | None = None) -> dt.datetime:
+    """``HH:MM`` UTC -> the next such moment (tomorrow when already past)."""
+    now = now or dt.datetime.now(dt.UTC)
+    try:
+        h, m = (int(v) for v in text.split(":"))
+        target = now.replace(hour=h, minute=m, second=0, microsecond=0)
+    except ValueError as exc:
+        raise InputError(f"--until takes HH:MM (UTC), not {text!r}") from exc
+    return target if target > now else target + dt.timedelta(days=1)
+
+
+class _Stop(Exception):
+    """SIGTERM / SIGINT: save and end the stint."""
+
+
+class _Signals:
+    """Turns the first SIGTERM/SIGINT into _Stop, except while a file is being saved (then
+    right after the save); later signals are ignored while the stint saves and ends."""
+
+    def __init__(self) -> None:
+        self.requested = self.raised = self.saving = False
+        self.name = ""
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            return
+        self.requested, self.name = True, signal.Signals(signum).name
+        if not self.saving:
+            self.raised = True
+            raise _Stop(self.name)
+
+    @contextlib.contextmanager
+    def protected(self):
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
+        if self.requested and not self.raised:
+            self.raised = True
+            raise _Stop(self.name)
+
+
+# ---------------------------------------------------------------------------------------
+# Validation: fixed patients, scored alike for every network
+# ---------------------------------------------------------------------------------------
+def _val_patients(cfg: CampaignConfig, kernel_cache, progress) -> list:
+    from spectdose.phantoms.fast_cases import FastPatient, fast_training_cases
+
+    net = cfg.network()
+    key = json.dumps({"v": 1, "profile": cfg.profile, "spacing": list(cfg.spacing_mm), "recovery": net.recovery}, sort_keys=True)
+    folder = Path(cfg.val_cache) if cfg.val_cache else (Path(kernel_cache) if kernel_cache else Path.home() / ".cache" / "spectdose") / "campaign-val"
+    out = []
+    for seed in cfg.val_seeds:
+        path = folder / f"val-{seed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
+        if path.is_file():
+            try:
+                with np.load(path) as z:
+                    case = {k[2:]: z[k] for k in z.files if k.startswith("c_")}
+                    vois = {k[2:]: z[k] for k in z.files if k.startswith("v_")}
+                out.append(FastPatient(seed, [seed], [case], {}, vois, {"seed": seed, "cached": True}))
+                continue
+            except (OSError, ValueError):
+                pass
+        if progress:
+            progress(f"making validation patient {seed}")
+        p = fast_training_cases(seed, profile=cfg.profile, spacing_mm=cfg.spacing_mm, n_noise=1, recovery=net.recovery, kernel_cache=kernel_cache)
+        arrays = {**{f"c_{k}": v for k, v in p.cases[0].items()}, **{f"v_{k}": v for k, v in p.vois.items()}}
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f, arrays=arrays: np.savez_compressed(f, **arrays))
+        out.append(p)
+    return out
+
+
+def _case_score(out: np.ndarray, case: dict, vois: dict) -> dict:
+    lab = case["label"].astype(np.float64)
+    out = out.astype(np.float64)
+    errors = {}
+    for name, mask in vois.items():
+        ref = float(lab[mask].mean())
+        if ref > 0:
+            errors[name] = abs(float(out[mask].mean()) - ref) / ref
+    hot = lab > 0.1 * float(lab.max())
+    nrmse = float(np.sqrt(np.mean((out[hot] - lab[hot]) ** 2)) / lab[hot].mean())
+    voi = float(np.mean(list(errors.values()))) if errors else 0.0
+    return {"score": 0.5 * voi + 0.5 * nrmse, "voi_abs_rel_error": voi, "nrmse": nrmse}
+
+
+def score_network(model: TrainedModel | None, patients: list) -> dict:
+    """Mean score (lower is better) over the validation cases; ``model`` None scores DVK."""
+    rows = []
+    for p in patients:
+        for case in p.cases:
+            if model is None:
+                out = case["dvk"]
+            else:
+                extra = {k: case[k] for k in model.config.inputs[2:]}
+                out = predict_normalised(model, case["activity"], case["density"], case["dvk"], extra=extra)
+            rows.append(_case_score(out, case, p.vois))
+    return {k: round(float(np.mean([r[k] for r in rows])), 5) for k in rows[0]}
+
+
+# ---------------------------------------------------------------------------------------
+# The stint
+# ---------------------------------------------------------------------------------------
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _load_ledger(folder: Path, cfg: CampaignConfig) -> dict:
+    path = folder / "ledger.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"campaign": cfg.name, "target_pixel_passes": cfg.target_pixel_passes, "pixel_passes": 0, "seeds_used": [],
+            "best_score": None, "stints": []}  # fmt: skip
+
+
+def _write_ledger(folder: Path, ledger: dict) -> None:
+    ledger["progress_pct"] = round(100.0 * ledger["pixel_passes"] / ledger["target_pixel_passes"], 4)
+    text = json.dumps(ledger, indent=1).encode()
+    atomic_write(folder / "ledger.json", lambda f: f.write(text))
+    fields = ["stint", "started_utc", "ended_utc", "end", "patients", "first_seed", "last_seed", "realisations",
+              "pixel_passes_stint", "pixel_passes_total", "progress_pct", "val_score", "dvk_score", "installed_score",
+              "installed", "wall_s", "cpu_train_s", "cpu_generate_s"]  # fmt: skip
+    rows = []
+    for s in ledger["stints"]:
+        seeds = s.get("seeds", [])
+        rows.append({
+            "stint": s["stint"], "started_utc": s["started_utc"], "ended_utc": s.get("ended_utc"), "end": s.get("end"),
+            "patients": len(seeds), "first_seed": seeds[0] if seeds else "", "last_seed": seeds[-1] if seeds else "",
+            "realisations": s.get("realisations", 0), "pixel_passes_stint": s.get("pixel_passes", 0),
+            "pixel_passes_total": s.get("pixel_passes_total", 0),
+            "progress_pct": round(100.0 * s.get("pixel_passes_total", 0) / ledger["target_pixel_passes"], 4),
+            "val_score": (s.get("val") or {}).get("score"), "dvk_score": (s.get("dvk") or {}).get("score"),
+            "installed_score": (s.get("installed_network") or {}).get("score"), "installed": s.get("installed"),
+            "wall_s": s.get("wall_s"), "cpu_train_s": s.get("cpu_train_s"), "cpu_generate_s": s.get("cpu_generate_s"),
+        })  # fmt: skip
+
+    def write_csv(f) -> None:
+        import io
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+        f.write(buf.getvalue().encode())
+
+    atomic_write(folder / "ledger.csv", write_csv)
+
+
+def run_stint(
+    folder: Path,
+    *,
+    deadline: float,
+    kernel_cache: Path | None,
+    threads: int | None = None,
+    device: str | None = None,
+    progress=print,
+    max_steps: int | None = None,
+) -> dict:
+    """One stint of the campaign in ``folder`` until ``deadline`` (time.time() seconds) or,
+    for tests and smoke runs, ``max_steps`` training steps.
+
+    Returns the stint's ledger record.
+    """
+    from spectdose.phantoms.fast_cases import fast_training_cases
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{folder} holds no campaign: it needs a config.json (see models/campaign/README.md)")
+    cfg = CampaignConfig.from_file(folder / "config.json")
+    tcfg = cfg.train_config()
+    net_cfg = cfg.network()
+    if threads:
+        torch.set_num_threads(int(threads))
+    dev = torch.device(device or "cpu")
+    net = DblurDoseNet(net_cfg).to(dev)
+    opt = torch.optim.Adam(net.parameters(), lr=tcfg.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=tcfg.plateau_factor, patience=tcfg.plateau_patience)
+    rng = np.random.default_rng([tcfg.seed, 17])
+    state_path = folder / "state.pt"
+    next_seed, best_score = cfg.first_seed, None
+    ledger = _load_ledger(folder, cfg)
+    if state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state.get("network") != net_cfg.to_dict():
+            raise InputError(f"{state_path}: its network differs from config.json's; a new network is a new campaign folder")
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        _set_rng_states(state["rng"], rng)
+        next_seed = int(state["next_seed"])
+    else:
+        torch.manual_seed(tcfg.seed)
+        random.seed(tcfg.seed)
+    used = set(ledger["seeds_used"])
+    while next_seed in used:  # never a seed that was trained on, whatever the state says
+        next_seed += 1
+    best_score = ledger.get("best_score")
+    record = {"stint": len(ledger["stints"]) + 1, "started_utc": _now(), "end": "running", "seeds": [], "realisations": 0,
+              "pixel_passes": 0, "pixel_passes_total": ledger["pixel_passes"], "host": platform.node(),
+              "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(dev)}  # fmt: skip
+    ledger["stints"].append(record)
+    t_wall0, cpu0 = time.time(), time.process_time()
+    cpu_gen = cpu_train = 0.0
+    passes_per_step = tcfg.batch * tcfg.slab * tcfg.patch * tcfg.patch
+    sampler = _PatchSampler([], tcfg, rng, net_cfg.pack, channels=net_cfg.inputs, cases=[])
+    pool: list[int] = []  # cases per patient in the sampler, oldest first
+    last_gen_cpu = None
+
+    def save(reason: str) -> None:
+        record.update({"ended_utc": _now(), "wall_s": round(time.time() - t_wall0, 1), "cpu_s": round(time.process_time() - cpu0, 1),
+                       "cpu_train_s": round(cpu_train, 1), "cpu_generate_s": round(cpu_gen, 1), "lr": opt.param_groups[0]["lr"],
+                       "pixel_passes_total": ledger["pixel_passes"]})  # fmt: skip
+        if reason:
+            record["end"] = reason
+        with signals.protected():
+            atomic_torch_save(
+                {"version": _STATE_VERSION, "net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                 "rng": _rng_states(rng), "next_seed": next_seed, "network": net_cfg.to_dict()},
+                state_path,
+            )  # fmt: skip
+            _write_ledger(folder, ledger)
+
+    with _Signals() as signals:
+        try:
+            val = _val_patients(cfg, kernel_cache, progress)
+            val_sampler = _PatchSampler([], tcfg, np.random.default_rng(12345), net_cfg.pack, channels=net_cfg.inputs,
+                                        cases=[c for p in val for c in p.cases])  # fmt: skip
+            val_batch = [val_sampler.sample(augment=False) for _ in range(tcfg.val_patches)]
+            end_by = deadline - 60.0 * cfg.end_reserve_minutes
+            last_ckpt = time.time()
+            save("")
+            steps = 0
+            while time.time() < end_by and (max_steps is None or steps < max_steps):
+                trained_enough = cpu_train >= cpu_gen * (1.0 - cfg.generation_share) / cfg.generation_share
+                time_for_one = last_gen_cpu is None or time.time() + last_gen_cpu * 1.5 < end_by
+                if not pool or (trained_enough and time_for_one):
+                    c0 = time.process_time()
+                    p = fast_training_cases(next_seed, profile=cfg.profile, spacing_mm=cfg.spacing_mm, n_noise=cfg.noise_realisations,
+                                            recovery=net_cfg.recovery, kernel_cache=kernel_cache)  # fmt: skip
+                    last_gen_cpu = time.process_time() - c0
+                    cpu_gen += last_gen_cpu
+                    for case in p.cases:
+                        sampler.add_case(case)
+                    pool.append(len(p.cases))
+                    while len(pool) > cfg.pool_patients:
+                        for _ in range(pool.pop(0)):
+                            sampler.drop_first()
+                    record["seeds"].append(next_seed)
+                    record["realisations"] += len(p.cases)
+                    ledger["seeds_used"].append(next_seed)
+                    next_seed += 1
+                    progress(f"patient {p.seed}: {len(p.cases)} realisations in {last_gen_cpu:.0f} CPU-s ({p.info['osem']} OSEM)")
+                else:
+                    c0 = time.process_time()
+                    net.train()
+                    batch = [tuple(t.to(dev) for t in sampler.sample()) for _ in range(tcfg.batch)]
+                    loss = _loss(net, batch, tcfg)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    cpu_train += time.process_time() - c0
+                    steps += 1
+                    ledger["pixel_passes"] += passes_per_step
+                    record["pixel_passes"] += passes_per_step
+                if time.time() - last_ckpt >= 60.0 * cfg.checkpoint_minutes:
+                    val_loss = _evaluate_loss(net, val_batch, dev, tcfg)
+                    sched.step(val_loss)
+                    record.setdefault("val_loss", []).append(round(val_loss, 6))
+                    save("")
+                    last_ckpt = time.time()
+                    progress(f"checkpoint: val loss {val_loss:.5g}, {ledger['pixel_passes']:.3g} pixel passes "
+                             f"({100 * ledger['pixel_passes'] / cfg.target_pixel_passes:.2f} % of the target)")  # fmt: skip
+            save("scoring")
+            net.eval()
+            model = TrainedModel(net=net, config=net_cfg, normalisation=Normalisation(), spacing_mm=cfg.spacing_mm, name=cfg.name,
+                                 metadata={})  # fmt: skip
+            record["val"] = score_network(model, val)
+            record["dvk"] = score_network(None, val)
+            install_path = (folder / cfg.install).resolve()
+            installed = None
+            if install_path.is_file():
+                try:
+                    current = load_model(install_path, device="cpu")
+                    comparable = tuple(current.spacing_mm) == tuple(cfg.spacing_mm) and (
+                        "dvk_rr" not in current.config.inputs or current.config.recovery == net_cfg.recovery
+                    )
+                    installed = score_network(current, val) if comparable else {"score": None, "note": "not comparable (grid or recovery)"}
+                except InputError as exc:
+                    installed = {"score": None, "note": str(exc)}
+            record["installed_network"] = installed
+            score = record["val"]["score"]
+            beats_best = best_score is None or score < best_score
+            beats_installed = installed is None or (installed.get("score") is not None and score < installed["score"])
+            record["installed"] = bool(beats_best and beats_installed)
+            record["install_reason"] = (
+                f"score {score} vs campaign best {best_score} and installed {None if installed is None else installed.get('score')}"
+            )
+            if beats_best:
+                ledger["best_score"] = score
+            if record["installed"]:
+                meta = {"campaign": cfg.name, "stint": record["stint"], "val": record["val"], "dvk": record["dvk"],
+                        "pixel_passes": ledger["pixel_passes"], "seeds_used": len(ledger["seeds_used"])}  # fmt: skip
+                with signals.protected():
+                    save_model(install_path, net.cpu(), normalisation=Normalisation(), spacing_mm=cfg.spacing_mm, name=cfg.name, metadata=meta)
+                    _append_card(install_path.with_suffix(".md"), record, ledger)
+                net.to(dev)
+            progress(f"validation score {score} (DVK {record['dvk']['score']}, installed "
+                     f"{None if installed is None else installed.get('score')}); installed: {record['installed']}")  # fmt: skip
+            save("done")
+        except _Stop as stop:
+            save(f"stopped ({stop})")
+            progress(f"stopped by {stop}: state saved in {state_path}")
+    return record
+
+
+def _append_card(card: Path, record: dict, ledger: dict) -> None:
+    """The installed network's card gains the stint that installed it."""
+    v, d = record["val"], record["dvk"]
+    text = (
+        f"\n## Campaign stint {record['stint']} ({record['started_utc']} to {record.get('ended_utc')}): installed\n\n"
+        f"- validation score {v['score']} (VOI mean |rel. error| {v['voi_abs_rel_error']}, NRMSE {v['nrmse']}); "
+        f"DVK {d['score']} ({d['voi_abs_rel_error']}, {d['nrmse']}); previously installed: {record['installed_network']}\n"
+        f"- {ledger['pixel_passes']:.3g} model-grid pixel passes ({100 * ledger['pixel_passes'] / ledger['target_pixel_passes']:.2f} % "
+        f"of the target), {len(ledger['seeds_used'])} training patients; ledger: models/campaign/ledger.json\n"
+    )
+    old = card.read_text() if card.is_file() else ""
+    atomic_write(card, lambda f: f.write((old + text).encode()))

@@ -1,0 +1,225 @@
+"""The training campaign (issue 17): stints that resume, new seeds, kill-safety, installation only
+on improvement; the recovered-DVK input channel at inference; Richardson-Lucy recovery."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+TINY_CAMPAIGN = {
+    "name": "tiny_campaign",
+    "train": {
+        "network": {"stem": "depth_valid", "residual": True, "pack": 11, "base_filters": 4, "levels": 2, "stem_channels": [2, 4, 4],
+                    "stem_kernel_xy": 3, "leaky_slope": 0.1, "inputs": ["activity", "density", "dvk_rr"],
+                    "recovery": {"fwhm_mm": 10.0, "iterations": 5, "smooth_mm": 5.0}},
+        "patch": 32, "slab": 4, "batch": 2, "lr": 0.001, "plateau_patience": 5, "val_patches": 4, "seed": 0,
+    },
+    "profile": "tiny",
+    "spacing_mm": [7.2, 4.8, 4.8],
+    "first_seed": 5000,
+    "val_seeds": [4901],
+    "noise_realisations": 2,
+    "pool_patients": 2,
+    "checkpoint_minutes": 0.05,
+    "end_reserve_minutes": 0.0,
+    "install": "../models/tiny_campaign.pt",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def val_cache(tmp_path_factory, kernel_cache_dir) -> Path:
+    """The validation cases and the kernels of the tiny grid, made once for the module (a
+    stint's subprocess then starts training within seconds, even on a loaded machine)."""
+    from spectdose.learning.campaign import CampaignConfig, _val_patients
+
+    folder = tmp_path_factory.mktemp("campaign-val")
+    _val_patients(CampaignConfig(**{**TINY_CAMPAIGN, "val_cache": str(folder)}), kernel_cache_dir, None)
+    return folder
+
+
+def _campaign(tmp_path: Path, val_cache: Path) -> Path:
+    folder = tmp_path / "campaign"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**TINY_CAMPAIGN, "val_cache": str(val_cache)}))
+    return folder
+
+
+def _stint(folder: Path, steps: int, kernel_cache_dir: Path) -> dict:
+    """A stint of ``steps`` training steps (the time budget far away: a loaded machine must not
+    change what the test sees)."""
+    from spectdose.learning.campaign import run_stint
+
+    return run_stint(folder, deadline=time.time() + 3600, kernel_cache=kernel_cache_dir, threads=1, progress=lambda m: None,
+                     max_steps=steps)  # fmt: skip
+
+
+def _opt_steps(folder: Path) -> int:
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+    return int(next(iter(state["opt"]["state"].values()))["step"])
+
+
+def test_stints_resume_with_new_seeds_and_install_only_on_improvement(tmp_path, val_cache, kernel_cache_dir, monkeypatch):
+    import spectdose.learning.campaign as campaign
+
+    folder = _campaign(tmp_path, val_cache)
+    installed = tmp_path / "models" / "tiny_campaign.pt"
+
+    first = _stint(folder, 6, kernel_cache_dir)
+    ledger = json.loads((folder / "ledger.json").read_text())
+    assert first["end"] == "done" and first["seeds"] == [5000] and first["pixel_passes"] > 0
+    assert ledger["seeds_used"] == first["seeds"] and ledger["pixel_passes"] == first["pixel_passes"]
+    assert first["val"]["score"] > 0 and first["dvk"]["score"] > 0
+    # nothing was installed before: the first scored network is installed, with its card
+    assert first["installed"] and installed.is_file() and "Campaign stint 1" in installed.with_suffix(".md").read_text()
+    steps = _opt_steps(folder)
+    assert steps > 0
+    csv_rows = (folder / "ledger.csv").read_text().splitlines()
+    assert len(csv_rows) == 2 and csv_rows[0].startswith("stint,")
+
+    # the second stint continues the optimiser and draws patients never used
+    second = _stint(folder, 4, kernel_cache_dir)
+    ledger = json.loads((folder / "ledger.json").read_text())
+    assert second["seeds"] and not set(second["seeds"]) & set(first["seeds"])
+    assert ledger["pixel_passes"] == first["pixel_passes"] + second["pixel_passes"]
+    assert _opt_steps(folder) > steps
+    assert [s["stint"] for s in ledger["stints"]] == [1, 2]
+
+    # a network that scores worse than the installed one is not installed, and the ledger says why
+    before = installed.read_bytes()
+
+    def rigged(model, patients):
+        if model is None:
+            return {"score": 0.9, "voi_abs_rel_error": 0.9, "nrmse": 0.9}
+        worse = model.name == "tiny_campaign" and not model.metadata  # the stint's own net carries no metadata
+        return {"score": 0.5 if worse else 0.4, "voi_abs_rel_error": 0.5, "nrmse": 0.5}
+
+    monkeypatch.setattr(campaign, "score_network", rigged)
+    ledger_best = json.loads((folder / "ledger.json").read_text())["best_score"]
+    third = _stint(folder, 4, kernel_cache_dir)
+    assert third["installed"] is False and third["installed_network"]["score"] == 0.4 and third["val"]["score"] == 0.5
+    assert installed.read_bytes() == before
+    assert "0.4" in third["install_reason"]
+    assert json.loads((folder / "ledger.json").read_text())["best_score"] == min(ledger_best, 0.5)
+
+
+def test_killed_stint_saves_and_the_next_resumes(tmp_path, val_cache, kernel_cache_dir):
+    folder = _campaign(tmp_path, val_cache)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "spectdose.cli", "train", "--campaign", str(folder), "--minutes", "10", "--threads", "1",
+           "--kernel-cache", str(kernel_cache_dir)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 600:  # until a checkpoint after some training
+            ledger = folder / "ledger.json"
+            if ledger.is_file() and json.loads(ledger.read_text())["pixel_passes"] > 0:
+                break
+            time.sleep(1.0)
+        else:
+            pytest.fail("the stint never checkpointed any training")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    ledger = json.loads((folder / "ledger.json").read_text())
+    killed = ledger["stints"][-1]
+    assert killed["end"].startswith("stopped") and killed["pixel_passes"] > 0 and killed["seeds"] == [5000]
+    steps = _opt_steps(folder)
+    nxt = _stint(folder, 4, kernel_cache_dir)
+    assert nxt["seeds"] and nxt["seeds"][0] == 5001
+    assert _opt_steps(folder) > steps
+    assert json.loads((folder / "ledger.json").read_text())["pixel_passes"] == ledger["pixel_passes"] + nxt["pixel_passes"]
+
+
+def test_campaign_needs_a_time_budget_and_a_config(tmp_path):
+    from spectdose.cli import main
+
+    assert main(["train", "--campaign", str(tmp_path), "--threads", "1"]) == 2
+    assert main(["train", "--campaign", str(tmp_path), "--minutes", "1"]) == 2  # no config.json there
+
+
+def test_richardson_lucy_recovers_a_blurred_sphere():
+    from scipy import ndimage
+
+    from spectdose.cnn.recovery import richardson_lucy
+
+    spacing = (2.0, 2.0, 2.0)
+    z, y, x = np.mgrid[:40, :40, :40]
+    sphere = (((z - 20) ** 2 + (y - 20) ** 2 + (x - 20) ** 2) * 4.0 <= 8.0**2).astype(np.float32) * 100.0  # 8 mm radius
+    blurred = ndimage.gaussian_filter(sphere, 10.0 / 2.3548 / 2.0, mode="constant")
+    rr = richardson_lucy(blurred, spacing, fwhm_mm=10.0, iterations=5, smooth_mm=5.0)
+    inside = sphere > 0
+    assert blurred[inside].mean() < 0.6 * 100.0  # partial volume: the blur takes much of it
+    assert rr[inside].mean() > blurred[inside].mean() + 10.0  # recovery gives part of it back
+    assert rr.sum() == pytest.approx(blurred.sum(), rel=0.02)  # and keeps the total
+    assert (rr >= 0).all()
+
+
+def test_installed_network_with_the_recovered_dvk_input_runs_from_its_saved_config(tmp_path, kernel_cache_dir):
+    """The saved config drives inference: the dvk_rr channel is made as the fast path makes it."""
+    from spectdose.cnn.inference import (
+        Normalisation,
+        load_model,
+        normalised_inputs,
+        predict_normalised,
+        predict_on_ct_grid,
+        save_model,
+    )
+    from spectdose.cnn.model import DblurDoseNet, NetworkConfig
+    from spectdose.cnn.recovery import recovered_dvk
+    from spectdose.dose import dvk_dose_rate
+    from spectdose.geometry import Grid, Volume
+    from spectdose.kernels import get_kernel
+
+    cfg = NetworkConfig.from_dict(TINY_CAMPAIGN["train"]["network"])
+    spacing = (7.2, 4.8, 4.8)
+    torch.manual_seed(0)
+    path = save_model(tmp_path / "rr.pt", DblurDoseNet(cfg).eval(), normalisation=Normalisation(), spacing_mm=spacing, name="rr", metadata={})
+    model = load_model(path, device="cpu")
+    assert model.config.inputs == ("activity", "density", "dvk_rr") and model.config.recovery["fwhm_mm"] == 10.0
+
+    grid = Grid((16, 24, 24), spacing, (0.0, 0.0, 0.0))
+    act = np.zeros(grid.shape, np.float32)
+    act[6:10, 8:14, 8:14] = 1e5
+    rho = np.ones(grid.shape, np.float32)
+    kernel = get_kernel(spacing, cache_dir=kernel_cache_dir).total_mgy_per_mbq_s
+    dvk = dvk_dose_rate(act, rho, kernel, grid.voxel_volume_ml)
+    out = predict_on_ct_grid(model, Volume(act, grid, "Bq/ml"), Volume(rho, grid, "g/cm3"), Volume(dvk, grid, "Gy/s"),
+                             kernel_cache_dir=kernel_cache_dir).array  # fmt: skip
+    a_n, rho_n, d_n, total = normalised_inputs(act, rho, dvk, grid.voxel_volume_ml, model.normalisation)
+    rr_n = recovered_dvk(act, rho, spacing, model.config.recovery, kernel_cache=kernel_cache_dir) / total * model.normalisation.dose_scale_per_gy_s
+    by_hand = predict_normalised(model, a_n, rho_n, d_n, extra={"dvk_rr": rr_n.astype(np.float32)}) * total / model.normalisation.dose_scale_per_gy_s
+    np.testing.assert_allclose(out, by_hand, rtol=1e-4, atol=1e-12 + 1e-5 * float(np.abs(by_hand).max()))
+    with pytest.raises(Exception, match="dvk_rr"):
+        predict_normalised(model, a_n, rho_n, d_n)
+
+
+def test_dvk_rr_method_gives_back_dose_the_blur_took_from_a_small_sphere(kernel_cache_dir):
+    """`--method dvk-rr`: DVK on the recovered SPECT, higher than DVK inside a blurred 2 ml sphere."""
+    from scipy import ndimage
+
+    from spectdose.geometry import Grid, Volume
+    from spectdose.pipeline import DoseOptions, compute_dose_rate
+
+    spacing = (4.0, 4.0, 4.0)
+    grid = Grid((24, 24, 24), spacing, (0.0, 0.0, 0.0))
+    z, y, x = np.mgrid[:24, :24, :24]
+    sphere = ((z - 12) ** 2 + (y - 12) ** 2 + (x - 12) ** 2) * 16.0 <= 8.0**2
+    spect = ndimage.gaussian_filter(sphere.astype(np.float32) * 1e6, 10.0 / 2.3548 / 4.0, mode="constant")
+    act, rho = Volume(spect, grid, "Bq/ml"), Volume(np.ones(grid.shape, np.float32), grid, "g/cm3")
+    dvk, _ = compute_dose_rate(act, rho, options=DoseOptions(method="dvk", kernel_cache_dir=kernel_cache_dir))
+    rr, info = compute_dose_rate(act, rho, options=DoseOptions(method="dvk-rr", kernel_cache_dir=kernel_cache_dir))
+    assert rr.array[sphere].mean() > 1.2 * dvk.array[sphere].mean()
+    assert info["resolution_recovery"]["fwhm_mm"] == 10.0
+    assert rr.array.sum() == pytest.approx(dvk.array.sum(), rel=0.05)
