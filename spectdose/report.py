@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -69,6 +70,9 @@ _REGION_RGB = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (
 # Orientation letters at the (top, bottom, left, right) edges of a slice of the view (see
 # _to_canonical): radiological convention, the patient's right on the viewer's left, head up.
 ORIENTATION = {"axial": ("A", "P", "R", "L"), "coronal": ("S", "I", "R", "L"), "sagittal": ("S", "I", "A", "P")}
+# The maxima marked on the report's key images (matplotlib marker codes) and their symbols in the legend.
+MARKER_STYLES = {"voxel maximum": "x", "maximum in soft tissue": "o"}
+_MARKER_SYMBOL = {"x": "×", "o": "circle"}
 # Header and label text (patient names, SEG labels) is drawn as literal text: no mathtext, no TeX.
 TEXT_RC = {"pdf.fonttype": 42, "font.family": "DejaVu Sans", "text.parse_math": False, "text.usetex": False}
 # Pictures are drawn so the largest extent of the view is this many pixels.
@@ -130,10 +134,14 @@ class ViewVolumes:
     region_names: list[str]
     region_masks: np.ndarray  # (n_regions, z, y, x) bool
     region_lesion: list[bool]
+    # Named points (the maxima) as view indices (z, y, x); empty for views written before them.
+    markers: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_volumes(cls, ct_hu: Volume, dose: Volume, regions: RegionSet | None = None) -> ViewVolumes:
-        """From the CT and the dose on the CT grid (as in :func:`spectdose.pipeline.run`)."""
+    def from_volumes(cls, ct_hu: Volume, dose: Volume, regions: RegionSet | None = None,
+                     points_lps_mm: Mapping[str, Sequence[float]] | None = None) -> ViewVolumes:
+        """From the CT and the dose on the CT grid (as in :func:`spectdose.pipeline.run`);
+        ``points_lps_mm`` are named patient positions to mark (the maxima)."""
         if ct_hu.grid.shape != dose.grid.shape:
             raise ValueError("the dose must be on the CT grid to build the view volumes")
         factors = [max(1, math.ceil(n / VIEW_MAX_VOXELS)) for n in ct_hu.grid.shape]
@@ -149,7 +157,17 @@ class ViewVolumes:
             masks.append(mask)
             lesion.append(bool(r.lesion))
         stack = np.stack(masks) if masks else np.zeros((0, *ct_view.shape), dtype=bool)
-        return cls(ct_view, dose_view.astype(np.float32), dose.units, spacing, names, stack, lesion)
+        _, _, flips = _to_canonical(np.zeros((1, 1, 1)), ct_hu.grid.axes)
+        markers = {}
+        for name, lps in (points_lps_mm or {}).items():
+            index = np.rint(ct_hu.grid.lps_mm_to_index(np.asarray(lps, dtype=float))).astype(int)
+            view_index = []
+            for t in range(3):
+                i = int(np.clip(index[perm[t]], 0, ct_hu.grid.shape[perm[t]] - 1))
+                i = ct_hu.grid.shape[perm[t]] - 1 - i if flips[t] else i
+                view_index.append(int(min(i // f[t], ct_view.shape[t] - 1)))
+            markers[str(name)] = tuple(view_index)
+        return cls(ct_view, dose_view.astype(np.float32), dose.units, spacing, names, stack, lesion, markers)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -158,6 +176,7 @@ class ViewVolumes:
                 fh, ct_hu=self.ct_hu, dose=self.dose, dose_unit=np.array(self.dose_unit),
                 spacing_mm=np.array(self.spacing_mm), region_names=np.array(self.region_names, dtype=str),
                 region_masks=np.packbits(self.region_masks, axis=-1), region_lesion=np.array(self.region_lesion, bool),
+                markers=np.array(json.dumps(self.markers)),
             )
         return path
 
@@ -168,8 +187,9 @@ class ViewVolumes:
             packed = z["region_masks"]
             masks = np.unpackbits(packed, axis=-1, count=ct.shape[2]).astype(bool) if packed.size else \
                 np.zeros((0, *ct.shape), dtype=bool)
+            markers = {k: tuple(v) for k, v in json.loads(str(z["markers"])).items()} if "markers" in z else {}
             return cls(ct, z["dose"], str(z["dose_unit"]), tuple(float(s) for s in z["spacing_mm"]),
-                       [str(n) for n in z["region_names"]], masks, [bool(b) for b in z["region_lesion"]])
+                       [str(n) for n in z["region_names"]], masks, [bool(b) for b in z["region_lesion"]], markers)
 
     @property
     def absorbed(self) -> bool:
@@ -613,8 +633,17 @@ def report_pdf_bytes(view: ViewVolumes, summary: Mapping, identifiers: Mapping) 
         for n, plane in enumerate(PLANES):
             index = point[n]
             ax = fig.add_axes((0.05 + n * 0.29, top - height, 0.27, height))
-            ax.imshow(render_slice(view, plane, index, opacity=0.5, window=window, isodose_levels=levels,
-                                   pixel_mm=pixel_mm), interpolation="nearest")
+            image = render_slice(view, plane, index, opacity=0.5, window=window, isodose_levels=levels,
+                                 pixel_mm=pixel_mm)
+            ax.imshow(image, interpolation="nearest")
+            ax.autoscale(False)
+            for name, marker in MARKER_STYLES.items():
+                where = view.markers.get(name)
+                if where is not None:
+                    rc = [where[a] for a in range(3) if a != n]  # in-plane (row, column) of the view
+                    n_rows, n_cols = _slice(view.ct_hu, plane, index).shape
+                    ax.plot((rc[1] + 0.5) * image.shape[1] / n_cols - 0.5, (rc[0] + 0.5) * image.shape[0] / n_rows - 0.5,
+                            marker=marker, ms=7, mew=1.3, mfc="none", color="white", ls="none")
             ax.set_title(f"{plane} {index + 1}/{view.n_slices(plane)}", fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -637,7 +666,10 @@ def report_pdf_bytes(view: ViewVolumes, summary: Mapping, identifiers: Mapping) 
             f"{level:g} {view.dose_unit} ({_colour_name(c)})" for level, c in zip(levels, isodose_colours(levels), strict=True))
             or "none below the maximum") + f"; colour wash from {window[0]:.3g} {view.dose_unit}; images cut through " \
             + ("the hottest voxel of the region with the highest mean dose" if len(view.region_masks) else "the hottest voxel") \
-            + "; patient's right on the viewer's left (A anterior, P posterior, R right, L left, S superior, I inferior)"
+            + "; patient's right on the viewer's left (A anterior, P posterior, R right, L left, S superior, I inferior)" \
+            + ("; marked in white: " + ", ".join(f"{name} ({_MARKER_SYMBOL[m]})" for name, m in MARKER_STYLES.items()
+                                                 if name in view.markers)
+               + ", where they project onto each slice" if view.markers else "")
         y = top - height - 0.018
         for line in _wrap(iso_text, 130):
             fig.text(0.05, y, line, fontsize=6.5)

@@ -305,3 +305,27 @@ def test_uncertainty_coverage_and_notes_are_columns_and_an_uncovered_region_has_
     old_header, _ = table_rows([{k: v for k, v in rows[0].items() if k not in ("coverage", "automatic", "location",
                                                                               "spect_coverage_fraction")}])
     assert "coverage" not in old_header and "notes" not in old_header
+
+
+def test_the_maxima_are_marked_where_they_lie_whatever_the_slice_order(tmp_path):
+    study = _study()
+    dose, regions = _dose(study), _regions()
+    hot = study.ct.grid.index_to_lps_mm(np.array([16, 26, 30]))  # the lesion's hottest voxel
+    warm = study.ct.grid.index_to_lps_mm(np.array([8, 14, 16]))  # the kidney's
+    points = {"voxel maximum": hot, "maximum in soft tissue": warm}
+    view = ViewVolumes.from_volumes(study.ct, dose, regions, points_lps_mm=points)
+    assert view.markers["voxel maximum"] == key_point(view)  # the same voxel, found from the dose
+    assert view.dose[view.markers["maximum in soft tissue"]] == pytest.approx(dose.array[8, 14, 16], rel=1e-3)
+    # the same patient, slices stored in the other order: the same marks
+    g = study.ct.grid
+    flipped_axes = g.axes.copy()
+    flipped_axes[0] = -flipped_axes[0]
+    grid = Grid(SHAPE, SPACING_MM, tuple(g.index_to_lps_mm(np.array([SHAPE[0] - 1, 0, 0]))), flipped_axes,
+                g.frame_of_reference_uid)
+    other = ViewVolumes.from_volumes(Volume(study.ct.array[::-1].copy(), grid, "HU"),
+                                     Volume(dose.array[::-1].copy(), grid, "Gy"), points_lps_mm=points)
+    assert other.markers == view.markers
+    assert ViewVolumes.load(view.save(tmp_path / "view.npz")).markers == view.markers
+    text = pdf_text(report_pdf_bytes(view, _summary(dose, regions), identifiers_from_study(study)))
+    words = " ".join(text.split())
+    assert "marked in white: voxel maximum (×), maximum in soft tissue (circle)" in words
