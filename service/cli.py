@@ -339,7 +339,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         elif settings.no_auth_beyond_loopback:
             auth = "OFF (--no-auth)"
         else:
-            auth = "OFF (local demo, loopback only)"
+            auth = "OFF (local demo): loopback only"
         print(
             f"spectdose serve: gateway {http_url} (docs {http_url}/docs: {settings.docs_mode}), DICOM node "
             f"{settings.ae_title}@{settings.dicom_host}:{settings.dicom_port}, broker {redacted(redis_url)}"
