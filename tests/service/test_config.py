@@ -69,3 +69,24 @@ def test_child_process_environment_round_trips(tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     again = load_settings()
     assert again.model_dump() == s.model_dump()
+
+
+def test_no_auth_beyond_loopback_only_when_asked_and_docs_follow_the_token():
+    with pytest.raises(ValidationError, match="--no-auth"):
+        Settings(environment="development", auth_enabled=False, http_host="0.0.0.0")
+    s = Settings(environment="development", auth_enabled=False, http_host="0.0.0.0", no_auth_beyond_loopback=True)
+    assert not s.auth_enabled and s.checks_host and s.docs_mode == "public"
+    assert Settings(environment="development", api_tokens=[TOKEN]).docs_mode == "token", "serve with tokens"
+    assert Settings(environment="development", api_tokens=[TOKEN], api_docs="public").docs_mode == "public"
+
+
+def test_allowed_hosts():
+    s = Settings(environment="development", auth_enabled=False, allowed_hosts="dosimetry.example.org, .ward.example",
+                 public_url="https://pacs-gw.example.net/dose")
+    for host in ("localhost", "127.0.0.1", "::1", "[::1]", "10.1.2.3", "dosimetry.example.org", "DOSIMETRY.example.org.",
+                 "a.ward.example", "ward.example", "pacs-gw.example.net"):
+        assert s.host_allowed(host), host
+    for host in ("", "evil.example", "dosimetry.example.org.evil.example", "xward.example", "localhost.evil.example"):
+        assert not s.host_allowed(host), host
+    assert Settings(api_tokens=[TOKEN]).checks_host is False, "tokens guard the API; Host checked once listed"
+    assert Settings(api_tokens=[TOKEN], allowed_hosts=["x.example"]).checks_host is True
