@@ -586,8 +586,9 @@ def _ref(c: Candidate, order: Sequence[int], bed_set: BedSet | None = None) -> S
 
 
 def _read_ct(ct: Candidate, order: list[int], grid: Grid) -> Volume:
-    slices = []
-    for i in order:
+    # Filled slice by slice: a list of slices and their np.stack would hold the CT twice (issue 20).
+    volume = np.empty(grid.shape, dtype=np.float32)
+    for k, i in enumerate(order):
         fh = ct.files[i]
         stored, ds = read_pixels(fh)
         slope = ds_float(ds, "RescaleSlope", 1.0, fh.relpath)
@@ -598,8 +599,11 @@ def _read_ct(ct: Candidate, order: list[int], grid: Grid) -> Volume:
         padding = ds.get("PixelPaddingValue", None)
         if padding is not None:
             hu[stored[0] == padding] = _CT_PADDING_HU
-        slices.append(hu.astype(np.float32))
-    return Volume(np.stack(slices), grid, "HU")
+        if hu.shape != volume.shape[1:]:
+            raise InputError(f"{fh.relpath}: {hu.shape[0]} x {hu.shape[1]} pixels, the other CT slices "
+                             f"{volume.shape[1]} x {volume.shape[2]}")
+        volume[k] = hu
+    return Volume(volume, grid, "HU")
 
 
 def _read_spect_values(

@@ -133,9 +133,10 @@ def build_dose_rate_map(
         )
     unit, factor = _ACCEPTED_UNITS[dose_rate_mgy_per_h.units]
     per_mbq = unit is DOSE_RATE_PER_MBQ_UNIT
-    values_f32 = (np.asarray(dose_rate_mgy_per_h.array, dtype=np.float64) * factor).astype(
-        np.float32
-    )
+    if factor == 1.0:  # the common case: no float64 copy of a clinical volume (issue 20: memory)
+        values_f32 = np.asarray(dose_rate_mgy_per_h.array, dtype=np.float32)
+    else:
+        values_f32 = (np.asarray(dose_rate_mgy_per_h.array, dtype=np.float64) * factor).astype(np.float32)
     if not np.all(np.isfinite(values_f32)):
         raise ExportError("dose-rate values overflow float32")
     grid = dose_rate_mgy_per_h.grid
