@@ -223,3 +223,17 @@ def test_dvk_rr_method_gives_back_dose_the_blur_took_from_a_small_sphere(kernel_
     assert rr.array[sphere].mean() > 1.2 * dvk.array[sphere].mean()
     assert info["resolution_recovery"]["fwhm_mm"] == 10.0
     assert rr.array.sum() == pytest.approx(dvk.array.sum(), rel=0.05)
+
+
+def test_until_is_the_next_such_utc_time_and_malformed_times_are_refused():
+    import datetime as dt
+
+    from spectdose.errors import InputError
+    from spectdose.learning.campaign import parse_until
+
+    now = dt.datetime(2026, 12, 6, 23, 30, tzinfo=dt.UTC)
+    assert parse_until("00:50", now) == dt.datetime(2026, 12, 7, 0, 50, tzinfo=dt.UTC)
+    assert parse_until("23:45", now) == dt.datetime(2026, 12, 6, 23, 45, tzinfo=dt.UTC)
+    for bad in ("25:00", "noon", "1:2:3"):
+        with pytest.raises(InputError, match="HH:MM"):
+            parse_until(bad, now)
