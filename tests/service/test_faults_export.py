@@ -98,7 +98,7 @@ def test_a_destination_that_never_answers_does_not_hold_the_worker(tmp_path, red
             others_done = time.monotonic() - start
             first = store.get(hung)
             # one association attempt (connect 1 s + A-ASSOCIATE 2 s) is all the worker gave the hung peer
-            assert others_done < 12, f"the other jobs waited {others_done:.1f} s behind the hung destination"
+            assert others_done < 25, f"the other jobs waited {others_done:.1f} s behind the hung destination"
             assert first.state in ("queued", "running"), first.state
             wait_for(lambda: store.get(hung).state == "failed", 90, 0.5, what="the hung job to give up")
             took = time.monotonic() - start
@@ -110,6 +110,6 @@ def test_a_destination_that_never_answers_does_not_hold_the_worker(tmp_path, red
             assert storage.output_manifest(hung) is not None, "the computed result stays downloadable"
             assert len(peer.accepted) == 3, "one connection per try, no retries inside the task"
             # 3 tries x (at most 3 s) + backoff 4 s + 8 s: the worker was busy with it for ~9 s of that
-            assert took < 40, took
+            assert took < 60, took  # before: 4 tries x ~96 s
     finally:
         peer.close()
