@@ -289,6 +289,7 @@ def test_openapi_documents_every_route_and_response(client):
                           "/jobs/{job_id}/uncertainty", "/jobs/{job_id}/summary", "/jobs/{job_id}/report",
                           "/jobs/{job_id}/regions", "/jobs/{job_id}/regions/{version}", "/cycles", "/cycles/{cycle_id}",
                           "/cycles/{cycle_id}/rtdose", "/cycles/{cycle_id}/integrate",
+                          "/cycles/{cycle_id}/conflicts/{job_id}/resolve",
                           "/patients/{patient_id}/cumulative", "/health", "/ready", "/metrics"}
     post = paths["/studies"]["post"]
     assert set(post["requestBody"]["content"]) == {"application/zip", "multipart/form-data",
