@@ -16,6 +16,7 @@ recorded as failed with that reason and not retried; the others are sent.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import time
 import uuid
@@ -26,6 +27,8 @@ import httpx
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+
+from spectdose.dicom.transfer import choose_syntax, encode_for, presentation_contexts, syntaxes_for
 
 from .config import SENDER, DicomPeer, Settings
 from .jobs import ExportItem, JobStore
@@ -103,9 +106,12 @@ def c_store(peer: DicomPeer, files: list[OutputFile], *, calling_aet: str, timeo
     bounds each C-STORE answer. An error of an association that was never set up starts with
     :data:`NO_ASSOCIATION`.
     """
+    # Lossless compression per association (issue 20): a context per SOP class and lossless syntax, and
+    # one uncompressed; each object goes in the best syntax the peer accepted (spectdose.dicom.transfer).
+    headers = {f.sop_instance_uid: pydicom.dcmread(f.path, stop_before_pixels=True) for f in files}
     ae = AE(ae_title=calling_aet)
-    for sop_class in sorted({f.sop_class_uid for f in files}):
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    for sop_class, syntaxes in presentation_contexts(headers.values()):
+        ae.add_requested_context(sop_class, syntaxes)
     ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.acse_timeout = associate_timeout_s
     ae.connection_timeout = connect_timeout_s
@@ -118,13 +124,16 @@ def c_store(peer: DicomPeer, files: list[OutputFile], *, calling_aet: str, timeo
                f"no answer within {waited:.0f} s" if waited >= min(connect_timeout_s, associate_timeout_s) * 0.9 else
                "aborted" if assoc.is_aborted else "no connection")
         return {f.sop_instance_uid: f"{NO_ASSOCIATION} {peer} failed ({why})" for f in files}
-    accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+    accepted: dict[str, list[str]] = {}
+    for cx in assoc.accepted_contexts:
+        accepted.setdefault(str(cx.abstract_syntax), []).append(str(cx.transfer_syntax[0]))
     try:
         for f in files:
-            if f.sop_class_uid not in accepted:
+            syntax = choose_syntax(headers[f.sop_instance_uid], accepted.get(f.sop_class_uid, []))
+            if syntax is None:
                 result[f.sop_instance_uid] = f"{peer} {_NOT_ACCEPTED} {f.sop_class_uid} (presentation context rejected)"
                 continue
-            ds = pydicom.dcmread(f.path)
+            ds = encode_for(pydicom.dcmread(f.path), syntax)
             status = assoc.send_c_store(ds)
             code = getattr(status, "Status", None)
             if code in _STORED:
@@ -170,14 +179,18 @@ def push_files(peer: DicomPeer, paths: list[Path], *, calling_aet: str, timeout_
 
 
 def stow_rs(url: str, files: list[OutputFile], *, token: str | None, timeout_s: float,
-            connect_timeout_s: float | None = None) -> dict[str, str | None]:
-    """POST ``files`` as one STOW-RS request (PS3.18 10.5) to ``url`` (a base URL or .../studies)."""
+            connect_timeout_s: float | None = None, compressed: bool = True) -> dict[str, str | None]:
+    """POST ``files`` as one STOW-RS request (PS3.18 10.5) to ``url`` (a base URL or .../studies).
+
+    Each object goes in its best lossless transfer syntax (named in its part's Content-Type); an
+    origin server that refuses them (HTTP 400, 409 or 415) gets them again uncompressed."""
     target = url if url.rstrip("/").endswith("/studies") else url.rstrip("/") + "/studies"
     boundary = uuid.uuid4().hex
     body = bytearray()
     for f in files:
-        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        body += f.path.read_bytes()
+        data, syntax = _stow_part(f.path, compressed)
+        body += f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={syntax}\r\n\r\n".encode()
+        body += data
         body += b"\r\n"
     body += f"--{boundary}--\r\n".encode()
     headers = {
@@ -193,7 +206,30 @@ def stow_rs(url: str, files: list[OutputFile], *, token: str | None, timeout_s: 
         return {f.sop_instance_uid: f"STOW-RS to {target} failed ({type(exc).__name__}: {exc})" for f in files}
     if rsp.status_code in (200, 202):
         return {f.sop_instance_uid: None for f in files}
+    if compressed and rsp.status_code in _STOW_SYNTAX_REFUSED:
+        # The origin server did not take a compressed syntax: the same objects again, uncompressed.
+        log.warning("STOW-RS to %s answered HTTP %d to compressed objects; sending them uncompressed",
+                    target, rsp.status_code)
+        return stow_rs(url, files, token=token, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s,
+                       compressed=False)
     return {f.sop_instance_uid: f"STOW-RS to {target} answered HTTP {rsp.status_code}" for f in files}
+
+
+# STOW-RS answers that can mean "not in this transfer syntax": 415 Unsupported Media Type, and 400 or
+# 409 (none or only some instances stored, PS3.18 10.5); resending uncompressed costs one more request.
+_STOW_SYNTAX_REFUSED = {400, 409, 415}
+
+
+def _stow_part(path: Path, compressed: bool) -> tuple[bytes, str]:
+    """A file's bytes for a STOW-RS part and its transfer syntax: in its best lossless syntax (issue 20),
+    or as stored when ``compressed`` is False."""
+    ds = pydicom.dcmread(path)
+    syntax = syntaxes_for(ds)[0] if compressed else str(ds.file_meta.TransferSyntaxUID)
+    if syntax == str(ds.file_meta.TransferSyntaxUID):
+        return path.read_bytes(), syntax
+    out = io.BytesIO()
+    encode_for(ds, syntax).save_as(out, enforce_file_format=True)
+    return out.getvalue(), syntax
 
 
 def export_outputs(
