@@ -363,9 +363,14 @@ def check_on_ct_frame(volume: Volume, study: Study, what: str) -> None:
 
 def converted_units(volume: Volume, accepted: dict[str, float], what: str) -> np.ndarray:
     """``volume.array`` as float64 in the target unit, from one of the ``accepted`` units."""
+    return np.asarray(volume.array, dtype=np.float64) * _unit_factor(volume, accepted, what)
+
+
+def _unit_factor(volume: Volume, accepted: dict[str, float], what: str) -> float:
+    """The factor from ``volume``'s unit to the target unit (one of the ``accepted`` units)."""
     if volume.units not in accepted:
         raise ExportError(f"{what} has units {volume.units!r}; expected one of {sorted(accepted)}")
-    return np.asarray(volume.array, dtype=np.float64) * accepted[volume.units]
+    return accepted[volume.units]
 
 
 def slices_run_against_normal(grid: Grid) -> bool:
@@ -582,16 +587,21 @@ def build_rtdose(
             f"description must be 1-64 characters (Series Description, LO), got {len(description)}"
         )
     check_on_ct_frame(dose_gy, study, "dose volume")
-    values_gy = converted_units(dose_gy, {"Gy": 1.0, "mGy": 1e-3}, "dose volume")
+    to_gy = _unit_factor(dose_gy, {"Gy": 1.0, "mGy": 1e-3}, "dose volume")
     frame_of_reference = ct_frame_of_reference_uid(study)
     grid = dose_gy.grid
 
     max_stored = 2**bits - 1
-    scaling_text = dose_grid_scaling_ds(float(values_gy.max()), max_stored)
-    stored = np.rint(values_gy / float(scaling_text))
-    if stored.max() > max_stored:  # cannot happen by construction of the scaling
-        raise ExportError(f"Dose Grid Scaling {scaling_text} would clip the maximum dose")
-    stored = stored.astype("<u4" if bits == 32 else "<u2")
+    # max(float64(v) * f) == float64(max(v)) * f: scaling by a positive factor keeps the order.
+    scaling_text = dose_grid_scaling_ds(float(np.max(dose_gy.array)) * to_gy, max_stored)
+    scaling = float(scaling_text)
+    # Quantised slab by slab, in float64 as before: a whole clinical volume in float64 is 272 MB per copy.
+    stored = np.empty(grid.shape, dtype="<u4" if bits == 32 else "<u2")
+    for k in range(grid.shape[0]):
+        slab = np.rint(np.asarray(dose_gy.array[k], dtype=np.float64) * to_gy / scaling)
+        if slab.max() > max_stored:  # cannot happen by construction of the scaling
+            raise ExportError(f"Dose Grid Scaling {scaling_text} would clip the maximum dose")
+        stored[k] = slab
 
     reverse = slices_run_against_normal(grid)
     first_k = grid.shape[0] - 1 if reverse else 0
