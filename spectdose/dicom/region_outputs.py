@@ -136,7 +136,7 @@ def _build_seg(regions: RegionSet, ctx: RegionContext, *, description: str, meth
         software_versions=f"spectdose {ctx.software_version}",
         device_serial_number="0",
         series_description=description[:64],
-        content_label="AUTOLESIONS" if regions.source == "automatic" else "REGIONS",
+        content_label="AUTOHOTSPOTS" if regions.source == "automatic" else "REGIONS",
         content_description=(method or description)[:64],
     )
     # Segment Description (0062,0006, LO): an automatic region says it is unreviewed and where it lies.
@@ -417,7 +417,7 @@ def write_region_outputs(
             regions.masks, ctx.ct_grid, ctx.header, ct_series_uid=ctx.ct_series_uid,
             ct_instance_uids=ctx.ct_instance_uids, sop_instance_uid=_uid("RTSTRUCT-instance", seg_uid, digest),
             series_instance_uid=_uid("RTSTRUCT-series", seg_uid, digest),
-            label="AUTOLESIONS" if regions.source == "automatic" else "REGIONS",
+            label="AUTOHOTSPOTS" if regions.source == "automatic" else "REGIONS",
             source_segments={r.name: (seg_uid, n) for r, n in zip(regions.regions, segment_numbers, strict=True)},
             automatic=regions.source == "automatic",
             # An unreviewed automatic region is no GTV: its type stays empty (Type 2) until someone says what it is.

@@ -300,7 +300,7 @@ def _results_in_the_source_study(orthanc_url: str, study_uid: str, job: dict, fi
         if kind == "rtdose":
             assert len(ds.DVHSequence) >= 1 and "ReferencedStructureSetSequence" in ds, "the RT DVH module"
         if kind == "autoseg":
-            assert ds.Modality == "SEG" and ds.ContentLabel == "AUTOLESIONS"
+            assert ds.Modality == "SEG" and ds.ContentLabel == "AUTOHOTSPOTS"
         if kind == "sr":
             assert ds.Modality == "SR" and ds.ContentTemplateSequence[0].TemplateIdentifier == "1500"
         if kind == "report_pdf":
