@@ -15,6 +15,7 @@ import io
 import json
 import math
 import textwrap
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -171,13 +172,18 @@ class ViewVolumes:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        with path.open("wb") as fh:
-            np.savez_compressed(
-                fh, ct_hu=self.ct_hu, dose=self.dose, dose_unit=np.array(self.dose_unit),
-                spacing_mm=np.array(self.spacing_mm), region_names=np.array(self.region_names, dtype=str),
-                region_masks=np.packbits(self.region_masks, axis=-1), region_lesion=np.array(self.region_lesion, bool),
-                markers=np.array(json.dumps(self.markers)),
-            )
+        arrays = dict(
+            ct_hu=self.ct_hu, dose=self.dose, dose_unit=np.array(self.dose_unit),
+            spacing_mm=np.array(self.spacing_mm), region_names=np.array(self.region_names, dtype=str),
+            region_masks=np.packbits(self.region_masks, axis=-1), region_lesion=np.array(self.region_lesion, bool),
+            markers=np.array(json.dumps(self.markers)),
+        )
+        # np.savez_compressed's layout (np.load reads it), at zlib level 1: on a clinical study level 6
+        # took 3.3 s of the report for a few % smaller file (issue 20: regions + report time).
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+            for name, value in arrays.items():
+                with z.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                    np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
         return path
 
     @classmethod
