@@ -237,3 +237,29 @@ def test_until_is_the_next_such_utc_time_and_malformed_times_are_refused():
     for bad in ("25:00", "noon", "1:2:3"):
         with pytest.raises(InputError, match="HH:MM"):
             parse_until(bad, now)
+
+
+def test_precise_bn_replaces_lagging_running_statistics(val_cache, kernel_cache_dir):
+    """Running BatchNorm averages far from the data (as early in training) make the eval-mode
+    network bad; recomputed statistics bring it back, weights untouched."""
+    from spectdose.cnn.model import DblurDoseNet
+    from spectdose.learning.campaign import CampaignConfig, _precise_bn, _val_patients
+    from spectdose.learning.training import _evaluate_loss, _PatchSampler
+
+    cfg = CampaignConfig(**{**TINY_CAMPAIGN, "val_cache": str(val_cache)})
+    tcfg, net_cfg = cfg.train_config(), cfg.network()
+    cases = [c for p in _val_patients(cfg, kernel_cache_dir, None) for c in p.cases]
+    sampler = _PatchSampler([], tcfg, np.random.default_rng(0), net_cfg.pack, channels=net_cfg.inputs, cases=cases)
+    batch = [sampler.sample(augment=False) for _ in range(8)]
+    torch.manual_seed(0)
+    net = DblurDoseNet(net_cfg)
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.fill_(0.5)
+            m.running_var.fill_(1e-2)
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "num_batches" not in k}
+    lagging = _evaluate_loss(net, batch, "cpu", tcfg)
+    assert np.isfinite(lagging)
+    _precise_bn(net, sampler, "cpu", n_slabs=16)
+    assert _evaluate_loss(net, batch, "cpu", tcfg) < 0.5 * lagging
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in weights.items())

@@ -13,8 +13,9 @@ decision). A stint:
    before (``spectdose.phantoms.fast_cases``: several noise realisations each, in memory)
    with training on a bounded pool of the newest cases, in one process; generation takes
    about ``generation_share`` of the CPU time;
-3. saves the state atomically every ``checkpoint_minutes`` and on SIGTERM/SIGINT, so a
-   killed stint loses minutes;
+3. saves the state atomically every ``checkpoint_minutes`` (after recomputing the BatchNorm
+   statistics and scoring the fixed validation patches, which drives the learning-rate plateau
+   schedule) and on SIGTERM/SIGINT, so a killed stint loses minutes;
 4. at the end scores the network, DVK and the installed network on the validation set and
    installs the weights only when the score beats both the campaign's best and the installed
    network's (lower is better), recording the comparison in the ledger.
@@ -56,6 +57,7 @@ from spectdose.errors import InputError
 from spectdose.learning.training import (
     TrainConfig,
     _evaluate_loss,
+    _forward,
     _loss,
     _PatchSampler,
     _rng_states,
@@ -66,6 +68,9 @@ from spectdose.paths import atomic_write
 __all__ = ["CampaignConfig", "run_stint", "score_network", "parse_until"]
 
 _STATE_VERSION = 1
+# Slabs of training patches whose BatchNorm statistics replace the running averages before the
+# network is evaluated (see _precise_bn).
+_PRECISE_BN_SLABS = 64
 
 
 @dataclasses.dataclass
@@ -225,6 +230,31 @@ def score_network(model: TrainedModel | None, patients: list) -> dict:
 # ---------------------------------------------------------------------------------------
 # The stint
 # ---------------------------------------------------------------------------------------
+def _precise_bn(net: DblurDoseNet, sampler: _PatchSampler, dev, n_slabs: int = _PRECISE_BN_SLABS) -> None:
+    """Recompute the BatchNorm running statistics as plain averages over ``n_slabs`` training
+    slabs (no augmentation) with the current weights ("precise BN").
+
+    Training normalises each slab by its own statistics; the running averages (momentum 0.1)
+    lag behind weights that still move fast, and the network in eval mode - as inference runs
+    it - was measured 7x worse than with recomputed statistics early in the campaign (stint 1:
+    validation-patch loss 9.9 -> 1.3). Only the statistics change, not the weights.
+    """
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or not sampler.cases:
+        return
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    net.train()
+    with torch.no_grad():
+        for _ in range(n_slabs):
+            inp, dvk, _lab = sampler.sample(augment=False)
+            _forward(net, inp.to(dev), dvk.to(dev))
+    for m, momentum in zip(bns, momenta, strict=True):
+        m.momentum = momentum
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -387,6 +417,7 @@ def run_stint(
                     ledger["pixel_passes"] += passes_per_step
                     record["pixel_passes"] += passes_per_step
                 if time.time() - last_ckpt >= 60.0 * cfg.checkpoint_minutes:
+                    _precise_bn(net, sampler, dev)
                     val_loss = _evaluate_loss(net, val_batch, dev, tcfg)
                     sched.step(val_loss)
                     record.setdefault("val_loss", []).append(round(val_loss, 6))
@@ -394,6 +425,7 @@ def run_stint(
                     last_ckpt = time.time()
                     progress(f"checkpoint: val loss {val_loss:.5g}, {ledger['pixel_passes']:.3g} pixel passes "
                              f"({100 * ledger['pixel_passes'] / cfg.target_pixel_passes:.2f} % of the target)")  # fmt: skip
+            _precise_bn(net, sampler, dev)
             save("scoring")
             net.eval()
             model = TrainedModel(net=net, config=net_cfg, normalisation=Normalisation(), spacing_mm=cfg.spacing_mm, name=cfg.name,
