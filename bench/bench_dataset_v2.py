@@ -5,7 +5,7 @@ Usage: nice python bench/bench_dataset_v2.py OUT_DIR [--members 3] [--version v2
        nice python bench/bench_dataset_v2.py OUT_DIR --prepare-only SPLIT/NAME   (labels of a written member)
 
 ``--fast N``: the same members made by the training campaign's fast path instead
-(``spectdose.phantoms.fast_cases``: no DICOM, everything on the model grid, N noise
+(``spectdose.learning.fast_cases``: no DICOM, everything on the model grid, N noise
 realisations sharing one projection and the attenuation, inputs including the recovered-DVK
 channel), CPU seconds per stage and per noise realisation. ``--prepare-only``: CPU seconds
 of ``prepare_case`` (labels, DVK, resampling to the model grid: what a DICOM member costs
@@ -63,7 +63,7 @@ def _child(job):
 
 def _fast_child(seed: int, n_noise: int, kernel_cache: str | None):
     from spectdose.cnn.recovery import DEFAULT_RECOVERY
-    from spectdose.phantoms.fast_cases import fast_training_cases
+    from spectdose.learning.fast_cases import fast_training_cases
 
     p = fast_training_cases(seed, n_noise=n_noise, recovery=DEFAULT_RECOVERY, kernel_cache=kernel_cache)
     usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -200,7 +200,7 @@ def test_fast_path_cases_share_one_projection_and_truth_and_match_the_reference(
     in their noise, labels equal to the reference dose rate of the truth on that grid."""
     from spectdose.cnn.recovery import DEFAULT_RECOVERY
     from spectdose.geometry import Volume
-    from spectdose.phantoms.fast_cases import fast_training_cases, model_grid_settings
+    from spectdose.learning.fast_cases import fast_training_cases, model_grid_settings
     from spectdose.reference import reference_dose_rate
 
     spacing = (7.2, 4.8, 4.8)

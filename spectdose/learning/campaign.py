@@ -10,7 +10,7 @@ decision). A stint:
 1. loads the state (or starts the network from scratch) and makes the fixed validation
    patients (same seeds, so the same cases, every stint; cached on this machine);
 2. until its time budget is spent, alternates generating patients from seeds never used
-   before (``spectdose.phantoms.fast_cases``: several noise realisations each, in memory)
+   before (``spectdose.learning.fast_cases``: several noise realisations each, in memory)
    with training on a bounded pool of the newest cases, in one process; generation takes
    about ``generation_share`` of the CPU time;
 3. saves the state atomically every ``checkpoint_minutes`` (after recomputing the BatchNorm
@@ -172,7 +172,7 @@ class _Signals:
 # Validation: fixed patients, scored alike for every network
 # ---------------------------------------------------------------------------------------
 def _val_patients(cfg: CampaignConfig, kernel_cache, progress) -> list:
-    from spectdose.phantoms.fast_cases import FastPatient, fast_training_cases
+    from spectdose.learning.fast_cases import FastPatient, fast_training_cases
 
     net = cfg.network()
     key = json.dumps({"v": 1, "profile": cfg.profile, "spacing": list(cfg.spacing_mm), "recovery": net.recovery}, sort_keys=True)
@@ -315,7 +315,7 @@ def run_stint(
 
     Returns the stint's ledger record.
     """
-    from spectdose.phantoms.fast_cases import fast_training_cases
+    from spectdose.learning.fast_cases import fast_training_cases
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():

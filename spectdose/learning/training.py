@@ -441,7 +441,7 @@ class _PatchSampler:
             raise InputError("no prepared training cases")
 
     def add_case(self, c: dict) -> None:
-        """A case joins the draw. Noise realisations of one patient (``spectdose.phantoms.fast_cases``)
+        """A case joins the draw. Noise realisations of one patient (``spectdose.learning.fast_cases``)
         share one density array and share the voxel pools too: their labels differ only by the
         normalisation's factor, and every pool is invariant to it."""
         weights = self.cfg.sampling_weights()
