@@ -169,7 +169,7 @@ class Settings(BaseSettings):
     export_associate_timeout_s: float = Field(10.0, gt=0, description="A-ASSOCIATE answer of an export destination")
 
     # dose options shared by every job
-    default_method: Literal["auto", "dvk", "cnn"] = Field(
+    default_method: Literal["auto", "dvk", "cnn", "dvk-rr"] = Field(
         "dvk", description="engine for jobs that name none: dvk like the CLI (the shipped CNN does not yet beat "
         "DVK in every tissue, models/dblurdosenet.md); auto (an explicit choice): the CNN once weights are installed"
     )
@@ -201,7 +201,7 @@ class Settings(BaseSettings):
         "nobody); the data directory is given to it")
 
     @property
-    def resolved_method(self) -> Literal["dvk", "cnn"]:
+    def resolved_method(self) -> Literal["dvk", "cnn", "dvk-rr"]:
         """The engine of a job that names none: "auto" looks at the installed weights."""
         if self.default_method != "auto":
             return self.default_method

@@ -65,8 +65,9 @@ _ERRORS = {
 def submit_params(
     ctx: Ctx,
     method: Annotated[
-        Literal["dvk", "cnn"] | None,
-        Query(description="dose-rate engine (default: SPECTDOSE_DEFAULT_METHOD, dvk like the CLI)"),
+        Literal["dvk", "cnn", "dvk-rr"] | None,
+        Query(description="dose-rate engine (default: SPECTDOSE_DEFAULT_METHOD, dvk like the CLI); dvk-rr: DVK on "
+              "the resolution-recovered SPECT (docs/network.md)"),
     ] = None,
     time_model: Annotated[
         Literal["hanscheid", "physical", "effective", "none"] | None,

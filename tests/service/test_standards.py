@@ -84,6 +84,10 @@ def test_rest_options_are_validated_and_stored_as_dose_options(client, study_zip
              time_model="effective", effective_half_life_h=60)
     stored = client.get(r.headers["location"], headers=AUTH).json()["options"]
     assert (stored["acquisition_time"], stored["administration_time"]) == ("2024-03-02T10:30:00", "2024-03-01T09:00:00")
+    r = _zip(client, study_zip, method="dvk-rr")
+    assert r.status_code == 202, r.text
+    assert client.get(r.headers["location"], headers=AUTH).json()["options"]["method"] == "dvk-rr", \
+        "every method of the CLI is a REST method"
 
 
 @pytest.mark.parametrize(("params", "says"), [
