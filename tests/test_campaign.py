@@ -263,3 +263,13 @@ def test_precise_bn_replaces_lagging_running_statistics(val_cache, kernel_cache_
     _precise_bn(net, sampler, "cpu", n_slabs=16)
     assert _evaluate_loss(net, batch, "cpu", tcfg) < 0.5 * lagging
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in weights.items())
+
+
+def test_a_stint_killed_without_its_final_save_is_marked_lost_by_the_next():
+    from spectdose.learning.campaign import close_lost_stints
+
+    ledger = {"stints": [{"stint": 1, "end": "until 00:50", "ended_utc": "a"},
+                         {"stint": 2, "end": "running", "ended_utc": "2026-12-07T00:13:51Z"}]}
+    close_lost_stints(ledger)
+    assert ledger["stints"][0]["end"] == "until 00:50"
+    assert ledger["stints"][1]["end"].startswith("lost") and "00:13:51" in ledger["stints"][1]["end"]

@@ -255,6 +255,14 @@ def _precise_bn(net: DblurDoseNet, sampler: _PatchSampler, dev, n_slabs: int = _
         m.momentum = momentum
 
 
+def close_lost_stints(ledger: dict) -> None:
+    """A stint still "running" in the ledger was killed without its final save (SIGKILL, the
+    machine or session gone): say so, so the ledger never shows two stints running at once."""
+    for stint in ledger["stints"]:
+        if stint.get("end") == "running":
+            stint["end"] = f"lost: ended without a final save; kept from its last checkpoint ({stint.get('ended_utc')})"
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -349,6 +357,7 @@ def run_stint(
     while next_seed in used:  # never a seed that was trained on, whatever the state says
         next_seed += 1
     best_score = ledger.get("best_score")
+    close_lost_stints(ledger)
     record = {"stint": len(ledger["stints"]) + 1, "started_utc": _now(), "end": "running", "seeds": [], "realisations": 0,
               "pixel_passes": 0, "pixel_passes_total": ledger["pixel_passes"], "host": platform.node(),
               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(dev)}  # fmt: skip
