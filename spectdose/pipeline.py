@@ -425,20 +425,15 @@ def compute_dose_rate_and_sigma(
             ensemble = load_ensemble(options.resolved_ensemble_path(), device=options.device)
     grid = activity_bq_per_ml.grid
     kernel = get_kernel(grid.spacing_mm, medium=options.kernel_medium, cache_dir=options.kernel_cache_dir)
-    rate = dvk_dose_rate(
-        activity_bq_per_ml.array,
-        density_g_cm3.array,
-        kernel.total_mgy_per_mbq_s,
-        grid.voxel_volume_ml,
-        device=options.device,
-    )
     info: dict = {"kernel": {"shape": list(kernel.total_mgy_per_mbq_s.shape), **kernel.provenance}}
+    activity = activity_bq_per_ml.array
     if options.method == "dvk-rr":
         from spectdose.cnn.recovery import DEFAULT_RECOVERY, richardson_lucy
 
-        recovered = richardson_lucy(activity_bq_per_ml.array, grid.spacing_mm, **DEFAULT_RECOVERY)
-        rate = dvk_dose_rate(recovered, density_g_cm3.array, kernel.total_mgy_per_mbq_s, grid.voxel_volume_ml, device=options.device)
+        activity = richardson_lucy(activity, grid.spacing_mm, **DEFAULT_RECOVERY)
         info["resolution_recovery"] = {"method": "Richardson-Lucy, Gaussian PSF, then Gaussian smoothing", **DEFAULT_RECOVERY}
+    rate = dvk_dose_rate(activity, density_g_cm3.array, kernel.total_mgy_per_mbq_s, grid.voxel_volume_ml,
+                         device=options.device)
     dvk = Volume(rate, grid, "Gy/s")
     if model is None:
         return dvk, None, info
@@ -975,8 +970,9 @@ def format_summary(s: dict) -> str:
                      f"{_fmt(u['mean_in_tissue_dose_rate_sigma_mgy_per_h'], 'mGy/h')}; map {u['map']}")
     from spectdose.region_report import field_of_view_text
 
-    if field_of_view_text(s.get("field_of_view")):
-        lines.append(field_of_view_text(s.get("field_of_view")))
+    fov_text = field_of_view_text(s.get("field_of_view"))
+    if fov_text:
+        lines.append(fov_text)
     if s.get("regions"):
         lines.append("")
         lines.append(f"{'region':<22}{'ml':>9}{'mGy/h':>10}{'mean Gy':>10}{'D2 Gy':>9}{'D98 Gy':>9}")
