@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from .config import Settings
@@ -218,7 +218,23 @@ def _naive(text: str | None) -> dt.datetime | None:
     return dt.datetime.fromisoformat(text).replace(tzinfo=None)
 
 
-_PATIENT_TAGS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate")
+_PATIENT_TAGS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate",
+                 "IssuerOfPatientIDQualifiersSequence")
+
+
+def _issuer_of(ds) -> str:
+    """The assigning authority of the PatientID: IssuerOfPatientID, else the Universal Entity ID of the
+    IssuerOfPatientIDQualifiersSequence (PS3.3 C.7.1.1: either may carry it; an issuer given only
+    there is an issuer, not none, or two hospitals' P1 would be one patient)."""
+    issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
+    if issuer:
+        return issuer
+    for item in ds.get("IssuerOfPatientIDQualifiersSequence", None) or []:
+        universal = str(item.get("UniversalEntityID", "") or "").strip()
+        if universal:
+            kind = str(item.get("UniversalEntityIDType", "") or "").strip()
+            return f"{universal}&{kind}" if kind else universal
+    return ""
 
 
 def _patient_of(input_dir: Path, spect_series_uid: str | None) -> dict | None:
@@ -232,7 +248,8 @@ def _patient_of(input_dir: Path, spect_series_uid: str | None) -> dict | None:
                                  specific_tags=[*_PATIENT_TAGS, "SeriesInstanceUID", "Modality"])
         except Exception:  # noqa: BLE001 - not DICOM: the job's scan ignored it too
             continue
-        found = {tag: str(ds.get(tag, "") or "") for tag in _PATIENT_TAGS}
+        found = {tag: str(ds.get(tag, "") or "") for tag in _PATIENT_TAGS[:4]}
+        found["IssuerOfPatientID"] = _issuer_of(ds)
         if spect_series_uid and str(ds.get("SeriesInstanceUID", "")) == spect_series_uid:
             return found
         if fallback is None and str(ds.get("Modality", "")) == "NM":
@@ -291,6 +308,22 @@ def _find_cycle(s, facts: dict, requested: str | None) -> Cycle | None:
                 (cycle.administration - facts["administration"]).total_seconds()) <= SAME_ADMINISTRATION_S:
             return cycle
     return None
+
+
+def _lock_patient(s, facts: dict) -> None:
+    """Serialise the offers of one patient's studies until this transaction ends.
+
+    Which cycle an administration belongs to is decided by reading the patient's cycles and then
+    writing one: two offers at once (two new cycle_ids for one administration, or one named and
+    one derived) would each see none and form two cycles, and the cumulative would count the
+    administration twice. SQLite's writers already queue at BEGIN IMMEDIATE (service.db);
+    PostgreSQL, at READ COMMITTED, needs this transaction-scoped advisory lock on the patient.
+    """
+    if "patient_key" not in facts or s.get_bind().dialect.name != "postgresql":
+        return
+    key = int(facts["patient_key"][:16], 16)
+    key = key - (1 << 64) if key >= (1 << 63) else key  # a signed bigint, as pg_advisory_xact_lock takes
+    s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
 
 def _derived_cycle_id(facts: dict) -> str:
@@ -405,6 +438,7 @@ def _offer(store: JobStore, storage: Storage, job: Job) -> tuple[str | None, boo
         try:
             conflict: list[str] = []
             with store.session() as s:
+                _lock_patient(s, facts)
                 if s.get(CycleTimePoint, job.id) is not None:
                     tp = s.get(CycleTimePoint, job.id)
                     return tp.cycle_id, tp.state == "joined"

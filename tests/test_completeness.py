@@ -41,3 +41,30 @@ def test_images_in_acquisition_counts_the_slices_missing(parts, tmp_path):
         kept.append(tmp_path / f"{i:03d}.dcm")
     why = ct_coverage_problem(kept + nm)
     assert why is not None and f"{len(ct) - 1} of the {len(ct)} slices" in why, why
+
+
+def test_the_cli_refuses_a_ct_cut_at_one_end_unless_accepted(parts, tmp_path, capsys):
+    """As the service refuses it: the SPECT beyond a cut CT would have no dose, with only a warning to say so."""
+    import shutil
+
+    from spectdose.cli import main
+    from spectdose.dicom.ingest import load_study
+    from spectdose.errors import InputError
+
+    ct, nm = parts
+    study = tmp_path / "study"
+    (study / "CT").mkdir(parents=True)
+    (study / "NM").mkdir()
+    for path in ct[:56]:  # the upper end of the CT lost in transfer (most of the activity still inside)
+        shutil.copy(path, study / "CT" / path.name)
+    for path in nm:
+        shutil.copy(path, study / "NM" / path.name)
+    assert main(["dose", str(study), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "incomplete study" in err and "short at the upper end" in err and "--accept ct_short_of_spect" in err, err
+    assert not (tmp_path / "out" / "rtdose.dcm").exists()
+    with pytest.raises(InputError, match="short at the upper end"):
+        load_study(study)
+    accepted = load_study(study, accepted_assumptions=("ct_short_of_spect",))
+    assert any(w.startswith("ASSUMED (ct_short_of_spect)") and "no dose" in w for w in accepted.warnings)
+    assert accepted.ct.grid.shape[0] == 56

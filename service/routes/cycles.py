@@ -141,8 +141,10 @@ def resolve_conflict(ctx: Ctx, actor: Actor, cycle_id: CycleId,
             summary="Cumulative kidney, red-marrow and lesion doses over a patient's cycles, kidney limits flagged")
 def get_cumulative(ctx: Ctx, _actor: Actor,
                    patient_id: Annotated[str, Path(max_length=64, description="the DICOM PatientID")],
-                   issuer: Annotated[str | None, Query(max_length=64, description="the IssuerOfPatientID (none: "
-                                                       "the ID without an issuer)")] = None,
+                   issuer: Annotated[str | None, Query(max_length=64, description="the IssuerOfPatientID; where "
+                                                       "the study gives its issuer only in the Issuer of Patient ID "
+                                                       "Qualifiers Sequence: UniversalEntityID&UniversalEntityIDType "
+                                                       "(none: the ID without an issuer)")] = None,
                    ) -> dict[str, Any]:
     _redact_access_log()
     out = cycles.cumulative(ctx.store, patient_id, issuer)

@@ -23,9 +23,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset
 
-__all__ = ["ct_coverage_problem", "SPECT_SLICES_ALLOWED_OUTSIDE"]
+__all__ = ["ct_coverage_problem", "SPECT_SLICES_ALLOWED_OUTSIDE", "CT_SHORT_ASSUMPTION"]
 
+# Refused by default (the service refuses it always, the CLI unless accepted by this name): a CT that
+# does not reach the SPECT's axial extent, whose activity beyond the CT then has no density and no dose.
+CT_SHORT_ASSUMPTION = "ct_short_of_spect"
 # One SPECT slice at either end may lie outside the CT: fields of view planned together, not to the mm.
 SPECT_SLICES_ALLOWED_OUTSIDE = 1.0
 _TAGS = ["Modality", "SeriesInstanceUID", "FrameOfReferenceUID", "ImagePositionPatient", "ImageOrientationPatient",
@@ -53,15 +57,18 @@ def _vector(ds, keyword: str) -> np.ndarray | None:
         return None
 
 
-def _read(files: Iterable[Path]) -> dict[str, _Series]:
+def _read(files: Iterable[Path | Dataset]) -> dict[str, _Series]:
     import pydicom
 
     series: dict[str, _Series] = {}
-    for path in files:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
-        except Exception:  # noqa: BLE001 - not DICOM: the ingest says what it is
-            continue
+    for item in files:
+        if isinstance(item, Dataset):  # a header the ingest has read already
+            ds = item
+        else:
+            try:
+                ds = pydicom.dcmread(item, stop_before_pixels=True, specific_tags=_TAGS)
+            except Exception:  # noqa: BLE001 - not DICOM: the ingest says what it is
+                continue
         modality = str(ds.get("Modality", "")).upper()
         if modality not in ("CT", "NM", "PT"):
             continue
@@ -124,8 +131,9 @@ def _extent_problem(ct: _Series, spect: _Series) -> str | None:
             "(an interrupted transfer?)")
 
 
-def ct_coverage_problem(files: Iterable[Path]) -> str | None:
-    """Why the CT of these files cannot be whole (``None`` when some CT series is); headers only.
+def ct_coverage_problem(files: Iterable[Path | Dataset]) -> str | None:
+    """Why the CT of these files (paths, or headers already read) cannot be whole (``None`` when some CT
+    series is); headers only.
 
     A CT series is whole when it holds every slice its header counts (Images in Acquisition or
     Number of Slices, where present) and reaches both ends of the axial extent of every SPECT

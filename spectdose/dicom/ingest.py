@@ -39,6 +39,7 @@ from spectdose.dicom._series import (
     read_pixels,
     stack_geometry,
 )
+from spectdose.dicom.completeness import CT_SHORT_ASSUMPTION, ct_coverage_problem
 from spectdose.errors import CalibrationError, GeometryError, InputError
 from spectdose.geometry import Grid, Volume
 from spectdose.option_names import option_hint
@@ -749,11 +750,16 @@ def _reversed_stack(grid: Grid) -> Grid:
 
 
 def _check_overlap(
-    values: np.ndarray, spect: Candidate, grid: Grid, ct_grid: Grid, notes: list[str]
+    values: np.ndarray, spect: Candidate, grid: Grid, ct_grid: Grid, notes: list[str],
+    ct: Candidate, spects: Sequence[Candidate], accepted: Sequence[str],
 ) -> None:
+    """The SPECT's activity lies in the CT: refused when mostly outside (a wrong pairing, a mirrored
+    stack), or when the CT is cut short of the SPECT (:func:`_check_ct_whole`)."""
     if not np.any(values > 0):  # no activity, allowed by NO_ACTIVITY_ASSUMPTION and noted there
         return
     fraction = _activity_fraction_inside(values, grid, ct_grid)
+    if fraction > 0:  # a SPECT wholly elsewhere is a wrong pairing, said below, not a CT cut short
+        _check_ct_whole(ct, spects, accepted, notes)
     if fraction < MIN_ACTIVITY_FRACTION_IN_CT:
         hint = ""
         if (
@@ -1050,6 +1056,8 @@ INGEST_ASSUMPTIONS: dict[str, str] = {
     PIXEL_SPACING_ASSUMPTION: "Pixel Spacing is used where Reconstruction Diameter / Columns contradicts it",
     SLICE_SPACING_ASSUMPTION: "a SPECT's Spacing Between Slices (or slice positions) is used where Slice Thickness "
     "or Spacing Between Slices contradicts it",
+    CT_SHORT_ASSUMPTION: "a CT that does not reach both ends of the SPECT's axial extent (or holds fewer slices than "
+    "its header counts) is used: the SPECT's activity beyond it has no dose",
     CONTRAST_CT_ASSUMPTION: "a contrast-enhanced CT (Contrast/Bolus Agent) gives the densities when no non-contrast "
     "CT is there: doses come out lower (every region 6 to 7 per cent lower on the virtual patient, issue 18)",
 }
@@ -1143,6 +1151,24 @@ def _select(
     ct_order, ct_grid = stack_geometry(ct.files, ct.label())
     _check_geometry_facts("CT", [ct], ct_grid, accepted, notes)
     return spect, spect_order, spect_grid, ct, ct_order, ct_grid, bed_set
+
+
+def _check_ct_whole(ct: Candidate, spects: Sequence[Candidate], accepted: Sequence[str], notes: list[str]) -> None:
+    """The CT reaches both ends of the SPECT (and holds the slices its header counts), as the service requires.
+
+    A CT cut at one end (an interrupted transfer, a folder copied in part) leaves the SPECT's activity
+    beyond it without density: that part of the patient has no dose, and only a warning said so.
+    """
+    why = ct_coverage_problem([fh.header for c in (ct, *spects) for fh in c.files])
+    if why is None:
+        return
+    name = CT_SHORT_ASSUMPTION
+    if name not in accepted:
+        raise InputError(
+            f"incomplete study: {why}. Send the whole CT (or choose another with {_hint('ct_series_uid')}); or compute "
+            f"over the part the CT covers, with no dose beyond it, with {_accept_hint(name)}"
+        )
+    notes.append(f"ASSUMED ({name}): {why}; the SPECT's activity beyond the CT has no dose")
 
 
 def load_study(
@@ -1333,7 +1359,7 @@ def _load(
         decay = act.decay_factor(datasets, rp, elapsed_s, what, notes, spect.modality)
         _check_activity(values, spect.label(), notes, time_options["accepted"])
         if spect.frame_of_reference_uid and spect.frame_of_reference_uid == ct.frame_of_reference_uid:
-            _check_overlap(values, spect, spect_grid, ct_grid, notes)
+            _check_overlap(values, spect, spect_grid, ct_grid, notes, ct, [spect], time_options["accepted"])
         array, units, calibration_note = _to_activity(
             values, scaling, spect, datasets, spect_grid,
             allow_normalised=allow_normalised, decay_factor=decay, notes=notes, **convert,
@@ -1343,7 +1369,7 @@ def _load(
             bed_set, read, rp, acquisition, hours_to_acquisition, allow_normalised, notes, time_options, convert
         )
         if spect.frame_of_reference_uid and spect.frame_of_reference_uid == ct.frame_of_reference_uid:
-            _check_overlap(array, spect, spect_grid, ct_grid, notes)
+            _check_overlap(array, spect, spect_grid, ct_grid, notes, ct, bed_set.candidates, time_options["accepted"])
         header = datasets[0]
     for note in notes:
         log.info("ingest: %s", note)

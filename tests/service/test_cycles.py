@@ -402,7 +402,8 @@ def test_the_worker_registers_the_cycle_task(service):
 
 def _finished_job(store, storage, tmp_path, *, patient_id: str, administration: dt.datetime, hours: float,
                   units: str = "Bq/ml", name: str = "VP^X", issuer: str | None = None, birth: str = "",
-                  activity_mbq: float | None = None, cycle_id: str | None = None) -> str:
+                  activity_mbq: float | None = None, cycle_id: str | None = None,
+                  issuer_universal_id: tuple[str, str] | None = None) -> str:
     """A done dose job as the worker leaves it (input NM header, summary.json), without computing a dose."""
     from pydicom.dataset import FileMetaDataset
 
@@ -416,6 +417,10 @@ def _finished_job(store, storage, tmp_path, *, patient_id: str, administration: 
     ds.Modality, ds.PatientID, ds.PatientName, ds.PatientBirthDate = "NM", patient_id, name, birth
     if issuer is not None:
         ds.IssuerOfPatientID = issuer
+    if issuer_universal_id is not None:  # the issuer given only in the qualifiers (PS3.3 C.7.1.1)
+        item = pydicom.Dataset()
+        item.UniversalEntityID, item.UniversalEntityIDType = issuer_universal_id
+        ds.IssuerOfPatientIDQualifiersSequence = [item]
     ds.SeriesInstanceUID, ds.StudyInstanceUID = series, study
     src = tmp_path / f"{job_id}.dcm"
     ds.save_as(src, enforce_file_format=True)

@@ -120,6 +120,19 @@ def test_another_patient_under_the_same_patient_id_is_held_and_never_counted(wor
     assert {h["job_id"] for h in cycles.cumulative(store, "P1")["held_conflicts"]} == {b2}
 
 
+def test_an_issuer_given_only_in_the_qualifiers_sequence_is_an_issuer(world):
+    """Case 1 with the issuer in IssuerOfPatientIDQualifiersSequence alone: another hospital's P1, not ours."""
+    store, storage, settings, offer, published = world
+    ours = [offer(hours=h, name="DOE^JANE", birth="19600101") for h in (24.0, 72.0)]
+    theirs = [offer(hours=h, name="ROE^RICHARD", birth="19710707", issuer_universal_id=("2.16.840.1.113883.3.99", "ISO"))
+              for h in (24.0, 72.0)]
+    assert all(_tp(store, j)["state"] == "joined" for j in ours + theirs), "two patients, no identity conflict"
+    assert _tp(store, ours[0])["cycle_id"] != _tp(store, theirs[0])["cycle_id"]
+    assert [c["cycle_id"] for c in cycles.cumulative(store, "P1")["cycles"]] == [_tp(store, ours[0])["cycle_id"]]
+    other = cycles.cumulative(store, "P1", issuer="2.16.840.1.113883.3.99&ISO")
+    assert [c["cycle_id"] for c in other["cycles"]] == [_tp(store, theirs[0])["cycle_id"]]
+
+
 def test_one_administration_belongs_to_one_cycle(world):
     """Case 2: the same studies sent again naming a new cycle_id are refused with the existing cycle's id."""
     store, storage, settings, offer, published = world
@@ -142,6 +155,49 @@ def test_one_administration_belongs_to_one_cycle(world):
     odd = offer(hours=96.0, activity_mbq=5550.0)
     tp = _tp(store, odd)
     assert tp["state"] == "rejected" and "administered activity (RadionuclideTotalDose) differs" in tp["reason"]
+
+
+def test_two_new_cycle_ids_for_one_administration_at_once_form_one_cycle(world, tmp_path, monkeypatch):
+    """Case 2 under concurrency: two workers finish time points of one administration at the same moment,
+    each named with a new cycle_id; the check for the administration's other cycle and the creation
+    of a cycle must not interleave (PostgreSQL at READ COMMITTED would let both create one)."""
+    import threading
+    import time as _time
+
+    store, storage, settings, offer, published = world
+    earlier = offer(hours=24.0, administration=T0 - dt.timedelta(days=56))  # the patient is known already
+    jobs = [_finished_job(store, storage, tmp_path, patient_id="P1", administration=T0, hours=h,
+                          activity_mbq=7400.0, cycle_id=name) for h, name in ((24.0, "race-a"), (72.0, "race-b"))]
+    looked = cycles._administration_elsewhere
+
+    def slow_look(*args, **kwargs):  # widen the window between reading the cycles and writing one
+        found = looked(*args, **kwargs)
+        _time.sleep(0.5)
+        return found
+
+    monkeypatch.setattr(cycles, "_administration_elsewhere", slow_look)
+    errors: list[BaseException] = []
+
+    def finish(job_id: str) -> None:
+        try:
+            cycles.time_point_done(store, storage, settings, job_id, publish=lambda r: published.append(r) or True)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=finish, args=(j,)) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    states = sorted(_tp(store, j)["state"] for j in jobs)
+    assert states == ["joined", "rejected"], states
+    formed = [c for c in ("race-a", "race-b") if cycles.get_cycle(store, c) is not None]
+    assert len(formed) == 1, f"one administration formed {len(formed)} cycles"
+    rejected = next(j for j in jobs if _tp(store, j)["state"] == "rejected")
+    assert f"already belongs to cycle {formed[0]}" in _tp(store, rejected)["reason"]
+    assert [c["cycle_id"] for c in cycles.cumulative(store, "P1")["cycles"]] == [_tp(store, earlier)["cycle_id"],
+                                                                              *formed]
 
 
 def test_a_cycle_result_lost_with_its_worker_is_requeued_after_its_lease_and_reconciled(world, redis_url):
