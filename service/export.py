@@ -28,7 +28,13 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from spectdose.dicom.transfer import UNCOMPRESSED, choose_syntax, encode_for, presentation_contexts, syntaxes_for
+from spectdose.dicom.transfer import (
+    UNCOMPRESSED,
+    choose_syntax,
+    encode_for,
+    presentation_contexts,
+    syntaxes_for,
+)
 
 from .config import SENDER, DicomPeer, Settings
 from .jobs import ExportItem, JobStore

@@ -26,7 +26,12 @@ from pynetdicom import AE, evt
 from service.config import DicomPeer
 from service.export import OutputFile, c_store, stow_rs
 from service.localredis import free_port
-from spectdose.dicom.export import read_dose_rate_map, read_rtdose, write_dose_rate_map, write_rtdose
+from spectdose.dicom.export import (
+    read_dose_rate_map,
+    read_rtdose,
+    write_dose_rate_map,
+    write_rtdose,
+)
 from spectdose.geometry import Volume
 from tests.test_export import DESCRIPTION, dose_pattern_gy, make_study
 
