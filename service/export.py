@@ -28,7 +28,13 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from spectdose.dicom.transfer import choose_syntax, encode_for, presentation_contexts, syntaxes_for
+from spectdose.dicom.transfer import (
+    UNCOMPRESSED,
+    choose_syntax,
+    encode_for,
+    presentation_contexts,
+    syntaxes_for,
+)
 
 from .config import SENDER, DicomPeer, Settings
 from .jobs import ExportItem, JobStore
@@ -222,9 +228,11 @@ _STOW_SYNTAX_REFUSED = {400, 409, 415}
 
 def _stow_part(path: Path, compressed: bool) -> tuple[bytes, str]:
     """A file's bytes for a STOW-RS part and its transfer syntax: in its best lossless syntax (issue 20),
-    or as stored when ``compressed`` is False."""
+    or uncompressed when ``compressed`` is False (as stored, or decoded from a file stored compressed,
+    such as a 16-bit Parametric Map kept JPEG-LS at rest)."""
     ds = pydicom.dcmread(path)
-    syntax = syntaxes_for(ds)[0] if compressed else str(ds.file_meta.TransferSyntaxUID)
+    stored = str(ds.file_meta.TransferSyntaxUID)
+    syntax = syntaxes_for(ds)[0] if compressed else (stored if stored in UNCOMPRESSED else ExplicitVRLittleEndian)
     if syntax == str(ds.file_meta.TransferSyntaxUID):
         return path.read_bytes(), syntax
     out = io.BytesIO()

@@ -600,9 +600,15 @@ def run(
     sigma_mgy_per_h = (Volume(sigma.array * np.float32(MGY_PER_H_PER_GY_PER_S), sigma.grid, rate_mgy_per_h.units)
                        if sigma is not None else None)
     tissue = density.array >= LOW_DENSITY_CUTOFF_G_CM3
+    dose_references_gy = _quoted_means(dose, tissue, region_set)
+    # The map's references: the same means in mGy/h (D = Ddot x tau, so no second pass over the masks).
+    rate_references = ([r * MGY_PER_H_PER_GY_PER_S / factor_s for r in dose_references_gy]
+                       if dose is not None else _quoted_means(rate_mgy_per_h, tissue, region_set))
     outputs, export_info = _export(out_dir, rate_mgy_per_h, dose, study, options, rate_info, time_facts, warnings,
                                    replaces or {}, sigma_mgy_per_h=sigma_mgy_per_h,
-                                   dose_references_gy=_quoted_means_gy(dose, tissue, region_set))
+                                   dose_references_gy=dose_references_gy,
+                                   rate_references=rate_references,
+                                   sigma_references=_quoted_means(sigma_mgy_per_h, tissue, region_set))
     delivered = export_info.pop("delivered")
     # Facts of the dose-rate volume, then the volume itself is let go when there is an absorbed dose
     # (issue 20: one copy per volume while the regions and the report run).
@@ -743,15 +749,20 @@ def _export(
     *,
     sigma_mgy_per_h: Volume | None = None,
     dose_references_gy: Sequence[float] = (),
+    rate_references: Sequence[float] = (),
+    sigma_references: Sequence[float] = (),
 ) -> tuple[dict[str, Path], dict]:
     """Write the dose-rate map (and its 1-sigma map) and RT Dose on the chosen output grid; UIDs from the content.
 
     ``dose_references_gy``: the mean doses the summary quotes; the RT Dose is 16-bit when its rounding
-    keeps each within 0.1 % (spectdose.dicom.export.rtdose_bits), else 32-bit."""
+    keeps each within 0.1 % (spectdose.dicom.export.rtdose_bits), else 32-bit. ``rate_references`` and
+    ``sigma_references``: the same means of the dose rate and of its sigma (the map's units); each map is
+    16-bit (JPEG-LS at rest) on the same criterion (spectdose.dicom.export.dose_rate_map_bits), else float32."""
     from spectdose.dicom.export import (
         average_onto_grid,
         check_replacements,
         content_digest,
+        dose_rate_map_bits,
         grid_for_option,
         rtdose_bits,
         write_dose_rate_map,
@@ -788,16 +799,21 @@ def _export(
     out_dir.mkdir(parents=True, exist_ok=True)
     # The volumes as delivered (on the output grid): the summary's maxima are theirs (issue 18).
     delivered = {"doserate": average_onto_grid(rate_mgy_per_h, grid)}
+    map_bits, map_precision = dose_rate_map_bits(delivered["doserate"].array, rate_references)
+    precision = {"doserate": map_precision}
     outputs = {
         "doserate": write_dose_rate_map(out_dir / OUTPUT_NAMES["doserate"], delivered["doserate"],
-                                        study, replaces=replaces.get("doserate"), **common)
+                                        study, replaces=replaces.get("doserate"), bits=map_bits, **common)
     }
     if sigma_mgy_per_h is not None:
         # Averaging sigma over output voxels treats the errors within one as fully correlated
         # (they are, over the SPECT resolution): the conservative choice.
+        sigma_delivered = average_onto_grid(sigma_mgy_per_h, grid)
+        sigma_bits, precision["doserate_sigma"] = dose_rate_map_bits(sigma_delivered.array, sigma_references)
         outputs["doserate_sigma"] = write_dose_rate_map(
-            out_dir / OUTPUT_NAMES["doserate_sigma"], average_onto_grid(sigma_mgy_per_h, grid), study,
-            replaces=replaces.get("doserate_sigma"), sigma=True, series_number=903, **common)
+            out_dir / OUTPUT_NAMES["doserate_sigma"], sigma_delivered, study,
+            replaces=replaces.get("doserate_sigma"), sigma=True, series_number=903, bits=sigma_bits, **common)
+        del sigma_delivered
     rtdose_precision = None
     if dose_gy is not None:
         delivered["rtdose"] = average_onto_grid(dose_gy, grid)
@@ -814,7 +830,8 @@ def _export(
     info = {
         "output_grid": {"name": provenance["dose_grid"], **_grid_summary(grid),
                         "bytes_per_object": int(np.prod(grid.shape)) * 4,
-                        **({"rtdose_precision": rtdose_precision} if rtdose_precision else {})},
+                        **({"rtdose_precision": rtdose_precision} if rtdose_precision else {}),
+                        "map_precision": precision},
         "provenance": provenance,
         "content_sha256": digest,
         "uids": {name: _output_uids(path) for name, path in outputs.items()},
@@ -824,15 +841,15 @@ def _export(
     return outputs, info
 
 
-def _quoted_means_gy(dose: Volume | None, tissue: np.ndarray, region_set) -> list[float]:
-    """The mean doses the summary quotes before the automatic regions exist: in tissue, and in each
-    given region (their means on the CT grid); what the RT Dose's precision is chosen for."""
-    if dose is None:
+def _quoted_means(volume: Volume | None, tissue: np.ndarray, region_set) -> list[float]:
+    """The means the summary quotes before the automatic regions exist: in tissue, and in each given
+    region (on the CT grid); what the RT Dose's and the maps' precision is chosen for."""
+    if volume is None:
         return []
-    means = [float(dose.array[tissue].mean())] if tissue.any() else []
+    means = [float(volume.array[tissue].mean())] if tissue.any() else []
     for region in getattr(region_set, "regions", None) or []:
         if region.mask.any():
-            means.append(float(dose.array[region.mask].mean()))
+            means.append(float(volume.array[region.mask].mean()))
     return means
 
 

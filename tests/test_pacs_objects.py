@@ -1,5 +1,5 @@
-"""Results a PACS takes (issue 20): a 16-bit RT Dose where the dose range allows it, and lossless
-transfer syntaxes that give back exactly the stored dose."""
+"""Results a PACS takes (issue 20): a 16-bit RT Dose and 16-bit dose-rate maps where the range allows
+it, and lossless transfer syntaxes that give back exactly the stored dose."""
 
 from __future__ import annotations
 
@@ -18,13 +18,26 @@ from pydicom.uid import (
     RTDoseStorage,
 )
 
-from spectdose.dicom.export import RTDOSE_16_BIT_MAX_ERROR, read_rtdose, rtdose_bits, write_rtdose
+from spectdose.dicom.export import (
+    MAP_16_BIT_MAX_ERROR,
+    RTDOSE_16_BIT_MAX_ERROR,
+    ExportError,
+    build_dose_rate_map,
+    dose_rate_map_bits,
+    read_dose_rate_map,
+    read_rtdose,
+    rtdose_bits,
+    write_dose_rate_map,
+    write_rtdose,
+)
 from spectdose.dicom.transfer import choose_syntax, encode_for, presentation_contexts
 from spectdose.geometry import Volume
 from tests.test_export import (
+    DCIODVFY,
     DESCRIPTION,
     PLASTIMATCH,
     assert_same_voxels,
+    dciodvfy,
     dose_pattern_gy,
     make_study,
 )
@@ -123,3 +136,105 @@ def test_each_object_is_sent_in_the_best_syntax_the_peer_accepted(tmp_path, stud
     pmap = pydicom.Dataset()
     pmap.SOPClassUID = ParametricMapStorage  # float pixels: deflate or nothing
     assert choose_syntax(pmap, everything) == DeflatedExplicitVRLittleEndian
+
+
+# --------------------------------------------------------------------------------------
+# Dose-rate and sigma Parametric Maps: 16-bit integers + Real World Value Mapping, JPEG-LS at rest
+
+
+def _dose_rate(study) -> Volume:
+    dose = dose_pattern_gy(study)  # a 27 mGy/h lesion peak on a background below 1 mGy/h
+    return Volume(dose.array * 0.731, dose.grid, "mGy/h")
+
+
+def test_16_bit_dose_rate_map_keeps_region_means_within_a_tenth_of_a_percent(tmp_path, study):
+    rate = _dose_rate(study)
+    regions = _lesion_and_background(rate)
+    means = {name: float(rate.array[mask].mean()) for name, mask in regions.items()}
+
+    bits, facts = dose_rate_map_bits(rate.array, means.values())
+    path = write_dose_rate_map(tmp_path / "pm16.dcm", rate, study, method="DVK", bits=bits)
+    ds = pydicom.dcmread(path)
+    back = read_dose_rate_map(path)
+
+    assert bits == 16 and facts["max_rounding_error_of_smallest_reference"] <= MAP_16_BIT_MAX_ERROR
+    assert ds.BitsAllocated == ds.BitsStored == 16 and ds.PixelRepresentation == 0 and "FloatPixelData" not in ds
+    assert str(ds.file_meta.TransferSyntaxUID) == JPEGLSLossless, "stored as a PACS receives it"
+    mapping = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    unit = mapping.MeasurementUnitsCodeSequence[0]
+    assert (unit.CodeValue, unit.CodingSchemeDesignator) == ("mGy/h", "UCUM")
+    step = float(mapping.RealWorldValueSlope)
+    assert step == pytest.approx(rate.array.max() / 65535, rel=1e-6) and mapping.RealWorldValueIntercept == 0
+    assert (mapping.RealWorldValueFirstValueMapped, mapping.RealWorldValueLastValueMapped) == (0, 65535)
+    # pydicom alone (stored value x slope + intercept) gives what our reader gives.
+    by_pydicom = ds.pixel_array.astype(np.float64) * step + float(mapping.RealWorldValueIntercept)
+    assert back.grid.same_as(rate.grid) and back.units == "mGy/h"
+    assert np.array_equal(by_pydicom.reshape(back.array.shape), back.array)
+    # Each voxel within half a step (plus the float32 rounding of the input), zero exactly zero.
+    assert np.abs(back.array - rate.array).max() <= 0.5 * step + 1e-7 * rate.array.max()
+    assert np.all(back.array[:, :, :3] == 0)
+    for name, mask in regions.items():
+        assert abs(float(back.array[mask].mean()) / means[name] - 1) <= MAP_16_BIT_MAX_ERROR, name
+
+
+def test_float32_map_when_16_bits_would_move_a_quoted_mean(tmp_path, study):
+    rate = _dose_rate(study)
+    top = float(rate.array.max())
+    bits, facts = dose_rate_map_bits(rate.array, [top * 1e-4])  # half a step is ~8 % of that mean
+    assert bits == 32 and facts["max_rounding_error_if_16_bit_of_smallest_reference"] > 0.05
+    assert dose_rate_map_bits(rate.array, [])[0] == 32, "no reference mean: nothing shows 16 bits are enough"
+    assert dose_rate_map_bits(np.zeros((2, 2, 2)), [])[0] == 16, "an all-zero map is exact in any width"
+    # The float map is what it always was: float32 values, slope 1, stored uncompressed.
+    ds = pydicom.dcmread(write_dose_rate_map(tmp_path / "pm32.dcm", rate, study, method="DVK", bits=bits))
+    assert "FloatPixelData" in ds and str(ds.file_meta.TransferSyntaxUID) == ExplicitVRLittleEndian
+
+
+def test_16_bit_and_float_maps_are_distinct_objects(study):
+    rate = _dose_rate(study)
+    a, b = (build_dose_rate_map(rate, study, method="DVK", bits=16) for _ in range(2))
+    f = build_dose_rate_map(rate, study, method="DVK")
+    assert a.SOPInstanceUID == b.SOPInstanceUID, "deterministic"
+    assert a.SOPInstanceUID != f.SOPInstanceUID and a.SeriesInstanceUID != f.SeriesInstanceUID
+    with pytest.raises(ExportError, match="bits must be 16 or 32"):
+        build_dose_rate_map(rate, study, method="DVK", bits=8)
+
+
+@pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy (dicom3tools) not installed: scripts/bootstrap.sh --test-tools")
+@pytest.mark.parametrize("compress, sigma", [(True, False), (False, False), (True, True)])
+def test_dciodvfy_finds_no_error_in_the_16_bit_map(tmp_path, study, compress, sigma):
+    path = write_dose_rate_map(tmp_path / "pm16.dcm", _dose_rate(study), study, method="DVK", bits=16,
+                               compress=compress, sigma=sigma)
+
+    errors, unexpected_warnings = dciodvfy(path)
+
+    assert errors == [] and unexpected_warnings == []
+
+
+def test_highdicom_reads_the_16_bit_map(tmp_path, study):
+    import highdicom as hd
+
+    rate = _dose_rate(study)
+    path = write_dose_rate_map(tmp_path / "pm16.dcm", rate, study, method="DVK", bits=16)
+
+    pm = hd.pm.ParametricMap.from_dataset(pydicom.dcmread(path))
+
+    assert pm.pixel_array.dtype == np.uint16 and int(pm.pixel_array.max()) == 65535
+    slope = float(pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0].RealWorldValueSlope)
+    np.testing.assert_allclose(np.sort(pm.pixel_array.ravel() * slope), np.sort(rate.array.ravel()),
+                               atol=0.5 * slope + 1e-7 * rate.array.max())
+
+
+def test_16_bit_map_goes_as_stored_or_decoded_to_the_same_pixels(tmp_path, study):
+    path = write_dose_rate_map(tmp_path / "pm16.dcm", _dose_rate(study), study, method="DVK", bits=16)
+    stored = pydicom.dcmread(path)
+
+    assert choose_syntax(pydicom.dcmread(path, stop_before_pixels=True), [JPEGLSLossless]) == JPEGLSLossless
+    assert encode_for(stored, JPEGLSLossless) is stored, "no second encoding when sent as stored"
+    for syntax in (ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
+        encoded = encode_for(stored, syntax)
+        encoded.save_as(tmp_path / "sent.dcm", enforce_file_format=True)
+        back = pydicom.dcmread(tmp_path / "sent.dcm")
+        assert str(back.file_meta.TransferSyntaxUID) == syntax
+        assert back.SOPInstanceUID == stored.SOPInstanceUID
+        assert np.array_equal(back.pixel_array, stored.pixel_array)
+        assert np.array_equal(read_dose_rate_map(tmp_path / "sent.dcm").array, read_dose_rate_map(path).array)

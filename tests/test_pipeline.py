@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from spectdose.density import hu_to_density
-from spectdose.dicom.export import read_dose_rate_map, read_rtdose
+from spectdose.dicom.export import MAP_16_BIT_MAX_ERROR, read_dose_rate_map, read_rtdose
 from spectdose.dicom.ingest import load_study
 from spectdose.dose import dvk_dose_rate
 from spectdose.errors import CalibrationError, GeometryError, InputError
@@ -209,6 +209,22 @@ def test_segmentation_on_another_frame_of_reference_is_refused(small_study, kern
     assert res.outputs["rtdose"].is_file() and res.summary["regions"] is None
     assert "frame of reference" in res.summary["regions_error"]
     assert any(w.startswith("REGIONS NOT REPORTED: segmentation other.dcm is on frame of reference") for w in res.summary["region_warnings"])
+
+
+def test_the_dose_rate_map_is_16_bit_jpeg_ls_within_the_stated_precision(result):
+    """Issue 20: the map a PACS takes (and a REST client downloads) is 16-bit, stored JPEG-LS, and the
+    summary states its step; read back, every voxel is within half a step of the computed dose rate."""
+    precision = result.summary["geometry"]["output_grid"]["map_precision"]["doserate"]
+    header = pydicom.dcmread(result.outputs["doserate"], stop_before_pixels=True)
+    assert precision["bits"] == 16 and header.BitsAllocated == 16
+    assert str(header.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.80"  # JPEG-LS Lossless
+    assert precision["max_rounding_error_of_smallest_reference"] <= MAP_16_BIT_MAX_ERROR
+    rate = read_dose_rate_map(result.outputs["doserate"])
+    computed = result.dose_rate_gy_per_s.array.astype(np.float64) * 3.6e6  # Gy/s -> mGy/h
+    if not rate.grid.same_as(result.dose_rate_gy_per_s.grid):  # frames stored along the normal
+        rate.array = rate.array[::-1]
+    assert np.abs(rate.array - computed).max() <= precision["max_rounding_error"] + 1e-6 * computed.max()
+    assert rate.array.max() == pytest.approx(result.summary["dose_rate"]["max_mgy_per_h"], rel=1e-6)
 
 
 def test_time_model_none_gives_the_dose_rate_map_and_no_absorbed_dose(result, small_study, kernel_cache_dir,

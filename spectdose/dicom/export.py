@@ -17,7 +17,9 @@ import numpy as np
 from spectdose.dicom.pmap import (
     DOSE_RATE_PER_MBQ_UNIT,
     DOSE_RATE_UNIT,
+    MAP_16_BIT_MAX_ERROR,
     build_dose_rate_map,
+    dose_rate_map_bits,
     read_dose_rate_map,
     write_dose_rate_map,
 )
@@ -91,4 +93,6 @@ __all__ = [
     "read_dose_rate_map",
     "RTDOSE_16_BIT_MAX_ERROR",
     "rtdose_bits",
+    "MAP_16_BIT_MAX_ERROR",
+    "dose_rate_map_bits",
 ]

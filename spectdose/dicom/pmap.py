@@ -1,8 +1,11 @@
 """Dose-rate Parametric Map (PS3.3 A.75) on the CT frame, written with highdicom.
 
-Float32 pixels carry the dose rate itself; a Real World Value Mapping with the UCUM unit
-``mGy/h`` (``mGy/h/MBq`` for an MBq-normalised map) says so. ``docs/rtdose.md`` explains
-the references, UIDs and which readers open it (dciodvfy, highdicom, dcmqi, SimpleITK).
+Pixels are either unsigned 16-bit integers whose Real World Value Mapping (slope = max / 65535,
+intercept 0) gives the dose rate, or float32 values that are the dose rate itself (slope 1); the
+mapping carries the UCUM unit ``mGy/h`` (``mGy/h/MBq`` for an MBq-normalised map). A 16-bit map
+is stored JPEG-LS lossless: 10-20 MB instead of 136 MB on a clinical CT grid (issue 20).
+``docs/rtdose.md`` explains the precision, the references, UIDs and which readers open it
+(dciodvfy, highdicom, dcmqi, SimpleITK).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import pydicom
 from highdicom.pm import ParametricMap, RealWorldValueMapping
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ParametricMapStorage
+from pydicom.uid import JPEGLSLossless, ParametricMapStorage
 
 from spectdose.dicom.rtdose import (
     MANUFACTURER,
@@ -35,11 +38,14 @@ from spectdose.dicom.rtdose import (
     software_version,
     source_image_items,
 )
+from spectdose.dicom.transfer import jpegls_available
 from spectdose.geometry import Grid, Volume
 from spectdose.study import Study
 
 __all__ = [
     "DOSE_RATE_UNIT",
+    "MAP_16_BIT_MAX_ERROR",
+    "dose_rate_map_bits",
     "build_dose_rate_map",
     "write_dose_rate_map",
     "read_dose_rate_map",
@@ -70,6 +76,36 @@ _ANATOMIC_REGION = ("38266002", "SCT", "Entire body")
 # Content Creator's Name (Type 2, Content Identification macro): the software, as a PN
 # with an explicit component delimiter (a bare name is the retired PN form for dciodvfy).
 _CONTENT_CREATOR = "spectdose^"
+# Largest stored value of a 16-bit map (unsigned, all 16 bits used).
+_MAX_STORED_16 = 2**16 - 1
+# A map is written in 16 bits when rounding to its step (max / 65535) moves each reference mean
+# (mean in tissue, each region's mean) by at most this fraction; rounding moves a voxel by at most
+# half a step, so any mean by at most that much too: a worst-case bound. The RT Dose's criterion
+# (spectdose.dicom.export.RTDOSE_16_BIT_MAX_ERROR; issue 20: region means within 0.1 %).
+MAP_16_BIT_MAX_ERROR = 1e-3
+
+
+def dose_rate_map_bits(values: np.ndarray, references: Sequence[float]) -> tuple[int, dict]:
+    """16 (unsigned integers + Real World Value Mapping) or 32 (float32) bits for a map, and why.
+
+    16 when half the 16-bit step, max / 65535 / 2, is at most :data:`MAP_16_BIT_MAX_ERROR` of the
+    smallest positive reference mean (the means the summary quotes, in the map's units): a PACS
+    takes the 16-bit map JPEG-LS compressed, the float one only deflated (136 MB -> 37 MB on a
+    clinical grid). Without a positive reference the map stays float32; an all-zero map is
+    16-bit (exact).
+    """
+    top = float(np.max(values)) if np.size(values) else 0.0
+    refs = [float(r) for r in references if r is not None and np.isfinite(r) and r > 0]
+    facts: dict = {"max": top, "smallest_reference": min(refs) if refs else None}
+    if top <= 0:
+        return 16, {**facts, "bits": 16, "step": 0.0, "max_rounding_error": 0.0}
+    if not refs:
+        return 32, {**facts, "bits": 32}
+    error = top / _MAX_STORED_16 / 2
+    if error > MAP_16_BIT_MAX_ERROR * min(refs):
+        return 32, {**facts, "bits": 32, "max_rounding_error_if_16_bit_of_smallest_reference": error / min(refs)}
+    return 16, {**facts, "bits": 16, "step": top / _MAX_STORED_16, "max_rounding_error": error,
+                "max_rounding_error_of_smallest_reference": error / min(refs)}
 
 
 def build_dose_rate_map(
@@ -87,6 +123,7 @@ def build_dose_rate_map(
     series_number: int = 902,
     created_at: dt.datetime | None = None,
     sigma: bool = False,
+    bits: int = 32,
 ) -> ParametricMap:
     """A Parametric Map of the dose rate on the CT frame, referencing the CT and NM series.
 
@@ -111,6 +148,10 @@ def build_dose_rate_map(
     created_at : content and creation date/time; defaults to now.
     sigma : the map holds the 1-sigma uncertainty of the dose rate (same units), coded as a
         Standard Deviation (SCT 386136009) in the Real World Value Mapping; other UIDs.
+    bits : 32 writes float32 pixels (the value itself); 16 writes unsigned 16-bit pixels,
+        round(value / slope) with slope = max / 65535 and intercept 0 in the Real World Value
+        Mapping (step max / 65535; zero stays exactly zero); other UIDs. See
+        :func:`dose_rate_map_bits` for when 16 bits keep the quoted means.
 
     Returns
     -------
@@ -122,8 +163,10 @@ def build_dose_rate_map(
     ExportError
         If the dose rate is not on the CT's frame of reference, axes and field of view, has
         other units, holds negative or non-finite values, or ``ct_datasets`` are not the
-        study's CT.
+        study's CT, or ``bits`` is not 16 or 32.
     """
+    if bits not in (16, 32):
+        raise ExportError(f"bits must be 16 or 32, got {bits!r}")
     if not method:
         raise ExportError("method must name the dose method (it is part of the UIDs)")
     check_on_ct_frame(dose_rate_mgy_per_h, study, "dose-rate volume")
@@ -154,14 +197,25 @@ def build_dose_rate_map(
     if sigma:
         uid_parts = ("sigma", *uid_parts)
         explanation = "1-sigma uncertainty of the " + explanation[0].lower() + explanation[1:]
+    if bits == 16:  # float maps keep the UIDs they always had
+        uid_parts = (*uid_parts, "bits=16")
 
     created_at = created_at or dt.datetime.now()
     created_date, created_time = da_tm(created_at)
     maximum = float(values_f32.max())
+    if bits == 16:
+        pixels, slope = _quantised_16(values_f32, maximum)
+        value_range = (int(pixels.min()), int(pixels.max()))
+        window_top = float(value_range[1])  # the VOI LUT acts on stored values
+    else:
+        pixels, slope = values_f32, 1.0
+        value_range = (float(values_f32.min()), maximum)
+        window_top = maximum
+    del values_f32  # one copy of the volume at a time (issue 20: memory)
     marked = series_description(description, warnings, replaces)
     pmap = ParametricMap(
         source_images=sources,
-        pixel_array=values_f32,
+        pixel_array=pixels,
         series_instance_uid=derive_uid("PM-series", study, *uid_parts),
         series_number=series_number,
         sop_instance_uid=derive_uid("PM-instance", study, *uid_parts),
@@ -178,13 +232,13 @@ def build_dose_rate_map(
                 lut_explanation=explanation,
                 quantity_definition=codes.SCT.StandardDeviation if sigma else None,
                 unit=unit,
-                value_range=(float(values_f32.min()), maximum),
-                slope=1.0,
+                value_range=value_range,
+                slope=slope,
                 intercept=0.0,
             )
         ],
         voi_lut_transformations=[
-            hd.VOILUTTransformation(window_center=maximum / 2, window_width=max(maximum, 1e-6))
+            hd.VOILUTTransformation(window_center=window_top / 2, window_width=max(window_top, 1e-6))
         ],
         content_description=marked,
         content_creator_name=_CONTENT_CREATOR,
@@ -229,6 +283,20 @@ def build_dose_rate_map(
     return pmap
 
 
+def _quantised_16(values: np.ndarray, maximum: float) -> tuple[np.ndarray, float]:
+    """Unsigned 16-bit pixels and the slope that maps them back: round(value / slope), slope =
+    max / 65535 (1 for an all-zero map), so the maximum is 65535 and zero stays zero.
+
+    Slab by slab in float64, so no float64 copy of a whole clinical volume (272 MB) is made.
+    """
+    slope = maximum / _MAX_STORED_16 if maximum > 0 else 1.0
+    stored = np.empty(values.shape, dtype=np.uint16)
+    for k in range(values.shape[0]):
+        # The minimum guards the maximum against a last-bit excursion above 65535.
+        stored[k] = np.minimum(np.rint(values[k].astype(np.float64) / slope), _MAX_STORED_16)
+    return stored, slope
+
+
 def _order_frames_along_normal(pmap: Dataset) -> None:
     """Store frames in increasing position along the plane normal (row x column).
 
@@ -257,8 +325,11 @@ def _order_frames_along_normal(pmap: Dataset) -> None:
     if np.array_equal(order, np.arange(len(order))):
         return
     n_frames, rows, columns = len(frames), int(pmap.Rows), int(pmap.Columns)
-    pixels = np.frombuffer(pmap.FloatPixelData, dtype="<f4").reshape(n_frames, rows, columns)
-    pmap.FloatPixelData = np.ascontiguousarray(pixels[order]).tobytes()
+    keyword, dtype = ("FloatPixelData", "<f4") if "FloatPixelData" in pmap else ("PixelData", "<u2")
+    if keyword == "PixelData" and int(pmap.BitsAllocated) != 16:
+        raise ExportError(f"expected 16-bit integer pixels, got {pmap.BitsAllocated} bits")
+    pixels = np.frombuffer(pmap[keyword].value, dtype=dtype).reshape(n_frames, rows, columns)
+    setattr(pmap, keyword, np.ascontiguousarray(pixels[order]).tobytes())
     pmap.PerFrameFunctionalGroupsSequence = [frames[int(k)] for k in order]
     for rank, frame in enumerate(pmap.PerFrameFunctionalGroupsSequence, start=1):
         frame.FrameContentSequence[0].DimensionIndexValues = rank
@@ -334,10 +405,19 @@ def _make_dimension_uid_deterministic(
 
 
 def write_dose_rate_map(
-    path: str | os.PathLike, dose_rate_mgy_per_h: Volume, study: Study, **kwargs
+    path: str | os.PathLike, dose_rate_mgy_per_h: Volume, study: Study, *, compress: bool = True, **kwargs
 ) -> Path:
-    """Build (see :func:`build_dose_rate_map`) and write a Parametric Map file; returns its path."""
+    """Build (see :func:`build_dose_rate_map`) and write a Parametric Map file; returns its path.
+
+    A 16-bit map is stored JPEG-LS lossless (``compress``, when pydicom has the CharLS encoder):
+    the file a REST client downloads is then the object a PACS receives, 10-20 MB instead of
+    68 MB on a clinical CT grid, in a transfer syntax PACS and viewers decode (docs/rtdose.md,
+    "Transfer syntaxes"). Float32 maps are stored uncompressed: no standard image codec takes
+    float pixels.
+    """
     dataset = build_dose_rate_map(dose_rate_mgy_per_h, study, **kwargs)
+    if compress and "PixelData" in dataset and jpegls_available():
+        dataset.compress(JPEGLSLossless, generate_instance_uid=False)
     path = Path(path)
     dataset.save_as(path, enforce_file_format=True)
     return path

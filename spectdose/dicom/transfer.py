@@ -38,6 +38,7 @@ __all__ = [
     "presentation_contexts",
     "choose_syntax",
     "encode_for",
+    "jpegls_available",
 ]
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -45,7 +46,8 @@ UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 LOSSLESS_PREFERENCE = (JPEGLSLossless, DeflatedExplicitVRLittleEndian)
 
 
-def _jpegls_available() -> bool:
+def jpegls_available() -> bool:
+    """Whether pydicom can encode JPEG-LS Lossless here (CharLS via pyjpegls)."""
     try:
         from pydicom.pixels.encoders import JPEGLSLosslessEncoder
     except ImportError:  # pragma: no cover - pydicom 3 has it
@@ -63,7 +65,7 @@ def _jpegls_suits(header: Dataset) -> bool:
 def syntaxes_for(header: Dataset) -> list[str]:
     """The transfer syntaxes an object can be sent in, most preferred first (uncompressed last)."""
     out = []
-    if _jpegls_suits(header) and _jpegls_available():
+    if _jpegls_suits(header) and jpegls_available():
         out.append(JPEGLSLossless)
     out.append(DeflatedExplicitVRLittleEndian)
     return [*out, *UNCOMPRESSED]

@@ -18,6 +18,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGLSLossless,
+    ParametricMapStorage,
     RTDoseStorage,
 )
 from pynetdicom import AE, evt
@@ -25,15 +26,21 @@ from pynetdicom import AE, evt
 from service.config import DicomPeer
 from service.export import OutputFile, c_store, stow_rs
 from service.localredis import free_port
-from spectdose.dicom.export import read_rtdose, write_rtdose
+from spectdose.dicom.export import (
+    read_dose_rate_map,
+    read_rtdose,
+    write_dose_rate_map,
+    write_rtdose,
+)
+from spectdose.geometry import Volume
 from tests.test_export import DESCRIPTION, dose_pattern_gy, make_study
 
 LOSSLESS_AND_PLAIN = [JPEGLSLossless, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 
 class Receiver:
-    """A C-STORE SCP for RT Dose that accepts the given transfer syntaxes and keeps what arrived, with
-    the syntax it arrived in."""
+    """A C-STORE SCP for RT Dose and Parametric Maps that accepts the given transfer syntaxes and keeps
+    what arrived, with the syntax it arrived in."""
 
     def __init__(self, folder: Path, syntaxes: list[str]):
         self.folder, self.syntaxes, self.port = folder, syntaxes, free_port()
@@ -51,6 +58,7 @@ class Receiver:
         self.folder.mkdir(parents=True, exist_ok=True)
         ae = AE(ae_title="RECEIVER")
         ae.add_supported_context(RTDoseStorage, self.syntaxes)
+        ae.add_supported_context(ParametricMapStorage, self.syntaxes)
         self._server = ae.start_server(("127.0.0.1", self.port), block=False,
                                        evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
         return self
@@ -106,6 +114,32 @@ def test_compressed_where_accepted_uncompressed_where_not_same_dose(tmp_path, do
     assert compressed.stat().st_size < uncompressed.stat().st_size
 
 
+@pytest.fixture(scope="module")
+def rate_map(tmp_path_factory) -> OutputFile:
+    """A 16-bit dose-rate map, stored JPEG-LS as the pipeline writes it."""
+    study = make_study()
+    dose = dose_pattern_gy(study)
+    path = write_dose_rate_map(tmp_path_factory.mktemp("map") / "pm16.dcm", Volume(dose.array, dose.grid, "mGy/h"),
+                               study, method="DVK", bits=16)
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    assert str(header.file_meta.TransferSyntaxUID) == JPEGLSLossless
+    return OutputFile("doserate", path, str(header.SOPInstanceUID), str(header.SOPClassUID))
+
+
+def test_a_map_stored_compressed_goes_as_stored_or_decoded(tmp_path, rate_map):
+    with Receiver(tmp_path / "takes", LOSSLESS_AND_PLAIN) as takes:
+        sent_to_takes = _send(takes, [rate_map])
+    with Receiver(tmp_path / "plain", [ExplicitVRLittleEndian, ImplicitVRLittleEndian]) as plain:
+        sent_to_plain = _send(plain, [rate_map])
+
+    assert sent_to_takes == sent_to_plain == {rate_map.sop_instance_uid: None}
+    ((takes_syntax, took), (plain_syntax, plain_got)) = takes.received + plain.received
+    assert takes_syntax == JPEGLSLossless and plain_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    for path in (took, plain_got):
+        assert np.array_equal(pydicom.dcmread(path).pixel_array, pydicom.dcmread(rate_map.path).pixel_array)
+        assert np.array_equal(read_dose_rate_map(path).array, read_dose_rate_map(rate_map.path).array)
+
+
 class _Stow(http.server.BaseHTTPRequestHandler):
     """A STOW-RS origin server; ``plain_only`` answers 415 to any part in a compressed syntax."""
 
@@ -153,3 +187,18 @@ def test_stow_rs_compressed_unless_the_server_refuses_it(doses, plain_only):
     by_uid = {f.sop_instance_uid: f for f in doses}
     for _, _, ds in stored:
         assert np.array_equal(ds.pixel_array, pydicom.dcmread(by_uid[str(ds.SOPInstanceUID)].path).pixel_array)
+
+
+def test_stow_rs_sends_a_map_stored_compressed_uncompressed_when_refused(rate_map):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Stow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Stow.plain_only, _Stow.requests = True, []
+    try:
+        result = stow_rs(f"http://127.0.0.1:{server.server_port}", [rate_map], token=None, timeout_s=30)
+    finally:
+        server.shutdown()
+
+    assert result == {rate_map.sop_instance_uid: None}
+    [(_, first_syntax, _)], [(_, second_syntax, ds)] = _Stow.requests
+    assert (first_syntax, second_syntax) == (JPEGLSLossless, ExplicitVRLittleEndian)
+    assert np.array_equal(ds.pixel_array, pydicom.dcmread(rate_map.path).pixel_array)
