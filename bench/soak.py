@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,9 @@ import pydicom
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+# The test helpers reused below import starlette's TestClient, which warns about httpx on import.
+warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
 
 from service.config import DicomPeer  # noqa: E402
 from service.jobs import JobStore  # noqa: E402
@@ -98,6 +102,9 @@ class Study:
     state: str | None = None
     upload_tries: int = 0
     upload_error: str | None = None
+    running_attempt: int | None = None  # the attempt seen running, and since when (a stuck one shows here)
+    running_since: float = 0.0
+    running_max_s: float = 0.0
 
 
 @dataclass
@@ -240,7 +247,12 @@ class Soak:
             with self.run.lock:
                 if rsp.status_code == 200:
                     self.run.status_ms.append(ms)
-                    study.state = rsp.json()["state"]
+                    job = rsp.json()
+                    study.state = job["state"]
+                    if study.state == "running":
+                        if study.running_attempt != job["attempt"]:
+                            study.running_attempt, study.running_since = job["attempt"], time.time()
+                        study.running_max_s = max(study.running_max_s, time.time() - study.running_since)
                 else:
                     self.run.status_errors.append(f"GET /jobs/{{id}} {rsp.status_code}")
         except httpx.HTTPError as exc:
@@ -363,6 +375,7 @@ class Soak:
         for study in pending:
             self.run.studies.append(study)
             self.upload(study)
+            print(f"[{self._clock()}] sent {study.name} over {study.transport} (the rest of its cycle)", flush=True)
         self.t_uploads_end = time.time()
         faults.join()
         print(f"[{self._clock()}] uploads over ({len(self.run.studies)} studies); draining ...", flush=True)
@@ -401,6 +414,9 @@ class Soak:
         try:
             done_events = [e.job_id for e in store.audit_events(action="job_done")]
             result_done = [e.detail.get("result_id") for e in store.audit_events(action="cycle_result_done")]
+            # Why a job or cycle result ran again: the sweeper's requeues and the reconciler's republications.
+            recovered = [(e.job_id or e.detail.get("result_id"), e.action) for e in store.audit_events()
+                         if e.action.endswith(("_requeued", "_republished"))]
         finally:
             store.close()
         jobs: dict[str, dict] = {}
@@ -529,8 +545,14 @@ class Soak:
             "redis_restarts": len(self.run.redis_restarts),
             "redis_restarts_survived": redis_survived,
             "redis_wiped": self.args.redis_wipe,
+            "job_running_s_max": round(max((s.running_max_s for s in self.run.studies), default=0.0), 1),
             "jobs_attempt_max": max(attempts, default=None),
             "jobs_rerun": sum(a > 1 for a in attempts),
+            "requeued_by_sweeper": sum(a.endswith("_requeued") for _, a in recovered),
+            "republished_by_reconciler": sum(a.endswith("_republished") for _, a in recovered),
+            "reruns": [{"job_id": j["job_id"], "attempt": j["attempt"],
+                        "recovered_by": [a for i, a in recovered if i == j["job_id"]]}
+                       for j in jobs.values() if j["attempt"] > 1],
             "upload_retries": sum(s.upload_tries - 1 for s in self.run.studies),
             "serve_log_tracebacks": log.count("Traceback (most recent call last)"),
             "rtdose_received": len(received),
