@@ -273,3 +273,31 @@ def test_a_stint_killed_without_its_final_save_is_marked_lost_by_the_next():
     close_lost_stints(ledger)
     assert ledger["stints"][0]["end"] == "until 00:50"
     assert ledger["stints"][1]["end"].startswith("lost") and "00:13:51" in ledger["stints"][1]["end"]
+
+
+def test_a_network_without_normalisation_starts_at_the_dvk_and_does_not_depend_on_its_batch():
+    """norm "none": eval and train mode give the same dose (BatchNorm's running statistics were what
+    made the campaign's network worse than DVK in eval mode, stint 4); untrained it returns the DVK."""
+    from spectdose.cnn.model import TINY, DblurDoseNet, NetworkConfig
+
+    cfg = NetworkConfig.from_dict({**TINY.to_dict(), "norm": "none"})
+    assert NetworkConfig.from_dict(cfg.to_dict()) == cfg and "norm" not in TINY.to_dict(), "batch: saved as before"
+    torch.manual_seed(0)
+    net = DblurDoseNet(cfg)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    slab = torch.rand(1, 2, 4 + 10, 32, 32)
+    dvk = torch.rand(4, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(net.forward_slab(slab, dvk), dvk), "an untrained network adds nothing to the DVK"
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = ((net.forward_slab(slab, dvk) - 2 * dvk) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        trained = net.forward_slab(slab, dvk)
+        assert not torch.equal(trained, dvk), "it learns a residual"
+        net.eval()
+        alone = torch.cat([net.forward_slab(slab[:, :, z : z + 11], dvk[z : z + 1]) for z in range(4)])
+    assert torch.allclose(alone, trained, atol=1e-5), "the same output in eval and train mode, pack by pack or as a slab"

@@ -36,6 +36,13 @@ class NetworkConfig:
       Richardson-Lucy deconvolution of the camera blur (``recovery`` holds its settings,
       see ``spectdose.cnn.recovery``). Weights saved before this field existed have the
       paper's two channels.
+    norm: ``batch`` (the paper's BatchNorm after each convolution) or ``none`` (convolutions with
+      bias, no normalisation, the last layer zero so that an untrained network returns the DVK).
+      BatchNorm makes the output depend on statistics of what it normalises: trained on 64 x 64
+      patches, the campaign's network in eval mode (running statistics, recomputed over training
+      slabs) scored 0.459 on the validation patients against 0.311 with each slab's own statistics
+      and 0.309 for DVK (issue 17, stint 4); super-resolution networks drop it for the same reason
+      (EDSR: Lim et al., CVPR Workshops 2017, 136-144).
     """
 
     stem: Literal["paper", "depth_valid", "none"] = "depth_valid"
@@ -48,6 +55,7 @@ class NetworkConfig:
     leaky_slope: float = 0.1
     inputs: tuple[str, ...] = ("activity", "density")
     recovery: dict | None = None  # {"fwhm_mm", "iterations", "smooth_mm"} when "dvk_rr" is an input
+    norm: Literal["batch", "none"] = "batch"
 
     def __post_init__(self) -> None:
         bad = [c for c in self.inputs if c not in INPUT_CHANNELS]
@@ -55,6 +63,8 @@ class NetworkConfig:
             raise ValueError(f"network inputs start with activity, density and come from {INPUT_CHANNELS}: {self.inputs}")
         if ("dvk_rr" in self.inputs) != (self.recovery is not None):
             raise ValueError("the dvk_rr input and the recovery settings go together")
+        if self.norm not in ("batch", "none"):
+            raise ValueError(f"norm is batch or none, not {self.norm!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -62,6 +72,8 @@ class NetworkConfig:
             del d["inputs"], d["recovery"]  # the paper's network: saved as before this field existed
         else:
             d["inputs"] = list(self.inputs)
+        if self.norm == "batch":
+            del d["norm"]  # as saved before this field existed
         return d
 
     @classmethod
@@ -87,6 +99,13 @@ DEPTH_VALID = NetworkConfig(stem="depth_valid")
 TINY = NetworkConfig(stem="depth_valid", base_filters=4, levels=2, stem_channels=(2, 4, 4), stem_kernel_xy=3)
 
 
+def _norm(cfg: NetworkConfig, channels: int, dims: int) -> nn.Module:
+    """BatchNorm (the paper) or nothing; an Identity keeps the layer indices of saved weights."""
+    if cfg.norm == "none":
+        return nn.Identity()
+    return nn.BatchNorm3d(channels) if dims == 3 else nn.BatchNorm2d(channels)
+
+
 class _StemPaper(nn.Module):
     """The public code's 3D stem: depth 11 -> 9 (pad 1) -> pool 5 -> 3 -> 1."""
 
@@ -95,12 +114,12 @@ class _StemPaper(nn.Module):
         c1, c2, c3 = cfg.stem_channels
         k, p = cfg.stem_kernel_xy, cfg.stem_kernel_xy // 2
         self.block = nn.Sequential(
-            nn.Conv3d(cfg.n_inputs, c1, (5, k, k), padding=(1, p, p), bias=False),
-            nn.BatchNorm3d(c1),
+            nn.Conv3d(cfg.n_inputs, c1, (5, k, k), padding=(1, p, p), bias=cfg.norm == "none"),
+            _norm(cfg, c1, 3),
             nn.LeakyReLU(cfg.leaky_slope),
             nn.MaxPool3d((2, 1, 1), ceil_mode=True),
-            nn.Conv3d(c1, c2, (3, k, k), padding=(0, p, p), bias=False),
-            nn.BatchNorm3d(c2),
+            nn.Conv3d(c1, c2, (3, k, k), padding=(0, p, p), bias=cfg.norm == "none"),
+            _norm(cfg, c2, 3),
             nn.LeakyReLU(cfg.leaky_slope),
             nn.Conv3d(c2, c3, (3, k, k), padding=(0, p, p), bias=True),
         )
@@ -123,11 +142,11 @@ class _StemDepthValid(nn.Module):
         c1, c2, c3 = cfg.stem_channels
         k, p = cfg.stem_kernel_xy, cfg.stem_kernel_xy // 2
         self.block = nn.Sequential(
-            nn.Conv3d(cfg.n_inputs, c1, (5, k, k), padding=(0, p, p), bias=False),
-            nn.BatchNorm3d(c1),
+            nn.Conv3d(cfg.n_inputs, c1, (5, k, k), padding=(0, p, p), bias=cfg.norm == "none"),
+            _norm(cfg, c1, 3),
             nn.LeakyReLU(cfg.leaky_slope),
-            nn.Conv3d(c1, c2, (3, k, k), padding=(0, p, p), bias=False),
-            nn.BatchNorm3d(c2),
+            nn.Conv3d(c1, c2, (3, k, k), padding=(0, p, p), bias=cfg.norm == "none"),
+            _norm(cfg, c2, 3),
             nn.LeakyReLU(cfg.leaky_slope),
             nn.Conv3d(c2, c3, (3, k, k), padding=(0, p, p), bias=True),
         )
@@ -150,14 +169,15 @@ class _StemDepthValid(nn.Module):
 
 
 class _DoubleConv(nn.Sequential):
-    def __init__(self, cin: int, cout: int, act: nn.Module, mid: int | None = None) -> None:
+    def __init__(self, cin: int, cout: int, act: nn.Module, cfg: NetworkConfig, mid: int | None = None) -> None:
         mid = mid or cout
+        bias = cfg.norm == "none"
         super().__init__(
-            nn.Conv2d(cin, mid, 3, padding=1, bias=False),
-            nn.BatchNorm2d(mid),
+            nn.Conv2d(cin, mid, 3, padding=1, bias=bias),
+            _norm(cfg, mid, 2),
             act,
-            nn.Conv2d(mid, cout, 3, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
+            nn.Conv2d(mid, cout, 3, padding=1, bias=bias),
+            _norm(cfg, cout, 2),
             act,
         )
 
@@ -169,17 +189,20 @@ class _UNet2D(nn.Module):
         super().__init__()
         f = [cfg.base_filters * 2**i for i in range(cfg.levels + 1)]  # 16 32 64 128 256
         leaky = nn.LeakyReLU(cfg.leaky_slope)
-        self.inc = _DoubleConv(cin, f[0], leaky)
+        self.inc = _DoubleConv(cin, f[0], leaky, cfg)
         self.down = nn.ModuleList()
         for i in range(cfg.levels):
             cout = f[i + 1] if i < cfg.levels - 1 else f[i + 1] // 2
-            self.down.append(_DoubleConv(f[i], cout, leaky))
+            self.down.append(_DoubleConv(f[i], cout, leaky, cfg))
         self.up = nn.ModuleList()
         for i in reversed(range(cfg.levels)):
             cin_up = f[i + 1]  # skip f[i] + upsampled f[i] (bottom halved)
             cout = f[i] // 2 if i > 0 else f[0]
-            self.up.append(_DoubleConv(cin_up, cout, nn.ReLU(), mid=cin_up // 2 if i > 0 else None))
+            self.up.append(_DoubleConv(cin_up, cout, nn.ReLU(), cfg, mid=cin_up // 2 if i > 0 else None))
         self.outc = nn.Conv2d(f[0], 1, 1)
+        if cfg.norm == "none":  # start from the DVK (residual zero): no normalisation to tame a random output
+            nn.init.zeros_(self.outc.weight)
+            nn.init.zeros_(self.outc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = [self.inc(x)]
