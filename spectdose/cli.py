@@ -122,6 +122,9 @@ def _add_dose_options(p: argparse.ArgumentParser) -> None:
         help="allow one assumption that is refused by default (repeatable; the result carries a warning): "
         + "; ".join(f"{k}: {v}" for k, v in sorted(ASSUMPTIONS.items())),
     )
+    p.add_argument("--map-precision", choices=("auto", "float32"), default=defaults.map_precision,
+                   help="dose-rate maps: auto (16-bit, JPEG-LS, where the quoted means allow; else float32) or float32 "
+                   "(always; dcmqi and 3D Slicer read only float Parametric Maps)")
     p.add_argument("--device", help="torch device for GPU stages (default: cuda when present, else cpu)")
     p.add_argument("--kernel-cache", type=Path, help="kernel cache folder (default: $SPECTDOSE_CACHE_DIR or ~/.cache)")
     p.add_argument("--model", type=Path, help="DblurDoseNet weights for --method cnn (default: models/dblurdosenet.pt)")

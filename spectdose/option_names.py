@@ -29,6 +29,7 @@ PUBLIC_NAMES: dict[str, str] = {
     "calling_ae_title": "calling_aet",
     "autocast_bf16": "bf16",
     "uncertainty": "uncertainty",
+    "map_precision": "map_precision",
 }
 
 

@@ -115,6 +115,9 @@ class DoseOptions:
     regions_path: Path | None = None
     # A calibrated 1-sigma per voxel from the deep ensemble beside the CNN's weights.
     uncertainty: bool = False
+    # Dose-rate (and sigma) maps: "auto" = 16-bit JPEG-LS where the quoted means allow it (a PACS
+    # takes 5 MB, not 136), "float32" = always float (dcmqi, hence 3D Slicer, reads only float maps).
+    map_precision: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -142,6 +145,9 @@ class DoseOptions:
                 "date-times, not both"
             )
         dose_grid_spacing_mm(self.dose_grid)
+        if self.map_precision not in MAP_PRECISIONS:
+            raise InputError(f"{option_hint('map_precision')} must be one of {', '.join(MAP_PRECISIONS)}, "
+                             f"got {self.map_precision!r}")
         if self.uncertainty and self.method != "cnn":
             raise InputError(
                 f"{option_hint('uncertainty')} comes from the DblurDoseNet ensemble: it needs {option_hint('method')} cnn"
@@ -220,6 +226,7 @@ class DoseOptions:
             "dose_grid": None if self.dose_grid == "ct" else self.dose_grid,
             "accepted_assumptions": sorted(self.accepted_assumptions) or None,
             "uncertainty_ensemble_sha256": _file_sha256(self.resolved_ensemble_path()) if self.uncertainty else None,
+            "map_precision": None if self.map_precision == "auto" else self.map_precision,
         }
         parts.update({k: v for k, v in extra.items() if v is not None})
         if self.method == "cnn":
@@ -228,6 +235,8 @@ class DoseOptions:
         return json.dumps(parts, sort_keys=True)
 
 
+# How the dose-rate maps are written (DoseOptions.map_precision).
+MAP_PRECISIONS = ("auto", "float32")
 # Regions partly outside the SPECT field of view get dose statistics of their part inside (docs/regions.md).
 PARTIAL_COVERAGE_ASSUMPTION = "partial_region_coverage"
 # Assumptions that change the dose and are refused unless a site or user allows them by name.
@@ -799,7 +808,10 @@ def _export(
     out_dir.mkdir(parents=True, exist_ok=True)
     # The volumes as delivered (on the output grid): the summary's maxima are theirs (issue 18).
     delivered = {"doserate": average_onto_grid(rate_mgy_per_h, grid)}
-    map_bits, map_precision = dose_rate_map_bits(delivered["doserate"].array, rate_references)
+    float_maps = options.map_precision == "float32"
+    asked = {"bits": 32, "why": "float32 asked (map_precision)"}
+    map_bits, map_precision = (32, asked) if float_maps else dose_rate_map_bits(delivered["doserate"].array,
+                                                                                 rate_references)
     precision = {"doserate": map_precision}
     outputs = {
         "doserate": write_dose_rate_map(out_dir / OUTPUT_NAMES["doserate"], delivered["doserate"],
@@ -809,7 +821,8 @@ def _export(
         # Averaging sigma over output voxels treats the errors within one as fully correlated
         # (they are, over the SPECT resolution): the conservative choice.
         sigma_delivered = average_onto_grid(sigma_mgy_per_h, grid)
-        sigma_bits, precision["doserate_sigma"] = dose_rate_map_bits(sigma_delivered.array, sigma_references)
+        sigma_bits, precision["doserate_sigma"] = (32, asked) if float_maps else dose_rate_map_bits(
+            sigma_delivered.array, sigma_references)
         outputs["doserate_sigma"] = write_dose_rate_map(
             out_dir / OUTPUT_NAMES["doserate_sigma"], sigma_delivered, study,
             replaces=replaces.get("doserate_sigma"), sigma=True, series_number=903, bits=sigma_bits, **common)

@@ -227,6 +227,34 @@ def test_the_dose_rate_map_is_16_bit_jpeg_ls_within_the_stated_precision(result)
     assert rate.array.max() == pytest.approx(result.summary["dose_rate"]["max_mgy_per_h"], rel=1e-6)
 
 
+def test_map_precision_float32_gives_a_float_map_that_dcmqi_converts(result, small_study, kernel_cache_dir, tmp_path):
+    """3D Slicer imports Parametric Maps through dcmqi, which reads float maps only: a site or user
+    that works in Slicer asks for float32 and gets the same dose rates, as floats."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    converter = shutil.which("paramap2itkimage", path=str(Path(sys.executable).parent)) or shutil.which(
+        "paramap2itkimage")
+    res = run(small_study / "dicom", tmp_path / "out",
+              DoseOptions(kernel_cache_dir=kernel_cache_dir, map_precision="float32"))
+    header = pydicom.dcmread(res.outputs["doserate"], stop_before_pixels=True)
+    assert header.BitsAllocated == 32 and "FloatPixelData" in pydicom.dcmread(res.outputs["doserate"])
+    assert res.summary["geometry"]["output_grid"]["map_precision"]["doserate"]["bits"] == 32
+    as_float, as_16 = read_dose_rate_map(res.outputs["doserate"]), read_dose_rate_map(result.outputs["doserate"])
+    step = result.summary["geometry"]["output_grid"]["map_precision"]["doserate"]["max_rounding_error"]
+    assert np.abs(as_float.array - as_16.array).max() <= step + 1e-6 * as_float.array.max()
+    assert header.SOPInstanceUID != pydicom.dcmread(result.outputs["doserate"], stop_before_pixels=True).SOPInstanceUID
+    if converter is None:
+        pytest.skip("dcmqi not installed (pip install dcmqi; in the dev extra)")
+    for path, works in ((res.outputs["doserate"], True), (result.outputs["doserate"], False)):
+        out = tmp_path / ("dcmqi-" + str(works))
+        out.mkdir()
+        done = subprocess.run([converter, "--inputDICOM", str(path), "--outputDirectory", str(out)],
+                              capture_output=True, text=True, timeout=120)
+        assert (done.returncode == 0 and any(out.glob("*.nrrd"))) == works, done.stdout[-500:] + done.stderr[-500:]
+
+
 def test_time_model_none_gives_the_dose_rate_map_and_no_absorbed_dose(result, small_study, kernel_cache_dir,
                                                                        tmp_path):
     """A time point of a cycle: the same dose-rate map as with a time model, in mGy/h, but no RT Dose

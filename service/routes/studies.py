@@ -106,6 +106,11 @@ def submit_params(
               "and a sigma per region (default: SPECTDOSE_DEFAULT_UNCERTAINTY, auto = for CNN jobs once the ensemble "
               "is installed)"),
     ] = None,
+    map_precision: Annotated[
+        str | None,
+        Query(description="dose-rate maps: auto (16-bit JPEG-LS where the quoted means allow, else float32) or float32 "
+              "(always float: dcmqi and 3D Slicer read only float Parametric Maps)"),
+    ] = None,
     recompute: Annotated[
         bool, Query(description="compute again even if the same content with the same options has a job")] = False,
     export: Annotated[
@@ -156,6 +161,7 @@ def submit_params(
         "calling_aet": calling_aet,
         "bf16": bf16,
         "uncertainty": uncertainty,
+        "map_precision": map_precision,
     }
     try:
         options = DoseOptions.from_dict(public)

@@ -70,7 +70,7 @@ def test_rest_options_are_validated_and_stored_as_dose_options(client, study_zip
               "dose_grid": "3", "accept": ["time_outside_model_range", "administration_date_from_acquisition"],
               "density_curve": "bilinear", "kernel_medium": "water", "spect_series": "1.2.3", "ct_series": "1.2.4",
               "bf16": "true", "uncertainty": "true", "sensitivity_cps_per_mbq": 9.5, "calling_aet": "NM_CAMERA",
-              "normalised": "true"}
+              "normalised": "true", "map_precision": "float32"}
     r = _zip(client, study_zip, **params)
     assert r.status_code == 202, r.text
     stored = client.get(r.headers["location"], headers=AUTH).json()["options"]
