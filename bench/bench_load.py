@@ -49,14 +49,21 @@ BENCH_AET = "BENCH"
 
 
 def phantom(cache: Path) -> Path:
-    """The small virtual patient (seed 1), generated once into the cache folder."""
-    folder = cache / "bench-phantom-seed1"
-    if not (folder / "dicom").exists():
-        from spectdose.phantoms import generate
+    """The small virtual patient 8 imaged 96 h after administration (ideal camera), made once.
 
-        print(f"writing the virtual patient (seed 1, small) to {folder} ...", flush=True)
-        generate(folder, 1, size="small")
-    return folder / "dicom"
+    Within the default time model's range (Hanscheid, 48-168 h): the seed-1 patient used before
+    was imaged at 33 h, which the service now refuses by default, so every job would have failed.
+    Only its CT and SPECT are pushed (the truth's SEG stays out: jobs find automatic regions).
+    """
+    from spectdose.phantoms.cycle import generate_cycle
+
+    folder = cache / "bench-load-seed8-96h"
+    if not (folder / "cycle.json").exists():
+        print(f"writing the virtual patient (seed 8, small, 96 h) to {folder} ...", flush=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        generate_cycle(folder, 8, "small", (96.0,), truth_engine="dvk", kernel_cache_dir=cache / "kernels",
+                       camera="ideal", seg="first")
+    return folder / "tp096h" / "dicom"
 
 
 def copy_with_new_uids(src: Path, dest: Path) -> list[Path]:
