@@ -63,8 +63,10 @@ def _regions_at(regions, index: Sequence[int]) -> list[tuple[str, int]]:
         return []
     out = []
     for r in regions.regions:
-        if r.mask[tuple(index)]:
-            out.append((r.name, int(np.count_nonzero(r.mask))))
+        box, local = r.bounds()
+        if all(b.start <= i < b.stop for b, i in zip(box, index, strict=True)) and \
+                local[tuple(i - b.start for b, i in zip(box, index, strict=True))]:
+            out.append((r.name, int(np.count_nonzero(local))))
     return sorted(out, key=lambda x: x[1])
 
 

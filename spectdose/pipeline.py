@@ -831,8 +831,9 @@ def _quoted_means_gy(dose: Volume | None, tissue: np.ndarray, region_set) -> lis
         return []
     means = [float(dose.array[tissue].mean())] if tissue.any() else []
     for region in getattr(region_set, "regions", None) or []:
-        if region.mask.any():
-            means.append(float(dose.array[region.mask].mean()))
+        box, local = region.bounds()
+        if local.any():
+            means.append(float(dose.array[box][local].mean()))
     return means
 
 
