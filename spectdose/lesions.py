@@ -241,16 +241,26 @@ def _shell_background(a: np.ndarray, tissue: np.ndarray, box: tuple[slice, ...],
 
 
 def _candidates(a: np.ndarray, tissue: np.ndarray, spacing: np.ndarray,
-                method: LesionMethod) -> list[tuple[tuple[slice, ...], np.ndarray]]:
+                method: LesionMethod, background0: float | None = None) -> list[tuple[tuple[slice, ...], np.ndarray]]:
     """(box, component in the box) of each candidate, hottest seed first.
 
-    ``a`` may be float32: thresholds and medians are taken in float64 (as on a float64 copy)."""
+    ``a`` may be float32: thresholds and medians are taken in float64 (as on a float64 copy).
+    ``background0``: the median tissue activity, when the caller has it."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    background0 = float(np.median(a[tissue].astype(np.float64)))
+    if background0 is None:
+        background0 = float(np.median(a[tissue].astype(np.float64)))
     seed_size = np.maximum(1, 2 * np.round(method.seed_radius_mm / spacing).astype(int) + 1)
     seed_min = np.float64(method.seed_ratio * max(background0, 1e-12))  # a float64 scalar: compared in float64
-    peaks = (a == ndimage.maximum_filter(a, size=tuple(seed_size))) & (a >= seed_min)
-    seeds = np.argwhere(peaks)
+    hot = a >= seed_min
+    # Seeds are local maxima among the hot voxels: the maximum filter runs in their box, widened by
+    # the filter's half-width (inside the grid), where it sees what it sees on the whole grid.
+    half_seed = seed_size // 2
+    sub = tuple(slice(max(0, b.start - int(h)), min(n, b.stop + int(h)))
+                for b, h, n in zip(_tissue_box(hot, np.zeros(3, int)), half_seed, a.shape, strict=True))
+    corner = np.array([b.start for b in sub])
+    local_a = a[sub]
+    peaks = (local_a == ndimage.maximum_filter(local_a, size=tuple(seed_size))) & hot[sub]
+    seeds = np.argwhere(peaks) + corner
     seeds = seeds[np.argsort(-a[tuple(seeds.T)].astype(np.float64))]
     half = np.round(method.background_radius_mm / spacing).astype(int)
     taken = np.zeros(a.shape, dtype=bool)
@@ -302,12 +312,16 @@ def find_hot_spots(
     grid,
     density_g_cm3: np.ndarray,
     method: LesionMethod | None = None,
+    *,
+    measure_all: bool = False,
 ) -> list[HotSpot]:
     """Every candidate hot spot, hottest first, with its location and (when left out) the reason.
 
     The search runs in the box around the tissue (:func:`_tissue_box`), in the activity's
     precision (float32 stays float32; statistics are taken in float64); each hot spot's box is
-    on the whole grid."""
+    on the whole grid. A hot spot left out as low uptake (the first rule) has its surroundings
+    measured only with ``measure_all`` (an evaluation's table): else its ``contrast`` is NaN,
+    which no rule reads (most candidates of a clinical study end there)."""
     method = method or LesionMethod()
     full_tissue = density_g_cm3 >= LOW_DENSITY
     if not full_tissue.any():
@@ -325,13 +339,18 @@ def find_hot_spots(
     frame = body_frame(density_g_cm3, grid)
     bone = density >= _DENSITY_CLASSES[2][0]
     marrow_reference = float(np.percentile(a[bone].astype(np.float64), 90)) if bone.any() else 0.0
-    organ_level = organ_reference(a, density, float(np.median(a[tissue].astype(np.float64))))
+    background0 = float(np.median(a[tissue].astype(np.float64)))
+    organ_level = organ_reference(a, density, background0)
     out = []
-    for box, component in _candidates(a, tissue, spacing, method):
+    for box, component in _candidates(a, tissue, spacing, method, background0):
         values = a[box][component].astype(np.float64)
         peak = float(values.max())
-        background = _shell_background(a, tissue, box, component, spacing)
-        contrast = peak / background if background > 0 else float("inf")
+        low_uptake = method.exclude_physiological and peak < method.organ_ratio * organ_level
+        if low_uptake and not measure_all:
+            contrast = float("nan")
+        else:
+            background = _shell_background(a, tissue, box, component, spacing)
+            contrast = peak / background if background > 0 else float("inf")
         cls, shares = _density_class(density[box][component])
         full_box = tuple(slice(b.start + int(o), b.stop + int(o)) for b, o in zip(box, offset, strict=True))
         corner = np.array([b.start for b in full_box])
@@ -341,7 +360,7 @@ def find_hot_spots(
                        peak, contrast, classify_location(component, density[box], grid, frame, corner))
         if method.exclude_physiological:
             focality = float(values.mean()) / peak
-            if peak < method.organ_ratio * organ_level:
+            if low_uptake:
                 spot.rule = "low uptake"
                 spot.excluded = f"peak {peak / organ_level:.2f} x the liver level (uptake below the liver's)"
             elif contrast < method.contrast_min:
