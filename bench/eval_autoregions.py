@@ -56,7 +56,7 @@ def evaluate(phantom: Path, cache: Path, min_ml: float, method: LesionMethod) ->
     activity, density, grid = _inputs(phantom, cache)
     truth = np.load(phantom / "truth" / "truth.npz")
     voxel_ml = grid.voxel_volume_ml
-    spots = find_hot_spots(activity, grid, density, method)
+    spots = find_hot_spots(activity, grid, density, method, measure_all=True)
     masks = [s.mask for s in spots if s.excluded is None]
     lesions = {k[6:]: truth[k].astype(bool) for k in truth.files
                if k.startswith("label_lesion_") and truth[k].any()}

@@ -216,7 +216,7 @@ def organ_reference(activity_bq_per_ml: np.ndarray, density_g_cm3: np.ndarray, b
     under SSTR ligands): the mode of the activity-weighted histogram of log activity (3-voxel
     mean) over soft-tissue voxels at >= 3 x the median tissue activity. 0 when there are none."""
     soft = (density_g_cm3 >= _DENSITY_CLASSES[1][0]) & (density_g_cm3 < _DENSITY_CLASSES[2][0])
-    smooth = ndimage.uniform_filter(activity_bq_per_ml.astype(np.float32), 3)
+    smooth = ndimage.uniform_filter(activity_bq_per_ml.astype(np.float32, copy=False), 3)
     values = smooth[soft & (smooth >= 3.0 * background_bq_per_ml) & (smooth > 0)].astype(np.float64)
     if values.size < 100:
         return 0.0
@@ -237,18 +237,31 @@ def _shell_background(a: np.ndarray, tissue: np.ndarray, box: tuple[slice, ...],
     inside[tuple(where.T - lo[:, None])] = True
     distance = ndimage.distance_transform_edt(~inside, sampling=spacing)
     shell = (distance > 5.0) & (distance <= 20.0) & tissue[outer]
-    return float(np.percentile(a[outer][shell], 75)) if shell.any() else 0.0
+    return float(np.percentile(a[outer][shell].astype(np.float64), 75)) if shell.any() else 0.0
 
 
 def _candidates(a: np.ndarray, tissue: np.ndarray, spacing: np.ndarray,
-                method: LesionMethod) -> list[tuple[tuple[slice, ...], np.ndarray]]:
-    """(box, component in the box) of each candidate, hottest seed first."""
+                method: LesionMethod, background0: float | None = None) -> list[tuple[tuple[slice, ...], np.ndarray]]:
+    """(box, component in the box) of each candidate, hottest seed first.
+
+    ``a`` may be float32: thresholds and medians are taken in float64 (as on a float64 copy).
+    ``background0``: the median tissue activity, when the caller has it."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    background0 = float(np.median(a[tissue]))
+    if background0 is None:
+        background0 = float(np.median(a[tissue].astype(np.float64)))
     seed_size = np.maximum(1, 2 * np.round(method.seed_radius_mm / spacing).astype(int) + 1)
-    peaks = (a == ndimage.maximum_filter(a, size=tuple(seed_size))) & (a >= method.seed_ratio * max(background0, 1e-12))
-    seeds = np.argwhere(peaks)
-    seeds = seeds[np.argsort(-a[tuple(seeds.T)])]
+    seed_min = np.float64(method.seed_ratio * max(background0, 1e-12))  # a float64 scalar: compared in float64
+    hot = a >= seed_min
+    # Seeds are local maxima among the hot voxels: the maximum filter runs in their box, widened by
+    # the filter's half-width (inside the grid), where it sees what it sees on the whole grid.
+    half_seed = seed_size // 2
+    sub = tuple(slice(max(0, b.start - int(h)), min(n, b.stop + int(h)))
+                for b, h, n in zip(_tissue_box(hot, np.zeros(3, int)), half_seed, a.shape, strict=True))
+    corner = np.array([b.start for b in sub])
+    local_a = a[sub]
+    peaks = (local_a == ndimage.maximum_filter(local_a, size=tuple(seed_size))) & hot[sub]
+    seeds = np.argwhere(peaks) + corner
+    seeds = seeds[np.argsort(-a[tuple(seeds.T)].astype(np.float64))]
     half = np.round(method.background_radius_mm / spacing).astype(int)
     taken = np.zeros(a.shape, dtype=bool)
     regions = []
@@ -259,7 +272,7 @@ def _candidates(a: np.ndarray, tissue: np.ndarray, spacing: np.ndarray,
         lo = np.maximum(seed - half, 0)
         hi = np.minimum(seed + half + 1, a.shape)
         box = tuple(slice(int(low), int(high)) for low, high in zip(lo, hi, strict=True))
-        local = a[box]
+        local = a[box].astype(np.float64)
         peak = float(a[tuple(seed)])
         background = float(np.median(local[tissue[box]])) if tissue[box].any() else background0
         above = (local >= background + method.fraction * (peak - background)) & ~taken[box] & tissue[box]
@@ -276,38 +289,78 @@ def _candidates(a: np.ndarray, tissue: np.ndarray, spacing: np.ndarray,
     return regions
 
 
+def _tissue_box(tissue: np.ndarray, margin: np.ndarray) -> tuple[slice, slice, slice]:
+    """The box of the grid holding every tissue voxel, widened by ``margin`` voxels (clipped to the
+    grid). Outside tissue the activity is set to 0, so the hot-spot search is the same in it as on
+    the whole grid; a clinical CT is mostly air around the body."""
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(tissue.any(axis=tuple(a for a in range(3) if a != axis)))
+        lo, hi = (int(hit[0]), int(hit[-1]) + 1) if hit.size else (0, 0)
+        box.append(slice(max(0, lo - int(margin[axis])), min(tissue.shape[axis], hi + int(margin[axis]))))
+    return tuple(box)
+
+
+def _search_margin(spacing: np.ndarray, method: LesionMethod) -> np.ndarray:
+    """Voxels of air kept around the tissue box: the seed filter's half-width and the 3-voxel
+    smoothing of :func:`organ_reference` then see the same neighbourhood as on the whole grid."""
+    return np.maximum(1, np.round(method.seed_radius_mm / spacing).astype(int)) + 1
+
+
 def find_hot_spots(
     activity_bq_per_ml: np.ndarray,
     grid,
     density_g_cm3: np.ndarray,
     method: LesionMethod | None = None,
+    *,
+    measure_all: bool = False,
 ) -> list[HotSpot]:
-    """Every candidate hot spot, hottest first, with its location and (when left out) the reason."""
+    """Every candidate hot spot, hottest first, with its location and (when left out) the reason.
+
+    The search runs in the box around the tissue (:func:`_tissue_box`), in the activity's
+    precision (float32 stays float32; statistics are taken in float64); each hot spot's box is
+    on the whole grid. A hot spot left out as low uptake (the first rule) has its surroundings
+    measured only with ``measure_all`` (an evaluation's table): else its ``contrast`` is NaN,
+    which no rule reads (most candidates of a clinical study end there)."""
     method = method or LesionMethod()
-    tissue = density_g_cm3 >= LOW_DENSITY
-    a = np.where(tissue, activity_bq_per_ml, 0.0).astype(np.float64)
-    if not tissue.any() or a.max() <= 0:
+    full_tissue = density_g_cm3 >= LOW_DENSITY
+    if not full_tissue.any():
         return []
     spacing = np.asarray(grid.spacing_mm, dtype=float)
+    crop = _tissue_box(full_tissue, _search_margin(spacing, method))
+    offset = np.array([b.start for b in crop])
+    tissue = full_tissue[crop]
+    density = density_g_cm3[crop]
+    activity = activity_bq_per_ml[crop]
+    dtype = np.float32 if activity.dtype == np.float32 else np.float64
+    a = np.where(tissue, activity, dtype(0)).astype(dtype, copy=False)
+    if a.max() <= 0:
+        return []
     frame = body_frame(density_g_cm3, grid)
-    bone = density_g_cm3 >= _DENSITY_CLASSES[2][0]
-    marrow_reference = float(np.percentile(a[bone], 90)) if bone.any() else 0.0
-    organ_level = organ_reference(a, density_g_cm3, float(np.median(a[tissue])))
+    bone = density >= _DENSITY_CLASSES[2][0]
+    marrow_reference = float(np.percentile(a[bone].astype(np.float64), 90)) if bone.any() else 0.0
+    background0 = float(np.median(a[tissue].astype(np.float64)))
+    organ_level = organ_reference(a, density, background0)
     out = []
-    for box, component in _candidates(a, tissue, spacing, method):
-        values = a[box][component]
+    for box, component in _candidates(a, tissue, spacing, method, background0):
+        values = a[box][component].astype(np.float64)
         peak = float(values.max())
-        background = _shell_background(a, tissue, box, component, spacing)
-        contrast = peak / background if background > 0 else float("inf")
-        cls, shares = _density_class(density_g_cm3[box][component])
-        offset = np.array([b.start for b in box])
-        centre = grid.index_to_lps_mm(np.argwhere(component).mean(axis=0) + offset)
+        low_uptake = method.exclude_physiological and peak < method.organ_ratio * organ_level
+        if low_uptake and not measure_all:
+            contrast = float("nan")
+        else:
+            background = _shell_background(a, tissue, box, component, spacing)
+            contrast = peak / background if background > 0 else float("inf")
+        cls, shares = _density_class(density[box][component])
+        full_box = tuple(slice(b.start + int(o), b.stop + int(o)) for b, o in zip(box, offset, strict=True))
+        corner = np.array([b.start for b in full_box])
+        centre = grid.index_to_lps_mm(np.argwhere(component).mean(axis=0) + corner)
         _, zone = _place(centre, frame)
-        spot = HotSpot(box, component, a.shape, float(component.sum()) * grid.voxel_volume_ml, peak, contrast,
-                       classify_location(component, density_g_cm3[box], grid, frame, offset))
+        spot = HotSpot(full_box, component, activity_bq_per_ml.shape, float(component.sum()) * grid.voxel_volume_ml,
+                       peak, contrast, classify_location(component, density[box], grid, frame, corner))
         if method.exclude_physiological:
             focality = float(values.mean()) / peak
-            if peak < method.organ_ratio * organ_level:
+            if low_uptake:
                 spot.rule = "low uptake"
                 spot.excluded = f"peak {peak / organ_level:.2f} x the liver level (uptake below the liver's)"
             elif contrast < method.contrast_min:

@@ -63,8 +63,10 @@ def _regions_at(regions, index: Sequence[int]) -> list[tuple[str, int]]:
         return []
     out = []
     for r in regions.regions:
-        if r.mask[tuple(index)]:
-            out.append((r.name, int(np.count_nonzero(r.mask))))
+        box, local = r.bounds()
+        if all(b.start <= i < b.stop for b, i in zip(box, index, strict=True)) and \
+                local[tuple(i - b.start for b, i in zip(box, index, strict=True))]:
+            out.append((r.name, int(np.count_nonzero(local))))
     return sorted(out, key=lambda x: x[1])
 
 
@@ -93,9 +95,13 @@ def locate(dose: Volume, density_out: np.ndarray, density_ct: Volume, regions, w
     regions and the interface are looked up on the CT grid at the voxel's centre.
     """
     values = dose.array if where is None else np.where(where, dose.array, -np.inf)
-    if values.size == 0 or not np.isfinite(values).any():
+    if values.size == 0:
         return None
-    index = np.unravel_index(int(np.argmax(values)), values.shape)
+    flat = int(np.argmax(values))
+    # A finite maximum means there is a finite value: the whole grid is searched for one only when not.
+    if not np.isfinite(values.flat[flat]) and not np.isfinite(values).any():
+        return None
+    index = np.unravel_index(flat, values.shape)
     lps = dose.grid.index_to_lps_mm(np.asarray(index))
     ct_index = tuple(int(v) for v in np.clip(np.rint(density_ct.grid.lps_mm_to_index(lps)), 0,
                                              np.asarray(density_ct.grid.shape) - 1))

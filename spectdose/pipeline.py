@@ -14,6 +14,7 @@ import math
 import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -861,8 +862,9 @@ def _quoted_means(volume: Volume | None, tissue: np.ndarray, region_set) -> list
         return []
     means = [float(volume.array[tissue].mean())] if tissue.any() else []
     for region in getattr(region_set, "regions", None) or []:
-        if region.mask.any():
-            means.append(float(volume.array[region.mask].mean()))
+        box, local = region.bounds()
+        if local.any():
+            means.append(float(volume.array[box][local].mean()))
     return means
 
 
@@ -883,8 +885,11 @@ def _write_report(out_dir: Path, study: Study, dose: Volume, regions, summary: d
                                                            ("maximum in soft tissue", "max_in_soft_tissue_location"))
               if maxima.get(key)}
     view = ViewVolumes.from_volumes(study.ct, dose, regions, points_lps_mm=points)
-    written = {"view": view.save(out_dir / OUTPUT_NAMES["view"])}
-    pdf = report_pdf_bytes(view, summary, identifiers_from_study(study))
+    # view.npz is compressed (zlib lets go of the GIL) on a second core while the PDF is drawn.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        saved = pool.submit(view.save, out_dir / OUTPUT_NAMES["view"])
+        pdf = report_pdf_bytes(view, summary, identifiers_from_study(study))
+        written = {"view": saved.result()}
     written["report"] = out_dir / OUTPUT_NAMES["report"]
     written["report"].write_bytes(pdf)
     sources = []

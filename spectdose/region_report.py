@@ -32,7 +32,7 @@ def automatic_lesions(activity_bq_per_ml: Volume, density_g_cm3: Volume, method:
     method = method or LesionMethod()
     spots = find_hot_spots(activity_bq_per_ml.array, activity_bq_per_ml.grid, density_g_cm3.array, method)
     kept = [s for s in spots if s.excluded is None]
-    regions = [Region(f"auto_hotspot_{n}", s.mask, n, automatic=True, lesion=True, location=s.location)
+    regions = [Region(f"auto_hotspot_{n}", s.mask, n, automatic=True, lesion=True, location=s.location, box=s.box)
                for n, s in enumerate(kept, start=1)]
     out = RegionSet(regions, "automatic", description=method.describe())
     left_out = [s for s in spots if s.excluded is not None]

@@ -35,6 +35,7 @@ __all__ = [
     "cumulative_dvh",
     "V_THRESHOLDS_GY",
     "coverage_text",
+    "mask_box",
 ]
 
 # V(x Gy) reported per region: 2 Gy, the red-marrow limit used in PRRT (EANM dosimetry
@@ -170,12 +171,27 @@ class FieldOfView:
         return cls(grid, None if affine is None else np.asarray(affine, dtype=float))
 
 
+def mask_box(mask: np.ndarray) -> tuple[slice, slice, slice]:
+    """The smallest box of the grid holding every voxel of ``mask`` (empty slices when it has none):
+    one pass over the whole grid, then passes over the slab of its slices only."""
+    planes = np.flatnonzero(mask.any(axis=(1, 2)))
+    if planes.size == 0:
+        return (slice(0, 0),) * 3
+    slab = mask[planes[0]:planes[-1] + 1]
+    rows = np.flatnonzero(slab.any(axis=(0, 2)))
+    cols = np.flatnonzero(slab.any(axis=(0, 1)))
+    return (slice(int(planes[0]), int(planes[-1]) + 1), slice(int(rows[0]), int(rows[-1]) + 1),
+            slice(int(cols[0]), int(cols[-1]) + 1))
+
+
 @dataclasses.dataclass
 class Region:
     """One region: its name, mask on the CT grid and number in its source object.
 
     ``ct_coverage_fraction``: the fraction of the region as drawn that lies inside the CT (the
-    mask holds only that part); ``location``: where an automatic region lies on the CT.
+    mask holds only that part); ``location``: where an automatic region lies on the CT;
+    ``box``: a box of the grid known to hold the whole mask (an automatic region's search box),
+    else found on first use (:meth:`bounds`).
     """
 
     name: str
@@ -187,6 +203,20 @@ class Region:
     location: str = ""
     # The segment's own Segmented Property Type (value, scheme, meaning) when it came from a SEG.
     property_type: tuple[str, str, str] | None = None
+    box: tuple[slice, slice, slice] | None = None
+    # The mask ``box`` was found for (a mask assigned later gets its own box).
+    _boxed: np.ndarray | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.box is not None:
+            self._boxed = self.mask
+
+    def bounds(self) -> tuple[tuple[slice, slice, slice], np.ndarray]:
+        """(box, the mask in the box, a view): statistics, SEG, contours and pictures work in the
+        box, since a clinical CT grid has ~34 M voxels and a lesion a few thousand."""
+        if self.box is None or self._boxed is not self.mask:
+            self.box, self._boxed = mask_box(self.mask), self.mask
+        return self.box, self.mask[self.box]
 
     @property
     def unreviewed(self) -> bool:
@@ -396,17 +426,17 @@ def _nice_step(value: float) -> float:
     return float(10 ** (exponent + 1))
 
 
-def cumulative_dvh(values: np.ndarray, voxel_volume_ml: float) -> dict:
+def cumulative_dvh(values: np.ndarray, voxel_volume_ml: float, *, ordered: bool = False) -> dict:
     """Cumulative DVH of the values in one region: volume (ml) receiving at least each bin's lower edge.
 
     Bins start at 0 and have a width of 1, 2 or 5 x 10^n, at most 500 bins up to the
-    maximum; ``volume_ml[0]`` is the whole region.
+    maximum; ``volume_ml[0]`` is the whole region. ``ordered``: ``values`` are sorted already.
     """
     top = float(values.max()) if values.size else 0.0
     width = _nice_step(top / _DVH_MAX_BINS) if top > 0 else 1.0
     n_bins = max(1, int(np.ceil(top / width)) + 1)
     edges = np.arange(n_bins) * width
-    counts = np.searchsorted(np.sort(values), edges, side="left")
+    counts = np.searchsorted(values if ordered else np.sort(values), edges, side="left")
     volume_ml = (values.size - counts) * voxel_volume_ml
     return {"bin_width": width, "volume_ml": [round(float(v), 4) for v in volume_ml]}
 
@@ -455,20 +485,25 @@ def region_statistics(
     rows = []
     for label, mask in masks.items():
         region = by_name.get(label)
-        volume_ml = float(mask.sum()) * voxel_volume_ml
+        # Everything is taken in the region's box: its voxels come in the same (C) order as on the grid.
+        box, local = region.bounds() if region is not None and region.mask is mask else (mask_box(mask), None)
+        local = mask[box] if local is None else local
+        voxels = int(np.count_nonzero(local))
+        volume_ml = float(voxels) * voxel_volume_ml
         ct_fraction = region.ct_coverage_fraction if region is not None else 1.0
         if field_of_view is not None and ct_grid is not None:
-            inside = np.zeros_like(mask)
-            where = np.argwhere(mask)
-            inside[tuple(where[field_of_view.inside(ct_grid.index_to_lps_mm(where))].T)] = True
-            spect_fraction = float(inside.sum()) / max(1, int(mask.sum()))
+            inside = np.zeros_like(local)
+            where = np.argwhere(local)
+            corner = np.array([b.start for b in box])
+            inside[tuple(where[field_of_view.inside(ct_grid.index_to_lps_mm(where + corner))].T)] = True
+            spect_fraction = float(np.count_nonzero(inside)) / max(1, voxels)
         else:
-            inside, spect_fraction = mask, 1.0
+            inside, spect_fraction = local, 1.0
         coverage = coverage_label(spect_fraction, ct_fraction)
         row = {
             "region": label,
             "volume_ml": round(volume_ml, 3),
-            "voxels": int(mask.sum()),
+            "voxels": voxels,
             "spect_coverage_fraction": round(spect_fraction, 4),
             "ct_coverage_fraction": round(ct_fraction, 4),
             "coverage": coverage,
@@ -491,35 +526,38 @@ def region_statistics(
                     row["dvh_gy"] = None
             rows.append(row)
             continue
-        rate_mgy_per_h = dose_rate_gy_per_s[inside].astype(np.float64) * MGY_PER_H_PER_GY_PER_S
+        rate_mgy_per_h = dose_rate_gy_per_s[box][inside].astype(np.float64) * MGY_PER_H_PER_GY_PER_S
         row.update({
             "mean_dose_rate_mgy_per_h": float(rate_mgy_per_h.mean()),
             "median_dose_rate_mgy_per_h": float(np.median(rate_mgy_per_h)),
             "min_dose_rate_mgy_per_h": float(rate_mgy_per_h.min()),
             "max_dose_rate_mgy_per_h": float(rate_mgy_per_h.max()),
             "uncertainty_dose_rate_mgy_per_h": (
-                float(dose_rate_sigma_gy_per_s[inside].astype(np.float64).mean()) * MGY_PER_H_PER_GY_PER_S
+                float(dose_rate_sigma_gy_per_s[box][inside].astype(np.float64).mean()) * MGY_PER_H_PER_GY_PER_S
                 if dose_rate_sigma_gy_per_s is not None else None
             ),
         })
         if dose_gy is not None:
-            d = dose_gy[inside].astype(np.float64)
+            d = dose_gy[box][inside].astype(np.float64)
+            ordered = np.sort(d)  # once for the median, the Dx, the V(x Gy) and the DVH
+            at_least = ordered.size - np.searchsorted(ordered, np.asarray(v_thresholds_gy, dtype=float), side="left")
             row.update(
                 mean_gy=float(d.mean()),
-                median_gy=float(np.median(d)),
+                median_gy=float(np.median(ordered)),
                 min_gy=float(d.min()),
                 max_gy=float(d.max()),
-                d2_gy=float(np.percentile(d, 98)),
-                d50_gy=float(np.percentile(d, 50)),
-                d98_gy=float(np.percentile(d, 2)),
-                v_gy={f"{x:g}": {"ml": round(float((d >= x).sum()) * voxel_volume_ml, 3),
-                                 "pct": round(100.0 * float((d >= x).mean()), 2)} for x in v_thresholds_gy},
-                uncertainty_gy=float(dose_sigma_gy[inside].astype(np.float64).mean()) if dose_sigma_gy is not None else None,
+                d2_gy=float(np.percentile(ordered, 98)),
+                d50_gy=float(np.percentile(ordered, 50)),
+                d98_gy=float(np.percentile(ordered, 2)),
+                v_gy={f"{x:g}": {"ml": round(float(n) * voxel_volume_ml, 3), "pct": round(100.0 * (float(n) / d.size), 2)}
+                      for x, n in zip(v_thresholds_gy, at_least, strict=True)},
+                uncertainty_gy=(float(dose_sigma_gy[box][inside].astype(np.float64).mean())
+                                if dose_sigma_gy is not None else None),
             )
         if with_dvh:
             row["dvh_dose_rate_mgy_per_h"] = cumulative_dvh(rate_mgy_per_h, voxel_volume_ml)
             if dose_gy is not None:
-                row["dvh_gy"] = cumulative_dvh(d, voxel_volume_ml)
+                row["dvh_gy"] = cumulative_dvh(ordered, voxel_volume_ml, ordered=True)
         rows.append(row)
     return rows
 

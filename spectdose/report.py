@@ -104,20 +104,44 @@ def _to_canonical(array: np.ndarray, axes: np.ndarray) -> tuple[np.ndarray, tupl
     return out, perm, flips
 
 
-def _mask_on_view(mask: np.ndarray, factors: Sequence[int], shape: tuple[int, ...]) -> np.ndarray:
+def _mask_on_view(mask: np.ndarray, factors: Sequence[int], shape: tuple[int, ...],
+                  offset: Sequence[int] = (0, 0, 0), full_shape: Sequence[int] | None = None) -> np.ndarray:
     """A mask averaged onto the view grid (a view voxel is in when half of it is), block-averaging
-    only the box around the mask: a clinical CT has ~80 M voxels, a region a few thousand."""
+    only the box around the mask: a clinical CT has ~80 M voxels, a region a few thousand.
+
+    ``mask`` may be a box of the (canonical) grid of ``full_shape`` starting at ``offset``."""
+    full_shape = tuple(full_shape or mask.shape)
     out = np.zeros(shape, dtype=bool)
     box = []
     for axis, f in enumerate(factors):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) + int(offset[axis])
         if hit.size == 0:
             return out
-        box.append(slice(hit[0] // f * f, min(mask.shape[axis], (hit[-1] // f + 1) * f)))
-    part = block_mean(mask[tuple(box)], factors) >= 0.5
+        box.append(slice(hit[0] // f * f, min(full_shape[axis], (hit[-1] // f + 1) * f)))
+    # The block-aligned box around the mask, filled from the mask's own box.
+    aligned = np.zeros(tuple(b.stop - b.start for b in box), dtype=mask.dtype)
+    src, dst = [], []
+    for axis, b in enumerate(box):
+        lo, hi = max(b.start, int(offset[axis])), min(b.stop, int(offset[axis]) + mask.shape[axis])
+        src.append(slice(lo - int(offset[axis]), hi - int(offset[axis])))
+        dst.append(slice(lo - b.start, hi - b.start))
+    aligned[tuple(dst)] = mask[tuple(src)]
+    part = block_mean(aligned, factors) >= 0.5
     start = [b.start // f for b, f in zip(box, factors, strict=True)]
     out[tuple(slice(s0, s0 + n) for s0, n in zip(start, part.shape, strict=True))] = part
     return out
+
+
+def _canonical_box(local: np.ndarray, box: Sequence[slice], shape: Sequence[int], axes: np.ndarray
+                   ) -> tuple[np.ndarray, list[int]]:
+    """A box of the grid (``local`` at ``box``) turned as :func:`_to_canonical` turns the whole grid,
+    and where it starts on the turned grid."""
+    turned, perm, flips = _to_canonical(local, axes)
+    offset = []
+    for t in range(3):
+        b, n = box[perm[t]], shape[perm[t]]
+        offset.append(n - b.stop if flips[t] else b.start)
+    return turned, offset
 
 
 @dataclasses.dataclass
@@ -153,7 +177,9 @@ class ViewVolumes:
         dose_view = block_mean(_to_canonical(dose.array, dose.grid.axes)[0], f)
         names, masks, lesion = [], [], []
         for r in regions.regions if regions is not None else []:
-            mask = _mask_on_view(_to_canonical(r.mask.view(np.uint8), ct_hu.grid.axes)[0], f, ct_view.shape)
+            box, local = r.bounds()
+            canonical, offset = _canonical_box(local.view(np.uint8), box, ct_hu.grid.shape, ct_hu.grid.axes)
+            mask = _mask_on_view(canonical, f, ct_view.shape, offset, [ct_hu.grid.shape[k] for k in perm])
             names.append(r.name)
             masks.append(mask)
             lesion.append(bool(r.lesion))

@@ -348,3 +348,71 @@ def test_field_of_view_follows_the_registration_and_survives_the_summary():
     assert fov.inside(points).tolist() == [True, False]
     back = FieldOfView.from_json(fov.to_json())
     assert back.inside(points).tolist() == [True, False] and back.z_span_mm() == pytest.approx((-34.5, -10.5))
+
+
+def _full_grid_row(dose: np.ndarray, mask: np.ndarray, voxel_ml: float) -> dict:
+    """The statistics of issue 11, taken on the whole grid (what the box-wise ones must equal)."""
+    d = dose[mask].astype(np.float64)
+    return {"mean_gy": float(d.mean()), "median_gy": float(np.median(d)), "d2_gy": float(np.percentile(d, 98)),
+            "d98_gy": float(np.percentile(d, 2)), "v10_ml": round(float((d >= 10).sum()) * voxel_ml, 3),
+            "dvh_gy": cumulative_dvh(d, voxel_ml)}
+
+
+def test_statistics_in_a_regions_box_equal_those_on_the_whole_grid():
+    from spectdose.dicom.region_outputs import _label_volume, _packed_mask
+    from spectdose.regions import Region, RegionSet, mask_box
+
+    rng = np.random.default_rng(7)
+    grid = _oblique_feet_first_grid()
+    dose = (rng.gamma(2.0, 6.0, grid.shape)).astype(np.float32)
+    blob = ndimage.gaussian_filter(rng.random(grid.shape), 3) > 0.52  # irregular, several pieces
+    edge = np.zeros(grid.shape, bool)
+    edge[-3:, :5, 70:] = True  # touching three faces of the grid
+    loose = (slice(0, 60), slice(0, 20), slice(60, 80))  # a box larger than the region, as hot spots carry
+    regions = [Region("blob", blob, 1), Region("edge", edge, 2, box=loose)]
+    assert mask_box(edge) == (slice(57, 60), slice(0, 5), slice(70, 80))
+    rows = region_statistics(dose, dose / 3600.0, {r.name: r.mask for r in regions}, grid.voxel_volume_ml,
+                             regions=regions)
+    for row, r in zip(rows, regions, strict=True):
+        want = _full_grid_row(dose, r.mask, grid.voxel_volume_ml)
+        assert row["voxels"] == int(r.mask.sum())
+        assert {k: row[k] for k in ("mean_gy", "median_gy", "d2_gy", "d98_gy", "dvh_gy")} == \
+            {k: want[k] for k in ("mean_gy", "median_gy", "d2_gy", "d98_gy", "dvh_gy")}
+        assert row["v_gy"]["10"]["ml"] == want["v10_ml"]
+        # The SEG's and the UIDs' view of the region, built from its box, is the whole grid's.
+        assert _packed_mask(r) == np.packbits(r.mask).tobytes()
+    labels = _label_volume(RegionSet(regions, "automatic"), grid.shape)
+    assert np.array_equal(labels == 1, blob) and np.array_equal(labels == 2, edge)
+    overlapping = RegionSet([Region("a", blob, 1), Region("b", blob.copy(), 2)], "RTSTRUCT")
+    assert _label_volume(overlapping, grid.shape) is None  # overlapping regions: one frame stack per segment
+
+
+def test_hot_spots_do_not_depend_on_the_air_around_the_body():
+    """The search is cropped to the tissue: padding the CT with air (with activity in it) changes nothing."""
+    from spectdose.lesions import find_hot_spots
+
+    rng = np.random.default_rng(3)
+    shape = (40, 64, 64)
+    density = np.full(shape, 1.04, np.float32)
+    density[:, :6, :] = 0.0  # air in front of the body
+    activity = rng.gamma(20.0, 0.05, shape).astype(np.float32)  # ~1 Bq/ml of noisy background
+    kk, jj, ii = np.indices(shape)
+    for (k, j, i), peak in (((12, 30, 20), 60.0), ((28, 40, 44), 25.0), ((20, 10, 50), 12.0)):
+        activity += (peak * np.exp(-(((kk - k) * 3) ** 2 + (jj - j) ** 2 + (ii - i) ** 2) / (2 * 4.0**2))).astype(np.float32)
+    grid = Grid(shape, (3.0, 2.0, 2.0), (0.0, 0.0, 0.0), np.eye(3)[::-1], FOR)
+    spots = find_hot_spots(activity, grid, density)
+    assert len([s for s in spots if s.excluded is None]) >= 2
+
+    pad = ((3, 5), (20, 7), (11, 30))
+    big_density = np.pad(density, pad)  # air (density 0) all round
+    big_activity = np.pad(activity, pad) + np.pad(np.zeros(shape, np.float32), pad,
+                                                  constant_values=50.0)  # hot "activity" in the air is ignored
+    origin = grid.index_to_lps_mm(-np.array([p[0] for p in pad], float))
+    big_grid = Grid(big_density.shape, grid.spacing_mm, tuple(origin), grid.axes, FOR)
+    big_spots = find_hot_spots(big_activity, big_grid, big_density)
+    inner = tuple(slice(p[0], p[0] + n) for p, n in zip(pad, shape, strict=True))
+    assert len(big_spots) == len(spots)
+    for a, b in zip(spots, big_spots, strict=True):
+        assert np.array_equal(b.mask[inner], a.mask) and b.mask.sum() == a.mask.sum()
+        assert (a.volume_ml, a.peak_bq_per_ml, a.location, a.excluded) == (b.volume_ml, b.peak_bq_per_ml, b.location,
+                                                                            b.excluded)

@@ -63,12 +63,42 @@ def _uid(*parts: str) -> str:
     return _UID_ROOT + str(int.from_bytes(digest[:16], "big"))
 
 
+def _packed_mask(region) -> bytes:
+    """``np.packbits(region.mask).tobytes()`` made from the region's box: the bytes of the set bits
+    are or-ed together, the rest of the whole grid's bytes are zero."""
+    box, local = region.bounds()
+    shape = region.mask.shape
+    out = np.zeros((int(np.prod(shape)) + 7) // 8, dtype=np.uint8)
+    where = np.argwhere(local) + np.array([b.start for b in box])
+    if len(where):
+        flat = np.ravel_multi_index(tuple(where.T), shape)  # ascending: argwhere is in C order
+        byte = flat >> 3
+        bits = (np.uint8(0x80) >> (flat & 7).astype(np.uint8)).astype(np.uint8)
+        starts = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]])
+        out[byte[starts]] = np.bitwise_or.reduceat(bits, starts)
+    return out.tobytes()
+
+
 def _masks_digest(regions: RegionSet) -> str:
+    """Digest of the regions' names and masks (as packed bits of the whole grid) for content-derived UIDs."""
     h = hashlib.sha256()
     for r in regions.regions:
         h.update(r.name.encode())
-        h.update(np.packbits(r.mask).tobytes())
+        h.update(_packed_mask(r))
     return h.hexdigest()
+
+
+def _label_volume(regions: RegionSet, shape: tuple[int, ...]) -> np.ndarray | None:
+    """One volume holding each region's number (1, 2, ...) on its voxels, filled box by box;
+    None when two regions share a voxel (a SEG then needs one frame stack per segment)."""
+    labels = np.zeros(shape, dtype=np.uint8 if len(regions.regions) < 256 else np.uint16)
+    for number, r in enumerate(regions.regions, start=1):
+        box, local = r.bounds()
+        part = labels[box]
+        if np.any(part[local]):
+            return None
+        part[local] = number
+    return labels
 
 
 def _pseudo_ct_headers(ctx: RegionContext) -> list[Dataset]:
@@ -120,7 +150,11 @@ def _build_seg(regions: RegionSet, ctx: RegionContext, *, description: str, meth
             else hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
             algorithm_identification=algorithm,
         ))
-    pixels = np.stack([r.mask for r in regions.regions], axis=-1).astype(np.uint8)
+    # A label volume when the regions do not overlap (automatic hot spots never do): 1/n of the
+    # bytes of a stack of n segments, and highdicom checks it with one max() instead of a sum.
+    pixels = _label_volume(regions, ctx.ct_grid.shape)
+    if pixels is None:
+        pixels = np.stack([r.mask for r in regions.regions], axis=-1).astype(np.uint8)
     digest = _masks_digest(regions)
     seg = hd.seg.Segmentation(
         source_images=_pseudo_ct_headers(ctx),
@@ -423,6 +457,7 @@ def write_region_outputs(
             # An unreviewed automatic region is no GTV: its type stays empty (Type 2) until someone says what it is.
             interpreted_types={r.name: ("" if r.unreviewed else "GTV" if r.lesion else "ORGAN") for r in regions.regions},
             software_version=ctx.software_version,
+            boxes={r.name: r.bounds()[0] for r in regions.regions},
         )
         outputs["regions_rtstruct"] = out_dir / REGION_OUTPUT_NAMES["regions_rtstruct"]
         rtstruct.save_as(outputs["regions_rtstruct"], enforce_file_format=True)

@@ -235,17 +235,22 @@ def _fill_polygon(x: np.ndarray, y: np.ndarray, shape: tuple[int, int]) -> tuple
     return out & ~on, on
 
 
-def mask_to_contours(mask: np.ndarray, grid: Grid) -> list[tuple[int, np.ndarray]]:
+def mask_to_contours(mask: np.ndarray, grid: Grid, box: tuple[slice, slice, slice] | None = None
+                     ) -> list[tuple[int, np.ndarray]]:
     """Closed contours (slice index, (n, 3) LPS mm) outlining a mask slice by slice.
 
     Marching squares at the 0.5 level (contourpy) on the mask padded by one voxel, so each
-    outline runs between voxel centres and closes at the grid's edge.
+    outline runs between voxel centres and closes at the grid's edge. ``box``: a box of the grid
+    holding the whole mask; the contours are traced in it (the same outlines, shifted back).
     """
     import contourpy
 
+    box = box or tuple(slice(0, n) for n in mask.shape)
+    local = mask[box]
+    k0, j0, i0 = (float(b.start) for b in box)
     out = []
-    for k in np.flatnonzero(mask.any(axis=(1, 2))):
-        padded = np.pad(mask[k].astype(np.float64), 1)
+    for k in np.flatnonzero(local.any(axis=(1, 2))):
+        padded = np.pad(local[k].astype(np.float64), 1)
         generator = contourpy.contour_generator(z=padded, line_type=contourpy.LineType.Separate)
         for line in generator.lines(0.5):
             ij = np.asarray(line, dtype=float) - 1.0  # (n, 2) as (x=i, y=j), padding removed
@@ -253,8 +258,8 @@ def mask_to_contours(mask: np.ndarray, grid: Grid) -> list[tuple[int, np.ndarray
                 ij = ij[:-1]  # DICOM closed contours do not repeat the first point
             if len(ij) < 3:
                 continue
-            kji = np.column_stack([np.full(len(ij), float(k)), ij[:, 1], ij[:, 0]])
-            out.append((int(k), grid.index_to_lps_mm(kji)))
+            kji = np.column_stack([np.full(len(ij), float(k) + k0), ij[:, 1] + j0, ij[:, 0] + i0])
+            out.append((int(k + k0), grid.index_to_lps_mm(kji)))
     return out
 
 
@@ -274,6 +279,7 @@ def build_rtstruct(
     series_number: int = 903,
     software_version: str = "",
     created_at: dt.datetime | None = None,
+    boxes: Mapping[str, tuple[slice, slice, slice]] | None = None,
 ) -> Dataset:
     """An RT Structure Set of ``masks`` (on ``grid``) in the patient and study of ``header``.
 
@@ -281,7 +287,8 @@ def build_rtstruct(
     when ``grid`` is the CT grid (each contour then names its CT image), otherwise any
     order (the series is referenced without per-contour images). ``source_segments`` maps a
     region name to the (SEG SOP Instance UID, segment number) it was traced from, written
-    as the ROI's Definition Source Sequence (PS3.3 C.8.8.5).
+    as the ROI's Definition Source Sequence (PS3.3 C.8.8.5). ``boxes`` maps a region name to a
+    box of the grid holding its whole mask, where its contours are traced (:func:`mask_to_contours`).
 
     Raises
     ------
@@ -353,7 +360,7 @@ def build_rtstruct(
             roi.DefinitionSourceSequence = [src]
         rois.append(roi)
         contours = []
-        for k, points in mask_to_contours(mask, grid):
+        for k, points in mask_to_contours(mask, grid, (boxes or {}).get(name)):
             contour = Dataset()
             if per_slice_images:
                 contour.ContourImageSequence = [image_ref(ct_instance_uids[k])]
