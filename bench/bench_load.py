@@ -52,16 +52,17 @@ def phantom(cache: Path) -> Path:
     """The small virtual patient 8 imaged 96 h after administration (ideal camera), made once.
 
     Within the default time model's range (Hanscheid, 48-168 h): the seed-1 patient used before
-    was imaged at 33 h, which the service now refuses by default, so every job would have failed.
-    Only its CT and SPECT are pushed (the truth's SEG stays out: jobs find automatic regions).
+    was imaged at 33 h, which the service now refuses by default, so every job failed. The 96 h
+    time point of the cycle ``bench/soak.py`` uses (the same folder in the cache: made once for
+    both); only its CT and SPECT are pushed, so jobs find automatic regions.
     """
     from spectdose.phantoms.cycle import generate_cycle
 
-    folder = cache / "bench-load-seed8-96h"
+    folder = cache / "soak-cycle-seed8-60-96-144"
     if not (folder / "cycle.json").exists():
-        print(f"writing the virtual patient (seed 8, small, 96 h) to {folder} ...", flush=True)
+        print(f"writing the virtual patient (seed 8, small, 60/96/144 h) to {folder} ...", flush=True)
         shutil.rmtree(folder, ignore_errors=True)
-        generate_cycle(folder, 8, "small", (96.0,), truth_engine="dvk", kernel_cache_dir=cache / "kernels",
+        generate_cycle(folder, 8, "small", (60.0, 96.0, 144.0), truth_engine="dvk", kernel_cache_dir=cache / "kernels",
                        camera="ideal", seg="first")
     return folder / "tp096h" / "dicom"
 
