@@ -7,7 +7,7 @@ import json
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 
 from ..deps import Actor, Ctx, ServiceContext, job_or_404, public_base_url
 from ..schemas import ErrorOut, JobListOut, JobOut, job_out
@@ -89,15 +89,73 @@ RESULT_FILES = (
 )
 
 
+def _asked_syntaxes(accept: str) -> tuple[list[str], bool]:
+    """The transfer syntaxes an Accept header names for application/dicom (PS3.18 8.7.3.5:
+    ``application/dicom; transfer-syntax=UID``), in its order, and whether it also takes the file as
+    stored (application/dicom without the parameter, ``transfer-syntax=*``, or any type)."""
+    asked, as_stored = [], not accept.strip()
+    for part in accept.split(","):
+        media, *params = [p.strip() for p in part.split(";")]
+        if media in ("*/*", "application/*"):
+            as_stored = True
+        if media != "application/dicom":
+            continue
+        values = [p.split("=", 1)[1].strip().strip('"') for p in params if p.lower().startswith("transfer-syntax=")]
+        if not values or values[0] == "*":
+            as_stored = True
+        else:
+            asked.append(values[0])
+    return asked, as_stored
+
+
+def _dicom_in_asked_syntax(path, accept: str, filename: str):
+    """The stored object, or the same instance re-encoded losslessly in a transfer syntax the client
+    asked for in Accept (JPEG-LS takes a 16-bit clinical RT Dose from 68 MB to about 5 MB); 406
+    when it asked only for syntaxes this object cannot be given in. Stored files stay as written
+    (plastimatch, for one, reads no JPEG-LS RT Dose)."""
+    import io
+
+    import pydicom
+
+    from spectdose.dicom.transfer import UNCOMPRESSED, encode_for, syntaxes_for
+
+    asked, as_stored = _asked_syntaxes(accept)
+    if not asked:
+        return None
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    stored = str(header.file_meta.TransferSyntaxUID)
+    offered = [*syntaxes_for(header), *([stored] if stored not in UNCOMPRESSED else [])]
+    for uid in asked:
+        if uid == stored:
+            return None
+        if uid in offered:
+            out = io.BytesIO()
+            encode_for(pydicom.dcmread(path), uid).save_as(out, enforce_file_format=True)
+            return Response(out.getvalue(), media_type=f"application/dicom; transfer-syntax={uid}",
+                            headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+    if as_stored:
+        return None
+    raise HTTPException(406, f"this object can be sent in the transfer syntaxes {', '.join(offered)} "
+                             f"(stored: {stored}), not {', '.join(asked)}")
+
+
 def _result_file_route(route: str, kind: str, media_type: str, summary: str) -> None:
     suffix = ".pdf" if media_type == "application/pdf" else ".dcm"
 
-    def get_result_file(ctx: Ctx, _actor: Actor, job_id: str) -> FileResponse:
-        return FileResponse(_output_path(ctx, job_id, kind), media_type=media_type, filename=f"{job_id}-{route}{suffix}")
+    def get_result_file(request: Request, ctx: Ctx, _actor: Actor, job_id: str) -> Response:
+        path, filename = _output_path(ctx, job_id, kind), f"{job_id}-{route}{suffix}"
+        if suffix == ".dcm":
+            encoded = _dicom_in_asked_syntax(path, request.headers.get("accept", ""), filename)
+            if encoded is not None:
+                return encoded
+        return FileResponse(path, media_type=media_type, filename=filename)
 
     router.add_api_route(
         f"/{{job_id}}/{route}", get_result_file, methods=["GET"], response_class=FileResponse, name=f"get_{route}",
-        summary=summary, responses=_AUTH | _NOT_FOUND | _NOT_READY | {200: _PDF if suffix == ".pdf" else _DICOM},
+        summary=summary + ("" if suffix == ".pdf" else "; in a lossless transfer syntax the Accept header names "
+                           "(application/dicom; transfer-syntax=1.2.840.10008.1.2.4.80 for JPEG-LS), as stored else"),
+        responses=_AUTH | _NOT_FOUND | _NOT_READY | {200: _PDF if suffix == ".pdf" else _DICOM}
+        | ({} if suffix == ".pdf" else {406: {"model": ErrorOut, "description": "no asked transfer syntax suits"}}),
     )
 
 

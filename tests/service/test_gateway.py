@@ -313,3 +313,50 @@ def test_openapi_documents_every_route_and_response(client):
     assert {"stage", "progress", "reason", "method", "warnings", "provenance", "replaces"} <= set(job)
     assert "application/dicom" in paths["/jobs/{job_id}/rtdose"]["get"]["responses"]["200"]["content"]
     assert {"404", "409"} <= set(paths["/jobs/{job_id}/rtdose"]["get"]["responses"])
+
+
+def test_a_result_is_sent_in_the_lossless_transfer_syntax_the_client_asks_for(client, settings, tmp_path):
+    """Issue 20: a 16-bit RT Dose is 68 MB stored (as plastimatch reads it) and about 5 MB as JPEG-LS;
+    a client that names JPEG-LS (or Deflate) in Accept gets the same instance re-encoded losslessly,
+    one that names nothing the stored file, one that names only a syntax the object cannot take 406."""
+    import numpy as np
+
+    from service.jobs import JobStore
+    from service.storage import Storage
+    from spectdose.dicom.export import read_rtdose, write_rtdose
+
+    from ..test_export import DESCRIPTION, dose_pattern_gy, make_study
+
+    study = make_study()
+    work_src = tmp_path / "src"
+    work_src.mkdir()
+    written = write_rtdose(work_src / "rtdose.dcm", dose_pattern_gy(study), study, method="DVK",
+                           description=DESCRIPTION, bits=16)
+    store, storage = JobStore(settings.db_url), Storage(settings.data_dir)
+    job_id = uuid.uuid4().hex
+    store.create_job(job_id, source="rest", submitted_by="token:x", options={"method": "dvk"}, export=[],
+                     queue="cpu", n_files=1, study_instance_uid=str(pydicom.uid.generate_uid()))
+    attempt = store.claim(job_id, "w", lease_s=60, max_attempts=3)
+    work = storage.new_work_dir(job_id, attempt)
+    (work / "rtdose.dcm").write_bytes(written.read_bytes())
+    storage.publish_output(job_id, work, {"files": {"rtdose": {"file": "rtdose.dcm"}}})
+    assert store.finish(job_id, attempt, {"rtdose": "rtdose.dcm"})
+    url = f"/jobs/{job_id}/rtdose"
+
+    plain = client.get(url, headers=AUTH)
+    assert plain.status_code == 200 and plain.content == written.read_bytes()
+    for uid in ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.1.99"):
+        r = client.get(url, headers={**AUTH, "Accept": f"application/dicom; transfer-syntax={uid}"})
+        assert r.status_code == 200 and f"transfer-syntax={uid}" in r.headers["content-type"], r.text[:200]
+        got = tmp_path / f"{uid}.dcm"
+        got.write_bytes(r.content)
+        ds = pydicom.dcmread(got)
+        assert str(ds.file_meta.TransferSyntaxUID) == uid and len(r.content) < len(plain.content)
+        assert ds.SOPInstanceUID == pydicom.dcmread(written, stop_before_pixels=True).SOPInstanceUID
+        assert np.array_equal(read_rtdose(got).array, read_rtdose(written).array), "lossless"
+    refused = client.get(url, headers={**AUTH, "Accept": "application/dicom; transfer-syntax=1.2.840.10008.1.2.4.50"})
+    assert refused.status_code == 406 and "1.2.840.10008.1.2.4.80" in refused.json()["detail"]
+    either = client.get(url, headers={**AUTH, "Accept": "application/dicom; transfer-syntax=1.2.840.10008.1.2.4.50, "
+                                                        "application/dicom"})
+    assert either.status_code == 200 and either.content == plain.content
+    store.close()
