@@ -985,7 +985,7 @@ def cumulative(store: JobStore, patient_id: str, issuer: str | None = None) -> d
     if not cycles and not held:
         return None
     by_region: dict[str, dict] = {}
-    cycles_out = []
+    cycles_out, uncounted = [], []
     for cycle in cycles:
         newest = newest_result(store, cycle.id)
         entry = {"cycle_id": cycle.id,
@@ -1006,6 +1006,10 @@ def cumulative(store: JobStore, patient_id: str, issuer: str | None = None) -> d
                 agg = by_region.setdefault(r["region"], {"region": r["region"], "kind": kind, "per_cycle": []})
                 agg["per_cycle"].append({"cycle_id": cycle.id, "result_id": newest.id,
                                          "absorbed_dose_gy": r["absorbed_dose_gy"], "bed_gy": r.get("bed_gy")})
+            for r in (newest.result or {}).get("regions_not_reported") or []:
+                if _region_kind(r["region"]) is not None:
+                    uncounted.append(f"{r['region']} is not counted for cycle {cycle.id}: {r['reason']} (its "
+                                     "cumulative covers the other cycles only)")
         cycles_out.append(entry)
     regions_out, flags = [], []
     for agg in sorted(by_region.values(), key=lambda a: ({"kidney": 0, "red_marrow": 1, "lesion": 2}[a["kind"]],
@@ -1045,7 +1049,7 @@ def cumulative(store: JobStore, patient_id: str, issuer: str | None = None) -> d
         "kidney_limits": {"absorbed_dose_gy": KIDNEY_ABSORBED_LIMIT_GY, "bed_gy": KIDNEY_BED_LIMIT_GY,
                           "sources": KIDNEY_LIMIT_SOURCES},
         "flags": flags,
-        "notes": [*notes, "BED: linear-quadratic with mono-exponential repair per cycle (spectdose.integration: kidneys "
+        "notes": [*uncounted, *notes, "BED: linear-quadratic with mono-exponential repair per cycle (spectdose.integration: kidneys "
                   "alpha/beta 2.6 Gy, T_rep 2.8 h; red marrow 15 Gy, 0.5 h), summed over cycles (full repair "
                   "between cycles)", "regions are matched across cycles by their names"],
     }

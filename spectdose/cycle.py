@@ -32,6 +32,7 @@ from spectdose.dicom.ingest import load_study
 from spectdose.errors import InputError, SpectdoseError
 from spectdose.geometry import Volume
 from spectdose.pipeline import (
+    PARTIAL_COVERAGE_ASSUMPTION,
     DoseOptions,
     compute_dose_rate,
     json_default,
@@ -39,6 +40,7 @@ from spectdose.pipeline import (
     prepare_inputs,
     stage_timer,
 )
+from spectdose.regions import COVERED_MIN_FRACTION, FieldOfView
 from spectdose.study import Study
 from spectdose.timeseries import TimePoint, integrate_cycle, target_registration_error_mm
 
@@ -308,7 +310,8 @@ def run_cycle(
         resample_info = prepared.resample_info
         rate, rate_info = compute_dose_rate(activity, density, options=options)
         label = f"t{k + 1}"
-        time_points.append(TimePoint(hours[k], study.ct, rate, activity, label))
+        seen_by_spect = FieldOfView.from_transform(study.spect.grid, resample_info.get("ct_to_spect_transform"))
+        time_points.append(TimePoint(hours[k], study.ct, rate, activity, label, spect_inside=seen_by_spect.inside))
         warnings.extend(f"time point {k + 1} ({hours[k]:.1f} h): {w}" for w in tp_warnings)
         tp_summaries.append(
             {
@@ -340,7 +343,18 @@ def run_cycle(
         registration=registration,
         region_model=integration_model,
         voxel_model=voxel_model,
+        covered_min_fraction=COVERED_MIN_FRACTION,
+        accept_partial=PARTIAL_COVERAGE_ASSUMPTION in options.accepted_assumptions,
     )
+    for r in result.regions_not_reported:
+        warnings.append(f"REGIONS NOT REPORTED: {r['region']} ({r['volume_ml']:.1f} ml) is {r['reason']}; its dose "
+                        f"is not given (allow the part inside with {option_hint('accepted_assumptions')} "
+                        f"{PARTIAL_COVERAGE_ASSUMPTION})")
+    for r in result.regions:
+        if r.get("coverage") == "partly covered":
+            warnings.append(f"ASSUMED ({PARTIAL_COVERAGE_ASSUMPTION}): {r['region']} is only partly inside the SPECT "
+                            f"(or CT) at some time point (coverage {r['spect_coverage_per_time_point']}): its dose "
+                            "counts no activity for the part outside")
     landmarks = phantom_landmarks(paths)
     for k, (tp, reg) in enumerate(zip(tp_summaries, result.registrations, strict=True)):
         tp["registration"] = reg.to_dict() if reg is not None else "reference"
@@ -402,6 +416,7 @@ def run_cycle(
             else 0.0,
         },
         "regions": regions,
+        "regions_not_reported": result.regions_not_reported,
         "uids": uids,
         "warnings": warnings,
         "timings_s": timings,
@@ -593,6 +608,8 @@ def format_cycle_summary(s: dict) -> str:
                 f"{r['absorbed_dose_gy']:>9.3g}{_fmt(r.get('bed_gy')):>9}  "
                 + ", ".join(f"{v:.3g}" for v in r["dose_rate_mgy_per_h"])
             )
+    for r in s.get("regions_not_reported") or []:
+        lines.append(f"{r['region'][:21]:<22}{r['volume_ml']:>8.1f}  not reported: {r['reason']}")
     lines.append("")
     for w in s["warnings"]:
         lines.append(f"WARNING: {w}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -76,6 +76,9 @@ class TimePoint:
     dose_rate_gy_per_s: Volume
     activity_bq_per_ml: Volume | None = None
     label: str = ""
+    # Whether CT points (..., 3 LPS mm of this time point's CT) lie inside its SPECT volume
+    # (spectdose.regions.FieldOfView.inside); None: not known, regions are not checked.
+    spect_inside: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 @dataclasses.dataclass
@@ -290,6 +293,38 @@ class CycleIntegration:
     regions: list[dict]
     voxel_info: dict
     dose_rates_on_reference_gy_per_h: list[np.ndarray] | None = None
+    # Regions not seen whole by every time point's SPECT (and CT): name, ml, coverage, reason.
+    regions_not_reported: list[dict] = dataclasses.field(default_factory=list)
+
+
+# Region voxels whose coverage is checked: at most this many, evenly spread (a deformable
+# transform maps points one by one; 5000 give the fraction to +-0.7 % at worst, binomial 1 sigma).
+_COVERAGE_POINTS = 5000
+
+
+def _points_on(reg: Registration | None, points_lps_mm: np.ndarray) -> np.ndarray:
+    """Reference-CT points in the time point's CT space (the registration maps reference -> time point)."""
+    if reg is None:
+        return points_lps_mm
+    transform = reg.transform
+    if reg.mode == "rigid":  # an exact affine from four points
+        origin = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)))
+        matrix = np.column_stack([np.asarray(transform.TransformPoint(tuple(e))) - origin for e in np.eye(3)])
+        return points_lps_mm @ matrix.T + origin
+    return np.array([transform.TransformPoint(tuple(float(v) for v in p)) for p in points_lps_mm])
+
+
+def _seen_fraction(mask: np.ndarray, grid, tp: TimePoint, reg: Registration | None) -> float | None:
+    """Fraction of a reference-grid region inside this time point's CT and SPECT volumes (None: unknown)."""
+    if tp.spect_inside is None:
+        return None
+    where = np.argwhere(mask)
+    if len(where) > _COVERAGE_POINTS:
+        where = where[np.linspace(0, len(where) - 1, _COVERAGE_POINTS).round().astype(int)]
+    points = _points_on(reg, grid.index_to_lps_mm(where))
+    index = tp.ct_hu.grid.lps_mm_to_index(points)
+    in_ct = np.all((index >= -0.5) & (index <= np.asarray(tp.ct_hu.grid.shape) - 0.5), axis=1)
+    return float((in_ct & np.asarray(tp.spect_inside(points), dtype=bool)).mean())
 
 
 def _to_reference(
@@ -312,6 +347,8 @@ def integrate_cycle(
     check: bool = True,
     keep_maps: bool = False,
     interpolation: Literal["linear", "bspline"] = "bspline",
+    covered_min_fraction: float | None = None,
+    accept_partial: bool = False,
 ) -> CycleIntegration:
     """Register, map and integrate the dose rate of several time points on the first one's grid.
 
@@ -327,6 +364,11 @@ def integrate_cycle(
     interpolation : how maps are carried onto the reference grid: "bspline" (cubic B-spline,
         default: it blurs far less than linear interpolation, which loses a few % of a small
         organ's mean to spill-out at each resampling; negative overshoots are clipped) or "linear"
+    covered_min_fraction : with time points that know their SPECT volume (``spect_inside``), a
+        region of which less than this fraction lies inside a time point's CT and SPECT is not
+        reported (its mean there would count no activity for the part outside: a curve, and a
+        dose, too low) but listed in ``regions_not_reported``; ``accept_partial`` reports it,
+        with its coverage per time point
 
     Returns
     -------
@@ -373,7 +415,7 @@ def integrate_cycle(
     vox = integrate_voxels(hours, stack, model=voxel_model, signal_floor=floor)
     dose = Volume(vox["integral"], grid, "Gy")
     t_eff = Volume(vox["effective_half_life_h"], grid, "h")
-    out_regions = []
+    out_regions, regions_not_reported = [], []
     vox_ml = grid.voxel_volume_ml
     for name, mask in (regions or {}).items():
         mask = np.asarray(mask, dtype=bool)
@@ -383,6 +425,21 @@ def integrate_cycle(
             )
         if not mask.any():
             continue
+        seen = [_seen_fraction(mask, grid, tp, reg) for tp, reg in zip(time_points, regs, strict=True)]
+        coverage = {}
+        if covered_min_fraction is not None and any(f is not None for f in seen):
+            worst = min(f for f in seen if f is not None)
+            coverage = {"spect_coverage_per_time_point": [None if f is None else round(f, 4) for f in seen],
+                        "coverage": "covered" if worst >= covered_min_fraction else "partly covered"}
+            if worst < covered_min_fraction and not accept_partial:
+                where = ", ".join(f"{tp.label or f'{tp.hours:g} h'} {f:.0%}" for tp, f in zip(time_points, seen,
+                                                                                          strict=True)
+                                  if f is not None and f < covered_min_fraction)
+                regions_not_reported.append({
+                    "region": name, "volume_ml": float(mask.sum() * grid.voxel_volume_ml), **coverage,
+                    "reason": f"only partly inside the SPECT (or CT) at {where}: its mean there counts no activity "
+                              "for the part outside, so its curve and dose would be too low"})
+                continue
         curve = np.array([float(r[mask].mean()) for r in rates])  # Gy/h
         fit = fit_time_curve(hours, curve, region_model)
         entry = {
@@ -393,6 +450,7 @@ def integrate_cycle(
             "absorbed_dose_gy": float(fit.integral),
             "effective_half_life_h": fit.effective_half_life_h,
             "voxel_mean_dose_gy": float(vox["integral"][mask].mean()),
+            **coverage,
         }
         if len(acts) == len(time_points):
             activity = np.array([float(a[mask].sum() * vox_ml / 1e6) for a in acts])  # MBq
@@ -421,4 +479,5 @@ def integrate_cycle(
             "signal_floor_gy_per_h": floor,
         },
         dose_rates_on_reference_gy_per_h=rates if keep_maps else None,
+        regions_not_reported=regions_not_reported,
     )

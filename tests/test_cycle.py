@@ -446,3 +446,42 @@ def test_bed_matches_the_closed_form_for_mono_exponential_clearance():
     assert dose == pytest.approx(0.2 / lam, rel=1e-4)
     assert bed == pytest.approx(bed_mono_exponential_gy(dose, 50.0, 2.6, 2.8), rel=1e-4)
     assert bed > dose
+
+
+def test_a_region_partly_outside_one_time_points_spect_gets_no_cycle_dose(cycle_dir):
+    """Issue 18's coverage rule for cycles: a kidney half outside the SPECT at one time point would have
+    its mean there count no activity for the half outside (a curve, and a dose, too low): it is not
+    reported, with the time point and its coverage, unless the partial coverage is accepted."""
+    truth = np.load(cycle_dir / "truth" / "cycle_truth.npz")
+    tps = _truth_time_points(cycle_dir)
+    grid = tps[0].ct_hu.grid
+    kidney = truth["label_kidney_left"]
+    z_mid = float(np.median(grid.index_to_lps_mm(np.argwhere(kidney))[:, 2]))
+    whole = lambda points: np.ones(points.shape[:-1], dtype=bool)  # noqa: E731
+    for tp in tps:
+        tp.spect_inside = whole
+    names = ["kidney_left", "kidney_right", "liver", "spleen"]
+    regions = {n: truth[f"label_{n}"] for n in names}
+    seen_whole = integrate_cycle(tps, regions=regions, covered_min_fraction=0.99)
+    assert [r["region"] for r in seen_whole.regions] == names and not seen_whole.regions_not_reported
+    assert all(r["coverage"] == "covered" and min(r["spect_coverage_per_time_point"]) == 1.0
+               for r in seen_whole.regions)
+
+    tps[2].spect_inside = lambda points: points[..., 2] <= z_mid  # the head end of time point 3 cut off
+    cut = integrate_cycle(tps, regions=regions, covered_min_fraction=0.99)
+    missing = {r["region"]: r for r in cut.regions_not_reported}
+    assert "kidney_left" in missing and "kidney_left" not in {r["region"] for r in cut.regions}
+    coverage = missing["kidney_left"]["spect_coverage_per_time_point"]
+    assert coverage[:2] == [1.0, 1.0] and coverage[3:] == [1.0] * (len(tps) - 3) and 0.1 < coverage[2] < 0.9, coverage
+    assert LABELS[2] in missing["kidney_left"]["reason"] and "too low" in missing["kidney_left"]["reason"]
+    for r in cut.regions:  # what stays reported is seen whole and keeps its dose
+        assert min(r["spect_coverage_per_time_point"]) >= 0.99
+        same = next(s for s in seen_whole.regions if s["region"] == r["region"])
+        assert r["absorbed_dose_gy"] == pytest.approx(same["absorbed_dose_gy"], rel=1e-6)
+
+    partial = integrate_cycle(tps, regions=regions, covered_min_fraction=0.99, accept_partial=True)
+    kidney_partial = next(r for r in partial.regions if r["region"] == "kidney_left")
+    kidney_whole = next(r for r in seen_whole.regions if r["region"] == "kidney_left")
+    assert kidney_partial["coverage"] == "partly covered"
+    assert kidney_partial["absorbed_dose_gy"] == pytest.approx(kidney_whole["absorbed_dose_gy"], rel=1e-6), \
+        "the maps themselves are the truth here: only the label changes when the part outside is accepted"

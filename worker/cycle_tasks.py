@@ -48,7 +48,8 @@ def _excerpt(summary: dict, by_path: dict[str, str]) -> dict:
     def job_of(path: str) -> str | None:
         return next((j for p, j in by_path.items() if path.startswith(p)), None)
 
-    regions = [{k: r.get(k) for k in ("region", "volume_ml", "absorbed_dose_gy", "bed_gy", "effective_half_life_h")}
+    regions = [{k: r.get(k) for k in ("region", "volume_ml", "absorbed_dose_gy", "bed_gy", "effective_half_life_h",
+                                      "coverage")}
                | {"model": (r.get("fit") or {}).get("model")} for r in summary.get("regions") or []]
     return {
         "uids": summary.get("uids") or {},
@@ -56,6 +57,8 @@ def _excerpt(summary: dict, by_path: dict[str, str]) -> dict:
                          "study_instance_uid": tp["study_instance_uid"],
                          "registration": tp.get("registration")} for tp in summary.get("time_points") or []],
         "regions": regions,
+        "regions_not_reported": [{k: r.get(k) for k in ("region", "volume_ml", "spect_coverage_per_time_point",
+                                                        "reason")} for r in summary.get("regions_not_reported") or []],
         "administration": summary.get("administration"),
         "method": summary.get("method"),
         "software": summary.get("software"),

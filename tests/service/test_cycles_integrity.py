@@ -262,3 +262,21 @@ def test_an_earlier_job_store_gains_the_identity_columns(tmp_path):
         assert [c["cycle_id"] for c in cycles.cumulative(store, "P1")["cycles"]] == ["c-old"]
     finally:
         store.close()
+
+
+def test_a_region_not_reported_in_a_cycle_is_said_in_the_cumulative(world):
+    """A kidney partly outside one time point's SPECT has no cycle dose (spectdose.timeseries): the
+    cumulative over the patient's cycles says that cycle is missing from it, not a silently lower sum."""
+    store, storage, settings, offer, published = world
+    offer(hours=24.0)
+    offer(hours=72.0)
+    (result_id,) = published
+    row = cycles.claim_result(store, result_id, "w", lease_s=60)
+    cycle_id = row.cycle_id
+    reason = "only partly inside the SPECT (or CT) at t2 41%: its mean there counts no activity"
+    assert cycles.finish_result(store, result_id, row.attempt, outputs={}, used=list(row.time_points), result={
+        "regions": [{"region": "kidney_right", "volume_ml": 150.0, "absorbed_dose_gy": 3.1, "bed_gy": 3.4}],
+        "regions_not_reported": [{"region": "kidney_left", "volume_ml": 160.0, "reason": reason}]})
+    summed = cycles.cumulative(store, "P1")
+    assert [r["region"] for r in summed["regions"]] == ["kidney_right"]
+    assert any(n.startswith(f"kidney_left is not counted for cycle {cycle_id}: {reason}") for n in summed["notes"])
