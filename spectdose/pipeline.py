@@ -463,6 +463,12 @@ def compute_dose_rate_and_sigma(
         return cnn, None, info
     mean, sigma = predict_with_uncertainty(ensemble, activity_bq_per_ml, density_g_cm3, dvk,
                                            autocast_bf16=options.autocast_bf16, kernel_cache_dir=options.kernel_cache_dir)
+    # The dose rate is the ensemble's mean, not the single network's: the provenance names the
+    # networks that made the numbers (after a campaign installs a new single network, the
+    # ensemble is still the earlier one until it is retrained).
+    info["network"] |= {"name": ensemble.name, "weights_sha256": _file_sha256(options.resolved_ensemble_path()),
+                        "config": ensemble.members[0].config.to_dict(),
+                        "trained_spacing_mm": list(ensemble.spacing_mm), "single_network_not_used": model.name}
     info["uncertainty"] = {
         "method": f"deep ensemble of {len(ensemble.members)} DblurDoseNets, sigma calibrated on validation patients",
         "ensemble": ensemble.name,

@@ -173,6 +173,9 @@ def test_dose_with_uncertainty_writes_a_sigma_map_and_region_sigmas(tmp_path, sm
     summary = json.loads((out / "summary.json").read_text())
     unc = summary["uncertainty"]
     assert unc["map"] == "doserate_sigma_pm.dcm" and unc["dose_rate_is"] == "the ensemble mean"
+    # the numbers are the ensemble's (members 1 and 2), not the single network's (member 3): so says the provenance
+    assert summary["provenance"]["method"] == "CNN (tiny-ens)", summary["provenance"]
+    assert summary["provenance"]["model_sha256"] == unc["ensemble_sha256"]
     rate, sigma = read_dose_rate_map(out / "doserate_pm.dcm"), read_dose_rate_map(out / "doserate_sigma_pm.dcm")
     assert sigma.grid.same_as(rate.grid) and sigma.units == rate.units
     assert np.all(sigma.array >= 0) and sigma.array.max() > 0
