@@ -113,6 +113,13 @@ def coverage_label(spect_fraction: float, ct_fraction: float) -> str:
     return "partly covered"
 
 
+def rigid_affine(transform) -> np.ndarray:
+    """The 3 x 4 affine (LPS mm) of a rigid or affine SimpleITK transform, exact from four points."""
+    origin = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)))
+    columns = [np.asarray(transform.TransformPoint(tuple(e))) - origin for e in np.eye(3)]
+    return np.column_stack([*columns, origin])
+
+
 @dataclasses.dataclass(frozen=True)
 class FieldOfView:
     """The SPECT's reconstructed volume seen from the CT: its grid and the CT -> SPECT point map.
@@ -129,9 +136,7 @@ class FieldOfView:
         """From a SimpleITK transform that maps CT points to SPECT points (None: same frame)."""
         if transform is None:
             return cls(spect_grid)
-        origin = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)))
-        columns = [np.asarray(transform.TransformPoint(tuple(e))) - origin for e in np.eye(3)]
-        return cls(spect_grid, np.column_stack([*columns, origin]))  # rigid: exact affine
+        return cls(spect_grid, rigid_affine(transform))
 
     def inside(self, points_lps_mm: np.ndarray) -> np.ndarray:
         """Whether each (..., 3) CT point lies inside the SPECT volume (voxel edges included)."""

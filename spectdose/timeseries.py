@@ -30,6 +30,7 @@ from scipy import ndimage
 from spectdose.errors import GeometryError, InputError
 from spectdose.geometry import Volume, resample_to_grid
 from spectdose.integration import bed_gy, fit_time_curve, integrate_voxels, radiobiology_for
+from spectdose.regions import FieldOfView, rigid_affine
 
 __all__ = [
     "TimePoint",
@@ -307,10 +308,9 @@ def _points_on(reg: Registration | None, points_lps_mm: np.ndarray) -> np.ndarra
     if reg is None:
         return points_lps_mm
     transform = reg.transform
-    if reg.mode == "rigid":  # an exact affine from four points
-        origin = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)))
-        matrix = np.column_stack([np.asarray(transform.TransformPoint(tuple(e))) - origin for e in np.eye(3)])
-        return points_lps_mm @ matrix.T + origin
+    if reg.mode == "rigid":
+        affine = rigid_affine(transform)
+        return points_lps_mm @ affine[:, :3].T + affine[:, 3]
     return np.array([transform.TransformPoint(tuple(float(v) for v in p)) for p in points_lps_mm])
 
 
@@ -322,8 +322,7 @@ def _seen_fraction(mask: np.ndarray, grid, tp: TimePoint, reg: Registration | No
     if len(where) > _COVERAGE_POINTS:
         where = where[np.linspace(0, len(where) - 1, _COVERAGE_POINTS).round().astype(int)]
     points = _points_on(reg, grid.index_to_lps_mm(where))
-    index = tp.ct_hu.grid.lps_mm_to_index(points)
-    in_ct = np.all((index >= -0.5) & (index <= np.asarray(tp.ct_hu.grid.shape) - 0.5), axis=1)
+    in_ct = FieldOfView(tp.ct_hu.grid).inside(points)  # the same edge rule as the SPECT's
     return float((in_ct & np.asarray(tp.spect_inside(points), dtype=bool)).mean())
 
 
