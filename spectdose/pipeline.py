@@ -646,6 +646,7 @@ def run(
         regions, region_outputs, region_info, regions_error = safe_regions_after_dose(
             out_dir, study, region_set, dose, rate, outputs, rate_sigma_gy_per_s=sigma, dose_sigma_gy=dose_sigma,
             field_of_view=field_of_view, dose_method=options.method,
+            network_sha256=rate_info.get("network", {}).get("weights_sha256"),
             accept_partial=PARTIAL_COVERAGE_ASSUMPTION in options.accepted_assumptions)
         outputs.update(region_outputs)
         export_info["uids"].update(region_info.get("uids", {}))

@@ -51,7 +51,8 @@ def automatic_lesions(activity_bq_per_ml: Volume, density_g_cm3: Volume, method:
 def regions_after_dose(out_dir: Path, study, region_set: RegionSet, dose_gy: Volume | None, rate_gy_per_s: Volume,
                        outputs: dict[str, Path], *, rate_sigma_gy_per_s: Volume | None = None,
                        dose_sigma_gy: Volume | None = None, field_of_view: FieldOfView | None = None,
-                       accept_partial: bool = False, dose_method: str = "dvk") -> tuple[list[dict], dict[str, Path], dict]:
+                       accept_partial: bool = False, dose_method: str = "dvk",
+                       network_sha256: str | None = None) -> tuple[list[dict], dict[str, Path], dict]:
     """The pipeline's region step: statistics on the CT grid and the region files next to the RT Dose."""
     reference = outputs.get("rtdose") or outputs["doserate"]
     ctx = RegionContext(
@@ -68,6 +69,7 @@ def regions_after_dose(out_dir: Path, study, region_set: RegionSet, dose_gy: Vol
         dose_rate_sigma_gy_per_s=rate_sigma_gy_per_s.array if rate_sigma_gy_per_s is not None else None,
         dose_sigma_gy=dose_sigma_gy.array if dose_sigma_gy is not None else None,
         field_of_view=field_of_view, accept_partial=accept_partial, dose_method=dose_method,
+        network_sha256=network_sha256,
     )
     return rows, new, info
 
@@ -180,7 +182,8 @@ def region_report(result: str | Path, regions_path: str | Path, out_dir: str | P
         warnings.append("this result does not record the SPECT field of view (an earlier version wrote it): "
                         "region coverage by the SPECT is not checked")
     outputs, rows, info = write_region_outputs(out, regions, dose_ct, rate_gy_per_s, ctx, field_of_view=field_of_view,
-                                               dose_method=str(summary.get("method") or "dvk"))
+                                               dose_method=str(summary.get("method") or "dvk"),
+                                               network_sha256=(summary.get("provenance") or {}).get("model_sha256"))
     warnings += coverage_warnings(rows)
     report = {"result": str(folder), "regions_file": str(regions_path), "source": regions.source,
               "warnings": regions.warnings + warnings, "regions": rows, "uids": info["uids"],

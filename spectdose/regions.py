@@ -58,18 +58,22 @@ COVERED_MIN_FRACTION = 0.99
 _NOT_COVERED_FRACTION = 0.01
 
 # Measured bias of a region's mean dose (rate) against the truth, by region volume and method:
-# (lowest ml, highest ml, method, low %, high %, source). Lesions of the virtual patients;
-# the SPECT resolution is that of spectdose's phantoms (effective FWHM ~11 mm). Sources:
+# (lowest ml, highest ml, method, network, low %, high %, source). ``network`` is the start of
+# the SHA-256 of the weights file whose output was measured (the ensemble file where its mean is
+# the dose rate); a learned method's figure holds for those weights only, so another network
+# gets the DVK figure and says so. None for methods that learn nothing. Lesions of the virtual
+# patients; the SPECT resolution is that of spectdose's phantoms (effective FWHM ~11 mm). Sources:
 #   v2 test  = models/dblurdosenet-eval-v2/lesion_volume.csv (signed mean error of the mean
 #              dose rate, v2 test patients vp2201-vp2203, one noise realisation each:
-#              0.5-2 ml n=3, 2-5 ml n=4, 5-20 ml n=9)
+#              0.5-2 ml n=3, 2-5 ml n=4, 5-20 ml n=9); cnn_ensemble = dblurdosenet_ensemble.pt
+#              of 2026-11-30 (sha256 195485eb...)
 #   issue 17 = the cycle run of issue 17 (spectdose phantom cyc --seed 8, 4 time points, DVK):
 #              lesions of 1.0 / 1.9 / 10.7 ml at -51 / -59 / -29 %
-SMALL_REGION_BIAS: tuple[tuple[float, float, str, float, float, str], ...] = (
-    (0.0, 2.0, "dvk", -68.0, -51.0, "v2 test 0.5-2 ml -68 % (n=3); issue 17 cycle 1.0 / 1.9 ml -51 / -59 %"),
-    (0.0, 2.0, "cnn", -66.0, -65.0, "v2 test 0.5-2 ml -66 % (ensemble) / -65 % (n=3)"),
-    (2.0, 5.0, "dvk", -18.0, -18.0, "v2 test 2-5 ml -18 % (n=4)"),
-    (2.0, 5.0, "cnn", -7.0, -7.0, "v2 test 2-5 ml -7 % (n=4)"),
+SMALL_REGION_BIAS: tuple[tuple[float, float, str, str | None, float, float, str], ...] = (
+    (0.0, 2.0, "dvk", None, -68.0, -51.0, "v2 test 0.5-2 ml -68 % (n=3); issue 17 cycle 1.0 / 1.9 ml -51 / -59 %"),
+    (0.0, 2.0, "cnn", "195485ebea1a", -66.0, -66.0, "v2 test 0.5-2 ml -66 % (n=3), ensemble of 2026-11-30"),
+    (2.0, 5.0, "dvk", None, -18.0, -18.0, "v2 test 2-5 ml -18 % (n=4)"),
+    (2.0, 5.0, "cnn", "195485ebea1a", -6.6, -6.6, "v2 test 2-5 ml -6.6 % (n=4), ensemble of 2026-11-30"),
 )
 # Regions under this volume get a size note: a sphere of 5.6 ml is 22 mm across, two SPECT
 # FWHM (~11 mm), the size below which partial-volume loss dominates (Soret et al., J Nucl Med
@@ -77,28 +81,37 @@ SMALL_REGION_BIAS: tuple[tuple[float, float, str, float, float, str], ...] = (
 SMALL_REGION_ML = 5.0
 
 
-def size_bias(volume_ml: float, method: str) -> dict | None:
+def size_bias(volume_ml: float, method: str, network_sha256: str | None = None) -> dict | None:
     """The measured bias of the mean dose for a region this small (None at or above 5 ml, or
     where no measurement covers it): ``low_pct``, ``high_pct``, ``method`` it was measured
-    with (DVK when ``method`` has none), ``source``."""
+    with (DVK when ``method`` has none for these weights), ``source``, and ``other_network``
+    when ``method`` was measured only with other weights than ``network_sha256``."""
     if volume_ml >= SMALL_REGION_ML:
         return None
     rows = [r for r in SMALL_REGION_BIAS if r[0] <= volume_ml < r[1]]
-    chosen = [r for r in rows if r[2] == method] or [r for r in rows if r[2] == "dvk"]
+    of_method = [r for r in rows if r[2] == method]
+    same = [r for r in of_method if r[3] is None or (network_sha256 or "").startswith(r[3])]
+    chosen = same or [r for r in rows if r[2] == "dvk"]
     if not chosen:
         return None
-    _, _, measured_with, low, high, source = chosen[0]
-    return {"low_pct": low, "high_pct": high, "method": measured_with, "source": source}
+    _, _, measured_with, _, low, high, source = chosen[0]
+    return {"low_pct": low, "high_pct": high, "method": measured_with, "source": source,
+            "other_network": bool(of_method) and not same}
 
 
-def size_note(volume_ml: float, method: str) -> str:
-    """The measured bias to expect for a region this small with this method ("" above 5 ml)."""
-    bias = size_bias(volume_ml, method)
+def size_note(volume_ml: float, method: str, network_sha256: str | None = None) -> str:
+    """The measured bias to expect for a region this small with this method and network ("" above 5 ml)."""
+    bias = size_bias(volume_ml, method, network_sha256)
     if bias is None:
         return ""
     lo, hi = bias["low_pct"], bias["high_pct"]
     expect = f"{lo:+.0f} %" if lo == hi else f"{lo:+.0f} to {hi:+.0f} %"
-    where = f"with {method.upper()}" if bias["method"] == method else f"no measurement for {method}; with DVK"
+    if bias["method"] == method:
+        where = f"with {method.upper()}"
+    elif bias["other_network"]:
+        where = f"not measured for this network ({(network_sha256 or 'unknown')[:12]}); with DVK"
+    else:
+        where = f"no measurement for {method}; with DVK"
     return (f"{volume_ml:.1f} ml is near the SPECT resolution: expect the mean dose {expect} ({where}; "
             f"measured: {bias['source']}; docs/regions.md)")
 
@@ -466,6 +479,7 @@ def region_statistics(
     field_of_view: FieldOfView | None = None,
     accept_partial: bool = False,
     method: str = "dvk",
+    network_sha256: str | None = None,
 ) -> list[dict]:
     """Per region: volume, coverage, size note; dose rate (mean, DVH); absorbed dose (mean,
     median, min, max, D2/D50/D98, V(x Gy), DVH) when a dose is given.
@@ -485,6 +499,8 @@ def region_statistics(
     the mean of its voxels' sigmas: errors left by SPECT blur are correlated over about a
     centimetre, so this is the conservative bound (independent errors would give sigma/sqrt(n));
     without one ``uncertainty_gy`` and ``uncertainty_dose_rate_mgy_per_h`` are None.
+    ``method`` and ``network_sha256`` (the weights that made the dose rate) choose the size
+    note's measured bias.
     """
     by_name = {r.name: r for r in regions or ()}
     rows = []
@@ -514,8 +530,8 @@ def region_statistics(
             "coverage": coverage,
             "automatic": region.unreviewed if region is not None else False,
             "location": region.location if region is not None else "",
-            "size_note": size_note(volume_ml / max(ct_fraction, 1e-6), method),
-            "size_bias_pct": (None if (bias := size_bias(volume_ml / max(ct_fraction, 1e-6), method)) is None
+            "size_note": size_note(volume_ml / max(ct_fraction, 1e-6), method, network_sha256),
+            "size_bias_pct": (None if (bias := size_bias(volume_ml / max(ct_fraction, 1e-6), method, network_sha256)) is None
                               else [bias["low_pct"], bias["high_pct"]]),
         }
         measured = coverage == "covered" or (coverage == "partly covered" and accept_partial)

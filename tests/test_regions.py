@@ -285,13 +285,32 @@ def test_small_regions_carry_the_measured_bias_for_their_size_and_method():
     note = size_note(1.9, "dvk")
     assert note.startswith("1.9 ml is near the SPECT resolution") and "-68 to -51 %" in note and "DVK" in note
     assert "v2 test" in note and "issue 17" in note
-    assert size_bias(1.9, "cnn")["low_pct"] == -66.0 and "with CNN" in size_note(1.9, "cnn")
     assert "-18 %" in size_note(3.0, "dvk")
     assert size_note(10.7, "dvk") == "" and size_bias(10.7, "dvk") is None
     dose = np.full((1, 10, 10), 2.0)
     (row,) = region_statistics(dose, dose / 3.6e6, {"node": np.ones_like(dose, bool)}, 0.019)
     assert row["size_note"].startswith("1.9 ml") and row["size_bias_pct"] == [-68.0, -51.0]
     assert row["coverage"] == "covered" and row["automatic"] is False and row["location"] == ""
+
+
+def test_a_learned_methods_small_region_bias_holds_only_for_the_network_it_was_measured_with():
+    """A network replaced by a training campaign must not inherit its predecessor's measured bias."""
+    from spectdose.regions import SMALL_REGION_BIAS, size_bias, size_note
+
+    lo, hi, _, measured_sha, low, high, _ = next(r for r in SMALL_REGION_BIAS if r[2] == "cnn")
+    volume = (lo + hi) / 2
+    same = size_bias(volume, "cnn", measured_sha + "0" * 52)
+    assert (same["low_pct"], same["high_pct"], same["method"]) == (low, high, "cnn")
+    assert "with CNN" in size_note(volume, "cnn", measured_sha + "0" * 52)
+    dvk = size_bias(volume, "dvk")
+    for other in ("f" * 64, None):
+        bias = size_bias(volume, "cnn", other)
+        assert (bias["low_pct"], bias["high_pct"], bias["method"]) == (dvk["low_pct"], dvk["high_pct"], "dvk")
+        assert "not measured for this network" in size_note(volume, "cnn", other) and "with DVK" in size_note(volume, "cnn", other)
+    dose = np.full((1, 10, 10), 2.0)
+    (row,) = region_statistics(dose, dose / 3.6e6, {"node": np.ones_like(dose, bool)}, volume / 100, method="cnn",
+                               network_sha256="f" * 64)
+    assert row["size_bias_pct"] == [dvk["low_pct"], dvk["high_pct"]] and "ffffffffffff" in row["size_note"]
 
 
 def test_automatic_regions_are_unreviewed_regions_in_space_never_neoplasms(tmp_path):

@@ -403,12 +403,14 @@ def write_region_outputs(
     field_of_view: FieldOfView | None = None,
     accept_partial: bool = False,
     dose_method: str = "dvk",
+    network_sha256: str | None = None,
 ) -> tuple[dict[str, Path], list[dict], dict]:
     """Statistics, CSVs, SEG/RTSTRUCT as needed, RT Dose with DVHs and the SR, written to ``out_dir``.
 
     ``field_of_view``: the SPECT volume, for each region's coverage (regions.region_statistics);
     ``accept_partial``: partly covered regions get statistics of their part inside;
-    ``dose_method``: the dose method, for the small-region note.
+    ``dose_method``, ``network_sha256``: the dose method and the weights that made the dose
+    rate (learned methods), for the small-region note.
 
     Returns ``(outputs, rows, info)``: paths by output name, the per-region rows for
     summary.json, and the UIDs written (``info["uids"]``). The RT Dose at
@@ -419,7 +421,8 @@ def write_region_outputs(
     rows = region_statistics(
         dose_gy, dose_rate_gy_per_s, regions.masks, ctx.ct_grid.voxel_volume_ml,
         dose_rate_sigma_gy_per_s=dose_rate_sigma_gy_per_s, dose_sigma_gy=dose_sigma_gy, regions=regions.regions,
-        ct_grid=ctx.ct_grid, field_of_view=field_of_view, accept_partial=accept_partial, method=dose_method)
+        ct_grid=ctx.ct_grid, field_of_view=field_of_view, accept_partial=accept_partial, method=dose_method,
+        network_sha256=network_sha256)
     for row, r in zip(rows, regions.regions, strict=True):
         row.update(number=r.number, automatic=r.unreviewed, lesion=r.lesion, source=regions.source)
     outputs = _write_csvs(out_dir, rows)
