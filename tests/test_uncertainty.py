@@ -204,3 +204,27 @@ def test_uncertainty_is_refused_for_dvk_and_for_a_cycle(tmp_path):
         DoseOptions(uncertainty=True)
     with pytest.raises(InputError, match="give one study"):
         run_cycle([tmp_path / "a", tmp_path / "b"], tmp_path / "out", DoseOptions(method="cnn", uncertainty=True))
+
+
+def test_members_sharing_a_recovery_setting_share_one_deconvolution(monkeypatch, kernel_cache_dir):
+    """The RL-recovered DVK input costs seconds at clinical size: once per ensemble, same dose as once per member."""
+    import dataclasses
+
+    import spectdose.cnn.recovery as recovery
+
+    cfg = dataclasses.replace(TINY, inputs=("activity", "density", "dvk_rr"), recovery={"fwhm_mm": 10.0, "iterations": 2, "smooth_mm": 5.0})
+    members = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        net = DblurDoseNet(cfg).eval()
+        members.append(TrainedModel(net=net, config=cfg, normalisation=Normalisation(), spacing_mm=SPACING, name=f"rr{seed}", metadata={}))
+    ens = Ensemble(members=members, calibration=SigmaCalibration(scale=2.0), name="rr", metadata={})
+    act, rho, dvk = _study()
+    calls = []
+    real = recovery.recovered_dvk
+    monkeypatch.setattr(recovery, "recovered_dvk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    mean, _ = predict_with_uncertainty(ens, act, rho, dvk, kernel_cache_dir=kernel_cache_dir)
+    assert len(calls) == 1
+    each = [predict_on_ct_grid(m, act, rho, dvk, kernel_cache_dir=kernel_cache_dir).array for m in members]
+    assert len(calls) == 4
+    np.testing.assert_allclose(mean.array, np.mean(each, axis=0), rtol=1e-4, atol=1e-12)

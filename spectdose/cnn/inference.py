@@ -150,13 +150,15 @@ def predict_dose_rate(
     slab: int = 8,
     autocast_bf16: bool = False,
     kernel_cache_dir: Path | None = None,
+    dvk_rr_gy_per_s: np.ndarray | None = None,
 ) -> np.ndarray:
     """Dose rate in Gy/s (float32, same grid) from activity, density and the DVK map.
 
     Arrays are (z, y, x) on the grid the model was trained at. Packs of ``cfg.pack``
     slices slide over z with the end slices replicated, as in the paper. A network with the
     ``dvk_rr`` input gets it computed here, on this grid, with the deconvolution settings it
-    was trained with (``kernel_cache_dir``: where the DVK kernel of this grid is cached).
+    was trained with (``kernel_cache_dir``: where the DVK kernel of this grid is cached),
+    unless ``dvk_rr_gy_per_s`` (:func:`recovered_dvk_for`) is given.
     """
     if not (activity_bq_per_ml.shape == density_g_cm3.shape == dvk_gy_per_s.shape):
         raise InputError("activity, density and DVK dose rate must share one grid")
@@ -165,12 +167,18 @@ def predict_dose_rate(
         return np.zeros(activity_bq_per_ml.shape, np.float32)  # zero activity is zero dose
     extra = {}
     if "dvk_rr" in model.config.inputs:
-        from spectdose.cnn.recovery import recovered_dvk
-
-        rr = recovered_dvk(activity_bq_per_ml, density_g_cm3, model.spacing_mm, model.config.recovery, kernel_cache=kernel_cache_dir)
+        rr = dvk_rr_gy_per_s if dvk_rr_gy_per_s is not None else recovered_dvk_for(model, activity_bq_per_ml, density_g_cm3, kernel_cache_dir)
         extra["dvk_rr"] = (rr.astype(np.float64) / total_mbq * model.normalisation.dose_scale_per_gy_s).astype(np.float32)
     out = predict_normalised(model, a, rho, dvk_n, slab=slab, autocast_bf16=autocast_bf16, extra=extra)
     return (out * np.float32(total_mbq / model.normalisation.dose_scale_per_gy_s)).astype(np.float32)
+
+
+def recovered_dvk_for(model: TrainedModel, activity_bq_per_ml: np.ndarray, density_g_cm3: np.ndarray, kernel_cache_dir: Path | None) -> np.ndarray:
+    """The ``dvk_rr`` input of ``model`` in Gy/s: DVK of the activity deconvolved with the
+    settings the network was trained with, on the model grid."""
+    from spectdose.cnn.recovery import recovered_dvk
+
+    return recovered_dvk(activity_bq_per_ml, density_g_cm3, model.spacing_mm, model.config.recovery, kernel_cache=kernel_cache_dir)
 
 
 def predict_normalised(
@@ -436,12 +444,19 @@ def predict_with_uncertainty(
     """
     ct_grid = activity_bq_per_ml.grid
     grid, _, same, (act, rho, dvk) = _on_model_grid(ensemble.spacing_mm, activity_bq_per_ml, density_g_cm3, dvk_gy_per_s)
-    outputs = (
-        predict_dose_rate(
-            m, act.array, rho.array, dvk.array, grid.voxel_volume_ml, autocast_bf16=autocast_bf16, kernel_cache_dir=kernel_cache_dir
-        )
-        for m in ensemble.members
-    )
+    recovered: dict[str, np.ndarray] = {}  # one deconvolution per recovery setting, not one per member
+
+    def member_output(m: TrainedModel) -> np.ndarray:
+        rr = None
+        if "dvk_rr" in m.config.inputs:
+            key = json.dumps(m.config.recovery, sort_keys=True)
+            if key not in recovered:
+                recovered[key] = recovered_dvk_for(m, act.array, rho.array, kernel_cache_dir)
+            rr = recovered[key]
+        return predict_dose_rate(m, act.array, rho.array, dvk.array, grid.voxel_volume_ml, autocast_bf16=autocast_bf16,
+                                 kernel_cache_dir=kernel_cache_dir, dvk_rr_gy_per_s=rr)  # fmt: skip
+
+    outputs = (member_output(m) for m in ensemble.members)
     mean_m, sd_m = ensemble_mean_sd(outputs)
     mean = _back_to_ct_grid(mean_m, grid, dvk.array, dvk_gy_per_s, density_g_cm3, residual=ensemble.residual)
     sd = sd_m if same else np.clip(resample_to_grid(Volume(sd_m, grid, "Gy/s"), ct_grid, fill_value=0.0).array, 0.0, None)
