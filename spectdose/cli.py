@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, help="--campaign: stint length in minutes")
     p.add_argument("--until", metavar="HH:MM", help="--campaign: end the stint at this UTC time")
     p.add_argument("--threads", type=int, help="torch CPU threads (--campaign; 1 on a shared machine)")
+    p.add_argument("--ensemble-only", action="store_true",
+                   help="--campaign: no training; (re)build the uncertainty ensemble from the campaign's snapshots "
+                        "(adding the last scored stint's weights from state.pt when it has none) and install it if better")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="make a small virtual patient and compute its dose")
@@ -488,6 +491,14 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from spectdose.learning.training import train_command
 
+    if args.ensemble_only:
+        if args.campaign is None or args.minutes is not None or args.until is not None:
+            raise InputError("--ensemble-only goes with --campaign DIR and without a time budget (it trains nothing)")
+        from spectdose.learning.campaign import build_campaign_ensemble
+
+        build_campaign_ensemble(args.campaign, kernel_cache=args.kernel_cache or default_cache_dir() / "kernels", threads=args.threads,
+                                device=args.device, progress=lambda m: print(m, flush=True))  # fmt: skip
+        return 0
     if args.campaign is not None:
         import time
 

@@ -470,7 +470,9 @@ def compute_dose_rate_and_sigma(
                         "config": ensemble.members[0].config.to_dict(),
                         "trained_spacing_mm": list(ensemble.spacing_mm), "single_network_not_used": model.name}
     info["uncertainty"] = {
-        "method": f"deep ensemble of {len(ensemble.members)} DblurDoseNets, sigma calibrated on validation patients",
+        # a campaign's snapshot ensemble says so in its metadata (spectdose.learning.campaign)
+        "method": ensemble.metadata.get("method")
+        or f"deep ensemble of {len(ensemble.members)} DblurDoseNets, sigma calibrated on validation patients",
         "ensemble": ensemble.name,
         "ensemble_sha256": _file_sha256(options.resolved_ensemble_path()),
         "calibration": ensemble.calibration.to_dict(),

@@ -1,5 +1,6 @@
 """The training campaign (issue 17): stints that resume, new seeds, kill-safety, installation only
-on improvement; the recovered-DVK input channel at inference; Richardson-Lucy recovery."""
+on improvement; the snapshot ensemble the campaign keeps for the uncertainty; the recovered-DVK
+input channel at inference; Richardson-Lucy recovery."""
 
 from __future__ import annotations
 
@@ -46,10 +47,10 @@ def val_cache(tmp_path_factory, kernel_cache_dir) -> Path:
     return folder
 
 
-def _campaign(tmp_path: Path, val_cache: Path) -> Path:
+def _campaign(tmp_path: Path, val_cache: Path, **options) -> Path:
     folder = tmp_path / "campaign"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({**TINY_CAMPAIGN, "val_cache": str(val_cache)}))
+    (folder / "config.json").write_text(json.dumps({**TINY_CAMPAIGN, "val_cache": str(val_cache), **options}))
     return folder
 
 
@@ -68,10 +69,14 @@ def _opt_steps(folder: Path) -> int:
 
 
 def test_stints_resume_with_new_seeds_and_install_only_on_improvement(tmp_path, val_cache, kernel_cache_dir, monkeypatch):
+    """Also the snapshot ensemble: every scored stint leaves a snapshot, the newest two
+    (ensemble_members) make the uncertainty ensemble from the second stint on."""
     import spectdose.learning.campaign as campaign
+    from spectdose.cnn.inference import load_ensemble
 
-    folder = _campaign(tmp_path, val_cache)
+    folder = _campaign(tmp_path, val_cache, ensemble_members=2)
     installed = tmp_path / "models" / "tiny_campaign.pt"
+    ensemble = tmp_path / "models" / "tiny_campaign_ensemble.pt"
 
     first = _stint(folder, 6, kernel_cache_dir)
     ledger = json.loads((folder / "ledger.json").read_text())
@@ -84,6 +89,7 @@ def test_stints_resume_with_new_seeds_and_install_only_on_improvement(tmp_path, 
     assert steps > 0
     csv_rows = (folder / "ledger.csv").read_text().splitlines()
     assert len(csv_rows) == 2 and csv_rows[0].startswith("stint,")
+    assert _snapshot_stints(folder) == [1] and not ensemble.exists() and "score" not in first["ensemble"]
 
     # the second stint continues the optimiser and draws patients never used
     second = _stint(folder, 4, kernel_cache_dir)
@@ -92,6 +98,20 @@ def test_stints_resume_with_new_seeds_and_install_only_on_improvement(tmp_path, 
     assert ledger["pixel_passes"] == first["pixel_passes"] + second["pixel_passes"]
     assert _opt_steps(folder) > steps
     assert [s["stint"] for s in ledger["stints"]] == [1, 2]
+
+    # two snapshots: the ensemble of both, calibrated on the validation patient, installed (none was)
+    assert _snapshot_stints(folder) == [1, 2]
+    ens_record = ledger["stints"][1]["ensemble"]
+    assert ens_record["members"] == [1, 2] and ens_record["installed"] and ens_record["score"]["score"] > 0
+    ens = load_ensemble(ensemble)
+    assert [m.metadata["stint"] for m in ens.members] == [1, 2] and ens.metadata["member_stints"] == [1, 2]
+    assert ens.calibration.n_voxels > 0 and ens.calibration.fitted_on == ("4901",)
+    assert ens.calibration.coverage_2sigma_pct == ens_record["calibration"]["coverage_2sigma_pct"] > 50
+    assert "snapshot ensemble of 2" in ens.metadata["method"]
+    assert "Uncertainty ensemble" in installed.with_suffix(".md").read_text()
+    rows = (folder / "ledger.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert rows[2].split(",")[header.index("ensemble_score")] == str(ens_record["score"]["score"])
 
     # a network that scores worse than the installed one is not installed, and the ledger says why
     before = installed.read_bytes()
@@ -109,6 +129,152 @@ def test_stints_resume_with_new_seeds_and_install_only_on_improvement(tmp_path, 
     assert installed.read_bytes() == before
     assert "0.4" in third["install_reason"]
     assert json.loads((folder / "ledger.json").read_text())["best_score"] == min(ledger_best, 0.5)
+    # the worse network is still a snapshot; stint 1's is pruned (ensemble_members 2); the new
+    # ensemble is compared with the installed one, whose score its file carries
+    assert _snapshot_stints(folder) == [2, 3] and third["ensemble"]["members"] == [2, 3]
+    assert third["ensemble"]["installed_ensemble"]["score"] == ens_record["score"]["score"]
+    assert third["ensemble"]["installed"] == (third["ensemble"]["score"]["score"] < ens_record["score"]["score"])
+    assert load_ensemble(ensemble).metadata["member_stints"] == ([2, 3] if third["ensemble"]["installed"] else [1, 2])
+
+
+def test_a_stint_out_of_time_keeps_its_snapshot_and_leaves_the_ensemble_for_later(tmp_path, val_cache, kernel_cache_dir):
+    from spectdose.learning.campaign import run_stint
+
+    folder = _campaign(tmp_path, val_cache)
+    record = run_stint(folder, deadline=time.time() + 1.0, kernel_cache=kernel_cache_dir, threads=1, progress=lambda m: None)
+    assert record["end"] == "done" and record["val"]["score"] > 0
+    assert _snapshot_stints(folder) == [1]
+    assert record["ensemble"]["note"].startswith("not built") and "--ensemble-only" in record["ensemble"]["note"]
+    assert json.loads((folder / "ledger.json").read_text())["stints"][0]["ensemble"] == record["ensemble"]
+
+
+def _snapshot_stints(folder: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in (folder / "snapshots").glob("stint-*.pt"))
+
+
+# A campaign of networks without normalisation: untrained, such a network returns the DVK; its last
+# layer's bias then shifts the dose everywhere, which makes a network as good or as bad as wanted.
+NONORM_CAMPAIGN = {**TINY_CAMPAIGN, "train": {**TINY_CAMPAIGN["train"], "network": {**TINY_CAMPAIGN["train"]["network"], "norm": "none"}}}
+
+
+def _shifted_net(bias: float):
+    from spectdose.cnn.model import DblurDoseNet, NetworkConfig
+
+    net = DblurDoseNet(NetworkConfig.from_dict(NONORM_CAMPAIGN["train"]["network"])).eval()
+    with torch.no_grad():
+        net.unet.outc.bias.fill_(bias)
+    return net
+
+
+def _hand_campaign(tmp_path: Path, val_cache: Path, kernel_cache_dir: Path, stints: int) -> tuple[Path, float]:
+    """A campaign folder whose ledger has ``stints`` scored stints and no training behind it; also
+    the maximum reference dose rate of the validation case (normalised units)."""
+    from spectdose.learning.campaign import CampaignConfig, _val_patients
+
+    folder = tmp_path / "campaign"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**NONORM_CAMPAIGN, "val_cache": str(val_cache)}))
+    val = {"score": 0.3, "voi_abs_rel_error": 0.3, "nrmse": 0.3}
+    records = [{"stint": i, "started_utc": "2026-12-07T00:00:00Z", "ended_utc": "2026-12-07T01:00:00Z", "end": "done",
+                "seeds": [5000 + i], "realisations": 2, "pixel_passes": 100, "pixel_passes_total": 100 * i, "val": val}
+               for i in range(1, stints + 1)]  # fmt: skip
+    ledger = {"campaign": "tiny_campaign", "target_pixel_passes": 1e6, "pixel_passes": 100 * stints, "best_score": 0.3,
+              "seeds_used": [5000 + i for i in range(1, stints + 1)], "stints": records}  # fmt: skip
+    (folder / "ledger.json").write_text(json.dumps(ledger))
+    cfg = CampaignConfig(**{**NONORM_CAMPAIGN, "val_cache": str(val_cache)})
+    label_max = max(float(c["label"].max()) for p in _val_patients(cfg, kernel_cache_dir, None) for c in p.cases)
+    return folder, label_max
+
+
+def _files(root: Path) -> dict:
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_ensemble_only_adds_the_installed_network_and_the_state_as_snapshots_and_is_idempotent(tmp_path, val_cache, kernel_cache_dir):
+    """What the lead runs after a stint of the earlier code: stint 1 is the installed network, stint
+    2's weights are in state.pt; a second run changes nothing."""
+    from spectdose.cli import main
+    from spectdose.cnn.inference import Normalisation, load_ensemble, load_model, save_model
+    from spectdose.cnn.model import NetworkConfig
+
+    folder, label_max = _hand_campaign(tmp_path, val_cache, kernel_cache_dir, stints=2)
+    net_cfg = NONORM_CAMPAIGN["train"]["network"]
+    save_model(tmp_path / "models" / "tiny_campaign.pt", _shifted_net(0.01 * label_max), normalisation=Normalisation(),
+               spacing_mm=TINY_CAMPAIGN["spacing_mm"], name="tiny_campaign", metadata={"campaign": "tiny_campaign", "stint": 1})  # fmt: skip
+    torch.save({"net": _shifted_net(0.02 * label_max).state_dict(), "network": NetworkConfig.from_dict(net_cfg).to_dict()}, folder / "state.pt")
+    cmd = ["train", "--campaign", str(folder), "--ensemble-only", "--threads", "1", "--kernel-cache", str(kernel_cache_dir)]
+
+    assert main(cmd) == 0
+    assert _snapshot_stints(folder) == [1, 2]
+    biases = [float(load_model(folder / "snapshots" / f"stint-00{i}.pt").net.unet.outc.bias[0].detach()) for i in (1, 2)]
+    assert biases == pytest.approx([0.01 * label_max, 0.02 * label_max], rel=1e-6)
+    ens = load_ensemble(tmp_path / "models" / "tiny_campaign_ensemble.pt")
+    assert ens.metadata["member_stints"] == [1, 2] and ens.calibration.n_voxels > 0
+    ledger = json.loads((folder / "ledger.json").read_text())
+    assert ledger["stints"][1]["ensemble"]["installed"] and "ensemble" not in ledger["stints"][0]
+    assert ledger["stints"][1]["ensemble"]["score"]["score"] == ens.metadata["score"]["score"]
+
+    before = _files(tmp_path)
+    assert main(cmd) == 0
+    assert _files(tmp_path) == before, "a second run rewrites nothing"
+
+    ledger["stints"].append({"stint": 3, "started_utc": "2026-12-07T02:00:00Z", "end": "running"})
+    (folder / "ledger.json").write_text(json.dumps(ledger))
+    assert main(cmd) == 2, "refused while a stint runs"
+    assert main(["train", "--ensemble-only", "--threads", "1"]) == 2, "needs --campaign"
+
+
+@pytest.mark.parametrize(
+    ("installed_ensemble", "installed_network", "snapshots", "replaced"),
+    [
+        ("good", None, "bad", False),  # a worse ensemble does not replace a better one
+        ("bad", None, "good", True),
+        ("good, other grid", "good", "bad", False),  # not comparable: the installed network decides
+        ("good, other grid", "bad", "good", True),
+    ],
+)
+def test_the_ensemble_replaces_the_installed_one_only_when_its_mean_scores_better(
+    tmp_path, val_cache, kernel_cache_dir, installed_ensemble, installed_network, snapshots, replaced
+):
+    from spectdose.cnn.inference import (
+        Normalisation,
+        SigmaCalibration,
+        TrainedModel,
+        load_ensemble,
+        save_ensemble,
+        save_model,
+    )
+    from spectdose.learning.campaign import build_campaign_ensemble
+
+    folder, label_max = _hand_campaign(tmp_path, val_cache, kernel_cache_dir, stints=2)
+    shift = {"good": (0.0, 0.02), "bad": (5.0, 6.0)}  # x the maximum reference dose rate
+    spacing = TINY_CAMPAIGN["spacing_mm"]
+    for stint, f in zip((1, 2), shift[snapshots], strict=True):
+        save_model(folder / "snapshots" / f"stint-00{stint}.pt", _shifted_net(f * label_max), normalisation=Normalisation(),
+                   spacing_mm=spacing, name=f"snap{stint}", metadata={})  # fmt: skip
+    ens_spacing = [3.0, 2.0, 2.0] if "other grid" in installed_ensemble else spacing
+    members = [TrainedModel(_shifted_net(f * label_max), _shifted_net(0).cfg, Normalisation(), tuple(ens_spacing), f"old{i}", {})
+               for i, f in enumerate(shift[installed_ensemble.split(",")[0]])]  # fmt: skip
+    ens_path = tmp_path / "models" / "tiny_campaign_ensemble.pt"
+    save_ensemble(ens_path, members, SigmaCalibration(scale=1.0, rel_floor=0.1), name="old", metadata={})
+    if installed_network:
+        save_model(tmp_path / "models" / "tiny_campaign.pt", _shifted_net(shift[installed_network][0] * label_max),
+                   normalisation=Normalisation(), spacing_mm=spacing, name="single", metadata={})  # fmt: skip
+    old_bytes = ens_path.read_bytes()
+
+    result = build_campaign_ensemble(folder, kernel_cache=kernel_cache_dir, threads=1, progress=lambda m: None)
+    assert result["installed"] is replaced
+    if "other grid" in installed_ensemble:
+        assert result["installed_ensemble"]["score"] is None and "not comparable" in result["install_reason"]
+        assert (result["score"]["score"] < result["installed_network_score"]) is replaced
+    else:
+        assert (result["score"]["score"] < result["installed_ensemble"]["score"]) is replaced
+    if replaced:
+        assert load_ensemble(ens_path).metadata["member_stints"] == [1, 2]
+    else:
+        assert ens_path.read_bytes() == old_bytes
+    rows = (folder / "ledger.csv").read_text().splitlines()
+    assert rows[2].split(",")[rows[0].split(",").index("ensemble_installed")] == str(replaced)
 
 
 def test_killed_stint_saves_and_the_next_resumes(tmp_path, val_cache, kernel_cache_dir):

@@ -18,7 +18,14 @@ decision). A stint:
    schedule) and on SIGTERM/SIGINT, so a killed stint loses minutes;
 4. at the end scores the network, DVK and the installed network on the validation set and
    installs the weights only when the score beats both the campaign's best and the installed
-   network's (lower is better), recording the comparison in the ledger.
+   network's (lower is better), recording the comparison in the ledger;
+5. keeps the scored weights as a snapshot (``snapshots/stint-NNN.pt``, the newest
+   ``ensemble_members``) and, from two snapshots on, builds the uncertainty ensemble from them
+   (a snapshot ensemble: Huang et al., "Snapshot Ensembles: Train 1, get M for free", ICLR
+   2017), calibrates its sigma on the validation patients and installs it beside the network
+   when its mean scores better than the installed ensemble's (``_update_ensemble``).
+   ``build_campaign_ensemble`` (``spectdose train --campaign DIR --ensemble-only``) does step 5
+   alone.
 
 Score of a network on a case (normalised units): half the mean absolute relative error of
 the VOI mean dose rate over kidneys, healthy liver, spleen, lumbar vertebrae and lesions,
@@ -37,8 +44,10 @@ import json
 import os
 import platform
 import random
+import re
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +57,10 @@ from spectdose.cnn.inference import (
     Normalisation,
     TrainedModel,
     atomic_torch_save,
+    ensemble_mean_sd,
+    load_ensemble,
     load_model,
-    predict_normalised,
+    save_ensemble,
     save_model,
 )
 from spectdose.cnn.model import DblurDoseNet, NetworkConfig
@@ -62,10 +73,12 @@ from spectdose.learning.training import (
     _PatchSampler,
     _rng_states,
     _set_rng_states,
+    calibrate_ensemble,
+    predict_case,
 )
-from spectdose.paths import atomic_write
+from spectdose.paths import atomic_write, ensemble_path
 
-__all__ = ["CampaignConfig", "run_stint", "score_network", "parse_until"]
+__all__ = ["CampaignConfig", "run_stint", "build_campaign_ensemble", "score_network", "parse_until"]
 
 _STATE_VERSION = 1
 # Slabs of training patches whose BatchNorm statistics replace the running averages before the
@@ -92,6 +105,7 @@ class CampaignConfig:
     target_pixel_passes: float = 1.2e10  # the paper's 200 epochs on the 1.95 mm model grid
     install: str = "../dblurdosenet.pt"  # relative to DIR
     val_cache: str | None = None  # folder for the validation cases (default: the kernel cache's campaign-val/)
+    ensemble_members: int = 3  # snapshots kept in DIR/snapshots/ and combined into the uncertainty ensemble
 
     @classmethod
     def from_file(cls, path: Path) -> CampaignConfig:
@@ -106,6 +120,8 @@ class CampaignConfig:
             raise InputError(f"{path}: generation_share in (0, 1), noise_realisations, pool_patients >= 1 and val_seeds needed")
         if max(cfg.val_seeds) >= cfg.first_seed:
             raise InputError(f"{path}: validation seeds must lie below first_seed (training seeds count up from it)")
+        if cfg.ensemble_members < 2:
+            raise InputError(f"{path}: ensemble_members must be >= 2 (an uncertainty needs two members at least)")
         return cfg
 
     def train_config(self) -> TrainConfig:
@@ -213,18 +229,47 @@ def _case_score(out: np.ndarray, case: dict, vois: dict) -> dict:
     return {"score": 0.5 * voi + 0.5 * nrmse, "voi_abs_rel_error": voi, "nrmse": nrmse}
 
 
+def _mean_score(rows: list[dict]) -> dict:
+    return {k: round(float(np.mean([r[k] for r in rows])), 5) for k in rows[0]}
+
+
 def score_network(model: TrainedModel | None, patients: list) -> dict:
     """Mean score (lower is better) over the validation cases; ``model`` None scores DVK."""
-    rows = []
-    for p in patients:
-        for case in p.cases:
-            if model is None:
-                out = case["dvk"]
-            else:
-                extra = {k: case[k] for k in model.config.inputs[2:]}
-                out = predict_normalised(model, case["activity"], case["density"], case["dvk"], extra=extra)
-            rows.append(_case_score(out, case, p.vois))
-    return {k: round(float(np.mean([r[k] for r in rows])), 5) for k in rows[0]}
+    return _mean_score([_case_score(case["dvk"] if model is None else predict_case(model, case), case, p.vois)
+                        for p in patients for case in p.cases])  # fmt: skip
+
+
+def _not_comparable(model: TrainedModel, cfg: CampaignConfig, net_cfg: NetworkConfig, channels: set[str]) -> str | None:
+    """Why ``model`` cannot be scored on the campaign's validation cases (None: it can). The cases
+    are on the campaign's grid, in the default normalisation, and hold the input ``channels``
+    (dvk_rr made with the campaign's recovery settings)."""
+    if tuple(model.spacing_mm) != tuple(cfg.spacing_mm):
+        return f"{model.name}: trained at {list(model.spacing_mm)} mm, the campaign's grid is {list(cfg.spacing_mm)} mm"
+    if model.normalisation != Normalisation():
+        return f"{model.name}: another normalisation"
+    missing = [c for c in model.config.inputs if c not in channels]
+    if missing:
+        return f"{model.name}: needs input channels the validation cases lack: {missing}"
+    if "dvk_rr" in model.config.inputs and model.config.recovery != net_cfg.recovery:
+        return f"{model.name}: dvk_rr made with other recovery settings"
+    return None
+
+
+def _channels(val: list) -> set[str]:
+    return set.intersection(*(set(c) for p in val for c in p.cases))
+
+
+def _score_installed_network(install_path: Path, cfg: CampaignConfig, net_cfg: NetworkConfig, val: list) -> dict | None:
+    """Score of the network installed at ``install_path`` (None: there is none; ``score`` None with a
+    ``note``: it cannot be scored on these cases)."""
+    if not install_path.is_file():
+        return None
+    try:
+        current = load_model(install_path, device="cpu")
+        reason = _not_comparable(current, cfg, net_cfg, _channels(val))
+        return score_network(current, val) if reason is None else {"score": None, "note": f"not comparable: {reason}"}
+    except InputError as exc:
+        return {"score": None, "note": str(exc)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -259,7 +304,7 @@ def close_lost_stints(ledger: dict) -> None:
     """A stint still "running" in the ledger was killed without its final save (SIGKILL, the
     machine or session gone): say so, so the ledger never shows two stints running at once."""
     for stint in ledger["stints"]:
-        if stint.get("end") == "running":
+        if stint.get("end") in ("running", "scoring"):
             stint["end"] = f"lost: ended without a final save; kept from its last checkpoint ({stint.get('ended_utc')})"
 
 
@@ -281,7 +326,7 @@ def _write_ledger(folder: Path, ledger: dict) -> None:
     atomic_write(folder / "ledger.json", lambda f: f.write(text))
     fields = ["stint", "started_utc", "ended_utc", "end", "patients", "first_seed", "last_seed", "realisations",
               "pixel_passes_stint", "pixel_passes_total", "progress_pct", "val_score", "dvk_score", "installed_score",
-              "installed", "wall_s", "cpu_train_s", "cpu_generate_s"]  # fmt: skip
+              "installed", "ensemble_score", "ensemble_installed", "wall_s", "cpu_train_s", "cpu_generate_s"]  # fmt: skip
     rows = []
     for s in ledger["stints"]:
         seeds = s.get("seeds", [])
@@ -293,6 +338,8 @@ def _write_ledger(folder: Path, ledger: dict) -> None:
             "progress_pct": round(100.0 * s.get("pixel_passes_total", 0) / ledger["target_pixel_passes"], 4),
             "val_score": (s.get("val") or {}).get("score"), "dvk_score": (s.get("dvk") or {}).get("score"),
             "installed_score": (s.get("installed_network") or {}).get("score"), "installed": s.get("installed"),
+            "ensemble_score": ((s.get("ensemble") or {}).get("score") or {}).get("score"),
+            "ensemble_installed": (s.get("ensemble") or {}).get("installed"),
             "wall_s": s.get("wall_s"), "cpu_train_s": s.get("cpu_train_s"), "cpu_generate_s": s.get("cpu_generate_s"),
         })  # fmt: skip
 
@@ -439,19 +486,13 @@ def run_stint(
             net.eval()
             model = TrainedModel(net=net, config=net_cfg, normalisation=Normalisation(), spacing_mm=cfg.spacing_mm, name=cfg.name,
                                  metadata={})  # fmt: skip
+            t_score = time.time()
             record["val"] = score_network(model, val)
+            seconds_per_network = time.time() - t_score
+            record["scoring_s_per_network"] = round(seconds_per_network, 1)
             record["dvk"] = score_network(None, val)
             install_path = (folder / cfg.install).resolve()
-            installed = None
-            if install_path.is_file():
-                try:
-                    current = load_model(install_path, device="cpu")
-                    comparable = tuple(current.spacing_mm) == tuple(cfg.spacing_mm) and (
-                        "dvk_rr" not in current.config.inputs or current.config.recovery == net_cfg.recovery
-                    )
-                    installed = score_network(current, val) if comparable else {"score": None, "note": "not comparable (grid or recovery)"}
-                except InputError as exc:
-                    installed = {"score": None, "note": str(exc)}
+            installed = _score_installed_network(install_path, cfg, net_cfg, val)
             record["installed_network"] = installed
             score = record["val"]["score"]
             beats_best = best_score is None or score < best_score
@@ -462,9 +503,14 @@ def run_stint(
             )
             if beats_best:
                 ledger["best_score"] = score
+            meta = {"campaign": cfg.name, "stint": record["stint"], "val": record["val"], "dvk": record["dvk"],
+                    "pixel_passes": ledger["pixel_passes"], "seeds_used": len(ledger["seeds_used"])}  # fmt: skip
+            with signals.protected():
+                # the installed network of an earlier stint joins the snapshots before this stint may replace it
+                _seed_snapshots(folder, cfg, net_cfg, install_path, below=record["stint"])
+                _save_snapshot(folder, cfg, net, record["stint"], meta)
+                _prune_snapshots(folder, cfg.ensemble_members)
             if record["installed"]:
-                meta = {"campaign": cfg.name, "stint": record["stint"], "val": record["val"], "dvk": record["dvk"],
-                        "pixel_passes": ledger["pixel_passes"], "seeds_used": len(ledger["seeds_used"])}  # fmt: skip
                 with signals.protected():
                     save_model(install_path, net.cpu(), normalisation=Normalisation(), spacing_mm=cfg.spacing_mm, name=cfg.name, metadata=meta)
                     _append_card(install_path.with_suffix(".md"), record, ledger)
@@ -475,7 +521,289 @@ def run_stint(
         except _Stop as stop:
             save(f"stopped ({stop})")
             progress(f"stopped by {stop}: state saved in {state_path}")
+        if record["end"] == "done":
+            # After the stint's own results are saved: a stint stopped or killed here has lost
+            # nothing but the ensemble, which `--ensemble-only` then builds.
+            single = record["val"] if record["installed"] else installed
+            needed_s = seconds_per_network * 2 * cfg.ensemble_members  # at most: the new members and the installed ones
+            try:
+                if time.time() + needed_s > deadline:
+                    record["ensemble"] = {"note": f"not built: about {needed_s:.0f} s needed, the stint's time is up; "
+                                                  f"`spectdose train --campaign DIR --ensemble-only` builds it"}  # fmt: skip
+                else:
+                    record["ensemble"], install = _update_ensemble(folder, cfg, net_cfg, val, install_path, single=single,
+                                                                   stint=record["stint"], device=dev, progress=progress)  # fmt: skip
+                    if install is not None:
+                        with signals.protected():
+                            install()
+                            record["ensemble"]["installed"] = True
+                with signals.protected():
+                    _write_ledger(folder, ledger)
+            except _Stop as stop:
+                if (record.get("ensemble") or {}).get("score") is None:
+                    record["ensemble"] = {"note": f"not built: stopped by {stop}; `spectdose train --campaign DIR --ensemble-only` builds it"}
+                _write_ledger(folder, ledger)
+                progress(f"stopped by {stop} while building the ensemble")
+            except InputError as exc:  # e.g. nothing to calibrate on: the stint itself is done and saved
+                record["ensemble"] = {"note": f"not built: {exc}"}
+                _write_ledger(folder, ledger)
+                progress(f"no ensemble: {exc}")
     return record
+
+
+# ---------------------------------------------------------------------------------------
+# Snapshots and the uncertainty ensemble
+# ---------------------------------------------------------------------------------------
+_SNAPSHOT_NAME = re.compile(r"stint-(\d+)\.pt")
+
+
+def _snapshots(folder: Path) -> dict[int, Path]:
+    """DIR/snapshots/stint-NNN.pt by stint number."""
+    out = {}
+    for path in (Path(folder) / "snapshots").glob("stint-*.pt"):
+        m = _SNAPSHOT_NAME.fullmatch(path.name)
+        if m:
+            out[int(m.group(1))] = path
+    return dict(sorted(out.items()))
+
+
+def _save_snapshot(folder: Path, cfg: CampaignConfig, net: DblurDoseNet, stint: int, metadata: dict) -> Path:
+    path = Path(folder) / "snapshots" / f"stint-{stint:03d}.pt"
+    return save_model(path, net, normalisation=Normalisation(), spacing_mm=cfg.spacing_mm, name=f"{cfg.name}_stint{stint}",
+                      metadata={**metadata, "campaign": cfg.name, "stint": stint})  # fmt: skip
+
+
+def _prune_snapshots(folder: Path, keep: int) -> list[int]:
+    """Remove all but the newest ``keep`` snapshots (they are committed with the campaign)."""
+    old = list(_snapshots(folder).items())[:-keep]
+    for _, path in old:
+        path.unlink()
+    return [stint for stint, _ in old]
+
+
+def _seed_snapshots(folder: Path, cfg: CampaignConfig, net_cfg: NetworkConfig, install_path: Path, *, below: int) -> int | None:
+    """A campaign without snapshots takes the installed network as one when this campaign installed
+    it (its metadata names the campaign and a stint before ``below``): the stint number."""
+    if _snapshots(folder) or not install_path.is_file():
+        return None
+    try:
+        installed = load_model(install_path, device="cpu")
+    except InputError:
+        return None
+    stint = installed.metadata.get("stint")
+    if installed.metadata.get("campaign") != cfg.name or not isinstance(stint, int) or not 0 < stint < below:
+        return None
+    if installed.config.to_dict() != net_cfg.to_dict() or tuple(installed.spacing_mm) != tuple(cfg.spacing_mm):
+        return None
+    _save_snapshot(folder, cfg, installed.net, stint, {**installed.metadata, "source": install_path.name})
+    return stint
+
+
+def _snapshot_from_state(folder: Path, cfg: CampaignConfig, net_cfg: NetworkConfig, ledger: dict, stint: dict) -> str:
+    """The weights in state.pt as the snapshot of ``stint``, the ledger's last scored stint, when
+    they are still its weights (no stint came after it): what happened, in words."""
+    state_path = Path(folder) / "state.pt"
+    if ledger["stints"][-1] is not stint:
+        return f"state.pt holds the weights of stint {ledger['stints'][-1]['stint']}, not of stint {stint['stint']}: no snapshot of it"
+    if not state_path.is_file():
+        return f"no state.pt: no snapshot of stint {stint['stint']}"
+    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    if state.get("network") != net_cfg.to_dict():
+        raise InputError(f"{state_path}: its network differs from config.json's")
+    net = DblurDoseNet(net_cfg)
+    net.load_state_dict(state["net"])
+    meta = {"val": stint.get("val"), "dvk": stint.get("dvk"), "pixel_passes": stint.get("pixel_passes_total"), "source": "state.pt"}
+    _save_snapshot(folder, cfg, net.eval(), stint["stint"], meta)
+    return f"stint {stint['stint']}: snapshot from state.pt"
+
+
+def _ensemble_identity(ens) -> dict:
+    return {"name": ens.name, "campaign": ens.metadata.get("campaign"), "member_stints": ens.metadata.get("member_stints"),
+            "members": ens.metadata.get("members")}  # fmt: skip
+
+
+def _score_installed_ensemble(path: Path, cfg: CampaignConfig, net_cfg: NetworkConfig, val: list, device) -> dict | None:
+    """Score of the installed ensemble's mean on the validation cases (None: there is none;
+    ``score`` None with a ``note``: a member cannot run on these cases). An ensemble this campaign
+    installed carries its score on the same validation seeds: that is taken, not recomputed (the
+    same weights on the same cases; it saves the members' passes at every stint)."""
+    if not path.is_file():
+        return None
+    try:
+        ens = load_ensemble(path, device=device)
+    except InputError as exc:
+        return {"score": None, "note": str(exc)}
+    meta = ens.metadata
+    if meta.get("campaign") == cfg.name and meta.get("val_seeds") == list(cfg.val_seeds) and isinstance(meta.get("score"), dict):
+        return {**meta["score"], **_ensemble_identity(ens), "from": "its metadata"}
+    channels = _channels(val)
+    for member in ens.members:
+        reason = _not_comparable(member, cfg, net_cfg, channels)
+        if reason:
+            return {"score": None, "note": f"not comparable: {reason}", **_ensemble_identity(ens)}
+    rows = [_case_score(ensemble_mean_sd(predict_case(m, case) for m in ens.members)[0], case, p.vois) for p in val for case in p.cases]
+    return {**_mean_score(rows), **_ensemble_identity(ens)}
+
+
+def _update_ensemble(
+    folder: Path,
+    cfg: CampaignConfig,
+    net_cfg: NetworkConfig,
+    val: list,
+    install_path: Path,
+    *,
+    single: dict | None,
+    stint: int,
+    device,
+    progress,
+) -> tuple[dict, Callable[[], None] | None]:
+    """The ensemble of the newest ``cfg.ensemble_members`` snapshots, its sigma calibrated on the
+    validation patients, to be installed at ``ensemble_path(install_path)`` when its mean scores
+    better.
+
+    Installation rule (lower score is better): with no ensemble installed, it is installed; when
+    the installed ensemble can run on the validation cases (same grid and normalisation, inputs
+    the cases hold), only if the new mean scores lower than the installed mean - the dose rate of
+    a job with the uncertainty is that mean; when it cannot (another grid, inputs these cases
+    lack), the two cannot be compared, and the new one replaces it only if its mean scores lower
+    than the installed single network ``single`` (scored on the same cases; None: none
+    installed), so that turning the uncertainty on never gives a dose rate worse than
+    ``--method cnn`` by this measure. ``stint`` is the ledger stint the record belongs to.
+
+    Returns the ledger's record of the ensemble, with ``installed`` False, and the function that
+    installs it (writes the file and the card; None: it does not win). The caller sets
+    ``installed`` once that has run, so that the ledger never claims an installation a signal cut
+    short.
+    """
+    snapshots = _snapshots(folder)
+    stints = list(snapshots)[-cfg.ensemble_members :]
+    if len(stints) < 2:
+        return {"members": stints, "note": "one snapshot so far: an ensemble needs two"}, None
+    members = [load_model(snapshots[s], device=device) for s in stints]
+    channels = _channels(val)
+    unusable = [r for m in members if (r := _not_comparable(m, cfg, net_cfg, channels))]
+    if unusable:
+        return {"members": stints, "note": f"snapshots that cannot run on the validation cases: {unusable}"}, None
+    progress(f"ensemble of stints {stints}: calibrating its sigma on the validation patients")
+    cases = [(case, p.vois) for p in val for case in p.cases]
+    calibration, means = calibrate_ensemble(members, [c for c, _ in cases], patients=[str(p.seed) for p in val])
+    score = _mean_score([_case_score(mean, c, vois) for mean, (c, vois) in zip(means, cases, strict=True)])
+    del means
+    ens_path = ensemble_path(install_path)
+    current = _score_installed_ensemble(ens_path, cfg, net_cfg, val, device)
+    single_score = None if single is None else single.get("score")
+    new = score["score"]
+    if current is None:
+        wins, reason = True, f"ensemble mean score {new}; no ensemble installed"
+    elif current.get("score") is not None:
+        wins, reason = new < current["score"], f"ensemble mean score {new} vs the installed ensemble's {current['score']}"
+    else:
+        wins = single is None or (single_score is not None and new < single_score)
+        reason = (f"ensemble mean score {new}; the installed ensemble cannot be compared ({current['note']}), so vs the installed "
+                  f"network's {single_score}")  # fmt: skip
+    result = {"members": stints, "score": score,
+              "calibration": {k: v for k, v in calibration.to_dict().items() if k != "fitted_on"},
+              "installed_ensemble": current, "installed_network_score": single_score, "installed": False,
+              "install_reason": reason}  # fmt: skip
+    progress(f"ensemble of stints {stints}: {reason}; {'installing it' if wins else 'not installed'}")
+    if not wins:
+        return result, None
+    meta = {"campaign": cfg.name, "stint": stint, "member_stints": stints, "members": [m.name for m in members],
+            "member_files": [f"snapshots/{snapshots[s].name}" for s in stints],
+            "method": f"snapshot ensemble of {len(members)} DblurDoseNets (campaign {cfg.name}, stints "
+                      f"{', '.join(map(str, stints))}), sigma calibrated on validation patients",
+            "score": score, "replaced": current, "installed_network_score": single_score,
+            "val_seeds": list(cfg.val_seeds), "built_utc": _now()}  # fmt: skip
+
+    def install() -> None:
+        save_ensemble(ens_path, members, calibration, name=ens_path.stem, metadata=meta)
+        _append_ensemble_card(install_path.with_suffix(".md"), result, ens_path, cfg, stint)
+
+    return result, install
+
+
+def build_campaign_ensemble(
+    folder: Path,
+    *,
+    kernel_cache: Path | None,
+    threads: int | None = None,
+    device: str | None = None,
+    progress=print,
+) -> dict:
+    """`spectdose train --campaign DIR --ensemble-only`: the snapshots and the ensemble step of a
+    stint without training, for the ledger's last scored stint.
+
+    Seeds the snapshots from the installed network when the campaign has none and this campaign
+    installed it; adds the weights in state.pt as the last scored stint's snapshot when it has
+    none and no stint followed it; prunes to ``ensemble_members``; then builds, scores and
+    maybe installs the ensemble as a stint does (``_update_ensemble``) and records it in that
+    stint's ledger record. Idempotent: when the record already holds an ensemble of the same
+    snapshots, nothing is computed or written again. Refused while a stint runs.
+
+    Returns the stint's ensemble record.
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() or not (folder / "ledger.json").is_file():
+        raise InputError(f"{folder} holds no campaign with a stint: it needs config.json and ledger.json")
+    cfg = CampaignConfig.from_file(folder / "config.json")
+    net_cfg = cfg.network()
+    if threads:
+        torch.set_num_threads(int(threads))
+    dev = torch.device(device or "cpu")
+    ledger = _load_ledger(folder, cfg)
+    if ledger["stints"] and ledger["stints"][-1].get("end") in ("running", "scoring"):
+        raise InputError(f"{folder}: stint {ledger['stints'][-1]['stint']} is running (or was killed; the next stint marks it lost): "
+                         "build the ensemble after it")  # fmt: skip
+    scored = [s for s in ledger["stints"] if s.get("val")]
+    if not scored:
+        raise InputError(f"{folder}: no stint has been scored yet, so there is no snapshot to make")
+    last = scored[-1]
+    install_path = (folder / cfg.install).resolve()
+    seeded = _seed_snapshots(folder, cfg, net_cfg, install_path, below=last["stint"] + 1)
+    if seeded is not None:
+        progress(f"stint {seeded}: snapshot from {install_path.name}")
+    if last["stint"] not in _snapshots(folder):
+        progress(_snapshot_from_state(folder, cfg, net_cfg, ledger, last))
+    pruned = _prune_snapshots(folder, cfg.ensemble_members)
+    if pruned:
+        progress(f"snapshots of stints {pruned} removed (ensemble_members {cfg.ensemble_members})")
+    stints = list(_snapshots(folder))[-cfg.ensemble_members :]
+    done = last.get("ensemble") or {}
+    if done.get("members") == stints and done.get("score") is not None:
+        progress(f"stint {last['stint']} already has the ensemble of stints {stints} (installed: {done.get('installed')}): nothing to do")
+        return done
+    if len(stints) < 2:
+        progress(f"snapshots of stints {stints}: an ensemble needs two")
+        return {"members": stints, "note": "one snapshot so far: an ensemble needs two"}
+    val = _val_patients(cfg, kernel_cache, progress)
+    single = _score_installed_network(install_path, cfg, net_cfg, val)
+    result, install = _update_ensemble(folder, cfg, net_cfg, val, install_path, single=single, stint=last["stint"], device=dev,
+                                       progress=progress)  # fmt: skip
+    if install is not None:
+        install()
+        result["installed"] = True
+    result["built"] = f"by --ensemble-only at {_now()}"
+    last["ensemble"] = result
+    _write_ledger(folder, ledger)
+    return result
+
+
+def _append_ensemble_card(card: Path, result: dict, ens_path: Path, cfg: CampaignConfig, stint: int) -> None:
+    """The installed network's card gains the uncertainty ensemble the campaign installed."""
+    s, c = result["score"], result["calibration"]
+    current = result["installed_ensemble"]
+    before = "none" if current is None else (current.get("score") if current.get("score") is not None else current.get("note"))
+    text = (
+        f"\n## Uncertainty ensemble (campaign stint {stint}, {_now()}): `{ens_path.name}` installed\n\n"
+        f"- snapshot ensemble of the campaign's stints {', '.join(map(str, result['members']))}; its mean's validation score "
+        f"{s['score']} (VOI mean |rel. error| {s['voi_abs_rel_error']}, NRMSE {s['nrmse']}); previously installed ensemble: "
+        f"{before}; installed network: {result['installed_network_score']}\n"
+        f"- 1-sigma = sqrt(({c['scale']:.4g} x members' sd)^2 + ({c['rel_floor']:.4g} x mean)^2), fitted on validation seeds "
+        f"{', '.join(map(str, cfg.val_seeds))} ({c['n_voxels']} voxels above 10 % of each case's maximum): +-1 sigma "
+        f"{c['coverage_1sigma_pct']} %, +-2 sigma {c['coverage_2sigma_pct']} % (targets 68.3 / 95.4 %)\n"
+    )
+    old = card.read_text() if card.is_file() else ""
+    atomic_write(card, lambda f: f.write((old + text).encode()))
 
 
 def _append_card(card: Path, record: dict, ledger: dict) -> None:

@@ -35,9 +35,14 @@ import torch
 
 from spectdose.cnn.inference import (
     Normalisation,
+    SigmaCalibration,
+    TrainedModel,
     atomic_torch_save,
+    ensemble_mean_sd,
+    fit_sigma_calibration,
     model_grid,
     normalised_inputs,
+    predict_normalised,
     save_model,
     to_model_grid,
 )
@@ -56,6 +61,8 @@ __all__ = [
     "train",
     "train_command",
     "build_ensemble",
+    "calibrate_ensemble",
+    "predict_case",
     "SAMPLING_CATEGORIES",
 ]
 
@@ -829,33 +836,51 @@ def train_command(
     return 0
 
 
+def predict_case(model: TrainedModel, case: dict[str, np.ndarray]) -> np.ndarray:
+    """The network on a case of normalised model-grid arrays ("activity", "density", "dvk" and
+    any further input channel the network takes, e.g. "dvk_rr"): dose rate in normalised units."""
+    extra = {k: case[k] for k in model.config.inputs[2:] if k in case}  # a missing one: predict_normalised names it
+    return predict_normalised(model, case["activity"], case["density"], case["dvk"], extra=extra)
+
+
+def calibrate_ensemble(
+    members: list[TrainedModel], cases: list[dict[str, np.ndarray]], *, patients: list[str] | tuple[str, ...] = ()
+) -> tuple[SigmaCalibration, list[np.ndarray]]:
+    """Sigma calibration of ``members`` fitted on ``cases`` (normalised model-grid arrays with the
+    reference dose rate "label"), and the members' mean on each case (normalised units, the
+    estimate the calibration is for), so a caller can score the ensemble without a second pass.
+
+    Coverage does not depend on the unit, so normalised units serve; one member's output is in
+    memory at a time (``ensemble_mean_sd``).
+    """
+    if not cases:
+        raise InputError("calibrating the uncertainty needs validation cases")
+    means, sds, refs = [], [], []
+    for case in cases:
+        mean, sd = ensemble_mean_sd(predict_case(m, case) for m in members)
+        means.append(mean)
+        sds.append(sd)
+        refs.append(case["label"])
+    return fit_sigma_calibration(means, sds, refs, patients=patients), means
+
+
 def build_ensemble(member_weights: list[Path], val_files: list[Path], out_path: Path, *, name: str = "dblurdosenet_ensemble"):
     """An ensemble file from trained members, its sigma calibrated on the validation cases.
 
-    Calibration runs on the prepared cases (model grid, normalised units: coverage does not
-    depend on the unit). Returns the ``spectdose.cnn.inference.Ensemble``.
+    Calibration runs on the prepared cases (model grid, normalised units). Returns the
+    ``spectdose.cnn.inference.Ensemble``.
     """
-    from spectdose.cnn.inference import (
-        Ensemble,
-        ensemble_mean_sd,
-        fit_sigma_calibration,
-        load_model,
-        predict_normalised,
-        save_ensemble,
-    )
+    from spectdose.cnn.inference import Ensemble, load_model, save_ensemble
 
     members = [load_model(Path(w), device="cpu") for w in member_weights]
     if not val_files:
         raise InputError("calibrating the uncertainty needs prepared validation cases")
-    means, sds, refs = [], [], []
+    wanted = {"activity", "density", "dvk", "label"}.union(*(m.config.inputs for m in members))
+    cases = []
     for f in val_files:
         with np.load(f) as z:
-            a, rho, dvk, label = (z[k] for k in ("activity", "density", "dvk", "label"))
-        mean, sd = ensemble_mean_sd(predict_normalised(m, a, rho, dvk) for m in members)
-        means.append(mean)
-        sds.append(sd)
-        refs.append(label)
-    calibration = fit_sigma_calibration(means, sds, refs, patients=[Path(f).stem for f in val_files])
+            cases.append({k: z[k] for k in z.files if k in wanted})
+    calibration, _ = calibrate_ensemble(members, cases, patients=[Path(f).stem for f in val_files])
     metadata = {"members": [m.name for m in members], "member_files": [Path(w).name for w in member_weights]}
     save_ensemble(out_path, members, calibration, name=name, metadata=metadata)
     return Ensemble(members=members, calibration=calibration, name=name, metadata=metadata)
