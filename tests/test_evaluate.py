@@ -139,3 +139,122 @@ def test_evaluate_compares_another_network_given_by_name(small_study, kernel_cac
     # lesions are split at the paper's 4 ml (issue 17)
     md = (out / "metrics.md").read_text().splitlines()
     assert any(line.startswith(("| lesions >= 4 ml | cnn_v1 |", "| lesions < 4 ml | cnn_v1 |")) for line in md)
+
+
+# Noise spheres (issue 17): the paper's "uniform background VOI" inside the healthy liver.
+SPACING_MM = (3.0, 2.5, 2.5)
+
+
+def _liver_with_lesion(shape=(30, 48, 48), semi_mm=(40.0, 55.0, 55.0), hole_mm=8.0) -> np.ndarray:
+    """An ellipsoid with a spherical hole (a lesion) at its centre, on an anisotropic grid."""
+    z, y, x = (np.arange(n)[(slice(None),) + (None,) * (2 - a)] * s for a, (n, s) in enumerate(zip(shape, SPACING_MM, strict=True)))
+    cz, cy, cx = ((n - 1) * s / 2 for n, s in zip(shape, SPACING_MM, strict=True))
+    inside = ((z - cz) / semi_mm[0]) ** 2 + ((y - cy) / semi_mm[1]) ** 2 + ((x - cx) / semi_mm[2]) ** 2 <= 1
+    return inside & ((z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2 > hole_mm**2)
+
+
+def _depth_mm(mask: np.ndarray) -> np.ndarray:
+    from scipy.ndimage import distance_transform_edt
+
+    return distance_transform_edt(np.pad(mask, 1), sampling=SPACING_MM)[1:-1, 1:-1, 1:-1]
+
+
+def test_noise_spheres_keep_clear_of_edges_and_lesions_and_never_overlap():
+    from spectdose.learning.noise_voi import place_spheres
+
+    mask = _liver_with_lesion()
+    spheres = place_spheres(mask, SPACING_MM, n=3, radius_mm=10.0, margin_mm=10.0)
+    assert spheres.count == 3 and spheres.shortfall() is None
+    depth = _depth_mm(mask)
+    grid_mm = np.stack(np.meshgrid(*(np.arange(n) * s for n, s in zip(mask.shape, SPACING_MM, strict=True)), indexing="ij"), -1)
+    centres_mm = [np.asarray(c) * SPACING_MM for c in spheres.centres_vox]
+    for k, (c, sphere) in enumerate(zip(centres_mm, spheres.masks(), strict=True)):
+        assert depth[spheres.centres_vox[k]] >= 20.0  # radius + margin from the rim and the lesion
+        assert sphere.any() and not (sphere & ~mask).any()
+        assert depth[sphere].min() >= 10.0 - 1e-6  # every voxel one margin inside
+        # the whole ball is labelled: no later sphere took voxels of an earlier one
+        assert sphere.sum() == (np.linalg.norm(grid_mm - c, axis=-1) <= 10.0).sum()
+    for i in range(3):
+        for j in range(i):
+            assert np.linalg.norm(centres_mm[i] - centres_mm[j]) > 20.0
+    # deterministic: the same region (another copy) gives the same spheres
+    again = place_spheres(mask.copy(), SPACING_MM)
+    assert again.centres_vox == spheres.centres_vox and np.array_equal(again.labels, spheres.labels)
+    # the array's border counts as outside: a region filling the whole array keeps clear of it
+    full = place_spheres(np.ones((24, 40, 40), bool), SPACING_MM)
+    assert full.count >= 1 and _depth_mm(np.ones((24, 40, 40), bool))[full.union].min() >= 10.0 - 1e-6
+
+
+def test_too_small_a_region_gets_no_sphere_and_says_why():
+    from spectdose.errors import InputError
+    from spectdose.learning.noise_voi import place_spheres
+
+    small = _liver_with_lesion(semi_mm=(18.0, 25.0, 25.0), hole_mm=0.0)  # deepest point ~18 mm < 20 mm
+    spheres = place_spheres(small, SPACING_MM)
+    assert spheres.count == 0 and not spheres.union.any()
+    assert spheres.shortfall().startswith("0 of 3 spheres") and "deepest point" in spheres.shortfall()
+    assert place_spheres(np.zeros((5, 5, 5), bool), SPACING_MM).count == 0
+    # some fit, not all: the count says so
+    many = place_spheres(_liver_with_lesion(), SPACING_MM, n=50)
+    assert 3 <= many.count < 50 and many.shortfall().startswith(f"{many.count} of 50")
+    with pytest.raises(InputError):
+        place_spheres(small, (3.0, 0.0, 2.5))
+
+
+def _edge_noisy_realisations(mask: np.ndarray, m: int = 3) -> list[dict[str, np.ndarray]]:
+    """Dose rates uniform inside the region (1 % noise) but 30 % noisy in an 8 mm rim, as edge
+    blur and lesion spill-in make them."""
+    rng = np.random.default_rng(4)
+    sd = np.where(_depth_mm(mask) < 8.0, 0.3, 0.01)
+    return [{"dvk": 1.0 + sd * rng.standard_normal(mask.shape), "cnn": 1.0 + 0.5 * sd * rng.standard_normal(mask.shape)} for _ in range(m)]
+
+
+def test_noise_in_the_spheres_leaves_out_the_noisy_rim():
+    from spectdose.learning.evaluation import noise_rows_for, summary_table
+
+    mask = _liver_with_lesion()
+    rows, note = noise_rows_for("vp9001", _edge_noisy_realisations(mask), {"healthy_liver": mask}, SPACING_MM)
+    assert note is None
+    got = {(r["voi"], r["method"]): r for r in rows}
+    assert set(got) == {(v, m) for v in ("healthy_liver", "liver_spheres") for m in ("dvk", "cnn")}
+    sph, whole = got[("liver_spheres", "dvk")], got[("healthy_liver", "dvk")]
+    assert sph["spheres"] == 3 and sph["sphere_radius_mm"] == 10.0 and whole["spheres"] is None
+    assert sph["ensemble_noise_pct"] == pytest.approx(1.0, rel=0.1)  # the uniform interior's noise
+    assert whole["ensemble_noise_pct"] > 5 * sph["ensemble_noise_pct"]
+    metric = {"patient": "vp9001", "voi": "healthy_liver", "method": "dvk", "voi_ml": 100.0, **{k: 1.0 for k in METRIC_COLUMNS[3:9]}}
+    md = summary_table([metric], rows)
+    assert "| vp9001 | liver_spheres (3 x 10 mm) | dvk | 0.99 | 3 |" in md and "| vp9001 | healthy_liver | dvk |" in md
+
+
+def test_evaluate_writes_sphere_noise_and_says_when_none_fit(tmp_path, monkeypatch):
+    """`evaluate` with two realisations per patient: noise.csv holds healthy-liver and sphere rows
+    on the study's own spacing; a liver too small for any sphere is named in metrics.md.
+    (Methods and reference are stubbed: the methods' own tests cover them.)"""
+    from types import SimpleNamespace
+
+    import spectdose.learning.evaluation as ev
+    import spectdose.reference
+    from spectdose.geometry import Grid, Volume
+
+    livers = {"vp9001": _liver_with_lesion(), "vp9002": _liver_with_lesion(semi_mm=(18.0, 25.0, 25.0), hole_mm=0.0)}
+    noisy = {p: _edge_noisy_realisations(m, 2) for p, m in livers.items()}
+    grid = Grid(livers["vp9001"].shape, SPACING_MM, (0.0, 0.0, 0.0))
+
+    def case(path):
+        patient, realisation = str(path).split("-")
+        ones = Volume(np.ones(grid.shape, np.float32), grid, "Bq/ml")
+        return SimpleNamespace(path=path, patient=patient, realisation=int(realisation), labels={"healthy_liver": livers[patient]},
+                               activity_true=ones, density_true=ones)  # fmt: skip
+
+    monkeypatch.setattr(ev, "load_phantom_case", case)
+    monkeypatch.setattr(spectdose.reference, "reference_dose_rate", lambda a, d, **_: (Volume(np.ones(grid.shape), grid, "Gy/s"), None))
+    monkeypatch.setattr(ev, "_method_dose_rates", lambda c, *_: (noisy[c.patient][c.realisation], None))
+    monkeypatch.setattr(ev, "_plot", lambda *_: None)
+    result = ev.evaluate(["vp9001-0", "vp9001-1", "vp9002-0", "vp9002-1"], tmp_path)
+    noise = list(csv.DictReader((tmp_path / "noise.csv").open()))
+    assert {(r["patient"], r["voi"]) for r in noise} == {("vp9001", "healthy_liver"), ("vp9001", "liver_spheres"), ("vp9002", "healthy_liver")}
+    sph = next(r for r in noise if r["voi"] == "liver_spheres" and r["method"] == "dvk")
+    assert sph["spheres"] == "3" and float(sph["sphere_radius_mm"]) == 10.0 and sph["realisations"] == "2"
+    md = (tmp_path / "metrics.md").read_text()
+    assert "liver_spheres (3 x 10 mm)" in md and "Note: vp9002: healthy liver: 0 of 3 spheres" in md
+    assert len(result["noise_notes"]) == 1 and result["noise_notes"][0].startswith("vp9002")
