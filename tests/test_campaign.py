@@ -30,6 +30,7 @@ TINY_CAMPAIGN = {
     "val_seeds": [4901],
     "noise_realisations": 2,
     "pool_patients": 2,
+    "start_patients": 1,
     "checkpoint_minutes": 0.05,
     "end_reserve_minutes": 0.0,
     "install": "../models/tiny_campaign.pt",
@@ -135,6 +136,13 @@ def test_stints_resume_with_new_seeds_and_install_only_on_improvement(tmp_path, 
     assert third["ensemble"]["installed_ensemble"]["score"] == ens_record["score"]["score"]
     assert third["ensemble"]["installed"] == (third["ensemble"]["score"]["score"] < ens_record["score"]["score"])
     assert load_ensemble(ensemble).metadata["member_stints"] == ([2, 3] if third["ensemble"]["installed"] else [1, 2])
+
+
+def test_a_stint_trains_on_several_patients_from_its_first_step(tmp_path, val_cache, kernel_cache_dir):
+    """The pool does not survive a machine: a stint that began on one patient fitted its anatomy."""
+    folder = _campaign(tmp_path, val_cache, start_patients=2)
+    first = _stint(folder, 1, kernel_cache_dir)
+    assert first["seeds"] == [5000, 5001] and first["realisations"] == 4 and _opt_steps(folder) == 1
 
 
 def test_a_stint_out_of_time_keeps_its_snapshot_and_leaves_the_ensemble_for_later(tmp_path, val_cache, kernel_cache_dir):
