@@ -8,7 +8,10 @@ export. Each run here is a separate process so its peak RSS is its own (``os.wai
 - ``dvk alone``: ingest, activity and density on the CT grid, convolution (the reference the
   ratios are taken against, measured in the same run since the machine is shared);
 - ``dvk job``: ``spectdose dose STUDY -o OUT`` with the defaults (automatic regions, report);
-- ``cnn job`` (``--cnn``): the same with ``--method cnn --uncertainty``;
+- ``cnn job`` (``--cnn``): the same with ``--method cnn --uncertainty`` (``--model W``: the
+  weights W and the ensemble ``W_ensemble.pt`` beside them, e.g. copies of a new network to
+  time an ensemble of its architecture before one is trained: the cost does not depend on the
+  weights);
 - ``service`` (``--service``): ``spectdose serve`` on loopback, the study zipped to
   ``POST /studies``, polled to done, RT Dose fetched; the worker's peak RSS from /proc.
 
@@ -188,6 +191,8 @@ def main() -> None:
     ap.add_argument("--study", type=Path, help="a DICOM study folder (default: the clinical phantom)")
     ap.add_argument("--seed", type=int, default=101)
     ap.add_argument("--cnn", action="store_true", help="also the CNN job with its uncertainty")
+    ap.add_argument("--model", type=Path,
+                    help="--cnn: these weights (and <stem>_ensemble.pt beside them) instead of models/dblurdosenet.pt")
     ap.add_argument("--service", action="store_true", help="also the service path (REST in, RT Dose out)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--_dvk-alone", dest="dvk_alone", type=Path, help=argparse.SUPPRESS)
@@ -209,7 +214,8 @@ def main() -> None:
         figures["dvk alone"] = alone
         figures["dvk job"] = cli_job(study, work / "dvk", [])
         if args.cnn:
-            figures["cnn job"] = cli_job(study, work / "cnn", ["--method", "cnn", "--uncertainty"])
+            model = ["--model", str(args.model)] if args.model else []
+            figures["cnn job"] = cli_job(study, work / "cnn", ["--method", "cnn", "--uncertainty", *model])
         if args.service:
             figures["service (dvk)"] = service_job(study, work)
 
