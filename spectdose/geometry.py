@@ -230,4 +230,5 @@ def block_mean(array: np.ndarray, factors) -> np.ndarray:
                     total = part.astype(np.float64)
                 else:
                     total += part
-    return (total / float(np.prod(factors))).astype(np.float32)
+    total /= float(np.prod(factors))
+    return total.astype(np.float32)

@@ -13,6 +13,7 @@ maximum is the RT Dose's.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -153,7 +154,11 @@ def maxima_summary(dose: Volume, density_ct: Volume, regions, *, grid_name: str)
     density_out = average_onto_grid(density_ct, dose.grid).array
     soft = density_out >= SOFT_TISSUE_MIN_DENSITY_G_CM3
     overall = locate(dose, density_out, density_ct, regions)
-    in_soft = locate(dose, density_out, density_ct, regions, where=soft) if soft.any() else None
+    if overall is not None and soft[tuple(overall["index_zyx"])]:
+        # The first hottest voxel of the grid is in soft tissue, so it is the first hottest there too.
+        in_soft = copy.deepcopy(overall)
+    else:
+        in_soft = locate(dose, density_out, density_ct, regions, where=soft) if soft.any() else None
     return {
         "grid": grid_name,
         "unit": dose.units,

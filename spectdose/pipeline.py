@@ -9,9 +9,12 @@ import dataclasses
 import datetime as dt
 import functools
 import hashlib
+import importlib
 import json
 import math
 import stat
+import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -317,6 +320,29 @@ def stage_timer() -> tuple[dict[str, float], Callable[[str], None]]:
     return timings, lap
 
 
+# What the regions (SEG, SR: highdicom) and the report (matplotlib's PDF backend) import on first use:
+# 0.3 and 0.9 CPU s on the clinical benchmark machine.
+_OUTPUT_LIBRARIES = ("highdicom", "matplotlib.figure", "matplotlib.backends.backend_pdf")
+
+
+def _import_in_background(modules: Sequence[str]) -> None:
+    """Import ``modules`` on a daemon thread, unless they are already imported (a service worker's
+    later jobs). Python's module locks make a later ``import`` of one wait for it; an import that
+    fails here is left to fail again, with its message, where the module is used."""
+    missing = [name for name in modules if name not in sys.modules]
+    if not missing:
+        return
+
+    def load() -> None:
+        for name in missing:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                continue
+
+    threading.Thread(target=load, name="spectdose-import", daemon=True).start()
+
+
 def _note(progress: ProgressCallback | None, stage: str, fraction: float) -> None:
     if progress is not None:
         progress(stage, fraction)
@@ -586,6 +612,10 @@ def run(
     )
 
     _note(progress, "dose_rate", 0.35)
+    # The region files' and the report's libraries are imported on a second thread while the dose is
+    # convolved (scipy.fft and torch leave the GIL): ~1.2 CPU s on a first run (issue 20: regions +
+    # report wall time); on a loaded machine their CPU time is then counted under dose_rate.
+    _import_in_background(_OUTPUT_LIBRARIES)
     rate, sigma, rate_info = compute_dose_rate_and_sigma(activity, density, options=options)
     uncertainty_info = rate_info.pop("uncertainty", None)  # summary["uncertainty"], not under dose_rate too
     lap("dose_rate")
@@ -622,12 +652,17 @@ def run(
     # The map's references: the same means in mGy/h (D = Ddot x tau, so no second pass over the masks).
     rate_references = ([r * MGY_PER_H_PER_GY_PER_S / factor_s for r in dose_references_gy]
                        if dose is not None else _quoted_means(rate_mgy_per_h, tissue, region_set))
+    sigma_references = _quoted_means(sigma_mgy_per_h, tissue, region_set)
+    with_regions = region_set is not None and bool(region_set.regions)
     outputs, export_info = _export(out_dir, rate_mgy_per_h, dose, study, options, rate_info, time_facts, warnings,
                                    replaces or {}, sigma_mgy_per_h=sigma_mgy_per_h,
                                    dose_references_gy=dose_references_gy,
                                    rate_references=rate_references,
-                                   sigma_references=_quoted_means(sigma_mgy_per_h, tissue, region_set))
+                                   sigma_references=sigma_references,
+                                   defer_rtdose=with_regions)
     delivered = export_info.pop("delivered")
+    # With regions the RT Dose is written after their DVHs are added to it: once (issue 20).
+    rtdose_dataset = export_info.pop("rtdose_dataset", None)
     # Facts of the dose-rate volume, then the volume itself is let go when there is an absorbed dose
     # (issue 20: one copy per volume while the regions and the report run).
     rate_facts = {"max_mgy_per_h": float(delivered["doserate"].array.max()),
@@ -641,7 +676,7 @@ def run(
     from spectdose.regions import FieldOfView
 
     field_of_view = FieldOfView.from_transform(study.spect.grid, resample_info.get("ct_to_spect_transform"))
-    if region_set is not None and region_set.regions:
+    if with_regions:
         from spectdose.region_report import safe_regions_after_dose
 
         region_warnings += region_set.warnings
@@ -649,13 +684,19 @@ def run(
             out_dir, study, region_set, dose, rate, outputs, rate_sigma_gy_per_s=sigma, dose_sigma_gy=dose_sigma,
             field_of_view=field_of_view, dose_method=options.method,
             network_sha256=rate_info.get("network", {}).get("weights_sha256"),
-            accept_partial=PARTIAL_COVERAGE_ASSUMPTION in options.accepted_assumptions)
+            accept_partial=PARTIAL_COVERAGE_ASSUMPTION in options.accepted_assumptions, rtdose=rtdose_dataset)
         outputs.update(region_outputs)
         export_info["uids"].update(region_info.get("uids", {}))
         region_warnings += coverage_warnings(regions or [])
     if regions_error:
         region_warnings.append(f"REGIONS NOT REPORTED: {regions_error}")
     lap("regions")
+    if rtdose_dataset is not None:
+        # Its DVHs when the region step got that far (else as exported); the export's own write, counted there.
+        rtdose_dataset.save_as(outputs["rtdose"], enforce_file_format=True)
+        export_info["uids"]["rtdose"] = _dataset_uids(rtdose_dataset)
+        del rtdose_dataset
+        lap("export")
     from spectdose.maxima import maxima_summary
 
     # Maxima of what is delivered (the RT Dose, else the map), with where they lie (issue 18).
@@ -705,8 +746,9 @@ def run(
             "integration_factor_h": factor_s / 3600.0 if factor_s else None,
         },
         "dose": (
+            # The mean in tissue is the first quoted mean (_quoted_means), taken before the export.
             {"max_gy": float(delivered["rtdose"].array.max()),
-             "mean_in_tissue_gy": float(dose.array[tissue].mean()) if tissue.any() else 0.0}
+             "mean_in_tissue_gy": dose_references_gy[0] if tissue.any() else 0.0}
             if dose is not None
             else None
         ),
@@ -714,7 +756,7 @@ def run(
             {
                 **uncertainty_info,
                 "map": OUTPUT_NAMES["doserate_sigma"],
-                "mean_in_tissue_dose_rate_sigma_mgy_per_h": float(sigma_mgy_per_h.array[tissue].mean()) if tissue.any() else 0.0,
+                "mean_in_tissue_dose_rate_sigma_mgy_per_h": sigma_references[0] if tissue.any() else 0.0,
                 "absorbed_dose": "sigma_D = integration factor x sigma of the dose rate; the time model's own error is not included",
                 "regions": "per region: the mean of its voxels' sigmas (errors taken as fully correlated), "
                 "uncertainty_dose_rate_mgy_per_h and uncertainty_gy",
@@ -770,8 +812,12 @@ def _export(
     dose_references_gy: Sequence[float] = (),
     rate_references: Sequence[float] = (),
     sigma_references: Sequence[float] = (),
+    defer_rtdose: bool = False,
 ) -> tuple[dict[str, Path], dict]:
     """Write the dose-rate map (and its 1-sigma map) and RT Dose on the chosen output grid; UIDs from the content.
+
+    ``defer_rtdose``: the RT Dose is built, not written: ``info["rtdose_dataset"]`` is for the
+    caller to write at ``outputs["rtdose"]`` once the regions' DVHs are in it.
 
     ``dose_references_gy``: the mean doses the summary quotes; the RT Dose is 16-bit when its rounding
     keeps each within 0.1 % (spectdose.dicom.export.rtdose_bits), else 32-bit. ``rate_references`` and
@@ -779,13 +825,13 @@ def _export(
     16-bit (JPEG-LS at rest) on the same criterion (spectdose.dicom.export.dose_rate_map_bits), else float32."""
     from spectdose.dicom.export import (
         average_onto_grid,
+        build_rtdose,
         check_replacements,
         content_digest,
         dose_rate_map_bits,
         grid_for_option,
         rtdose_bits,
         write_dose_rate_map,
-        write_rtdose,
     )
 
     replaces = check_replacements(replaces)
@@ -841,8 +887,7 @@ def _export(
     if dose_gy is not None:
         delivered["rtdose"] = average_onto_grid(dose_gy, grid)
         bits, rtdose_precision = rtdose_bits(delivered["rtdose"].array, dose_references_gy)
-        outputs["rtdose"] = write_rtdose(
-            out_dir / OUTPUT_NAMES["rtdose"],
+        rtdose_dataset = build_rtdose(
             delivered["rtdose"],
             study,
             description=f"{study.administration.nuclide} absorbed dose ({options.method.upper()}, {options.time_model})",
@@ -850,6 +895,9 @@ def _export(
             bits=bits,
             **common,
         )
+        outputs["rtdose"] = out_dir / OUTPUT_NAMES["rtdose"]
+        if not defer_rtdose:
+            rtdose_dataset.save_as(outputs["rtdose"], enforce_file_format=True)
     info = {
         "output_grid": {"name": provenance["dose_grid"], **_grid_summary(grid),
                         "bytes_per_object": int(np.prod(grid.shape)) * 4,
@@ -857,10 +905,14 @@ def _export(
                         "map_precision": precision},
         "provenance": provenance,
         "content_sha256": digest,
-        "uids": {name: _output_uids(path) for name, path in outputs.items()},
+        "uids": {name: _output_uids(path) for name, path in outputs.items() if name != "rtdose"},
         "replaces": {k: {"series_instance_uid": r.series_instance_uid, "reason": r.reason} for k, r in replaces.items()},
         "delivered": delivered,  # popped by run(): volumes, not summary facts
     }
+    if dose_gy is not None:
+        info["uids"]["rtdose"] = _dataset_uids(rtdose_dataset)
+        if defer_rtdose:
+            info["rtdose_dataset"] = rtdose_dataset  # popped by run() and written there
     return outputs, info
 
 
@@ -924,6 +976,10 @@ def _model_half_life(model: str, hours: float | None, effective_half_life_h: flo
     if model == "effective":
         return {"model_half_life_h": effective_half_life_h, "half_life_note": "effective half-life given by the user"}
     return {}
+
+
+def _dataset_uids(dataset) -> dict:
+    return {"series_instance_uid": dataset.SeriesInstanceUID, "sop_instance_uid": dataset.SOPInstanceUID}
 
 
 def _output_uids(path: Path) -> dict:

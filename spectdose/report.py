@@ -737,7 +737,7 @@ def report_pdf_bytes(view: ViewVolumes, summary: Mapping, identifiers: Mapping) 
             y -= 0.0115
         _reviewer_fields(fig, 0.045)
         footer(fig, 1)
-        pdf.savefig(fig)
+        pdf.savefig(_without_ligatures(fig))
 
         page = 1
         for chunk in table_pages:
@@ -765,7 +765,7 @@ def report_pdf_bytes(view: ViewVolumes, summary: Mapping, identifiers: Mapping) 
                      "- : no dose statistic (region not covered by the SPECT, or no value). Region names in their "
                      "DVH colours. D2/D50/D98: minimum dose to the hottest 2/50/98 % of the region.", fontsize=6.2)
             footer(fig, page)
-            pdf.savefig(fig)
+            pdf.savefig(_without_ligatures(fig))
         for panels in dvh_pages:
             page += 1
             fig = Figure(figsize=_A4_IN)
@@ -777,8 +777,24 @@ def report_pdf_bytes(view: ViewVolumes, summary: Mapping, identifiers: Mapping) 
                 plot_dvh(ax, [rows[k] for k in group], absorbed=absorbed, colours=[colours[k] for k in group])
                 ax.set_title(f"Cumulative DVH ({group[0] + 1}-{group[-1] + 1} of {len(rows)})", fontsize=8)
             footer(fig, page)
-            pdf.savefig(fig)
+            pdf.savefig(_without_ligatures(fig))
     return buf.getvalue()
+
+
+# HarfBuzz's default features include standard ligatures (matplotlib >= 3.11 lays text out with
+# libraqm): "ff" in "effective" became one glyph that matplotlib embeds from a second subset of
+# DejaVu Sans (another ~0.2 s of font subsetting, issue 20) under a character code that is not its
+# text. Without them every glyph is one character, drawn under its own code point.
+_NO_LIGATURES = ("-liga",)
+
+
+def _without_ligatures(fig):
+    """``fig`` with standard ligatures turned off in all its text (see :data:`_NO_LIGATURES`)."""
+    from matplotlib.text import Text
+
+    for text in fig.findobj(Text):
+        text.set_fontfeatures(_NO_LIGATURES)
+    return fig
 
 
 _LINE_H = _TABLE_FONT_PT * 1.25 / (_A4_IN[1] * 72)  # one text line, figure fraction

@@ -435,3 +435,26 @@ def test_hot_spots_do_not_depend_on_the_air_around_the_body():
         assert np.array_equal(b.mask[inner], a.mask) and b.mask.sum() == a.mask.sum()
         assert (a.volume_ml, a.peak_bq_per_ml, a.location, a.excluded) == (b.volume_ml, b.peak_bq_per_ml, b.location,
                                                                             b.excluded)
+
+
+def test_hot_spot_seeds_are_the_maxima_of_their_cube_ties_and_grid_edges_included():
+    """Seeds as the module docstring defines them: hot voxels equal to the maximum of the cube of
+    2 x seed_radius + 1 voxels around them (clipped to the grid), found without filtering the grid."""
+    from spectdose.lesions import _median, _seed_peaks
+
+    rng = np.random.default_rng(11)
+    # Smooth blobs, rounded to a few levels so that plateaus (ties) occur, hot up to every face of the grid.
+    a = ndimage.gaussian_filter(rng.random((23, 41, 37)), 2.0)
+    a = np.round((a - a.min()) / np.ptp(a) * 12.0).astype(np.float32)
+    a[0, 5, 5], a[-1, -1, 20], a[10, 0, -1] = 20.0, 20.0, 13.0  # maxima on faces and a corner row
+    hot = a >= np.float64(6.0)
+    for size in ((3, 5, 5), (7, 21, 21), (1, 3, 3), (3, 1, 5)):
+        want = np.argwhere((a == ndimage.maximum_filter(a, size=size)) & hot)
+        assert np.array_equal(_seed_peaks(a, hot, np.array(size)), want)
+        assert len(want) > 0
+    # The background median: numpy's median in float64, without a float64 copy (even, odd, NaN).
+    values = rng.gamma(2.0, 3.0, 10001).astype(np.float32)
+    for sample in (values, values[:-1], values[:2], values[:1]):
+        want = float(np.median(sample.astype(np.float64)))
+        assert _median(sample) == want and _median(sample.copy(), overwrite=True) == want
+    assert np.isnan(_median(np.append(values, np.float32("nan"))))

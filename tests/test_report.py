@@ -149,6 +149,17 @@ def test_report_is_a4_with_identifiers_administration_method_regions_and_reviewe
     assert report_pdf_bytes(view, summary, identifiers_from_study(study)) == pdf
 
 
+def test_words_with_ff_are_drawn_letter_by_letter_in_two_embedded_fonts(report):
+    """A ligature ("ff" of "effective" as one glyph) would be drawn from a third font subset under a
+    code that is not its text, so a search or copy of the report would not find the word."""
+    _study_, _view, summary, pdf = report
+    assert "effective" in summary["time"]["half_life_note"]
+    assert "half-life used 97 h (Hanscheid: effective half-life taken equal to" in pdf_text(pdf)
+    fonts = set(re.findall(rb"/BaseFont\s*/[A-Z]{6}\+([\w-]+)", pdf))
+    assert sorted(fonts) == [b"DejaVuSans", b"DejaVuSans-Bold"]
+    assert len(re.findall(rb"/FontFile2", pdf)) == 2  # one subset each
+
+
 def test_key_images_cut_through_the_hottest_region_and_show_the_dose(report):
     _study_, view, _summary_, _pdf = report
     point = key_point(view)

@@ -55,6 +55,9 @@ class RegionContext:
     header: Dataset  # patient and study attributes are copied from it (the RT Dose or map)
     software_version: str
     rtdose_path: Path | None = None
+    # The RT Dose in memory, not yet written (the pipeline's): its DVHs are added to it and the caller
+    # writes it, once, instead of this module reading ``rtdose_path`` back and writing it again.
+    rtdose: Dataset | None = None
 
 
 def _uid(*parts: str) -> str:
@@ -105,19 +108,21 @@ def _pseudo_ct_headers(ctx: RegionContext) -> list[Dataset]:
     """CT headers (no pixels) with the CT's UIDs and plane geometry, as highdicom's SEG needs
     source images; built from the grid so no CT file has to be at hand."""
     g, h = ctx.ct_grid, ctx.header
+    common = Dataset()  # what every slice shares, built once: its elements are shared, only read
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+                    "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"):
+        setattr(common, keyword, h.get(keyword, ""))
+    common.SOPClassUID, common.Modality = CTImageStorage, "CT"
+    common.SeriesInstanceUID = ctx.ct_series_uid
+    common.FrameOfReferenceUID = g.frame_of_reference_uid
+    common.Rows, common.Columns = g.shape[1], g.shape[2]
+    common.PixelSpacing = [g.spacing_mm[1], g.spacing_mm[2]]
+    common.SliceThickness = g.spacing_mm[0]
+    common.ImageOrientationPatient = [float(v) for v in (*g.axes[2], *g.axes[1])]
     out = []
     for k, uid in enumerate(ctx.ct_instance_uids):
-        d = Dataset()
-        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
-                        "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"):
-            setattr(d, keyword, h.get(keyword, ""))
-        d.SOPClassUID, d.SOPInstanceUID, d.Modality = CTImageStorage, uid, "CT"
-        d.SeriesInstanceUID = ctx.ct_series_uid
-        d.FrameOfReferenceUID = g.frame_of_reference_uid
-        d.Rows, d.Columns = g.shape[1], g.shape[2]
-        d.PixelSpacing = [g.spacing_mm[1], g.spacing_mm[2]]
-        d.SliceThickness = g.spacing_mm[0]
-        d.ImageOrientationPatient = [float(v) for v in (*g.axes[2], *g.axes[1])]
+        d = Dataset({element.tag: element for element in common})
+        d.SOPInstanceUID = uid
         d.ImagePositionPatient = [float(v) for v in g.index_to_lps_mm(np.array([k, 0, 0]))]
         out.append(d)
     return out
@@ -415,7 +420,8 @@ def write_region_outputs(
     Returns ``(outputs, rows, info)``: paths by output name, the per-region rows for
     summary.json, and the UIDs written (``info["uids"]``). The RT Dose at
     ``ctx.rtdose_path`` is read and rewritten as ``out_dir/rtdose.dcm`` with its DVHs under a
-    new SOP Instance UID (same series): the DVHs are new content of the same dose.
+    new SOP Instance UID (same series): the DVHs are new content of the same dose. An RT Dose
+    in memory (``ctx.rtdose``) gets its DVHs and new UID in place and is left to the caller to write.
     """
     out_dir = Path(out_dir)
     rows = region_statistics(
@@ -442,7 +448,7 @@ def write_region_outputs(
         seg_uid, segment_numbers = str(seg_ds.SOPInstanceUID), list(range(1, len(regions.regions) + 1))
         info["uids"][name] = {"series_instance_uid": str(seg_ds.SeriesInstanceUID), "sop_instance_uid": seg_uid}
 
-    if ctx.rtdose_path is None or dose_gy is None:
+    if (ctx.rtdose is None and ctx.rtdose_path is None) or dose_gy is None:
         return outputs, rows, info  # no RT Dose (a per-MBq run): statistics and SEG only
 
     # The RT Structure Set the DVHs reference.
@@ -468,13 +474,14 @@ def write_region_outputs(
         info["uids"]["regions_rtstruct"] = {"series_instance_uid": str(rtstruct.SeriesInstanceUID),
                                             "sop_instance_uid": structure_set_uid}
 
-    rtdose = pydicom.dcmread(ctx.rtdose_path)
+    rtdose = ctx.rtdose if ctx.rtdose is not None else pydicom.dcmread(ctx.rtdose_path)
     add_dvhs(rtdose, rows, roi_numbers, structure_set_uid)
     dvh_digest = hashlib.sha256(json.dumps([r["dvh_gy"] for r in rows]).encode()).hexdigest()
     rtdose.SOPInstanceUID = _uid("RTDOSE-DVH", str(rtdose.SOPInstanceUID), structure_set_uid, dvh_digest)
     rtdose.file_meta.MediaStorageSOPInstanceUID = rtdose.SOPInstanceUID
-    outputs["rtdose"] = out_dir / "rtdose.dcm"
-    rtdose.save_as(outputs["rtdose"], enforce_file_format=True)
+    if ctx.rtdose is None:
+        outputs["rtdose"] = out_dir / "rtdose.dcm"
+        rtdose.save_as(outputs["rtdose"], enforce_file_format=True)
     info["uids"]["rtdose"] = {"series_instance_uid": str(rtdose.SeriesInstanceUID),
                               "sop_instance_uid": str(rtdose.SOPInstanceUID)}
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     CTImageStorage,
@@ -263,6 +264,19 @@ def mask_to_contours(mask: np.ndarray, grid: Grid, box: tuple[slice, slice, slic
     return out
 
 
+_CONTOUR_DATA = pydicom.tag.Tag("ContourData")
+
+
+def _decimal_strings(tag, values: np.ndarray) -> RawDataElement:
+    """A DS element of ``values`` at 0.001 mm as the bytes a file holds (explicit VR little endian):
+    what ``[f"{v:.3f}" for v in values]`` writes, without pydicom checking each of the ~10^4
+    numbers of a clinical structure set as a decimal string (always valid here); read back on access."""
+    text = "\\".join(f"{v:.3f}" for v in values).encode("ascii")
+    if len(text) % 2:
+        text += b" "  # DS values are padded to an even length with a space (PS3.5 6.2)
+    return RawDataElement(tag, "DS", len(text), text, 0, False, True)
+
+
 def build_rtstruct(
     masks: Mapping[str, np.ndarray],
     grid: Grid,
@@ -366,7 +380,7 @@ def build_rtstruct(
                 contour.ContourImageSequence = [image_ref(ct_instance_uids[k])]
             contour.ContourGeometricType = "CLOSED_PLANAR"
             contour.NumberOfContourPoints = len(points)
-            contour.ContourData = [f"{v:.3f}" for v in points.ravel()]
+            contour[_CONTOUR_DATA] = _decimal_strings(_CONTOUR_DATA, points.ravel())
             contours.append(contour)
         item = Dataset()
         item.ROIDisplayColor = [int(c) for c in palette[(number - 1) % len(palette)]]
