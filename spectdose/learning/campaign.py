@@ -792,6 +792,11 @@ def build_campaign_ensemble(
     return result
 
 
+def _append_text(card: Path, text: str) -> None:
+    old = card.read_text() if card.is_file() else ""
+    atomic_write(card, lambda f: f.write((old + text).encode()))
+
+
 def _append_ensemble_card(card: Path, result: dict, ens_path: Path, cfg: CampaignConfig, stint: int) -> None:
     """The installed network's card gains the uncertainty ensemble the campaign installed."""
     s, c = result["score"], result["calibration"]
@@ -806,8 +811,7 @@ def _append_ensemble_card(card: Path, result: dict, ens_path: Path, cfg: Campaig
         f"{', '.join(map(str, cfg.val_seeds))} ({c['n_voxels']} voxels above 10 % of each case's maximum): +-1 sigma "
         f"{c['coverage_1sigma_pct']} %, +-2 sigma {c['coverage_2sigma_pct']} % (targets 68.3 / 95.4 %)\n"
     )
-    old = card.read_text() if card.is_file() else ""
-    atomic_write(card, lambda f: f.write((old + text).encode()))
+    _append_text(card, text)
 
 
 def _append_card(card: Path, record: dict, ledger: dict) -> None:
@@ -820,5 +824,4 @@ def _append_card(card: Path, record: dict, ledger: dict) -> None:
         f"- {ledger['pixel_passes']:.3g} model-grid pixel passes ({100 * ledger['pixel_passes'] / ledger['target_pixel_passes']:.2f} % "
         f"of the target), {len(ledger['seeds_used'])} training patients; ledger: models/campaign/ledger.json\n"
     )
-    old = card.read_text() if card.is_file() else ""
-    atomic_write(card, lambda f: f.write((old + text).encode()))
+    _append_text(card, text)
