@@ -228,3 +228,15 @@ def test_members_sharing_a_recovery_setting_share_one_deconvolution(monkeypatch,
     each = [predict_on_ct_grid(m, act, rho, dvk, kernel_cache_dir=kernel_cache_dir).array for m in members]
     assert len(calls) == 4
     np.testing.assert_allclose(mean.array, np.mean(each, axis=0), rtol=1e-4, atol=1e-12)
+
+
+def test_calibration_ignores_voxels_the_network_zeroes_but_counts_them_in_the_coverage():
+    """Below 0.1 g/cm3 the estimate and its spread are 0 while the reference may carry dose."""
+    rng = np.random.default_rng(2)
+    mean = rng.gamma(3.0, 1.0, 20_000)
+    sd = 0.05 * mean * rng.uniform(0.5, 1.5, mean.size)
+    ref = mean + rng.normal(0.0, 2.0 * sd)
+    mean[:50], sd[:50], ref[:50] = 0.0, 0.0, 2.0  # zeroed by the network, hot in the reference
+    cal = fit_sigma_calibration([mean], [sd], [ref])  # raised "zero on every calibration voxel" before
+    assert cal.scale == pytest.approx(2.0, rel=0.2)
+    assert cal.coverage_2sigma_pct == pytest.approx(95.4, abs=2)

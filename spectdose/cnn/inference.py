@@ -499,13 +499,17 @@ def fit_sigma_calibration(
     # factor so that the coverage matches.
     scales = np.concatenate([[0.0], np.logspace(-1, 2.5, 29)]) if np.any(sd > 0) else np.array([0.0])
     floors = np.concatenate([[0.0], np.logspace(-3, 0, 19)])
+    # Voxels with no estimate and no spread (the network's zero below 0.1 g/cm3, where the
+    # reference may still have dose) get sigma 0 whatever the calibration: they cannot shape it,
+    # and would make every likelihood infinite. They still count in the coverage below.
+    shaping = (sd > 0) | (mu > 0)
     best_nll = None
     for f in floors:
         for s in scales:
-            sigma = np.hypot(s * sd, f * mu)
-            if not np.all(sigma > 0):
+            sigma = np.hypot(s * sd[shaping], f * mu[shaping])
+            if not sigma.size or not np.all(sigma > 0):
                 continue
-            nll = float(np.mean(np.log(sigma) + 0.5 * (err / sigma) ** 2))
+            nll = float(np.mean(np.log(sigma) + 0.5 * (err[shaping] / sigma) ** 2))
             if best_nll is None or nll < best_nll[0]:
                 best_nll = (nll, float(s), float(f))
     if best_nll is None:
