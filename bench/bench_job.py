@@ -17,7 +17,8 @@ export. Each run here is a separate process so its peak RSS is its own (``os.wai
 
 Prints wall and CPU seconds, peak RSS, the stages of ``summary.json`` and the size of every
 output object. Targets (issue 20): DVK job <= 12 s wall and <= 2.5 GB on 2 free cores,
-regions + report <= 3 s, every output object <= 25 MB.
+regions + report <= 3 s, every output object <= 25 MB as sent to a receiver that takes a lossless
+compressed syntax (each object's size on disk and in its best syntax are both printed).
 """
 
 from __future__ import annotations
@@ -85,11 +86,31 @@ def output_sizes(folder: Path) -> dict[str, float]:
     return {p.name: p.stat().st_size / 1e6 for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+def sent_sizes(folder: Path) -> dict[str, tuple[float, str]]:
+    """Each DICOM output's size (MB) in the best lossless syntax it can be sent in, and that syntax's
+    name: what a PACS that accepts it gets over C-STORE, STOW-RS or a REST download that asks for it
+    (spectdose.dicom.transfer; a receiver that accepts none gets the file as stored)."""
+    import pydicom
+
+    sys.path.insert(0, str(ROOT))
+    from spectdose.dicom.transfer import encode_for, syntaxes_for
+
+    out = {}
+    for p in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(p)
+        syntax = syntaxes_for(ds)[0]
+        buf = io.BytesIO()
+        encode_for(ds, syntax).save_as(buf, enforce_file_format=True)
+        out[p.name] = (buf.tell() / 1e6, pydicom.uid.UID(syntax).name)
+    return out
+
+
 def cli_job(study: Path, out: Path, extra: list[str]) -> dict:
     figures = run_measured([*SPECTDOSE, "dose", str(study), "-o", str(out), *extra])
     summary = json.loads((out / "summary.json").read_text())
     figures["stages_s"] = summary.get("timings_s", {})
     figures["outputs_mb"] = output_sizes(out)
+    figures["sent_mb"] = sent_sizes(out)
     return figures
 
 
@@ -164,8 +185,14 @@ def service_job(study: Path, work: Path) -> dict:
             raise SystemExit(f"service job failed: {state.get('error') or state}")
         rtdose = client.get(f"/jobs/{job_id}/rtdose")
         rtdose.raise_for_status()
-        return {"wall_s": time.perf_counter() - t0, "to_done_s": done_s, "peak_mib": peak,
-                "upload_mb": len(body.getvalue()) / 1e6, "rtdose_mb": len(rtdose.content) / 1e6}
+        wall_s = time.perf_counter() - t0
+        # The same object as a client that takes JPEG-LS asks for it (PS3.18 transfer-syntax parameter).
+        jpegls = client.get(f"/jobs/{job_id}/rtdose",
+                            headers={"Accept": "application/dicom; transfer-syntax=1.2.840.10008.1.2.4.80"})
+        jpegls.raise_for_status()
+        return {"wall_s": wall_s, "to_done_s": done_s, "peak_mib": peak,
+                "upload_mb": len(body.getvalue()) / 1e6, "rtdose_mb": len(rtdose.content) / 1e6,
+                "rtdose_jpegls_mb": len(jpegls.content) / 1e6}
     finally:
         proc.terminate()
         try:
@@ -181,9 +208,15 @@ def report(name: str, fig: dict, ref_s: float) -> None:
     stages = fig.get("stages_s") or {}
     if stages:
         print("  stages: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+    sent = fig.get("sent_mb") or {}
+    print(f"  {'object':<28}{'on disk':>12}   sent in its best lossless syntax")
     for k, v in (fig.get("outputs_mb") or {}).items():
         flag = "  > 25 MB" if v > 25 else ""
-        print(f"  {k:<28}{v:>9.1f} MB{flag}")
+        line = f"  {k:<28}{v:>9.1f} MB{flag:<9}"
+        if k in sent:
+            mb, syntax = sent[k]
+            line += f"{mb:>7.1f} MB ({syntax}){'  > 25 MB' if mb > 25 else ''}"
+        print(line)
 
 
 def main() -> None:
@@ -232,7 +265,8 @@ def main() -> None:
         s = figures["service (dvk)"]
         print(f"service (dvk): upload to done {s['to_done_s']:.1f} s ({s['to_done_s'] / ref:.1f}x DVK alone), "
               f"with the RT Dose fetched {s['wall_s']:.1f} s; worker peak {s['peak_mib']:.0f} MiB; "
-              f"upload {s['upload_mb']:.0f} MB, RT Dose {s['rtdose_mb']:.1f} MB")
+              f"upload {s['upload_mb']:.0f} MB, RT Dose {s['rtdose_mb']:.1f} MB as stored, "
+              f"{s['rtdose_jpegls_mb']:.1f} MB asked for in JPEG-LS")
     if args.json:
         for f in figures.values():
             f.pop("stdout", None)

@@ -208,7 +208,7 @@ def add_serve(sub) -> None:
 
 
 class WorkerProcess:
-    """The worker of ``serve``: a child process (Celery, prefork, concurrency 1) kept running.
+    """The worker of ``serve``: a child process (Celery prefork, ``worker_concurrency`` jobs at once) kept running.
 
     It runs in its own process group, so killing it (even with SIGKILL) takes its pool
     child with it; the supervisor then starts a new one with the same name, which takes
@@ -224,11 +224,13 @@ class WorkerProcess:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "service.cli", "worker", "--concurrency", str(self.settings.worker_concurrency),
+                "--hostname", self.hostname, "--queues", "auto"]
+
     def _spawn(self) -> None:
         env = {**os.environ, **self.settings.to_env()}
-        cmd = [sys.executable, "-m", "service.cli", "worker", "--concurrency", "1", "--hostname", self.hostname,
-               "--queues", "auto"]
-        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self.command(), env=env, start_new_session=True, stdin=subprocess.DEVNULL)
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
         self.pid_file.write_text(f"{self.proc.pid}\n")
         log.info("worker %s started (pid %d)", self.hostname, self.proc.pid)
@@ -459,7 +461,8 @@ def add_worker(sub) -> None:
     _common(p)
     p.add_argument("--queues", default="auto",
                    help="comma-separated queues, or auto: gpu,cpu when a CUDA device is present, else cpu")
-    p.add_argument("--concurrency", type=int, default=1, help="jobs at once (default 1: one dose grid in memory)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="jobs at once (default: the worker_concurrency setting, 1 unless configured)")
     p.add_argument("--pool", choices=["prefork", "solo", "threads"], default="prefork",
                    help="prefork (default) enforces the time limits; solo runs the task in the worker process")
     p.add_argument("--hostname", default=None, help="Celery node name (default: worker@<host>); keep it stable")
@@ -491,7 +494,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     app = make_celery(settings)
     hostname = args.hostname or f"worker@{socket.gethostname()}"
     log.info("worker %s consuming %s", hostname, queues)
-    app.worker_main(["worker", "-Q", queues, "-c", str(args.concurrency), "-P", args.pool, "-n", hostname,
+    app.worker_main(["worker", "-Q", queues, "-c", str(args.concurrency or settings.worker_concurrency), "-P", args.pool, "-n", hostname,
                      "--loglevel", settings.log_level, "--without-gossip", "--without-mingle"])
     return 0
 

@@ -147,6 +147,9 @@ class Settings(BaseSettings):
 
     # queue and worker
     job_queue: Literal["cpu", "gpu"] = "cpu"
+    # Jobs at once in one worker process (Celery prefork children). A clinical DVK job holds
+    # ~1.8 GB and a CNN job ~2.4 GB (docs/performance.md), so two fit any host that runs one.
+    worker_concurrency: int = Field(1, ge=1, le=64, description="jobs computed at once by serve's worker")
     task_soft_time_limit_s: int = Field(3600, gt=0)
     task_time_limit_s: int = Field(3900, gt=0)
     visibility_timeout_s: int = Field(4 * 3600, gt=0, description="Redis redelivers unacked tasks after this")

@@ -659,6 +659,7 @@ def run(
                                    dose_references_gy=dose_references_gy,
                                    rate_references=rate_references,
                                    sigma_references=sigma_references,
+                                   quoted_masks=(tissue, region_set),
                                    defer_rtdose=with_regions)
     delivered = export_info.pop("delivered")
     # With regions the RT Dose is written after their DVHs are added to it: once (issue 20).
@@ -812,6 +813,7 @@ def _export(
     dose_references_gy: Sequence[float] = (),
     rate_references: Sequence[float] = (),
     sigma_references: Sequence[float] = (),
+    quoted_masks: tuple[np.ndarray, object] | None = None,
     defer_rtdose: bool = False,
 ) -> tuple[dict[str, Path], dict]:
     """Write the dose-rate map (and its 1-sigma map) and RT Dose on the chosen output grid; UIDs from the content.
@@ -822,7 +824,9 @@ def _export(
     ``dose_references_gy``: the mean doses the summary quotes; the RT Dose is 16-bit when its rounding
     keeps each within 0.1 % (spectdose.dicom.export.rtdose_bits), else 32-bit. ``rate_references`` and
     ``sigma_references``: the same means of the dose rate and of its sigma (the map's units); each map is
-    16-bit (JPEG-LS at rest) on the same criterion (spectdose.dicom.export.dose_rate_map_bits), else float32."""
+    16-bit (JPEG-LS at rest) on the same criterion (spectdose.dicom.export.dose_rate_map_bits), else float32.
+    ``quoted_masks``: (tissue, region set) of those means on the CT grid: on that grid, a worst case
+    above 0.1 % is settled by measuring each mean rounded as stored (:func:`_rounding_errors`)."""
     from spectdose.dicom.export import (
         average_onto_grid,
         build_rtdose,
@@ -864,10 +868,15 @@ def _export(
     out_dir.mkdir(parents=True, exist_ok=True)
     # The volumes as delivered (on the output grid): the summary's maxima are theirs (issue 18).
     delivered = {"doserate": average_onto_grid(rate_mgy_per_h, grid)}
+    on_ct_grid = quoted_masks is not None and grid is study.ct.grid
+
+    def measured(volume: Volume):
+        return (lambda step: _rounding_errors(volume, *quoted_masks, step)) if on_ct_grid else None
+
     float_maps = options.map_precision == "float32"
     asked = {"bits": 32, "why": "float32 asked (map_precision)"}
-    map_bits, map_precision = (32, asked) if float_maps else dose_rate_map_bits(delivered["doserate"].array,
-                                                                                 rate_references)
+    map_bits, map_precision = (32, asked) if float_maps else dose_rate_map_bits(
+        delivered["doserate"].array, rate_references, measured_errors=measured(delivered["doserate"]))
     precision = {"doserate": map_precision}
     outputs = {
         "doserate": write_dose_rate_map(out_dir / OUTPUT_NAMES["doserate"], delivered["doserate"],
@@ -878,7 +887,7 @@ def _export(
         # (they are, over the SPECT resolution): the conservative choice.
         sigma_delivered = average_onto_grid(sigma_mgy_per_h, grid)
         sigma_bits, precision["doserate_sigma"] = (32, asked) if float_maps else dose_rate_map_bits(
-            sigma_delivered.array, sigma_references)
+            sigma_delivered.array, sigma_references, measured_errors=measured(sigma_delivered))
         outputs["doserate_sigma"] = write_dose_rate_map(
             out_dir / OUTPUT_NAMES["doserate_sigma"], sigma_delivered, study,
             replaces=replaces.get("doserate_sigma"), sigma=True, series_number=903, bits=sigma_bits, **common)
@@ -886,7 +895,8 @@ def _export(
     rtdose_precision = None
     if dose_gy is not None:
         delivered["rtdose"] = average_onto_grid(dose_gy, grid)
-        bits, rtdose_precision = rtdose_bits(delivered["rtdose"].array, dose_references_gy)
+        bits, rtdose_precision = rtdose_bits(delivered["rtdose"].array, dose_references_gy,
+                                             measured_errors=measured(delivered["rtdose"]))
         rtdose_dataset = build_rtdose(
             delivered["rtdose"],
             study,
@@ -927,6 +937,28 @@ def _quoted_means(volume: Volume | None, tissue: np.ndarray, region_set) -> list
         if local.any():
             means.append(float(volume.array[box][local].mean()))
     return means
+
+
+def _rounding_errors(volume: Volume, tissue: np.ndarray, region_set, step: float) -> list[float]:
+    """The relative change of each mean :func:`_quoted_means` quotes when ``volume`` is rounded to
+    multiples of ``step``, as a 16-bit object stores it (round half to even, as the writers do):
+    measured, slab by slab in float64 (no second copy of the volume)."""
+    values = volume.array
+    errors = []
+    if tissue.any():
+        total, shift = 0.0, 0.0
+        for k in range(values.shape[0]):
+            inside = values[k][tissue[k]].astype(np.float64)
+            total += float(inside.sum())
+            shift += float((np.rint(inside / step) * step - inside).sum())
+        errors.append(shift / total if total > 0 else 0.0)
+    for region in getattr(region_set, "regions", None) or []:
+        box, local = region.bounds()
+        if local.any():
+            inside = values[box][local].astype(np.float64)
+            total = float(inside.sum())
+            errors.append(float((np.rint(inside / step) * step - inside).sum()) / total if total > 0 else 0.0)
+    return errors
 
 
 def _write_report(out_dir: Path, study: Study, dose: Volume, regions, summary: dict,

@@ -82,6 +82,69 @@ def test_32_bit_rt_dose_when_16_bits_would_move_a_quoted_mean(study):
     assert rtdose_bits(np.zeros((2, 2, 2)), [])[0] == 16, "an all-zero dose is exact in any width"
 
 
+class _Box:
+    """A region as the pipeline's rounding check sees it: its box and its mask within the box."""
+
+    def __init__(self, mask: np.ndarray):
+        idx = np.argwhere(mask)
+        self.box = tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(idx.min(0), idx.max(0), strict=True))
+        self.local = mask[self.box]
+
+    def bounds(self):
+        return self.box, self.local
+
+
+def test_measured_rounding_keeps_16_bits_when_only_the_worst_case_is_above_a_tenth_of_a_percent(tmp_path, study):
+    """Issue 20: a CNN dose whose maximum is ~150 x the smallest quoted mean was written in 32 bits
+    (136 MB) because the worst case (every voxel rounded the same way) exceeded 0.1 %; the means as
+    actually rounded move far less. The pipeline measures them: 16 bits, and the read-back means
+    agree with what was measured."""
+    from types import SimpleNamespace
+
+    from spectdose.pipeline import _rounding_errors
+
+    dose = dose_pattern_gy(study, peak_gy=120.0)  # ~170 x the mean of the cold region below
+    cold = np.zeros(dose.array.shape, bool)
+    cold[:, :, 3:8] = True  # the coldest part of the background, ~0.2-0.7 Gy
+    tissue = dose.array > 0
+    region_set = SimpleNamespace(regions=[_Box(cold), _Box(dose.array >= 0.5 * dose.array.max())])
+    means = [float(dose.array[tissue].mean()), float(dose.array[cold].mean()),
+             float(dose.array[dose.array >= 0.5 * dose.array.max()].mean())]
+
+    def measured(step):
+        return _rounding_errors(dose, tissue, region_set, step)
+
+    assert rtdose_bits(dose.array, means)[0] == 32, "the worst-case bound alone keeps 32 bits"
+    bits, facts = rtdose_bits(dose.array, means, measured_errors=measured)
+    assert facts["max_rounding_error_of_smallest_reference"] > RTDOSE_16_BIT_MAX_ERROR  # worst case above 0.1 %
+    assert bits == 16 and facts["criterion"] == "measured"
+    assert facts["measured_max_error_of_quoted_means"] <= RTDOSE_16_BIT_MAX_ERROR
+
+    path = write_rtdose(tmp_path / "d.dcm", dose, study, method="CNN", description=DESCRIPTION, bits=16)
+    back, step = read_rtdose(path), float(pydicom.dcmread(path, stop_before_pixels=True).DoseGridScaling)
+    masks = (tissue, cold, dose.array >= 0.5 * dose.array.max())
+    shifts = [float(back.array[m].astype(np.float64).mean()) / mean - 1 for m, mean in zip(masks, means, strict=True)]
+    assert max(abs(x) for x in shifts) <= RTDOSE_16_BIT_MAX_ERROR
+    assert measured(step) == pytest.approx(shifts, abs=1e-6), "what was measured is what the RT Dose holds"
+
+
+def test_sixteen_bits_rule_refuses_a_measured_shift_and_a_worst_case_above_one_percent():
+    from spectdose.dicom.export import MEASURED_16_BIT_MAX_BOUND
+    from spectdose.dicom.pmap import sixteen_bit_rule
+
+    assert sixteen_bit_rule(5e-4, 1.0, None, 1e-3) == (16, {"criterion": "worst-case bound"})
+    assert sixteen_bit_rule(2e-3, 1.0, None, 1e-3)[0] == 32, "not measured: the worst case decides"
+    bits, facts = sixteen_bit_rule(2e-3, 1.0, lambda step: [1e-5, -1.5e-3], 1e-3)
+    assert bits == 32 and facts["measured_max_error_of_quoted_means"] == 1.5e-3, "one quoted mean moved by 0.15 %"
+    assert sixteen_bit_rule(2e-3, 1.0, lambda step: [1e-5, -2e-4], 1e-3)[0] == 16
+    assert sixteen_bit_rule(MEASURED_16_BIT_MAX_BOUND * 1.01, 1.0, lambda step: [0.0], 1e-3)[0] == 32, \
+        "beyond a 1 % worst case a region added later could move too far: 32 bits"
+    top = 37.0
+    rate = np.linspace(0, top, 1000).reshape(10, 10, 10)
+    bits, facts = dose_rate_map_bits(rate, [top / 150], measured_errors=lambda step: [2e-6])
+    assert bits == 16 and facts["criterion"] == "measured" and facts["step"] == pytest.approx(top / 65535)
+
+
 @pytest.mark.skipif(PLASTIMATCH is None, reason="plastimatch (Debian) not installed")
 def test_plastimatch_and_pydicom_read_the_same_16_bit_dose(tmp_path, study):
     dose = dose_pattern_gy(study)

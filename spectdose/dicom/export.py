@@ -18,9 +18,12 @@ from spectdose.dicom.pmap import (
     DOSE_RATE_PER_MBQ_UNIT,
     DOSE_RATE_UNIT,
     MAP_16_BIT_MAX_ERROR,
+    MEASURED_16_BIT_MAX_BOUND,
+    MeasuredErrors,
     build_dose_rate_map,
     dose_rate_map_bits,
     read_dose_rate_map,
+    sixteen_bit_rule,
     write_dose_rate_map,
 )
 from spectdose.dicom.rtdose import (
@@ -47,14 +50,16 @@ from spectdose.dose_grid import average_onto_grid, grid_for_option, output_grid
 RTDOSE_16_BIT_MAX_ERROR = 1e-3
 
 
-def rtdose_bits(dose_gy: np.ndarray, reference_gy: Iterable[float]) -> tuple[int, dict]:
-    """16 or 32 bits for an RT Dose, and why: 16 when half the 16-bit Dose Grid Scaling step
-    (max / 65535, see :func:`dose_grid_scaling_ds`) is at most
-    :data:`RTDOSE_16_BIT_MAX_ERROR` of the smallest positive reference dose.
+def rtdose_bits(dose_gy: np.ndarray, reference_gy: Iterable[float], *,
+                measured_errors: MeasuredErrors | None = None) -> tuple[int, dict]:
+    """16 or 32 bits for an RT Dose, and why (:func:`spectdose.dicom.pmap.sixteen_bit_rule`): 16 when
+    half the 16-bit Dose Grid Scaling step (max / 65535, see :func:`dose_grid_scaling_ds`) is at most
+    :data:`RTDOSE_16_BIT_MAX_ERROR` of the smallest positive reference dose, or, up to a worst case of
+    1 %, when ``measured_errors(step)`` (the relative change of each quoted mean with the dose rounded
+    to ``step``, measured on the volume) is at most that for every quoted mean.
 
-    A PACS stores and shows a 16-bit dose more readily and in half the bytes; a dose whose
-    maximum is so far above what is quoted that the 16-bit step would move a quoted mean by
-    more than 0.1 % keeps 32 bits. Without any positive reference dose: 32 bits.
+    A PACS stores and shows a 16-bit dose more readily and in half the bytes. Without any
+    positive reference dose: 32 bits.
     """
     top = float(np.max(dose_gy)) if np.size(dose_gy) else 0.0
     references = [float(r) for r in reference_gy if r is not None and np.isfinite(r) and r > 0]
@@ -63,10 +68,10 @@ def rtdose_bits(dose_gy: np.ndarray, reference_gy: Iterable[float]) -> tuple[int
         return (16 if top <= 0 else 32), {**facts, "bits": 16 if top <= 0 else 32,
                                           "max_rounding_error_gy": 0.0 if top <= 0 else None}
     step16 = float(dose_grid_scaling_ds(top, 2**16 - 1))
-    error = step16 / 2
-    bits = 16 if error <= RTDOSE_16_BIT_MAX_ERROR * min(references) else 32
+    bound16 = step16 / 2 / min(references)
+    bits, rule = sixteen_bit_rule(bound16, step16, measured_errors, RTDOSE_16_BIT_MAX_ERROR)
     step = step16 if bits == 16 else float(dose_grid_scaling_ds(top, 2**32 - 1))
-    return bits, {**facts, "bits": bits, "max_rounding_error_gy": step / 2,
+    return bits, {**facts, **rule, "bits": bits, "max_rounding_error_gy": step / 2,
                   "max_rounding_error_of_smallest_reference": step / 2 / min(references)}
 
 __all__ = [
@@ -92,6 +97,7 @@ __all__ = [
     "write_dose_rate_map",
     "read_dose_rate_map",
     "RTDOSE_16_BIT_MAX_ERROR",
+    "MEASURED_16_BIT_MAX_BOUND",
     "rtdose_bits",
     "MAP_16_BIT_MAX_ERROR",
     "dose_rate_map_bits",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import highdicom as hd
@@ -45,6 +45,9 @@ from spectdose.study import Study
 __all__ = [
     "DOSE_RATE_UNIT",
     "MAP_16_BIT_MAX_ERROR",
+    "MEASURED_16_BIT_MAX_BOUND",
+    "MeasuredErrors",
+    "sixteen_bit_rule",
     "dose_rate_map_bits",
     "build_dose_rate_map",
     "write_dose_rate_map",
@@ -85,11 +88,41 @@ _MAX_STORED_16 = 2**16 - 1
 MAP_16_BIT_MAX_ERROR = 1e-3
 
 
-def dose_rate_map_bits(values: np.ndarray, references: Sequence[float]) -> tuple[int, dict]:
+# When the worst-case bound is above 0.1 % but at most this, the quoted means are rounded as the
+# 16-bit object will hold them and their change is measured: 16 bits when none moved by more than
+# 0.1 %. The cap keeps any other mean at or above the smallest quoted one (a region added later)
+# within 1 % even in the worst case (docs/rtdose.md, "16 or 32 bits").
+MEASURED_16_BIT_MAX_BOUND = 1e-2
+
+# step -> the relative change of each quoted mean when the volume is rounded to multiples of step
+MeasuredErrors = Callable[[float], Sequence[float]]
+
+
+def sixteen_bit_rule(bound: float, step: float, measured_errors: MeasuredErrors | None,
+                     max_error: float) -> tuple[int, dict]:
+    """16 or 32 bits, and the facts of the choice, for the RT Dose and the maps alike.
+
+    ``bound``: half the 16-bit ``step`` relative to the smallest quoted mean (the worst case). 16
+    bits when it is at most ``max_error``; else, when it is at most
+    :data:`MEASURED_16_BIT_MAX_BOUND` and ``measured_errors`` is given, 16 bits when every quoted
+    mean rounded to ``step`` moved by at most ``max_error`` (measured on the volume: the
+    rounding errors of a smooth dose average out over a mean of thousands of voxels); else 32.
+    """
+    if bound <= max_error:
+        return 16, {"criterion": "worst-case bound"}
+    if measured_errors is None or bound > MEASURED_16_BIT_MAX_BOUND:
+        return 32, {"criterion": "worst-case bound"}
+    worst = max((abs(float(e)) for e in measured_errors(step)), default=0.0)
+    return (16 if worst <= max_error else 32), {"criterion": "measured", "measured_max_error_of_quoted_means": worst}
+
+
+def dose_rate_map_bits(values: np.ndarray, references: Sequence[float], *,
+                       measured_errors: MeasuredErrors | None = None) -> tuple[int, dict]:
     """16 (unsigned integers + Real World Value Mapping) or 32 (float32) bits for a map, and why.
 
     16 when half the 16-bit step, max / 65535 / 2, is at most :data:`MAP_16_BIT_MAX_ERROR` of the
-    smallest positive reference mean (the means the summary quotes, in the map's units): a PACS
+    smallest positive reference mean (the means the summary quotes, in the map's units), or when
+    ``measured_errors`` shows every quoted mean within that (:func:`sixteen_bit_rule`): a PACS
     takes the 16-bit map JPEG-LS compressed, the float one only deflated (136 MB -> 37 MB on a
     clinical grid). Without a positive reference the map stays float32; an all-zero map is
     16-bit (exact).
@@ -101,10 +134,12 @@ def dose_rate_map_bits(values: np.ndarray, references: Sequence[float]) -> tuple
         return 16, {**facts, "bits": 16, "step": 0.0, "max_rounding_error": 0.0}
     if not refs:
         return 32, {**facts, "bits": 32}
-    error = top / _MAX_STORED_16 / 2
-    if error > MAP_16_BIT_MAX_ERROR * min(refs):
-        return 32, {**facts, "bits": 32, "max_rounding_error_if_16_bit_of_smallest_reference": error / min(refs)}
-    return 16, {**facts, "bits": 16, "step": top / _MAX_STORED_16, "max_rounding_error": error,
+    step = top / _MAX_STORED_16
+    error = step / 2
+    bits, rule = sixteen_bit_rule(error / min(refs), step, measured_errors, MAP_16_BIT_MAX_ERROR)
+    if bits == 32:
+        return 32, {**facts, **rule, "bits": 32, "max_rounding_error_if_16_bit_of_smallest_reference": error / min(refs)}
+    return 16, {**facts, **rule, "bits": 16, "step": step, "max_rounding_error": error,
                 "max_rounding_error_of_smallest_reference": error / min(refs)}
 
 

@@ -90,3 +90,17 @@ def test_allowed_hosts():
         assert not s.host_allowed(host), host
     assert Settings(api_tokens=[TOKEN]).checks_host is False, "tokens guard the API; Host checked once listed"
     assert Settings(api_tokens=[TOKEN], allowed_hosts=["x.example"]).checks_host is True
+
+
+def test_serve_starts_its_worker_with_the_configured_concurrency(monkeypatch, tmp_path):
+    """Two jobs at once on a 2-core host (issue 20's throughput) is a setting, and serve's worker obeys it."""
+    from service.cli import WorkerProcess, build_parser
+
+    monkeypatch.setenv("SPECTDOSE_WORKER_CONCURRENCY", "2")
+    settings = Settings(environment="development", auth_enabled=False, data_dir=tmp_path)
+    assert settings.to_env()["SPECTDOSE_WORKER_CONCURRENCY"] == "2"
+    command = WorkerProcess(settings, "serve@host").command()
+    args = build_parser().parse_args(command[command.index("worker"):])
+    assert args.command == "worker" and args.concurrency == 2 and args.hostname == "serve@host"
+    with pytest.raises(ValidationError):
+        Settings(environment="development", auth_enabled=False, worker_concurrency=0)
