@@ -243,15 +243,12 @@ def _unpack(spool: Path, content_type: str, work: Path, settings: Settings) -> l
     )
 
 
-def _ct_gaps(files: list[Path]) -> str | None:
-    """Why the CT slices in ``files`` are not a whole volume (positions missing inside it), or None."""
+def _ct_gaps(headers: list) -> str | None:
+    """Why the CT slices with these headers are not a whole volume (positions missing inside it), or None."""
     import numpy as np
-    import pydicom
 
     positions, normal = [], None
-    for path in files:
-        ds = pydicom.dcmread(path, stop_before_pixels=True,
-                             specific_tags=["ImagePositionPatient", "ImageOrientationPatient"])
+    for ds in headers:
         if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
             return None  # the core says what is wrong with such a series
         if normal is None:
@@ -279,31 +276,29 @@ def _check_complete(files_dir: Path, inv) -> None:
     Only what the headers allow: a gap in the slice positions. Slices cut off at either end
     leave no trace in the headers; a cut-off body is caught by its missing closing boundary.
     NM frames against the pixel data are checked by the core's scan (truncated or mismatched).
+    Each file's header is read once for both checks (issue 20: the gateway's time per upload).
     """
-    import pydicom
+    from spectdose.dicom.completeness import read_headers
 
+    headers = read_headers(p for p in files_dir.rglob("*") if p.is_file())
     wanted = {s.series_instance_uid for s in inv.ct_candidates}
-    by_series: dict[str, list[Path]] = {}
-    for path in files_dir.iterdir():
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "Modality"])
-        except Exception:  # noqa: BLE001 - not DICOM: the scan already listed it as ignored
-            continue
+    by_series: dict[str, list] = {}
+    for ds in headers:
         uid = str(ds.get("SeriesInstanceUID", ""))
         if uid in wanted and str(ds.get("Modality", "")).upper() == "CT":
-            by_series.setdefault(uid, []).append(path)
-    problems = {uid: why for uid, files in by_series.items() if (why := _ct_gaps(files))}
+            by_series.setdefault(uid, []).append(ds)
+    problems = {uid: why for uid, series in by_series.items() if (why := _ct_gaps(series))}
     if problems and len(problems) == len(wanted):
         why = "; ".join(problems.values())
         raise UploadRejected(422, f"incomplete study: the CT series has {why}; send the whole study again")
-    why = study_incomplete(p for p in files_dir.rglob("*") if p.is_file())
+    why = study_incomplete(headers)
     if why:
         raise UploadRejected(422, f"incomplete study: {why}; nothing was stored, send the whole study again")
 
 
 def study_incomplete(files) -> str | None:
     """Why a study's CT cannot be whole (cut at either end of the SPECT, fewer slices than its header counts),
-    or None; for REST uploads and DICOM bursts alike (:func:`spectdose.dicom.completeness.ct_coverage_problem`)."""
+    or None; of files or headers already read; for REST uploads and DICOM bursts alike (:func:`spectdose.dicom.completeness.ct_coverage_problem`)."""
     from spectdose.dicom.completeness import ct_coverage_problem
 
     return ct_coverage_problem(files)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-__all__ = ["ct_coverage_problem", "SPECT_SLICES_ALLOWED_OUTSIDE", "CT_SHORT_ASSUMPTION"]
+__all__ = ["ct_coverage_problem", "read_headers", "SPECT_SLICES_ALLOWED_OUTSIDE", "CT_SHORT_ASSUMPTION"]
 
 # Refused by default (the service refuses it always, the CLI unless accepted by this name): a CT that
 # does not reach the SPECT's axial extent, whose activity beyond the CT then has no density and no dose.
@@ -57,18 +57,28 @@ def _vector(ds, keyword: str) -> np.ndarray | None:
         return None
 
 
-def _read(files: Iterable[Path | Dataset]) -> dict[str, _Series]:
+def read_headers(files: Iterable[Path]) -> list[Dataset]:
+    """The headers :func:`ct_coverage_problem` reads (series, modality, position, orientation, slice
+    counts), each file once; files that are not DICOM are left out (the ingest says what they are).
+    For callers that check more of the same headers (the service's intake: gaps inside the CT)."""
     import pydicom
 
+    out = []
+    for path in files:
+        try:
+            out.append(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS))
+        except Exception:  # noqa: BLE001 - not DICOM: the ingest says what it is
+            continue
+    return out
+
+
+def _read(files: Iterable[Path | Dataset]) -> dict[str, _Series]:
     series: dict[str, _Series] = {}
     for item in files:
-        if isinstance(item, Dataset):  # a header the ingest has read already
-            ds = item
-        else:
-            try:
-                ds = pydicom.dcmread(item, stop_before_pixels=True, specific_tags=_TAGS)
-            except Exception:  # noqa: BLE001 - not DICOM: the ingest says what it is
-                continue
+        # a header read already (the ingest's, or read_headers'), else the file's
+        ds = item if isinstance(item, Dataset) else next(iter(read_headers([item])), None)
+        if ds is None:
+            continue
         modality = str(ds.get("Modality", "")).upper()
         if modality not in ("CT", "NM", "PT"):
             continue
