@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, help="--campaign: stint length in minutes")
     p.add_argument("--until", metavar="HH:MM", help="--campaign: end the stint at this UTC time")
     p.add_argument("--threads", type=int, help="torch CPU threads (--campaign; 1 on a shared machine)")
+    p.add_argument("--restart-from-best", action="store_true",
+                   help="--campaign: start this stint from the weights of the campaign's best-scored stint (new optimiser, "
+                        "current learning rate) instead of the last stint's, when the later stints scored worse")
     p.add_argument("--ensemble-only", action="store_true",
                    help="--campaign: no training; (re)build the uncertainty ensemble from the campaign's snapshots "
                         "(adding the last scored stint's weights from state.pt when it has none) and install it if better")
@@ -491,8 +494,10 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from spectdose.learning.training import train_command
 
+    if args.restart_from_best and args.campaign is None:
+        raise InputError("--restart-from-best goes with --campaign DIR")
     if args.ensemble_only:
-        if args.campaign is None or args.minutes is not None or args.until is not None:
+        if args.campaign is None or args.minutes is not None or args.until is not None or args.restart_from_best:
             raise InputError("--ensemble-only goes with --campaign DIR and without a time budget (it trains nothing)")
         from spectdose.learning.campaign import build_campaign_ensemble
 
@@ -510,7 +515,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise InputError(f"--minutes must be > 0, not {args.minutes}")
         deadline = time.time() + 60.0 * args.minutes if args.minutes is not None else parse_until(args.until).timestamp()
         record = run_stint(args.campaign, deadline=deadline, kernel_cache=args.kernel_cache or default_cache_dir() / "kernels",
-                           threads=args.threads, device=args.device, progress=lambda m: print(m, flush=True))
+                           threads=args.threads, device=args.device, progress=lambda m: print(m, flush=True),
+                           restart_from_best=args.restart_from_best)
         return 0 if record.get("end") in ("done",) or str(record.get("end", "")).startswith("stopped") else 1
     return train_command(
         data=args.data,

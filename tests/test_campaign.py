@@ -138,6 +138,39 @@ def test_stints_resume_with_new_seeds_and_install_only_on_improvement(tmp_path, 
     assert load_ensemble(ensemble).metadata["member_stints"] == ([2, 3] if third["ensemble"]["installed"] else [1, 2])
 
 
+def test_a_stint_restarts_from_the_best_stints_weights_when_asked(tmp_path, val_cache, kernel_cache_dir, monkeypatch):
+    """Issue 17: a campaign whose later stints scored worse than its best goes back to the best
+    weights (a new optimiser, the current learning rate) rather than training on from a degraded
+    state; the ledger says so."""
+    import spectdose.learning.campaign as campaign
+    from spectdose.cnn.inference import load_model
+    from spectdose.errors import InputError
+
+    folder = _campaign(tmp_path, val_cache)
+    with pytest.raises(InputError, match="no stint has been scored"):
+        campaign._best_weights(folder, campaign.CampaignConfig.from_file(folder / "config.json"),
+                               campaign.CampaignConfig.from_file(folder / "config.json").network(),
+                               {"stints": []}, tmp_path / "none.pt")
+    _stint(folder, 4, kernel_cache_dir)
+    best = load_model(folder / "snapshots" / "stint-001.pt").net.state_dict()
+    real = campaign.score_network
+    monkeypatch.setattr(campaign, "score_network",
+                        lambda model, patients: {**real(model, patients), "score": 9.0} if model is not None else real(model, patients))
+    _stint(folder, 4, kernel_cache_dir)  # scored worse than stint 1
+    monkeypatch.setattr(campaign, "score_network", real)
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+    assert any(not torch.equal(state["net"][k], v) for k, v in best.items()), "stint 2 moved away from stint 1"
+
+    third = campaign.run_stint(folder, deadline=time.time() + 3600, kernel_cache=kernel_cache_dir, threads=1,
+                               progress=lambda m: None, max_steps=0, restart_from_best=True)
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+    assert all(torch.equal(state["net"][k], v) for k, v in best.items()), "the stint starts from stint 1's weights"
+    assert not state["opt"]["state"], "with a new optimiser"
+    assert third["restarted_from"]["stint"] == 1 and third["restarted_from"]["file"] == "snapshots/stint-001.pt"
+    ledger = json.loads((folder / "ledger.json").read_text())
+    assert ledger["stints"][-1]["restarted_from"]["score"] == ledger["stints"][0]["val"]["score"]
+
+
 def test_a_stint_trains_on_several_patients_from_its_first_step(tmp_path, val_cache, kernel_cache_dir):
     """The pool does not survive a machine: a stint that began on one patient fitted its anatomy."""
     folder = _campaign(tmp_path, val_cache, start_patients=2)

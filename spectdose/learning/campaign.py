@@ -368,9 +368,15 @@ def run_stint(
     device: str | None = None,
     progress=print,
     max_steps: int | None = None,
+    restart_from_best: bool = False,
 ) -> dict:
     """One stint of the campaign in ``folder`` until ``deadline`` (time.time() seconds) or,
     for tests and smoke runs, ``max_steps`` training steps.
+
+    ``restart_from_best``: the stint starts from the weights of the campaign's best-scored stint
+    (its snapshot, or the installed network when this campaign installed it), with a new optimiser
+    and scheduler at the current learning rate, instead of from state.pt's weights: for a campaign
+    whose later stints scored worse than its best (the ledger records it under ``restarted_from``).
 
     Returns the stint's ledger record.
     """
@@ -413,6 +419,16 @@ def run_stint(
               "pixel_passes": 0, "pixel_passes_total": ledger["pixel_passes"], "host": platform.node(),
               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(dev)}  # fmt: skip
     ledger["stints"].append(record)
+    if restart_from_best:
+        best_stint, source, best = _best_weights(folder, cfg, net_cfg, ledger, (folder / cfg.install).resolve())
+        net.load_state_dict(best.net.state_dict())
+        lr = opt.param_groups[0]["lr"]
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=tcfg.plateau_factor, patience=tcfg.plateau_patience)
+        record["restarted_from"] = {"stint": best_stint, "file": source, "score": ledger.get("best_score"), "lr": lr,
+                                    "what": "the best stint's weights; a new optimiser and scheduler at the current "
+                                            "learning rate"}  # fmt: skip
+        progress(f"restarting from stint {best_stint}'s weights ({source}, score {ledger.get('best_score')}), lr {lr:g}")
     t_wall0, cpu0 = time.time(), time.process_time()
     cpu_gen = cpu_train = 0.0
     passes_per_step = tcfg.batch * tcfg.slab * tcfg.patch * tcfg.patch
@@ -601,6 +617,27 @@ def _seed_snapshots(folder: Path, cfg: CampaignConfig, net_cfg: NetworkConfig, i
         return None
     _save_snapshot(folder, cfg, installed.net, stint, {**installed.metadata, "source": install_path.name})
     return stint
+
+
+def _best_weights(folder: Path, cfg: CampaignConfig, net_cfg: NetworkConfig, ledger: dict,
+                  install_path: Path) -> tuple[int, str, TrainedModel]:
+    """The campaign's best-scored stint, where its weights are kept, and the network: its snapshot,
+    else the installed network when its metadata names this campaign and that stint."""
+    scored = [r for r in ledger["stints"] if (r.get("val") or {}).get("score") is not None]
+    if not scored:
+        raise InputError(f"{folder}: no stint has been scored yet, so there is no best stint to restart from")
+    best = min(scored, key=lambda r: r["val"]["score"])
+    candidates = [p for p in (_snapshots(folder).get(best["stint"]), install_path) if p is not None and p.is_file()]
+    for path in candidates:
+        model = load_model(path, device="cpu")
+        if model.metadata.get("campaign") != cfg.name or model.metadata.get("stint") != best["stint"]:
+            continue
+        if model.config.to_dict() != net_cfg.to_dict():
+            raise InputError(f"{path}: its network differs from config.json's")
+        where = path.relative_to(folder) if path.is_relative_to(folder) else path.name
+        return best["stint"], str(where), model
+    raise InputError(f"{folder}: the weights of its best stint ({best['stint']}, score {best['val']['score']}) are "
+                     f"neither a snapshot nor the installed network; nothing to restart from")
 
 
 def _snapshot_from_state(folder: Path, cfg: CampaignConfig, net_cfg: NetworkConfig, ledger: dict, stint: dict) -> str:
