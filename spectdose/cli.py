@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dataset", help="generate the versioned virtual-patient training/validation/test set")
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--version", default="v1", help="v1 (the shipped model's data), v2 (varied patients: docs/phantom.md) or v2-tiny (a smoke test)")
+    p.add_argument("--version", default="v1", help="v1 (the shipped model's data), v2 (varied patients: docs/phantom.md), v2-test (the campaign's fixed test set: 5 patients x 3 realisations) or v2-tiny (a smoke test)")
     p.add_argument("--workers", type=int, default=1, help="phantoms made at once (one CPU thread each)")
     p.add_argument(
         "--limit",

@@ -244,3 +244,50 @@ def test_cached_attenuation_gives_the_same_osem_image():
     cached = OsemReconstructor(*args, cache_attenuation=True)
     np.testing.assert_array_equal(cached(counts, 2, 4), plain)
     np.testing.assert_array_equal(cached(counts, 2, 4), plain)  # and again, from the cache
+
+
+def test_the_campaign_test_set_is_five_patients_in_three_realisations_never_trained_or_selected_on():
+    """Issue 17's fixed test set: >= 5 patients x 3 noise realisations, none of them a patient of
+    any training or validation split, the first campaign's or this campaign's."""
+    from pathlib import Path
+
+    spec = DATASETS["v2-test"]
+    members = dataset_members("v2-test")
+    assert spec["size"] == DATASETS["v2"]["size"] and not spec["train"] and not spec["val"]
+    per_patient = {seed: [q for _, _, s, q in members if s == seed] for seed in spec["test"]}
+    assert len(per_patient) >= 5 and all(len(set(q)) >= 3 for q in per_patient.values())
+    used = {s for v in ("v1", "v2", "tiny", "v2-tiny") for k in ("train", "val", "test") for s in DATASETS[v][k]}
+    models = Path(__file__).resolve().parents[1] / "models"
+    for campaign in ("campaign", "campaign-bn"):
+        config = json.loads((models / campaign / "config.json").read_text())
+        ledger = json.loads((models / campaign / "ledger.json").read_text())
+        used |= set(config["val_seeds"]) | set(ledger["seeds_used"]) | {s for stint in ledger["stints"] for s in stint["seeds"]}
+        assert min(spec["test"]) < config["first_seed"]  # the campaign draws upwards from first_seed
+    assert not set(spec["test"]) & used
+
+
+def test_a_patients_realisations_share_one_projection_and_equal_their_studies_made_alone(tmp_path, monkeypatch):
+    """Generated together (one projection, one system matrix), each realisation is the same study,
+    bit for bit, as when generated on its own."""
+    from spectdose.phantoms.variation import generate_varied
+
+    monkeypatch.setitem(
+        DATASETS, "tiny-real", {"size": "varied-tiny", "train": [], "val": [], "test": [2001], "test_realisations": {2001: [72001, 82001]}}
+    )
+    messages: list[str] = []
+    generate_dataset(tmp_path / "set", "tiny-real", progress=messages.append)
+    generated = [m for m in messages if m.startswith("generated ")]
+    assert len(generated) == 1 and all(f"test/{n}" in generated[0] for n in ("vp2001,", "vp2001-r72001", "vp2001-r82001"))
+    members = dataset_members("tiny-real")
+    assert all(member_complete(tmp_path / "set" / s / n, p, q) for s, n, p, q in members)
+
+    generate_varied(tmp_path / "alone", 2001, "tiny", noise_seed=82001)
+
+    def image(d):
+        return pydicom.dcmread(d / "dicom" / "NM" / "NM_SPECT.dcm").pixel_array
+
+    together = image(tmp_path / "set" / "test" / "vp2001-r82001")
+    np.testing.assert_array_equal(together, image(tmp_path / "alone"))
+    assert not np.array_equal(together, image(tmp_path / "set" / "test" / "vp2001"))  # another noise draw
+    meta = json.loads((tmp_path / "set" / "test" / "vp2001-r82001" / "truth" / "phantom.json").read_text())
+    assert meta["dataset_member"]["name"] == "vp2001-r82001" and meta["counts"]["noise_seed"] == 82001

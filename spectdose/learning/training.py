@@ -89,6 +89,16 @@ DATASETS: dict[str, dict] = {
         "test": list(range(2201, 2206)),
         "test_realisations": {2201: [72201, 82201], 2202: [72202, 82202]},
     },
+    # The training campaign's fixed test set (issue 17): five varied patients (the profile of
+    # v2 and of the campaign's patients) never used in training or selection, three noise
+    # realisations each (mean error, NRMSE and the noise across realisations).
+    "v2-test": {
+        "size": "varied",
+        "train": [],
+        "val": [],
+        "test": list(range(2301, 2306)),
+        "test_realisations": {s: [70000 + s, 80000 + s] for s in range(2301, 2306)},
+    },
     # The v2 generator on coarse grids (seconds per patient): tests and smoke runs only.
     "v2-tiny": {"size": "varied-tiny", "train": [2001], "val": [2101], "test": [], "test_realisations": {}},
 }
@@ -148,29 +158,46 @@ def member_complete(member_dir: Path, seed: int, noise_seed: int | None = None) 
 
 
 def _generate_member(job: tuple) -> tuple[str, float]:
-    """Make one member in a temporary folder next to it, then move it into place whole."""
+    """Make the missing realisations of one patient, each in a temporary folder next to its
+    member, then move each into place whole. Varied patients share one projection and
+    system matrix across their realisations (:func:`generate_varied_realisations`)."""
     from spectdose.phantoms import generate
-    from spectdose.phantoms.variation import generate_varied
+    from spectdose.phantoms.variation import generate_varied_realisations
 
-    split_dir, split, name, seed, noise, size, version = job
+    split_dir, split, names_noise, seed, size, version = job
     split_dir = Path(split_dir)
-    target = split_dir / name
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(dir=split_dir, prefix=f".{name}.", suffix=".partial"))
+    tmps = {name: Path(tempfile.mkdtemp(dir=split_dir, prefix=f".{name}.", suffix=".partial")) for name, _ in names_noise}
     try:
         if size in _VARIED_PROFILES:
-            member = {"version": version, "split": split, "name": name}
-            generate_varied(tmp, seed, _VARIED_PROFILES[size], noise_seed=noise, extra_truth_info={"dataset_member": member})
+            info = {noise: {"dataset_member": {"version": version, "split": split, "name": name}} for name, noise in names_noise}
+            dirs = {noise: tmps[name] for name, noise in names_noise}
+            generate_varied_realisations(dirs, seed, _VARIED_PROFILES[size], extra_truth_info=info)
         else:
-            generate(tmp, seed, size=size, noise_seed=noise)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the member is as readable as any folder
-        if target.exists():  # an incomplete member left by an older or interrupted run
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+            for name, noise in names_noise:
+                generate(tmps[name], seed, size=size, noise_seed=noise)
+        for name, _ in names_noise:
+            target = split_dir / name
+            tmps[name].chmod(0o755)  # mkdtemp makes it private; the member is as readable as any folder
+            if target.exists():  # an incomplete member left by an older or interrupted run
+                shutil.rmtree(target)
+            os.replace(tmps[name], target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in tmps.values():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return f"{split}/{name}", time.perf_counter() - t0
+    return ", ".join(f"{split}/{name}" for name, _ in names_noise), time.perf_counter() - t0
+
+
+def _patient_jobs(out_dir: Path, members, spec: dict, version: str) -> list[tuple]:
+    """One job per patient with its incomplete members (realisations) in the order listed."""
+    jobs: dict[tuple[str, int], tuple] = {}
+    for split, name, seed, noise in members:
+        if member_complete(out_dir / split / name, seed, noise):
+            continue
+        job = jobs.setdefault((split, seed), (str(out_dir / split), split, [], seed, spec["size"], version))
+        job[2].append((name, noise))
+    return list(jobs.values())
 
 
 @contextlib.contextmanager
@@ -209,13 +236,10 @@ def generate_dataset(
     with _exclusive(out_dir):
         for stale in [*out_dir.glob("*/.*.partial"), *out_dir.glob("*/*.partial")]:  # interrupted runs
             shutil.rmtree(stale, ignore_errors=True)
-        jobs = [
-            (str(out_dir / split), split, name, seed, noise, spec["size"], version)
-            for split, name, seed, noise in members
-            if not member_complete(out_dir / split / name, seed, noise)
-        ]
+        jobs = _patient_jobs(out_dir, members, spec, version)
+        n_todo = sum(len(job[2]) for job in jobs)
         if progress:
-            progress(f"data set {version}: {len(members) - len(jobs)} of {len(members)} members complete, {len(jobs)} to make")
+            progress(f"data set {version}: {len(members) - n_todo} of {len(members)} members complete, {n_todo} to make")
         t0 = time.perf_counter()
 
         def report(done: int, name: str, seconds: float) -> None:

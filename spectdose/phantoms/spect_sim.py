@@ -22,6 +22,7 @@ import io
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -352,20 +353,27 @@ def _orbit_radius_mm(fine_tissue: np.ndarray, grid: Grid) -> float:
 # ---------------------------------------------------------------------------------------
 # The simulation
 # ---------------------------------------------------------------------------------------
-def simulate_spect(
+def simulate_spect(patient: VirtualPatient, *, seed: int | None = None, **kwargs) -> SimulatedSpect:
+    """Project, add Poisson noise at the patient's total counts, reconstruct with OSEM
+    (parameters: :func:`simulate_spect_realisations`, with one noise ``seed``)."""
+    return simulate_spect_realisations(patient, None if seed is None else [seed], **kwargs)[0]
+
+
+def simulate_spect_realisations(
     patient: VirtualPatient,
+    noise_seeds: Sequence[int] | None = None,
     *,
     device: str | None = None,
     n_iters: int | None = None,
     n_subsets: int | None = None,
-    seed: int | None = None,
     n_views: int | None = None,
     num_threads: int | None = None,
     collimator: str = COLLIMATOR,
     intrinsic_fwhm_140kev_cm: float = INTRINSIC_FWHM_140KEV_CM,
     resolution_recovery: bool = True,
-) -> SimulatedSpect:
-    """Project, add Poisson noise at the patient's total counts, reconstruct with OSEM.
+) -> list[SimulatedSpect]:
+    """Noise realisations of one patient's SPECT that share its noise-free projection and
+    OSEM system matrix (computed once: a third of one realisation's cost is the projection).
 
     Parameters
     ----------
@@ -375,9 +383,9 @@ def simulate_spect(
         available, else CPU.
     n_iters, n_subsets : int, optional
         OSEM settings; default from the patient's size (clinical 8 x 8, small 6 x 8).
-    seed : int, optional
-        Seed of the Poisson noise; default the patient's seed (a different seed gives
-        another noise realisation of the same patient).
+    noise_seeds : sequence of int, optional
+        Seeds of the Poisson noise, one image each; default ``[patient.seed]`` (a different
+        seed gives another noise realisation of the same patient).
     n_views : int, optional
         Views over 360 degrees; default from the size (clinical 128).
     num_threads : int, optional
@@ -406,7 +414,9 @@ def simulate_spect(
         raise InputError(f"OSEM needs iterations >= 1, views >= 4 and 1 <= subsets <= views; got {n_iters}, {n_subsets}, {n_views}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    seed = patient.seed if seed is None else int(seed)
+    seeds = [patient.seed] if noise_seeds is None else [int(q) for q in noise_seeds]
+    if not seeds:
+        raise InputError("noise_seeds is empty: give at least one noise realisation")
     if num_threads is None:
         num_threads = 1 if str(device).startswith("cpu") else torch.get_num_threads()
     if num_threads < 1:
@@ -415,7 +425,7 @@ def simulate_spect(
     torch.set_num_threads(int(num_threads))
     try:
         camera = (str(collimator), float(intrinsic_fwhm_140kev_cm), bool(resolution_recovery))
-        return _simulate(patient, device, n_iters, n_subsets, n_views, seed, camera)
+        return _simulate(patient, device, n_iters, n_subsets, n_views, seeds, camera)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -535,49 +545,59 @@ def noisy_counts(rate_views: np.ndarray, total_counts_target: float, seed: int) 
 
 
 def _simulate(
-    patient: VirtualPatient, device: str, n_iters: int, n_subsets: int, n_views: int, seed: int,
+    patient: VirtualPatient, device: str, n_iters: int, n_subsets: int, n_views: int, seeds: Sequence[int],
     camera: tuple[str, float, bool] = (COLLIMATOR, INTRINSIC_FWHM_140KEV_CM, True),
-) -> SimulatedSpect:
+) -> list[SimulatedSpect]:
+    """One noise-free projection and system matrix, then one noisy OSEM image per seed."""
     t0 = time.perf_counter()
     collimator, intrinsic_cm, resolution_recovery = camera
     proj = noise_free_projection(patient, n_views, collimator, intrinsic_cm, device)
-    timings = dict(proj.timings_s)
-    t1 = time.perf_counter()
-    counts, view_s, expected = noisy_counts(proj.rate_views, patient.total_counts_target, seed)
-    timings["projection"] += time.perf_counter() - t1
+    shared = dict(proj.timings_s)
     sg, angles, radius_mm, psf = patient.spect_grid, proj.angles_deg, proj.orbit_radius_mm, proj.psf_sigma_params_cm
     fine_grid, true_bq = proj.fine_grid, proj.true_activity_in_fov_bq
-
-    # -- reconstruction -------------------------------------------------------------------
-    t2 = time.perf_counter()
     mu_recon = mu_map_from_hu(patient.hu, sg)
-    recon_counts = _osem(counts, mu_recon.array, sg, angles, radius_mm, psf if resolution_recovery else None, n_iters, n_subsets, device)
-    timings["reconstruction"] = time.perf_counter() - t2
-    bq_per_count = 1e6 / (SENSITIVITY_CPS_PER_MBQ * view_s) / sg.voxel_volume_ml
-    recon = Volume((recon_counts * bq_per_count).astype(np.float32), sg, "Bq/ml")
-    timings["total"] = time.perf_counter() - t0
-    return SimulatedSpect(
-        recon=recon,
-        recon_counts=Volume(recon_counts.astype(np.float32), sg, "counts"),
-        projections=counts,
-        total_counts=int(counts.sum()),
-        expected_total_counts=float(expected.sum()),
-        view_duration_s=view_s,
-        sensitivity_cps_per_mbq=SENSITIVITY_CPS_PER_MBQ,
-        angles_deg=angles,
-        orbit_radius_mm=radius_mm,
-        n_iters=n_iters,
-        n_subsets=n_subsets,
-        projection_grid=fine_grid,
-        true_activity_in_fov_bq=true_bq,
-        psf_sigma_params_cm=psf,
-        device=str(device),
-        seed=seed,
-        timings_s=timings,
-        collimator=collimator,
-        intrinsic_fwhm_140kev_cm=intrinsic_cm,
-        resolution_recovery=resolution_recovery,
+    # Several realisations: keep each view's attenuation (the same numbers, computed once).
+    osem = OsemReconstructor(
+        mu_recon.array, sg, angles, radius_mm, psf if resolution_recovery else None, device, cache_attenuation=len(seeds) > 1
     )
+    shared_s = time.perf_counter() - t0
+    out = []
+    for k, seed in enumerate(seeds):
+        t1 = time.perf_counter()
+        timings = dict(shared) if k == 0 else {"projection": 0.0, "shared_projection_s": round(shared_s, 3)}
+        counts, view_s, expected = noisy_counts(proj.rate_views, patient.total_counts_target, seed)
+        timings["projection"] += time.perf_counter() - t1
+        t2 = time.perf_counter()
+        recon_counts = osem(counts, n_iters, n_subsets)
+        timings["reconstruction"] = time.perf_counter() - t2
+        bq_per_count = 1e6 / (SENSITIVITY_CPS_PER_MBQ * view_s) / sg.voxel_volume_ml
+        recon = Volume((recon_counts * bq_per_count).astype(np.float32), sg, "Bq/ml")
+        timings["total"] = time.perf_counter() - t1 + (shared_s if k == 0 else 0.0)
+        out.append(
+            SimulatedSpect(
+                recon=recon,
+                recon_counts=Volume(recon_counts.astype(np.float32), sg, "counts"),
+                projections=counts,
+                total_counts=int(counts.sum()),
+                expected_total_counts=float(expected.sum()),
+                view_duration_s=view_s,
+                sensitivity_cps_per_mbq=SENSITIVITY_CPS_PER_MBQ,
+                angles_deg=angles,
+                orbit_radius_mm=radius_mm,
+                n_iters=n_iters,
+                n_subsets=n_subsets,
+                projection_grid=fine_grid,
+                true_activity_in_fov_bq=true_bq,
+                psf_sigma_params_cm=psf,
+                device=str(device),
+                seed=int(seed),
+                timings_s=timings,
+                collimator=collimator,
+                intrinsic_fwhm_140kev_cm=intrinsic_cm,
+                resolution_recovery=resolution_recovery,
+            )
+        )
+    return out
 
 
 def _osem(counts, mu_zyx, grid: Grid, angles, radius_mm, psf, n_iters, n_subsets, device) -> np.ndarray:

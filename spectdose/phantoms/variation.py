@@ -34,7 +34,7 @@ from spectdose.phantoms.anatomy import (
 )
 from spectdose.phantoms.cycle import Kinetics, kinetics_for_lesions
 
-__all__ = ["V2_RANGES", "PROFILES", "VariedSettings", "draw_settings", "make_varied_patient", "generate_varied"]
+__all__ = ["V2_RANGES", "PROFILES", "VariedSettings", "draw_settings", "make_varied_patient", "generate_varied", "generate_varied_realisations"]
 
 # Ranges of the per-patient draw (clinical scale). Uniform unless marked log-uniform.
 # Body: the reference adult's abdomen is 330 x 230 mm (lateral x AP); 0.80-1.25 and
@@ -322,29 +322,54 @@ def generate_varied(
     ``truth/phantom.json`` gains ``"variation"``: every drawn setting, the system FWHM at
     10 cm and the kinetics used for the time point. Returns the written paths.
     """
-    from spectdose.phantoms.spect_sim import simulate_spect
+    return generate_varied_realisations(
+        {noise_seed: out_dir}, seed, profile, device=device, num_threads=num_threads,
+        extra_truth_info={noise_seed: extra_truth_info},
+    )[noise_seed]  # fmt: skip
+
+
+def generate_varied_realisations(
+    out_dirs: dict[int | None, str | Path],
+    seed: int,
+    profile: str = "clinical",
+    *,
+    device: str | None = None,
+    num_threads: int | None = None,
+    extra_truth_info: dict[int | None, dict | None] | None = None,
+) -> dict[int | None, dict]:
+    """Several noise realisations of varied patient ``seed``, one study each: ``out_dirs``
+    maps a noise seed (None: the patient's seed) to its folder. The realisations share the
+    noise-free projection and the OSEM system matrix (:func:`simulate_spect_realisations`),
+    so a test patient's three realisations cost about 1.5 of its single study, not 3.
+    Returns the written paths per noise seed.
+    """
+    from spectdose.phantoms.spect_sim import simulate_spect_realisations
     from spectdose.phantoms.study_io import write_phantom_study
 
     settings = draw_settings(seed, profile)
     patient, tissue_k, lesion_k = make_varied_patient(settings)
-    spect = simulate_spect(
+    noise_seeds = list(out_dirs)
+    spects = simulate_spect_realisations(
         patient,
+        [seed if q is None else q for q in noise_seeds],
         device=device,
         n_iters=settings.n_iters,
         n_subsets=settings.n_subsets,
         n_views=settings.n_views,
-        seed=noise_seed,
         num_threads=num_threads,
         collimator=settings.collimator,
         intrinsic_fwhm_140kev_cm=settings.intrinsic_fwhm_140kev_mm / 10.0,
         resolution_recovery=settings.resolution_recovery,
     )
     variation = settings.to_dict()
-    variation["system_fwhm_at_100mm_mm"] = round(spect.fwhm_mm_at(100.0), 3)
+    variation["system_fwhm_at_100mm_mm"] = round(spects[0].fwhm_mm_at(100.0), 3)
     variation["kinetics"] = {
         "tissues": {name: k.to_dict() for name, k in tissue_k.items()},
         "lesions": {les.name: k.to_dict() for les, k in zip(patient.anatomy.lesions, lesion_k, strict=True)},
         "model": "concentration at 24 h x Kinetics.relative(hours); see spectdose.phantoms.cycle",
     }
-    info = {"variation": variation, **(extra_truth_info or {})}
-    return write_phantom_study(out_dir, patient, spect, extra_truth_info=info)
+    written = {}
+    for q, spect in zip(noise_seeds, spects, strict=True):
+        info = {"variation": variation, **((extra_truth_info or {}).get(q) or {})}
+        written[q] = write_phantom_study(out_dirs[q], patient, spect, extra_truth_info=info)
+    return written
