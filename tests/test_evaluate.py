@@ -221,6 +221,9 @@ def test_noise_in_the_spheres_leaves_out_the_noisy_rim():
     assert sph["spheres"] == 3 and sph["sphere_radius_mm"] == 10.0 and whole["spheres"] is None
     assert sph["ensemble_noise_pct"] == pytest.approx(1.0, rel=0.1)  # the uniform interior's noise
     assert whole["ensemble_noise_pct"] > 5 * sph["ensemble_noise_pct"]
+    # the same rows from the healthy liver's voxels alone (what `evaluate` keeps of each study)
+    within = [{m: v[mask] for m, v in r.items()} for r in _edge_noisy_realisations(mask)]
+    assert noise_rows_for("vp9001", within, {"healthy_liver": mask}, SPACING_MM) == (rows, note)
     metric = {"patient": "vp9001", "voi": "healthy_liver", "method": "dvk", "voi_ml": 100.0, **{k: 1.0 for k in METRIC_COLUMNS[3:9]}}
     md = summary_table([metric], rows)
     assert "| vp9001 | liver_spheres (3 x 10 mm) | dvk | 0.99 | 3 |" in md and "| vp9001 | healthy_liver | dvk |" in md

@@ -216,16 +216,20 @@ def noise_rows_for(
     method's edge blur; the spheres do not.
 
     ``realisations`` holds, per noise realisation, each method's dose rate on the grid of
-    ``labels`` (voxel spacing ``spacing_mm``, mm). Returns the rows and, when fewer spheres
+    ``labels`` (voxel spacing ``spacing_mm``, mm), or only its values in the healthy liver
+    (``rate[labels["healthy_liver"]]``, 1-D). Returns the rows and, when fewer spheres
     than requested fit (or none, then without ``liver_spheres`` rows), a note saying so.
     """
     mask = labels.get("healthy_liver")
     if mask is None or len(realisations) < 2:
         return [], None
     spheres = place_spheres(mask, spacing_mm)
-    vois = [("healthy_liver", mask, None, None)]
+    # Realisations given as vectors over the healthy liver's voxels (what `evaluate` keeps, so
+    # that a test set of many studies need not hold every method's whole volume in memory).
+    within = realisations[0][next(iter(realisations[0]))].ndim == 1
+    vois = [("healthy_liver", np.ones(int(mask.sum()), bool) if within else mask, None, None)]
     if spheres.count:
-        vois.append(("liver_spheres", spheres.union, spheres.count, spheres.radius_mm))
+        vois.append(("liver_spheres", spheres.union[mask] if within else spheres.union, spheres.count, spheres.radius_mm))
     rows = [
         {
             "patient": patient,
@@ -281,7 +285,7 @@ def evaluate(
     unc_rows: list[dict] = []
     voi_cover: list[tuple[float, float, float]] = []  # (|error of the VOI mean|, its sigma, ...)
     rows: list[dict] = []
-    by_patient: dict[str, list[tuple[PhantomCase, dict[str, np.ndarray], np.ndarray]]] = {}
+    by_patient: dict[str, dict] = {}
     plots = []
     for d in phantom_dirs:
         case = load_phantom_case(d)
@@ -308,9 +312,16 @@ def evaluate(
                         "realisation": case.realisation,
                     }
                 )
-        by_patient.setdefault(case.patient, []).append((case, rates, ref.array))
+        # Noise needs a patient's realisations together: keep only the healthy liver's voxels of
+        # each (whole volumes of every method and study exhausted 24 GB on the 15-study test set).
+        liver = case.labels.get("healthy_liver")
+        entry = by_patient.setdefault(case.patient, {"labels": {} if liver is None else {"healthy_liver": liver},
+                                                     "spacing_mm": case.activity_true.grid.spacing_mm, "realisations": []})  # fmt: skip
+        if liver is not None:
+            entry["realisations"].append({m: est[liver] for m, est in rates.items()})
         plots.append((case, rates, ref.array, sigma))
         plots = one_per_patient(plots)
+        del case, rates, ref, sigma
 
     _write_csv(out_dir / "metrics.csv", rows, METRIC_COLUMNS)
     lesion_rows = lesion_volume_table(rows)
@@ -328,11 +339,10 @@ def evaluate(
     if unc_rows:
         _write_csv(out_dir / "uncertainty.csv", unc_rows, ["patient", "realisation", "scope", "n", "within_1sigma_pct", "within_2sigma_pct"])
     noise_rows, noise_notes = [], []
-    for patient, items in by_patient.items():
-        if len(items) < 2:
+    for patient, entry in by_patient.items():
+        if len(entry["realisations"]) < 2:
             continue
-        case = items[0][0]
-        got, note = noise_rows_for(patient, [r for _, r, _ in items], case.labels, case.activity_true.grid.spacing_mm)
+        got, note = noise_rows_for(patient, entry["realisations"], entry["labels"], entry["spacing_mm"])
         noise_rows += got
         if note:
             noise_notes.append(note)
