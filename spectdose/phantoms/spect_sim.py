@@ -600,12 +600,6 @@ def _simulate(
     return out
 
 
-def _osem(counts, mu_zyx, grid: Grid, angles, radius_mm, psf, n_iters, n_subsets, device) -> np.ndarray:
-    """OSEM with attenuation and collimator response modelling (PyTomography); ``psf`` None:
-    attenuation only (no resolution recovery)."""
-    return OsemReconstructor(mu_zyx, grid, angles, radius_mm, psf, device)(counts, n_iters, n_subsets)
-
-
 class OsemReconstructor:
     """PyTomography's OSEM with one system matrix (attenuation, collimator response) that
     several noise realisations of a patient share.
