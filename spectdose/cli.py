@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, help="--campaign: stint length in minutes")
     p.add_argument("--until", metavar="HH:MM", help="--campaign: end the stint at this UTC time")
     p.add_argument("--threads", type=int, help="torch CPU threads (--campaign; 1 on a shared machine)")
+    p.add_argument("--generate-device", help="--campaign: torch device of the patients' projection and OSEM (default cpu; "
+                                              "cuda on a GPU machine, see scripts/device_stint.sh)")
     p.add_argument("--restart-from-best", action="store_true",
                    help="--campaign: start this stint from the weights of the campaign's best-scored stint (new optimiser, "
                         "current learning rate) instead of the last stint's, when the later stints scored worse")
@@ -516,7 +518,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         deadline = time.time() + 60.0 * args.minutes if args.minutes is not None else parse_until(args.until).timestamp()
         record = run_stint(args.campaign, deadline=deadline, kernel_cache=args.kernel_cache or default_cache_dir() / "kernels",
                            threads=args.threads, device=args.device, progress=lambda m: print(m, flush=True),
-                           restart_from_best=args.restart_from_best)
+                           restart_from_best=args.restart_from_best, generate_device=args.generate_device)
         return 0 if record.get("end") in ("done",) or str(record.get("end", "")).startswith("stopped") else 1
     return train_command(
         data=args.data,

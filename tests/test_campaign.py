@@ -508,3 +508,66 @@ def test_a_network_without_normalisation_starts_at_the_dvk_and_does_not_depend_o
         net.eval()
         alone = torch.cat([net.forward_slab(slab[:, :, z : z + 11], dvk[z : z + 1]) for z in range(4)])
     assert torch.allclose(alone, trained, atol=1e-5), "the same output in eval and train mode, pack by pack or as a slab"
+
+
+# The Python packages of the lent GPU machine's image ('cuda'), as read there on 2026-11-17
+# (.library/device/KINDS.md, "Python packages already there"): the CUDA, JAX and ML-stack
+# packages are left out, since the campaign does not import them.
+DEVICE_IMAGE = {
+    "certifi", "charset-normalizer", "contourpy", "cycler", "filelock", "fonttools", "fsspec", "idna", "jinja2", "joblib",
+    "kiwisolver", "markupsafe", "matplotlib", "mpmath", "networkx", "numpy", "opencv-python-headless", "packaging", "pandas",
+    "pillow", "psutil", "pyparsing", "python-dateutil", "pyyaml", "requests", "scikit-image", "scikit-learn", "scipy", "six",
+    "sympy", "threadpoolctl", "tifffile", "torch", "tqdm", "typing-extensions", "urllib3", "setuptools", "imageio",
+    "lazy-loader", "triton",
+    "opencv-python",  # module cv2: the image's opencv-python-headless provides it
+}  # fmt: skip
+
+_IMPORT_GUARD = '''
+import importlib.abc, importlib.machinery, importlib.metadata, os, sys, sysconfig
+ALLOWED = set(os.environ["DEVICE_ALLOWED"].split(","))
+SITE = tuple({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+DISTS = importlib.metadata.packages_distributions()
+
+class DeviceImage(importlib.abc.MetaPathFinder):
+    """Refuse a top-level package from this venv that the GPU machine would not have."""
+    def find_spec(self, name, path, target=None):
+        if path is not None or name in sys.builtin_module_names:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name)
+        origin = (spec.origin or "") if spec else ""
+        if origin.startswith(SITE) and not {d.lower().replace("_", "-") for d in DISTS.get(name, [name])} & ALLOWED:
+            raise ModuleNotFoundError(f"not on the GPU machine: {name}", name=name)
+        return None
+
+sys.meta_path.insert(0, DeviceImage())
+'''
+
+
+def test_the_gpu_stint_runs_with_only_the_gpu_images_packages_and_the_carried_ones(tmp_path, val_cache, kernel_cache_dir):
+    """scripts/device_stint.py, as scripts/device_stint.sh runs it on a lent GPU machine: every
+    package it imports is on that machine's image or carried by scripts/device_wheels.sh (here
+    on the CPU, with every other package of this venv refused)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    wheels = (root / "scripts" / "device_wheels.sh").read_text()
+    carried = set(re.search(r"^for pkg in (.+); do$", wheels, re.M).group(1).split()) | {"simpleitk", "icrp107-database"}
+    stint_sh = (root / "scripts" / "device_stint.sh").read_text()
+    assert all(f".whl/{a}.tar.xz" in wheels and f".whl/{a}.tar.xz" in stint_sh for a in ("simpleitk", "icrp107", "kernels"))
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(_IMPORT_GUARD)
+    folder = _campaign(tmp_path, val_cache)
+    env = {**os.environ, "PYTHONPATH": str(guard), "OMP_NUM_THREADS": "1",
+           "DEVICE_ALLOWED": ",".join(sorted({d.replace("_", "-") for d in DEVICE_IMAGE | carried}))}  # fmt: skip
+    # the guard works: a package of this venv that the GPU machine lacks is refused
+    refused = subprocess.run([sys.executable, "-c", "import highdicom"], env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and "not on the GPU machine: highdicom" in refused.stderr
+    run = subprocess.run([sys.executable, str(root / "scripts" / "device_stint.py"), "--campaign", str(folder), "--device", "cpu",
+                          "--threads", "1", "--kernel-cache", str(kernel_cache_dir), "--max-steps", "2", "--minutes", "60"],
+                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    ledger = json.loads((folder / "ledger.json").read_text())
+    (stint,) = ledger["stints"]
+    assert stint["end"] == "done" and stint["seeds"] == [5000] and stint["generate_device"] == "cpu"
+    assert stint["val"]["score"] is not None and (folder / "snapshots" / "stint-001.pt").is_file()

