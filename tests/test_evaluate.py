@@ -313,3 +313,34 @@ def test_acceptance_of_an_ensemble_needs_its_2_sigma_coverage_between_90_and_98_
     assert coverage((1000, 85.0))["passed"] is False and coverage((1000, 99.5))["passed"] is False
     (none,) = [c for c in acceptance(rows, (), (), method="cnn_ensemble") if "coverage" in c["criterion"]]
     assert none["passed"] is None
+
+
+def test_small_region_bias_rows_tie_a_learned_methods_figure_to_its_weights(tmp_path):
+    """bench/small_region_bias.py: DVK pools every evaluation; a network's figure only its own weights'."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("small_region_bias", Path(__file__).parents[1] / "bench" / "small_region_bias.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def write(folder, rows, weights=None):
+        folder.mkdir()
+        with (folder / "metrics.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, restval="")
+            w.writeheader()
+            w.writerows({"patient": "vp1", "voi": voi, "method": m, "voi_ml": ml, "signed_mean_error_pct": e} for voi, m, ml, e in rows)
+        if weights:
+            (folder / "acceptance.json").write_text(json.dumps({"weights": {k: {"sha256": v} for k, v in weights.items()}}))
+
+    write(tmp_path / "a", [("lesion_1", "dvk", 1.0, -80), ("lesion_1", "cnn", 1.0, -70), ("lesion_2", "dvk", 3.0, -40),
+                           ("lesion_3", "dvk", 9.0, -10), ("spleen", "dvk", 1.5, 5), ("lesion_1", "cnn_ensemble", 1.0, -60)],
+          {"cnn": "a" * 64, "cnn_ensemble": "e" * 64})  # fmt: skip
+    write(tmp_path / "b", [("lesion_1", "dvk", 1.2, -60), ("lesion_1", "cnn", 1.2, -10)])  # no weights named: its cnn is not used
+    rows = {(r["lo_ml"], r["method"], r["network"]): r for r in mod.bias_rows([(tmp_path / "a", "A"), (tmp_path / "b", "B")])}
+    assert set(rows) == {(0.0, "dvk", None), (2.0, "dvk", None), (0.0, "cnn", "a" * 12), (0.0, "cnn", "e" * 12)}
+    dvk = rows[(0.0, "dvk", None)]
+    assert dvk["n"] == 2 and dvk["mean_pct"] == -70 and (dvk["low_pct"], dvk["high_pct"]) == (-78, -62) and dvk["sources"] == {"A": 1, "B": 1}
+    assert rows[(0.0, "cnn", "a" * 12)]["mean_pct"] == -70  # B's cnn (-10 %) has no weights to tie it to
+    assert rows[(0.0, "cnn", "e" * 12)]["measured_as"] == "cnn_ensemble"
