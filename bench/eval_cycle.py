@@ -52,7 +52,8 @@ def _stp_label(hours: float) -> str:
     return time_point_label(hours)
 
 
-def evaluate_patient(seed: int, work: Path, methods: list[str], stp_hours: float, kernel_cache: Path) -> list[dict]:
+def evaluate_patient(seed: int, work: Path, methods: list[str], stp_hours: float, kernel_cache: Path,
+                     model: Path | None = None) -> list[dict]:
     from spectdose.cycle import cycle_study_paths, run_cycle
     from spectdose.phantoms.cycle import generate_cycle
     from spectdose.pipeline import DoseOptions, run
@@ -74,11 +75,11 @@ def evaluate_patient(seed: int, work: Path, methods: list[str], stp_hours: float
     for method in methods:
         out = work / f"out-{seed}-{method}"
         t0 = time.perf_counter()
-        cyc = run_cycle(paths, out / "cycle", DoseOptions(method=method, kernel_cache_dir=kernel_cache,
+        cyc = run_cycle(paths, out / "cycle", DoseOptions(method=method, kernel_cache_dir=kernel_cache, model_path=model,
                                                             regions_path=paths[0].parent / "truth" / "seg.dcm"))
         t_cycle = time.perf_counter() - t0
         stp = run(stp_dir / "dicom", out / "stp", DoseOptions(method=method, time_model="hanscheid",
-                                                              kernel_cache_dir=kernel_cache,
+                                                              kernel_cache_dir=kernel_cache, model_path=model,
                                                               regions_path=stp_dir / "truth" / "seg.dcm"))
         multi = {r["region"]: r for r in cyc.summary["regions"]}
         single = {r["region"]: r for r in stp.summary["regions"] if "mean_gy" in r}
@@ -145,13 +146,15 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="keep the generated cycles here (default: a temporary folder)")
     parser.add_argument("--kernel-cache", type=Path, default=Path(__file__).parent / ".data" / "kernels")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--model", type=Path, help="DblurDoseNet weights for cnn (default: the installed models/dblurdosenet.pt; "
+                                                   "name a copy while a campaign stint may replace it)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         rows = [r for seed in args.seeds for r in evaluate_patient(seed, work, args.methods, args.stp_hours,
-                                                                     args.kernel_cache)]
+                                                                     args.kernel_cache, args.model)]
     print()
     print("Errors against the true cycle dose, %. 'total': the dose as reported; 'integration': the same with the"
           " dose-rate bias both share divided out ('rate bias': measured / true mean dose rate at the STP time point).")
