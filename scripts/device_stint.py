@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="torch device of training and generation")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
     parser.add_argument("--kernel-cache", type=Path, default=Path("/tmp/spectdose-kernels"))
+    parser.add_argument("--end-reserve-minutes", type=float, default=1.5,
+                        help="training stops this long before the end, for scoring, snapshots and the ensemble "
+                             "(config.json's is sized for a CPU)")
     parser.add_argument("--max-steps", type=int, help="stop after this many training steps (a smoke run)")
     args = parser.parse_args(argv)
 
@@ -40,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     record = run_stint(args.campaign, deadline=t0 + 60.0 * args.minutes, kernel_cache=args.kernel_cache, threads=args.threads,
                        device=args.device, generate_device=args.device, max_steps=args.max_steps,
+                       end_reserve_minutes=args.end_reserve_minutes,
                        progress=lambda m: print(f"[{time.time() - t0:6.0f} s] {m}", flush=True))  # fmt: skip
     print(f"stint {record['stint']}: {record.get('end')}; {record.get('pixel_passes', 0):.3g} pixel passes, "
           f"{len(record.get('seeds', []))} patients, score {(record.get('val') or {}).get('score')}")  # fmt: skip

@@ -371,6 +371,7 @@ def run_stint(
     max_steps: int | None = None,
     restart_from_best: bool = False,
     generate_device: str | None = None,
+    end_reserve_minutes: float | None = None,
 ) -> dict:
     """One stint of the campaign in ``folder`` until ``deadline`` (time.time() seconds) or,
     for tests and smoke runs, ``max_steps`` training steps.
@@ -382,7 +383,8 @@ def run_stint(
 
     ``generate_device``: torch device of the patients' projection and OSEM (default CPU); on a
     lent GPU machine (``scripts/device_stint.sh``) the GPU, so that generation does not starve
-    the GPU's training of data.
+    the GPU's training of data. ``end_reserve_minutes`` replaces config.json's time kept for
+    scoring (a GPU scores in seconds what takes the CPU minutes).
 
     Returns the stint's ledger record.
     """
@@ -463,7 +465,7 @@ def run_stint(
             val_sampler = _PatchSampler([], tcfg, np.random.default_rng(12345), net_cfg.pack, channels=net_cfg.inputs,
                                         cases=[c for p in val for c in p.cases])  # fmt: skip
             val_batch = [val_sampler.sample(augment=False) for _ in range(tcfg.val_patches)]
-            end_by = deadline - 60.0 * cfg.end_reserve_minutes
+            end_by = deadline - 60.0 * (cfg.end_reserve_minutes if end_reserve_minutes is None else end_reserve_minutes)
             last_ckpt = time.time()
             save("")
             steps = 0
