@@ -571,3 +571,21 @@ def test_the_gpu_stint_runs_with_only_the_gpu_images_packages_and_the_carried_on
     (stint,) = ledger["stints"]
     assert stint["end"] == "done" and stint["seeds"] == [5000] and stint["generate_device"] == "cpu"
     assert stint["val"]["score"] is not None and (folder / "snapshots" / "stint-001.pt").is_file()
+
+
+def test_a_stint_can_start_a_new_optimiser_on_the_carried_weights(tmp_path, val_cache, kernel_cache_dir):
+    """fresh_optimizer_each_stint: the weights carry over, Adam's moments and step count do not."""
+    folder = _campaign(tmp_path, val_cache, fresh_optimizer_each_stint=True)
+    _stint(folder, 3, kernel_cache_dir)
+    weights = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)["net"]
+    second = _stint(folder, 2, kernel_cache_dir)
+    assert _opt_steps(folder) == 2 and second["fresh_optimizer"]["lr"] > 0  # not 3 + 2
+    # the second stint trained the first stint's weights, not new ones
+    from spectdose.cnn.model import DblurDoseNet
+    from spectdose.learning.campaign import CampaignConfig
+
+    untrained = DblurDoseNet(CampaignConfig.from_file(folder / "config.json").network()).state_dict()
+    assert any(not torch.equal(weights[k], untrained[k]) for k in weights)
+    snap = torch.load(folder / "snapshots" / "stint-002.pt", map_location="cpu", weights_only=True)["state_dict"]
+    params = [k for k in weights if "running_" not in k and "num_batches" not in k]  # BatchNorm statistics are recomputed
+    assert max(float((snap[k] - weights[k]).abs().max()) for k in params) < 0.1
