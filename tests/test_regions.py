@@ -280,16 +280,22 @@ def test_a_seg_reaching_beyond_the_ct_reports_the_fraction_inside(tmp_path):
 
 
 def test_small_regions_carry_the_measured_bias_for_their_size_and_method():
-    from spectdose.regions import size_bias, size_note
+    from spectdose.regions import SMALL_REGION_BIAS, size_bias, size_note
 
+    def measured(lo_ml, method):
+        return next((r[4], r[5]) for r in SMALL_REGION_BIAS if r[0] == lo_ml and r[2] == method)
+
+    (low, high), (low_2_5, high_2_5) = measured(0.0, "dvk"), measured(2.0, "dvk")
+    assert low < high < 0 and low_2_5 < high_2_5 < 0  # resolution loss lowers small regions' doses
     note = size_note(1.9, "dvk")
-    assert note.startswith("1.9 ml is near the SPECT resolution") and "-68 to -51 %" in note and "DVK" in note
-    assert "v2 test" in note and "issue 17" in note
-    assert "-18 %" in size_note(3.0, "dvk")
+    assert note.startswith("1.9 ml is near the SPECT resolution") and f"{low:+.0f} to {high:+.0f} %" in note and "DVK" in note
+    assert "v2-test" in note and "issue 17" in note  # where the figure comes from
+    assert f"{low_2_5:+.0f} to {high_2_5:+.0f} %" in size_note(3.0, "dvk")
+    assert "with DVK-RR" in size_note(1.5, "dvk-rr") and size_bias(1.5, "dvk-rr")["low_pct"] == measured(0.0, "dvk-rr")[0]
     assert size_note(10.7, "dvk") == "" and size_bias(10.7, "dvk") is None
     dose = np.full((1, 10, 10), 2.0)
     (row,) = region_statistics(dose, dose / 3.6e6, {"node": np.ones_like(dose, bool)}, 0.019)
-    assert row["size_note"].startswith("1.9 ml") and row["size_bias_pct"] == [-68.0, -51.0]
+    assert row["size_note"].startswith("1.9 ml") and row["size_bias_pct"] == [low, high]
     assert row["coverage"] == "covered" and row["automatic"] is False and row["location"] == ""
 
 
