@@ -115,8 +115,8 @@ class CampaignConfig:
     # Adam's second moments, left small by the end of the last stint, then make steps far larger
     # than the learning rate: every stint that continued the saved optimiser (ledger 2, 3 and the
     # first hour of 5, 2026-12-07) saw its validation-patch loss double within its first 5
-    # minutes (0.12 -> 0.24 -> 0.34 in stint 5's first try, at lr 3e-5), each that started one
-    # afresh (1, 4) held it (0.10-0.12).
+    # minutes (0.12 -> 0.24 -> 0.34 in ledger 5, at lr 3e-5); of those that started one afresh,
+    # ledger 4 held it (0.10-0.12) and ledger 6 rose to 0.15.
     fresh_optimizer_each_stint: bool = False
 
     @classmethod
