@@ -70,7 +70,8 @@ _NOT_COVERED_FRACTION = 0.01
 #   v2-test = models/dblurdosenet-eval-campaign/v2test/metrics.csv: issue 17's fixed test set,
 #             patients vp2301-vp2305 x 3 noise realisations (`bench/eval_testset.py`, 2026-12-07);
 #             cnn = dblurdosenet.pt of campaign stint 8 (sha256 67725fa0...), its ensemble mean =
-#             dblurdosenet_ensemble.pt of stints 5-7 (c1e6f638...)
+#             dblurdosenet_ensemble.pt of stints 5-7 (c1e6f638..., replaced at 18:01 that day by
+#             the ensemble of stints 7, 8, 10, bd1a5f8c..., which has no rows until measured)
 #   v2      = models/dblurdosenet-eval-v2/metrics.csv: v2 test patients vp2201-vp2203 (DVK only)
 # and, for DVK below 2 ml, issue 17's cycle run (spectdose phantom cyc --seed 8, 4 time points):
 # lesions of 1.0 / 1.9 ml at -51 / -59 %, inside the range.
