@@ -6,7 +6,8 @@ network (docs/regions.md). This turns the lesion rows of one or more ``spectdose
 instead of its predecessor's: per volume bin (< 2 ml, 2-5 ml) and method, the number of
 lesion measurements (lesions x noise realisations), their mean signed error of the mean dose
 rate, and the 10th-90th percentile range that becomes the expected bias. Methods that learn
-nothing (dvk, dvk-rr) pool every evaluation given; a learned method is reported per weights
+nothing (dvk, dvk-rr) pool every evaluation given (a study's lesion measured in two of them
+counts once); a learned method is reported per weights
 file, whose SHA-256 an evaluation names in ``acceptance.json`` (its ``weights``); a learned
 method of an evaluation without one is skipped, since its figure could not be tied to weights.
 
@@ -43,12 +44,17 @@ def _weights(eval_dir: Path) -> dict[str, str]:
 def bias_rows(evaluations: list[tuple[Path, str]]) -> list[dict]:
     """One row per (bin, method, network): n, mean and 10th/90th percentile signed error (%)."""
     groups: dict[tuple, dict] = {}
+    seen: set[tuple] = set()  # the same study's lesion in two evaluations counts once
     for eval_dir, label in evaluations:
         shas = _weights(eval_dir)
         for r in _lesion_rows(eval_dir):
             method, ml = r["method"], float(r["voi_ml"])
             if method not in UNLEARNED and method not in shas:
                 continue
+            key = (r["patient"], r.get("realisation", ""), r["voi"], method, None if method in UNLEARNED else shas[method])
+            if key in seen:
+                continue
+            seen.add(key)
             network = None if method in UNLEARNED else shas[method][:12]
             # The service names the ensemble's mean "cnn" (a CNN job with --uncertainty).
             service_method = "cnn" if method == "cnn_ensemble" else method

@@ -330,7 +330,8 @@ def test_small_region_bias_rows_tie_a_learned_methods_figure_to_its_weights(tmp_
         with (folder / "metrics.csv").open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, restval="")
             w.writeheader()
-            w.writerows({"patient": "vp1", "voi": voi, "method": m, "voi_ml": ml, "signed_mean_error_pct": e} for voi, m, ml, e in rows)
+            w.writerows({"patient": f"vp-{folder.name}", "voi": voi, "method": m, "voi_ml": ml, "signed_mean_error_pct": e}
+                        for voi, m, ml, e in rows)  # fmt: skip
         if weights:
             (folder / "acceptance.json").write_text(json.dumps({"weights": {k: {"sha256": v} for k, v in weights.items()}}))
 
@@ -338,7 +339,8 @@ def test_small_region_bias_rows_tie_a_learned_methods_figure_to_its_weights(tmp_
                            ("lesion_3", "dvk", 9.0, -10), ("spleen", "dvk", 1.5, 5), ("lesion_1", "cnn_ensemble", 1.0, -60)],
           {"cnn": "a" * 64, "cnn_ensemble": "e" * 64})  # fmt: skip
     write(tmp_path / "b", [("lesion_1", "dvk", 1.2, -60), ("lesion_1", "cnn", 1.2, -10)])  # no weights named: its cnn is not used
-    rows = {(r["lo_ml"], r["method"], r["network"]): r for r in mod.bias_rows([(tmp_path / "a", "A"), (tmp_path / "b", "B")])}
+    rows = {(r["lo_ml"], r["method"], r["network"]): r
+            for r in mod.bias_rows([(tmp_path / "a", "A"), (tmp_path / "b", "B"), (tmp_path / "a", "A again")])}  # fmt: skip
     assert set(rows) == {(0.0, "dvk", None), (2.0, "dvk", None), (0.0, "cnn", "a" * 12), (0.0, "cnn", "e" * 12)}
     dvk = rows[(0.0, "dvk", None)]
     assert dvk["n"] == 2 and dvk["mean_pct"] == -70 and (dvk["low_pct"], dvk["high_pct"]) == (-78, -62) and dvk["sources"] == {"A": 1, "B": 1}
