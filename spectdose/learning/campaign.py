@@ -368,6 +368,12 @@ def _write_ledger(folder: Path, ledger: dict) -> None:
     atomic_write(folder / "ledger.csv", write_csv)
 
 
+def _new_optimiser(net: DblurDoseNet, tcfg, lr: float):
+    """Adam and its plateau scheduler, with no moments, at ``lr``."""
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    return opt, torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=tcfg.plateau_factor, patience=tcfg.plateau_patience)
+
+
 def run_stint(
     folder: Path,
     *,
@@ -408,8 +414,7 @@ def run_stint(
         torch.set_num_threads(int(threads))
     dev = torch.device(device or "cpu")
     net = DblurDoseNet(net_cfg).to(dev)
-    opt = torch.optim.Adam(net.parameters(), lr=tcfg.lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=tcfg.plateau_factor, patience=tcfg.plateau_patience)
+    opt, sched = _new_optimiser(net, tcfg, tcfg.lr)
     rng = np.random.default_rng([tcfg.seed, 17])
     state_path = folder / "state.pt"
     next_seed, best_score = cfg.first_seed, None
@@ -433,8 +438,7 @@ def run_stint(
     fresh_optimizer = cfg.fresh_optimizer_each_stint and state_path.is_file() and not restart_from_best
     if fresh_optimizer:
         lr = opt.param_groups[0]["lr"]
-        opt = torch.optim.Adam(net.parameters(), lr=lr)
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=tcfg.plateau_factor, patience=tcfg.plateau_patience)
+        opt, sched = _new_optimiser(net, tcfg, lr)
     close_lost_stints(ledger)
     record = {"stint": len(ledger["stints"]) + 1, "started_utc": _now(), "end": "running", "seeds": [], "realisations": 0,
               "pixel_passes": 0, "pixel_passes_total": ledger["pixel_passes"], "host": platform.node(),
@@ -447,8 +451,7 @@ def run_stint(
         best_stint, source, best = _best_weights(folder, cfg, net_cfg, ledger, (folder / cfg.install).resolve())
         net.load_state_dict(best.net.state_dict())
         lr = opt.param_groups[0]["lr"]
-        opt = torch.optim.Adam(net.parameters(), lr=lr)
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=tcfg.plateau_factor, patience=tcfg.plateau_patience)
+        opt, sched = _new_optimiser(net, tcfg, lr)
         record["restarted_from"] = {"stint": best_stint, "file": source, "score": ledger.get("best_score"), "lr": lr,
                                     "what": "the best stint's weights; a new optimiser and scheduler at the current "
                                             "learning rate"}  # fmt: skip
