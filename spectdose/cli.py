@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble-only", action="store_true",
                    help="--campaign: no training; (re)build the uncertainty ensemble from the campaign's snapshots "
                         "(adding the last scored stint's weights from state.pt when it has none) and install it if better")
+    p.add_argument("--recalibrate-ensemble", action="store_true",
+                   help="--campaign: no training; refit the installed ensemble's sigma on the validation patients when it "
+                        "was fitted by an older rule (same members and dose rate, a new file)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="make a small virtual patient and compute its dose")
@@ -498,6 +501,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.restart_from_best and args.campaign is None:
         raise InputError("--restart-from-best goes with --campaign DIR")
+    if args.recalibrate_ensemble:
+        if args.campaign is None or args.minutes is not None or args.until is not None or args.restart_from_best or args.ensemble_only:
+            raise InputError("--recalibrate-ensemble goes with --campaign DIR alone (it trains nothing)")
+        from spectdose.learning.campaign import recalibrate_installed_ensemble
+
+        recalibrate_installed_ensemble(args.campaign, kernel_cache=args.kernel_cache or default_cache_dir() / "kernels",
+                                       threads=args.threads, device=args.device, progress=lambda m: print(m, flush=True))  # fmt: skip
+        return 0
     if args.ensemble_only:
         if args.campaign is None or args.minutes is not None or args.until is not None or args.restart_from_best:
             raise InputError("--ensemble-only goes with --campaign DIR and without a time budget (it trains nothing)")

@@ -4,6 +4,7 @@ input channel at inference; Richardson-Lucy recovery."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -263,6 +264,54 @@ def test_ensemble_only_adds_the_installed_network_and_the_state_as_snapshots_and
     (folder / "ledger.json").write_text(json.dumps(ledger))
     assert main(cmd) == 2, "refused while a stint runs"
     assert main(["train", "--ensemble-only", "--threads", "1"]) == 2, "needs --campaign"
+
+
+def test_recalibrate_ensemble_refits_only_sigma_of_an_ensemble_fitted_by_the_old_rule(tmp_path, val_cache, kernel_cache_dir):
+    """An ensemble installed before sigma became the error's standard deviation gets the new sigma:
+    the same members (so the same dose rate), a new file that keeps the old calibration in its
+    metadata, a card line and a ledger record; run again, nothing changes."""
+    from spectdose.cli import main
+    from spectdose.cnn.inference import (
+        SIGMA_CALIBRATION_RULE,
+        Normalisation,
+        SigmaCalibration,
+        TrainedModel,
+        load_ensemble,
+        save_ensemble,
+    )
+
+    folder, label_max = _hand_campaign(tmp_path, val_cache, kernel_cache_dir, stints=2)
+    members = [TrainedModel(_shifted_net(f * label_max), _shifted_net(0).cfg, Normalisation(), tuple(TINY_CAMPAIGN["spacing_mm"]), f"m{i}", {})
+               for i, f in enumerate((0.01, 0.03))]  # fmt: skip
+    path = tmp_path / "models" / "tiny_campaign_ensemble.pt"
+    old = SigmaCalibration(scale=1.5, rel_floor=0.02, fitted_on=("4901",), coverage_1sigma_pct=68.0, coverage_2sigma_pct=88.0, n_voxels=9)
+    save_ensemble(path, members, old, name="tiny_campaign_ensemble", metadata={"campaign": "tiny_campaign", "member_stints": [1, 2]})
+    before = path.read_bytes()
+    cmd = ["train", "--campaign", str(folder), "--recalibrate-ensemble", "--threads", "1", "--kernel-cache", str(kernel_cache_dir)]
+    assert main(cmd) == 0
+
+    ens = load_ensemble(path)
+    assert path.read_bytes() != before
+    assert ens.calibration.rule == SIGMA_CALIBRATION_RULE and ens.calibration.fitted_on == ("4901",)
+    assert (ens.calibration.scale, ens.calibration.rel_floor) != (1.5, 0.02) and ens.calibration.n_voxels > 9
+    for new_m, old_m in zip(ens.members, members, strict=True):
+        for a, b in zip(new_m.net.state_dict().values(), old_m.net.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+    prior = ens.metadata["recalibrated"][0]
+    assert prior["before"]["scale"] == 1.5 and prior["sha256_before"] == hashlib.sha256(before).hexdigest()
+    assert ens.metadata["member_stints"] == [1, 2]
+    ledger = json.loads((folder / "ledger.json").read_text())
+    assert ledger["recalibrations"][0]["sha256_after"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert "recalibrated" in (tmp_path / "models" / "tiny_campaign.md").read_text()
+
+    files = _files(tmp_path)
+    assert main(cmd) == 0
+    assert _files(tmp_path) == files, "a second run rewrites nothing"
+    ledger["stints"].append({"stint": 3, "started_utc": "2026-12-07T02:00:00Z", "end": "running"})
+    (folder / "ledger.json").write_text(json.dumps(ledger))
+    save_ensemble(path, members, old, name="tiny_campaign_ensemble", metadata={})
+    assert main(cmd) == 2, "refused while a stint runs"
+    assert main(["train", "--recalibrate-ensemble", "--until", "23:00"]) == 2, "needs --campaign and no time budget"
 
 
 @pytest.mark.parametrize(

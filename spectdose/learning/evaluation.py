@@ -388,7 +388,8 @@ def _uncertainty_md(unc_rows: list[dict], ens) -> str:
         return ""
     c = ens.calibration
     lines = ["", f"Uncertainty of `{ens.name}` ({len(ens.members)} members; sigma = sqrt(({c.scale:.3g} sd)^2 + ({c.rel_floor:.3g} mean)^2),"
-             " fitted on validation patients): share of true errors within +-1 / +-2 sigma (targets 68.3 / 95.4 %;"
+             " fitted on validation patients as the error's standard deviation): share of true errors within +-1 / +-2 sigma"
+             " (Gaussian errors 68.3 / 95.4 %, heavy-tailed ones more at +-1 sigma; the issue's +-2 sigma target 90-98 %;"
              " VOI means with fully correlated voxel errors):", "",
              "| patient | scope | n | within 1 sigma % | within 2 sigma % |", "|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['patient']} | {r['scope']} | {r['n']} | {r['within_1sigma_pct']:.1f} | {r['within_2sigma_pct']:.1f} |" for r in unc_rows]

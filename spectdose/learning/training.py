@@ -920,7 +920,8 @@ def ensemble_card(ensemble) -> str:
             f"- deep ensemble of {len(ensemble.members)} members: {', '.join(ensemble.metadata.get('members', []))}",
             f"- 1-sigma = sqrt(({c.scale:.4g} x members' sd)^2 + ({c.rel_floor:.4g} x mean)^2), fitted on validation "
             f"cases {', '.join(c.fitted_on)} ({c.n_voxels} voxels above 10 % of each case's maximum)",
-            f"- coverage on those voxels: +-1 sigma {c.coverage_1sigma_pct} %, +-2 sigma {c.coverage_2sigma_pct} % (targets 68.3 / 95.4 %)",
+            f"- fitted as the error's standard deviation; coverage on those voxels: +-1 sigma {c.coverage_1sigma_pct} %, "
+            f"+-2 sigma {c.coverage_2sigma_pct} % (about 75 / 95 % for heavy-tailed errors, 68.3 / 95.4 % for Gaussian ones)",
             "",
         ]
     )
