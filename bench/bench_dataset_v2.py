@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         split, name, seed, noise = members[i]
         split_dir = args.out_dir / split
         split_dir.mkdir(parents=True, exist_ok=True)
-        job = (str(split_dir), split, name, seed, noise, spec["size"], args.version)
+        job = (str(split_dir), split, [(name, noise)], seed, spec["size"], args.version)  # as generate_dataset queues one
         # a fresh process per member, as a pool worker is: its peak RSS is the member's
         with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
             label, seconds, cpu_s, rss_mb = pool.apply(_child, (job,))

@@ -225,10 +225,18 @@ def test_fast_path_cases_share_one_projection_and_truth_and_match_the_reference(
     assert float(a["label"].sum(dtype=np.float64)) * float(a["total_mbq"]) / 1e8 == pytest.approx(float(ref.array.sum(dtype=np.float64)), rel=0.01)
 
 
-def test_cached_attenuation_gives_the_same_osem_image():
-    """Attenuation computed once per view is the same computation: the image does not change."""
+@pytest.mark.parametrize("resolution_recovery", [False, True])
+def test_the_fast_system_matrix_is_pytomographys_operator(resolution_recovery):
+    """The realisations of a patient share a faster system matrix (attenuation computed once per
+    view, the rotation's own layout, the blur summed in Fourier space): forward and back
+    projections, over all views and over a subset, and the OSEM image equal PyTomography's to
+    float32 round-off; a second realisation (caches filled) equals one reconstructed alone."""
+    import torch
+
     from spectdose.phantoms.spect_sim import (
         OsemReconstructor,
+        _fft_psf_transform,
+        _import_pytomography,
         mu_map_from_hu,
         noise_free_projection,
         noisy_counts,
@@ -239,11 +247,32 @@ def test_cached_attenuation_gives_the_same_osem_image():
     proj = noise_free_projection(patient, s.n_views, s.collimator, s.intrinsic_fwhm_140kev_mm / 10.0, "cpu")
     counts, _, _ = noisy_counts(proj.rate_views, patient.total_counts_target, 1)
     mu = mu_map_from_hu(patient.hu, patient.spect_grid).array
-    args = (mu, patient.spect_grid, proj.angles_deg, proj.orbit_radius_mm, proj.psf_sigma_params_cm, "cpu")
-    plain = OsemReconstructor(*args)(counts, 2, 4)
-    cached = OsemReconstructor(*args, cache_attenuation=True)
-    np.testing.assert_array_equal(cached(counts, 2, 4), plain)
-    np.testing.assert_array_equal(cached(counts, 2, 4), plain)  # and again, from the cache
+    psf = proj.psf_sigma_params_cm if resolution_recovery else None
+    args = (mu, patient.spect_grid, proj.angles_deg, proj.orbit_radius_mm, psf, "cpu")
+    pt = _import_pytomography()
+    plain = OsemReconstructor(*args)  # then given PyTomography's own system matrix, as before 2026-12-07
+    transforms = [pt.SPECTAttenuationTransform(attenuation_map=torch.from_numpy(np.ascontiguousarray(mu.transpose(2, 1, 0))))]
+    if psf is not None:
+        transforms.append(_fft_psf_transform(pt.Transform, psf, proj.orbit_radius_mm / 10.0))
+    plain.system = pt.SPECTSystemMatrix(obj2obj_transforms=transforms, proj2proj_transforms=[], object_meta=plain.system.object_meta,
+                                        proj_meta=plain.system.proj_meta)  # fmt: skip
+    fast = OsemReconstructor(*args, cache_attenuation=True)
+    plain.system.set_n_subsets(4)
+    fast.system.set_n_subsets(4)
+    obj = torch.rand(tuple(reversed(patient.spect_grid.shape)), generator=torch.Generator().manual_seed(0))
+    for subset in (None, 1):
+        theirs, ours = plain.system.forward(obj, subset), fast.system.forward(obj, subset)
+        assert ours.shape == theirs.shape
+        assert float((ours - theirs).abs().max()) <= 1e-5 * float(theirs.abs().max())
+        views = torch.rand(theirs.shape, generator=torch.Generator().manual_seed(1))
+        theirs, ours = plain.system.backward(views, subset), fast.system.backward(views, subset)
+        assert ours.shape == theirs.shape
+        assert float((ours - theirs).abs().max()) <= 1e-5 * float(theirs.abs().max())
+    image = plain(counts, 2, 4)
+    np.testing.assert_allclose(fast(counts, 2, 4), image, rtol=0, atol=1e-5 * float(image.max()))
+    counts2, _, _ = noisy_counts(proj.rate_views, patient.total_counts_target, 2)
+    again = OsemReconstructor(*args)(counts2, 2, 4)  # nothing kept: each factor recomputed when needed
+    np.testing.assert_array_equal(fast(counts2, 2, 4), again)  # from the caches (attenuation, H^T 1): the same numbers
 
 
 def test_the_campaign_test_set_is_five_patients_in_three_realisations_never_trained_or_selected_on():
