@@ -734,13 +734,13 @@ def _fast_system_matrix(base: type):
         def backward(self, proj, subset_idx=None):
             views = self._views(subset_idx)
             p = torch.nn.functional.pad(proj.to(self._mu_padded.device), [0, 0, self._pad, self._pad])  # [V, Yp, Z]
-            n_x = self._mu_padded.shape[0]
             angles = self._angles(views)
-            acc = torch.zeros((1, *self._factor(views[0]).shape), dtype=p.dtype, device=p.device)  # [1, Z, Xp, Yp]
+            n_xp, n_yp, n_z = self._mu_padded.shape
+            acc = torch.zeros((1, n_z, n_xp, n_yp), dtype=p.dtype, device=p.device)
             for k, v in enumerate(views):
                 planes = p[k : k + 1].transpose(1, 2)  # [1, Z, Yp]
                 if self._mtf is None:
-                    vol = planes.unsqueeze(2).expand(-1, -1, n_x, -1)
+                    vol = planes.unsqueeze(2).expand(-1, -1, n_xp, -1)
                 else:  # the blur is symmetric: each plane of the smeared view, blurred by its own depth
                     ny = planes.shape[2]
                     spectrum = torch.fft.rfft2(planes, s=(self._nz_fft, ny))  # [B, Zf, Yf]
