@@ -791,6 +791,17 @@ def _update_ensemble(
     return result, install
 
 
+def _campaign_between_stints(folder: Path, then: str) -> tuple[CampaignConfig, dict]:
+    """The campaign's config and ledger for a command that runs between stints; refused while
+    the ledger's last stint runs (``then``: what to do after it)."""
+    cfg = CampaignConfig.from_file(folder / "config.json")
+    ledger = _load_ledger(folder, cfg)
+    if ledger["stints"] and ledger["stints"][-1].get("end") in ("running", "scoring"):
+        raise InputError(f"{folder}: stint {ledger['stints'][-1]['stint']} is running (or was killed; the next stint marks it lost): "
+                         f"{then} after it")  # fmt: skip
+    return cfg, ledger
+
+
 def build_campaign_ensemble(
     folder: Path,
     *,
@@ -814,15 +825,11 @@ def build_campaign_ensemble(
     folder = Path(folder)
     if not (folder / "config.json").is_file() or not (folder / "ledger.json").is_file():
         raise InputError(f"{folder} holds no campaign with a stint: it needs config.json and ledger.json")
-    cfg = CampaignConfig.from_file(folder / "config.json")
+    cfg, ledger = _campaign_between_stints(folder, "build the ensemble")
     net_cfg = cfg.network()
     if threads:
         torch.set_num_threads(int(threads))
     dev = torch.device(device or "cpu")
-    ledger = _load_ledger(folder, cfg)
-    if ledger["stints"] and ledger["stints"][-1].get("end") in ("running", "scoring"):
-        raise InputError(f"{folder}: stint {ledger['stints'][-1]['stint']} is running (or was killed; the next stint marks it lost): "
-                         "build the ensemble after it")  # fmt: skip
     scored = [s for s in ledger["stints"] if s.get("val")]
     if not scored:
         raise InputError(f"{folder}: no stint has been scored yet, so there is no snapshot to make")
@@ -878,12 +885,8 @@ def recalibrate_installed_ensemble(
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise InputError(f"{folder} holds no campaign: it needs config.json")
-    cfg = CampaignConfig.from_file(folder / "config.json")
+    cfg, ledger = _campaign_between_stints(folder, "recalibrate")
     net_cfg = cfg.network()
-    ledger = _load_ledger(folder, cfg)
-    if ledger["stints"] and ledger["stints"][-1].get("end") in ("running", "scoring"):
-        raise InputError(f"{folder}: stint {ledger['stints'][-1]['stint']} is running (or was killed; the next stint marks it lost): "
-                         "recalibrate after it")  # fmt: skip
     install_path = (folder / cfg.install).resolve()
     ens_path = ensemble_path(install_path)
     if not ens_path.is_file():

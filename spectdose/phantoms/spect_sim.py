@@ -674,7 +674,8 @@ def _fast_system_matrix(base: type):
     Fourier space (one inverse transform per view). (Rotating several views in one batch was
     slower: 25 instead of 14 ms a view, and the factors had to be stacked.) The same operator as
     ``SPECTSystemMatrix`` with ``SPECTAttenuationTransform`` (and the Fourier PSF): equal to
-    float32 round-off (tests/test_dataset_v2.py), about twice as fast on one CPU thread. The
+    float32 round-off (tests/test_dataset_v2.py), 2.4-3.5x as fast on one CPU thread
+    (`bench/bench_osem.py`). The
     OSEM algorithm that uses it is PyTomography's, unchanged."""
     import torch
     from kornia.geometry.transform import rotate
