@@ -66,12 +66,16 @@ _NOT_COVERED_FRACTION = 0.01
 # of the lesion mean dose rate over lesions x noise realisations. Lesions of the virtual
 # patients; the SPECT resolution is that of spectdose's phantoms (effective FWHM ~11 mm).
 # Made by `python bench/small_region_bias.py models/dblurdosenet-eval-campaign/v2test=v2-test
-# models/dblurdosenet-eval-campaign/v2test-ensemble-bd1a5f8c=v2-test models/dblurdosenet-eval-v2=v2` from:
+# models/dblurdosenet-eval-campaign/v2test-ensemble-bd1a5f8c=v2-test
+# models/dblurdosenet-eval-campaign/v2test-stint11=v2-test models/dblurdosenet-eval-v2=v2` from:
 #   v2-test = models/dblurdosenet-eval-campaign/v2test/metrics.csv: issue 17's fixed test set,
 #             patients vp2301-vp2305 x 3 noise realisations (`bench/eval_testset.py`, 2026-12-07);
 #             cnn = dblurdosenet.pt of campaign stint 8 (sha256 67725fa0...); the ensemble mean
 #             = dblurdosenet_ensemble.pt of stints 7, 8, 10 (bd1a5f8c...), measured in
-#             models/dblurdosenet-eval-campaign/v2test-ensemble-bd1a5f8c/ (same 15 studies)
+#             models/dblurdosenet-eval-campaign/v2test-ensemble-bd1a5f8c/ (same 15 studies);
+#             cnn = dblurdosenet.pt of campaign stint 11 (71b35f80...) and the ensemble mean =
+#             dblurdosenet_ensemble.pt of stints 8, 10, 11 (243f08e4...), measured in
+#             models/dblurdosenet-eval-campaign/v2test-stint11/ (same 15 studies, 2026-12-07)
 #   v2      = models/dblurdosenet-eval-v2/metrics.csv: v2 test patients vp2201-vp2203 (DVK only)
 # and, for DVK below 2 ml, issue 17's cycle run (spectdose phantom cyc --seed 8, 4 time points):
 # lesions of 1.0 / 1.9 ml at -51 / -59 %, inside the range.
@@ -80,10 +84,14 @@ SMALL_REGION_BIAS: tuple[tuple[float, float, str, str | None, float, float, str]
     (0.0, 2.0, "dvk-rr", None, -87.0, -36.0, "v2-test n=9: mean -58 %"),
     (0.0, 2.0, "cnn", "67725fa00758", -89.0, -33.0, "v2-test n=9: mean -58 %, campaign stint 8"),
     (0.0, 2.0, "cnn", "bd1a5f8c235e", -89.0, -36.0, "v2-test n=9: mean -58 %, ensemble of campaign stints 7, 8, 10"),
+    (0.0, 2.0, "cnn", "71b35f80fe89", -86.0, -32.0, "v2-test n=9: mean -57 %, campaign stint 11"),
+    (0.0, 2.0, "cnn", "243f08e43f5d", -87.0, -33.0, "v2-test n=9: mean -57 %, ensemble of campaign stints 8, 10, 11"),
     (2.0, 5.0, "dvk", None, -69.0, -18.0, "v2-test n=18, v2 n=4: mean -51 %"),
     (2.0, 5.0, "dvk-rr", None, -66.0, -38.0, "v2-test n=18: mean -52 %"),
     (2.0, 5.0, "cnn", "67725fa00758", -68.0, -37.0, "v2-test n=18: mean -53 %, campaign stint 8"),
     (2.0, 5.0, "cnn", "bd1a5f8c235e", -66.0, -36.0, "v2-test n=18: mean -52 %, ensemble of campaign stints 7, 8, 10"),
+    (2.0, 5.0, "cnn", "71b35f80fe89", -69.0, -37.0, "v2-test n=18: mean -53 %, campaign stint 11"),
+    (2.0, 5.0, "cnn", "243f08e43f5d", -70.0, -38.0, "v2-test n=18: mean -54 %, ensemble of campaign stints 8, 10, 11"),
 )
 # Regions under this volume get a size note: a sphere of 5.6 ml is 22 mm across, two SPECT
 # FWHM (~11 mm), the size below which partial-volume loss dominates (Soret et al., J Nucl Med
