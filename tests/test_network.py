@@ -108,6 +108,36 @@ def test_volume_prediction_masks_air_scales_with_activity_and_matches_paper_pack
     assert predict_dose_rate(paper, act, rho, dvk, 0.012).shape == act.shape
 
 
+def test_the_dose_in_the_body_does_not_depend_on_how_much_air_the_field_of_view_holds():
+    """The network runs on the body's box, as in training: a CT reconstructed with a 500 mm
+    field of view gives the same dose as one framed tightly, and air costs no compute."""
+    rng = np.random.default_rng(1)
+    nz, body_yx = 14, (20, 26)
+    act_body = rng.gamma(2.0, 1e4, size=(nz, *body_yx)).astype(np.float32)
+    rho_body = np.full(act_body.shape, 1.0, np.float32)
+    rho_body[:, 5:9, 4:12] = 0.3  # lung inside the body stays in the network's field
+
+    def framed(margin_y, margin_x, shape):
+        act, rho = np.zeros((nz, *shape), np.float32), np.full((nz, *shape), 0.001, np.float32)
+        body = (slice(None), slice(margin_y, margin_y + body_yx[0]), slice(margin_x, margin_x + body_yx[1]))
+        act[body], rho[body] = act_body, rho_body
+        return act, rho, (act * 1e-9).astype(np.float32), body
+
+    model = _model()
+    torch.nn.init.normal_(model.net.unet.outc.weight, std=500.0)  # untrained, yet a correction of a few % of DVK
+    tight_act, tight_rho, tight_dvk, tight_body = framed(9, 10, (38, 46))
+    wide_act, wide_rho, wide_dvk, wide_body = framed(23, 41, (80, 110))
+    tight = predict_dose_rate(model, tight_act, tight_rho, tight_dvk, 0.012)
+    wide = predict_dose_rate(model, wide_act, wide_rho, wide_dvk, 0.012)
+    # The network's correction to the DVK map, the part the framing could change.
+    tight_correction = tight[tight_body] - tight_dvk[tight_body]
+    wide_correction = wide[wide_body] - wide_dvk[wide_body]
+    scale = np.abs(tight_correction).max()
+    assert scale > 1e-3 * tight_dvk.max()  # the network did act
+    np.testing.assert_allclose(wide_correction, tight_correction, rtol=0, atol=1e-4 * scale)
+    assert not np.any(wide[wide_rho < 0.1])  # air: no dose
+
+
 def test_save_and_load_round_trip(tmp_path):
     model = _model()
     path = save_model(tmp_path / "m.pt", model.net, normalisation=Normalisation(), spacing_mm=(3.0, 2.0, 2.0), name="t", metadata={"seed": 1})

@@ -42,6 +42,7 @@ __all__ = [
     "atomic_torch_save",
     "model_grid",
     "to_model_grid",
+    "body_box_yx",
     "default_model_path",
     "MODELS_DIR",
 ]
@@ -182,6 +183,27 @@ def recovered_dvk_for(model: TrainedModel, activity_bq_per_ml: np.ndarray, densi
     return recovered_dvk(activity_bq_per_ml, density_g_cm3, model.spacing_mm, model.config.recovery, kernel_cache=kernel_cache_dir)
 
 
+# The network's field: the in-plane box of tissue denser than this in any slice, widened by
+# BODY_BOX_PAD_VOXELS model voxels of air (15.6 mm at 1.95 mm). Training crops every case to
+# this box (spectdose.learning.training, spectdose.learning.fast_cases) and draws 64-pixel
+# patches inside it, so inference runs on the same box: the air around a patient, most of a
+# 500 mm field of view, costs nothing, and the dose no longer depends on how much of it the
+# scanner reconstructed.
+BODY_DENSITY_G_CM3 = 0.5
+BODY_BOX_PAD_VOXELS = 8
+
+
+def body_box_yx(density_g_cm3: np.ndarray, pad_voxels: int = BODY_BOX_PAD_VOXELS) -> tuple[slice, slice]:
+    """In-plane (y, x) slices of the body's bounding box over all z, padded; the whole plane
+    where nothing is denser than BODY_DENSITY_G_CM3."""
+    body = np.any(density_g_cm3 > BODY_DENSITY_G_CM3, axis=0)
+    if not body.any():
+        return slice(0, body.shape[0]), slice(0, body.shape[1])
+    ys, xs = np.nonzero(body)
+    return (slice(max(0, int(ys.min()) - pad_voxels), min(body.shape[0], int(ys.max()) + pad_voxels + 1)),
+            slice(max(0, int(xs.min()) - pad_voxels), min(body.shape[1], int(xs.max()) + pad_voxels + 1)))  # fmt: skip
+
+
 def predict_normalised(
     model: TrainedModel,
     a: np.ndarray,
@@ -194,7 +216,11 @@ def predict_normalised(
 ) -> np.ndarray:
     """The network on normalised inputs (``normalised_inputs``), clamped at 0 and zero where
     density < 0.1 g/cm3: the dose rate in normalised units (training and calibration use it).
-    ``extra`` holds the normalised input channels beyond activity and density (``dvk_rr``)."""
+    ``extra`` holds the normalised input channels beyond activity and density (``dvk_rr``).
+
+    The network runs on the body's box (:func:`body_box_yx`), the field it was trained on;
+    outside it, in air and in tissue lighter than 0.5 g/cm3 in every slice, the dose rate is
+    the DVK map's."""
     cfg, net = model.config, model.net
     channels = {"activity": a, "density": rho, **(extra or {})}
     missing = [c for c in cfg.inputs if c not in channels]
@@ -203,12 +229,14 @@ def predict_normalised(
     device = next(net.parameters()).device
     half = cfg.pack // 2
     nz = a.shape[0]
-    # (C, nz + 2*half, H, W) with replicated edge slices
-    stacked = np.stack([channels[c] for c in cfg.inputs])
+    box = (slice(None), *body_box_yx(rho))
+    # (C, nz + 2*half, h, w) on the body's box, with replicated edge slices
+    stacked = np.stack([channels[c][box] for c in cfg.inputs])
     padded = np.concatenate([np.repeat(stacked[:, :1], half, axis=1), stacked, np.repeat(stacked[:, -1:], half, axis=1)], axis=1)
     inputs = torch.from_numpy(np.ascontiguousarray(padded)).to(device)
-    dvk_t = torch.from_numpy(dvk_n).to(device)
-    out = np.empty(a.shape, np.float32)
+    dvk_t = torch.from_numpy(np.ascontiguousarray(dvk_n[box])).to(device)
+    full = np.array(dvk_n, np.float32)
+    out = full[box]
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast_bf16)
     with torch.inference_mode(), amp:
         for z0 in range(0, nz, slab):
@@ -220,9 +248,9 @@ def predict_normalised(
                 packs = torch.stack([inputs[:, z : z + cfg.pack] for z in range(z0, z1)])
                 y = net(packs, mids)
             out[z0:z1] = y[:, 0].float().cpu().numpy()
-    out = np.clip(out, 0.0, None)
-    out[rho < LOW_DENSITY_CUTOFF_G_CM3] = 0.0
-    return out
+    full = np.clip(full, 0.0, None)
+    full[rho < LOW_DENSITY_CUTOFF_G_CM3] = 0.0
+    return full
 
 
 def model_grid(ct_grid: Grid, spacing_mm) -> tuple[Grid, tuple[int, int, int] | None]:

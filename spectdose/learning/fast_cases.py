@@ -105,7 +105,7 @@ def fast_training_cases(
     Noise seed of realisation r: ``seed`` for r = 0 (as `spectdose dataset` draws it), else
     ``seed + 1_000_000 * r``; or ``noise_seeds``.
     """
-    from spectdose.cnn.inference import Normalisation, normalised_inputs
+    from spectdose.cnn.inference import Normalisation, body_box_yx, normalised_inputs
     from spectdose.cnn.recovery import richardson_lucy
     from spectdose.density import hu_to_density
     from spectdose.learning.training import sampling_regions
@@ -143,10 +143,7 @@ def fast_training_cases(
     osem = OsemReconstructor(mu.array, sg, proj.angles_deg, proj.orbit_radius_mm, psf, device, cache_attenuation=True)
     lap("attenuation_map")
 
-    body = np.any(density > 0.5, axis=0)
-    ys, xs = np.nonzero(body)
-    pad = 8
-    crop = (slice(None), slice(max(0, ys.min() - pad), ys.max() + pad + 1), slice(max(0, xs.min() - pad), xs.max() + pad + 1))
+    crop = (slice(None), *body_box_yx(density))  # the field inference runs the network on
     norm = Normalisation()
     density_c, regions_c, label_c = density[crop], regions[crop], label_gy_s[crop]
     seeds = noise_seeds if noise_seeds is not None else [seed if r == 0 else seed + 1_000_000 * r for r in range(n_noise)]

@@ -38,6 +38,7 @@ from spectdose.cnn.inference import (
     SigmaCalibration,
     TrainedModel,
     atomic_torch_save,
+    body_box_yx,
     ensemble_mean_sd,
     fit_sigma_calibration,
     model_grid,
@@ -291,12 +292,7 @@ def prepare_case(
     regions = sampling_regions(case.labels, activity.grid, grid, block)
     a_n, rho_n, d_n, total_mbq = normalised_inputs(a, rho, d, grid.voxel_volume_ml, normalisation)
     label = (r.astype(np.float64) / total_mbq * normalisation.dose_scale_per_gy_s).astype(np.float32)
-    body = np.any(rho > 0.5, axis=0)
-    ys, xs = np.nonzero(body)
-    pad = 8
-    y0, y1 = max(0, ys.min() - pad), min(body.shape[0], ys.max() + pad + 1)
-    x0, x1 = max(0, xs.min() - pad), min(body.shape[1], xs.max() + pad + 1)
-    crop = (slice(None), slice(y0, y1), slice(x0, x1))
+    crop = (slice(None), *body_box_yx(rho))  # the field inference runs the network on
     return {
         "activity": a_n[crop],
         "density": rho_n[crop],
