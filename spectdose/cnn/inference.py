@@ -164,15 +164,37 @@ def predict_dose_rate(
     """
     if not (activity_bq_per_ml.shape == density_g_cm3.shape == dvk_gy_per_s.shape):
         raise InputError("activity, density and DVK dose rate must share one grid")
+    inputs = _network_inputs(model, activity_bq_per_ml, density_g_cm3, dvk_gy_per_s, voxel_volume_ml, kernel_cache_dir, dvk_rr_gy_per_s)
+    return _predict_gy_s(model, inputs, slab=slab, autocast_bf16=autocast_bf16)
+
+
+@dataclasses.dataclass(frozen=True)
+class _NetworkInputs:
+    """Normalised inputs of one network; members of an ensemble that normalise alike share them."""
+
+    activity: np.ndarray
+    density: np.ndarray
+    dvk: np.ndarray
+    total_mbq: float
+    extra: dict
+
+
+def _network_inputs(model: TrainedModel, activity_bq_per_ml, density_g_cm3, dvk_gy_per_s, voxel_volume_ml: float,
+                    kernel_cache_dir: Path | None, dvk_rr_gy_per_s: np.ndarray | None) -> _NetworkInputs:  # fmt: skip
     a, rho, dvk_n, total_mbq = normalised_inputs(activity_bq_per_ml, density_g_cm3, dvk_gy_per_s, voxel_volume_ml, model.normalisation)
-    if total_mbq == 0.0:
-        return np.zeros(activity_bq_per_ml.shape, np.float32)  # zero activity is zero dose
     extra = {}
-    if "dvk_rr" in model.config.inputs:
+    if total_mbq > 0.0 and "dvk_rr" in model.config.inputs:
         rr = dvk_rr_gy_per_s if dvk_rr_gy_per_s is not None else recovered_dvk_for(model, activity_bq_per_ml, density_g_cm3, kernel_cache_dir)
         extra["dvk_rr"] = (rr.astype(np.float64) / total_mbq * model.normalisation.dose_scale_per_gy_s).astype(np.float32)
-    out = predict_normalised(model, a, rho, dvk_n, slab=slab, autocast_bf16=autocast_bf16, extra=extra)
-    return (out * np.float32(total_mbq / model.normalisation.dose_scale_per_gy_s)).astype(np.float32)
+    return _NetworkInputs(a, rho, dvk_n, total_mbq, extra)
+
+
+def _predict_gy_s(model: TrainedModel, inputs: _NetworkInputs, *, slab: int = 8, autocast_bf16: bool = False) -> np.ndarray:
+    if inputs.total_mbq == 0.0:
+        return np.zeros(inputs.activity.shape, np.float32)  # zero activity is zero dose
+    out = predict_normalised(model, inputs.activity, inputs.density, inputs.dvk, slab=slab, autocast_bf16=autocast_bf16, extra=inputs.extra)
+    out *= np.float32(inputs.total_mbq / model.normalisation.dose_scale_per_gy_s)
+    return out
 
 
 def recovered_dvk_for(model: TrainedModel, activity_bq_per_ml: np.ndarray, density_g_cm3: np.ndarray, kernel_cache_dir: Path | None) -> np.ndarray:
@@ -372,10 +394,10 @@ class SigmaCalibration:
     rule: str = ""
 
     def apply(self, mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
-        sd64 = self.scale * sd.astype(np.float64)
+        sigma = np.multiply(sd, np.float32(self.scale), dtype=np.float32)  # float32: a CT grid holds ~3e7 voxels
         if self.rel_floor:
-            sd64 = np.hypot(sd64, self.rel_floor * mean.astype(np.float64))
-        return sd64.astype(np.float32)
+            np.hypot(sigma, np.multiply(mean, np.float32(self.rel_floor), dtype=np.float32), out=sigma)
+        return sigma
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -484,16 +506,19 @@ def predict_with_uncertainty(
     ct_grid = activity_bq_per_ml.grid
     grid, _, same, (act, rho, dvk) = _on_model_grid(ensemble.spacing_mm, activity_bq_per_ml, density_g_cm3, dvk_gy_per_s)
     recovered: dict[str, np.ndarray] = {}  # one deconvolution per recovery setting, not one per member
+    prepared: dict[tuple, _NetworkInputs] = {}  # one normalisation per distinct setting, not one per member
 
     def member_output(m: TrainedModel) -> np.ndarray:
-        rr = None
+        rr, recovery = None, None
         if "dvk_rr" in m.config.inputs:
-            key = json.dumps(m.config.recovery, sort_keys=True)
-            if key not in recovered:
-                recovered[key] = recovered_dvk_for(m, act.array, rho.array, kernel_cache_dir)
-            rr = recovered[key]
-        return predict_dose_rate(m, act.array, rho.array, dvk.array, grid.voxel_volume_ml, autocast_bf16=autocast_bf16,
-                                 kernel_cache_dir=kernel_cache_dir, dvk_rr_gy_per_s=rr)  # fmt: skip
+            recovery = json.dumps(m.config.recovery, sort_keys=True)
+            if recovery not in recovered:
+                recovered[recovery] = recovered_dvk_for(m, act.array, rho.array, kernel_cache_dir)
+            rr = recovered[recovery]
+        key = (m.normalisation, tuple(m.config.inputs), recovery)
+        if key not in prepared:
+            prepared[key] = _network_inputs(m, act.array, rho.array, dvk.array, grid.voxel_volume_ml, kernel_cache_dir, rr)
+        return _predict_gy_s(m, prepared[key], autocast_bf16=autocast_bf16)
 
     outputs = (member_output(m) for m in ensemble.members)
     mean_m, sd_m = ensemble_mean_sd(outputs)
