@@ -473,13 +473,20 @@ def compute_dose_rate_and_sigma(
     dvk = Volume(rate, grid, "Gy/s")
     if model is None:
         return dvk, None, info
-    from spectdose.cnn.inference import predict_on_ct_grid, predict_with_uncertainty
+    from spectdose.cnn.inference import (
+        BODY_BOX_PAD_VOXELS,
+        BODY_DENSITY_G_CM3,
+        predict_on_ct_grid,
+        predict_with_uncertainty,
+    )
 
     info["network"] = {
         "name": model.name,
         "weights_sha256": _file_sha256(options.resolved_model_path()),
         "config": model.config.to_dict(),
         "trained_spacing_mm": list(model.spacing_mm),
+        "field": f"the body's in-plane box (density > {BODY_DENSITY_G_CM3:g} g/cm3 in any slice) widened by "
+                 f"{BODY_BOX_PAD_VOXELS} model voxels, as in training; the DVK dose rate outside it",
         "bf16": options.autocast_bf16,
         "dvk_max_mgy_per_h": float(rate.max() * MGY_PER_H_PER_GY_PER_S),
     }

@@ -183,7 +183,9 @@ def test_cnn_and_its_uncertainty_give_zero_with_the_assumption(
     common = ["dose", str(zero_study), "--method", "cnn", "--model", str(weights), "--kernel-cache",
               str(kernel_cache_dir), *ACCEPT]  # fmt: skip
     assert main([*common, "-o", str(tmp_path / "cnn")]) == 0
-    assert json.loads((tmp_path / "cnn" / "summary.json").read_text())["method"] == "cnn"
+    cnn_summary = json.loads((tmp_path / "cnn" / "summary.json").read_text())
+    assert cnn_summary["method"] == "cnn"
+    assert "body's in-plane box" in cnn_summary["dose_rate"]["network"]["field"]  # how the result was made
     _assert_all_zero_outputs(tmp_path / "cnn", sigma=False)
 
     # The ensemble mean and its calibrated sigma, with regions given: all zero, the regions too.

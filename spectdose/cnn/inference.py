@@ -43,6 +43,8 @@ __all__ = [
     "model_grid",
     "to_model_grid",
     "body_box_yx",
+    "BODY_DENSITY_G_CM3",
+    "BODY_BOX_PAD_VOXELS",
     "default_model_path",
     "MODELS_DIR",
 ]
