@@ -128,9 +128,11 @@ def main() -> None:
             uncertainty_cost_on_study(device, args.members, args.study)
 
 
-def uncertainty_cost(device: torch.device, k: int, n_slices: int) -> None:
-    """Seconds for mean + sigma of a K-member ensemble on an n-slice 512x512 study, and the
-    single model on the same study, both extrapolated linearly to 130 slices."""
+def _timed_with_and_without_sigma(device: torch.device, k: int, act, rho, dvk):
+    """(precision, s with sigma, s without) for fp32 and bf16: a K-member ensemble of copies of
+    the shipped weights (the cost does not depend on the weights) and the single model, after
+    one untimed run that fills the kernel cache of the model grid (the dvk_rr input's DVK)."""
+    from spectdose.cli import default_cache_dir
     from spectdose.cnn.inference import (
         MODELS_DIR,
         Ensemble,
@@ -139,24 +141,32 @@ def uncertainty_cost(device: torch.device, k: int, n_slices: int) -> None:
         predict_on_ct_grid,
         predict_with_uncertainty,
     )
-    from spectdose.geometry import Grid, Volume
 
     model = load_model(MODELS_DIR / "dblurdosenet.pt", device=device)
     ens = Ensemble([model] * k, SigmaCalibration(scale=2.0, rel_floor=0.05), "bench", {})
+    cache = default_cache_dir() / "kernels"
+    predict_on_ct_grid(model, act, rho, dvk, kernel_cache_dir=cache)
+    for bf16 in (False, True):
+        t = time.perf_counter()
+        predict_on_ct_grid(model, act, rho, dvk, autocast_bf16=bf16, kernel_cache_dir=cache)
+        t1 = time.perf_counter() - t
+        t = time.perf_counter()
+        predict_with_uncertainty(ens, act, rho, dvk, autocast_bf16=bf16, kernel_cache_dir=cache)
+        yield ("bf16" if bf16 else "fp32"), time.perf_counter() - t, t1
+
+
+def uncertainty_cost(device: torch.device, k: int, n_slices: int) -> None:
+    """Seconds for mean + sigma of a K-member ensemble on an n-slice 512x512 field filled with
+    tissue (the worst case), and the single model, both extrapolated linearly to 130 slices."""
+    from spectdose.geometry import Grid, Volume
+
     grid = Grid((n_slices, NY, NX), (3.0, 0.9766, 0.9766), (0.0, 0.0, 0.0))
     rng = np.random.default_rng(0)
     act = Volume(rng.gamma(2.0, 5e3, size=grid.shape).astype(np.float32), grid, "Bq/ml")
     rho = Volume(np.full(grid.shape, 1.04, np.float32), grid, "g/cm3")
     dvk = Volume((act.array * 1e-9).astype(np.float32), grid, "Gy/s")
     scale = NZ / n_slices
-    for bf16 in (False, True):
-        t = time.perf_counter()
-        predict_on_ct_grid(model, act, rho, dvk, autocast_bf16=bf16)
-        t1 = time.perf_counter() - t
-        t = time.perf_counter()
-        predict_with_uncertainty(ens, act, rho, dvk, autocast_bf16=bf16)
-        tk = time.perf_counter() - t
-        kind = "bf16" if bf16 else "fp32"
+    for kind, tk, t1 in _timed_with_and_without_sigma(device, k, act, rho, dvk):
         print(f"uncertainty, {k} members ({kind}): measured on {n_slices} slices {tk:.1f} s (single model {t1:.1f} s); "
               f"EXTRAPOLATED to 130x512x512: {tk * scale:.0f} s with sigma, {t1 * scale:.0f} s without")
 
@@ -172,36 +182,21 @@ def uncertainty_cost_on_study(device: torch.device, k: int, phantom_dir: str) ->
     from spectdose.cli import default_cache_dir
     from spectdose.cnn.inference import (
         MODELS_DIR,
-        Ensemble,
-        SigmaCalibration,
         body_box_yx,
         load_model,
         model_grid,
-        predict_on_ct_grid,
-        predict_with_uncertainty,
         to_model_grid,
     )
     from spectdose.pipeline import network_inputs
 
-    model = load_model(MODELS_DIR / "dblurdosenet.pt", device=device)
-    ens = Ensemble([model] * k, SigmaCalibration(scale=2.0, rel_floor=0.05), "bench", {})
-    cache = default_cache_dir() / "kernels"
-    act, rho, dvk = network_inputs(Path(phantom_dir) / "dicom", cache)
-    grid, block = model_grid(rho.grid, model.spacing_mm)
+    act, rho, dvk = network_inputs(Path(phantom_dir) / "dicom", default_cache_dir() / "kernels")
+    grid, block = model_grid(rho.grid, load_model(MODELS_DIR / "dblurdosenet.pt").spacing_mm)
     ys, xs = body_box_yx(to_model_grid(rho, grid, block).array)
     share = (ys.stop - ys.start) * (xs.stop - xs.start) / (grid.shape[1] * grid.shape[2])
     print(f"study {phantom_dir}: CT {'x'.join(map(str, rho.grid.shape))}, model grid {'x'.join(map(str, grid.shape))}, "
           f"body box {ys.stop - ys.start}x{xs.stop - xs.start} = {100 * share:.0f} % of the plane")
-    predict_on_ct_grid(model, act, rho, dvk, kernel_cache_dir=cache)  # warm the kernel cache
-    for bf16 in (False, True):
-        t = time.perf_counter()
-        predict_on_ct_grid(model, act, rho, dvk, autocast_bf16=bf16, kernel_cache_dir=cache)
-        t1 = time.perf_counter() - t
-        t = time.perf_counter()
-        predict_with_uncertainty(ens, act, rho, dvk, autocast_bf16=bf16, kernel_cache_dir=cache)
-        tk = time.perf_counter() - t
-        print(f"uncertainty on the study, {k} members ({'bf16' if bf16 else 'fp32'}): {tk:.1f} s with sigma, "
-              f"{t1:.1f} s without (whole study, measured)")
+    for kind, tk, t1 in _timed_with_and_without_sigma(device, k, act, rho, dvk):
+        print(f"uncertainty on the study, {k} members ({kind}): {tk:.1f} s with sigma, {t1:.1f} s without (whole study, measured)")
 
 
 def bf16_deviation(model, phantom_dir: str) -> None:
