@@ -17,8 +17,8 @@ cost of the uncertainty (a deep ensemble of K members through
 of the shipped weights (the cost does not depend on the weights) and extrapolated linearly to
 130 slices, next to the single model on the same slices: a field of view filled with tissue, the
 worst case. With ``--study`` as well, the same is timed on the whole study, whose air around the
-body the network skips (it runs on the body's box, as in training). Targets: <= 60 s on this 2-core CPU, <= 0.5 s
-on an H100 (paper: about 20 min CPU, 20 s on a V100).
+body the network skips (it runs on the body's box, as in training). Targets: with the uncertainty
+<= 30 s fp32 on this 2-core CPU (issue 17), <= 0.5 s on an H100 (paper: about 20 min CPU, 20 s on a V100).
 """
 
 from __future__ import annotations

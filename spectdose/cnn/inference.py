@@ -272,7 +272,7 @@ def predict_normalised(
                 packs = torch.stack([inputs[:, z : z + cfg.pack] for z in range(z0, z1)])
                 y = net(packs, mids)
             out[z0:z1] = y[:, 0].float().cpu().numpy()
-    full = np.clip(full, 0.0, None)
+    np.clip(full, 0.0, None, out=full)
     full[rho < LOW_DENSITY_CUTOFF_G_CM3] = 0.0
     return full
 
